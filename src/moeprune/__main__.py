@@ -1,0 +1,5 @@
+import sys
+
+from moeprune.cli import main
+
+sys.exit(main())

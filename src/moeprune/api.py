@@ -1,0 +1,177 @@
+"""The public Python API; the CLI is a thin layer over these functions.
+
+    import moeprune
+    stats = moeprune.observe_checkpoint("path/to/model", "calib.txt")
+    plan = moeprune.make_plan_for(stats, "reap", ratio=0.25)
+    moeprune.apply_checkpoint("path/to/model", plan, "out/")
+
+or all at once with `moeprune.prune(...)`. Every function checks the cheap things (family, ratio,
+top-k, groups, output directory, calibration text) before the expensive calibration pass.
+"""
+
+from __future__ import annotations
+
+import copy
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from moeprune.arch import decoder_layers, get_adapter
+from moeprune.data import Calibration, calibration_blocks
+from moeprune.errors import MoepruneError
+from moeprune.io import check_output_dir, load_config, load_model, load_tokenizer, parameter_counts, save_checkpoint
+from moeprune.methods import PlanRequest, get_method, make_plan
+from moeprune.observe import ExpertStats, LayerStats, Probe, Stats, model_description, observe
+from moeprune.plan import Plan, budget
+from moeprune.surgery import apply_plan
+
+
+@contextmanager
+def progress_bar(description: str, total: int, enabled: bool = True):
+    """A rich progress bar on stderr; yields a callback taking the number of items done."""
+    if not enabled:
+        yield None
+        return
+    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TextColumn("eta"), TimeRemainingColumn())
+    with Progress(*columns, transient=False) as bar:
+        task = bar.add_task(description, total=total)
+        yield lambda done: bar.update(task, completed=done)
+
+
+def inspect(model_path: str | Path) -> dict:
+    """Family, MoE layers, experts, top-k, shared experts and parameter split of a checkpoint."""
+    model = load_model(model_path)
+    adapter = get_adapter(model.config)
+    blocks = adapter.moe_blocks(model)
+    first = next(iter(blocks.values()))
+    counts = parameter_counts(model, adapter)
+    layers, _ = decoder_layers(model)
+    exact, why = adapter.survivors_exact()
+    return {
+        "path": str(model_path),
+        "model_type": adapter.family,
+        "architecture": type(model).__name__,
+        "num_layers": len(layers),
+        "moe_layers": sorted(blocks),
+        "dense_layers": [i for i in range(len(layers)) if i not in blocks],
+        "num_experts": adapter.num_experts,
+        "top_k": adapter.top_k,
+        "n_group": adapter.n_group,
+        "shared_experts": adapter.shared_expert_modules(first),
+        "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+        "parameters": counts,
+        "experts_implementation": getattr(model.config, "_experts_implementation", None),
+        "pruning_keeps_surviving_routes_exact": exact,
+        "routing_note": why,
+    }
+
+
+def _budget_for(config, ratio, experts, flatten_groups) -> int:
+    a = get_adapter(config)
+    return budget(a.num_experts, a.top_k, ratio=ratio, experts=experts, n_group=a.n_group,
+                  min_per_group=a.min_experts_per_group, flatten_groups=flatten_groups)
+
+
+def observe_checkpoint(
+    model_path: str | Path, calib: str, *, samples: int = 128, seq_len: int = 512, batch_size: int = 8,
+    seed: int = 0, probe_size: int = 512, device: str = "cpu", tokenizer: str | None = None,
+    calib_field: str | None = None, calib_template: str | None = None, progress: bool = True, model=None,
+    calibration: Calibration | None = None,
+) -> Stats:
+    """Run the calibration pass over `calib` and return the statistics.
+
+    `model` and `calibration` may be passed in when the caller already loaded them.
+    """
+    if model is None:
+        get_adapter(load_config(model_path))
+    cal = calibration or calibration_blocks(load_tokenizer(tokenizer or model_path), calib, samples=samples,
+                                            seq_len=seq_len, seed=seed, field=calib_field, template=calib_template)
+    model = model if model is not None else load_model(model_path, device=resolve_device(device))
+    N = cal.input_ids.shape[0]
+    with progress_bar("calibrating", N, progress) as cb:
+        return observe(model, cal.input_ids, batch_size=batch_size, probe_size=probe_size, seed=seed,
+                       calibration=cal.provenance, source=str(model_path), progress=cb)
+
+
+def empty_stats(model, source: str | None = None) -> Stats:
+    """Statistics with no calibration, for methods that read only the weights."""
+    adapter = get_adapter(model.config)
+    desc = model_description(model, adapter, source)
+    E, H = desc["num_experts"], desc["hidden_size"]
+    layers = {i: LayerStats(i, ExpertStats(E, H), Probe(torch.zeros(0, dtype=torch.long), torch.zeros(0, H),
+                                                        torch.zeros(0, E)))
+              for i in desc["moe_layers"]}
+    return Stats(model=desc, calibration={}, layers=layers)
+
+
+def make_plan_for(stats: Stats, method: str, *, ratio: float | None = None, experts: int | None = None,
+                  flatten_groups: bool = False, weights=None, **options) -> Plan:
+    """Plan `method` on `stats` at the given budget."""
+    m = stats.model
+    keep = budget(m["num_experts"], m["top_k"], ratio=ratio, experts=experts, n_group=m.get("n_group", 1),
+                  min_per_group=m.get("min_experts_per_group", 2), flatten_groups=flatten_groups)
+    return make_plan(method, PlanRequest(stats, keep, flatten_groups, weights), **options)
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise MoepruneError(f"--device {device} asked for, but torch sees no CUDA device; use --device cpu")
+    return device
+
+
+def apply_checkpoint(model_path: str | Path, plan: Plan, out: str | Path, *, force: bool = False,
+                     device: str = "cpu", command: str | None = None, model=None) -> Path:
+    """Apply `plan` to the checkpoint at `model_path` and write the result to `out`."""
+    check_output_dir(out, force, inputs=(model_path,))
+    config = load_config(model_path)
+    a = get_adapter(config)
+    plan.validate({"num_experts": a.num_experts, "top_k": a.top_k, "n_group": a.n_group,
+                   "min_experts_per_group": a.min_experts_per_group,
+                   "moe_layers": plan.model.get("moe_layers", [lp.layer for lp in plan.layers])})
+    model = copy.deepcopy(model) if model is not None else load_model(model_path, device=resolve_device(device))
+    before = parameter_counts(model)
+    apply_plan(model, plan)
+    return save_checkpoint(model, out, source=str(model_path), plan=plan, before=before, force=force,
+                           command=command)
+
+
+def prune(
+    model_path: str | Path, method: str, out: str | Path, *, ratio: float | None = None, experts: int | None = None,
+    calib: str | None = None, samples: int = 128, seq_len: int = 512, batch_size: int = 8, seed: int = 0,
+    probe_size: int = 512, device: str = "cpu", flatten_groups: bool = False, force: bool = False,
+    tokenizer: str | None = None, calib_field: str | None = None, calib_template: str | None = None,
+    progress: bool = True, command: str | None = None, stats_out: str | Path | None = None, **options,
+) -> Path:
+    """The whole flow: check inputs, observe, plan, apply, save."""
+    config = load_config(model_path)
+    get_adapter(config)
+    spec = get_method(method)
+    spec.default_config(**options)
+    _budget_for(config, ratio, experts, flatten_groups)
+    check_output_dir(out, force, inputs=(model_path,))
+    if spec.needs_calibration and calib is None:
+        raise MoepruneError(f"method {method} needs calibration text: pass --calib PATH")
+    device = resolve_device(device)
+    cal = None
+    if calib is not None:
+        # tokenising is cheap next to the pass: do it before loading the model so bad text fails fast
+        cal = calibration_blocks(load_tokenizer(tokenizer or model_path), calib, samples=samples, seq_len=seq_len,
+                                 seed=seed, field=calib_field, template=calib_template)
+    model = load_model(model_path, device=device)
+    if cal is not None:
+        stats = observe_checkpoint(model_path, calib, batch_size=batch_size, seed=seed, probe_size=probe_size,
+                                   progress=progress, model=model, calibration=cal)
+        if stats_out is not None:
+            stats.save(stats_out)
+    else:
+        stats = empty_stats(model, str(model_path))
+    plan = make_plan_for(stats, method, ratio=ratio, experts=experts, flatten_groups=flatten_groups, **options)
+    before = parameter_counts(model)
+    apply_plan(model, plan)
+    return save_checkpoint(model, out, source=str(model_path), plan=plan, before=before, force=force,
+                           command=command)

@@ -1,0 +1,171 @@
+"""The adapters of the 11 transformers families with routed experts (transformers 5.23).
+
+Each class states only what differs from the `Adapter` defaults; see DESIGN.md for the table of
+expert-count fields and routing notes these facts come from.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from moeprune.arch.base import Adapter
+
+_SOFTMAX_NO_RENORM = (
+    "gates are softmax probabilities over all E experts without renormalisation, so removing any "
+    "expert enlarges every surviving gate"
+)
+
+
+class _SoftmaxTopK(Adapter):
+    """Softmax over all experts, top-k, optional renormalisation (`norm_topk_prob`)."""
+
+    def survivors_exact(self):
+        if getattr(self.config, "norm_topk_prob", False):
+            return super().survivors_exact()
+        return False, _SOFTMAX_NO_RENORM
+
+
+class Mixtral(Adapter):
+    model_types = ("mixtral",)
+    count_field = "num_local_experts"
+
+
+class Qwen2Moe(_SoftmaxTopK):
+    model_types = ("qwen2_moe",)
+    count_field = "num_experts"
+
+
+class Qwen3Moe(_SoftmaxTopK):
+    model_types = ("qwen3_moe",)
+    count_field = "num_local_experts"
+
+
+class Olmoe(_SoftmaxTopK):
+    model_types = ("olmoe",)
+    count_field = "num_experts"
+
+
+class DeepseekV2(Adapter):
+    model_types = ("deepseek_v2",)
+    count_field = "n_routed_experts"
+    min_experts_per_group = 1  # a group is scored by its best expert
+
+    @property
+    def group_limited(self) -> bool:
+        return getattr(self.config, "topk_method", "greedy") == "group_limited_greedy"
+
+    def survivors_exact(self):
+        return False, "DeepSeek-V2 ignores norm_topk_prob: " + _SOFTMAX_NO_RENORM
+
+
+class DeepseekV3(Adapter):
+    model_types = ("deepseek_v3",)
+    count_field = "n_routed_experts"
+    group_limited = True
+
+    def survivors_exact(self):
+        if self.n_group > 1:
+            return False, (
+                "a group's score is the sum of its top-2 experts, so pruning inside a group can change "
+                "which groups are eligible; exact when n_group == 1"
+            )
+        if not getattr(self.config, "norm_topk_prob", True):
+            return True, "sigmoid gates do not depend on the other experts"
+        return super().survivors_exact()
+
+
+class Glm4Moe(DeepseekV3):
+    model_types = ("glm4_moe",)
+
+
+class Phimoe(Adapter):
+    model_types = ("phimoe",)
+    count_field = "num_local_experts"
+    router_attr = "router"
+
+    def survivors_exact(self):
+        return False, (
+            "sparsemixer masks each pick by its distance to the running maximum relative to all "
+            "logits, and its second pick is a softmax over the remaining experts"
+        )
+
+
+class GptOss(Adapter):
+    model_types = ("gpt_oss",)
+    count_field = "num_local_experts"
+    router_attr = "router"
+    transposed = True
+    interleaved = True
+
+
+class Ernie45Moe(Adapter):
+    model_types = ("ernie4_5_moe",)
+    count_field = "moe_num_experts"
+    top_k_field = "moe_k"
+    router_tensors = (("weight", 0), ("moe_statics.e_score_correction_bias", 1))
+
+    def survivors_exact(self):
+        return True, "top-k weights are renormalised (exact unless the moe_norm_min clamp is hit)"
+
+
+class Llama4Text(Adapter):
+    """Llama 4 runs every expert densely on a score-scaled input: routed_in = sigmoid(score) * x.
+
+    So an expert's contribution is E_i(g_i(x) x), not g_i(x) E_i(x). The observer records that
+    contribution as the expert's output and `g_i(x)` as its gate; pruning and merging are exact
+    operations on the weights regardless.
+    """
+
+    model_types = ("llama4_text",)
+    count_field = "num_local_experts"
+    router_attr = "router"
+    router_logits_index = 1  # Llama4Router returns (scores, logits)
+    transposed = True
+
+    def survivors_exact(self):
+        return True, "gates are sigmoids of each selected expert's own logit"
+
+    @torch.no_grad()
+    def expert_outputs(self, block: nn.Module, x: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
+        ex = self.experts(block)
+        out = torch.zeros_like(x)  # [S, H]
+        for e in expert_ids.unique().tolist():
+            rows = (expert_ids == e).nonzero().squeeze(1)
+            gate_up = x[rows] @ ex.gate_up_proj[e]  # [n, 2I]
+            gate, up = gate_up.chunk(2, dim=-1)
+            out[rows] = (up * ex.act_fn(gate)) @ ex.down_proj[e]
+        return out
+
+    def install_observer(self, block: nn.Module, record):
+        ex, router = self.experts(block), self.router(block)
+        scores_seen = []  # the current call's [T, E] scores, handed from the router to the experts
+
+        def keep_scores(module, args, output):
+            scores_seen[:] = [output[0]]
+
+        handle = router.register_forward_hook(keep_scores)
+
+        def observed_forward(routed_in):
+            out = type(ex).forward(ex, routed_in)  # [E*T, H]
+            scores = scores_seen[0]  # [T, E]; exactly zero outside the top-k (sigmoid(-inf))
+            T, E = scores.shape
+            top_k_weights, top_k_index = scores.topk(self.top_k, dim=-1)  # [T, K]
+            per_expert = out.view(E, T, -1)  # [E, T, H]
+            tokens = torch.arange(T, device=out.device)[:, None].expand_as(top_k_index)  # [T, K]
+            raw = per_expert[top_k_index.reshape(-1), tokens.reshape(-1)]  # [T*K, H]
+            record(top_k_index, top_k_weights, raw)
+            return out
+
+        ex.forward = observed_forward
+
+        def undo():
+            del ex.forward
+            handle.remove()
+
+        return undo
+
+
+ADAPTERS: tuple[type[Adapter], ...] = (
+    Mixtral, Qwen2Moe, Qwen3Moe, Olmoe, DeepseekV2, DeepseekV3, Glm4Moe, Phimoe, GptOss, Ernie45Moe, Llama4Text,
+)

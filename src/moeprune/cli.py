@@ -1,0 +1,240 @@
+"""The `moeprune` command line: parses flags, calls the public API, prints tables.
+
+Any MoepruneError becomes one line on stderr and exit status 2; nothing is written on failure.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shlex
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from moeprune.errors import MoepruneError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Make Mixture-of-Experts LLMs smaller without retraining.")
+out = Console()
+err = Console(stderr=True)
+
+Ratio = Annotated[Optional[float], typer.Option("--ratio", help="fraction of routed experts to remove per layer")]
+Experts = Annotated[Optional[int], typer.Option("--experts", help="routed experts to keep per layer")]
+Options = Annotated[Optional[list[str]], typer.Option("--option", "-o", help="method option KEY=VALUE (repeatable)")]
+Flatten = Annotated[bool, typer.Option("--flatten-groups", help="route without expert groups (n_group=topk_group=1)")]
+Force = Annotated[bool, typer.Option("--force", help="replace a non-empty output directory")]
+Device = Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:N or auto")]
+
+
+def _command_line() -> str:
+    return "moeprune " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+
+
+def _parse_options(method: str, pairs: list[str] | None) -> dict:
+    """KEY=VALUE strings -> typed keyword arguments of the method's config dataclass."""
+    from moeprune.methods import get_method
+
+    spec = get_method(method)
+    fields = {f.name: f for f in dataclasses.fields(spec.config)}
+    options = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        key = key.replace("-", "_")
+        if not sep or key not in fields:
+            raise MoepruneError(f"bad --option {pair!r}: method {method} takes KEY=VALUE with KEY in "
+                                f"{sorted(fields) or 'nothing'}")
+        kind = fields[key].type if isinstance(fields[key].type, type) else eval(str(fields[key].type))  # noqa: S307
+        if kind is bool:
+            options[key] = value.lower() in ("1", "true", "yes", "on")
+        else:
+            try:
+                options[key] = kind(value)
+            except ValueError:
+                raise MoepruneError(f"bad --option {pair!r}: {key} must be a {kind.__name__}")
+    return options
+
+
+@app.command()
+def inspect(model: Annotated[str, typer.Argument(help="model directory")],
+            as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False):
+    """Family, MoE layers, experts, top-k, shared experts, and where the parameters are."""
+    from moeprune.api import inspect as inspect_model
+
+    info = inspect_model(model)
+    if as_json:
+        out.print_json(json.dumps(info))
+        return
+    t = Table(title=f"{model}", show_header=False)
+    p = info["parameters"]
+    rows = [
+        ("family", f"{info['model_type']} ({info['architecture']})"),
+        ("layers", f"{info['num_layers']}: MoE {info['moe_layers']}, dense {info['dense_layers'] or 'none'}"),
+        ("routed experts", f"{info['num_experts']} per MoE layer, top-{info['top_k']}"
+         + (f", {info['n_group']} routing groups" if info["n_group"] > 1 else "")),
+        ("shared experts", ", ".join(info["shared_experts"]) or "none"),
+        ("parameters", f"{p['total']:,} ({info['dtype']})"),
+        ("  in routed experts", f"{p['routed_experts']:,} ({100 * p['routed_experts'] / p['total']:.1f}%)"),
+        ("  everything else", f"{p['other']:,}"),
+        ("pruning keeps surviving routes exact", f"{info['pruning_keeps_surviving_routes_exact']}: "
+                                                 f"{info['routing_note']}"),
+    ]
+    for k, v in rows:
+        t.add_row(k, v)
+    out.print(t)
+
+
+@app.command()
+def methods():
+    """List the registered methods with their paper references."""
+    from moeprune.methods import METHODS
+
+    t = Table(title="methods")
+    for col in ("name", "kind", "needs --calib", "what it does", "reference", "options"):
+        t.add_column(col)
+    for name, spec in sorted(METHODS.items()):
+        opts = ", ".join(f"{f.name}={f.default}" for f in dataclasses.fields(spec.config)) or "—"
+        t.add_row(name, spec.kind, "yes" if spec.needs_calibration else "no", spec.summary, spec.paper, opts)
+    out.print(t)
+
+
+@app.command()
+def observe(
+    model: Annotated[str, typer.Argument(help="model directory")],
+    calib: Annotated[str, typer.Option("--calib", help=".txt, directory, .jsonl, or hf:NAME[:CONFIG]:SPLIT")],
+    out_dir: Annotated[str, typer.Option("--out", help="stats directory to write")],
+    samples: int = 128, seq_len: int = 512, batch_size: int = 8, seed: int = 0,
+    probe_size: Annotated[int, typer.Option(help="probe tokens kept per layer")] = 512,
+    calib_field: Annotated[Optional[str], typer.Option(help="text field of a .jsonl calibration file")] = None,
+    tokenizer: Annotated[Optional[str], typer.Option(help="tokenizer directory if not the model's")] = None,
+    device: Device = "cpu", force: Force = False,
+):
+    """Run the calibration pass once and save the statistics; many plans can use them."""
+    from moeprune.api import observe_checkpoint
+    from moeprune.io import atomic_directory, check_output_dir
+
+    check_output_dir(out_dir, force, inputs=(model,))
+    stats = observe_checkpoint(model, calib, samples=samples, seq_len=seq_len, batch_size=batch_size, seed=seed,
+                               probe_size=probe_size, device=device, tokenizer=tokenizer, calib_field=calib_field)
+    with atomic_directory(out_dir, force=force) as tmp:
+        stats.save(tmp)
+    out.print(f"stats of {len(stats.layers)} MoE layers over {stats.num_tokens:,} tokens written to {out_dir}")
+
+
+@app.command()
+def plan(
+    stats: Annotated[str, typer.Argument(help="stats directory from `moeprune observe`")],
+    method: Annotated[str, typer.Option("--method", help="see `moeprune methods`")],
+    out_file: Annotated[str, typer.Option("--out", help="plan JSON to write")],
+    ratio: Ratio = None, experts: Experts = None, option: Options = None, flatten_groups: Flatten = False,
+    force: Force = False,
+):
+    """Turn statistics into a plan (JSON) without touching the model."""
+    from moeprune.api import make_plan_for
+    from moeprune.observe import Stats
+
+    if Path(out_file).exists() and not force:
+        raise MoepruneError(f"{out_file} already exists; pass --force to replace it")
+    options = _parse_options(method, option)
+    p = make_plan_for(Stats.load(stats), method, ratio=ratio, experts=experts, flatten_groups=flatten_groups,
+                      **options)
+    tmp = Path(out_file).with_name(f".{Path(out_file).name}.tmp")
+    p.save(tmp)
+    tmp.replace(out_file)
+    _print_plan(p)
+    out.print(f"plan written to {out_file}")
+
+
+@app.command()
+def apply(
+    model: Annotated[str, typer.Argument(help="model directory")],
+    plan_file: Annotated[str, typer.Argument(help="plan JSON from `moeprune plan`")],
+    out_dir: Annotated[str, typer.Option("--out", help="output model directory")],
+    device: Device = "cpu", force: Force = False,
+):
+    """Apply a plan to a model and write a stock transformers checkpoint."""
+    from moeprune.api import apply_checkpoint
+    from moeprune.plan import Plan
+
+    p = Plan.load(plan_file)
+    path = apply_checkpoint(model, p, out_dir, force=force, device=device, command=_command_line())
+    _print_done(p, path)
+
+
+@app.command()
+def prune(
+    model: Annotated[str, typer.Argument(help="model directory")],
+    method: Annotated[str, typer.Option("--method", help="see `moeprune methods`")],
+    out_dir: Annotated[str, typer.Option("--out", help="output model directory")],
+    ratio: Ratio = None, experts: Experts = None,
+    calib: Annotated[Optional[str], typer.Option("--calib", help=".txt, directory, .jsonl, or hf:NAME[:CONFIG]:SPLIT")] = None,
+    samples: Annotated[int, typer.Option(help="calibration sequences")] = 128,
+    seq_len: Annotated[int, typer.Option(help="tokens per calibration sequence")] = 512,
+    batch_size: int = 8, seed: int = 0,
+    probe_size: Annotated[int, typer.Option(help="probe tokens kept per layer")] = 512,
+    calib_field: Annotated[Optional[str], typer.Option(help="text field of a .jsonl calibration file")] = None,
+    tokenizer: Annotated[Optional[str], typer.Option(help="tokenizer directory if not the model's")] = None,
+    stats_out: Annotated[Optional[str], typer.Option("--save-stats", help="also keep the statistics here")] = None,
+    option: Options = None, flatten_groups: Flatten = False, device: Device = "cpu", force: Force = False,
+):
+    """Observe, plan, apply and save in one command."""
+    from moeprune.api import prune as prune_model
+    from moeprune.plan import Plan
+
+    options = _parse_options(method, option)
+    path = prune_model(model, method, out_dir, ratio=ratio, experts=experts, calib=calib, samples=samples,
+                       seq_len=seq_len, batch_size=batch_size, seed=seed, probe_size=probe_size, device=device,
+                       flatten_groups=flatten_groups, force=force, tokenizer=tokenizer, calib_field=calib_field,
+                       command=_command_line(), stats_out=stats_out, **options)
+    _print_done(Plan.load(Path(path) / "moeprune_plan.json"), path)
+
+
+def _print_plan(p) -> None:
+    t = Table(title=f"{p.method}: {p.num_experts_in} → {p.num_experts_out} experts per layer")
+    t.add_column("layer", justify="right")
+    t.add_column("kept / merged")
+    t.add_column("removed")
+    for lp in p.layers:
+        t.add_row(str(lp.layer), " ".join("+".join(map(str, g.members)) for g in lp.groups),
+                  " ".join(map(str, lp.dropped)) or "—")
+    out.print(t)
+
+
+def _print_done(p, path) -> None:
+    _print_plan(p)
+    card = (Path(path) / "README.md").read_text().split("## Parameters", 1)[1].split("## Experts", 1)[0]
+    out.print(card.strip())
+    out.print(f"\n[bold green]checkpoint written to {path}[/] (loads with AutoModelForCausalLM.from_pretrained)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    try:
+        app(args=argv, standalone_mode=False)
+    except MoepruneError as e:
+        err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        return 2
+    except KeyboardInterrupt:
+        err.print("interrupted; nothing was written")
+        return 130
+    except Exception as e:  # click usage errors carry their own exit codes
+        import click
+
+        if isinstance(e, click.exceptions.ClickException):
+            e.show()
+            return e.exit_code
+        if isinstance(e, click.exceptions.Abort):
+            return 1
+        raise
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,126 @@
+"""Calibration sources -> packed token blocks.
+
+A source is a `.txt` file, a directory of text files, a `.jsonl` file (text in the `text` field by
+default), or `hf:NAME[:CONFIG]:SPLIT` read through `datasets` when a hub is reachable. Documents
+are joined with the tokenizer's EOS token and cut into non-overlapping blocks of `seq_len` tokens;
+`samples` blocks are drawn with a seeded generator. Packing means there is no padding, so every
+observed token is a real token.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from moeprune.errors import MoepruneError
+
+TEXT_SUFFIXES = {".txt", ".md", ".py", ".rst", ".text", ""}
+
+
+@dataclass
+class Calibration:
+    input_ids: torch.Tensor  # [N, L] packed token blocks
+    provenance: dict  # source, sha256 of the text, samples, seq_len, seed, available blocks
+
+
+def _jsonl_texts(path: Path, field: str | None, template: str | None) -> list[str]:
+    texts = []
+    with path.open(encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise MoepruneError(f"{path}:{n} is not valid JSON ({e.msg}); --calib .jsonl needs one object per line")
+            try:
+                texts.append(template.format(**row) if template else str(row[field or "text"]))
+            except KeyError as e:
+                raise MoepruneError(f"{path}:{n} has no field {e}; choose the text field with --calib-field")
+    return texts
+
+
+def _hf_texts(spec: str, field: str | None, template: str | None, max_chars: int) -> list[str]:
+    parts = spec[3:].split(":")
+    if len(parts) not in (2, 3):
+        raise MoepruneError(f"bad dataset spec {spec!r}: use hf:NAME:SPLIT or hf:NAME:CONFIG:SPLIT")
+    name, config, split = (parts[0], None, parts[1]) if len(parts) == 2 else parts
+    try:
+        import datasets
+    except ImportError:
+        raise MoepruneError("hf: calibration sources need the datasets package: pip install 'moeprune[hf]'")
+    try:
+        ds = datasets.load_dataset(name, config, split=split, streaming=True)
+    except Exception as e:  # the hub may be unreachable; say so in one line
+        raise MoepruneError(f"could not load dataset {spec!r}: {type(e).__name__}: {str(e).splitlines()[0]}")
+    texts, total = [], 0
+    for row in ds:
+        text = template.format(**row) if template else str(row[field or "text"])
+        texts.append(text)
+        total += len(text)
+        if total >= max_chars:
+            break
+    return texts
+
+
+def load_texts(spec: str, field: str | None = None, template: str | None = None,
+               max_chars: int = 50_000_000) -> list[str]:
+    """The documents of a calibration source, in a stable order."""
+    if spec.startswith("hf:"):
+        return _hf_texts(spec, field, template, max_chars)
+    path = Path(spec)
+    if not path.exists():
+        raise MoepruneError(f"calibration source {spec} does not exist (give a .txt, .jsonl, a directory, or hf:NAME:SPLIT)")
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES)
+        texts = [p.read_text(encoding="utf-8", errors="replace") for p in files]
+    elif path.suffix == ".jsonl":
+        texts = _jsonl_texts(path, field, template)
+    else:
+        texts = [path.read_text(encoding="utf-8", errors="replace")]
+    texts = [t for t in texts if t.strip()]
+    if not texts:
+        raise MoepruneError(f"calibration source {spec} has no text")
+    return texts
+
+
+def pack_tokens(tokenizer, texts: list[str]) -> torch.Tensor:
+    """[total] token ids of all documents joined by EOS."""
+    eos = tokenizer.eos_token_id
+    ids: list[int] = []
+    for text in texts:
+        ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
+        if eos is not None:
+            ids.append(eos)
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def calibration_blocks(
+    tokenizer, spec: str, *, samples: int = 128, seq_len: int = 512, seed: int = 0,
+    field: str | None = None, template: str | None = None,
+) -> Calibration:
+    """Tokenise a calibration source and draw `samples` blocks of `seq_len` tokens."""
+    if samples < 1 or seq_len < 2:
+        raise MoepruneError(f"--samples must be >= 1 and --seq-len >= 2 (got {samples}, {seq_len})")
+    texts = load_texts(spec, field, template, max_chars=max(64 * samples * seq_len, 1_000_000))
+    tokens = pack_tokens(tokenizer, texts)
+    available = tokens.numel() // seq_len
+    if available == 0:
+        raise MoepruneError(
+            f"calibration text {spec} has {tokens.numel()} tokens, fewer than one block of --seq-len "
+            f"{seq_len}; give more text or lower --seq-len"
+        )
+    g = torch.Generator().manual_seed(seed)
+    chosen = torch.randperm(available, generator=g)[: min(samples, available)].sort().values
+    blocks = tokens[: available * seq_len].view(available, seq_len)[chosen]  # [N, L]
+    digest = hashlib.sha256("\x1e".join(texts).encode("utf-8", errors="replace")).hexdigest()
+    provenance = {
+        "source": spec, "field": field, "template": template, "sha256": digest, "documents": len(texts),
+        "samples_requested": samples, "samples": int(blocks.shape[0]), "blocks_available": int(available),
+        "seq_len": seq_len, "seed": seed,
+    }
+    return Calibration(blocks, provenance)

@@ -1,0 +1,184 @@
+"""Loading inputs and writing outputs: checked model loading, atomic checkpoint writing, model card.
+
+Outputs are written into a temporary sibling directory and renamed into place at the end, so a
+failure never leaves a half-written checkpoint. The input model directory is only ever read.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+import transformers as tf
+from torch import nn
+
+from moeprune.arch import Adapter, get_adapter
+from moeprune.errors import MoepruneError
+
+# Files of a model directory that are not weights or config: carried over to the output as they are.
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json", "config.json", "README.md", "moeprune_plan.json")
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}"
+
+
+def load_config(path: str | Path):
+    """The transformers config of a model directory, with a clear error when it is not one."""
+    p = Path(path)
+    if not p.exists():
+        raise MoepruneError(f"model directory {p} does not exist")
+    if not (p / "config.json").is_file():
+        raise MoepruneError(f"{p} is not a model directory: it has no config.json")
+    try:
+        return tf.AutoConfig.from_pretrained(str(p))
+    except Exception as e:
+        raise MoepruneError(f"could not read {p}/config.json ({_one_line(e)})")
+
+
+def load_model(path: str | Path, *, device: str = "cpu", dtype: str | torch.dtype = "auto") -> nn.Module:
+    """Load a causal LM and refuse checkpoints with missing or mismatched weights."""
+    config = load_config(path)
+    get_adapter(config)  # unsupported families fail before any weight is read
+    try:
+        model, info = tf.AutoModelForCausalLM.from_pretrained(
+            str(path), dtype=dtype, output_loading_info=True, device_map=None
+        )
+    except Exception as e:
+        raise MoepruneError(f"could not load the weights of {path} ({_one_line(e)}); is the checkpoint complete?")
+    bad = list(info.get("missing_keys", [])) + [k[0] if isinstance(k, tuple) else k for k in info.get("mismatched_keys", [])]
+    if bad:
+        raise MoepruneError(f"{path} is missing or has mis-shaped weights ({len(bad)}, e.g. {sorted(bad)[0]}); "
+                            "the checkpoint is incomplete or does not match its config")
+    return model.to(device).eval()
+
+
+def load_tokenizer(path: str | Path):
+    try:
+        return tf.AutoTokenizer.from_pretrained(str(path))
+    except Exception as e:
+        raise MoepruneError(f"no usable tokenizer in {path} ({_one_line(e)}); pass --tokenizer PATH")
+
+
+def check_output_dir(out: str | Path, force: bool, inputs: tuple[str | Path, ...] = ()) -> Path:
+    """Refuse an existing non-empty output directory unless `force`, and never an input directory."""
+    o = Path(out).resolve()
+    for src in inputs:
+        s = Path(src).resolve()
+        if o == s or s.is_relative_to(o):
+            raise MoepruneError(f"output {out} would overwrite the input {src}; choose another --out")
+    if o.exists() and (not o.is_dir() or any(o.iterdir())) and not force:
+        raise MoepruneError(f"output {out} already exists and is not empty; pass --force to replace it")
+    return o
+
+
+@contextmanager
+def atomic_directory(out: str | Path, force: bool = False):
+    """Yield a temporary directory next to `out`; on success it replaces `out` in one rename."""
+    o = Path(out).resolve()
+    o.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{o.name}.tmp-", dir=o.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = None
+    if o.exists():
+        if not force and (not o.is_dir() or any(o.iterdir())):
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise MoepruneError(f"output {out} appeared while working; pass --force to replace it")
+        old = o.parent / f".{o.name}.old-{os.getpid()}"
+        o.rename(old)
+    tmp.rename(o)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
+
+
+def copy_side_files(src: str | Path, dst: Path) -> list[str]:
+    """Copy tokenizer and other non-weight files of `src` that `save_pretrained` did not write."""
+    copied = []
+    s = Path(src)
+    if not s.is_dir():
+        return copied
+    for f in sorted(s.iterdir()):
+        if f.is_file() and f.name not in WEIGHT_FILES and not f.name.endswith((".safetensors", ".bin")) \
+                and not (dst / f.name).exists():
+            shutil.copy2(f, dst / f.name)
+            copied.append(f.name)
+    return copied
+
+
+def parameter_counts(model: nn.Module, adapter: Adapter | None = None) -> dict:
+    """Parameters in routed experts vs the rest (shared tensors counted once)."""
+    adapter = adapter or get_adapter(model.config)
+    total = sum(p.numel() for p in model.parameters())
+    routed = 0
+    for block in adapter.moe_blocks(model).values():
+        routed += sum(p.numel() for p in adapter.expert_parameters(block).values())
+    return {"total": total, "routed_experts": routed, "other": total - routed}
+
+
+def model_card(*, source: str, plan, before: dict, after: dict, command: str | None = None) -> str:
+    """README.md for a pruned checkpoint: what was removed, how, on what data, and sizes."""
+    from moeprune import __version__
+    from moeprune.methods import METHODS
+
+    spec = METHODS.get(plan.method)
+    cal = plan.calibration or {}
+    lines = [
+        "---", "library_name: transformers", "tags: [moe, pruning, moeprune]", "---", "",
+        f"# {Path(source).name}, {plan.num_experts_in}→{plan.num_experts_out} experts per layer", "",
+        f"Made with moeprune {__version__} on {_dt.date.today().isoformat()} from `{source}`.", "",
+        f"- **Method:** `{plan.method}`" + (f" ({spec.paper})" if spec else ""),
+        f"- **Options:** `{json.dumps(plan.method_config)}`",
+        f"- **Experts per MoE layer:** {plan.num_experts_in} → {plan.num_experts_out}"
+        f" (top-k {plan.model.get('top_k')} unchanged)",
+    ]
+    if plan.flatten_groups:
+        lines.append("- **Group-limited routing flattened:** n_group = topk_group = 1")
+    if cal:
+        lines.append(
+            f"- **Calibration:** `{cal.get('source')}`, {cal.get('samples', cal.get('sequences'))} sequences × "
+            f"{cal.get('seq_len')} tokens = {cal.get('tokens')} tokens, seed {cal.get('seed')}, "
+            f"sha256 `{str(cal.get('sha256', ''))[:16]}`"
+        )
+    else:
+        lines.append("- **Calibration:** none (this method reads only the weights)")
+    if command:
+        lines.append(f"- **Command:** `{command}`")
+    lines += [
+        "", "## Parameters", "", "| | before | after | change |", "|---|---:|---:|---:|",
+    ]
+    for key, label in (("total", "total"), ("routed_experts", "routed experts"), ("other", "everything else")):
+        b, a = before[key], after[key]
+        lines.append(f"| {label} | {b:,} | {a:,} | {100 * (a - b) / max(b, 1):+.1f}% |")
+    lines += ["", "## Experts per layer", "", "| layer | kept / merged groups | removed |", "|---:|---|---|"]
+    for lp in plan.layers:
+        groups = " ".join("+".join(map(str, g.members)) if len(g.members) > 1 else str(g.members[0])
+                          for g in lp.groups)
+        lines.append(f"| {lp.layer} | {groups} | {' '.join(map(str, lp.dropped)) or '—'} |")
+    lines += ["", "Expert ids are the input model's. The full plan is in `moeprune_plan.json`.",
+              "This checkpoint loads with `transformers.AutoModelForCausalLM.from_pretrained` and no extra code.", ""]
+    return "\n".join(lines)
+
+
+def save_checkpoint(model: nn.Module, out: str | Path, *, source: str, plan, before: dict,
+                    force: bool = False, command: str | None = None) -> Path:
+    """Write the pruned model, tokenizer files, plan and model card to `out`, atomically."""
+    after = parameter_counts(model)
+    with atomic_directory(out, force=force) as tmp:
+        model.save_pretrained(str(tmp))  # original per-expert key layout by default, as vLLM expects
+        copy_side_files(source, tmp)
+        plan.save(tmp / "moeprune_plan.json")
+        (tmp / "README.md").write_text(model_card(source=source, plan=plan, before=before, after=after,
+                                                  command=command))
+    return Path(out)

@@ -1,0 +1,86 @@
+"""The method registry and the request every method receives.
+
+The registry is filled once at import by decorators and never mutated afterwards; it carries no
+run-time state.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Callable
+
+from moeprune.errors import MoepruneError
+from moeprune.observe.stats import Stats
+from moeprune.plan import Plan
+
+
+@dataclass(frozen=True)
+class PlanRequest:
+    """What a method is asked for: the statistics, the budget, and optional weight access."""
+
+    stats: Stats
+    keep: int  # experts to keep per MoE layer
+    flatten_groups: bool = False
+    weights: object | None = None  # an ExpertWeightSource, for methods that read expert weights
+
+    @property
+    def model(self) -> dict:
+        return self.stats.model
+
+    @property
+    def n_group(self) -> int:
+        return 1 if self.flatten_groups else int(self.model.get("n_group", 1))
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    name: str
+    fn: Callable[[PlanRequest, object], Plan]
+    config: type
+    paper: str  # citation shown by `moeprune methods`
+    summary: str
+    needs_calibration: bool = True
+    kind: str = "prune"  # prune | merge | novice
+
+    def default_config(self, **overrides):
+        names = {f.name for f in dataclasses.fields(self.config)}
+        unknown = set(overrides) - names
+        if unknown:
+            raise MoepruneError(f"method {self.name} has no option(s) {sorted(unknown)}; options: {sorted(names)}")
+        return self.config(**overrides)
+
+
+METHODS: dict[str, MethodSpec] = {}
+
+
+def register(name: str, *, config: type, paper: str, summary: str, needs_calibration: bool = True,
+             kind: str = "prune"):
+    def wrap(fn):
+        METHODS[name] = MethodSpec(name, fn, config, paper, summary, needs_calibration, kind)
+        return fn
+
+    return wrap
+
+
+def get_method(name: str) -> MethodSpec:
+    if name not in METHODS:
+        raise MoepruneError(f"unknown method {name!r}; available: {', '.join(sorted(METHODS))}")
+    return METHODS[name]
+
+
+def make_plan(name: str, request: PlanRequest, **options) -> Plan:
+    """Run method `name` with its config built from `options`, validate and return the Plan."""
+    spec = get_method(name)
+    cfg = spec.default_config(**options)
+    plan = spec.fn(request, cfg)
+    plan.method_config = dataclasses.asdict(cfg)
+    plan.flatten_groups = request.flatten_groups
+    plan.validate()
+    return plan
+
+
+@dataclass(frozen=True)
+class NoOptions:
+    """This method has no options."""
+

@@ -1,0 +1,137 @@
+"""The calibration pass: hooks that read routing at the experts boundary and feed the trackers.
+
+`Observer` is a context manager that owns its hooks and removes them on exit. It attaches to any
+subset of MoE blocks, so the same code serves a whole model in memory and one decoder layer at a
+time. Routing is read where the experts receive `(top_k_index, top_k_weights)`; the router is never
+re-run. The probe (MoE inputs with router logits) is taken by a forward hook on the router.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+
+import torch
+from torch import nn
+
+from moeprune.arch import Adapter, get_adapter
+from moeprune.observe.stats import ExpertStats, LayerStats, ProbeCollector, Stats
+
+
+def probe_positions(num_tokens: int, probe_size: int, seed: int) -> torch.Tensor:
+    """[P] ascending global token indices of the probe, drawn once from `seed`."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randperm(num_tokens, generator=g)[: min(probe_size, num_tokens)].sort().values
+
+
+class Observer(contextlib.AbstractContextManager):
+    """Collect per-expert statistics for the given MoE blocks while the model runs.
+
+    Call `begin_batch(positions)` before each forward with the global index of every token of the
+    batch in row-major [B, L] order; the probe uses it to pick its rows.
+    """
+
+    def __init__(self, adapter: Adapter, blocks: dict[int, nn.Module], wanted_probe: torch.Tensor):
+        self.adapter = adapter
+        self.blocks = blocks
+        self.wanted_probe = wanted_probe
+        self.experts: dict[int, ExpertStats] = {}
+        self.probes: dict[int, ProbeCollector] = {}
+        self._positions: torch.Tensor | None = None
+        self._undo: list = []
+
+    def begin_batch(self, positions: torch.Tensor) -> None:
+        self._positions = positions.reshape(-1)
+
+    def __enter__(self):
+        for i, block in self.blocks.items():
+            H = self.adapter.config.hidden_size
+            self.experts[i] = ExpertStats(self.adapter.num_experts, H)
+            self.probes[i] = ProbeCollector(self.wanted_probe)
+            self._undo.append(self.adapter.install_observer(block, self._recorder(i)))
+            handle = self.adapter.router(block).register_forward_hook(self._probe_hook(i))
+            self._undo.append(handle.remove)
+        return self
+
+    def __exit__(self, *exc):
+        for undo in reversed(self._undo):
+            undo()
+        self._undo.clear()
+        return False
+
+    def _recorder(self, layer: int):
+        stats = self.experts[layer]
+
+        def record(top_k_index, top_k_weights, raw):
+            stats.update(top_k_index.reshape(-1), top_k_weights.reshape(-1), raw)
+
+        return record
+
+    def _probe_hook(self, layer: int):
+        collector = self.probes[layer]
+        H = self.adapter.config.hidden_size
+
+        def hook(module, args, output):
+            if self._positions is None:
+                return
+            x = args[0].reshape(-1, H)  # [T, H]
+            logits = self.adapter.router_logits(output).reshape(x.shape[0], -1)  # [T, E]
+            collector.add(self._positions.to(x.device), x, logits)
+
+        return hook
+
+    def layer_stats(self) -> dict[int, LayerStats]:
+        H, E = self.adapter.config.hidden_size, self.adapter.num_experts
+        return {i: LayerStats(i, self.experts[i], self.probes[i].result(H, E)) for i in self.blocks}
+
+
+def model_description(model: nn.Module, adapter: Adapter, source: str | None = None) -> dict:
+    """The facts about a model that stats and plans carry so methods can check budgets offline."""
+    blocks = adapter.moe_blocks(model)
+    return {
+        "model_type": adapter.family,
+        "source": source,
+        "num_experts": adapter.num_experts,
+        "top_k": adapter.top_k,
+        "n_group": adapter.n_group,
+        "min_experts_per_group": adapter.min_experts_per_group,
+        "hidden_size": int(adapter.config.hidden_size),
+        "moe_layers": sorted(blocks),
+    }
+
+
+@torch.no_grad()
+def observe(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    *,
+    batch_size: int = 8,
+    probe_size: int = 512,
+    seed: int = 0,
+    calibration: dict | None = None,
+    source: str | None = None,
+    progress=None,
+) -> Stats:
+    """One calibration pass over `input_ids` [N, L] (packed, no padding) -> Stats.
+
+    `progress`, if given, is called with the number of sequences done after every batch.
+    """
+    adapter = get_adapter(model.config)
+    N, L = input_ids.shape
+    device = next(model.parameters()).device
+    blocks = adapter.moe_blocks(model)
+    wanted = probe_positions(N * L, probe_size, seed)
+    started = time.perf_counter()
+    with Observer(adapter, blocks, wanted) as obs:
+        for start in range(0, N, batch_size):
+            batch = input_ids[start : start + batch_size]  # [B, L]
+            positions = torch.arange(start * L, (start + batch.shape[0]) * L)  # [B*L]
+            obs.begin_batch(positions)
+            model(input_ids=batch.to(device), use_cache=False)
+            if progress is not None:
+                progress(min(start + batch_size, N))
+        layers = obs.layer_stats()
+    calib = dict(calibration or {})
+    calib.update(tokens=N * L, sequences=N, seq_len=L, probe_size=int(wanted.numel()), seed=seed,
+                 seconds=round(time.perf_counter() - started, 3))
+    return Stats(model=model_description(model, adapter, source), calibration=calib, layers=layers)

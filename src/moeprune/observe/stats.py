@@ -1,0 +1,183 @@
+"""Streaming per-expert statistics and the probe reservoir, and their on-disk form.
+
+Everything here is exact and mergeable: float64 accumulators, per-dimension Welford mean and M2
+merged with Chan's parallel formula, so statistics gathered in any batch split (or on several
+processes) are the same numbers. No per-token storage beyond the fixed-size probe.
+
+Shape letters: E experts, H hidden, S routed (token, expert) pairs, P probe tokens.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+STATS_VERSION = 1
+F64 = torch.float64
+
+
+class ExpertStats:
+    """count, gate_sum, Welford mean/M2 of the raw output, reap_sum, ean_sum for E experts."""
+
+    def __init__(self, num_experts: int, hidden: int):
+        E, H = num_experts, hidden
+        self.count = torch.zeros(E, dtype=F64)  # n_i
+        self.gate_sum = torch.zeros(E, dtype=F64)  # sum of g_i(x) over T_i
+        self.mean = torch.zeros(E, H, dtype=F64)  # running mean of E_i(x)
+        self.m2 = torch.zeros(E, H, dtype=F64)  # running sum of squared deviations
+        self.reap_sum = torch.zeros(E, dtype=F64)  # sum of g_i(x) * ||E_i(x)||
+        self.ean_sum = torch.zeros(E, dtype=F64)  # sum of ||E_i(x)||
+
+    @property
+    def num_experts(self) -> int:
+        return self.count.shape[0]
+
+    @property
+    def var(self) -> torch.Tensor:
+        """[E, H] unbiased per-dimension variance; 0 where an expert saw fewer than 2 tokens."""
+        denom = (self.count - 1).clamp(min=1)[:, None]
+        return torch.where(self.count[:, None] > 1, self.m2 / denom, torch.zeros_like(self.m2))
+
+    @torch.no_grad()
+    def update(self, expert_ids: torch.Tensor, gates: torch.Tensor, outputs: torch.Tensor) -> None:
+        """Add S routed pairs: expert_ids [S], gates [S], raw outputs [S, H]."""
+        E = self.num_experts
+        ids = expert_ids.reshape(-1).long().cpu()
+        g = gates.reshape(-1).to(device="cpu", dtype=F64)  # [S]
+        out = outputs.to(device="cpu", dtype=F64)  # [S, H]
+        norms = out.norm(dim=-1)  # [S]
+        n_b = torch.bincount(ids, minlength=E).to(F64)  # [E]
+        sum_b = torch.zeros_like(self.mean).index_add_(0, ids, out)  # [E, H]
+        mean_b = sum_b / n_b.clamp(min=1)[:, None]
+        m2_b = torch.zeros_like(self.m2).index_add_(0, ids, (out - mean_b[ids]) ** 2)
+        self._merge(n_b, mean_b, m2_b)
+        self.gate_sum.index_add_(0, ids, g)
+        self.reap_sum.index_add_(0, ids, g * norms)
+        self.ean_sum.index_add_(0, ids, norms)
+
+    def _merge(self, n_b: torch.Tensor, mean_b: torch.Tensor, m2_b: torch.Tensor) -> None:
+        # Chan et al.: combine (n_a, mean_a, M2_a) with (n_b, mean_b, M2_b) per expert.
+        n_a = self.count
+        n = n_a + n_b
+        safe_n = n.clamp(min=1)[:, None]
+        delta = mean_b - self.mean
+        self.mean = self.mean + delta * (n_b[:, None] / safe_n)
+        self.m2 = self.m2 + m2_b + delta**2 * (n_a * n_b)[:, None] / safe_n
+        self.count = n
+
+    def merge(self, other: "ExpertStats") -> None:
+        """Fold in statistics gathered elsewhere (another batch split or process)."""
+        self._merge(other.count.clone(), other.mean, other.m2)
+        self.gate_sum += other.gate_sum
+        self.reap_sum += other.reap_sum
+        self.ean_sum += other.ean_sum
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {k: getattr(self, k) for k in ("count", "gate_sum", "mean", "m2", "reap_sum", "ean_sum")}
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor]) -> "ExpertStats":
+        E, H = tensors["mean"].shape
+        s = cls(E, H)
+        for k, v in tensors.items():
+            setattr(s, k, v.to(F64))
+        return s
+
+
+@dataclass
+class Probe:
+    """A fixed seeded sample of MoE-block inputs with their router logits, in token order."""
+
+    positions: torch.Tensor  # [P] global calibration-token indices, ascending
+    inputs: torch.Tensor  # [P, H] MoE-block input x
+    router_logits: torch.Tensor  # [P, E]
+
+
+class ProbeCollector:
+    """Collects the probe rows of one layer as batches stream past.
+
+    The probe positions are drawn once from the seed before the pass, so the probe is the same
+    whatever the batch size, and the rows can be gathered on several processes and concatenated.
+    """
+
+    def __init__(self, wanted_positions: torch.Tensor):
+        self.wanted = wanted_positions.long().cpu()  # [P] ascending
+        self._positions, self._inputs, self._logits = [], [], []
+
+    def add(self, positions: torch.Tensor, inputs: torch.Tensor, logits: torch.Tensor) -> None:
+        """positions [T] global token ids of this batch's rows; inputs [T, H]; logits [T, E]."""
+        hit = torch.isin(positions.cpu(), self.wanted)  # [T]
+        if hit.any():
+            rows = hit.nonzero().squeeze(1)
+            self._positions.append(positions.cpu()[rows])
+            self._inputs.append(inputs.detach().float().cpu()[rows])
+            self._logits.append(logits.detach().float().cpu()[rows])
+
+    def result(self, hidden: int, num_experts: int) -> Probe:
+        if not self._positions:
+            return Probe(torch.zeros(0, dtype=torch.long), torch.zeros(0, hidden), torch.zeros(0, num_experts))
+        pos = torch.cat(self._positions)
+        order = pos.argsort()
+        return Probe(pos[order], torch.cat(self._inputs)[order], torch.cat(self._logits)[order])
+
+
+@dataclass
+class LayerStats:
+    layer: int
+    experts: ExpertStats
+    probe: Probe
+
+
+@dataclass
+class Stats:
+    """Everything one calibration pass learned about a model's experts."""
+
+    model: dict  # family, model_type, num_experts, top_k, n_group, hidden, num_layers, source path
+    calibration: dict  # source, sha256, samples, seq_len, tokens, seed, probe size
+    layers: dict[int, LayerStats] = field(default_factory=dict)
+    version: int = STATS_VERSION
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.calibration.get("tokens", 0))
+
+    def save(self, directory: str | Path) -> None:
+        """Write `stats.safetensors` and `stats.json` into `directory` (created if needed)."""
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        tensors = {}
+        for i, ls in self.layers.items():
+            for k, v in ls.experts.tensors().items():
+                tensors[f"layer.{i}.{k}"] = v.contiguous()
+            tensors[f"layer.{i}.probe.positions"] = ls.probe.positions.contiguous()
+            tensors[f"layer.{i}.probe.inputs"] = ls.probe.inputs.contiguous()
+            tensors[f"layer.{i}.probe.router_logits"] = ls.probe.router_logits.contiguous()
+        save_file(tensors, str(d / "stats.safetensors"), metadata={"format": "pt"})
+        meta = {"version": self.version, "model": self.model, "calibration": self.calibration,
+                "layers": sorted(self.layers)}
+        (d / "stats.json").write_text(json.dumps(meta, indent=2))
+
+    @classmethod
+    def load(cls, directory: str | Path) -> "Stats":
+        from moeprune.errors import MoepruneError
+
+        d = Path(directory)
+        if not (d / "stats.json").is_file() or not (d / "stats.safetensors").is_file():
+            raise MoepruneError(f"{d} is not a stats directory (expected stats.json and stats.safetensors "
+                                "written by `moeprune observe`)")
+        meta = json.loads((d / "stats.json").read_text())
+        if meta.get("version") != STATS_VERSION:
+            raise MoepruneError(f"{d}: stats version {meta.get('version')} is not {STATS_VERSION}; re-run observe")
+        tensors = load_file(str(d / "stats.safetensors"))
+        layers = {}
+        for i in meta["layers"]:
+            ex = ExpertStats.from_tensors({k: tensors[f"layer.{i}.{k}"] for k in
+                                           ("count", "gate_sum", "mean", "m2", "reap_sum", "ean_sum")})
+            probe = Probe(tensors[f"layer.{i}.probe.positions"], tensors[f"layer.{i}.probe.inputs"],
+                          tensors[f"layer.{i}.probe.router_logits"])
+            layers[int(i)] = LayerStats(int(i), ex, probe)
+        return cls(model=meta["model"], calibration=meta["calibration"], layers=layers, version=meta["version"])
