@@ -44,20 +44,30 @@ class ExpertStats:
 
     @torch.no_grad()
     def update(self, expert_ids: torch.Tensor, gates: torch.Tensor, outputs: torch.Tensor) -> None:
-        """Add S routed pairs: expert_ids [S], gates [S], raw outputs [S, H]."""
+        """Add S routed pairs: expert_ids [S], gates [S], raw outputs [S, H].
+
+        The batch's own moments are taken in float32 on the outputs' device (the hot path), then
+        merged into the float64 running state with Chan's formula, so accuracy does not drift with
+        the number of batches.
+        """
         E = self.num_experts
-        ids = expert_ids.reshape(-1).long().cpu()
-        g = gates.reshape(-1).to(device="cpu", dtype=F64)  # [S]
-        out = outputs.to(device="cpu", dtype=F64)  # [S, H]
+        ids = expert_ids.reshape(-1).long()
+        out = outputs.float()  # [S, H]
+        g = gates.reshape(-1).float()  # [S]
         norms = out.norm(dim=-1)  # [S]
-        n_b = torch.bincount(ids, minlength=E).to(F64)  # [E]
-        sum_b = torch.zeros_like(self.mean).index_add_(0, ids, out)  # [E, H]
+        n_b = torch.bincount(ids, minlength=E)  # [E]
+        sum_b = out.new_zeros(E, out.shape[1]).index_add_(0, ids, out)  # [E, H]
         mean_b = sum_b / n_b.clamp(min=1)[:, None]
-        m2_b = torch.zeros_like(self.m2).index_add_(0, ids, (out - mean_b[ids]) ** 2)
-        self._merge(n_b, mean_b, m2_b)
-        self.gate_sum.index_add_(0, ids, g)
-        self.reap_sum.index_add_(0, ids, g * norms)
-        self.ean_sum.index_add_(0, ids, norms)
+        m2_b = torch.zeros_like(sum_b).index_add_(0, ids, (out - mean_b[ids]).square_())  # [E, H]
+        per_expert = torch.zeros(3, E, dtype=out.dtype, device=out.device)
+        per_expert[0].index_add_(0, ids, g)
+        per_expert[1].index_add_(0, ids, g * norms)
+        per_expert[2].index_add_(0, ids, norms)
+        per_expert = per_expert.to("cpu", F64)
+        self._merge(n_b.to("cpu", F64), mean_b.to("cpu", F64), m2_b.to("cpu", F64))
+        self.gate_sum += per_expert[0]
+        self.reap_sum += per_expert[1]
+        self.ean_sum += per_expert[2]
 
     def _merge(self, n_b: torch.Tensor, mean_b: torch.Tensor, m2_b: torch.Tensor) -> None:
         # Chan et al.: combine (n_a, mean_a, M2_a) with (n_b, mean_b, M2_b) per expert.
