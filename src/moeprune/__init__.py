@@ -17,12 +17,14 @@ from moeprune.api import (  # noqa: E402
 from moeprune.arch import SUPPORTED_MODEL_TYPES, get_adapter  # noqa: E402
 from moeprune.errors import MoepruneError  # noqa: E402
 from moeprune.methods import METHODS, make_plan  # noqa: E402
+from moeprune.novice import export_stock, from_pretrained  # noqa: E402
 from moeprune.observe import Stats, observe  # noqa: E402
 from moeprune.plan import Group, LayerPlan, Plan, budget  # noqa: E402
 from moeprune.surgery import apply_plan  # noqa: E402
 
 __all__ = [
     "METHODS", "SUPPORTED_MODEL_TYPES", "Group", "LayerPlan", "MoepruneError", "Plan", "Stats", "apply_checkpoint",
-    "apply_plan", "budget", "empty_stats", "get_adapter", "inspect", "make_plan", "make_plan_for", "observe",
+    "apply_plan", "budget", "empty_stats", "export_stock", "from_pretrained", "get_adapter", "inspect", "make_plan",
+    "make_plan_for", "observe",
     "observe_checkpoint", "prune",
 ]

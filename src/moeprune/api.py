@@ -21,7 +21,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from moeprune.arch import decoder_layers, get_adapter
 from moeprune.data import Calibration, calibration_blocks
 from moeprune.errors import MoepruneError
-from moeprune.io import check_output_dir, load_config, load_model, load_tokenizer, parameter_counts, save_checkpoint
+from moeprune.io import atomic_directory, check_output_dir, load_config, load_model, load_tokenizer, parameter_counts, save_checkpoint
 from moeprune.methods import PlanRequest, get_method, make_plan
 from moeprune.observe import ExpertStats, LayerStats, Probe, Stats, model_description, observe
 from moeprune.plan import Plan, budget
@@ -42,8 +42,14 @@ def progress_bar(description: str, total: int, enabled: bool = True):
 
 
 def inspect(model_path: str | Path) -> dict:
-    """Family, MoE layers, experts, top-k, shared experts and parameter split of a checkpoint."""
-    model = load_model(model_path)
+    """Family, MoE layers, experts, top-k, shared experts and parameter split of a checkpoint.
+
+    MoNE checkpoints load through `moeprune.from_pretrained`; `novices` then describes them (else None),
+    and the parameter counts include the novice vectors.
+    """
+    from moeprune.novice import describe, from_pretrained, weights_bytes
+
+    model = from_pretrained(model_path)
     adapter = get_adapter(model.config)
     blocks = adapter.moe_blocks(model)
     first = next(iter(blocks.values()))
@@ -63,6 +69,8 @@ def inspect(model_path: str | Path) -> dict:
         "shared_experts": adapter.shared_expert_modules(first),
         "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
         "parameters": counts,
+        "novices": describe(model),
+        "bytes_on_disk": weights_bytes(model_path),
         "experts_implementation": getattr(model.config, "_experts_implementation", None),
         "pruning_keeps_surviving_routes_exact": exact,
         "routing_note": why,
@@ -85,6 +93,9 @@ def observe_checkpoint(
 
     `model` and `calibration` may be passed in when the caller already loaded them.
     """
+    from moeprune.novice import refuse_novice_input
+
+    refuse_novice_input(model_path, model, action="observe")
     if model is None:
         get_adapter(load_config(model_path))
     cal = calibration or calibration_blocks(load_tokenizer(tokenizer or model_path), calib, samples=samples,
@@ -108,12 +119,12 @@ def empty_stats(model, source: str | None = None) -> Stats:
 
 
 def make_plan_for(stats: Stats, method: str, *, ratio: float | None = None, experts: int | None = None,
-                  flatten_groups: bool = False, weights=None, **options) -> Plan:
+                  flatten_groups: bool = False, weights=None, options: dict | None = None) -> Plan:
     """Plan `method` on `stats` at the given budget."""
     m = stats.model
     keep = budget(m["num_experts"], m["top_k"], ratio=ratio, experts=experts, n_group=m.get("n_group", 1),
                   min_per_group=m.get("min_experts_per_group", 2), flatten_groups=flatten_groups)
-    return make_plan(method, PlanRequest(stats, keep, flatten_groups, weights), **options)
+    return make_plan(method, PlanRequest(stats, keep, flatten_groups, weights), **(options or {}))
 
 
 def resolve_device(device: str) -> str:
@@ -125,17 +136,28 @@ def resolve_device(device: str) -> str:
 
 
 def apply_checkpoint(model_path: str | Path, plan: Plan, out: str | Path, *, force: bool = False,
-                     device: str = "cpu", command: str | None = None, model=None) -> Path:
-    """Apply `plan` to the checkpoint at `model_path` and write the result to `out`."""
+                     device: str = "cpu", command: str | None = None, model=None, stats: Stats | None = None) -> Path:
+    """Apply `plan` to the checkpoint at `model_path` and write the result to `out`.
+
+    A plan with novices (MoNE) needs `stats`, the statistics it was made from, for the novice vectors.
+    """
+    from moeprune.novice import check_novice_plan, novice_vectors, refuse_novice_input
+
+    refuse_novice_input(model_path, model)
+    check_novice_plan(plan)
+    novice_vectors(plan, stats)  # fails before loading the model when the stats are missing or do not match
     check_output_dir(out, force, inputs=(model_path,))
     config = load_config(model_path)
     a = get_adapter(config)
+    if plan.model.get("model_type") not in (None, a.family):
+        raise MoepruneError(f"plan was made for a {plan.model['model_type']} model but {model_path} is "
+                            f"{a.family}; plan on statistics of this model")
     plan.validate({"num_experts": a.num_experts, "top_k": a.top_k, "n_group": a.n_group,
                    "min_experts_per_group": a.min_experts_per_group,
                    "moe_layers": plan.model.get("moe_layers", [lp.layer for lp in plan.layers])})
     model = copy.deepcopy(model) if model is not None else load_model(model_path, device=resolve_device(device))
     before = parameter_counts(model)
-    apply_plan(model, plan)
+    apply_plan(model, plan, stats=stats)
     return save_checkpoint(model, out, source=str(model_path), plan=plan, before=before, force=force,
                            command=command)
 
@@ -145,15 +167,26 @@ def prune(
     calib: str | None = None, samples: int = 128, seq_len: int = 512, batch_size: int = 8, seed: int = 0,
     probe_size: int = 512, device: str = "cpu", flatten_groups: bool = False, force: bool = False,
     tokenizer: str | None = None, calib_field: str | None = None, calib_template: str | None = None,
-    progress: bool = True, command: str | None = None, stats_out: str | Path | None = None, **options,
+    progress: bool = True, command: str | None = None, stats_out: str | Path | None = None,
+    options: dict | None = None,
 ) -> Path:
     """The whole flow: check inputs, observe, plan, apply, save."""
+    from moeprune.novice import refuse_novice_input
+
+    refuse_novice_input(model_path)
     config = load_config(model_path)
     get_adapter(config)
     spec = get_method(method)
+    options = dict(options or {})
     spec.default_config(**options)
     _budget_for(config, ratio, experts, flatten_groups)
+    if spec.kind == "novice" and get_adapter(config).n_group > 1 and not flatten_groups:
+        raise MoepruneError(f"method {method} keeps every router row and routes to novices, which moeprune does not "
+                            f"support with group-limited routing (n_group={get_adapter(config).n_group}); pass "
+                            "--flatten-groups to route without groups")
     check_output_dir(out, force, inputs=(model_path,))
+    if stats_out is not None:
+        check_output_dir(stats_out, force, inputs=(model_path, out))
     if spec.needs_calibration and calib is None:
         raise MoepruneError(f"method {method} needs calibration text: pass --calib PATH")
     device = resolve_device(device)
@@ -166,12 +199,15 @@ def prune(
     if cal is not None:
         stats = observe_checkpoint(model_path, calib, batch_size=batch_size, seed=seed, probe_size=probe_size,
                                    progress=progress, model=model, calibration=cal)
-        if stats_out is not None:
-            stats.save(stats_out)
     else:
         stats = empty_stats(model, str(model_path))
-    plan = make_plan_for(stats, method, ratio=ratio, experts=experts, flatten_groups=flatten_groups, **options)
+    plan = make_plan_for(stats, method, ratio=ratio, experts=experts, flatten_groups=flatten_groups,
+                         options=options)
     before = parameter_counts(model)
-    apply_plan(model, plan)
-    return save_checkpoint(model, out, source=str(model_path), plan=plan, before=before, force=force,
+    apply_plan(model, plan, stats=stats)
+    path = save_checkpoint(model, out, source=str(model_path), plan=plan, before=before, force=force,
                            command=command)
+    if stats_out is not None and calib is not None:
+        with atomic_directory(stats_out, force=force) as tmp:
+            stats.save(tmp)
+    return path

@@ -79,7 +79,13 @@ def inspect(model: Annotated[str, typer.Argument(help="model directory")],
         ("shared experts", ", ".join(info["shared_experts"]) or "none"),
         ("parameters", f"{p['total']:,} ({info['dtype']})"),
         ("  in routed experts", f"{p['routed_experts']:,} ({100 * p['routed_experts'] / p['total']:.1f}%)"),
+        *([("  in novice vectors", f"{p['novices']:,}")] if p.get("novices") else []),
         ("  everything else", f"{p['other']:,}"),
+        *([("bytes on disk (weights)", f"{info['bytes_on_disk']:,}")] if info.get("bytes_on_disk") else []),
+        *([("novices (MoNE)", (f"{info['novices']['experts_kept']} experts + "
+                               f"{max(info['novices']['novices_per_layer'].values())} novices per MoE layer behind "
+                               f"{info['novices']['router_experts']} router rows; load with moeprune.from_pretrained"))]
+          if info.get("novices") else []),
         ("pruning keeps surviving routes exact", f"{info['pruning_keeps_surviving_routes_exact']}: "
                                                  f"{info['routing_note']}"),
     ]
@@ -94,7 +100,8 @@ def methods():
     from moeprune.methods import METHODS
 
     t = Table(title="methods")
-    for col in ("name", "kind", "needs --calib", "what it does", "reference", "options"):
+    t.add_column("name", no_wrap=True, min_width=max(map(len, METHODS)))
+    for col in ("kind", "needs --calib", "what it does", "reference", "options"):
         t.add_column(col)
     for name, spec in sorted(METHODS.items()):
         opts = ", ".join(f"{f.name}={f.default}" for f in dataclasses.fields(spec.config)) or "—"
@@ -141,7 +148,7 @@ def plan(
         raise MoepruneError(f"{out_file} already exists; pass --force to replace it")
     options = _parse_options(method, option)
     p = make_plan_for(Stats.load(stats), method, ratio=ratio, experts=experts, flatten_groups=flatten_groups,
-                      **options)
+                      options=options)
     tmp = Path(out_file).with_name(f".{Path(out_file).name}.tmp")
     p.save(tmp)
     tmp.replace(out_file)
@@ -154,14 +161,18 @@ def apply(
     model: Annotated[str, typer.Argument(help="model directory")],
     plan_file: Annotated[str, typer.Argument(help="plan JSON from `moeprune plan`")],
     out_dir: Annotated[str, typer.Option("--out", help="output model directory")],
+    stats: Annotated[Optional[str], typer.Option("--stats", help="stats directory the plan was made from "
+                                                 "(needed by plans with novices, e.g. mone)")] = None,
     device: Device = "cpu", force: Force = False,
 ):
-    """Apply a plan to a model and write a stock transformers checkpoint."""
+    """Apply a plan to a model and write a stock transformers checkpoint (a MoNE checkpoint for novice plans)."""
     from moeprune.api import apply_checkpoint
+    from moeprune.observe import Stats
     from moeprune.plan import Plan
 
     p = Plan.load(plan_file)
-    path = apply_checkpoint(model, p, out_dir, force=force, device=device, command=_command_line())
+    path = apply_checkpoint(model, p, out_dir, force=force, device=device, command=_command_line(),
+                            stats=Stats.load(stats) if stats else None)
     _print_done(p, path)
 
 
@@ -189,18 +200,73 @@ def prune(
     path = prune_model(model, method, out_dir, ratio=ratio, experts=experts, calib=calib, samples=samples,
                        seq_len=seq_len, batch_size=batch_size, seed=seed, probe_size=probe_size, device=device,
                        flatten_groups=flatten_groups, force=force, tokenizer=tokenizer, calib_field=calib_field,
-                       command=_command_line(), stats_out=stats_out, **options)
+                       command=_command_line(), stats_out=stats_out, options=options)
     _print_done(Plan.load(Path(path) / "moeprune_plan.json"), path)
+
+
+@app.command("export-stock")
+def export_stock(
+    model: Annotated[str, typer.Argument(help="MoNE checkpoint directory (with novices)")],
+    out_dir: Annotated[str, typer.Option("--out", help="output model directory")],
+    force: Force = False,
+):
+    """Write the novice-free copy of a MoNE checkpoint (novices' router rows removed), for stock transformers."""
+    from moeprune.novice import export_stock as export
+
+    path = export(model, out_dir, force=force, command=_command_line())
+    out.print(f"[bold green]stock checkpoint written to {path}[/] (loads with AutoModelForCausalLM.from_pretrained)")
+
+
+@app.command("eval")
+def evaluate(
+    models: Annotated[list[str], typer.Argument(help="model directories; deltas are against the first")],
+    text: Annotated[Optional[list[str]], typer.Option("--text", help="text file for perplexity (repeatable)")] = None,
+    tasks: Annotated[Optional[str], typer.Option("--tasks", help="comma-separated lm-eval task names")] = None,
+    task_dir: Annotated[Optional[str], typer.Option("--task-dir", help="directory of local lm-eval task YAMLs")] = None,
+    task_text: Annotated[Optional[list[str]], typer.Option(
+        "--task-text", help="DOMAIN=FILE.txt: build moeprune_DOMAIN_mc and _cloze from it (repeatable)")] = None,
+    task_items: Annotated[int, typer.Option(help="items per task built by --task-text")] = 300,
+    seed: Annotated[int, typer.Option(help="seed of the tasks built by --task-text")] = 0,
+    json_out: Annotated[Optional[str], typer.Option("--json", help="also write the results as JSON here")] = None,
+    seq_len: Annotated[int, typer.Option(help="tokens per perplexity window")] = 512,
+    max_tokens: Annotated[Optional[int], typer.Option(help="score only the first N tokens of each text")] = None,
+    limit: Annotated[Optional[int], typer.Option(help="first N items of each task")] = None,
+    batch_size: int = 8,
+    tokenizer: Annotated[Optional[str], typer.Option(help="tokenizer directory if not each model's")] = None,
+    device: Device = "cpu", force: Force = False,
+):
+    """Perplexity and zero-shot task scores of one or more checkpoints, side by side."""
+    from moeprune.evaluate import evaluate_models, parse_task_texts, render_table
+
+    if json_out is not None and Path(json_out).exists() and not force:
+        raise MoepruneError(f"{json_out} already exists; pass --force to replace it")
+    # with --task-dir, built tasks are kept there; otherwise they live in a temporary directory
+    report = evaluate_models(
+        models, text or [], [t.strip() for t in (tasks or "").split(",") if t.strip()], task_dir=task_dir,
+        task_texts=parse_task_texts(task_text), task_items=task_items, task_seed=seed, seq_len=seq_len,
+        max_tokens=max_tokens, batch_size=batch_size, limit=limit, device=device, tokenizer=tokenizer,
+        progress=True,
+    )
+    out.print(render_table(report))
+    if json_out is not None:
+        tmp = Path(json_out).with_name(f".{Path(json_out).name}.tmp")
+        tmp.write_text(json.dumps(report, indent=1))
+        tmp.replace(json_out)
+        out.print(f"results written to {json_out}")
 
 
 def _print_plan(p) -> None:
     t = Table(title=f"{p.method}: {p.num_experts_in} → {p.num_experts_out} experts per layer")
+    novices = any(lp.novices for lp in p.layers)
     t.add_column("layer", justify="right")
     t.add_column("kept / merged")
+    if novices:
+        t.add_column("novices")
     t.add_column("removed")
     for lp in p.layers:
-        t.add_row(str(lp.layer), " ".join("+".join(map(str, g.members)) for g in lp.groups),
-                  " ".join(map(str, lp.dropped)) or "—")
+        cells = [str(lp.layer), " ".join("+".join(map(str, g.members)) for g in lp.groups)]
+        cells += [" ".join(map(str, lp.novices)) or "—"] if novices else []
+        t.add_row(*cells, " ".join(map(str, lp.dropped)) or "—")
     out.print(t)
 
 
@@ -208,7 +274,11 @@ def _print_done(p, path) -> None:
     _print_plan(p)
     card = (Path(path) / "README.md").read_text().split("## Parameters", 1)[1].split("## Experts", 1)[0]
     out.print(card.strip())
-    out.print(f"\n[bold green]checkpoint written to {path}[/] (loads with AutoModelForCausalLM.from_pretrained)")
+    if any(lp.novices for lp in p.layers):
+        out.print(f"\n[bold green]MoNE checkpoint written to {path}[/] (load with moeprune.from_pretrained; "
+                  "`moeprune export-stock` makes a stock copy)")
+    else:
+        out.print(f"\n[bold green]checkpoint written to {path}[/] (loads with AutoModelForCausalLM.from_pretrained)")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -38,6 +38,10 @@ def load_config(path: str | Path):
         raise MoepruneError(f"model directory {p} does not exist")
     if not (p / "config.json").is_file():
         raise MoepruneError(f"{p} is not a model directory: it has no config.json")
+    from moeprune.novice import is_novice_checkpoint, novice_config
+
+    if is_novice_checkpoint(p):  # its config.json refuses stock loading on purpose
+        return novice_config(p)
     try:
         return tf.AutoConfig.from_pretrained(str(p))
     except Exception as e:
@@ -45,7 +49,14 @@ def load_config(path: str | Path):
 
 
 def load_model(path: str | Path, *, device: str = "cpu", dtype: str | torch.dtype = "auto") -> nn.Module:
-    """Load a causal LM and refuse checkpoints with missing or mismatched weights."""
+    """Load a causal LM and refuse checkpoints with missing or mismatched weights.
+
+    MoNE checkpoints (with novices) load through `moeprune.novice.from_pretrained`.
+    """
+    from moeprune.novice import from_pretrained, is_novice_checkpoint
+
+    if is_novice_checkpoint(path):
+        return from_pretrained(path, device=device, dtype=dtype)
     config = load_config(path)
     get_adapter(config)  # unsupported families fail before any weight is read
     try:
@@ -73,8 +84,8 @@ def check_output_dir(out: str | Path, force: bool, inputs: tuple[str | Path, ...
     o = Path(out).resolve()
     for src in inputs:
         s = Path(src).resolve()
-        if o == s or s.is_relative_to(o):
-            raise MoepruneError(f"output {out} would overwrite the input {src}; choose another --out")
+        if o.is_relative_to(s) or s.is_relative_to(o):
+            raise MoepruneError(f"output {out} would overwrite or sit inside the input {src}; choose another --out")
     if o.exists() and (not o.is_dir() or any(o.iterdir())) and not force:
         raise MoepruneError(f"output {out} already exists and is not empty; pass --force to replace it")
     return o
@@ -118,31 +129,52 @@ def copy_side_files(src: str | Path, dst: Path) -> list[str]:
 
 
 def parameter_counts(model: nn.Module, adapter: Adapter | None = None) -> dict:
-    """Parameters in routed experts vs the rest (shared tensors counted once)."""
+    """Parameters in routed experts, novices (MoNE vectors, stored as buffers) and the rest.
+
+    Shared tensors are counted once; `total` includes the novices.
+    """
     adapter = adapter or get_adapter(model.config)
     total = sum(p.numel() for p in model.parameters())
-    routed = 0
+    routed = novices = 0
     for block in adapter.moe_blocks(model).values():
         routed += sum(p.numel() for p in adapter.expert_parameters(block).values())
-    return {"total": total, "routed_experts": routed, "other": total - routed}
+        vectors = adapter.experts(block)._buffers.get("novice_vectors")
+        novices += vectors.numel() if vectors is not None else 0
+    return {"total": total + novices, "routed_experts": routed, "novices": novices, "other": total - routed}
 
 
-def model_card(*, source: str, plan, before: dict, after: dict, command: str | None = None) -> str:
-    """README.md for a pruned checkpoint: what was removed, how, on what data, and sizes."""
+def model_card(*, source: str, plan, before: dict, after: dict, command: str | None = None,
+               notes: list[str] | None = None) -> str:
+    """README.md for a pruned checkpoint: what was removed, how, on what data, and sizes.
+
+    `before`/`after` hold parameter counts (`parameter_counts`) and optionally `bytes` (weight files
+    on disk); `notes` are extra bullet lines.
+    """
     from moeprune import __version__
     from moeprune.methods import METHODS
 
     spec = METHODS.get(plan.method)
     cal = plan.calibration or {}
+    n_novices = max((len(lp.novices) for lp in plan.layers), default=0)
+    plus = f" experts + {n_novices} novices" if n_novices else " experts"
     lines = [
         "---", "library_name: transformers", "tags: [moe, pruning, moeprune]", "---", "",
-        f"# {Path(source).name}, {plan.num_experts_in}→{plan.num_experts_out} experts per layer", "",
+        f"# {Path(source).name}, {plan.num_experts_in}→{plan.num_experts_out}{plus} per layer", "",
         f"Made with moeprune {__version__} on {_dt.date.today().isoformat()} from `{source}`.", "",
         f"- **Method:** `{plan.method}`" + (f" ({spec.paper})" if spec else ""),
         f"- **Options:** `{json.dumps(plan.method_config)}`",
         f"- **Experts per MoE layer:** {plan.num_experts_in} → {plan.num_experts_out}"
         f" (top-k {plan.model.get('top_k')} unchanged)",
     ]
+    if n_novices:
+        kinds = {lp.notes.get("novice_vectors", "out_mean") for lp in plan.layers if lp.novices}
+        never = {lp.layer: lp.notes["never_routed"] for lp in plan.layers if lp.notes.get("never_routed")}
+        lines.append(
+            f"- **Novices:** {n_novices} per MoE layer. The router keeps all {plan.num_experts_in} rows and its top-k; "
+            "a token routed to a novice gets gate × novice vector, where the vector is "
+            + ("zero (the no-novice ablation)" if kinds == {"zero"} else "the expert's mean output on the calibration data")
+            + (f"; never routed on the calibration data, so zero: {never}" if never else ""))
+    lines += [f"- {n}" for n in notes or []]
     if plan.flatten_groups:
         lines.append("- **Group-limited routing flattened:** n_group = topk_group = 1")
     if cal:
@@ -158,27 +190,49 @@ def model_card(*, source: str, plan, before: dict, after: dict, command: str | N
     lines += [
         "", "## Parameters", "", "| | before | after | change |", "|---|---:|---:|---:|",
     ]
-    for key, label in (("total", "total"), ("routed_experts", "routed experts"), ("other", "everything else")):
-        b, a = before[key], after[key]
-        lines.append(f"| {label} | {b:,} | {a:,} | {100 * (a - b) / max(b, 1):+.1f}% |")
-    lines += ["", "## Experts per layer", "", "| layer | kept / merged groups | removed |", "|---:|---|---|"]
+    rows = [("total", "total"), ("routed_experts", "routed experts")]
+    if before.get("novices") or after.get("novices"):
+        rows.append(("novices", "novice vectors"))
+    rows += [("other", "everything else"), ("bytes", "bytes on disk (weights)")]
+    for key, label in rows:
+        b, a = before.get(key), after.get(key)
+        if b is None or a is None:
+            continue
+        change = f"{100 * (a - b) / b:+.1f}%" if b else "—"
+        lines.append(f"| {label} | {b:,} | {a:,} | {change} |")
+    head = "| layer | kept / merged groups | novices | removed |" if n_novices else "| layer | kept / merged groups | removed |"
+    lines += ["", "## Experts per layer", "", head, "|---:|---|---|---|" if n_novices else "|---:|---|---|"]
     for lp in plan.layers:
         groups = " ".join("+".join(map(str, g.members)) if len(g.members) > 1 else str(g.members[0])
                           for g in lp.groups)
-        lines.append(f"| {lp.layer} | {groups} | {' '.join(map(str, lp.dropped)) or '—'} |")
-    lines += ["", "Expert ids are the input model's. The full plan is in `moeprune_plan.json`.",
-              "This checkpoint loads with `transformers.AutoModelForCausalLM.from_pretrained` and no extra code.", ""]
+        novice_cell = f" {' '.join(map(str, lp.novices)) or '—'} |" if n_novices else ""
+        lines.append(f"| {lp.layer} | {groups} |{novice_cell} {' '.join(map(str, lp.dropped)) or '—'} |")
+    lines += ["", "Expert ids are the input model's. The full plan is in `moeprune_plan.json`."]
+    if n_novices:
+        lines += [("This checkpoint holds novices, which stock transformers cannot run (its config says so and "
+                   "refuses to load): load it with `moeprune.from_pretrained(path)`. "
+                   "`moeprune export-stock PATH --out DIR` writes a stock copy without novices (plain pruning)."), ""]
+    else:
+        lines += ["This checkpoint loads with `transformers.AutoModelForCausalLM.from_pretrained` and no extra code.", ""]
     return "\n".join(lines)
 
 
 def save_checkpoint(model: nn.Module, out: str | Path, *, source: str, plan, before: dict,
                     force: bool = False, command: str | None = None) -> Path:
-    """Write the pruned model, tokenizer files, plan and model card to `out`, atomically."""
+    """Write the pruned model, tokenizer files, plan and model card to `out`, atomically.
+
+    A model with novices (MoNE) is written in moeprune's novice format (`moeprune.novice.save_pretrained`).
+    """
+    from moeprune.novice import save_pretrained as save_weights
+    from moeprune.novice import weights_bytes
+
     after = parameter_counts(model)
+    before = {**before, "bytes": before.get("bytes", weights_bytes(source))}
     with atomic_directory(out, force=force) as tmp:
-        model.save_pretrained(str(tmp))  # original per-expert key layout by default, as vLLM expects
+        save_weights(model, tmp)  # original per-expert key layout by default, as vLLM expects
         copy_side_files(source, tmp)
         plan.save(tmp / "moeprune_plan.json")
+        after["bytes"] = weights_bytes(tmp)
         (tmp / "README.md").write_text(model_card(source=source, plan=plan, before=before, after=after,
                                                   command=command))
     return Path(out)

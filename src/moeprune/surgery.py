@@ -4,7 +4,8 @@ Every plan is the same linear map per layer: a merge matrix M [E_out, E_in] whos
 output expert j's coefficients. Expert tensors (fused gate/up, down, and their biases: all have E
 on axis 0, whatever the layout) become M @ W; router tensors (weights, biases, correction biases)
 use the same matrix (`average`) or its 0/1 support (`sum`) along their expert axis. A pure pruning
-plan takes the exact index-select path, so kept experts are bit-identical.
+plan takes the exact index-select path, so kept experts are bit-identical. Layers with novices
+(MoNE) keep their router whole and hand over to `moeprune.novice`.
 """
 
 from __future__ import annotations
@@ -45,11 +46,18 @@ def _combine(tensor: torch.Tensor, M: torch.Tensor, axis: int, keep: torch.Tenso
 
 
 @torch.no_grad()
-def apply_layer_plan(adapter: Adapter, block: nn.Module, lp: LayerPlan) -> None:
-    """Rewrite one MoE block's experts and router according to `lp`."""
+def apply_layer_plan(adapter: Adapter, block: nn.Module, lp: LayerPlan,
+                     novice_vectors: torch.Tensor | None = None) -> None:
+    """Rewrite one MoE block's experts and router according to `lp`.
+
+    A layer with novices (MoNE) keeps its router whole and gets its novices, `novice_vectors [n, H]`
+    in the order of `lp.novices`, from `moeprune.novice`.
+    """
     if lp.novices:
-        raise MoepruneError("this plan replaces experts with novices (MoNE), which surgery does not support "
-                            "yet; choose a pruning or merging method")
+        from moeprune.novice import apply_novice_layer
+
+        apply_novice_layer(adapter, block, lp, novice_vectors)
+        return
     M = merge_matrix(lp)  # [E_out, E_in]
     keep = torch.tensor([g.members[0] for g in lp.groups]) if lp.is_pruning else None
     router_M = M if lp.router_merge == "average" else (M != 0).double()
@@ -61,8 +69,15 @@ def apply_layer_plan(adapter: Adapter, block: nn.Module, lp: LayerPlan) -> None:
 
 
 @torch.no_grad()
-def apply_plan(model: nn.Module, plan: Plan) -> nn.Module:
-    """Apply `plan` to `model` in place and return it. The plan is validated against the model first."""
+def apply_plan(model: nn.Module, plan: Plan, *, stats=None) -> nn.Module:
+    """Apply `plan` to `model` in place and return it. The plan is validated against the model first.
+
+    A plan with novices (MoNE) needs the Stats it was made from (`stats`) for the novice vectors,
+    unless it was made with `novice=false`.
+    """
+    from moeprune.novice import check_novice_plan, novice_vectors, refuse_novice_input
+
+    refuse_novice_input(model=model)
     adapter = get_adapter(model.config)
     blocks = adapter.moe_blocks(model)
     facts = {
@@ -73,10 +88,13 @@ def apply_plan(model: nn.Module, plan: Plan) -> nn.Module:
     missing = sorted(set(blocks) - {lp.layer for lp in plan.layers})
     if missing:
         raise MoepruneError(f"plan has no entry for MoE layers {missing}; every MoE layer needs one")
+    check_novice_plan(plan)
+    vectors = novice_vectors(plan, stats)  # {} without novices
     E_in = adapter.num_experts
     for lp in plan.layers:
-        apply_layer_plan(adapter, blocks[lp.layer], lp)
-    adapter.set_config_num_experts(model, E_in, plan.num_experts_out)
+        apply_layer_plan(adapter, blocks[lp.layer], lp, vectors.get(lp.layer))
+    if not vectors:  # with novices the routers keep all E rows, so the config's count stays E
+        adapter.set_config_num_experts(model, E_in, plan.num_experts_out)
     if plan.flatten_groups:
         adapter.flatten_groups(model)
     return model

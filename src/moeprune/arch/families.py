@@ -65,10 +65,12 @@ class DeepseekV3(Adapter):
     group_limited = True
 
     def survivors_exact(self):
-        if self.n_group > 1:
+        topk_group = int(getattr(self.config, "topk_group", 1) or 1)
+        if self.n_group > 1 and not (topk_group == 1 and self.top_k >= 2):
             return False, (
-                "a group's score is the sum of its top-2 experts, so pruning inside a group can change "
-                "which groups are eligible; exact when n_group == 1"
+                "a group's score is the sum of its top-2 experts, so pruning a selected group's second "
+                "expert can change which groups are eligible; exact when n_group == 1, or topk_group == 1 "
+                "with top-k >= 2"
             )
         if not getattr(self.config, "norm_topk_prob", True):
             return True, "sigmoid gates do not depend on the other experts"
@@ -106,7 +108,10 @@ class Ernie45Moe(Adapter):
     router_tensors = (("weight", 0), ("moe_statics.e_score_correction_bias", 1))
 
     def survivors_exact(self):
-        return True, "top-k weights are renormalised (exact unless the moe_norm_min clamp is hit)"
+        return False, (
+            "selection ranks softmax probabilities plus e_score_correction_bias; with fewer experts the "
+            "probabilities grow but the bias does not, so the choice among survivors can change"
+        )
 
 
 class Llama4Text(Adapter):

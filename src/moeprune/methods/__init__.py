@@ -9,5 +9,6 @@ from __future__ import annotations
 
 from moeprune.methods.registry import METHODS, MethodSpec, PlanRequest, get_method, make_plan, register
 from moeprune.methods import scores  # noqa: F401  (registers the score-based pruning methods)
+from moeprune.methods import mone  # noqa: F401  (registers MoNE, pruning with novices)
 
 __all__ = ["METHODS", "MethodSpec", "PlanRequest", "get_method", "make_plan", "register"]

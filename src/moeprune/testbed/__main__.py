@@ -1,0 +1,28 @@
+"""`python -m moeprune.testbed [NAME ...]`: build (or find) testbed models and print their reports."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from .train import TESTBEDS, get_testbed, summarise_report
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m moeprune.testbed", description=__doc__)
+    ap.add_argument("names", nargs="*", default=list(TESTBEDS), help=f"testbeds to build (default: all of {list(TESTBEDS)})")
+    ap.add_argument("--cache-dir", default=None, help="default: $MOEPRUNE_CACHE or ~/.cache/moeprune")
+    ap.add_argument("--rebuild", action="store_true", help="retrain even if a cached model exists")
+    ap.add_argument("--max-seconds", type=float, default=15 * 60, help="wall-time budget of one training run")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    args = ap.parse_args(argv)
+    for name in args.names:
+        path = get_testbed(name, args.cache_dir, rebuild=args.rebuild, max_seconds=args.max_seconds,
+                           threads=args.threads)
+        report = json.loads((path / "testbed_report.json").read_text())
+        print(path)
+        print(summarise_report(report))
+
+
+if __name__ == "__main__":
+    main()
