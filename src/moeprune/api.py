@@ -23,6 +23,7 @@ from moeprune.data import Calibration, calibration_blocks
 from moeprune.errors import MoepruneError
 from moeprune.io import atomic_directory, check_output_dir, load_config, load_model, load_tokenizer, parameter_counts, save_checkpoint
 from moeprune.methods import PlanRequest, get_method, make_plan
+from moeprune.methods.access import ModelWeights
 from moeprune.observe import ExpertStats, LayerStats, Probe, Stats, model_description, observe
 from moeprune.plan import Plan, budget
 from moeprune.surgery import apply_plan
@@ -202,7 +203,7 @@ def prune(
     else:
         stats = empty_stats(model, str(model_path))
     plan = make_plan_for(stats, method, ratio=ratio, experts=experts, flatten_groups=flatten_groups,
-                         options=options)
+                         weights=ModelWeights(model), options=options)
     before = parameter_counts(model)
     apply_plan(model, plan, stats=stats)
     path = save_checkpoint(model, out, source=str(model_path), plan=plan, before=before, force=force,

@@ -138,17 +138,25 @@ def plan(
     method: Annotated[str, typer.Option("--method", help="see `moeprune methods`")],
     out_file: Annotated[str, typer.Option("--out", help="plan JSON to write")],
     ratio: Ratio = None, experts: Experts = None, option: Options = None, flatten_groups: Flatten = False,
+    model: Annotated[Optional[str], typer.Option("--model", help="model directory, for methods that read "
+                                                 "expert weights (see `moeprune methods`)")] = None,
     force: Force = False,
 ):
-    """Turn statistics into a plan (JSON) without touching the model."""
+    """Turn statistics into a plan (JSON) without changing the model."""
     from moeprune.api import make_plan_for
     from moeprune.observe import Stats
 
     if Path(out_file).exists() and not force:
         raise MoepruneError(f"{out_file} already exists; pass --force to replace it")
     options = _parse_options(method, option)
+    weights = None
+    if model is not None:
+        from moeprune.io import load_model
+        from moeprune.methods.access import ModelWeights
+
+        weights = ModelWeights(load_model(model))
     p = make_plan_for(Stats.load(stats), method, ratio=ratio, experts=experts, flatten_groups=flatten_groups,
-                      options=options)
+                      weights=weights, options=options)
     tmp = Path(out_file).with_name(f".{Path(out_file).name}.tmp")
     p.save(tmp)
     tmp.replace(out_file)

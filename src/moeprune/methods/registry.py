@@ -22,7 +22,7 @@ class PlanRequest:
     stats: Stats
     keep: int  # experts to keep per MoE layer
     flatten_groups: bool = False
-    weights: object | None = None  # an ExpertWeightSource, for methods that read expert weights
+    weights: object | None = None  # a methods.access.ModelWeights, for methods that read expert weights
 
     @property
     def model(self) -> dict:
@@ -42,6 +42,7 @@ class MethodSpec:
     summary: str
     needs_calibration: bool = True
     kind: str = "prune"  # prune | merge | novice
+    needs_weights: bool = False  # reads expert weights (PlanRequest.weights), so planning needs the model
 
     def default_config(self, **overrides):
         names = {f.name for f in dataclasses.fields(self.config)}
@@ -55,9 +56,9 @@ METHODS: dict[str, MethodSpec] = {}
 
 
 def register(name: str, *, config: type, paper: str, summary: str, needs_calibration: bool = True,
-             kind: str = "prune"):
+             kind: str = "prune", needs_weights: bool = False):
     def wrap(fn):
-        METHODS[name] = MethodSpec(name, fn, config, paper, summary, needs_calibration, kind)
+        METHODS[name] = MethodSpec(name, fn, config, paper, summary, needs_calibration, kind, needs_weights)
         return fn
 
     return wrap
@@ -73,6 +74,9 @@ def make_plan(name: str, request: PlanRequest, **options) -> Plan:
     """Run method `name` with its config built from `options`, validate and return the Plan."""
     spec = get_method(name)
     cfg = spec.default_config(**options)
+    if spec.needs_weights and request.weights is None:
+        raise MoepruneError(f"method {name} reads the expert weights: plan it with the model "
+                            "(`moeprune prune`, or `moeprune plan ... --model PATH`)")
     plan = spec.fn(request, cfg)
     plan.method_config = dataclasses.asdict(cfg)
     plan.flatten_groups = request.flatten_groups
