@@ -179,7 +179,7 @@ def prune(
     get_adapter(config)
     spec = get_method(method)
     options = dict(options or {})
-    spec.default_config(**options)
+    cfg = spec.default_config(**options)
     _budget_for(config, ratio, experts, flatten_groups)
     if spec.kind == "novice" and get_adapter(config).n_group > 1 and not flatten_groups:
         raise MoepruneError(f"method {method} keeps every router row and routes to novices, which moeprune does not "
@@ -188,8 +188,11 @@ def prune(
     check_output_dir(out, force, inputs=(model_path,))
     if stats_out is not None:
         check_output_dir(stats_out, force, inputs=(model_path, out))
-    if spec.needs_calibration and calib is None:
-        raise MoepruneError(f"method {method} needs calibration text: pass --calib PATH")
+    # a method whose need depends on its options says why through `calibration_reason()` (e.g. dek)
+    reason = cfg.calibration_reason() if hasattr(cfg, "calibration_reason") else None
+    if (spec.needs_calibration or reason) and calib is None:
+        why = f" ({reason})" if reason else ""
+        raise MoepruneError(f"method {method} needs calibration text{why}: pass --calib PATH")
     device = resolve_device(device)
     cal = None
     if calib is not None:

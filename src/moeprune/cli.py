@@ -29,6 +29,8 @@ Options = Annotated[Optional[list[str]], typer.Option("--option", "-o", help="me
 Flatten = Annotated[bool, typer.Option("--flatten-groups", help="route without expert groups (n_group=topk_group=1)")]
 Force = Annotated[bool, typer.Option("--force", help="replace a non-empty output directory")]
 Device = Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:N or auto")]
+CalibTemplate = Annotated[str | None, typer.Option(
+    "--calib-template", help="build each .jsonl row's text from several fields, e.g. 'Q: {question} A: {answer}'")]
 
 
 def _command_line() -> str:
@@ -117,6 +119,7 @@ def observe(
     samples: int = 128, seq_len: int = 512, batch_size: int = 8, seed: int = 0,
     probe_size: Annotated[int, typer.Option(help="probe tokens kept per layer")] = 512,
     calib_field: Annotated[Optional[str], typer.Option(help="text field of a .jsonl calibration file")] = None,
+    calib_template: CalibTemplate = None,
     tokenizer: Annotated[Optional[str], typer.Option(help="tokenizer directory if not the model's")] = None,
     device: Device = "cpu", force: Force = False,
 ):
@@ -126,7 +129,8 @@ def observe(
 
     check_output_dir(out_dir, force, inputs=(model,))
     stats = observe_checkpoint(model, calib, samples=samples, seq_len=seq_len, batch_size=batch_size, seed=seed,
-                               probe_size=probe_size, device=device, tokenizer=tokenizer, calib_field=calib_field)
+                               probe_size=probe_size, device=device, tokenizer=tokenizer, calib_field=calib_field,
+                               calib_template=calib_template)
     with atomic_directory(out_dir, force=force) as tmp:
         stats.save(tmp)
     out.print(f"stats of {len(stats.layers)} MoE layers over {stats.num_tokens:,} tokens written to {out_dir}")
@@ -196,6 +200,7 @@ def prune(
     batch_size: int = 8, seed: int = 0,
     probe_size: Annotated[int, typer.Option(help="probe tokens kept per layer")] = 512,
     calib_field: Annotated[Optional[str], typer.Option(help="text field of a .jsonl calibration file")] = None,
+    calib_template: CalibTemplate = None,
     tokenizer: Annotated[Optional[str], typer.Option(help="tokenizer directory if not the model's")] = None,
     stats_out: Annotated[Optional[str], typer.Option("--save-stats", help="also keep the statistics here")] = None,
     option: Options = None, flatten_groups: Flatten = False, device: Device = "cpu", force: Force = False,
@@ -208,6 +213,7 @@ def prune(
     path = prune_model(model, method, out_dir, ratio=ratio, experts=experts, calib=calib, samples=samples,
                        seq_len=seq_len, batch_size=batch_size, seed=seed, probe_size=probe_size, device=device,
                        flatten_groups=flatten_groups, force=force, tokenizer=tokenizer, calib_field=calib_field,
+                       calib_template=calib_template,
                        command=_command_line(), stats_out=stats_out, options=options)
     _print_done(Plan.load(Path(path) / "moeprune_plan.json"), path)
 
@@ -230,7 +236,8 @@ def evaluate(
     models: Annotated[list[str], typer.Argument(help="model directories; deltas are against the first")],
     text: Annotated[Optional[list[str]], typer.Option("--text", help="text file for perplexity (repeatable)")] = None,
     tasks: Annotated[Optional[str], typer.Option("--tasks", help="comma-separated lm-eval task names")] = None,
-    task_dir: Annotated[Optional[str], typer.Option("--task-dir", help="directory of local lm-eval task YAMLs")] = None,
+    task_dir: Annotated[Optional[str], typer.Option(
+        "--task-dir", help="directory of local lm-eval task YAMLs; with --task-text, built tasks are kept here")] = None,
     task_text: Annotated[Optional[list[str]], typer.Option(
         "--task-text", help="DOMAIN=FILE.txt: build moeprune_DOMAIN_mc and _cloze from it (repeatable)")] = None,
     task_items: Annotated[int, typer.Option(help="items per task built by --task-text")] = 300,
@@ -248,7 +255,8 @@ def evaluate(
 
     if json_out is not None and Path(json_out).exists() and not force:
         raise MoepruneError(f"{json_out} already exists; pass --force to replace it")
-    # with --task-dir, built tasks are kept there; otherwise they live in a temporary directory
+    if json_out is not None and not Path(json_out).resolve().parent.is_dir():
+        raise MoepruneError(f"the directory of --json {json_out} does not exist")
     report = evaluate_models(
         models, text or [], [t.strip() for t in (tasks or "").split(",") if t.strip()], task_dir=task_dir,
         task_texts=parse_task_texts(task_text), task_items=task_items, task_seed=seed, seq_len=seq_len,
@@ -261,6 +269,145 @@ def evaluate(
         tmp.write_text(json.dumps(report, indent=1))
         tmp.replace(json_out)
         out.print(f"results written to {json_out}")
+
+
+@app.command()
+def analyze(
+    source: Annotated[str, typer.Argument(help="model directory, or stats directory from `moeprune observe`")],
+    out_dir: Annotated[str, typer.Option("--out", help="directory for the heatmaps (PNG) and matrices (JSON)")],
+    model: Annotated[Optional[str], typer.Option("--model", help="with a stats SOURCE: the model to run the experts "
+                                                 "(default: the one the stats were observed on)")] = None,
+    stats: Annotated[Optional[str], typer.Option("--stats", help="with a model SOURCE: stats directory, for "
+                                                 "--representation data")] = None,
+    representation: Annotated[Optional[str], typer.Option(
+        "--representation", help="data (outputs on probe tokens; needs stats), weight, flat or surrogate; "
+                                 "default: data with stats, else weight")] = None,
+    experts: Annotated[Optional[int], typer.Option("--experts", help="also find the groups DEK would merge "
+                                                   "when keeping this many experts per layer")] = None,
+    linkage: Annotated[str, typer.Option("--linkage", help="average, single or complete")] = "average",
+    surrogate_tokens: Annotated[int, typer.Option(help="Gaussian input rows for --representation surrogate")] = 512,
+    seed: Annotated[int, typer.Option(help="seed of the surrogate input")] = 0,
+    flatten_groups: Flatten = False, force: Force = False,
+):
+    """Per MoE layer: the linear CKA similarity of the experts as heatmap PNG and JSON, and the groups for --experts."""
+    from moeprune.analyze import analyze as run_analyze
+
+    summary = run_analyze(source, out_dir, model=model, stats=stats, representation=representation,
+                          experts=experts, linkage=linkage, surrogate_tokens=surrogate_tokens, seed=seed,
+                          force=force, flatten_groups=flatten_groups)
+    t = Table(title=f"linear CKA between experts ({summary['representation']})")
+    for col in ("layer", "mean CKA", "most similar pair", *(["groups"] if experts is not None else [])):
+        t.add_column(col)
+    for i, f in summary["layers"].items():
+        pair = f["most_similar_pair"]
+        cells = [i, f"{f['mean_offdiagonal_cka']:.3f}", f"{pair[0]}, {pair[1]} ({f['max_offdiagonal_cka']:.3f})"]
+        if experts is not None:
+            cells.append(" ".join("+".join(map(str, g)) for g in f["groups"]))
+        t.add_row(*cells)
+    out.print(t)
+    out.print(f"heatmaps and matrices written to {out_dir}")
+
+
+@app.command()
+def demo(
+    method: Annotated[Optional[str], typer.Option("--method", help="pruning method (default: the benchmark's best)")] = None,
+    ratio: Annotated[float, typer.Option("--ratio", help="fraction of experts to remove")] = 0.25,
+    json_out: Annotated[Optional[str], typer.Option("--json", help="also write the report as JSON")] = None,
+    rebuild: Annotated[bool, typer.Option("--rebuild", help="prune again even if a cached result exists")] = False,
+):
+    """Train (once) the offline testbed, prune it 25%, and show quality before and after."""
+    from moeprune.demo import DEFAULT_METHOD, run_demo
+    from moeprune.evaluate import render_table
+
+    report = run_demo(method=method or DEFAULT_METHOD, ratio=ratio, rebuild=rebuild)
+    d = report["demo"]
+    out.print(render_table(report, title=f"mixtral-8e before and after removing {d['ratio']:.0%} of experts "
+                                         f"with {d['method']}"))
+    if json_out:
+        Path(json_out).write_text(json.dumps(report, indent=1))
+    out.print(f"\npruned checkpoint: [bold]{d['pruned']}[/] (loads with AutoModelForCausalLM.from_pretrained)"
+              f"\noriginal testbed:  {d['base']}\ntook {d['seconds']:.0f} s")
+
+
+def _sweep_options(methods: list[str], pairs: list[str] | None) -> dict[str, dict]:
+    """`-o KEY=VALUE` goes to every swept method with that option; `-o METHOD:KEY=VALUE` to one."""
+    from moeprune.methods import get_method
+
+    per: dict[str, list[str]] = {m: [] for m in methods}
+    for pair in pairs or []:
+        head, sep, _ = pair.partition("=")
+        target, colon, key = head.rpartition(":")
+        if colon:
+            if target not in per:
+                raise MoepruneError(f"bad --option {pair!r}: {target} is not a swept method ({', '.join(methods)})")
+            per[target].append(pair[len(target) + 1:])
+            continue
+        takers = [m for m in methods if key.replace("-", "_") in {f.name for f in
+                                                                  dataclasses.fields(get_method(m).config)}]
+        if not sep or not takers:
+            raise MoepruneError(f"bad --option {pair!r}: no swept method ({', '.join(methods)}) has an option "
+                                f"{key!r}; see `moeprune methods`")
+        for m in takers:
+            per[m].append(pair)
+    return {m: _parse_options(m, p) for m, p in per.items() if p}
+
+
+@app.command()
+def sweep(
+    model: Annotated[str, typer.Argument(help="model directory")],
+    method: Annotated[str, typer.Option("--method", help="method or comma-separated methods (see `moeprune methods`)")],
+    out_dir: Annotated[str, typer.Option("--out", help="directory for sweep.json, sweep.md, sweep.png")],
+    ratios: Annotated[str, typer.Option("--ratios", help="comma-separated fractions of experts to remove")] = (
+        "0.125,0.25,0.375,0.5,0.625,0.75"),
+    calib: Annotated[str | None, typer.Option("--calib", help=".txt, directory, .jsonl, or hf:NAME[:CONFIG]:SPLIT")] = None,
+    text: Annotated[list[str] | None, typer.Option("--text", help="text file for perplexity (repeatable)")] = None,
+    tasks: Annotated[str | None, typer.Option("--tasks", help="comma-separated lm-eval task names")] = None,
+    task_dir: Annotated[str | None, typer.Option("--task-dir", help="directory of local lm-eval task YAMLs")] = None,
+    task_text: Annotated[list[str] | None, typer.Option(
+        "--task-text", help="DOMAIN=FILE.txt: build moeprune_DOMAIN_mc and _cloze from it (repeatable)")] = None,
+    task_items: Annotated[int, typer.Option(help="items per task built by --task-text")] = 300,
+    limit: Annotated[int | None, typer.Option(help="first N items of each task")] = None,
+    eval_seq_len: Annotated[int, typer.Option(help="tokens per perplexity window")] = 512,
+    max_tokens: Annotated[int | None, typer.Option(help="score only the first N tokens of each text")] = None,
+    knee_threshold: Annotated[float, typer.Option(
+        help="quality falls off at the first ratio more than this much worse (ppl x(1+t), acc x(1-t))")] = 0.25,
+    save_checkpoints: Annotated[bool, typer.Option("--save-checkpoints", help="also write every pruned "
+                                                   "checkpoint under OUT/checkpoints/")] = False,
+    samples: Annotated[int, typer.Option(help="calibration sequences")] = 128,
+    seq_len: Annotated[int, typer.Option(help="tokens per calibration sequence")] = 512,
+    batch_size: int = 8, seed: int = 0,
+    probe_size: Annotated[int, typer.Option(help="probe tokens kept per layer")] = 512,
+    calib_field: Annotated[str | None, typer.Option(help="text field of a .jsonl calibration file")] = None,
+    calib_template: CalibTemplate = None,
+    tokenizer: Annotated[str | None, typer.Option(help="tokenizer directory if not the model's")] = None,
+    option: Annotated[list[str] | None, typer.Option(
+        "--option", "-o", help="KEY=VALUE for every swept method that has KEY, or METHOD:KEY=VALUE")] = None,
+    flatten_groups: Flatten = False, device: Device = "cpu", force: Force = False,
+):
+    """Observe once, then prune at every ratio with every method and evaluate: where does quality fall off?"""
+    from moeprune.evaluate import parse_task_texts
+    from moeprune.sweep import knee_sentences, render_table
+    from moeprune.sweep import sweep as run_sweep
+
+    methods = [m.strip() for m in method.split(",") if m.strip()]
+    try:
+        ratio_list = [float(r) for r in ratios.split(",") if r.strip()]
+    except ValueError:
+        raise MoepruneError(f"bad --ratios {ratios!r}: give comma-separated fractions, e.g. 0.125,0.25,0.5")
+    result = run_sweep(
+        model, methods, ratio_list, calib, out_dir, texts=text or [],
+        tasks=[t.strip() for t in (tasks or "").split(",") if t.strip()], task_dir=task_dir,
+        task_texts=parse_task_texts(task_text), task_items=task_items, options=_sweep_options(methods, option),
+        samples=samples, seq_len=seq_len, batch_size=batch_size, seed=seed, probe_size=probe_size,
+        calib_field=calib_field, calib_template=calib_template, tokenizer=tokenizer, device=device,
+        flatten_groups=flatten_groups, eval_seq_len=eval_seq_len, max_tokens=max_tokens, limit=limit,
+        knee_threshold=knee_threshold, save_checkpoints=save_checkpoints, force=force, command=_command_line(),
+        log=lambda line: err.print(line, highlight=False),
+    )
+    out.print(render_table(result))
+    for line in knee_sentences(result):
+        out.print(line)
+    out.print(f"sweep.json, sweep.md and sweep.png written to {out_dir}")
 
 
 def _print_plan(p) -> None:

@@ -1,10 +1,12 @@
 """Calibration sources -> packed token blocks.
 
 A source is a `.txt` file, a directory of text files, a `.jsonl` file (text in the `text` field by
-default), or `hf:NAME[:CONFIG]:SPLIT` read through `datasets` when a hub is reachable. Documents
-are joined with the tokenizer's EOS token and cut into non-overlapping blocks of `seq_len` tokens;
-`samples` blocks are drawn with a seeded generator. Packing means there is no padding, so every
-observed token is a real token.
+default), or `hf:NAME[:CONFIG]:SPLIT` read through `datasets` when a hub is reachable. For `.jsonl`
+and `hf:` rows, `field` names another text field, and `template` builds each document from several
+fields with `str.format` ("Q: {question} A: {answer}"), which is how task-specific calibration
+reads a task's own data (UNCURL). Documents are joined with the tokenizer's EOS token and cut
+into non-overlapping blocks of `seq_len` tokens; `samples` blocks are drawn with a seeded generator.
+Packing means there is no padding, so every observed token is a real token.
 """
 
 from __future__ import annotations
@@ -27,6 +29,25 @@ class Calibration:
     provenance: dict  # source, sha256 of the text, samples, seq_len, seed, available blocks
 
 
+def _row_text(row: dict, field: str | None, template: str | None, where: str) -> str:
+    """One document from a JSON row: `template` filled from its fields, else its `field` (default `text`)."""
+    if not isinstance(row, dict):
+        raise MoepruneError(f"{where} is not a JSON object; --calib .jsonl needs one object per line")
+    if template is None:
+        try:
+            return str(row[field or "text"])
+        except KeyError as e:
+            raise MoepruneError(f"{where} has no field {e}; choose the text field with --calib-field "
+                                f"(fields: {', '.join(map(str, row))})")
+    try:
+        return template.format(**row)
+    except KeyError as e:
+        raise MoepruneError(f"{where} has no field {e} used by --calib-template (fields: {', '.join(map(str, row))})")
+    except (IndexError, ValueError) as e:
+        raise MoepruneError(f"bad --calib-template {template!r} ({e}); name fields in braces, e.g. "
+                            "'Q: {question} A: {answer}'")
+
+
 def _jsonl_texts(path: Path, field: str | None, template: str | None) -> list[str]:
     texts = []
     with path.open(encoding="utf-8") as f:
@@ -37,10 +58,7 @@ def _jsonl_texts(path: Path, field: str | None, template: str | None) -> list[st
                 row = json.loads(line)
             except json.JSONDecodeError as e:
                 raise MoepruneError(f"{path}:{n} is not valid JSON ({e.msg}); --calib .jsonl needs one object per line")
-            try:
-                texts.append(template.format(**row) if template else str(row[field or "text"]))
-            except KeyError as e:
-                raise MoepruneError(f"{path}:{n} has no field {e}; choose the text field with --calib-field")
+            texts.append(_row_text(row, field, template, f"{path}:{n}"))
     return texts
 
 
@@ -59,7 +77,7 @@ def _hf_texts(spec: str, field: str | None, template: str | None, max_chars: int
         raise MoepruneError(f"could not load dataset {spec!r}: {type(e).__name__}: {str(e).splitlines()[0]}")
     texts, total = [], 0
     for row in ds:
-        text = template.format(**row) if template else str(row[field or "text"])
+        text = _row_text(dict(row), field, template, f"a row of {spec}")
         texts.append(text)
         total += len(text)
         if total >= max_chars:
@@ -70,11 +88,16 @@ def _hf_texts(spec: str, field: str | None, template: str | None, max_chars: int
 def load_texts(spec: str, field: str | None = None, template: str | None = None,
                max_chars: int = 50_000_000) -> list[str]:
     """The documents of a calibration source, in a stable order."""
+    if field and template:
+        raise MoepruneError("give --calib-field (one text field) or --calib-template (several fields), not both")
     if spec.startswith("hf:"):
         return _hf_texts(spec, field, template, max_chars)
     path = Path(spec)
     if not path.exists():
         raise MoepruneError(f"calibration source {spec} does not exist (give a .txt, .jsonl, a directory, or hf:NAME:SPLIT)")
+    if (field or template) and path.suffix != ".jsonl":
+        raise MoepruneError(f"--calib-field and --calib-template read the fields of .jsonl rows (or hf: datasets); "
+                            f"{spec} is plain text, so drop them or give a .jsonl file")
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES)
         texts = [p.read_text(encoding="utf-8", errors="replace") for p in files]

@@ -7,6 +7,7 @@ failure never leaves a half-written checkpoint. The input model directory is onl
 from __future__ import annotations
 
 import datetime as _dt
+import fnmatch
 import json
 import os
 import shutil
@@ -21,9 +22,9 @@ from torch import nn
 from moeprune.arch import Adapter, get_adapter
 from moeprune.errors import MoepruneError
 
-# Files of a model directory that are not weights or config: carried over to the output as they are.
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
-                "pytorch_model.bin.index.json", "config.json", "README.md", "moeprune_plan.json")
+# Files of a model directory that loaders read besides weights and config: carried over to the output.
+SIDE_FILES = ("tokenizer*", "vocab*", "merges.txt", "special_tokens_map.json", "added_tokens.json", "*.model",
+              "*.tiktoken", "chat_template*", "generation_config.json", "preprocessor_config.json")
 
 
 def _one_line(e: BaseException) -> str:
@@ -115,17 +116,24 @@ def atomic_directory(out: str | Path, force: bool = False):
 
 
 def copy_side_files(src: str | Path, dst: Path) -> list[str]:
-    """Copy tokenizer and other non-weight files of `src` that `save_pretrained` did not write."""
+    """Copy the tokenizer and chat-template files of `src` that `save_pretrained` did not write.
+
+    Only files a loader reads are carried over; anything else in the source directory (training
+    logs, reports, notebooks) describes the source model, not the output.
+    """
     copied = []
     s = Path(src)
     if not s.is_dir():
         return copied
     for f in sorted(s.iterdir()):
-        if f.is_file() and f.name not in WEIGHT_FILES and not f.name.endswith((".safetensors", ".bin")) \
-                and not (dst / f.name).exists():
+        if f.is_file() and fnmatch_any(f.name, SIDE_FILES) and not (dst / f.name).exists():
             shutil.copy2(f, dst / f.name)
             copied.append(f.name)
     return copied
+
+
+def fnmatch_any(name: str, patterns: tuple[str, ...]) -> bool:
+    return any(fnmatch.fnmatch(name, p) for p in patterns)
 
 
 def parameter_counts(model: nn.Module, adapter: Adapter | None = None) -> dict:

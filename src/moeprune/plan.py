@@ -24,6 +24,9 @@ ROUTER_MERGES = ("average", "sum")
 class Group:
     members: list[int]  # input expert ids merged into this output expert
     coeffs: list[float]  # merge coefficients, one per member (sum to 1 for a weighted average)
+    # Optional permutation alignment (UNCURL, M-SMoE): per member, a permutation of its I hidden units
+    # applied before the weighted sum (new unit j = old unit perm[j]; see moeprune.align). None: no alignment.
+    perms: list[list[int]] | None = None
 
 
 @dataclass
@@ -50,7 +53,7 @@ class LayerPlan:
 
     @property
     def is_pruning(self) -> bool:
-        return all(len(g.members) == 1 and g.coeffs == [1.0] for g in self.groups)
+        return all(len(g.members) == 1 and g.coeffs == [1.0] and g.perms is None for g in self.groups)
 
 
 @dataclass
@@ -80,6 +83,10 @@ class Plan:
     # ---- JSON ---------------------------------------------------------------------------------
     def to_dict(self) -> dict:
         d = asdict(self)
+        for lp in d["layers"]:  # groups without alignment keep the JSON of plans made before `perms` existed
+            for g in lp["groups"]:
+                if g.get("perms") is None:
+                    g.pop("perms", None)
         d["num_experts_out"] = self.num_experts_out
         return d
 
@@ -92,7 +99,9 @@ class Plan:
             raise MoepruneError(f"plan version {d.get('version')!r} is not supported (expected {PLAN_VERSION})")
         layers = [
             LayerPlan(layer=lp["layer"], num_experts_in=lp["num_experts_in"],
-                      groups=[Group(list(g["members"]), [float(c) for c in g["coeffs"]]) for g in lp["groups"]],
+                      groups=[Group(list(g["members"]), [float(c) for c in g["coeffs"]],
+                                    None if g.get("perms") is None else [[int(u) for u in q] for q in g["perms"]])
+                              for g in lp["groups"]],
                       router_merge=lp.get("router_merge", "average"), novices=list(lp.get("novices", [])),
                       notes=lp.get("notes", {}))
             for lp in d["layers"]
@@ -133,11 +142,14 @@ class Plan:
             if lp.router_merge not in ROUTER_MERGES:
                 raise MoepruneError(f"{where}: router_merge {lp.router_merge!r} is not one of {ROUTER_MERGES}")
             seen: set[int] = set()
+            widths: set[int] = set()  # hidden widths of the permutations met in this layer (one I per layer)
             for g in lp.groups:
                 if not g.members or len(g.members) != len(g.coeffs):
                     raise MoepruneError(f"{where}: a group needs members and one coefficient per member")
                 if not all(math.isfinite(c) for c in g.coeffs):
                     raise MoepruneError(f"{where}: non-finite merge coefficient in group {g.members}")
+                if g.perms is not None:
+                    self._check_perms(where, g, widths)
             for e in [m_ for g in lp.groups for m_ in g.members] + list(lp.novices):
                 if not 0 <= e < E:
                     raise MoepruneError(f"{where}: expert id {e} out of range [0, {E})")
@@ -150,6 +162,19 @@ class Plan:
                                     "(lower --ratio or raise --experts)")
             if n_group > 1:
                 self._check_groups(lp, E, n_group, min_per_group)
+
+    @staticmethod
+    def _check_perms(where: str, g: Group, widths: set[int]) -> None:
+        if len(g.perms) != len(g.members):
+            raise MoepruneError(f"{where}: group {g.members} has {len(g.perms)} permutations, one per member needed")
+        for e, q in zip(g.members, g.perms):
+            widths.add(len(q))
+            if sorted(q) != list(range(len(q))):
+                raise MoepruneError(f"{where}: the permutation of expert {e} (group {g.members}) is not a "
+                                    f"permutation of its {len(q)} hidden units 0..{len(q) - 1}")
+        if len(widths) > 1:
+            raise MoepruneError(f"{where}: permutations of different lengths {sorted(widths)}; every expert of a "
+                                "layer has the same hidden width I")
 
     def _check_groups(self, lp: LayerPlan, E: int, n_group: int, min_per_group: int) -> None:
         where, r = f"layer {lp.layer}", lp.num_experts_out

@@ -4,8 +4,10 @@ Every plan is the same linear map per layer: a merge matrix M [E_out, E_in] whos
 output expert j's coefficients. Expert tensors (fused gate/up, down, and their biases: all have E
 on axis 0, whatever the layout) become M @ W; router tensors (weights, biases, correction biases)
 use the same matrix (`average`) or its 0/1 support (`sum`) along their expert axis. A pure pruning
-plan takes the exact index-select path, so kept experts are bit-identical. Layers with novices
-(MoNE) keep their router whole and hand over to `moeprune.novice`.
+plan takes the exact index-select path, so kept experts are bit-identical. Groups with
+permutations (`Group.perms`, UNCURL / M-SMoE alignment) have their members' hidden units permuted
+first (`moeprune.align.permute_members`, layout-aware), so M @ W averages aligned units. Layers
+with novices (MoNE) keep their router whole and hand over to `moeprune.novice`.
 """
 
 from __future__ import annotations
@@ -61,7 +63,12 @@ def apply_layer_plan(adapter: Adapter, block: nn.Module, lp: LayerPlan,
     M = merge_matrix(lp)  # [E_out, E_in]
     keep = torch.tensor([g.members[0] for g in lp.groups]) if lp.is_pruning else None
     router_M = M if lp.router_merge == "average" else (M != 0).double()
-    for name, p in adapter.expert_parameters(block).items():
+    params = adapter.expert_parameters(block)
+    if any(g.perms is not None for g in lp.groups):  # aligned merge: permute members' hidden units first
+        from moeprune.align import permute_members
+
+        params = permute_members(adapter, params, lp)
+    for name, p in params.items():
         _replace(adapter.experts(block), name, _combine(p, M, 0, keep))
     for owner, name, axis in adapter.router_expert_tensors(block):
         _replace(owner, name, _combine(getattr(owner, name), router_M, axis, keep))

@@ -104,9 +104,9 @@ def load_tasks(tasks: Sequence[str], task_dir: str | Path | None = None, *,
     TaskManager = lm_eval.tasks.TaskManager
     with _quiet():
         local = TaskManager(include_path=include, include_defaults=False) if include else None
-        tm = local
-        if include_defaults or tm is None or (include_defaults is None and any(n not in tm.all_tasks for n in names)):
-            tm = TaskManager(include_path=include)
+        if include_defaults is None:
+            include_defaults = local is None or any(n not in local.all_tasks for n in names)
+        tm = TaskManager(include_path=include) if include_defaults or local is None else local
         unknown = [n for n in names if n not in tm.all_tasks]
         if unknown:
             hint = f"; tasks in {task_dir}: {', '.join(local.all_tasks)}" if local and local.all_tasks else ""

@@ -72,7 +72,8 @@ def evaluate_models(
     found there. `task_texts` ({domain: .txt}) builds the local multiple-choice and cloze tasks of
     `moeprune.evaluate.tasks` (`task_items` items each, seeded by `task_seed`) into `task_dir`, or
     into a temporary directory when none is given; with no `tasks`, all built tasks are run.
-    `limit` keeps the first N items of each task. `tokenizer` replaces every model's own.
+    `limit` keeps the first N items of each task. `tokenizer` replaces every model's own. Models
+    run as loaded, with the experts kernel their config names.
 
     Returns {"format", "settings", "texts", "tasks", "task_manifest", "models": [per checkpoint:
     {"path", "name", "model_type", "parameters", "perplexity": {text: {...}}, "tasks": {task:
@@ -89,8 +90,16 @@ def evaluate_models(
         raise MoepruneError("no model to evaluate")
     if not texts and not tasks and not task_texts:
         raise MoepruneError("nothing to evaluate: give text files (--text) and/or tasks (--tasks, --task-text)")
+    if seq_len < 2 or batch_size < 1 or (max_tokens is not None and max_tokens < seq_len):
+        raise MoepruneError(f"need --seq-len >= 2, --batch-size >= 1 and --max-tokens >= --seq-len "
+                            f"(got {seq_len}, {batch_size}, {max_tokens})")
     for p in paths:
-        get_adapter(load_config(p))
+        config = load_config(p)
+        get_adapter(config)
+        max_pos = getattr(config, "max_position_embeddings", None)
+        if texts and isinstance(max_pos, int) and seq_len > max_pos:
+            raise MoepruneError(f"--seq-len {seq_len} exceeds the max_position_embeddings {max_pos} of {p}; "
+                                f"use --seq-len {max_pos} or less")
     for t in texts:
         if not Path(t).exists():
             raise MoepruneError(f"text file {t} does not exist")
@@ -110,7 +119,7 @@ def evaluate_models(
         for path, tok in zip(paths, tokenizers):
             t0 = time.perf_counter()
             model = load_model(path, device=device)
-            entry = {"path": str(path), "name": Path(path).name, "model_type": model.config.model_type,
+            entry = {"path": str(path), "name": Path(path).resolve().name, "model_type": model.config.model_type,
                      "parameters": parameter_counts(model), "perplexity": {}, "tasks": {},
                      "seconds": {"load": time.perf_counter() - t0}}
             t0 = time.perf_counter()
@@ -195,7 +204,7 @@ def _point_cells(values: list[float | None], stderrs: list[float | None]) -> lis
             cells.append(Cell(text))
             continue
         d = 100 * (v - base)
-        cells.append(Cell(text, f"{d:+.1f} pt", "", None if abs(d) < 0.05 else d > 0))
+        cells.append(Cell(text, "same") if v == base else Cell(text, f"{d:+.1f} pt", "", None if abs(d) < 0.05 else d > 0))
     return cells
 
 

@@ -66,7 +66,11 @@ def building_dir(final: Path) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
     try:
         yield tmp
-        os.chmod(tmp, 0o755)  # mkdtemp makes directories private
+        # mkdtemp makes the directory private, and some writers (safetensors) make private files.
+        os.chmod(tmp, 0o755)
+        for f in tmp.iterdir():
+            if f.is_file():
+                os.chmod(f, 0o644)
         try:
             os.rename(tmp, final)
         except OSError:

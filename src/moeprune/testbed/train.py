@@ -420,7 +420,7 @@ def _train_and_save(spec, corpus, tokenizer, final: Path, *, progress, max_secon
                          "python": sys.version.split()[0]},
         }
         atomic_write_text(tmp / "testbed_report.json", json.dumps(report, indent=1))
-    say(summarise_report(report))
+    say(f"[{spec.name}] saved to {final}")
 
 
 def _check_report(final: Path, strict: bool) -> None:

@@ -1,0 +1,276 @@
+"""Weight-space merging helpers shared by the merging methods (DEK, HC-SMoE, and any other).
+
+- Clustering to groups: `agglomerative_clusters` cuts an agglomerative tree over a distance
+  matrix at exactly k clusters; `within_routing_groups` runs any clustering inside each routing
+  group of a group-limited router (DeepSeek-V3, GLM-4 MoE), so every output expert draws from one
+  routing group and the output keeps `r / n_group` experts per group; `sort_groups` puts groups in
+  the order `Plan.validate` expects (by smallest member, hence by routing group).
+- Coefficients: `uniform_coefficients`, `frequency_coefficients` (proportional to routing counts,
+  uniform where a group was never routed), and `learn_coefficients`, which fits each group's
+  coefficients on the simplex to reconstruct the MoE block's output on the probe tokens.
+- `layer_plan` assembles a LayerPlan; `reconstruction_error` measures a LayerPlan on the probe.
+
+Learned coefficients run the family's *own* MoE block on a copy whose expert and router tensors are
+replaced by `M(alpha) @ W`, the very linear map surgery applies (`moeprune.surgery`), built from
+tensors that carry gradients. Routing, group limits, correction biases, renormalisation and shared
+experts are therefore exactly what the merged model will compute; the top-k *selection* is
+piecewise constant in alpha (no gradient through it), the gate values and expert weights are
+differentiable. The parameters are softmax logits per group (Adam), started at the given
+coefficients (uniform by default); the best iterate is returned, so the result never reconstructs
+worse than the start on the probe.
+
+Shape letters: E experts in, R experts out, n probe tokens, H hidden.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from scipy.cluster.hierarchy import linkage as scipy_linkage
+from scipy.spatial.distance import squareform
+
+from moeprune.errors import MoepruneError
+from moeprune.plan import ROUTER_MERGES, Group, LayerPlan
+
+LINKAGES = ("average", "single", "complete")
+COEFFICIENTS = ("uniform", "frequency", "learned")
+
+Clustering = Callable[[list[int], int], list[list[int]]]  # (expert ids, k) -> k lists of member ids
+
+
+# ---- clustering --------------------------------------------------------------------------------
+
+def agglomerative_clusters(distance: torch.Tensor, k: int, linkage: str = "average") -> list[list[int]]:
+    """Cut the agglomerative tree over `distance` [m, m] at exactly `k` clusters (local indices).
+
+    The first m - k merges of scipy's linkage are replayed, so the count is exact even with tied
+    heights (fcluster's `maxclust` may return fewer). Deterministic for a given matrix.
+    """
+    if linkage not in LINKAGES:
+        raise MoepruneError(f"linkage {linkage!r} is not one of {', '.join(LINKAGES)}")
+    m = distance.shape[0]
+    if not 1 <= k <= m:
+        raise ValueError(f"cannot cut {m} items into {k} clusters")
+    if k == m:
+        return [[i] for i in range(m)]
+    D = distance.detach().double().clamp(min=0).numpy()
+    D = (D + D.T) / 2
+    np.fill_diagonal(D, 0.0)
+    Z = scipy_linkage(squareform(D, checks=False), method=linkage)
+    members: dict[int, list[int]] = {i: [i] for i in range(m)}
+    for step in range(m - k):
+        a, b = int(Z[step, 0]), int(Z[step, 1])
+        members[m + step] = members.pop(a) + members.pop(b)
+    return [sorted(v) for v in members.values()]
+
+
+def within_routing_groups(num_experts: int, keep: int, n_group: int, cluster: Clustering) -> list[list[int]]:
+    """Cluster the experts into `keep` groups, `keep / n_group` inside each routing group.
+
+    `cluster(ids, k)` clusters the expert ids `ids` into k lists of ids; with n_group = 1 it sees
+    all experts at once. Routing groups are contiguous blocks of E / n_group experts, as in the
+    routers of DeepSeek-V3 and GLM-4 MoE. The result is sorted by `sort_groups`.
+    """
+    E = num_experts
+    if n_group < 1 or E % n_group or keep % n_group:
+        raise MoepruneError(f"{E} experts into {keep} groups cannot respect n_group={n_group}: both must be "
+                            f"multiples of {n_group} (or pass --flatten-groups)")
+    per_in, per_out = E // n_group, keep // n_group
+    groups = []
+    for g in range(n_group):
+        ids = list(range(g * per_in, (g + 1) * per_in))
+        found = cluster(ids, per_out)
+        if len(found) != per_out or sorted(m for c in found for m in c) != ids:
+            raise AssertionError(f"clustering returned {found} for ids {ids} and k={per_out}")
+        groups.extend(found)
+    return sort_groups(groups)
+
+
+def distance_clustering(distance: torch.Tensor, linkage: str = "average") -> Clustering:
+    """A `Clustering` cutting the agglomerative tree of the sub-matrix of `distance` [E, E]."""
+    def cluster(ids: list[int], k: int) -> list[list[int]]:
+        sub = distance[ids][:, ids]
+        return [[ids[i] for i in c] for c in agglomerative_clusters(sub, k, linkage)]
+
+    return cluster
+
+
+def sort_groups(groups: list[list[int]]) -> list[list[int]]:
+    """Members ascending inside each group; groups ordered by their smallest member."""
+    return sorted((sorted(g) for g in groups), key=lambda g: g[0])
+
+
+# ---- coefficients ------------------------------------------------------------------------------
+
+def uniform_coefficients(groups: list[list[int]]) -> list[list[float]]:
+    return [[1.0 / len(g)] * len(g) for g in groups]
+
+
+def frequency_coefficients(groups: list[list[int]], counts: torch.Tensor) -> tuple[list[list[float]], list[int]]:
+    """alpha_i = count_i / sum of the group's counts; uniform for a group never routed.
+
+    Returns the coefficients and the indices of the groups that fell back to uniform.
+    """
+    coeffs, fallback = [], []
+    for j, g in enumerate(groups):
+        c = counts[g].double().clamp(min=0)
+        if float(c.sum()) > 0:
+            coeffs.append([float(v) for v in c / c.sum()])
+        else:
+            coeffs.append([1.0 / len(g)] * len(g))
+            if len(g) > 1:
+                fallback.append(j)
+    return coeffs, fallback
+
+
+def merge_matrix_of(groups: list[list[int]], coeffs, num_experts: int) -> torch.Tensor:
+    """[R, E] merge matrix from groups and per-group coefficient tensors (differentiable)."""
+    rows = []
+    for g, c in zip(groups, coeffs):
+        c = torch.as_tensor(c, dtype=torch.float32)
+        rows.append(torch.zeros(num_experts, dtype=c.dtype).index_put((torch.tensor(g),), c))
+    return torch.stack(rows)
+
+
+class MergedBlock:
+    """A copy of one MoE block whose expert and router tensors are `M @ W` for a given merge matrix.
+
+    The original block is not modified and its large tensors are not duplicated: the copy is made
+    with them left out, and `set(M)` installs fresh (possibly gradient-carrying) merged tensors.
+    `aligned`, a LayerPlan whose groups carry `perms`, permutes the members' hidden units first,
+    exactly as surgery does for aligned merges (UNCURL, M-SMoE). Computation is float32.
+    """
+
+    def __init__(self, adapter, block: torch.nn.Module, num_out: int, router_merge: str = "average",
+                 aligned: LayerPlan | None = None):
+        if router_merge not in ROUTER_MERGES:
+            raise MoepruneError(f"router_merge {router_merge!r} is not one of {', '.join(ROUTER_MERGES)}")
+        self.adapter, self.router_merge = adapter, router_merge
+        expert_tensors = adapter.expert_parameters(block)
+        router_tensors = adapter.router_expert_tensors(block)
+        skip = [t for t in expert_tensors.values()] + [getattr(o, n) for o, n, _ in router_tensors]
+        memo = {id(t): torch.empty(0) for t in skip}  # deepcopy maps these to placeholders
+        self.block = copy.deepcopy(block, memo).float().requires_grad_(False)
+        sources = dict(expert_tensors)
+        if aligned is not None and any(g.perms is not None for g in aligned.groups):
+            from moeprune.align import permute_members  # members' hidden units permuted, as surgery does
+
+            sources = permute_members(adapter, sources, aligned)
+        self._experts = [(name, t.detach()) for name, t in sources.items()]  # originals, expert axis 0
+        self._router = [(n, axis, getattr(o, n).detach(), self._path(block, o))
+                        for o, n, axis in router_tensors]
+        self.num_in = adapter.num_experts
+        for name, _ in self._experts:  # plain attributes from now on, so they can carry gradients
+            self.adapter.experts(self.block)._parameters.pop(name, None)
+        for name, _, _, path in self._router:
+            owner = self.block.get_submodule(path)
+            owner._parameters.pop(name, None)
+            owner._buffers.pop(name, None)
+        adapter.set_block_num_experts(self.block, self.num_in, num_out)
+
+    @staticmethod
+    def _path(block: torch.nn.Module, owner: torch.nn.Module) -> str:
+        for name, m in block.named_modules():
+            if m is owner:
+                return name
+        raise KeyError("router tensor owner is not inside the block")
+
+    def set(self, M: torch.Tensor) -> None:
+        """Install merged tensors for the merge matrix M [R, E] (float32, may require grad)."""
+        router_M = M if self.router_merge == "average" else (M.detach() != 0).float()
+        experts = self.adapter.experts(self.block)
+        for name, W in self._experts:
+            merged = torch.tensordot(M, W.float(), dims=([1], [0]))  # [R, ...]
+            setattr(experts, name, merged)
+        for name, axis, W, path in self._router:
+            moved = W.float().movedim(axis, 0)
+            merged = torch.tensordot(router_M, moved, dims=([1], [0])).movedim(0, axis)
+            setattr(self.block.get_submodule(path), name, merged)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """[n, H] block output on x [n, H] with the installed tensors."""
+        out = self.block(x.float()[None])
+        out = out[0] if isinstance(out, tuple) else out
+        return out.reshape(x.shape[0], -1)
+
+
+def learn_coefficients(access, x: torch.Tensor, groups: list[list[int]], *, router_merge: str = "average",
+                       init: list[list[float]] | None = None, steps: int = 50, lr: float = 0.1,
+                       target: torch.Tensor | None = None,
+                       perms: list[list[list[int]] | None] | None = None) -> tuple[list[list[float]], dict]:
+    """Fit every multi-member group's coefficients on the simplex to reconstruct the MoE block.
+
+    access: a `methods.access.LayerAccess`; x [n, H] the probe tokens; groups: member ids per
+    output expert. Minimises ||B_alpha(x) - B(x)||^2 / ||B(x)||^2, B the original block and
+    B_alpha the merged one, with alpha_G = softmax(theta_G) and Adam on theta. `perms` (per group,
+    None or one hidden-unit permutation per member, as `Group.perms`) fits an aligned merge.
+    Returns the best coefficients seen (the start included) and facts: relative error at the start
+    and at the end, steps, seconds.
+    """
+    t0 = time.perf_counter()
+    init = init or uniform_coefficients(groups)
+    x = x.float()
+    with torch.no_grad():
+        target = access.block_output(x) if target is None else target.float()  # [n, H]
+    scale = target.square().sum().clamp(min=1e-30)
+    aligned = None
+    if perms is not None and any(q is not None for q in perms):
+        aligned = LayerPlan(layer=access.layer, num_experts_in=access.num_experts,
+                            groups=[Group(list(g), list(c), q) for g, c, q in zip(groups, init, perms)])
+    merged = MergedBlock(access.adapter, access.block, len(groups), router_merge, aligned)
+    free = [j for j, g in enumerate(groups) if len(g) > 1]
+    thetas = [torch.tensor(init[j], dtype=torch.float32).clamp(min=1e-6).log().requires_grad_(True) for j in free]
+
+    def coefficients() -> list[torch.Tensor]:
+        out = [torch.tensor(c, dtype=torch.float32) for c in init]
+        for j, th in zip(free, thetas):
+            out[j] = torch.softmax(th, dim=0)
+        return out
+
+    def loss_now() -> torch.Tensor:
+        merged.set(merge_matrix_of(groups, coefficients(), access.num_experts))
+        return (merged(x) - target).square().sum() / scale
+
+    best_loss, best = float("inf"), [list(map(float, c)) for c in init]
+    first = None
+    if thetas:
+        opt = torch.optim.Adam(thetas, lr=lr)
+        for step in range(steps + 1):
+            opt.zero_grad()
+            loss = loss_now()
+            value = float(loss.detach())
+            first = value if first is None else first
+            if value < best_loss:
+                best_loss, best = value, [[float(v) for v in c.detach()] for c in coefficients()]
+            if step == steps:
+                break
+            loss.backward()
+            opt.step()
+    else:
+        with torch.no_grad():
+            best_loss = first = float(loss_now())
+    info = {"relative_error_start": first, "relative_error": best_loss, "steps": steps if thetas else 0,
+            "seconds": round(time.perf_counter() - t0, 4)}
+    return best, info
+
+
+def reconstruction_error(access, x: torch.Tensor, lp: LayerPlan, target: torch.Tensor | None = None) -> float:
+    """||B_plan(x) - B(x)||^2 / ||B(x)||^2 on tokens x [n, H], B the MoE block (exact surgery path)."""
+    with torch.no_grad():
+        target = access.block_output(x) if target is None else target
+        got = access.block_output(x, lp)
+    return float((got - target).square().sum() / target.square().sum().clamp(min=1e-30))
+
+
+def layer_plan(layer: int, num_experts: int, groups: list[list[int]], coeffs: list[list[float]],
+               router_merge: str = "average", notes: dict | None = None) -> LayerPlan:
+    """A LayerPlan merging `groups` with `coeffs` (singletons get coefficient exactly 1)."""
+    out = []
+    for g, c in zip(groups, coeffs):
+        out.append(Group(list(g), [1.0] if len(g) == 1 else [float(v) for v in c]))
+    return LayerPlan(layer=layer, num_experts_in=num_experts, groups=out, router_merge=router_merge,
+                     notes=dict(notes or {}))

@@ -1,0 +1,201 @@
+"""UNCURL: task-specific expert merging by router-logit clustering and aligned merging (arXiv 2409.01483).
+
+UNCURL (Sarkar et al., "Revisiting SMoE Language Models by Evaluating Inefficiencies with Task
+Specific Expert Pruning", arXiv 2409.01483) is *task-specific*: calibrate on the target task's own
+text (`--calib task.jsonl --calib-template "..."`). Per MoE layer:
+
+1. **Feature.** Expert i's column of router logits over the probe tokens, z_i ∈ R^n
+   (`Stats.layers[i].probe.router_logits[:, i]`: the logits as the router outputs them, before
+   softmax/sigmoid, with the router bias where the family has one).
+2. **Clustering** of the E experts into r clusters (option `clustering`; which one the paper uses is
+   **open** in METHODS.md, so both are offered):
+   - `spectral` (default): affinity = cosine similarity of the z_i rescaled to [0, 1], (cos + 1) / 2,
+     fed to scikit-learn's `SpectralClustering(affinity="precomputed")`, seeded;
+   - `kmeans`: `KMeans` on the standardised z_i, seeded. Reading of "standardised": the [E, n]
+     matrix of experts × probe tokens is standardised per token (zero mean, unit variance across
+     the experts, scikit-learn's `StandardScaler`), so no token dominates the distance by scale.
+   Spectral clustering can return fewer than r distinct labels; the fix-up is deterministic: while
+   there are too few clusters, the member of the largest cluster (ties: lowest label) with the
+   lowest mean affinity to the rest of its cluster (ties: lowest id) becomes a cluster of its own.
+3. **Alignment.** The reference of a cluster is its most-used member (`count`, ties: lowest id).
+   Every other member's hidden units are permuted to match it by a Hungarian assignment over
+   W_gate,ref·W_gateᵀ + W_up,ref·W_upᵀ + W_down,refᵀ·W_down (`moeprune.align`). The permutations
+   go into the plan (`Group.perms`) and surgery applies them (option `align=false` skips this).
+4. **Merging.** α_i = count_i / Σ_{j∈G} count_j (uniform when no member was routed); gate, up, down
+   and biases are Σ α_i W_i, and the router rows merge with the same α (`router_merge="average"`).
+
+Group-limited routers (DeepSeek-V3, GLM-4 MoE with n_group > 1): clustering runs inside each routing
+group, to r / n_group clusters each, so every output expert comes from one group (Plan.validate).
+The output is a stock checkpoint with r experts per MoE layer. Layer notes record the clustering,
+the reference of every group and how many labels the fix-up had to create.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from moeprune.align import align_members
+from moeprune.errors import MoepruneError
+from moeprune.methods.registry import PlanRequest, register
+from moeprune.observe.stats import LayerStats
+from moeprune.plan import Group, LayerPlan, Plan
+
+CLUSTERINGS = ("spectral", "kmeans")
+
+
+@dataclass(frozen=True)
+class UncurlConfig:
+    clustering: str = "spectral"  # spectral (cosine affinity in [0, 1]) or kmeans (standardised logits)
+    seed: int = 0  # seed of the clustering (spectral embedding and k-means initialisation)
+    align: bool = True  # permutation-align members to the cluster's reference before merging
+
+
+# ---- helpers shared with M-SMoE ---------------------------------------------------------------
+
+def routing_groups(num_experts: int, keep: int, n_group: int) -> list[tuple[list[int], int]]:
+    """(expert ids, experts to keep) per contiguous routing group; one group without group limits."""
+    per_in, per_out = num_experts // n_group, keep // n_group
+    return [(list(range(g * per_in, (g + 1) * per_in)), per_out) for g in range(n_group)]
+
+
+def logit_features(ls: LayerStats, method: str) -> torch.Tensor:
+    """[E, n] float64: row i is expert i's router logits over the probe tokens (z_i)."""
+    logits = ls.probe.router_logits  # [n, E]
+    if logits.shape[0] < 2:
+        raise MoepruneError(f"{method} clusters experts by their router logits on the probe, but layer {ls.layer} "
+                            f"has {logits.shape[0]} probe tokens; calibrate with --calib and --probe-size >= 2")
+    return logits.double().T.contiguous()
+
+
+def cosine_matrix(z: torch.Tensor) -> torch.Tensor:
+    """[m, m] cosine similarity of the rows of z [m, n]; 0 against an all-zero row, 1 on the diagonal."""
+    norms = z.norm(dim=1)  # [m]
+    unit = z / norms.clamp(min=1e-300)[:, None]
+    cos = (unit @ unit.T).clamp(-1, 1)
+    cos[norms == 0] = 0
+    cos[:, norms == 0] = 0
+    cos.fill_diagonal_(1)
+    return cos
+
+
+def frequency_coeffs(members: list[int], counts: torch.Tensor) -> list[float]:
+    """α_i = count_i / Σ count over the group; uniform when the group was never routed."""
+    c = counts[members].double()
+    total = float(c.sum())
+    if total <= 0:
+        return [1.0 / len(members)] * len(members)
+    return [float(v) / total for v in c]
+
+
+def most_used(members: list[int], counts: torch.Tensor) -> int:
+    """The member with the highest count (ties: the lowest id)."""
+    return min(members, key=lambda e: (-float(counts[e]), e))
+
+
+def aligned_group(access, members: list[int], counts: torch.Tensor, reference: int, align: bool) -> Group:
+    """A frequency-weighted merge of `members`, each aligned to `reference` when `align` is set."""
+    members = sorted(members)
+    coeffs = frequency_coeffs(members, counts)
+    if len(members) == 1:
+        return Group(members, [1.0])
+    perms = align_members(access, members, reference) if align else None
+    return Group(members, coeffs, perms)
+
+
+def merge_plan(request: PlanRequest, method: str, clusters_of, align: bool) -> Plan:
+    """A merging plan: `clusters_of(layer, ls, ids, k) -> (clusters, references, notes)` per routing group.
+
+    Each cluster becomes one output expert: a frequency-weighted merge of its members aligned to its
+    reference. Notes from several routing groups are kept as lists, one entry per routing group.
+    """
+    if request.weights is None:
+        raise MoepruneError(f"{method} reads the expert weights: plan it with the model")
+    layers = []
+    for i, ls in sorted(request.stats.layers.items()):
+        E = ls.experts.num_experts
+        counts = ls.experts.count
+        access = request.weights.layer(i)
+        groups, refs, per_group = [], [], []
+        for ids, k in routing_groups(E, request.keep, request.n_group):
+            clusters, references, extra = clusters_of(i, ls, ids, k)
+            per_group.append(extra)
+            for members, ref in sorted(zip(clusters, references), key=lambda cr: min(cr[0])):
+                groups.append(aligned_group(access, members, counts, ref, align))
+                refs.append(ref)
+        notes = per_group[0] if len(per_group) == 1 else {k: [d[k] for d in per_group] for k in per_group[0]}
+        notes = {**notes, "references": refs, "aligned": align}
+        layers.append(LayerPlan(layer=i, num_experts_in=E, groups=groups, router_merge="average", notes=notes))
+    return Plan(method=method, layers=layers, model=dict(request.model), calibration=dict(request.stats.calibration))
+
+
+# ---- UNCURL clustering ------------------------------------------------------------------------
+
+def _relabel(labels) -> list[int]:
+    """Labels renumbered 0.. in order of first appearance (by expert position)."""
+    seen: dict[int, int] = {}
+    return [seen.setdefault(int(v), len(seen)) for v in labels]
+
+
+def fix_up_labels(labels: list[int], k: int, affinity: torch.Tensor) -> tuple[list[int], int]:
+    """Make exactly k distinct labels by splitting off the worst-fitting member of the largest cluster.
+
+    Returns the new labels (0..k-1, by first appearance) and how many clusters were created.
+    """
+    labels = _relabel(labels)
+    created = 0
+    while len(set(labels)) < k:
+        sizes = {c: labels.count(c) for c in sorted(set(labels))}
+        big = min(sizes, key=lambda c: (-sizes[c], c))
+        members = [j for j, c in enumerate(labels) if c == big]
+        fit = {j: float(sum(affinity[j, o] for o in members if o != j)) / (len(members) - 1) for j in members}
+        worst = min(members, key=lambda j: (fit[j], j))
+        labels[worst] = max(labels) + 1
+        created += 1
+    return _relabel(labels), created
+
+
+def cluster_logits(z: torch.Tensor, k: int, clustering: str, seed: int) -> tuple[list[int], int]:
+    """Labels 0..k-1 of the m rows of z [m, n] and the number of clusters the fix-up created."""
+    m = z.shape[0]
+    affinity = (cosine_matrix(z) + 1) / 2  # [m, m] in [0, 1]
+    if k >= m:
+        return list(range(m)), 0
+    if k == 1:
+        return [0] * m, 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "graph is not fully connected" and k-means convergence chatter
+        if clustering == "spectral":
+            from sklearn.cluster import SpectralClustering
+
+            labels = SpectralClustering(n_clusters=k, affinity="precomputed", random_state=seed,
+                                        assign_labels="kmeans").fit_predict(affinity.numpy())
+        elif clustering == "kmeans":
+            from sklearn.cluster import KMeans
+            from sklearn.preprocessing import StandardScaler
+
+            x = StandardScaler().fit_transform(z.numpy().astype(np.float64))
+            labels = KMeans(n_clusters=k, n_init=10, random_state=seed).fit_predict(x)
+        else:
+            raise MoepruneError(f"clustering {clustering!r} is not one of {CLUSTERINGS}")
+    return fix_up_labels(list(labels), k, affinity)
+
+
+@register("uncurl", config=UncurlConfig, kind="merge", needs_weights=True,
+          paper="UNCURL, task-specific expert pruning by router-logit clustering (arXiv 2409.01483)",
+          summary="cluster experts by router logits on task text, align hidden units, frequency-weighted merge")
+def uncurl_plan(request: PlanRequest, cfg: UncurlConfig) -> Plan:
+    if cfg.clustering not in CLUSTERINGS:
+        raise MoepruneError(f"uncurl: clustering {cfg.clustering!r} is not one of {CLUSTERINGS}")
+
+    def clusters_of(layer: int, ls: LayerStats, ids: list[int], k: int):
+        z = logit_features(ls, "uncurl")[ids]  # [m, n]
+        labels, created = cluster_logits(z, k, cfg.clustering, cfg.seed + layer)
+        clusters = [[ids[j] for j, c in enumerate(labels) if c == lab] for lab in range(k)]
+        refs = [most_used(c, ls.experts.count) for c in clusters]
+        return clusters, refs, {"clustering": cfg.clustering, "labels_fixed_up": created}
+
+    return merge_plan(request, "uncurl", clusters_of, cfg.align)

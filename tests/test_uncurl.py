@@ -1,0 +1,352 @@
+"""UNCURL, M-SMoE and NAEE: permutation alignment, aligned merging, subset search, sweep, task calibration."""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import json
+
+import pytest
+import torch
+import transformers as tf
+from helpers import COUNT_FIELD, token_ids
+
+from moeprune import api, cli
+from moeprune.align import align_members, match_hidden, permute_expert_hidden
+from moeprune.arch import ExpertWeights, get_adapter
+from moeprune.arch.tiny import TINY_FAMILIES, tiny_model
+from moeprune.data import calibration_blocks, load_texts
+from moeprune.errors import MoepruneError
+from moeprune.methods.access import ModelWeights
+from moeprune.methods.naee import SubsetScorer
+from moeprune.methods.uncurl import fix_up_labels
+from moeprune.observe import model_description, observe
+from moeprune.plan import Group, LayerPlan, Plan
+from moeprune.surgery import apply_layer_plan, apply_plan
+
+# fused [E, 2I, H], transposed [E, H, 2I] (Llama 4), transposed and interleaved gate/up with biases (GPT-OSS)
+LAYOUTS = pytest.mark.parametrize("family", ["mixtral", "llama4_text", "gpt_oss"])
+
+
+def _first_block(model):
+    adapter = get_adapter(model.config)
+    layer, block = next(iter(adapter.moe_blocks(model).items()))
+    return adapter, layer, block
+
+
+def _params(adapter, block) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in adapter.expert_parameters(block).items()}
+
+
+@torch.no_grad()
+def _load(adapter, block, params) -> None:
+    for name, value in params.items():
+        getattr(adapter.experts(block), name).copy_(value)
+
+
+def _random_perm(I: int, seed: int = 3) -> torch.Tensor:
+    return torch.randperm(I, generator=torch.Generator().manual_seed(seed))
+
+
+def _snapshot(w: ExpertWeights) -> ExpertWeights:
+    """A detached copy of one expert's weight views."""
+    return ExpertWeights(*(None if t is None else t.detach().clone() for t in
+                           (w.gate, w.up, w.down, w.gate_bias, w.up_bias, w.down_bias)))
+
+
+def _same_weights(a, b) -> bool:
+    return all(torch.equal(x, y) for x, y in zip(
+        (a.gate, a.up, a.down, a.gate_bias, a.up_bias), (b.gate, b.up, b.down, b.gate_bias, b.up_bias))
+        if x is not None)
+
+
+# ---- alignment ---------------------------------------------------------------------------------
+
+@LAYOUTS
+def test_alignment_recovers_a_known_permutation_exactly(family):
+    model = tiny_model(family)
+    adapter, _, block = _first_block(model)
+    params = _params(adapter, block)
+    I = adapter.expert_weights(block, 0).gate.shape[0]
+    p = _random_perm(I)
+    for name in params:  # expert 1 := expert 0 with its hidden units shuffled by p
+        params[name][1] = params[name][0]
+    permute_expert_hidden(adapter, params, 1, p)
+    _load(adapter, block, params)
+    ref, shuffled = adapter.expert_weights(block, 0), adapter.expert_weights(block, 1)
+    assert not torch.equal(ref.gate, shuffled.gate)
+    q = match_hidden(ref, shuffled)
+    inverse = torch.empty_like(p)
+    inverse[p] = torch.arange(I)
+    assert q == inverse.tolist()
+    permute_expert_hidden(adapter, params, 1, q)
+    _load(adapter, block, params)
+    assert _same_weights(adapter.expert_weights(block, 0), adapter.expert_weights(block, 1))
+
+
+@LAYOUTS
+def test_permuting_hidden_units_leaves_the_expert_function_unchanged(family):
+    model = tiny_model(family)
+    adapter, _, block = _first_block(model)
+    x = torch.randn(16, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    ids = torch.full((16,), 2)
+    before = adapter.expert_outputs(block, x, ids)
+    w_before = _snapshot(adapter.expert_weights(block, 2))
+    params = _params(adapter, block)
+    permute_expert_hidden(adapter, params, 2, _random_perm(adapter.expert_weights(block, 2).gate.shape[0]))
+    _load(adapter, block, params)
+    assert not torch.equal(w_before.gate, adapter.expert_weights(block, 2).gate)
+    # only the order of the hidden units changed: equal up to the order of float summation
+    torch.testing.assert_close(adapter.expert_outputs(block, x, ids), before, rtol=1e-5, atol=1e-6)
+
+
+@LAYOUTS
+def test_aligned_merge_of_an_expert_with_its_permuted_copy_gives_back_the_original(family):
+    model = tiny_model(family)
+    adapter, layer, block = _first_block(model)
+    E = adapter.num_experts
+    params = _params(adapter, block)
+    for name in params:
+        params[name][1] = params[name][0]
+    permute_expert_hidden(adapter, params, 1, _random_perm(adapter.expert_weights(block, 0).gate.shape[0]))
+    _load(adapter, block, params)
+    original = _snapshot(adapter.expert_weights(block, 0))
+    access = ModelWeights(model).layer(layer)
+    perms = align_members(access, [0, 1], reference=0)
+    assert perms[0] == list(range(len(perms[0])))  # the reference is not moved
+    groups = [Group([0, 1], [0.5, 0.5], perms)] + [Group([e], [1.0]) for e in range(2, E)]
+    lp = LayerPlan(layer=layer, num_experts_in=E, groups=groups)
+    merged_block = copy.deepcopy(block)
+    apply_layer_plan(adapter, merged_block, lp)
+    merged = adapter.expert_weights(merged_block, 0)
+    for a, b in zip((merged.gate, merged.up, merged.down, merged.gate_bias, merged.up_bias, merged.down_bias),
+                    (original.gate, original.up, original.down, original.gate_bias, original.up_bias,
+                     original.down_bias)):
+        if b is not None:
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-7)
+    # without the alignment the average of the two is a different expert
+    unaligned = copy.deepcopy(block)
+    apply_layer_plan(adapter, unaligned, LayerPlan(layer, E, [Group([0, 1], [0.5, 0.5])] + groups[1:]))
+    assert (adapter.expert_weights(unaligned, 0).gate - original.gate).abs().max() > 1e-3
+
+
+def test_plan_with_perms_round_trips_through_json_and_validate_rejects_bad_perms(tmp_path):
+    model = tiny_model("mixtral")
+    desc = model_description(model, get_adapter(model.config))
+    I = 128
+    perm = _random_perm(I).tolist()
+    layers = [LayerPlan(layer=i, num_experts_in=8, groups=[Group([0, 1], [0.25, 0.75], [list(range(I)), perm])]
+                        + [Group([e], [1.0]) for e in range(2, 8)]) for i in desc["moe_layers"]]
+    plan = Plan(method="uncurl", layers=layers, model=desc)
+    plan.validate()
+    plan.save(tmp_path / "plan.json")
+    back = Plan.load(tmp_path / "plan.json")
+    assert back.layers[0].groups[0].perms == [list(range(I)), perm]
+    assert back.layers[0].groups[1].perms is None
+    assert "perms" not in json.loads((tmp_path / "plan.json").read_text())["layers"][0]["groups"][1]
+    assert not back.layers[0].is_pruning
+    bad = copy.deepcopy(back)
+    bad.layers[0].groups[0].perms[1] = [0] * I
+    with pytest.raises(MoepruneError, match="not a permutation"):
+        bad.validate()
+    bad.layers[0].groups[0].perms = [list(range(I))]
+    with pytest.raises(MoepruneError, match="one per member"):
+        bad.validate()
+    bad.layers[0].groups[0].perms = [list(range(I)), list(range(I - 1))]
+    with pytest.raises(MoepruneError, match="different lengths"):
+        bad.validate()
+    short = copy.deepcopy(back)
+    for lp in short.layers:
+        lp.groups[0].perms = [list(range(4)), [1, 0, 3, 2]]
+    with pytest.raises(MoepruneError, match="hidden units"):  # surgery checks I against the model
+        apply_plan(copy.deepcopy(model), short)
+
+
+# ---- the methods on real (tiny) models -------------------------------------------------------------
+
+@pytest.mark.parametrize("method", ["uncurl", "msmoe"])
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "gpt_oss"])
+def test_merged_checkpoints_reload_with_stock_transformers(method, family, checkpoint, calib_file, tmp_path):
+    src = checkpoint(family)
+    out = api.prune(src, method, tmp_path / "out", experts=4, calib=str(calib_file), samples=4, seq_len=32,
+                    progress=False)
+    plan = Plan.load(out / "moeprune_plan.json")
+    assert plan.num_experts_out == 4
+    merged = [g for lp in plan.layers for g in lp.groups if len(g.members) > 1]
+    assert merged and all(g.perms is not None and len(g.perms) == len(g.members) for g in merged)
+    for lp in plan.layers:
+        for g in lp.groups:
+            assert abs(sum(g.coeffs) - 1) < 1e-9
+            if g.perms is not None:  # the reference is the most used member, not permuted
+                ref = lp.notes["references"][lp.groups.index(g)]
+                assert g.perms[g.members.index(ref)] == list(range(len(g.perms[0])))
+    reloaded, info = tf.AutoModelForCausalLM.from_pretrained(str(out), output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    assert getattr(reloaded.config, COUNT_FIELD[family]) == 4
+    in_memory = apply_plan(tf.AutoModelForCausalLM.from_pretrained(str(src)).eval(), plan)
+    ids = token_ids()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded.eval()(ids).logits, in_memory(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def _observed(model, n_tokens: int = 128):
+    return observe(model, token_ids(4, n_tokens // 4), probe_size=n_tokens)
+
+
+def test_msmoe_keeps_the_most_used_experts_as_dominants():
+    model = tiny_model("mixtral")
+    stats = _observed(model)
+    plan = api.make_plan_for(stats, "msmoe", experts=3, weights=ModelWeights(model))
+    for lp in plan.layers:
+        counts = stats.layers[lp.layer].experts.count
+        top = sorted(sorted(range(8), key=lambda e: (-float(counts[e]), e))[:3])
+        assert sorted(lp.notes["references"]) == top
+        assert sorted(e for g in lp.groups for e in g.members) == list(range(8))
+
+
+@pytest.mark.parametrize("method", ["uncurl", "msmoe", "naee"])
+def test_group_limited_routing_keeps_every_output_expert_inside_one_routing_group(method):
+    model = tiny_model("deepseek_v3")  # n_group = 2: experts 0-3 and 4-7
+    stats = _observed(model)
+    plan = api.make_plan_for(stats, method, experts=4, weights=ModelWeights(model))
+    for lp in plan.layers:
+        assert [{m // 4 for m in g.members} for g in lp.groups] == [{0}, {0}, {1}, {1}]
+    apply_plan(copy.deepcopy(model), plan)
+
+
+def test_uncurl_kmeans_and_label_fix_up_are_deterministic():
+    model = tiny_model("qwen3_moe")
+    stats = _observed(model)
+    weights = ModelWeights(model)
+    a = api.make_plan_for(stats, "uncurl", experts=3, weights=weights, options={"clustering": "kmeans"})
+    b = api.make_plan_for(stats, "uncurl", experts=3, weights=weights, options={"clustering": "kmeans"})
+    assert a.to_dict() == b.to_dict() and a.layers[0].notes["clustering"] == "kmeans"
+    affinity = torch.tensor([[1, .9, .2, .5], [.9, 1, .3, .5], [.2, .3, 1, .5], [.5, .5, .5, 1]], dtype=torch.float64)
+    # spectral clustering may return fewer labels than asked: the worst-fitting member splits off
+    assert fix_up_labels([0, 0, 0, 1], 3, affinity) == ([0, 0, 1, 2], 1)
+    with pytest.raises(MoepruneError, match="clustering"):
+        api.make_plan_for(stats, "uncurl", experts=3, weights=weights, options={"clustering": "dbscan"})
+
+
+# ---- NAEE ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_naee_fast_path_matches_block_output(family):
+    """The lookup evaluation equals surgery + the block's own forward, or the layer falls back."""
+    model = tiny_model(family)
+    weights = ModelWeights(model)
+    layer = weights.layers()[0]
+    x = torch.randn(48, model.config.hidden_size, generator=torch.Generator().manual_seed(1))
+    scorer = SubsetScorer(weights.layer(layer), x, check_subsets=[])
+    if family == "llama4_text":  # experts take score-scaled inputs: no lookup possible
+        assert scorer.mode == "block_output" and "cannot run" in scorer.reason
+        return
+    assert scorer.mode == "fast", scorer.reason
+    # DeepSeek-V3's tiny config has two routing groups (0-3, 4-7): keep two of each
+    subsets = [s for s in itertools.combinations(range(8), 4) if family != "deepseek_v3" or sum(e < 4 for e in s) == 2]
+    for subset in subsets[::7]:
+        assert abs(scorer.fast_error(subset) - scorer.block_error(subset)) <= 1e-5 * scorer.z_norm
+
+
+@pytest.mark.parametrize("max_exhaustive,search", [(5000, "exhaustive"), (0, "greedy")])
+@pytest.mark.parametrize("family", ["gpt_oss", "deepseek_v3"])
+def test_naee_finds_the_planted_best_subset(family, max_exhaustive, search):
+    """Experts that the router can never pick cost nothing to remove; every other removal costs something."""
+    model = tiny_model(family)
+    adapter = get_adapter(model.config)
+    never = [5, 6, 7] if family == "gpt_oss" else [3, 7]  # one per routing group for DeepSeek-V3
+    with torch.no_grad():
+        for block in adapter.moe_blocks(model).values():
+            router = adapter.router(block)
+            bias = router.bias if family == "gpt_oss" else router.e_score_correction_bias
+            bias[never] = -100.0
+    stats = _observed(model)
+    keep = 8 - len(never)
+    plan = api.make_plan_for(stats, "naee", experts=keep, weights=ModelWeights(model),
+                             options={"max_exhaustive": max_exhaustive})
+    for lp in plan.layers:
+        assert lp.kept == [e for e in range(8) if e not in never]
+        assert lp.notes["search"] == search and lp.notes["evaluation"] == "fast"
+        assert lp.notes["error"] == pytest.approx(0, abs=1e-6)
+    # and it is not the trivial answer: dropping a routable expert instead costs something
+    scorer = SubsetScorer(ModelWeights(model).layer(plan.layers[0].layer), stats.layers[plan.layers[0].layer].probe.inputs)
+    alternative = [e for e in range(8) if e not in never and e != 0] + [never[0]]
+    assert scorer(sorted(alternative)) > 1e-3
+
+
+# ---- task-specific calibration and the sweep ------------------------------------------------------
+
+def test_calibration_template_joins_several_jsonl_fields(tmp_path, checkpoint):
+    rows = [{"question": f"what is {i} plus {i}?", "answer": str(2 * i), "id": i} for i in range(400)]
+    path = tmp_path / "task.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    texts = load_texts(str(path), template="Q: {question} A: {answer}")
+    assert texts[3] == "Q: what is 3 plus 3? A: 6"
+    assert load_texts(str(path), field="question")[1] == "what is 1 plus 1?"
+    with pytest.raises(MoepruneError, match="no field 'query' used by --calib-template"):
+        load_texts(str(path), template="{query}")
+    with pytest.raises(MoepruneError, match="plain text"):
+        load_texts(_txt(tmp_path), template="{question}")
+    tok = tf.AutoTokenizer.from_pretrained(str(checkpoint("mixtral")))
+    cal = calibration_blocks(tok, str(path), samples=4, seq_len=16, template="Q: {question} A: {answer}")
+    assert cal.provenance["template"] == "Q: {question} A: {answer}" and cal.input_ids.shape == (4, 16)
+
+
+def _txt(tmp_path):
+    p = tmp_path / "plain.txt"
+    p.write_text("some text")
+    return str(p)
+
+
+def test_sweep_cli_writes_the_table_json_and_plot(tmp_path, checkpoint, calib_file, capsys):
+    src = checkpoint("mixtral")
+    out = tmp_path / "sweep"
+    argv = ["sweep", str(src), "--method", "uncurl,frequency", "--ratios", "0.25,0.5", "--calib", str(calib_file),
+            "--text", str(calib_file), "--out", str(out), "--samples", "4", "--seq-len", "32",
+            "--eval-seq-len", "32", "--max-tokens", "256", "--probe-size", "64", "-o", "uncurl:clustering=kmeans"]
+    assert cli.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "quality against pruning ratio" in printed and "uncurl" in printed
+    result = json.loads((out / "sweep.json").read_text())
+    assert [(r["method"], r["experts"]) for r in result["rows"]] == [
+        ("uncurl", 6), ("uncurl", 4), ("frequency", 6), ("frequency", 4)]
+    assert result["options"] == {"uncurl": {"clustering": "kmeans"}}
+    assert result["baseline"]["experts"] == 8 and result["baseline"]["ppl_rel"] == 1.0
+    for row in result["rows"]:
+        assert row["ppl_rel"] > 0 and str(calib_file) in row["perplexity"]
+    assert set(result["knee"]) == {"uncurl", "frequency"}
+    assert (out / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| method |" in (out / "sweep.md").read_text()
+    # one observation served every point: the stats' calibration is recorded once
+    assert result["calibration"]["samples"] == 4
+
+
+def test_sweep_knee_rule():
+    from moeprune.sweep import knee
+
+    def row(ratio, ppl_rel):
+        return {"ratio": ratio, "experts": round(8 * (1 - ratio)), "ppl_rel": ppl_rel, "acc_rel": None}
+
+    rows = [row(0.125, 1.02), row(0.25, 1.05), row(0.5, 1.10), row(0.625, 2.5), row(0.75, 4.0)]
+    k = knee(rows, threshold=0.25)
+    assert (k["ratio"], k["experts"]) == (0.625, 3)
+    assert k["steepest_ratio"] == 0.625  # log 2.5 - log 1.1 is the largest step
+    assert knee(rows[:3], threshold=0.25)["ratio"] is None
+    acc = [{"ratio": 0.25, "experts": 6, "ppl_rel": None, "acc_rel": 0.95},
+           {"ratio": 0.5, "experts": 4, "ppl_rel": None, "acc_rel": 0.6}]
+    assert knee(acc, threshold=0.25)["ratio"] == 0.5
+
+
+def test_sweep_refuses_bad_budgets_before_calibrating(tmp_path, checkpoint, calib_file, monkeypatch):
+    import moeprune.api as api_module
+
+    def boom(*a, **k):
+        raise AssertionError("calibrated before checking the budget")
+
+    monkeypatch.setattr(api_module, "observe_checkpoint", boom)
+    from moeprune.sweep import sweep
+
+    with pytest.raises(MoepruneError, match="top-k"):
+        sweep(checkpoint("mixtral"), ["uncurl"], [0.25, 0.9], str(calib_file), tmp_path / "s", texts=[calib_file])
+    with pytest.raises(MoepruneError, match="nothing to evaluate"):
+        sweep(checkpoint("mixtral"), ["uncurl"], [0.25], str(calib_file), tmp_path / "s")
