@@ -244,8 +244,9 @@ def learn_coefficients(access, x: torch.Tensor, groups: list[list[int]], *, rout
             loss = loss_now()
             value = float(loss.detach())
             first = value if first is None else first
-            if value < best_loss:
-                best_loss, best = value, [[float(v) for v in c.detach()] for c in coefficients()]
+            if value < best_loss:  # kept in float64, renormalised so each group sums to 1
+                best_loss, best = value, [(c.detach().double() / c.detach().double().sum()).tolist()
+                                          for c in coefficients()]
             if step == steps:
                 break
             loss.backward()
