@@ -48,7 +48,10 @@ def direct_cka(X: torch.Tensor, Y: torch.Tensor) -> float:
     n = X.shape[0]
     Hc = torch.eye(n, dtype=torch.float64) - 1.0 / n
     K, L = X @ X.T, Y @ Y.T
-    hsic = lambda A, B: torch.trace(A @ Hc @ B @ Hc)
+
+    def hsic(A, B):
+        return torch.trace(A @ Hc @ B @ Hc)
+
     return float(hsic(K, L) / torch.sqrt(hsic(K, K) * hsic(L, L)))
 
 

@@ -6,7 +6,7 @@ apply the plan, and write a checkpoint that stock transformers loads.
 
 __version__ = "0.1.0"
 
-from moeprune.api import (  # noqa: E402
+from moeprune.api import (
     apply_checkpoint,
     empty_stats,
     inspect,
@@ -14,13 +14,13 @@ from moeprune.api import (  # noqa: E402
     observe_checkpoint,
     prune,
 )
-from moeprune.arch import SUPPORTED_MODEL_TYPES, get_adapter  # noqa: E402
-from moeprune.errors import MoepruneError  # noqa: E402
-from moeprune.methods import METHODS, make_plan  # noqa: E402
-from moeprune.novice import export_stock, from_pretrained  # noqa: E402
-from moeprune.observe import Stats, observe  # noqa: E402
-from moeprune.plan import Group, LayerPlan, Plan, budget  # noqa: E402
-from moeprune.surgery import apply_plan  # noqa: E402
+from moeprune.arch import SUPPORTED_MODEL_TYPES, get_adapter
+from moeprune.errors import MoepruneError
+from moeprune.methods import METHODS, make_plan
+from moeprune.novice import export_stock, from_pretrained
+from moeprune.observe import Stats, observe
+from moeprune.plan import Group, LayerPlan, Plan, budget
+from moeprune.surgery import apply_plan
 
 __all__ = [
     "METHODS", "SUPPORTED_MODEL_TYPES", "Group", "LayerPlan", "MoepruneError", "Plan", "Stats", "apply_checkpoint",

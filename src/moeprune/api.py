@@ -16,12 +16,27 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
 from moeprune.arch import decoder_layers, get_adapter
 from moeprune.data import Calibration, calibration_blocks
 from moeprune.errors import MoepruneError
-from moeprune.io import atomic_directory, check_output_dir, load_config, load_model, load_tokenizer, parameter_counts, save_checkpoint
+from moeprune.io import (
+    atomic_directory,
+    check_output_dir,
+    load_config,
+    load_model,
+    load_tokenizer,
+    parameter_counts,
+    save_checkpoint,
+)
 from moeprune.methods import PlanRequest, get_method, make_plan
 from moeprune.methods.access import ModelWeights
 from moeprune.observe import ExpertStats, LayerStats, Probe, Stats, model_description, observe

@@ -10,7 +10,7 @@ import json
 import shlex
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -23,9 +23,9 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 out = Console()
 err = Console(stderr=True)
 
-Ratio = Annotated[Optional[float], typer.Option("--ratio", help="fraction of routed experts to remove per layer")]
-Experts = Annotated[Optional[int], typer.Option("--experts", help="routed experts to keep per layer")]
-Options = Annotated[Optional[list[str]], typer.Option("--option", "-o", help="method option KEY=VALUE (repeatable)")]
+Ratio = Annotated[float | None, typer.Option("--ratio", help="fraction of routed experts to remove per layer")]
+Experts = Annotated[int | None, typer.Option("--experts", help="routed experts to keep per layer")]
+Options = Annotated[list[str] | None, typer.Option("--option", "-o", help="method option KEY=VALUE (repeatable)")]
 Flatten = Annotated[bool, typer.Option("--flatten-groups", help="route without expert groups (n_group=topk_group=1)")]
 Force = Annotated[bool, typer.Option("--force", help="replace a non-empty output directory")]
 Device = Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:N or auto")]
@@ -50,7 +50,7 @@ def _parse_options(method: str, pairs: list[str] | None) -> dict:
         if not sep or key not in fields:
             raise MoepruneError(f"bad --option {pair!r}: method {method} takes KEY=VALUE with KEY in "
                                 f"{sorted(fields) or 'nothing'}")
-        kind = fields[key].type if isinstance(fields[key].type, type) else eval(str(fields[key].type))  # noqa: S307
+        kind = fields[key].type if isinstance(fields[key].type, type) else eval(str(fields[key].type))
         if kind is bool:
             options[key] = value.lower() in ("1", "true", "yes", "on")
         else:
@@ -118,9 +118,9 @@ def observe(
     out_dir: Annotated[str, typer.Option("--out", help="stats directory to write")],
     samples: int = 128, seq_len: int = 512, batch_size: int = 8, seed: int = 0,
     probe_size: Annotated[int, typer.Option(help="probe tokens kept per layer")] = 512,
-    calib_field: Annotated[Optional[str], typer.Option(help="text field of a .jsonl calibration file")] = None,
+    calib_field: Annotated[str | None, typer.Option(help="text field of a .jsonl calibration file")] = None,
     calib_template: CalibTemplate = None,
-    tokenizer: Annotated[Optional[str], typer.Option(help="tokenizer directory if not the model's")] = None,
+    tokenizer: Annotated[str | None, typer.Option(help="tokenizer directory if not the model's")] = None,
     device: Device = "cpu", force: Force = False,
 ):
     """Run the calibration pass once and save the statistics; many plans can use them."""
@@ -142,7 +142,7 @@ def plan(
     method: Annotated[str, typer.Option("--method", help="see `moeprune methods`")],
     out_file: Annotated[str, typer.Option("--out", help="plan JSON to write")],
     ratio: Ratio = None, experts: Experts = None, option: Options = None, flatten_groups: Flatten = False,
-    model: Annotated[Optional[str], typer.Option("--model", help="model directory, for methods that read "
+    model: Annotated[str | None, typer.Option("--model", help="model directory, for methods that read "
                                                  "expert weights (see `moeprune methods`)")] = None,
     force: Force = False,
 ):
@@ -173,7 +173,7 @@ def apply(
     model: Annotated[str, typer.Argument(help="model directory")],
     plan_file: Annotated[str, typer.Argument(help="plan JSON from `moeprune plan`")],
     out_dir: Annotated[str, typer.Option("--out", help="output model directory")],
-    stats: Annotated[Optional[str], typer.Option("--stats", help="stats directory the plan was made from "
+    stats: Annotated[str | None, typer.Option("--stats", help="stats directory the plan was made from "
                                                  "(needed by plans with novices, e.g. mone)")] = None,
     device: Device = "cpu", force: Force = False,
 ):
@@ -194,15 +194,15 @@ def prune(
     method: Annotated[str, typer.Option("--method", help="see `moeprune methods`")],
     out_dir: Annotated[str, typer.Option("--out", help="output model directory")],
     ratio: Ratio = None, experts: Experts = None,
-    calib: Annotated[Optional[str], typer.Option("--calib", help=".txt, directory, .jsonl, or hf:NAME[:CONFIG]:SPLIT")] = None,
+    calib: Annotated[str | None, typer.Option("--calib", help=".txt, directory, .jsonl, or hf:NAME[:CONFIG]:SPLIT")] = None,
     samples: Annotated[int, typer.Option(help="calibration sequences")] = 128,
     seq_len: Annotated[int, typer.Option(help="tokens per calibration sequence")] = 512,
     batch_size: int = 8, seed: int = 0,
     probe_size: Annotated[int, typer.Option(help="probe tokens kept per layer")] = 512,
-    calib_field: Annotated[Optional[str], typer.Option(help="text field of a .jsonl calibration file")] = None,
+    calib_field: Annotated[str | None, typer.Option(help="text field of a .jsonl calibration file")] = None,
     calib_template: CalibTemplate = None,
-    tokenizer: Annotated[Optional[str], typer.Option(help="tokenizer directory if not the model's")] = None,
-    stats_out: Annotated[Optional[str], typer.Option("--save-stats", help="also keep the statistics here")] = None,
+    tokenizer: Annotated[str | None, typer.Option(help="tokenizer directory if not the model's")] = None,
+    stats_out: Annotated[str | None, typer.Option("--save-stats", help="also keep the statistics here")] = None,
     option: Options = None, flatten_groups: Flatten = False, device: Device = "cpu", force: Force = False,
 ):
     """Observe, plan, apply and save in one command."""
@@ -234,20 +234,20 @@ def export_stock(
 @app.command("eval")
 def evaluate(
     models: Annotated[list[str], typer.Argument(help="model directories; deltas are against the first")],
-    text: Annotated[Optional[list[str]], typer.Option("--text", help="text file for perplexity (repeatable)")] = None,
-    tasks: Annotated[Optional[str], typer.Option("--tasks", help="comma-separated lm-eval task names")] = None,
-    task_dir: Annotated[Optional[str], typer.Option(
+    text: Annotated[list[str] | None, typer.Option("--text", help="text file for perplexity (repeatable)")] = None,
+    tasks: Annotated[str | None, typer.Option("--tasks", help="comma-separated lm-eval task names")] = None,
+    task_dir: Annotated[str | None, typer.Option(
         "--task-dir", help="directory of local lm-eval task YAMLs; with --task-text, built tasks are kept here")] = None,
-    task_text: Annotated[Optional[list[str]], typer.Option(
+    task_text: Annotated[list[str] | None, typer.Option(
         "--task-text", help="DOMAIN=FILE.txt: build moeprune_DOMAIN_mc and _cloze from it (repeatable)")] = None,
     task_items: Annotated[int, typer.Option(help="items per task built by --task-text")] = 300,
     seed: Annotated[int, typer.Option(help="seed of the tasks built by --task-text")] = 0,
-    json_out: Annotated[Optional[str], typer.Option("--json", help="also write the results as JSON here")] = None,
+    json_out: Annotated[str | None, typer.Option("--json", help="also write the results as JSON here")] = None,
     seq_len: Annotated[int, typer.Option(help="tokens per perplexity window")] = 512,
-    max_tokens: Annotated[Optional[int], typer.Option(help="score only the first N tokens of each text")] = None,
-    limit: Annotated[Optional[int], typer.Option(help="first N items of each task")] = None,
+    max_tokens: Annotated[int | None, typer.Option(help="score only the first N tokens of each text")] = None,
+    limit: Annotated[int | None, typer.Option(help="first N items of each task")] = None,
     batch_size: int = 8,
-    tokenizer: Annotated[Optional[str], typer.Option(help="tokenizer directory if not each model's")] = None,
+    tokenizer: Annotated[str | None, typer.Option(help="tokenizer directory if not each model's")] = None,
     device: Device = "cpu", force: Force = False,
 ):
     """Perplexity and zero-shot task scores of one or more checkpoints, side by side."""
@@ -275,14 +275,14 @@ def evaluate(
 def analyze(
     source: Annotated[str, typer.Argument(help="model directory, or stats directory from `moeprune observe`")],
     out_dir: Annotated[str, typer.Option("--out", help="directory for the heatmaps (PNG) and matrices (JSON)")],
-    model: Annotated[Optional[str], typer.Option("--model", help="with a stats SOURCE: the model to run the experts "
+    model: Annotated[str | None, typer.Option("--model", help="with a stats SOURCE: the model to run the experts "
                                                  "(default: the one the stats were observed on)")] = None,
-    stats: Annotated[Optional[str], typer.Option("--stats", help="with a model SOURCE: stats directory, for "
+    stats: Annotated[str | None, typer.Option("--stats", help="with a model SOURCE: stats directory, for "
                                                  "--representation data")] = None,
-    representation: Annotated[Optional[str], typer.Option(
+    representation: Annotated[str | None, typer.Option(
         "--representation", help="data (outputs on probe tokens; needs stats), weight, flat or surrogate; "
                                  "default: data with stats, else weight")] = None,
-    experts: Annotated[Optional[int], typer.Option("--experts", help="also find the groups DEK would merge "
+    experts: Annotated[int | None, typer.Option("--experts", help="also find the groups DEK would merge "
                                                    "when keeping this many experts per layer")] = None,
     linkage: Annotated[str, typer.Option("--linkage", help="average, single or complete")] = "average",
     surrogate_tokens: Annotated[int, typer.Option(help="Gaussian input rows for --representation surrogate")] = 512,
@@ -310,9 +310,9 @@ def analyze(
 
 @app.command()
 def demo(
-    method: Annotated[Optional[str], typer.Option("--method", help="pruning method (default: the benchmark's best)")] = None,
+    method: Annotated[str | None, typer.Option("--method", help="pruning method (default: the benchmark's best)")] = None,
     ratio: Annotated[float, typer.Option("--ratio", help="fraction of experts to remove")] = 0.25,
-    json_out: Annotated[Optional[str], typer.Option("--json", help="also write the report as JSON")] = None,
+    json_out: Annotated[str | None, typer.Option("--json", help="also write the report as JSON")] = None,
     rebuild: Annotated[bool, typer.Option("--rebuild", help="prune again even if a cached result exists")] = False,
 ):
     """Train (once) the offline testbed, prune it 25%, and show quality before and after."""

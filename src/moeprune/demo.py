@@ -12,7 +12,6 @@ import hashlib
 import json
 import sys
 import time
-from pathlib import Path
 
 # The method that kept most quality on mixtral-8e at 25% in benchmarks/quality.py.
 DEFAULT_METHOD = "reap"

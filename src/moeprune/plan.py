@@ -94,7 +94,7 @@ class Plan:
         Path(path).write_text(json.dumps(self.to_dict(), indent=1))
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Plan":
+    def from_dict(cls, d: dict) -> Plan:
         if d.get("version") != PLAN_VERSION:
             raise MoepruneError(f"plan version {d.get('version')!r} is not supported (expected {PLAN_VERSION})")
         layers = [
@@ -110,7 +110,7 @@ class Plan:
                    calibration=d.get("calibration", {}), flatten_groups=d.get("flatten_groups", False))
 
     @classmethod
-    def load(cls, path: str | Path) -> "Plan":
+    def load(cls, path: str | Path) -> Plan:
         p = Path(path)
         if not p.is_file():
             raise MoepruneError(f"plan file {p} does not exist")

@@ -25,4 +25,4 @@ def get_adapter(config) -> Adapter:
     )
 
 
-__all__ = ["Adapter", "ExpertWeights", "SUPPORTED_MODEL_TYPES", "decoder_layers", "get_adapter"]
+__all__ = ["SUPPORTED_MODEL_TYPES", "Adapter", "ExpertWeights", "decoder_layers", "get_adapter"]

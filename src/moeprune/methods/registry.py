@@ -7,8 +7,8 @@ run-time state.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from moeprune.errors import MoepruneError
 from moeprune.observe.stats import Stats

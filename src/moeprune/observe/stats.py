@@ -79,7 +79,7 @@ class ExpertStats:
         self.m2 = self.m2 + m2_b + delta**2 * (n_a * n_b)[:, None] / safe_n
         self.count = n
 
-    def merge(self, other: "ExpertStats") -> None:
+    def merge(self, other: ExpertStats) -> None:
         """Fold in statistics gathered elsewhere (another batch split or process)."""
         self._merge(other.count.clone(), other.mean, other.m2)
         self.gate_sum += other.gate_sum
@@ -90,7 +90,7 @@ class ExpertStats:
         return {k: getattr(self, k) for k in ("count", "gate_sum", "mean", "m2", "reap_sum", "ean_sum")}
 
     @classmethod
-    def from_tensors(cls, tensors: dict[str, torch.Tensor]) -> "ExpertStats":
+    def from_tensors(cls, tensors: dict[str, torch.Tensor]) -> ExpertStats:
         E, H = tensors["mean"].shape
         s = cls(E, H)
         for k, v in tensors.items():
@@ -172,7 +172,7 @@ class Stats:
         (d / "stats.json").write_text(json.dumps(meta, indent=2))
 
     @classmethod
-    def load(cls, directory: str | Path) -> "Stats":
+    def load(cls, directory: str | Path) -> Stats:
         from moeprune.errors import MoepruneError
 
         d = Path(directory)

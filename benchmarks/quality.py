@@ -1,0 +1,250 @@
+"""Quality benchmark: every registered method at several ratios on both trained testbeds.
+
+For each testbed model (`mixtral-8e`: 8 experts top-2; `qwen-fine`: fine-grained with a shared
+expert), calibrate once on the mixed training split, then for every method variant and ratio plan,
+apply to an in-memory copy and evaluate on the held-out *test* split: perplexity per domain (prose,
+code) and the testbed's zero-shot tasks (4-way continuation choice and last-word cloze, per
+domain). Parameter counts come from the pruned model itself. A second, task-specific run
+calibrates on code only (UNCURL's setting) and evaluates on both domains.
+
+Rows are appended to `results/quality_rows.jsonl` as they finish, so an interrupted run resumes
+where it stopped; `results/quality.md` and `results/quality.json` are rewritten from all rows.
+
+    python benchmarks/quality.py                       # everything (about an hour on 2 cores)
+    python benchmarks/quality.py --models mixtral-8e --ratios 0.25,0.5 --variants reap,mone
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import hashlib
+import json
+import math
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).parent / "results"
+
+# (label, method, options): every registered method, plus the variants the papers name.
+VARIANTS = [
+    ("random", "random", {}),
+    ("frequency", "frequency", {}),
+    ("routing_score", "routing_score", {}),
+    ("ean", "ean", {}),
+    ("reap", "reap", {}),
+    ("mone", "mone", {}),
+    ("mone-no-novice", "mone", {"novice": False}),
+    ("naee", "naee", {}),
+    ("dek-data", "dek", {"representation": "data"}),
+    ("dek-data-learned", "dek", {"representation": "data", "coefficients": "learned"}),
+    ("dek-weight", "dek", {"representation": "weight"}),
+    ("dek-weight-learned", "dek", {"representation": "weight", "coefficients": "learned"}),
+    ("hc_smoe", "hc_smoe", {}),
+    ("msmoe", "msmoe", {}),
+    ("uncurl", "uncurl", {}),
+]
+TASK_SPECIFIC = ["frequency", "reap", "naee", "msmoe", "uncurl"]
+
+
+def evaluate(model, tok, texts: dict, suite, max_tokens: int) -> dict:
+    from moeprune.evaluate import perplexity, run_tasks
+
+    ppl = {d: perplexity(model, tok, p, seq_len=512, max_tokens=max_tokens, batch_size=8)["ppl"]
+           for d, p in texts.items()}
+    tasks = run_tasks(model, tok, suite, batch_size=16) if suite is not None else {}
+    return {"ppl": ppl, "tasks": {name: m.get("acc") for name, m in tasks.items()}}
+
+
+def row_key(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def run_model(name: str, args, done: dict, sink) -> None:
+    from moeprune.api import make_plan_for
+    from moeprune.data import calibration_blocks
+    from moeprune.evaluate import load_tasks, write_tasks
+    from moeprune.io import load_model, load_tokenizer, parameter_counts
+    from moeprune.methods.access import ModelWeights
+    from moeprune.observe import observe
+    from moeprune.plan import budget
+    from moeprune.surgery import apply_plan
+    from moeprune.testbed import build_corpus, get_testbed
+
+    base_dir = get_testbed(name)
+    corpus = build_corpus()
+    texts = {"prose": corpus.path("prose", "test"), "code": corpus.path("code", "test")}
+    model = load_model(base_dir)
+    tok = load_tokenizer(base_dir)
+    E, K = model.config.to_dict().get("num_local_experts") or model.config.num_experts, model.config.num_experts_per_tok
+    eval_settings = {"max_tokens": args.max_tokens, "task_items": args.task_items, "testbed": base_dir.name}
+    with tempfile.TemporaryDirectory(prefix="moeprune-quality-") as task_dir:
+        names = write_tasks(texts, task_dir, n_items=args.task_items, seed=0)
+        suite = load_tasks(names, task_dir)
+
+        def emit(row):
+            row.update(model=name, testbed=base_dir.name, num_experts=E, top_k=K)
+            sink(row)
+            q = " ".join(f"{d}={v:.2f}" for d, v in row["ppl"].items())
+            print(f"[{name}] {row['calibration']:5s} {row['variant']:20s} r={row['ratio']:<6} {q} "
+                  f"acc={mean_acc(row):.3f} ({row['seconds']:.0f}s)", flush=True)
+
+        key = row_key(name, "baseline", eval_settings)
+        if key not in done:
+            t0 = time.perf_counter()
+            r = evaluate(model, tok, texts, suite, args.max_tokens)
+            emit({"key": key, "variant": "original", "method": None, "ratio": 0.0, "experts": E,
+                  "calibration": "-", "parameters": parameter_counts(model), **r,
+                  "seconds": time.perf_counter() - t0})
+        weights = ModelWeights(model)
+        for calib_name, variants in (("mixed", [v for v in VARIANTS if v[0] in args.variants]),
+                                     ("code", [v for v in VARIANTS if v[0] in TASK_SPECIFIC and v[0] in args.variants
+                                               and args.task_specific])):
+            if not variants:
+                continue
+            stats = None
+            # the task-specific run answers UNCURL's question at the issue's two ratios only
+            ratios = args.ratios if calib_name == "mixed" else [r for r in args.ratios if r in (0.25, 0.5)]
+            for label, method, options in variants:
+                for ratio in ratios:
+                    keep = budget(E, K, ratio=ratio)
+                    key = row_key(name, calib_name, label, keep, eval_settings, args.samples, args.seq_len)
+                    if key in done:
+                        continue
+                    if stats is None:
+                        cal = calibration_blocks(tok, str(corpus.path(calib_name, "train")), samples=args.samples,
+                                                 seq_len=args.seq_len, seed=0)
+                        stats = observe(model, cal.input_ids, batch_size=8, probe_size=512, seed=0,
+                                        calibration=cal.provenance, source=str(base_dir))
+                    t0 = time.perf_counter()
+                    plan = make_plan_for(stats, method, experts=keep, weights=weights, options=options)
+                    t_plan = time.perf_counter() - t0
+                    pruned = apply_plan(copy.deepcopy(model), plan, stats=stats)
+                    r = evaluate(pruned, tok, texts, suite, args.max_tokens)
+                    emit({"key": key, "variant": label, "method": method, "options": options, "ratio": ratio,
+                          "experts": keep, "calibration": calib_name, "parameters": parameter_counts(pruned),
+                          "plan_seconds": t_plan, **r, "seconds": time.perf_counter() - t0})
+                    del pruned
+                    gc.collect()
+
+
+def mean_acc(row) -> float:
+    accs = [v for v in row["tasks"].values() if v is not None]
+    return sum(accs) / len(accs) if accs else float("nan")
+
+
+def render(rows: list[dict]) -> str:
+    """Markdown: per model and calibration, one table per ratio, every variant against the original."""
+    out = ["# Quality benchmark", "",
+           "Perplexity on the held-out test split (first tokens of each domain, 512-token windows) and "
+           "accuracy (%) on the testbed's tasks; `Δ` columns are against the unpruned model. "
+           "Generated by `benchmarks/quality.py`.", ""]
+    for model in dict.fromkeys(r["model"] for r in rows):
+        mrows = [r for r in rows if r["model"] == model]
+        base = next((r for r in mrows if r["variant"] == "original"), None)
+        if base is None:
+            continue
+        task_names = sorted(base["tasks"])
+        out += [f"## {model} ({base['num_experts']} experts, top-{base['top_k']}, "
+                f"{base['parameters']['total'] / 1e6:.2f}M parameters)", ""]
+        for calib in dict.fromkeys(r["calibration"] for r in mrows if r["calibration"] != "-"):
+            for ratio in sorted({r["ratio"] for r in mrows if r["calibration"] == calib}):
+                sel = [r for r in mrows if r["calibration"] == calib and r["ratio"] == ratio]
+                keep = sel[0]["experts"]
+                out += [f"### {model}, calibrated on {calib}, ratio {ratio} ({base['num_experts']}→{keep} experts)", "",
+                        "| variant | params | ppl prose | Δ | ppl code | Δ | "
+                        + " | ".join(t.replace("moeprune_", "") for t in task_names) + " | mean acc |",
+                        "|---|---:|---:|---:|---:|---:|" + "---:|" * (len(task_names) + 1)]
+                for r in [base] + sorted(sel, key=lambda r: geo_ppl(r, base)):
+                    cells = [r["variant"], f"{r['parameters']['total'] / 1e6:.2f}M"]
+                    for d in ("prose", "code"):
+                        cells += [f"{r['ppl'][d]:.1f}", "" if r is base else f"{100 * (r['ppl'][d] / base['ppl'][d] - 1):+.1f}%"]
+                    cells += [f"{100 * r['tasks'][t]:.1f}" if r["tasks"].get(t) is not None else "—" for t in task_names]
+                    cells.append(f"{100 * mean_acc(r):.1f}")
+                    out.append("| " + " | ".join(cells) + " |")
+                out.append("")
+    return "\n".join(out)
+
+
+def geo_ppl(r, base) -> float:
+    logs = [math.log(r["ppl"][d] / base["ppl"][d]) for d in base["ppl"]]
+    return math.exp(sum(logs) / len(logs))
+
+
+def summary(rows: list[dict]) -> str:
+    """One compact table per model: geometric-mean perplexity ratio (mean acc) per variant and ratio."""
+    out = []
+    for model in dict.fromkeys(r["model"] for r in rows):
+        mrows = [r for r in rows if r["model"] == model and r["calibration"] == "mixed"]
+        base = next((r for r in rows if r["model"] == model and r["variant"] == "original"), None)
+        if base is None or not mrows:
+            continue
+        ratios = sorted({r["ratio"] for r in mrows})
+        out += [f"**{model}** — perplexity relative to the original (geometric mean over prose and code; "
+                f"lower is better), then mean task accuracy in % (original: "
+                f"{100 * mean_acc(base):.1f}).", "",
+                "| variant | " + " | ".join(f"{round(r * 100, 1)}% ({mrows[0]['num_experts']}→"
+                                            f"{next(x['experts'] for x in mrows if x['ratio'] == r)})"
+                                            for r in ratios) + " |",
+                "|---|" + "---:|" * len(ratios)]
+        variants = list(dict.fromkeys(r["variant"] for r in mrows))
+        variants.sort(key=lambda v: geo_ppl(next(r for r in mrows if r["variant"] == v and r["ratio"] == ratios[-1])
+                                            if any(r["variant"] == v and r["ratio"] == ratios[-1] for r in mrows)
+                                            else {"ppl": base["ppl"]}, base))
+        for v in variants:
+            cells = []
+            for ratio in ratios:
+                r = next((x for x in mrows if x["variant"] == v and x["ratio"] == ratio), None)
+                cells.append(f"{geo_ppl(r, base):.3f}× ({100 * mean_acc(r):.1f})" if r else "—")
+            out.append(f"| {v} | " + " | ".join(cells) + " |")
+        out.append("")
+    return "\n".join(out)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", default="mixtral-8e,qwen-fine")
+    ap.add_argument("--ratios", default="0.125,0.25,0.375,0.5")
+    ap.add_argument("--variants", default=",".join(v[0] for v in VARIANTS))
+    ap.add_argument("--no-task-specific", dest="task_specific", action="store_false")
+    ap.add_argument("--samples", type=int, default=64)
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--max-tokens", type=int, default=16384, help="test tokens per domain for perplexity")
+    ap.add_argument("--task-items", type=int, default=100)
+    ap.add_argument("--threads", type=int, default=None)
+    args = ap.parse_args()
+    args.ratios = [float(x) for x in args.ratios.split(",")]
+    args.variants = set(args.variants.split(","))
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    RESULTS.mkdir(exist_ok=True)
+    rows_file = RESULTS / "quality_rows.jsonl"
+    rows = [json.loads(line) for line in rows_file.read_text().splitlines()] if rows_file.exists() else []
+    done = {r["key"]: r for r in rows}
+
+    def sink(row):
+        rows.append(row)
+        done[row["key"]] = row
+        with rows_file.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        write_reports(rows)
+
+    for name in args.models.split(","):
+        run_model(name, args, done, sink)
+    write_reports(rows)
+
+
+def write_reports(rows):
+    (RESULTS / "quality.md").write_text(render(rows) + "\n## Summary\n\n" + summary(rows))
+    (RESULTS / "quality.json").write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
