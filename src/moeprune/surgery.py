@@ -100,7 +100,7 @@ def apply_plan(model: nn.Module, plan: Plan, *, stats=None) -> nn.Module:
     E_in = adapter.num_experts
     for lp in plan.layers:
         apply_layer_plan(adapter, blocks[lp.layer], lp, vectors.get(lp.layer))
-    if not vectors:  # with novices the routers keep all E rows, so the config's count stays E
+    if not any(lp.novices for lp in plan.layers):  # with novices the routers keep all E rows: config stays E
         adapter.set_config_num_experts(model, E_in, plan.num_experts_out)
     if plan.flatten_groups:
         adapter.flatten_groups(model)
