@@ -27,10 +27,12 @@ from rich.progress import (
 
 from moeprune.arch import decoder_layers, get_adapter
 from moeprune.data import Calibration, calibration_blocks
+from moeprune.distributed import Ranks
 from moeprune.errors import MoepruneError
 from moeprune.io import (
     atomic_directory,
     check_output_dir,
+    check_weight_files,
     load_config,
     load_model,
     load_tokenizer,
@@ -39,7 +41,7 @@ from moeprune.io import (
 )
 from moeprune.methods import PlanRequest, get_method, make_plan
 from moeprune.methods.access import ModelWeights
-from moeprune.observe import ExpertStats, LayerStats, Probe, Stats, model_description, observe
+from moeprune.observe import LayerStats, Stats, model_description, observe
 from moeprune.plan import Plan, budget
 from moeprune.surgery import apply_plan
 
@@ -103,11 +105,13 @@ def observe_checkpoint(
     model_path: str | Path, calib: str, *, samples: int = 128, seq_len: int = 512, batch_size: int = 8,
     seed: int = 0, probe_size: int = 512, device: str = "cpu", tokenizer: str | None = None,
     calib_field: str | None = None, calib_template: str | None = None, progress: bool = True, model=None,
-    calibration: Calibration | None = None,
+    calibration: Calibration | None = None, ranks: Ranks | None = None,
 ) -> Stats:
     """Run the calibration pass over `calib` and return the statistics.
 
-    `model` and `calibration` may be passed in when the caller already loaded them.
+    `model` and `calibration` may be passed in when the caller already loaded them. Under torchrun
+    (`ranks`, default `Ranks.from_env(device)`) every process runs its share of the batches and all
+    return the same merged statistics; only the main process shows the progress bar.
     """
     from moeprune.novice import refuse_novice_input
 
@@ -116,11 +120,14 @@ def observe_checkpoint(
         get_adapter(load_config(model_path))
     cal = calibration or calibration_blocks(load_tokenizer(tokenizer or model_path), calib, samples=samples,
                                             seq_len=seq_len, seed=seed, field=calib_field, template=calib_template)
-    model = model if model is not None else load_model(model_path, device=resolve_device(device))
+    ranks = ranks if ranks is not None else Ranks.from_env(device)
+    model = model if model is not None else load_model(model_path, device=ranks.device(resolve_device(device)))
     N = cal.input_ids.shape[0]
-    with progress_bar("calibrating", N, progress) as cb:
+    mine = sum(min(batch_size, N - s) for s in ranks.batch_starts(list(range(0, N, batch_size))))
+    what = "calibrating" if ranks.world == 1 else f"calibrating (rank 0 of {ranks.world})"
+    with progress_bar(what, mine, progress and ranks.is_main) as cb:
         return observe(model, cal.input_ids, batch_size=batch_size, probe_size=probe_size, seed=seed,
-                       calibration=cal.provenance, source=str(model_path), progress=cb)
+                       calibration=cal.provenance, source=str(model_path), progress=cb, ranks=ranks)
 
 
 def empty_stats(model, source: str | None = None) -> Stats:
@@ -128,9 +135,7 @@ def empty_stats(model, source: str | None = None) -> Stats:
     adapter = get_adapter(model.config)
     desc = model_description(model, adapter, source)
     E, H = desc["num_experts"], desc["hidden_size"]
-    layers = {i: LayerStats(i, ExpertStats(E, H), Probe(torch.zeros(0, dtype=torch.long), torch.zeros(0, H),
-                                                        torch.zeros(0, E)))
-              for i in desc["moe_layers"]}
+    layers = {i: LayerStats.empty(i, E, H) for i in desc["moe_layers"]}
     return Stats(model=desc, calibration={}, layers=layers)
 
 
@@ -152,10 +157,13 @@ def resolve_device(device: str) -> str:
 
 
 def apply_checkpoint(model_path: str | Path, plan: Plan, out: str | Path, *, force: bool = False,
-                     device: str = "cpu", command: str | None = None, model=None, stats: Stats | None = None) -> Path:
+                     device: str = "cpu", command: str | None = None, model=None, stats: Stats | None = None,
+                     layerwise: bool | None = None, progress: bool = True, notify=None) -> Path:
     """Apply `plan` to the checkpoint at `model_path` and write the result to `out`.
 
     A plan with novices (MoNE) needs `stats`, the statistics it was made from, for the novice vectors.
+    `layerwise` (default: when the checkpoint is large next to free memory) streams it layer by layer.
+    `notify(message)` hears which way was chosen, once the inputs passed their checks.
     """
     from moeprune.novice import check_novice_plan, novice_vectors, refuse_novice_input
 
@@ -171,11 +179,63 @@ def apply_checkpoint(model_path: str | Path, plan: Plan, out: str | Path, *, for
     plan.validate({"num_experts": a.num_experts, "top_k": a.top_k, "n_group": a.n_group,
                    "min_experts_per_group": a.min_experts_per_group,
                    "moe_layers": plan.model.get("moe_layers", [lp.layer for lp in plan.layers])})
+    if model is None:
+        check_weight_files(model_path)
+    use_layerwise, why = choose_layerwise(model_path, layerwise) if model is None else (False, "model given")
+    _tell(notify, use_layerwise, why)
+    if use_layerwise:
+        from moeprune.layerwise import apply_layerwise
+
+        with layer_progress("applying", progress) as cb:
+            return apply_layerwise(model_path, plan, out, stats=stats, force=force, command=command,
+                                   device=resolve_device(device), progress=cb)
     model = copy.deepcopy(model) if model is not None else load_model(model_path, device=resolve_device(device))
     before = parameter_counts(model)
     apply_plan(model, plan, stats=stats)
     return save_checkpoint(model, out, source=str(model_path), plan=plan, before=before, force=force,
                            command=command)
+
+
+def _tell(notify, layerwise: bool, why: str) -> None:
+    if notify is not None:
+        notify(f"{'layer by layer' if layerwise else 'whole model in memory'} ({why})")
+
+
+def choose_layerwise(model_path: str | Path, requested: bool | None) -> tuple[bool, str]:
+    """Whether to work layer by layer, and why: as requested, else when the weights exceed half the free memory."""
+    from moeprune.layerwise import available_memory
+    from moeprune.novice import weights_bytes
+
+    size = weights_bytes(model_path) or 0
+    safetensors = any(Path(model_path).glob("*.safetensors"))
+    if requested is not None:
+        if requested and not safetensors:
+            raise MoepruneError(f"{model_path} has no safetensors weights, which layer-by-layer work reads; "
+                                "convert the checkpoint or use --in-memory")
+        return requested, "as asked"
+    free = available_memory()
+    gb = 1024**3
+    if safetensors and free is not None and size > free / 2:
+        return True, f"weights {size / gb:.1f} GiB > half of the {free / gb:.1f} GiB available"
+    return False, f"weights {size / gb:.2f} GiB fit in the {(free or 0) / gb:.1f} GiB available"
+
+
+@contextmanager
+def layer_progress(description: str, enabled: bool = True):
+    """A progress callback for the layer-by-layer loop (`walk`): a bar over the decoder layers."""
+    state: dict = {}
+    if not enabled:
+        yield None
+        return
+    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TextColumn("eta"), TimeRemainingColumn())
+    with Progress(*columns, transient=False) as bar:
+        def update(what: str, done: int, total: int) -> None:
+            if "task" not in state:
+                state["task"] = bar.add_task(description, total=total)
+            bar.update(state["task"], completed=done, description=f"{description} {what}")
+
+        yield update
 
 
 def prune(
@@ -184,9 +244,17 @@ def prune(
     probe_size: int = 512, device: str = "cpu", flatten_groups: bool = False, force: bool = False,
     tokenizer: str | None = None, calib_field: str | None = None, calib_template: str | None = None,
     progress: bool = True, command: str | None = None, stats_out: str | Path | None = None,
-    options: dict | None = None,
+    options: dict | None = None, layerwise: bool | None = None, sequential: bool = False,
+    offload_dir: str | Path | None = None, notify=None,
 ) -> Path:
-    """The whole flow: check inputs, observe, plan, apply, save."""
+    """The whole flow: check inputs, observe, plan, apply, save.
+
+    `layerwise` reads, observes, prunes and writes one decoder layer at a time, in memory bounded by
+    about one layer (default: when the weights exceed half the free memory). `sequential` (implies
+    layerwise) applies each layer's plan before its outputs feed the next layer. Hidden states of the
+    calibration batches beyond 2 GiB go to files under `offload_dir`. `notify(message)` hears which
+    way was chosen, once the inputs passed their checks.
+    """
     from moeprune.novice import refuse_novice_input
 
     refuse_novice_input(model_path)
@@ -208,12 +276,31 @@ def prune(
     if (spec.needs_calibration or reason) and calib is None:
         why = f" ({reason})" if reason else ""
         raise MoepruneError(f"method {method} needs calibration text{why}: pass --calib PATH")
+    check_weight_files(model_path)
+    if sequential and layerwise is False:
+        raise MoepruneError("--sequential works layer by layer; drop --in-memory")
+    use_layerwise, why = choose_layerwise(model_path, True if sequential else layerwise)
     device = resolve_device(device)
     cal = None
     if calib is not None:
         # tokenising is cheap next to the pass: do it before loading the model so bad text fails fast
         cal = calibration_blocks(load_tokenizer(tokenizer or model_path), calib, samples=samples, seq_len=seq_len,
                                  seed=seed, field=calib_field, template=calib_template)
+    _tell(notify, use_layerwise, why)
+    if use_layerwise:
+        from moeprune.layerwise import prune_layerwise
+
+        with layer_progress("pruning", progress) as cb:
+            path, stats, _ = prune_layerwise(
+                model_path, method, out, keep=_budget_for(config, ratio, experts, flatten_groups),
+                input_ids=None if cal is None else cal.input_ids, calibration=None if cal is None else cal.provenance,
+                batch_size=batch_size, probe_size=probe_size, seed=seed, flatten_groups=flatten_groups,
+                options=options, sequential=sequential, force=force, command=command, device=device, progress=cb,
+                offload_dir=offload_dir)
+        if stats_out is not None and stats is not None:
+            with atomic_directory(stats_out, force=force) as tmp:
+                stats.save(tmp)
+        return path
     model = load_model(model_path, device=device)
     if cal is not None:
         stats = observe_checkpoint(model_path, calib, batch_size=batch_size, seed=seed, probe_size=probe_size,

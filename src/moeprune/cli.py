@@ -29,6 +29,10 @@ Options = Annotated[list[str] | None, typer.Option("--option", "-o", help="metho
 Flatten = Annotated[bool, typer.Option("--flatten-groups", help="route without expert groups (n_group=topk_group=1)")]
 Force = Annotated[bool, typer.Option("--force", help="replace a non-empty output directory")]
 Device = Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:N or auto")]
+Layerwise = Annotated[bool | None, typer.Option(
+    "--layerwise/--in-memory",
+    help="read, prune and write one decoder layer at a time in bounded memory, or load the whole model "
+         "[default: layer by layer when the weights exceed half the free memory]")]
 CalibTemplate = Annotated[str | None, typer.Option(
     "--calib-template", help="build each .jsonl row's text from several fields, e.g. 'Q: {question} A: {answer}'")]
 
@@ -123,14 +127,22 @@ def observe(
     tokenizer: Annotated[str | None, typer.Option(help="tokenizer directory if not the model's")] = None,
     device: Device = "cpu", force: Force = False,
 ):
-    """Run the calibration pass once and save the statistics; many plans can use them."""
+    """Run the calibration pass once and save the statistics; many plans can use them.
+
+    Runs under torchrun too (`torchrun --nproc-per-node P -m moeprune observe ...`): the batches are split
+    between the processes, the statistics reduced exactly, and rank 0 writes them.
+    """
     from moeprune.api import observe_checkpoint
+    from moeprune.distributed import Ranks
     from moeprune.io import atomic_directory, check_output_dir
 
     check_output_dir(out_dir, force, inputs=(model,))
+    ranks = Ranks.from_env(device)
     stats = observe_checkpoint(model, calib, samples=samples, seq_len=seq_len, batch_size=batch_size, seed=seed,
                                probe_size=probe_size, device=device, tokenizer=tokenizer, calib_field=calib_field,
-                               calib_template=calib_template)
+                               calib_template=calib_template, ranks=ranks)
+    if not ranks.is_main:
+        return
     with atomic_directory(out_dir, force=force) as tmp:
         stats.save(tmp)
     out.print(f"stats of {len(stats.layers)} MoE layers over {stats.num_tokens:,} tokens written to {out_dir}")
@@ -175,7 +187,7 @@ def apply(
     out_dir: Annotated[str, typer.Option("--out", help="output model directory")],
     stats: Annotated[str | None, typer.Option("--stats", help="stats directory the plan was made from "
                                                  "(needed by plans with novices, e.g. mone)")] = None,
-    device: Device = "cpu", force: Force = False,
+    device: Device = "cpu", force: Force = False, layerwise: Layerwise = None,
 ):
     """Apply a plan to a model and write a stock transformers checkpoint (a MoNE checkpoint for novice plans)."""
     from moeprune.api import apply_checkpoint
@@ -183,8 +195,9 @@ def apply(
     from moeprune.plan import Plan
 
     p = Plan.load(plan_file)
+    loaded = Stats.load(stats) if stats else None
     path = apply_checkpoint(model, p, out_dir, force=force, device=device, command=_command_line(),
-                            stats=Stats.load(stats) if stats else None)
+                            stats=loaded, layerwise=layerwise, notify=err.print)
     _print_done(p, path)
 
 
@@ -204,6 +217,12 @@ def prune(
     tokenizer: Annotated[str | None, typer.Option(help="tokenizer directory if not the model's")] = None,
     stats_out: Annotated[str | None, typer.Option("--save-stats", help="also keep the statistics here")] = None,
     option: Options = None, flatten_groups: Flatten = False, device: Device = "cpu", force: Force = False,
+    layerwise: Layerwise = None,
+    sequential: Annotated[bool, typer.Option(
+        "--sequential", help="layer by layer, apply each layer's plan before its outputs feed the next layer, "
+                             "so later statistics see the pruned model")] = False,
+    offload_dir: Annotated[str | None, typer.Option(
+        help="where hidden states beyond 2 GiB go during layer-by-layer work [default: the temp directory]")] = None,
 ):
     """Observe, plan, apply and save in one command."""
     from moeprune.api import prune as prune_model
@@ -213,8 +232,9 @@ def prune(
     path = prune_model(model, method, out_dir, ratio=ratio, experts=experts, calib=calib, samples=samples,
                        seq_len=seq_len, batch_size=batch_size, seed=seed, probe_size=probe_size, device=device,
                        flatten_groups=flatten_groups, force=force, tokenizer=tokenizer, calib_field=calib_field,
-                       calib_template=calib_template,
-                       command=_command_line(), stats_out=stats_out, options=options)
+                       calib_template=calib_template, layerwise=layerwise, sequential=sequential,
+                       offload_dir=offload_dir, command=_command_line(), stats_out=stats_out, options=options,
+                       notify=err.print)
     _print_done(Plan.load(Path(path) / "moeprune_plan.json"), path)
 
 

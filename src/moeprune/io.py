@@ -73,6 +73,20 @@ def load_model(path: str | Path, *, device: str = "cpu", dtype: str | torch.dtyp
     return model.to(device).eval()
 
 
+def check_weight_files(path: str | Path) -> None:
+    """Read the header of every safetensors file of a model directory (cheap), so a truncated or corrupt
+    download fails before any expensive work."""
+    from safetensors import safe_open
+
+    for f in sorted(Path(path).glob("*.safetensors")):
+        try:
+            with safe_open(str(f), framework="pt") as handle:
+                handle.keys()
+        except Exception as e:  # noqa: BLE001  (safetensors raises its own error types)
+            raise MoepruneError(f"could not read the weights of {path}: {f.name} is damaged ({_one_line(e)}); "
+                                "is the checkpoint complete?")
+
+
 def load_tokenizer(path: str | Path):
     try:
         return tf.AutoTokenizer.from_pretrained(str(path))
@@ -232,15 +246,22 @@ def save_checkpoint(model: nn.Module, out: str | Path, *, source: str, plan, bef
     A model with novices (MoNE) is written in moeprune's novice format (`moeprune.novice.save_pretrained`).
     """
     from moeprune.novice import save_pretrained as save_weights
-    from moeprune.novice import weights_bytes
 
     after = parameter_counts(model)
-    before = {**before, "bytes": before.get("bytes", weights_bytes(source))}
     with atomic_directory(out, force=force) as tmp:
         save_weights(model, tmp)  # original per-expert key layout by default, as vLLM expects
-        copy_side_files(source, tmp)
-        plan.save(tmp / "moeprune_plan.json")
-        after["bytes"] = weights_bytes(tmp)
-        (tmp / "README.md").write_text(model_card(source=source, plan=plan, before=before, after=after,
-                                                  command=command))
+        describe_output(tmp, source=source, plan=plan, before=before, after=after, command=command)
     return Path(out)
+
+
+def describe_output(directory: Path, *, source: str, plan, before: dict, after: dict,
+                    command: str | None = None) -> None:
+    """Add the tokenizer files, the plan and the model card to a freshly written checkpoint directory."""
+    from moeprune.novice import weights_bytes
+
+    before = {**before, "bytes": before.get("bytes", weights_bytes(source))}
+    after = {**after, "bytes": weights_bytes(directory)}
+    copy_side_files(source, directory)
+    plan.save(directory / "moeprune_plan.json")
+    (directory / "README.md").write_text(model_card(source=source, plan=plan, before=before, after=after,
+                                                    command=command))

@@ -365,25 +365,50 @@ def save_pretrained(model: nn.Module, directory: str | Path) -> None:
     if len(blocks) != len(adapter.moe_blocks(model)):
         raise MoepruneError("some MoE layers have novices and others not; a checkpoint holds one expert count")
     tensors: dict[str, torch.Tensor] = {}
-    swapped = []
+    restore = []
     count_field = adapter.count_field
     try:
         for i, block in sorted(blocks.items()):
-            ex = adapter.experts(block)
-            _, kept, novices = _slots(ex)
-            tensors[f"layer.{i}.expert_map"] = ex.expert_map.detach().cpu().contiguous()
-            tensors[f"layer.{i}.novice_vectors"] = ex.novice_vectors.detach().cpu().contiguous()
-            for dotted, owner, leaf, axis in _router_tensors(adapter, block):
-                full = getattr(owner, leaf)
-                tensors[f"layer.{i}.router.{dotted}"] = full.detach().index_select(axis, novices.to(full.device)).cpu().contiguous()
-                swapped.append((owner, leaf, full))
-                _set(owner, leaf, full.detach().index_select(axis, kept.to(full.device)).contiguous(), like=full)
+            layer_tensors, undo = detach_novices(adapter, block, i)
+            tensors.update(layer_tensors)
+            restore.append(undo)
         setattr(model.config, count_field, kept_count)
         model.save_pretrained(str(d))
     finally:
+        for undo in restore:
+            undo()
+        setattr(model.config, count_field, E)
+    write_novice_file(d, tensors, count_field=count_field, num_experts=E, kept_count=kept_count,
+                      layers=sorted(blocks))
+
+
+def detach_novices(adapter: Adapter, block: nn.Module, i: int) -> tuple[dict[str, torch.Tensor], callable]:
+    """The novice-file tensors of MoE layer i; its router is left holding only the kept rows, as on disk.
+
+    Returns the tensors and a function that puts the full router back.
+    """
+    ex = adapter.experts(block)
+    _, kept, novices = _slots(ex)
+    tensors = {f"layer.{i}.expert_map": ex.expert_map.detach().cpu().contiguous(),
+               f"layer.{i}.novice_vectors": ex.novice_vectors.detach().cpu().contiguous()}
+    swapped = []
+    for dotted, owner, leaf, axis in _router_tensors(adapter, block):
+        full = getattr(owner, leaf)
+        tensors[f"layer.{i}.router.{dotted}"] = full.detach().index_select(axis, novices.to(full.device)).cpu().contiguous()
+        swapped.append((owner, leaf, full))
+        _set(owner, leaf, full.detach().index_select(axis, kept.to(full.device)).contiguous(), like=full)
+
+    def undo():
         for owner, leaf, full in swapped:
             _set(owner, leaf, full)
-        setattr(model.config, count_field, E)
+
+    return tensors, undo
+
+
+def write_novice_file(directory: Path, tensors: dict[str, torch.Tensor], *, count_field: str, num_experts: int,
+                      kept_count: int, layers: list[int]) -> None:
+    """Write the novice file next to a stock checkpoint of the kept experts and turn its config.json into a novice one."""
+    d = Path(directory)
     save_file(tensors, str(d / NOVICE_FILE), metadata={"format": "moeprune-novices", "version": str(FORMAT_VERSION)})
     cfg = json.loads((d / "config.json").read_text())
     cfg[CONFIG_KEY] = {
@@ -392,9 +417,9 @@ def save_pretrained(model: nn.Module, directory: str | Path) -> None:
         "model_type": cfg["model_type"],
         "architectures": cfg.get("architectures"),
         "count_field": count_field,
-        "num_experts": E,
+        "num_experts": num_experts,
         "num_experts_kept": kept_count,
-        "novice_layers": sorted(blocks),
+        "novice_layers": layers,
         "note": "router keeps all num_experts rows; tokens routed to a novice get gate * novice vector",
     }
     cfg["model_type"] = _refusal(cfg["model_type"])

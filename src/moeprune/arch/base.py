@@ -223,12 +223,16 @@ class Adapter:
             cfg.n_group = 1
             cfg.topk_group = 1
         for block in self.moe_blocks(model).values():
-            router = self.router(block)
-            for attr in ("n_group", "num_group"):
-                if hasattr(router, attr):
-                    setattr(router, attr, 1)
-            if hasattr(router, "topk_group"):
-                router.topk_group = 1
+            self.flatten_block_groups(block)
+
+    def flatten_block_groups(self, block: nn.Module) -> None:
+        """Turn group-limited routing off in one MoE block's router (its cached group counts)."""
+        router = self.router(block)
+        for attr in ("n_group", "num_group"):
+            if hasattr(router, attr):
+                setattr(router, attr, 1)
+        if hasattr(router, "topk_group"):
+            router.topk_group = 1
 
     # ---- descriptions -------------------------------------------------------------------------
     def shared_expert_modules(self, block: nn.Module) -> list[str]:

@@ -70,6 +70,11 @@ class MoneConfig:
         if self.scope not in SCOPES:
             raise MoepruneError(f"mone option scope={self.scope!r} is not one of {', '.join(SCOPES)}")
 
+    @property
+    def layer_local(self) -> bool:
+        """Whether a layer's plan depends on that layer alone (layer-by-layer pruning plans it in one pass)."""
+        return self.scope == "layer"
+
 
 def redundancy(st: ExpertStats, num_tokens: int, ranking: str = "product") -> torch.Tensor:
     """[E] float64 phi of every expert of one layer; the lowest are pruned."""

@@ -44,6 +44,10 @@ class MethodSpec:
     kind: str = "prune"  # prune | merge | novice
     needs_weights: bool = False  # reads expert weights (PlanRequest.weights), so planning needs the model
 
+    def layer_local(self, cfg) -> bool:
+        """Whether the plan of a layer depends only on that layer's statistics and weights (configs say otherwise)."""
+        return bool(getattr(cfg, "layer_local", True))
+
     def default_config(self, **overrides):
         names = {f.name for f in dataclasses.fields(self.config)}
         unknown = set(overrides) - names

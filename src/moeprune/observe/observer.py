@@ -10,12 +10,16 @@ from __future__ import annotations
 
 import contextlib
 import time
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from moeprune.arch import Adapter, get_adapter
 from moeprune.observe.stats import ExpertStats, LayerStats, ProbeCollector, Stats
+
+if TYPE_CHECKING:
+    from moeprune.distributed import Ranks
 
 
 def probe_positions(num_tokens: int, probe_size: int, seed: int) -> torch.Tensor:
@@ -111,27 +115,37 @@ def observe(
     calibration: dict | None = None,
     source: str | None = None,
     progress=None,
+    ranks: Ranks | None = None,
 ) -> Stats:
     """One calibration pass over `input_ids` [N, L] (packed, no padding) -> Stats.
 
-    `progress`, if given, is called with the number of sequences done after every batch.
+    `progress`, if given, is called with the number of sequences this process has done after every
+    batch. With `ranks` (several processes, see `moeprune.distributed`) every rank passes the same
+    `input_ids`, runs only its own share of the batches, and all ranks return the same merged Stats.
     """
+    from moeprune.distributed import Ranks
+
+    ranks = ranks or Ranks()
     adapter = get_adapter(model.config)
     N, L = input_ids.shape
     device = next(model.parameters()).device
     blocks = adapter.moe_blocks(model)
     wanted = probe_positions(N * L, probe_size, seed)
     started = time.perf_counter()
+    done = 0
     with Observer(adapter, blocks, wanted) as obs:
-        for start in range(0, N, batch_size):
+        for start in ranks.batch_starts(list(range(0, N, batch_size))):
             batch = input_ids[start : start + batch_size]  # [B, L]
-            positions = torch.arange(start * L, (start + batch.shape[0]) * L)  # [B*L]
+            positions = torch.arange(start * L, (start + batch.shape[0]) * L)  # [B*L] global token indices
             obs.begin_batch(positions)
             model(input_ids=batch.to(device), use_cache=False)
+            done += batch.shape[0]
             if progress is not None:
-                progress(min(start + batch_size, N))
-        layers = obs.layer_stats()
+                progress(done)
+        layers = ranks.reduce_layer_stats(obs.layer_stats())
     calib = dict(calibration or {})
     calib.update(tokens=N * L, sequences=N, seq_len=L, probe_size=int(wanted.numel()), seed=seed,
-                 seconds=round(time.perf_counter() - started, 3))
+                 seconds=round(ranks.max_over_ranks(time.perf_counter() - started), 3))
+    if ranks.world > 1:
+        calib["processes"] = ranks.world
     return Stats(model=model_description(model, adapter, source), calibration=calib, layers=layers)

@@ -141,6 +141,12 @@ class LayerStats:
     experts: ExpertStats
     probe: Probe
 
+    @classmethod
+    def empty(cls, layer: int, num_experts: int, hidden: int) -> LayerStats:
+        """No calibration: zero counts and an empty probe, for methods that read only the weights."""
+        E, H = num_experts, hidden
+        return cls(layer, ExpertStats(E, H), Probe(torch.zeros(0, dtype=torch.long), torch.zeros(0, H), torch.zeros(0, E)))
+
 
 @dataclass
 class Stats:

@@ -1,0 +1,184 @@
+"""A checkpoint read one decoder layer at a time into a weightless skeleton of its model.
+
+The skeleton is the family's own model class built under `accelerate.init_empty_weights` (parameters
+on the meta device, buffers such as RoPE frequencies real), so every forward, router and expert
+kernel is transformers' own. Weights come straight from the safetensors shards through
+transformers' key conversion (`get_model_conversion_mapping` + `convert_and_load_state_dict_in_model`,
+the code `from_pretrained` uses), so on-disk per-expert keys (`experts.7.w1.weight`, ...) land in
+the fused in-memory tensors without any per-family key rules here. A layer is freed by putting its
+tensors back on the meta device, which releases both its memory and its hold on the shard mapping.
+
+These are transformers internals (pinned to 5.x in pyproject); they are the same functions PEFT uses.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+import transformers as tf
+from accelerate import init_empty_weights
+from safetensors import safe_open
+from torch import nn
+from transformers.conversion_mapping import get_model_conversion_mapping
+from transformers.core_model_loading import (
+    WeightConverter,
+    WeightRenaming,
+    convert_and_load_state_dict_in_model,
+    rename_source_key,
+)
+from transformers.modeling_utils import LoadStateDictConfig
+
+from moeprune.arch import decoder_layers, get_adapter
+from moeprune.errors import MoepruneError
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+
+
+def weight_map(path: Path) -> dict[str, str]:
+    """On-disk tensor name -> shard file name, from the index or the single safetensors file."""
+    index = path / INDEX_FILE
+    if index.is_file():
+        try:
+            return dict(json.loads(index.read_text())["weight_map"])
+        except (json.JSONDecodeError, KeyError) as e:
+            raise MoepruneError(f"{index} is not a valid safetensors index ({type(e).__name__}: {e})")
+    if (path / SINGLE_FILE).is_file():
+        with safe_open(str(path / SINGLE_FILE), framework="pt") as f:
+            return dict.fromkeys(f.keys(), SINGLE_FILE)
+    raise MoepruneError(f"{path} has no safetensors weights ({INDEX_FILE} or {SINGLE_FILE}); layer-by-layer "
+                        "loading reads safetensors only: convert the checkpoint, or use --in-memory")
+
+
+def _dtype(config, dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype != "auto":
+        return getattr(torch, dtype)
+    found = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(found, str):
+        found = getattr(torch, found)
+    return found if isinstance(found, torch.dtype) else torch.float32
+
+
+class ShardedCheckpoint:
+    """A model directory whose weights are read on demand, one decoder layer at a time.
+
+    `model` is the skeleton; `layers` its decoder layers (prefix `layer_prefix`, e.g. `model.layers.`).
+    """
+
+    def __init__(self, path: str | Path, *, dtype: str | torch.dtype = "auto", device: str = "cpu"):
+        from moeprune.io import load_config
+
+        self.path = Path(path)
+        config = load_config(self.path)
+        self.adapter = get_adapter(config)
+        self.device = device
+        self.weight_map = weight_map(self.path)
+        missing_files = sorted({f for f in self.weight_map.values() if not (self.path / f).is_file()})
+        if missing_files:
+            raise MoepruneError(f"{self.path} lacks shard {missing_files[0]} named in its index; the download is "
+                                "incomplete")
+        tf.utils.logging.disable_progress_bar()  # else the loader shows one bar per layer
+        with init_empty_weights():  # parameters on meta; buffers (RoPE inv_freq) stay real
+            self.model = tf.AutoModelForCausalLM.from_config(config, dtype=_dtype(config, dtype))
+        self.model.eval()
+        self.adapter = get_adapter(self.model.config)
+        self.layers, self.layer_prefix = decoder_layers(self.model)
+        self.conversion = get_model_conversion_mapping(self.model)
+        renamings = [c for c in self.conversion if isinstance(c, WeightRenaming)]
+        converters = [c for c in self.conversion if isinstance(c, WeightConverter)]
+        meta = self.model.state_dict()
+        # on-disk key -> in-model name, e.g. model.layers.3.block_sparse_moe.experts.7.w1.weight -> ...experts.gate_up_proj
+        self.target = {k: rename_source_key(k, renamings, converters, self.model.base_model_prefix, meta)[0]
+                       for k in self.weight_map}
+        self._check_complete(meta)
+
+    def _check_complete(self, meta: dict) -> None:
+        """Every parameter of the skeleton must come from some on-disk tensor (tied ones appear once)."""
+        targets = set(self.target.values())
+        tied = getattr(self.model, "all_tied_weights_keys", None) or {}  # e.g. lm_head.weight -> embed_tokens.weight
+        missing = [n for n, _ in self.model.named_parameters() if n not in targets and tied.get(n) not in targets]
+        if missing:
+            raise MoepruneError(f"{self.path} has no weights for {len(missing)} parameters (e.g. {missing[0]}); the "
+                                "checkpoint is incomplete or does not match its config")
+        unknown = sorted(k for k, t in self.target.items() if t not in meta)
+        if unknown:
+            raise MoepruneError(f"{self.path} holds tensors the {type(self.model).__name__} model has no place for "
+                                f"({len(unknown)}, e.g. {unknown[0]}); the checkpoint does not match its config")
+
+    # ---- which keys ---------------------------------------------------------------------------
+    def layer_keys(self, i: int) -> list[str]:
+        """On-disk keys of decoder layer i."""
+        prefix = f"{self.layer_prefix}{i}."
+        return [k for k, t in self.target.items() if t.startswith(prefix)]
+
+    def rest_keys(self) -> list[str]:
+        """On-disk keys outside the decoder layers: embeddings, final norm, lm_head."""
+        return [k for k, t in self.target.items() if not t.startswith(self.layer_prefix)]
+
+    @property
+    def num_bytes(self) -> int:
+        return sum((self.path / f).stat().st_size for f in set(self.weight_map.values()))
+
+    # ---- loading and freeing -------------------------------------------------------------------
+    def load(self, keys: list[str]) -> None:
+        """Materialise the parameters behind on-disk `keys` in the skeleton (all sources of a fused tensor at once)."""
+        by_file: dict[str, list[str]] = {}
+        for k in keys:
+            by_file.setdefault(self.weight_map[k], []).append(k)
+        state = {}
+        for name, ks in by_file.items():
+            handle = safe_open(str(self.path / name), framework="pt")
+            state.update({k: handle.get_slice(k) for k in ks})  # lazy: read inside the loader, cast to the skeleton dtype
+        info, _ = convert_and_load_state_dict_in_model(self.model, state, LoadStateDictConfig(weight_mapping=self.conversion))
+        bad = sorted(set(info.unexpected_keys) | {k[0] if isinstance(k, tuple) else k for k in info.mismatched_keys})
+        if bad or info.conversion_errors:
+            detail = bad[0] if bad else next(iter(info.conversion_errors.values()))
+            raise MoepruneError(f"{self.path}: could not load {detail} into the model; the checkpoint does not match "
+                                "its config")
+
+    def load_rest(self) -> None:
+        self.load(self.rest_keys())
+        self.model.tie_weights()  # a tied lm_head is not on disk: share the embeddings, as from_pretrained does
+
+    def load_layer(self, i: int) -> nn.Module:
+        self.load(self.layer_keys(i))
+        layer = self.layers[i]
+        if self.device != "cpu":
+            layer.to(self.device)
+        return layer
+
+    def raw_tensor(self, key: str) -> torch.Tensor:
+        """One on-disk tensor as stored (no renaming, no cast)."""
+        with safe_open(str(self.path / self.weight_map[key]), framework="pt") as f:
+            return f.get_tensor(key)
+
+
+def free(module: nn.Module) -> None:
+    """Put a module's parameters and persistent buffers back on the meta device, releasing their memory."""
+    for name, p in list(module.named_parameters()):
+        owner_name, _, leaf = name.rpartition(".")
+        owner = module.get_submodule(owner_name)
+        owner._parameters[leaf] = nn.Parameter(p.to("meta"), requires_grad=False)
+    for owner in module.modules():
+        for leaf, b in list(owner._buffers.items()):
+            if b is not None and leaf not in owner._non_persistent_buffers_set:
+                owner._buffers[leaf] = b.to("meta")
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to a new allocation (MemAvailable), or None where unknown."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None

@@ -1,0 +1,207 @@
+"""Observe, plan, prune and save a checkpoint one decoder layer at a time, in memory bounded by about one layer.
+
+For each decoder layer: its weights are read from the shards (`ShardedCheckpoint`), this rank's
+calibration batches run through it with the same `Observer` the whole-model path uses, its
+statistics are reduced across ranks, its plan is made and applied by the same `surgery` code, it
+is written as one output shard, and it is freed. Its outputs are the next layer's inputs. So the
+statistics, plans and weights are the ones the whole-model path produces (tests check this per
+family), while peak memory is about one layer plus the embeddings' touched rows plus the hidden
+states of the calibration batches (`HiddenStates`, spilled to disk beyond a budget).
+
+Methods whose plan for a layer depends only on that layer's statistics and weights (every method
+except MoNE with `scope=global`) are planned inside the loop, so the checkpoint is read once. The
+others take two passes: observe every layer, plan, then stream the surgery. `sequential=True`
+applies each layer's plan before its outputs feed the next layer, so later statistics see the
+pruned model (the whole-model path cannot do this).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from moeprune.errors import MoepruneError
+from moeprune.layerwise.activations import HiddenStates, layer_call, run_layer, to_device
+from moeprune.layerwise.checkpoint import ShardedCheckpoint, free
+from moeprune.layerwise.writer import ShardWriter, layer_on_disk
+from moeprune.methods.access import LayerAccess
+from moeprune.observe import LayerStats, Stats, model_description
+from moeprune.observe.observer import Observer, probe_positions
+from moeprune.plan import LayerPlan, Plan
+
+DEFAULT_HIDDEN_BUDGET = 2 * 1024**3  # bytes of hidden states kept in memory before spilling to disk
+
+
+def _single():
+    from moeprune.distributed import Ranks
+
+    return Ranks()
+
+
+class _Batches:
+    """This rank's calibration batches and their hidden states between layers."""
+
+    def __init__(self, ck: ShardedCheckpoint, input_ids: torch.Tensor, batch_size: int, ranks, budget: int,
+                 offload_dir):
+        self.ck = ck
+        self.input_ids = input_ids  # [N, L]
+        self.batch_size = batch_size
+        N = input_ids.shape[0]
+        self.starts = ranks.batch_starts(list(range(0, N, batch_size)))
+        self.hidden = HiddenStates(budget, offload_dir)
+
+    @property
+    def sequences(self) -> int:
+        N = self.input_ids.shape[0]
+        return sum(min(self.batch_size, N - s) for s in self.starts)
+
+    @torch.no_grad()
+    def run(self, i: int, layer: nn.Module, observer: Observer | None = None, keep: bool = True,
+            progress: Callable[[int], None] | None = None) -> None:
+        """Run every local batch through decoder layer i; with `keep`, store the outputs as layer i+1's inputs."""
+        L = self.input_ids.shape[1]
+        device = self.ck.device
+        done = 0
+        for b, s in enumerate(self.starts):
+            batch = self.input_ids[s : s + self.batch_size]  # [B, L]
+            h0, args, kwargs = layer_call(self.ck.model, self.ck.layers, batch, i)
+            h = h0 if i == 0 else self.hidden.get(b)  # [B, L, H]
+            if observer is not None:
+                observer.begin_batch(torch.arange(s * L, (s + batch.shape[0]) * L))
+            out = run_layer(layer, h.to(device), to_device(args, device), to_device(kwargs, device))
+            if keep:
+                self.hidden.put(b, out)
+            done += batch.shape[0]
+            if progress is not None:
+                progress(done)
+
+    def advance(self) -> None:
+        self.hidden.advance()
+
+    def close(self) -> None:
+        self.hidden.close()
+
+
+@dataclasses.dataclass
+class LayerwiseResult:
+    stats: Stats | None
+    plan: Plan | None
+    seconds: float
+    novice_tensors: dict  # novice-file tensors of the written layers (empty without novices)
+
+
+def walk(
+    ck: ShardedCheckpoint,
+    *,
+    input_ids: torch.Tensor | None = None,
+    batch_size: int = 8,
+    probe_size: int = 512,
+    seed: int = 0,
+    calibration: dict | None = None,
+    ranks=None,
+    plan_layer: Callable[[int, LayerStats | None, LayerAccess], tuple[LayerPlan, torch.Tensor | None]] | None = None,
+    sequential: bool = False,
+    flatten_groups: bool = False,
+    write_to: Path | None = None,
+    observe: bool = True,
+    hidden_budget: int = DEFAULT_HIDDEN_BUDGET,
+    offload_dir: str | Path | None = None,
+    progress=None,
+) -> LayerwiseResult:
+    """One pass over the decoder layers of `ck`.
+
+    With `input_ids` [N, L] the layers run on the calibration batches, observed when `observe`.
+    `plan_layer(i, stats_i, access)` returns layer i's plan and its novice vectors (or None); it is
+    applied before the layer is written (to `write_to`) or, with `sequential`, before its outputs
+    move on. `progress(description, done, total)` is called as work advances.
+    """
+    ranks = ranks or _single()
+    adapter = ck.adapter
+    blocks = adapter.moe_blocks(ck.model)
+    desc = model_description(ck.model, adapter, str(ck.path))
+    started = time.perf_counter()
+    batches = None
+    wanted = None
+    if input_ids is not None:
+        N, L = input_ids.shape
+        wanted = probe_positions(N * L, probe_size, seed)
+        batches = _Batches(ck, input_ids, batch_size, ranks, hidden_budget, offload_dir)
+    if plan_layer is None and sequential:
+        raise MoepruneError("sequential pruning needs a plan for each layer as it goes")
+    writer = None
+    if write_to is not None:
+        writer = ShardWriter(write_to, num_shards=len(ck.layers) + 1)
+    ck.load_rest()
+    stats_layers: dict[int, LayerStats] = {}
+    plans: list[LayerPlan] = []
+    novice_tensors: dict[str, torch.Tensor] = {}  # for the novice file, gathered as layers are written
+    n_layers = len(ck.layers)
+    try:
+        for i, layer in enumerate(ck.layers):
+            if progress is not None:
+                progress(f"layer {i + 1}/{n_layers}", i, n_layers)
+            ck.load_layer(i)
+            block = blocks.get(i)
+            last = i == n_layers - 1
+            layer_stats = None
+            will_change = plan_layer is not None and block is not None
+            if batches is not None:
+                keep = not last and not (sequential and will_change)
+                if observe and block is not None:
+                    with Observer(adapter, {i: block}, wanted) as obs:
+                        batches.run(i, layer, obs, keep=keep)
+                    layer_stats = ranks.reduce_layer_stats(obs.layer_stats())[i]
+                    stats_layers[i] = layer_stats
+                elif keep:
+                    batches.run(i, layer, keep=True)
+            if will_change:
+                from moeprune.surgery import apply_layer_plan
+
+                lp, vectors = plan_layer(i, layer_stats, LayerAccess(adapter, block, i))
+                apply_layer_plan(adapter, block, lp, vectors)
+                if flatten_groups:
+                    adapter.flatten_block_groups(block)
+                plans.append(lp)
+                if sequential and batches is not None and not last:
+                    batches.run(i, layer, keep=True)
+            if writer is not None:
+                writer.write(_layer_tensors(ck, i, layer, block, novice_tensors))
+            free(layer)
+            if batches is not None:
+                batches.advance()
+        if writer is not None:
+            writer.write({k: ck.raw_tensor(k) for k in ck.rest_keys()})  # embeddings, norm, lm_head as stored
+            writer.finish()
+    finally:
+        if batches is not None:
+            batches.close()
+    if progress is not None:
+        progress("done", n_layers, n_layers)
+    seconds = time.perf_counter() - started
+    stats = None
+    if batches is not None and observe:
+        N, L = input_ids.shape
+        calib = dict(calibration or {})
+        calib.update(tokens=N * L, sequences=N, seq_len=L, probe_size=int(wanted.numel()), seed=seed,
+                     seconds=round(seconds, 3), layerwise=True)
+        stats = Stats(model=desc, calibration=calib, layers=stats_layers)
+    plan = None
+    if plans:
+        plan = Plan(method="", layers=plans, model=desc, flatten_groups=flatten_groups)
+    return LayerwiseResult(stats, plan, seconds, novice_tensors)
+
+
+def _layer_tensors(ck: ShardedCheckpoint, i: int, layer: nn.Module, block: nn.Module | None,
+                   novice_tensors: dict) -> dict[str, torch.Tensor]:
+    """Layer i's on-disk tensors; a layer with novices gives its novice tensors to `novice_tensors`."""
+    from moeprune.novice import detach_novices, is_novice_experts
+
+    if block is not None and is_novice_experts(ck.adapter.experts(block)):
+        tensors, _ = detach_novices(ck.adapter, block, i)  # the router keeps the kept rows only, as on disk
+        novice_tensors.update(tensors)
+    return layer_on_disk(ck.model, layer, f"{ck.layer_prefix}{i}.")
