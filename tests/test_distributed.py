@@ -123,3 +123,40 @@ def test_torchrun_observe_equals_one_process(tmp_path):
     assert ({k: v for k, v in two.calibration.items() if k not in ignore}
             == {k: v for k, v in one.calibration.items() if k not in ignore})
     _assert_same_stats(two.layers, one.layers)
+
+
+def test_torchrun_layerwise_prune_equals_one_process(tmp_path):
+    """2 processes, layer by layer: each layer's statistics are reduced before it is planned; rank 0 writes."""
+    model_dir, calib = tmp_path / "model", tmp_path / "calib.txt"
+    save_tiny_checkpoint("qwen3_moe", model_dir, seed=SEED)
+    calib.write_text(calibration_text(), encoding="utf-8")
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env["OMP_NUM_THREADS"] = "1"
+    args = ["prune", str(model_dir), "--method", "reap", "--ratio", "0.25", "--calib", str(calib), "--samples",
+            str(N), "--seq-len", str(L), "--batch-size", str(BATCH), "--probe-size", str(PROBE)]
+    (tmp_path / "one").mkdir()
+    (tmp_path / "two").mkdir()
+    single = subprocess.run([sys.executable, "-m", "moeprune", *args, "--in-memory", "--out", str(tmp_path / "one" / "m"),
+                             "--save-stats", str(tmp_path / "one" / "stats")],
+                            env=env, capture_output=True, text=True, timeout=180)
+    assert single.returncode == 0, single.stderr
+    multi = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                            "-m", "moeprune", *args, "--layerwise", "--out", str(tmp_path / "two" / "m"),
+                            "--save-stats", str(tmp_path / "two" / "stats")],
+                           env=env, capture_output=True, text=True, timeout=180)
+    assert multi.returncode == 0, multi.stderr
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["m", "stats"]
+    one, two = Stats.load(tmp_path / "one" / "stats"), Stats.load(tmp_path / "two" / "stats")
+    assert two.calibration["processes"] == 2 and two.calibration["layerwise"] is True
+    _assert_same_stats(two.layers, one.layers)
+    from safetensors.torch import load_file
+
+    def weights(d):
+        out = {}
+        for f in sorted(d.glob("*.safetensors")):
+            out.update(load_file(f))
+        return out
+
+    a, b = weights(tmp_path / "one" / "m"), weights(tmp_path / "two" / "m")
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)

@@ -62,12 +62,14 @@ def progress_bar(description: str, total: int, enabled: bool = True):
 def inspect(model_path: str | Path) -> dict:
     """Family, MoE layers, experts, top-k, shared experts and parameter split of a checkpoint.
 
+    Only the config is read (the model is built on the meta device), so any size inspects instantly.
     MoNE checkpoints load through `moeprune.from_pretrained`; `novices` then describes them (else None),
     and the parameter counts include the novice vectors.
     """
-    from moeprune.novice import describe, from_pretrained, weights_bytes
+    from moeprune.layerwise.checkpoint import skeleton
+    from moeprune.novice import describe, from_pretrained, is_novice_checkpoint, weights_bytes
 
-    model = from_pretrained(model_path)
+    model = from_pretrained(model_path) if is_novice_checkpoint(model_path) else skeleton(load_config(model_path))
     adapter = get_adapter(model.config)
     blocks = adapter.moe_blocks(model)
     first = next(iter(blocks.values()))
@@ -105,22 +107,36 @@ def observe_checkpoint(
     model_path: str | Path, calib: str, *, samples: int = 128, seq_len: int = 512, batch_size: int = 8,
     seed: int = 0, probe_size: int = 512, device: str = "cpu", tokenizer: str | None = None,
     calib_field: str | None = None, calib_template: str | None = None, progress: bool = True, model=None,
-    calibration: Calibration | None = None, ranks: Ranks | None = None,
+    calibration: Calibration | None = None, ranks: Ranks | None = None, layerwise: bool | None = None,
+    offload_dir: str | Path | None = None, notify=None,
 ) -> Stats:
     """Run the calibration pass over `calib` and return the statistics.
 
     `model` and `calibration` may be passed in when the caller already loaded them. Under torchrun
     (`ranks`, default `Ranks.from_env(device)`) every process runs its share of the batches and all
-    return the same merged statistics; only the main process shows the progress bar.
+    return the same merged statistics; only the main process shows the progress bar. `layerwise`
+    (default: when the weights exceed half the free memory) runs one decoder layer at a time.
     """
     from moeprune.novice import refuse_novice_input
 
     refuse_novice_input(model_path, model, action="observe")
+    use_layerwise, why = False, "model given"
     if model is None:
         get_adapter(load_config(model_path))
+        check_weight_files(model_path)
+        use_layerwise, why = choose_layerwise(model_path, layerwise)
     cal = calibration or calibration_blocks(load_tokenizer(tokenizer or model_path), calib, samples=samples,
                                             seq_len=seq_len, seed=seed, field=calib_field, template=calib_template)
     ranks = ranks if ranks is not None else Ranks.from_env(device)
+    if ranks.is_main and calibration is None:
+        _tell(notify, use_layerwise, why)
+    if use_layerwise:
+        from moeprune.layerwise import observe_layerwise
+
+        with layer_progress("calibrating", progress and ranks.is_main) as cb:
+            return observe_layerwise(model_path, cal.input_ids, batch_size=batch_size, probe_size=probe_size,
+                                     seed=seed, calibration=cal.provenance, device=ranks.device(resolve_device(device)),
+                                     ranks=ranks, progress=cb, offload_dir=offload_dir)
     model = model if model is not None else load_model(model_path, device=ranks.device(resolve_device(device)))
     N = cal.input_ids.shape[0]
     mine = sum(min(batch_size, N - s) for s in ranks.batch_starts(list(range(0, N, batch_size))))
@@ -286,27 +302,31 @@ def prune(
         # tokenising is cheap next to the pass: do it before loading the model so bad text fails fast
         cal = calibration_blocks(load_tokenizer(tokenizer or model_path), calib, samples=samples, seq_len=seq_len,
                                  seed=seed, field=calib_field, template=calib_template)
-    _tell(notify, use_layerwise, why)
+    ranks = Ranks.from_env(device)  # under torchrun the calibration batches are shared; rank 0 writes
+    if ranks.is_main:
+        _tell(notify, use_layerwise, why)
     if use_layerwise:
         from moeprune.layerwise import prune_layerwise
 
-        with layer_progress("pruning", progress) as cb:
+        with layer_progress("pruning", progress and ranks.is_main) as cb:
             path, stats, _ = prune_layerwise(
                 model_path, method, out, keep=_budget_for(config, ratio, experts, flatten_groups),
                 input_ids=None if cal is None else cal.input_ids, calibration=None if cal is None else cal.provenance,
                 batch_size=batch_size, probe_size=probe_size, seed=seed, flatten_groups=flatten_groups,
-                options=options, sequential=sequential, force=force, command=command, device=device, progress=cb,
-                offload_dir=offload_dir)
-        if stats_out is not None and stats is not None:
+                options=options, sequential=sequential, force=force, command=command, device=ranks.device(device),
+                progress=cb, offload_dir=offload_dir, ranks=ranks)
+        if stats_out is not None and stats is not None and ranks.is_main:
             with atomic_directory(stats_out, force=force) as tmp:
                 stats.save(tmp)
         return path
-    model = load_model(model_path, device=device)
+    model = load_model(model_path, device=ranks.device(device))
     if cal is not None:
         stats = observe_checkpoint(model_path, calib, batch_size=batch_size, seed=seed, probe_size=probe_size,
-                                   progress=progress, model=model, calibration=cal)
+                                   progress=progress, model=model, calibration=cal, ranks=ranks)
     else:
         stats = empty_stats(model, str(model_path))
+    if not ranks.is_main:
+        return Path(out)
     plan = make_plan_for(stats, method, ratio=ratio, experts=experts, flatten_groups=flatten_groups,
                          weights=ModelWeights(model), options=options)
     before = parameter_counts(model)

@@ -33,6 +33,8 @@ Layerwise = Annotated[bool | None, typer.Option(
     "--layerwise/--in-memory",
     help="read, prune and write one decoder layer at a time in bounded memory, or load the whole model "
          "[default: layer by layer when the weights exceed half the free memory]")]
+OffloadDir = Annotated[str | None, typer.Option(
+    help="where hidden states beyond 2 GiB go during layer-by-layer work [default: the temp directory]")]
 CalibTemplate = Annotated[str | None, typer.Option(
     "--calib-template", help="build each .jsonl row's text from several fields, e.g. 'Q: {question} A: {answer}'")]
 
@@ -125,7 +127,8 @@ def observe(
     calib_field: Annotated[str | None, typer.Option(help="text field of a .jsonl calibration file")] = None,
     calib_template: CalibTemplate = None,
     tokenizer: Annotated[str | None, typer.Option(help="tokenizer directory if not the model's")] = None,
-    device: Device = "cpu", force: Force = False,
+    device: Device = "cpu", force: Force = False, layerwise: Layerwise = None,
+    offload_dir: OffloadDir = None,
 ):
     """Run the calibration pass once and save the statistics; many plans can use them.
 
@@ -140,7 +143,8 @@ def observe(
     ranks = Ranks.from_env(device)
     stats = observe_checkpoint(model, calib, samples=samples, seq_len=seq_len, batch_size=batch_size, seed=seed,
                                probe_size=probe_size, device=device, tokenizer=tokenizer, calib_field=calib_field,
-                               calib_template=calib_template, ranks=ranks)
+                               calib_template=calib_template, ranks=ranks, layerwise=layerwise,
+                               offload_dir=offload_dir, notify=err.print)
     if not ranks.is_main:
         return
     with atomic_directory(out_dir, force=force) as tmp:
@@ -221,8 +225,7 @@ def prune(
     sequential: Annotated[bool, typer.Option(
         "--sequential", help="layer by layer, apply each layer's plan before its outputs feed the next layer, "
                              "so later statistics see the pruned model")] = False,
-    offload_dir: Annotated[str | None, typer.Option(
-        help="where hidden states beyond 2 GiB go during layer-by-layer work [default: the temp directory]")] = None,
+    offload_dir: OffloadDir = None,
 ):
     """Observe, plan, apply and save in one command."""
     from moeprune.api import prune as prune_model

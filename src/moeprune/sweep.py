@@ -118,6 +118,7 @@ def sweep(
     from moeprune.api import empty_stats, make_plan_for, observe_checkpoint, resolve_device
     from moeprune.arch import get_adapter
     from moeprune.data import calibration_blocks
+    from moeprune.distributed import Ranks
     from moeprune.evaluate import load_tasks, write_tasks
     from moeprune.io import (
         atomic_directory,
@@ -193,7 +194,8 @@ def sweep(
         t0 = time.perf_counter()
         if cal is not None:
             stats = observe_checkpoint(model_path, calib, batch_size=batch_size, seed=seed, probe_size=probe_size,
-                                       progress=progress, model=model, calibration=cal)
+                                       progress=progress, model=model, calibration=cal,
+                                       ranks=Ranks())  # one process: a sweep evaluates and writes everything itself
         else:
             stats = empty_stats(model, str(model_path))
         observe_seconds = time.perf_counter() - t0

@@ -64,6 +64,12 @@ def _dtype(config, dtype) -> torch.dtype:
     return found if isinstance(found, torch.dtype) else torch.float32
 
 
+def skeleton(config, dtype: str | torch.dtype = "auto") -> nn.Module:
+    """The family's model with parameters on the meta device (no memory) and real buffers (RoPE inv_freq)."""
+    with init_empty_weights():
+        return tf.AutoModelForCausalLM.from_config(config, dtype=_dtype(config, dtype)).eval()
+
+
 class ShardedCheckpoint:
     """A model directory whose weights are read on demand, one decoder layer at a time.
 
@@ -83,9 +89,7 @@ class ShardedCheckpoint:
             raise MoepruneError(f"{self.path} lacks shard {missing_files[0]} named in its index; the download is "
                                 "incomplete")
         tf.utils.logging.disable_progress_bar()  # else the loader shows one bar per layer
-        with init_empty_weights():  # parameters on meta; buffers (RoPE inv_freq) stay real
-            self.model = tf.AutoModelForCausalLM.from_config(config, dtype=_dtype(config, dtype))
-        self.model.eval()
+        self.model = skeleton(config, dtype)
         self.adapter = get_adapter(self.model.config)
         self.layers, self.layer_prefix = decoder_layers(self.model)
         self.conversion = get_model_conversion_mapping(self.model)

@@ -31,7 +31,7 @@ from moeprune.layerwise.checkpoint import ShardedCheckpoint, free
 from moeprune.layerwise.writer import ShardWriter, layer_on_disk
 from moeprune.methods.access import LayerAccess
 from moeprune.observe import LayerStats, Stats, model_description
-from moeprune.observe.observer import Observer, probe_positions
+from moeprune.observe.observer import Observer, calibration_facts, probe_positions
 from moeprune.plan import LayerPlan, Plan
 
 DEFAULT_HIDDEN_BUDGET = 2 * 1024**3  # bytes of hidden states kept in memory before spilling to disk
@@ -185,11 +185,8 @@ def walk(
     seconds = time.perf_counter() - started
     stats = None
     if batches is not None and observe:
-        N, L = input_ids.shape
-        calib = dict(calibration or {})
-        calib.update(tokens=N * L, sequences=N, seq_len=L, probe_size=int(wanted.numel()), seed=seed,
-                     seconds=round(seconds, 3), layerwise=True)
-        stats = Stats(model=desc, calibration=calib, layers=stats_layers)
+        calib = calibration_facts(calibration, input_ids, wanted, seed, seconds, ranks)
+        stats = Stats(model=desc, calibration={**calib, "layerwise": True}, layers=stats_layers)
     plan = None
     if plans:
         plan = Plan(method="", layers=plans, model=desc, flatten_groups=flatten_groups)

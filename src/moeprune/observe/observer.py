@@ -104,6 +104,18 @@ def model_description(model: nn.Module, adapter: Adapter, source: str | None = N
     }
 
 
+def calibration_facts(calibration: dict | None, input_ids: torch.Tensor, probe: torch.Tensor, seed: int,
+                      seconds: float, ranks: Ranks) -> dict:
+    """The calibration record of a pass: provenance plus tokens, probe size, seed and the slowest rank's time."""
+    N, L = input_ids.shape
+    calib = dict(calibration or {})
+    calib.update(tokens=N * L, sequences=N, seq_len=L, probe_size=int(probe.numel()), seed=seed,
+                 seconds=round(ranks.max_over_ranks(seconds), 3))
+    if ranks.world > 1:
+        calib["processes"] = ranks.world
+    return calib
+
+
 @torch.no_grad()
 def observe(
     model: nn.Module,
@@ -143,9 +155,5 @@ def observe(
             if progress is not None:
                 progress(done)
         layers = ranks.reduce_layer_stats(obs.layer_stats())
-    calib = dict(calibration or {})
-    calib.update(tokens=N * L, sequences=N, seq_len=L, probe_size=int(wanted.numel()), seed=seed,
-                 seconds=round(ranks.max_over_ranks(time.perf_counter() - started), 3))
-    if ranks.world > 1:
-        calib["processes"] = ranks.world
+    calib = calibration_facts(calibration, input_ids, wanted, seed, time.perf_counter() - started, ranks)
     return Stats(model=model_description(model, adapter, source), calibration=calib, layers=layers)
