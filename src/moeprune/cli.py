@@ -227,8 +227,13 @@ def prune(
                              "so later statistics see the pruned model")] = False,
     offload_dir: OffloadDir = None,
 ):
-    """Observe, plan, apply and save in one command."""
+    """Observe, plan, apply and save in one command.
+
+    Runs under torchrun too (`torchrun --nproc-per-node P -m moeprune prune ...`): the calibration batches
+    are split between the processes, the statistics reduced exactly, and rank 0 writes the checkpoint.
+    """
     from moeprune.api import prune as prune_model
+    from moeprune.distributed import Ranks
     from moeprune.plan import Plan
 
     options = _parse_options(method, option)
@@ -238,7 +243,8 @@ def prune(
                        calib_template=calib_template, layerwise=layerwise, sequential=sequential,
                        offload_dir=offload_dir, command=_command_line(), stats_out=stats_out, options=options,
                        notify=err.print)
-    _print_done(Plan.load(Path(path) / "moeprune_plan.json"), path)
+    if Ranks.from_env(device).is_main:  # under torchrun only rank 0 writes
+        _print_done(Plan.load(Path(path) / "moeprune_plan.json"), path)
 
 
 @app.command("export-stock")
