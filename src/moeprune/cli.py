@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -470,6 +471,9 @@ def main(argv: list[str] | None = None) -> int:
 
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
+    # oneDNN caches a primitive per matmul shape; MoE expert batches make new shapes at every layer, which
+    # grew RSS by ~0.4 GiB over a 24-layer layer-by-layer pass with no measured speed gain
+    os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "0")
     try:
         app(args=argv, standalone_mode=False)
     except MoepruneError as e:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -100,6 +101,8 @@ class ShardedCheckpoint:
         self.target = {k: rename_source_key(k, renamings, converters, self.model.base_model_prefix, meta)[0]
                        for k in self.weight_map}
         self._check_complete(meta)
+        sources = Counter(self.target.values())
+        self._copied_by_loader = {t for t, n in sources.items() if n > 1}  # fused from several tensors: a new tensor
 
     def _check_complete(self, meta: dict) -> None:
         """Every parameter of the skeleton must come from some on-disk tensor (tied ones appear once)."""
@@ -150,8 +153,17 @@ class ShardedCheckpoint:
         self.model.tie_weights()  # a tied lm_head is not on disk: share the embeddings, as from_pretrained does
 
     def load_layer(self, i: int) -> nn.Module:
+        """Materialise decoder layer i, holding no view of the shard files (so their pages leave memory)."""
         self.load(self.layer_keys(i))
         layer = self.layers[i]
+        prefix = f"{self.layer_prefix}{i}."
+        for name, p in list(layer.named_parameters()):
+            if prefix + name in self._copied_by_loader:
+                continue
+            # a renamed-only tensor is a zero-copy view of the mmap'd shard, which keeps every page of the
+            # shard the loader touched (the per-expert sources too) resident until the view dies: copy it
+            owner, _, leaf = name.rpartition(".")
+            layer.get_submodule(owner)._parameters[leaf] = nn.Parameter(p.detach().clone(), requires_grad=False)
         if self.device != "cpu":
             layer.to(self.device)
         return layer

@@ -37,6 +37,21 @@ from moeprune.plan import LayerPlan, Plan
 DEFAULT_HIDDEN_BUDGET = 2 * 1024**3  # bytes of hidden states kept in memory before spilling to disk
 
 
+def return_freed_memory_to_the_system() -> None:
+    """Make glibc hand large freed blocks back to the OS at once (Linux only; a no-op elsewhere).
+
+    glibc raises its mmap threshold after each large free (up to 32 MiB), so later MiB-sized buffers
+    (activations, per-expert slices) come from heaps it keeps: a layer-by-layer pass then grew RSS by
+    ~0.2 GiB over 24 layers. A fixed 1 MiB threshold keeps every freed layer's memory out of RSS.
+    """
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
 def _single():
     from moeprune.distributed import Ranks
 
@@ -121,6 +136,7 @@ def walk(
     move on. `progress(description, done, total)` is called as work advances.
     """
     ranks = ranks or _single()
+    return_freed_memory_to_the_system()
     adapter = ck.adapter
     blocks = adapter.moe_blocks(ck.model)
     desc = model_description(ck.model, adapter, str(ck.path))
