@@ -51,7 +51,7 @@ SHAPE = dict(hidden_size=1024, moe_intermediate_size=512, intermediate_size=3072
 JOB_ENV = {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "0", "OMP_WAIT_POLICY": "PASSIVE"}
 QUIET_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 BASELINE_MODULE = "moeprune.layerwise"  # provides forward_layerwise(model_path, input_ids, batch_size=8)
-PRUNE_MODES = {"layerwise": ["--layerwise"], "in-memory": ["--in-memory"]}
+PRUNE_MODES = {"layerwise": ["--layerwise"], "in-memory": ["--in-memory"], "default": []}
 RATIO = 0.25
 GOAL_RSS, GOAL_TIME = 0.35, 1.5
 
@@ -318,7 +318,10 @@ def run(name: str, cmd: list[str], log: Path, prefix: list[str] | None = None) -
     text = log.read_text(errors="replace")
     result = next((json.loads(line.split(" ", 1)[1]) for line in reversed(text.splitlines())
                    if line.startswith("BENCH_RESULT ")), None)
-    row = {"job": name, "rc": rc, "peak_rss_kb": ru.ru_maxrss, "wall_s": wall, "user_s": ru.ru_utime, "sys_s": ru.ru_stime,
+    mode = next((ln.strip() for ln in text.splitlines() if ln.startswith(("layer by layer", "whole model in memory"))),
+                None)  # what `moeprune prune` said it chose, and why
+    row = {"job": name, "rc": rc, "mode": mode,
+           "peak_rss_kb": ru.ru_maxrss, "wall_s": wall, "user_s": ru.ru_utime, "sys_s": ru.ru_stime,
            "loadavg_before": load, "log": str(log), "result": result}
     if rc != 0:
         how = f"killed by {signal.Signals(-rc).name}" if rc < 0 else f"exit code {rc}"
@@ -604,7 +607,8 @@ def main(argv: list[str] | None = None) -> None:
             cg["path"] = str(group.path)
             cg["limit_bytes"] = group.limit
             try:
-                for name, method, mode in [("layerwise reap 25%, cgroup-limited", "reap", "layerwise"),
+                # no mode flag: moeprune sees the cgroup limit and chooses layer by layer itself, as a new user runs it
+                for name, method, mode in [("reap 25%, no flag (auto), cgroup-limited", "reap", "default"),
                                            ("in-memory reap 25%, cgroup-limited", "reap", "in-memory")]:
                     if mode == "in-memory" and args.no_in_memory:
                         continue
@@ -724,6 +728,8 @@ def render(rep: dict, ck_bytes: int, base_s: float | None) -> str:
                 res = "OOM-killed by the group (SIGKILL)" + r["error"].removeprefix("killed by SIGKILL")[:160]
             if r["rc"] == 0 and r.get("output"):
                 res += f", output {r['output']['size_ratio']:.3f}× source" + ("" if r["output"]["ok"] else " — CHECK FAILED")
+            if r.get("mode"):
+                res += f"; moeprune chose: {r['mode']}"
             lines.append(f"| {r['job']} | {r['rc']} | {r['peak_rss_kb'] / 2**20:.2f} | {s['max_usage_bytes'] / GIB:.2f} | "
                          f"{s['failcnt']} | {s['oom_kill']} | {r['wall_s']:.1f} | {res} |")
     lines += ["", "## Checks", ""]

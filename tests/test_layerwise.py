@@ -69,6 +69,26 @@ def test_layerwise_stats_equal_whole_model_stats(family, checkpoint):
     assert layerwise.calibration["tokens"] == whole.calibration["tokens"]
 
 
+@pytest.mark.parametrize("family", ["gpt_oss", "deepseek_v2"])  # per-layer sliding masks; MLA with complex rotary
+def test_layerwise_forward_equals_the_model(family, checkpoint):
+    path = checkpoint(family)
+    ids = _ids()
+    model = load_model(path)
+    from moeprune.arch import decoder_layers
+
+    layers, _ = decoder_layers(model)
+    got = []
+    handle = layers[-1].register_forward_hook(lambda m, a, out: got.append(out[0] if isinstance(out, tuple) else out))
+    with torch.no_grad():
+        model(input_ids=ids[:2], use_cache=False)
+        model(input_ids=ids[2:4], use_cache=False)
+        model(input_ids=ids[4:], use_cache=False)
+    handle.remove()
+    from moeprune.layerwise import forward_layerwise
+
+    assert torch.equal(forward_layerwise(path, ids, batch_size=2), torch.cat(got))
+
+
 def test_hidden_states_spilled_to_disk_give_the_same_stats(checkpoint, tmp_path):
     path = checkpoint("qwen3_moe")
     ids = _ids()
@@ -251,3 +271,28 @@ def test_cli_prune_layerwise_and_auto_choice(checkpoint, calib_file, tmp_path, c
     _assert_same_checkpoint(tmp_path / "a", tmp_path / "c")
     assert main([*argv, "--out", str(tmp_path / "d"), "--sequential", "--in-memory"]) != 0
     assert "--sequential works layer by layer" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_cgroup_limit_counts_as_available_memory(version, tmp_path):
+    from moeprune.layerwise.checkpoint import _cgroup_headroom
+
+    proc = tmp_path / "cgroup"
+    if version == "v1":
+        proc.write_text("5:cpu:/\n4:memory:/job\n")
+        d = tmp_path / "fs" / "memory" / "job"
+        d.mkdir(parents=True)
+        (d / "memory.limit_in_bytes").write_text(str(2 << 30))
+        (d / "memory.usage_in_bytes").write_text(str(1 << 30))
+        (d / "memory.stat").write_text("cache 5\ntotal_inactive_file 268435456\n")
+    else:
+        proc.write_text("0::/job\n")
+        d = tmp_path / "fs" / "job"
+        d.mkdir(parents=True)
+        (d / "memory.max").write_text(str(2 << 30))
+        (d / "memory.current").write_text(str(1 << 30))
+        (d / "memory.stat").write_text("anon 1\ninactive_file 268435456\n")
+    assert _cgroup_headroom(proc, tmp_path / "fs") == [(1 << 30) + (1 << 28)]
+    (d / ("memory.limit_in_bytes" if version == "v1" else "memory.max")).write_text(
+        "9223372036854771712" if version == "v1" else "max")
+    assert _cgroup_headroom(proc, tmp_path / "fs") == []

@@ -187,14 +187,49 @@ def free(module: nn.Module) -> None:
 
 
 def available_memory() -> int | None:
-    """Bytes of memory available to a new allocation (MemAvailable), or None where unknown."""
+    """Bytes a new allocation can get: MemAvailable, or less under a cgroup memory limit (containers, batch jobs)."""
+    found = []
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
             if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
+                found.append(int(line.split()[1]) * 1024)
     except OSError:
         pass
+    found += _cgroup_headroom()
+    if not found:
+        try:
+            found.append(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+        except (ValueError, OSError, AttributeError):
+            return None
+    return min(found)
+
+
+def _cgroup_headroom(proc_cgroup: Path = Path("/proc/self/cgroup"), root: Path = Path("/sys/fs/cgroup")) -> list[int]:
+    """limit − (usage − inactive file cache) of this process's memory cgroup(s), v1 or v2; [] when unlimited."""
+    out = []
     try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None
+        lines = proc_cgroup.read_text().splitlines()
+    except OSError:
+        return out
+    for line in lines:
+        _, controllers, rel = line.split(":", 2)
+        if controllers == "":  # v2: 0::/path
+            dirs, limit_f, usage_f, cache_key = [root / rel.lstrip("/"), root], \
+                "memory.max", "memory.current", "inactive_file"
+        elif "memory" in controllers.split(","):
+            dirs, limit_f, usage_f, cache_key = [root / "memory" / rel.lstrip("/"), root / "memory"], \
+                "memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file"
+        else:
+            continue
+        for d in dirs:
+            try:
+                raw = (d / limit_f).read_text().strip()
+                if raw == "max" or int(raw) >= 1 << 60:  # no limit
+                    continue
+                usage = int((d / usage_f).read_text())
+                stat = dict(line.split() for line in (d / "memory.stat").read_text().splitlines())
+                out.append(max(0, int(raw) - usage + int(stat.get(cache_key, 0))))
+                break
+            except (OSError, ValueError):
+                continue
+    return out

@@ -108,6 +108,7 @@ class LayerwiseResult:
     plan: Plan | None
     seconds: float
     novice_tensors: dict  # novice-file tensors of the written layers (empty without novices)
+    hidden: torch.Tensor | None = None  # [N_local, L, H] last layer's outputs, with keep_last
 
 
 def walk(
@@ -126,6 +127,7 @@ def walk(
     observe: bool = True,
     hidden_budget: int = DEFAULT_HIDDEN_BUDGET,
     offload_dir: str | Path | None = None,
+    keep_last: bool = False,
     progress=None,
 ) -> LayerwiseResult:
     """One pass over the decoder layers of `ck`.
@@ -133,8 +135,11 @@ def walk(
     With `input_ids` [N, L] the layers run on the calibration batches, observed when `observe`.
     `plan_layer(i, stats_i, access)` returns layer i's plan and its novice vectors (or None); it is
     applied before the layer is written (to `write_to`) or, with `sequential`, before its outputs
-    move on. `progress(description, done, total)` is called as work advances.
+    move on. `keep_last` returns the last decoder layer's outputs [N_local, L, H] (before the final
+    norm). `progress(description, done, total)` is called as work advances.
     """
+    if keep_last and input_ids is None:
+        raise ValueError("keep_last needs input_ids")
     ranks = ranks or _single()
     return_freed_memory_to_the_system()
     adapter = ck.adapter
@@ -167,14 +172,14 @@ def walk(
             layer_stats = None
             will_change = plan_layer is not None and block is not None
             if batches is not None:
-                keep = not last and not (sequential and will_change)
+                keep = (keep_last or not last) and not (sequential and will_change)
                 if observe and block is not None:
                     with Observer(adapter, {i: block}, wanted) as obs:
                         batches.run(i, layer, obs, keep=keep)
                     layer_stats = ranks.reduce_layer_stats(obs.layer_stats())[i]
                     stats_layers[i] = layer_stats
-                elif keep:
-                    batches.run(i, layer, keep=True)
+                else:
+                    batches.run(i, layer, keep=keep)
             if will_change:
                 from moeprune.surgery import apply_layer_plan
 
@@ -183,7 +188,7 @@ def walk(
                 if flatten_groups:
                     adapter.flatten_block_groups(block)
                 plans.append(lp)
-                if sequential and batches is not None and not last:
+                if sequential and batches is not None and (keep_last or not last):
                     batches.run(i, layer, keep=True)
             if writer is not None:
                 writer.write(_layer_tensors(ck, i, layer, block, novice_tensors))
@@ -193,6 +198,7 @@ def walk(
         if writer is not None:
             writer.write({k: ck.raw_tensor(k) for k in ck.rest_keys()})  # embeddings, norm, lm_head as stored
             writer.finish()
+        hidden = torch.cat([batches.hidden.get(b) for b in range(len(batches.starts))]) if keep_last else None
     finally:
         if batches is not None:
             batches.close()
@@ -206,7 +212,7 @@ def walk(
     plan = None
     if plans:
         plan = Plan(method="", layers=plans, model=desc, flatten_groups=flatten_groups)
-    return LayerwiseResult(stats, plan, seconds, novice_tensors)
+    return LayerwiseResult(stats, plan, seconds, novice_tensors, hidden)
 
 
 def _layer_tensors(ck: ShardedCheckpoint, i: int, layer: nn.Module, block: nn.Module | None,

@@ -46,13 +46,15 @@ def _calibration_info(calibration: dict | None, input_ids: torch.Tensor | None, 
 
 @torch.no_grad()
 def forward_layerwise(model_path: str | Path, input_ids: torch.Tensor, *, batch_size: int = 8, device: str = "cpu",
-                      progress=None) -> None:
-    """A plain forward pass over `input_ids` [N, L], one decoder layer at a time, nothing observed or written.
+                      progress=None) -> torch.Tensor:
+    """[N, L, H] last decoder layer's outputs on `input_ids` [N, L], computed one layer at a time.
 
-    The reference the layer-by-layer pruning time is compared against (`benchmarks/memory.py`).
+    Nothing is observed or written: the reference the layer-by-layer pruning time is compared
+    against (`benchmarks/memory.py`).
     """
     ck = ShardedCheckpoint(model_path, device=device)
-    walk(ck, input_ids=input_ids, batch_size=batch_size, observe=False, progress=progress)
+    return walk(ck, input_ids=input_ids, batch_size=batch_size, observe=False, keep_last=True,
+                progress=progress).hidden
 
 
 def observe_layerwise(model_path: str | Path, input_ids: torch.Tensor, *, batch_size: int = 8, probe_size: int = 512,
