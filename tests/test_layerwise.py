@@ -296,3 +296,16 @@ def test_cgroup_limit_counts_as_available_memory(version, tmp_path):
     (d / ("memory.limit_in_bytes" if version == "v1" else "memory.max")).write_text(
         "9223372036854771712" if version == "v1" else "max")
     assert _cgroup_headroom(proc, tmp_path / "fs") == []
+
+
+@pytest.mark.parametrize("method,options", [("dek", {"coefficients": "learned"}), ("uncurl", {}), ("naee", {})])
+def test_planning_with_sharded_weights_equals_the_loaded_model(method, options, checkpoint, calib_file, tmp_path):
+    path = checkpoint("mixtral")
+    stats_dir = tmp_path / "stats"
+    moeprune.prune(path, "frequency", tmp_path / "out", calib=str(calib_file), stats_out=stats_dir, **PRUNE)
+    stats = Stats.load(stats_dir)
+    from moeprune.api import model_weights
+
+    whole = moeprune.make_plan_for(stats, method, ratio=0.25, weights=model_weights(path, False), options=options)
+    sharded = moeprune.make_plan_for(stats, method, ratio=0.25, weights=model_weights(path, True), options=options)
+    assert _untimed(whole) == _untimed(sharded)

@@ -164,6 +164,18 @@ def make_plan_for(stats: Stats, method: str, *, ratio: float | None = None, expe
     return make_plan(method, PlanRequest(stats, keep, flatten_groups, weights), **(options or {}))
 
 
+def model_weights(model_path: str | Path, layerwise: bool | None = None, notify=None):
+    """Read access to the expert weights of a checkpoint for planning: the whole model, or one layer at a time."""
+    check_weight_files(model_path)
+    use_layerwise, why = choose_layerwise(model_path, layerwise)
+    _tell(notify, use_layerwise, why)
+    if use_layerwise:
+        from moeprune.layerwise import ShardedCheckpoint, ShardedWeights
+
+        return ShardedWeights(ShardedCheckpoint(model_path))
+    return ModelWeights(load_model(model_path))
+
+
 def resolve_device(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"

@@ -161,22 +161,18 @@ def plan(
     ratio: Ratio = None, experts: Experts = None, option: Options = None, flatten_groups: Flatten = False,
     model: Annotated[str | None, typer.Option("--model", help="model directory, for methods that read "
                                                  "expert weights (see `moeprune methods`)")] = None,
-    force: Force = False,
+    force: Force = False, layerwise: Layerwise = None,
 ):
     """Turn statistics into a plan (JSON) without changing the model."""
-    from moeprune.api import make_plan_for
+    from moeprune.api import make_plan_for, model_weights
     from moeprune.observe import Stats
 
     if Path(out_file).exists() and not force:
         raise MoepruneError(f"{out_file} already exists; pass --force to replace it")
     options = _parse_options(method, option)
-    weights = None
-    if model is not None:
-        from moeprune.io import load_model
-        from moeprune.methods.access import ModelWeights
-
-        weights = ModelWeights(load_model(model))
-    p = make_plan_for(Stats.load(stats), method, ratio=ratio, experts=experts, flatten_groups=flatten_groups,
+    statistics = Stats.load(stats)
+    weights = model_weights(model, layerwise, notify=err.print) if model is not None else None
+    p = make_plan_for(statistics, method, ratio=ratio, experts=experts, flatten_groups=flatten_groups,
                       weights=weights, options=options)
     tmp = Path(out_file).with_name(f".{Path(out_file).name}.tmp")
     p.save(tmp)

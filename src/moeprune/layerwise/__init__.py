@@ -6,7 +6,13 @@ Peak memory is about one decoder layer, not the model: see `pipeline.py` for the
 
 from moeprune.layerwise.checkpoint import ShardedCheckpoint, available_memory, free
 from moeprune.layerwise.pipeline import walk
-from moeprune.layerwise.run import apply_layerwise, forward_layerwise, observe_layerwise, prune_layerwise
+from moeprune.layerwise.run import (
+    ShardedWeights,
+    apply_layerwise,
+    forward_layerwise,
+    observe_layerwise,
+    prune_layerwise,
+)
 
-__all__ = ["ShardedCheckpoint", "apply_layerwise", "available_memory", "forward_layerwise", "free",
+__all__ = ["ShardedCheckpoint", "ShardedWeights", "apply_layerwise", "available_memory", "forward_layerwise", "free",
            "observe_layerwise", "prune_layerwise", "walk"]

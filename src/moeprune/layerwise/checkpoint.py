@@ -153,8 +153,18 @@ class ShardedCheckpoint:
         self.model.tie_weights()  # a tied lm_head is not on disk: share the embeddings, as from_pretrained does
 
     def load_layer(self, i: int) -> nn.Module:
-        """Materialise decoder layer i, holding no view of the shard files (so their pages leave memory)."""
-        self.load(self.layer_keys(i))
+        """Materialise decoder layer i, holding no view of the shard files (so their pages leave memory).
+
+        Each fused tensor is loaded by its own call, so the shard pages of its sources are unmapped before
+        the next one is read: the peak is one fused tensor's sources, not the whole layer's.
+        """
+        fused: dict[str, list[str]] = {}
+        for k in self.layer_keys(i):
+            fused.setdefault(self.target[k], []).append(k)
+        for keys in fused.values():
+            if len(keys) > 1:
+                self.load(keys)
+        self.load([k for keys in fused.values() if len(keys) == 1 for k in keys])
         layer = self.layers[i]
         prefix = f"{self.layer_prefix}{i}."
         for name, p in list(layer.named_parameters()):

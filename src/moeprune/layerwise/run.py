@@ -19,6 +19,34 @@ from moeprune.observe import LayerStats, Stats, model_description
 from moeprune.plan import Plan
 
 
+class ShardedWeights:
+    """Weight access for every MoE layer, shaped like `methods.access.ModelWeights`, one layer in memory.
+
+    `layer(i)` reads layer i from the shards and frees the one read before, so a method that walks
+    the layers in order (they all do) plans a model of any size in the memory of one layer.
+    """
+
+    def __init__(self, ck: ShardedCheckpoint):
+        self.ck = ck
+        self.adapter = ck.adapter
+        self._blocks = ck.adapter.moe_blocks(ck.model)
+        self._loaded: int | None = None
+
+    def layers(self) -> list[int]:
+        return sorted(self._blocks)
+
+    def layer(self, i: int):
+        from moeprune.layerwise.checkpoint import free
+        from moeprune.methods.access import LayerAccess
+
+        if self._loaded != i:
+            if self._loaded is not None:
+                free(self.ck.layers[self._loaded])
+            self.ck.load_layer(i)
+            self._loaded = i
+        return LayerAccess(self.adapter, self._blocks[i], i)
+
+
 class _OneLayerWeights:
     """Weight access to the one layer in memory, shaped like `methods.access.ModelWeights`."""
 
