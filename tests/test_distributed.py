@@ -91,13 +91,19 @@ def test_shares_merged_equal_one_pass(world):
     _assert_same_stats(one, {2: whole.layers[2]})
 
 
+def _single_process_env() -> dict:
+    """This environment without any torchrun variables a surrounding launcher may have set; one thread."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env["OMP_NUM_THREADS"] = "1"
+    return env
+
+
 def test_torchrun_observe_equals_one_process(tmp_path):
     model_dir, calib = tmp_path / "model", tmp_path / "calib.txt"
     save_tiny_checkpoint("mixtral", model_dir, seed=SEED)
     calib.write_text(calibration_text(), encoding="utf-8")
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    env["OMP_NUM_THREADS"] = "1"
+    env = _single_process_env()
     args = ["observe", str(model_dir), "--calib", str(calib), "--samples", str(N), "--seq-len", str(L),
             "--batch-size", str(BATCH), "--probe-size", str(PROBE), "--seed", "3"]
     (tmp_path / "one").mkdir()
@@ -130,9 +136,7 @@ def test_torchrun_layerwise_prune_equals_one_process(tmp_path):
     model_dir, calib = tmp_path / "model", tmp_path / "calib.txt"
     save_tiny_checkpoint("qwen3_moe", model_dir, seed=SEED)
     calib.write_text(calibration_text(), encoding="utf-8")
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    env["OMP_NUM_THREADS"] = "1"
+    env = _single_process_env()
     args = ["prune", str(model_dir), "--method", "reap", "--ratio", "0.25", "--calib", str(calib), "--samples",
             str(N), "--seq-len", str(L), "--batch-size", str(BATCH), "--probe-size", str(PROBE)]
     (tmp_path / "one").mkdir()

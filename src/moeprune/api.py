@@ -52,11 +52,14 @@ def progress_bar(description: str, total: int, enabled: bool = True):
     if not enabled:
         yield None
         return
-    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-               TextColumn("eta"), TimeRemainingColumn())
-    with Progress(*columns, transient=False) as bar:
+    with _progress() as bar:
         task = bar.add_task(description, total=total)
         yield lambda done: bar.update(task, completed=done)
+
+
+def _progress() -> Progress:
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    TextColumn("eta"), TimeRemainingColumn(), transient=False)
 
 
 def inspect(model_path: str | Path) -> dict:
@@ -255,9 +258,7 @@ def layer_progress(description: str, enabled: bool = True):
     if not enabled:
         yield None
         return
-    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-               TextColumn("eta"), TimeRemainingColumn())
-    with Progress(*columns, transient=False) as bar:
+    with _progress() as bar:
         def update(what: str, done: int, total: int) -> None:
             if "task" not in state:
                 state["task"] = bar.add_task(description, total=total)
