@@ -309,3 +309,17 @@ def test_planning_with_sharded_weights_equals_the_loaded_model(method, options, 
     whole = moeprune.make_plan_for(stats, method, ratio=0.25, weights=model_weights(path, False), options=options)
     sharded = moeprune.make_plan_for(stats, method, ratio=0.25, weights=model_weights(path, True), options=options)
     assert _untimed(whole) == _untimed(sharded)
+
+
+def test_dtype_comes_from_the_shards_when_the_config_has_none(tmp_path):
+    from moeprune.arch.tiny import tiny_model
+
+    tiny_model("mixtral").to(torch.bfloat16).save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg.pop("dtype", None)
+    cfg.pop("torch_dtype", None)
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    ck = ShardedCheckpoint(tmp_path)
+    ck.load_layer(0)
+    assert {p.dtype for p in ck.layers[0].parameters()} == {torch.bfloat16}
+    assert next(load_model(tmp_path).parameters()).dtype == torch.bfloat16  # as from_pretrained(dtype="auto")

@@ -309,6 +309,7 @@ def prune(
     if sequential and layerwise is False:
         raise MoepruneError("--sequential works layer by layer; drop --in-memory")
     use_layerwise, why = choose_layerwise(model_path, True if sequential else layerwise)
+    why = "--sequential works layer by layer" if sequential else why
     device = resolve_device(device)
     cal = None
     if calib is not None:

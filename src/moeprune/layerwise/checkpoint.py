@@ -54,21 +54,35 @@ def weight_map(path: Path) -> dict[str, str]:
                         "loading reads safetensors only: convert the checkpoint, or use --in-memory")
 
 
-def _dtype(config, dtype) -> torch.dtype:
+SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64}
+
+
+def _dtype(config, dtype, path: Path | None = None) -> torch.dtype:
+    """What `from_pretrained(dtype="auto")` picks: the config's dtype, else the first float tensor's on disk."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype != "auto":
         return getattr(torch, dtype)
     found = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
     if isinstance(found, str):
-        found = getattr(torch, found)
-    return found if isinstance(found, torch.dtype) else torch.float32
+        found = getattr(torch, found, None)
+    if isinstance(found, torch.dtype):
+        return found
+    if path is not None:
+        files = sorted(path.glob("*.safetensors"))
+        if files:
+            with safe_open(str(files[0]), framework="pt") as f:
+                for k in f.keys():
+                    on_disk = SAFETENSORS_DTYPES.get(f.get_slice(k).get_dtype())
+                    if on_disk is not None:
+                        return on_disk
+    return torch.float32
 
 
-def skeleton(config, dtype: str | torch.dtype = "auto") -> nn.Module:
+def skeleton(config, dtype: str | torch.dtype = "auto", path: Path | None = None) -> nn.Module:
     """The family's model with parameters on the meta device (no memory) and real buffers (RoPE inv_freq)."""
     with init_empty_weights():
-        return tf.AutoModelForCausalLM.from_config(config, dtype=_dtype(config, dtype)).eval()
+        return tf.AutoModelForCausalLM.from_config(config, dtype=_dtype(config, dtype, path)).eval()
 
 
 class ShardedCheckpoint:
@@ -90,7 +104,7 @@ class ShardedCheckpoint:
             raise MoepruneError(f"{self.path} lacks shard {missing_files[0]} named in its index; the download is "
                                 "incomplete")
         tf.utils.logging.disable_progress_bar()  # else the loader shows one bar per layer
-        self.model = skeleton(config, dtype)
+        self.model = skeleton(config, dtype, self.path)
         self.adapter = get_adapter(self.model.config)
         self.layers, self.layer_prefix = decoder_layers(self.model)
         self.conversion = get_model_conversion_mapping(self.model)
