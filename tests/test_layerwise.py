@@ -323,3 +323,18 @@ def test_dtype_comes_from_the_shards_when_the_config_has_none(tmp_path):
     ck.load_layer(0)
     assert {p.dtype for p in ck.layers[0].parameters()} == {torch.bfloat16}
     assert next(load_model(tmp_path).parameters()).dtype == torch.bfloat16  # as from_pretrained(dtype="auto")
+
+
+def test_hub_style_shards_spanning_layers(tmp_path, calib_file):
+    """Hub checkpoints cut shards by size: a layer spread over several files, a file holding several layers."""
+    from moeprune.arch.tiny import tiny_model, tiny_tokenizer
+
+    src = tmp_path / "src"
+    tiny_model("qwen2_moe").save_pretrained(src, max_shard_size="60KB")
+    tiny_tokenizer().save_pretrained(src)
+    index = json.loads((src / "model.safetensors.index.json").read_text())["weight_map"]
+    files_of_layer0 = {f for k, f in index.items() if ".layers.0." in k}
+    assert len(files_of_layer0) > 1 and len(set(index.values())) > 4
+    whole = moeprune.prune(src, "reap", tmp_path / "whole", calib=str(calib_file), layerwise=False, **PRUNE)
+    streamed = moeprune.prune(src, "reap", tmp_path / "streamed", calib=str(calib_file), layerwise=True, **PRUNE)
+    _assert_same_checkpoint(whole, streamed)
