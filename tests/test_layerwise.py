@@ -271,6 +271,15 @@ def test_cli_prune_layerwise_and_auto_choice(checkpoint, calib_file, tmp_path, c
     _assert_same_checkpoint(tmp_path / "a", tmp_path / "c")
     assert main([*argv, "--out", str(tmp_path / "d"), "--sequential", "--in-memory"]) != 0
     assert "--sequential works layer by layer" in capsys.readouterr().err
+    spill = tmp_path / "spill"
+    assert main([*argv, "--out", str(tmp_path / "e"), "--layerwise", "--hidden-memory", "0", "--offload-dir",
+                 str(spill)]) == 0
+    _assert_same_checkpoint(tmp_path / "a", tmp_path / "e")
+    assert spill.is_dir() and not any(spill.iterdir())
+    capsys.readouterr()
+    assert main([*argv, "--out", str(tmp_path / "f"), "--hidden-memory", "-1"]) == 2
+    assert "--hidden-memory -1.0 is not a size" in capsys.readouterr().err
+    assert not (tmp_path / "f").exists()
 
 
 @pytest.mark.parametrize("version", ["v1", "v2"])

@@ -111,7 +111,7 @@ def observe_checkpoint(
     seed: int = 0, probe_size: int = 512, device: str = "cpu", tokenizer: str | None = None,
     calib_field: str | None = None, calib_template: str | None = None, progress: bool = True, model=None,
     calibration: Calibration | None = None, ranks: Ranks | None = None, layerwise: bool | None = None,
-    offload_dir: str | Path | None = None, notify=None,
+    offload_dir: str | Path | None = None, hidden_memory: float = 2.0, notify=None,
 ) -> Stats:
     """Run the calibration pass over `calib` and return the statistics.
 
@@ -123,6 +123,7 @@ def observe_checkpoint(
     from moeprune.novice import refuse_novice_input
 
     refuse_novice_input(model_path, model, action="observe")
+    _check_hidden_memory(hidden_memory)
     use_layerwise, why = False, "model given"
     if model is None:
         get_adapter(load_config(model_path))
@@ -139,7 +140,8 @@ def observe_checkpoint(
         with layer_progress("calibrating", progress and ranks.is_main) as cb:
             return observe_layerwise(model_path, cal.input_ids, batch_size=batch_size, probe_size=probe_size,
                                      seed=seed, calibration=cal.provenance, device=ranks.device(resolve_device(device)),
-                                     ranks=ranks, progress=cb, offload_dir=offload_dir)
+                                     ranks=ranks, progress=cb, offload_dir=offload_dir,
+                                     hidden_budget=int(hidden_memory * 1024**3))
     model = model if model is not None else load_model(model_path, device=ranks.device(resolve_device(device)))
     N = cal.input_ids.shape[0]
     mine = sum(min(batch_size, N - s) for s in ranks.batch_starts(list(range(0, N, batch_size))))
@@ -227,6 +229,11 @@ def apply_checkpoint(model_path: str | Path, plan: Plan, out: str | Path, *, for
                            command=command)
 
 
+def _check_hidden_memory(gib: float) -> None:
+    if not gib >= 0:
+        raise MoepruneError(f"--hidden-memory {gib} is not a size: give the GiB of hidden states to keep in memory (≥ 0)")
+
+
 def _tell(notify, layerwise: bool, why: str) -> None:
     if notify is not None:
         notify(f"{'layer by layer' if layerwise else 'whole model in memory'} ({why})")
@@ -274,14 +281,14 @@ def prune(
     tokenizer: str | None = None, calib_field: str | None = None, calib_template: str | None = None,
     progress: bool = True, command: str | None = None, stats_out: str | Path | None = None,
     options: dict | None = None, layerwise: bool | None = None, sequential: bool = False,
-    offload_dir: str | Path | None = None, notify=None,
+    offload_dir: str | Path | None = None, hidden_memory: float = 2.0, notify=None,
 ) -> Path:
     """The whole flow: check inputs, observe, plan, apply, save.
 
     `layerwise` reads, observes, prunes and writes one decoder layer at a time, in memory bounded by
     about one layer (default: when the weights exceed half the free memory). `sequential` (implies
     layerwise) applies each layer's plan before its outputs feed the next layer. Hidden states of the
-    calibration batches beyond 2 GiB go to files under `offload_dir`. `notify(message)` hears which
+    calibration batches beyond `hidden_memory` GiB go to files under `offload_dir`. `notify(message)` hears which
     way was chosen, once the inputs passed their checks.
     """
     from moeprune.novice import refuse_novice_input
@@ -306,6 +313,7 @@ def prune(
         why = f" ({reason})" if reason else ""
         raise MoepruneError(f"method {method} needs calibration text{why}: pass --calib PATH")
     check_weight_files(model_path)
+    _check_hidden_memory(hidden_memory)
     if sequential and layerwise is False:
         raise MoepruneError("--sequential works layer by layer; drop --in-memory")
     use_layerwise, why = choose_layerwise(model_path, True if sequential else layerwise)
@@ -328,7 +336,7 @@ def prune(
                 input_ids=None if cal is None else cal.input_ids, calibration=None if cal is None else cal.provenance,
                 batch_size=batch_size, probe_size=probe_size, seed=seed, flatten_groups=flatten_groups,
                 options=options, sequential=sequential, force=force, command=command, device=ranks.device(device),
-                progress=cb, offload_dir=offload_dir, ranks=ranks)
+                progress=cb, offload_dir=offload_dir, hidden_budget=int(hidden_memory * 1024**3), ranks=ranks)
         if stats_out is not None and stats is not None and ranks.is_main:
             with atomic_directory(stats_out, force=force) as tmp:
                 stats.save(tmp)

@@ -35,7 +35,9 @@ Layerwise = Annotated[bool | None, typer.Option(
     help="read, prune and write one decoder layer at a time in bounded memory, or load the whole model "
          "[default: layer by layer when the weights exceed half the free memory]")]
 OffloadDir = Annotated[str | None, typer.Option(
-    help="where hidden states beyond 2 GiB go during layer-by-layer work [default: the temp directory]")]
+    help="where hidden states beyond --hidden-memory go during layer-by-layer work [default: the temp directory]")]
+HiddenMemory = Annotated[float, typer.Option(
+    help="GiB of calibration hidden states kept in memory between layers (layer by layer); the rest go to files")]
 CalibTemplate = Annotated[str | None, typer.Option(
     "--calib-template", help="build each .jsonl row's text from several fields, e.g. 'Q: {question} A: {answer}'")]
 
@@ -129,7 +131,7 @@ def observe(
     calib_template: CalibTemplate = None,
     tokenizer: Annotated[str | None, typer.Option(help="tokenizer directory if not the model's")] = None,
     device: Device = "cpu", force: Force = False, layerwise: Layerwise = None,
-    offload_dir: OffloadDir = None,
+    offload_dir: OffloadDir = None, hidden_memory: HiddenMemory = 2.0,
 ):
     """Run the calibration pass once and save the statistics; many plans can use them.
 
@@ -145,7 +147,7 @@ def observe(
     stats = observe_checkpoint(model, calib, samples=samples, seq_len=seq_len, batch_size=batch_size, seed=seed,
                                probe_size=probe_size, device=device, tokenizer=tokenizer, calib_field=calib_field,
                                calib_template=calib_template, ranks=ranks, layerwise=layerwise,
-                               offload_dir=offload_dir, notify=err.print)
+                               offload_dir=offload_dir, hidden_memory=hidden_memory, notify=err.print)
     if not ranks.is_main:
         return
     with atomic_directory(out_dir, force=force) as tmp:
@@ -222,7 +224,7 @@ def prune(
     sequential: Annotated[bool, typer.Option(
         "--sequential", help="layer by layer, apply each layer's plan before its outputs feed the next layer, "
                              "so later statistics see the pruned model")] = False,
-    offload_dir: OffloadDir = None,
+    offload_dir: OffloadDir = None, hidden_memory: HiddenMemory = 2.0,
 ):
     """Observe, plan, apply and save in one command.
 
@@ -238,7 +240,8 @@ def prune(
                        seq_len=seq_len, batch_size=batch_size, seed=seed, probe_size=probe_size, device=device,
                        flatten_groups=flatten_groups, force=force, tokenizer=tokenizer, calib_field=calib_field,
                        calib_template=calib_template, layerwise=layerwise, sequential=sequential,
-                       offload_dir=offload_dir, command=_command_line(), stats_out=stats_out, options=options,
+                       offload_dir=offload_dir, hidden_memory=hidden_memory, command=_command_line(),
+                       stats_out=stats_out, options=options,
                        notify=err.print)
     if Ranks.from_env(device).is_main:  # under torchrun only rank 0 writes
         _print_done(Plan.load(Path(path) / "moeprune_plan.json"), path)
