@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from moeprune.distributed import Ranks
 from moeprune.errors import MoepruneError
 from moeprune.layerwise.activations import HiddenStates, layer_call, run_layer, to_device
 from moeprune.layerwise.checkpoint import ShardedCheckpoint, free
@@ -52,12 +53,6 @@ def return_freed_memory_to_the_system() -> None:
         pass
 
 
-def _single():
-    from moeprune.distributed import Ranks
-
-    return Ranks()
-
-
 class _Batches:
     """This rank's calibration batches and their hidden states between layers."""
 
@@ -70,18 +65,11 @@ class _Batches:
         self.starts = ranks.batch_starts(list(range(0, N, batch_size)))
         self.hidden = HiddenStates(budget, offload_dir)
 
-    @property
-    def sequences(self) -> int:
-        N = self.input_ids.shape[0]
-        return sum(min(self.batch_size, N - s) for s in self.starts)
-
     @torch.no_grad()
-    def run(self, i: int, layer: nn.Module, observer: Observer | None = None, keep: bool = True,
-            progress: Callable[[int], None] | None = None) -> None:
+    def run(self, i: int, layer: nn.Module, observer: Observer | None = None, keep: bool = True) -> None:
         """Run every local batch through decoder layer i; with `keep`, store the outputs as layer i+1's inputs."""
         L = self.input_ids.shape[1]
         device = self.ck.device
-        done = 0
         for b, s in enumerate(self.starts):
             batch = self.input_ids[s : s + self.batch_size]  # [B, L]
             h0, args, kwargs = layer_call(self.ck.model, self.ck.layers, batch, i)
@@ -91,9 +79,6 @@ class _Batches:
             out = run_layer(layer, h.to(device), to_device(args, device), to_device(kwargs, device))
             if keep:
                 self.hidden.put(b, out)
-            done += batch.shape[0]
-            if progress is not None:
-                progress(done)
 
     def advance(self) -> None:
         self.hidden.advance()
@@ -119,7 +104,7 @@ def walk(
     probe_size: int = 512,
     seed: int = 0,
     calibration: dict | None = None,
-    ranks=None,
+    ranks: Ranks | None = None,
     plan_layer: Callable[[int, LayerStats | None, LayerAccess], tuple[LayerPlan, torch.Tensor | None]] | None = None,
     sequential: bool = False,
     flatten_groups: bool = False,
@@ -140,7 +125,7 @@ def walk(
     """
     if keep_last and input_ids is None:
         raise ValueError("keep_last needs input_ids")
-    ranks = ranks or _single()
+    ranks = ranks or Ranks()
     return_freed_memory_to_the_system()
     adapter = ck.adapter
     blocks = adapter.moe_blocks(ck.model)
