@@ -347,3 +347,28 @@ def test_hub_style_shards_spanning_layers(tmp_path, calib_file):
     whole = moeprune.prune(src, "reap", tmp_path / "whole", calib=str(calib_file), layerwise=False, **PRUNE)
     streamed = moeprune.prune(src, "reap", tmp_path / "streamed", calib=str(calib_file), layerwise=True, **PRUNE)
     _assert_same_checkpoint(whole, streamed)
+
+
+@pytest.mark.parametrize("family", ["mixtral", "gpt_oss", "ernie4_5_moe"])  # plain; sliding masks + sinks; tied lm_head
+def test_layerwise_perplexity_equals_in_memory(family, checkpoint, calib_file):
+    from moeprune.evaluate.perplexity import perplexity
+    from moeprune.io import load_tokenizer
+    from moeprune.layerwise import perplexity_layerwise
+
+    path = checkpoint(family)
+    tok = load_tokenizer(path)
+    whole = perplexity(load_model(path), tok, calib_file, seq_len=32, max_tokens=320, batch_size=4)
+    streamed = perplexity_layerwise(path, tok, calib_file, seq_len=32, max_tokens=320, batch_size=4)
+    assert streamed == whole
+
+
+def test_cli_eval_layerwise_equals_in_memory(checkpoint, calib_file, tmp_path, capsys):
+    path = checkpoint("qwen3_moe")
+    args = ["eval", str(path), "--text", str(calib_file), "--seq-len", "32", "--max-tokens", "320"]
+    assert main([*args, "--in-memory", "--json", str(tmp_path / "a.json")]) == 0
+    assert main([*args, "--layerwise", "--json", str(tmp_path / "b.json")]) == 0
+    a, b = (json.loads((tmp_path / f).read_text())["models"][0] for f in ("a.json", "b.json"))
+    assert a["perplexity"] == b["perplexity"] and a["parameters"] == b["parameters"]
+    capsys.readouterr()
+    assert main([*args, "--layerwise", "--task-text", f"code={calib_file}"]) == 2
+    assert "lm-eval tasks need" in capsys.readouterr().err

@@ -277,9 +277,13 @@ def evaluate(
     limit: Annotated[int | None, typer.Option(help="first N items of each task")] = None,
     batch_size: int = 8,
     tokenizer: Annotated[str | None, typer.Option(help="tokenizer directory if not each model's")] = None,
-    device: Device = "cpu", force: Force = False,
+    device: Device = "cpu", force: Force = False, layerwise: Layerwise = None,
 ):
-    """Perplexity and zero-shot task scores of one or more checkpoints, side by side."""
+    """Perplexity and zero-shot task scores of one or more checkpoints, side by side.
+
+    Checkpoints larger than half the free memory (or all, with --layerwise) are scored for perplexity one
+    decoder layer at a time; lm-eval tasks need the whole model.
+    """
     from moeprune.evaluate import evaluate_models, parse_task_texts, render_table
 
     if json_out is not None and Path(json_out).exists() and not force:
@@ -290,7 +294,7 @@ def evaluate(
         models, text or [], [t.strip() for t in (tasks or "").split(",") if t.strip()], task_dir=task_dir,
         task_texts=parse_task_texts(task_text), task_items=task_items, task_seed=seed, seq_len=seq_len,
         max_tokens=max_tokens, batch_size=batch_size, limit=limit, device=device, tokenizer=tokenizer,
-        progress=True,
+        progress=True, layerwise=layerwise, notify=err.print,
     )
     out.print(render_table(report))
     if json_out is not None:

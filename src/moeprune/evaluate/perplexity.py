@@ -91,7 +91,29 @@ def _check_model_fits(model, tokens: torch.Tensor, seq_len: int) -> None:
 @torch.no_grad()
 def window_nll(model, batch: torch.Tensor) -> torch.Tensor:
     """[B] summed NLL (float64) of tokens 1..L-1 of each window in `batch` [B, L]."""
-    logits = model(input_ids=batch, use_cache=False).logits  # [B, L, V]
+    return logits_nll(model(input_ids=batch, use_cache=False).logits, batch)  # logits [B, L, V]
+
+
+def text_windows(tokenizer, text_or_path: str | Path | Sequence[str], seq_len: int,
+                 max_tokens: int | None = None) -> tuple[torch.Tensor, dict]:
+    """[W, seq_len] windows to score (see the module doc) and the facts about the text a result reports."""
+    docs, source = _documents(text_or_path)
+    tokens = token_stream(tokenizer, docs)
+    blocks = windows(tokens, seq_len, max_tokens)  # [W, L]
+    digest = hashlib.sha256("\x1e".join(docs).encode("utf-8", errors="replace")).hexdigest()
+    return blocks, {"text_tokens": int(tokens.numel()), "max_tokens": max_tokens, "source": source, "sha256": digest}
+
+
+def perplexity_result(total_nll: float, blocks: torch.Tensor, facts: dict) -> dict:
+    """The result dict of a perplexity run from the summed NLL over `blocks` [W, L]."""
+    W, L = blocks.shape
+    scored = W * (L - 1)
+    nll = float(total_nll) / scored
+    return {"ppl": math.exp(nll), "nll": nll, "tokens": scored, "windows": W, "seq_len": L, **facts}
+
+
+def logits_nll(logits: torch.Tensor, batch: torch.Tensor) -> torch.Tensor:
+    """[B] summed NLL (float64) of tokens 1..L-1 of each window, from logits [B, L, V] of `batch` [B, L]."""
     # float32 log-softmax per window keeps the [B, L, V] upcast of half-precision models small
     nll = [F.cross_entropy(lg[:-1].float(), ids[1:], reduction="sum") for lg, ids in zip(logits, batch)]
     return torch.stack(nll).double()
@@ -112,9 +134,7 @@ def perplexity(
     """
     if batch_size < 1:
         raise MoepruneError(f"--batch-size must be at least 1 (got {batch_size})")
-    docs, source = _documents(text_or_path)
-    tokens = token_stream(tokenizer, docs)
-    blocks = windows(tokens, seq_len, max_tokens)  # [W, L]
+    blocks, facts = text_windows(tokenizer, text_or_path, seq_len, max_tokens)
     _check_model_fits(model, blocks, seq_len)
     device = next(model.parameters()).device
     was_training = model.training
@@ -127,9 +147,4 @@ def perplexity(
                 progress(min(start + batch_size, blocks.shape[0]), blocks.shape[0])
     finally:
         model.train(was_training)
-    W, L = blocks.shape
-    scored = W * (L - 1)
-    nll = float(total) / scored
-    digest = hashlib.sha256("\x1e".join(docs).encode("utf-8", errors="replace")).hexdigest()
-    return {"ppl": math.exp(nll), "nll": nll, "tokens": scored, "windows": W, "seq_len": L,
-            "text_tokens": int(tokens.numel()), "max_tokens": max_tokens, "source": source, "sha256": digest}
+    return perplexity_result(float(total), blocks, facts)

@@ -64,7 +64,7 @@ def evaluate_models(
     task_dir: str | Path | None = None, task_texts: Mapping[str, str | Path] | None = None,
     task_items: int = 300, task_seed: int = 0, seq_len: int = 512, max_tokens: int | None = None,
     batch_size: int = 8, limit: float | None = None, device: str = "cpu", tokenizer: str | None = None,
-    progress: bool = False,
+    progress: bool = False, layerwise: bool | None = None, notify=None,
 ) -> dict:
     """Perplexity on `texts` and scores on `tasks` for each checkpoint in `paths`, as one dict.
 
@@ -73,7 +73,9 @@ def evaluate_models(
     `moeprune.evaluate.tasks` (`task_items` items each, seeded by `task_seed`) into `task_dir`, or
     into a temporary directory when none is given; with no `tasks`, all built tasks are run.
     `limit` keeps the first N items of each task. `tokenizer` replaces every model's own. Models
-    run as loaded, with the experts kernel their config names.
+    run as loaded, with the experts kernel their config names. `layerwise` (default: for checkpoints
+    larger than half the free memory) computes perplexity one decoder layer at a time, without ever
+    loading the model; lm-eval tasks need the whole model. `notify(message)` hears the choice.
 
     Returns {"format", "settings", "texts", "tasks", "task_manifest", "models": [per checkpoint:
     {"path", "name", "model_type", "parameters", "perplexity": {text: {...}}, "tasks": {task:
@@ -103,6 +105,7 @@ def evaluate_models(
     for t in texts:
         if not Path(t).exists():
             raise MoepruneError(f"text file {t} does not exist")
+    modes = {p: _evaluation_mode(p, layerwise, bool(tasks or task_texts)) for p in paths}
     device = resolve_device(device)
     tokenizers = [load_tokenizer(tokenizer or p) for p in paths]
 
@@ -118,6 +121,13 @@ def evaluate_models(
         }
         for path, tok in zip(paths, tokenizers):
             t0 = time.perf_counter()
+            by_layer, why = modes[path]
+            if notify is not None:
+                notify(f"{path}: {'layer by layer' if by_layer else 'whole model in memory'} ({why})")
+            if by_layer:
+                entry = _layerwise_entry(path, texts, tok, seq_len, max_tokens, batch_size, device, progress)
+                report["models"].append(entry)
+                continue
             model = load_model(path, device=device)
             entry = {"path": str(path), "name": Path(path).resolve().name, "model_type": model.config.model_type,
                      "parameters": parameter_counts(model), "perplexity": {}, "tasks": {},
@@ -137,6 +147,46 @@ def evaluate_models(
             del model
             gc.collect()
     return report
+
+
+def _evaluation_mode(path, layerwise: bool | None, with_tasks: bool) -> tuple[bool, str]:
+    """(layer by layer?, why) for one checkpoint, refusing what layer-by-layer evaluation cannot do."""
+    from moeprune.api import choose_layerwise
+    from moeprune.io import check_weight_files
+    from moeprune.novice import is_novice_checkpoint
+
+    check_weight_files(path)
+    if is_novice_checkpoint(path):
+        if layerwise:
+            raise MoepruneError(f"{path} has novices (MoNE), which layer-by-layer evaluation does not run; "
+                                "use --in-memory")
+        return False, "MoNE checkpoints load whole"
+    by_layer, why = choose_layerwise(path, layerwise)
+    if by_layer and with_tasks:
+        raise MoepruneError(f"lm-eval tasks need {path} whole in memory ({why}); evaluate perplexity alone "
+                            "(--text) layer by layer, or pass --in-memory")
+    return by_layer, why
+
+
+def _layerwise_entry(path, texts, tok, seq_len, max_tokens, batch_size, device, progress) -> dict:
+    """The report entry of one checkpoint whose perplexities are computed layer by layer."""
+    from moeprune.layerwise import ShardedCheckpoint, perplexity_layerwise
+    from moeprune.novice import checkpoint_parameters
+
+    model_type = ShardedCheckpoint(path).adapter.family
+    entry = {"path": str(path), "name": Path(path).resolve().name, "model_type": model_type,
+             "parameters": checkpoint_parameters(path), "perplexity": {}, "tasks": {}, "seconds": {"load": 0.0},
+             "layerwise": True}
+    t0 = time.perf_counter()
+    from moeprune.api import layer_progress
+
+    for text in texts:
+        with layer_progress(f"{entry['name']}: perplexity on {Path(text).name}", progress) as cb:
+            entry["perplexity"][str(text)] = perplexity_layerwise(path, tok, Path(text), seq_len=seq_len,
+                                                                  max_tokens=max_tokens, batch_size=batch_size,
+                                                                  device=device, progress=cb)
+    entry["seconds"]["perplexity"] = time.perf_counter() - t0
+    return entry
 
 
 # --------------------------------------------------------------------------------------------

@@ -11,8 +11,9 @@ from moeprune.layerwise.run import (
     apply_layerwise,
     forward_layerwise,
     observe_layerwise,
+    perplexity_layerwise,
     prune_layerwise,
 )
 
 __all__ = ["ShardedCheckpoint", "ShardedWeights", "apply_layerwise", "available_memory", "forward_layerwise", "free",
-           "observe_layerwise", "prune_layerwise", "walk"]
+           "observe_layerwise", "perplexity_layerwise", "prune_layerwise", "walk"]

@@ -61,6 +61,27 @@ def layer_call(model: nn.Module, layers: nn.ModuleList, input_ids: torch.Tensor,
     return got["h0"], *got["call"]
 
 
+@torch.no_grad()
+def head_logits(model: nn.Module, layers: nn.ModuleList, input_ids: torch.Tensor, last_hidden: torch.Tensor):
+    """[B, L, V] the model's logits for `input_ids` [B, L] when its last decoder layer outputs `last_hidden` [B, L, H].
+
+    The model's own forward runs with every decoder layer passing its input through and the last one
+    returning `last_hidden`, so the final norm, lm_head and any output processing are the family's own.
+    """
+    last = len(layers) - 1
+    saved = {j: layers[j].__dict__.get("forward") for j in range(len(layers))}
+    for j in range(len(layers)):
+        layers[j].forward = (lambda h, *a, **k: last_hidden) if j == last else (lambda h, *a, **k: h)
+    try:
+        return model(input_ids=input_ids, use_cache=False).logits
+    finally:
+        for j, old in saved.items():
+            if old is None:
+                del layers[j].forward
+            else:
+                layers[j].forward = old
+
+
 def to_device(obj, device):
     """Move the tensors inside nested tuples, lists and dicts to `device`; anything else is kept as is."""
     if isinstance(obj, torch.Tensor):

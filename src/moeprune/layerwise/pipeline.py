@@ -66,8 +66,12 @@ class _Batches:
         self.hidden = HiddenStates(budget, offload_dir)
 
     @torch.no_grad()
-    def run(self, i: int, layer: nn.Module, observer: Observer | None = None, keep: bool = True) -> None:
-        """Run every local batch through decoder layer i; with `keep`, store the outputs as layer i+1's inputs."""
+    def run(self, i: int, layer: nn.Module, observer: Observer | None = None, keep: bool = True,
+            sink: Callable[[torch.Tensor, torch.Tensor], None] | None = None) -> None:
+        """Run every local batch through decoder layer i; with `keep`, store the outputs as layer i+1's inputs.
+
+        `sink(input_ids [B, L], outputs [B, L, H])`, if given, receives each batch's outputs instead.
+        """
         L = self.input_ids.shape[1]
         device = self.ck.device
         for b, s in enumerate(self.starts):
@@ -77,7 +81,9 @@ class _Batches:
             if observer is not None:
                 observer.begin_batch(torch.arange(s * L, (s + batch.shape[0]) * L))
             out = run_layer(layer, h.to(device), to_device(args, device), to_device(kwargs, device))
-            if keep:
+            if sink is not None:
+                sink(batch, out)
+            elif keep:
                 self.hidden.put(b, out)
 
     def advance(self) -> None:
@@ -93,7 +99,6 @@ class LayerwiseResult:
     plan: Plan | None
     seconds: float
     novice_tensors: dict  # novice-file tensors of the written layers (empty without novices)
-    hidden: torch.Tensor | None = None  # [N_local, L, H] last layer's outputs, with keep_last
 
 
 def walk(
@@ -112,7 +117,7 @@ def walk(
     observe: bool = True,
     hidden_budget: int = DEFAULT_HIDDEN_BUDGET,
     offload_dir: str | Path | None = None,
-    keep_last: bool = False,
+    on_last: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
     progress=None,
 ) -> LayerwiseResult:
     """One pass over the decoder layers of `ck`.
@@ -120,11 +125,12 @@ def walk(
     With `input_ids` [N, L] the layers run on the calibration batches, observed when `observe`.
     `plan_layer(i, stats_i, access)` returns layer i's plan and its novice vectors (or None); it is
     applied before the layer is written (to `write_to`) or, with `sequential`, before its outputs
-    move on. `keep_last` returns the last decoder layer's outputs [N_local, L, H] (before the final
-    norm). `progress(description, done, total)` is called as work advances.
+    move on. `on_last(input_ids [B, L], outputs [B, L, H])` receives the last decoder layer's outputs
+    (before the final norm) batch by batch. `progress(description, done, total)` is called as work
+    advances.
     """
-    if keep_last and input_ids is None:
-        raise ValueError("keep_last needs input_ids")
+    if on_last is not None and input_ids is None:
+        raise ValueError("on_last needs input_ids")
     ranks = ranks or Ranks()
     return_freed_memory_to_the_system()
     adapter = ck.adapter
@@ -157,14 +163,15 @@ def walk(
             layer_stats = None
             will_change = plan_layer is not None and block is not None
             if batches is not None:
-                keep = (keep_last or not last) and not (sequential and will_change)
+                keep = not last and not (sequential and will_change)
+                sink = on_last if last and not (sequential and will_change) else None
                 if observe and block is not None:
                     with Observer(adapter, {i: block}, wanted) as obs:
-                        batches.run(i, layer, obs, keep=keep)
+                        batches.run(i, layer, obs, keep=keep, sink=sink)
                     layer_stats = ranks.reduce_layer_stats(obs.layer_stats())[i]
                     stats_layers[i] = layer_stats
                 else:
-                    batches.run(i, layer, keep=keep)
+                    batches.run(i, layer, keep=keep, sink=sink)
             if will_change:
                 from moeprune.surgery import apply_layer_plan
 
@@ -173,8 +180,8 @@ def walk(
                 if flatten_groups:
                     adapter.flatten_block_groups(block)
                 plans.append(lp)
-                if sequential and batches is not None and (keep_last or not last):
-                    batches.run(i, layer, keep=True)
+                if sequential and batches is not None and (on_last is not None or not last):
+                    batches.run(i, layer, keep=not last, sink=on_last if last else None)
             if writer is not None:
                 writer.write(_layer_tensors(ck, i, layer, block, novice_tensors))
             free(layer)
@@ -183,7 +190,6 @@ def walk(
         if writer is not None:
             writer.write({k: ck.raw_tensor(k) for k in ck.rest_keys()})  # embeddings, norm, lm_head as stored
             writer.finish()
-        hidden = torch.cat([batches.hidden.get(b) for b in range(len(batches.starts))]) if keep_last else None
     finally:
         if batches is not None:
             batches.close()
@@ -197,7 +203,7 @@ def walk(
     plan = None
     if plans:
         plan = Plan(method="", layers=plans, model=desc, flatten_groups=flatten_groups)
-    return LayerwiseResult(stats, plan, seconds, novice_tensors, hidden)
+    return LayerwiseResult(stats, plan, seconds, novice_tensors)
 
 
 def _layer_tensors(ck: ShardedCheckpoint, i: int, layer: nn.Module, block: nn.Module | None,

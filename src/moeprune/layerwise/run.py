@@ -81,8 +81,39 @@ def forward_layerwise(model_path: str | Path, input_ids: torch.Tensor, *, batch_
     against (`benchmarks/memory.py`).
     """
     ck = ShardedCheckpoint(model_path, device=device)
-    return walk(ck, input_ids=input_ids, batch_size=batch_size, observe=False, keep_last=True,
-                progress=progress).hidden
+    outputs = []
+    walk(ck, input_ids=input_ids, batch_size=batch_size, observe=False, on_last=lambda ids, h: outputs.append(h),
+         progress=progress)
+    return torch.cat(outputs)
+
+
+@torch.no_grad()
+def perplexity_layerwise(model_path: str | Path, tokenizer, text_or_path, *, seq_len: int = 512,
+                         max_tokens: int | None = None, batch_size: int = 8, device: str = "cpu", progress=None,
+                         hidden_budget: int = DEFAULT_HIDDEN_BUDGET, offload_dir: str | Path | None = None) -> dict:
+    """`moeprune.evaluate.perplexity` of a stock checkpoint, computed one decoder layer at a time.
+
+    The windows run through the layers as calibration batches do; the last layer's outputs go through
+    the model's own final norm and lm_head (`head_logits`). Same result dict, same numbers.
+    """
+    from moeprune.evaluate.perplexity import _check_model_fits, logits_nll, perplexity_result, text_windows
+    from moeprune.layerwise.activations import head_logits
+
+    if batch_size < 1:
+        raise MoepruneError(f"--batch-size must be at least 1 (got {batch_size})")
+    ck = ShardedCheckpoint(model_path, device=device)
+    blocks, facts = text_windows(tokenizer, text_or_path, seq_len, max_tokens)  # [W, L]
+    _check_model_fits(ck.model, blocks, seq_len)
+    total = torch.zeros((), dtype=torch.float64)
+
+    def score(ids: torch.Tensor, last_hidden: torch.Tensor) -> None:
+        nonlocal total
+        logits = head_logits(ck.model, ck.layers, ids, last_hidden.cpu())  # [B, L, V]
+        total += logits_nll(logits, ids).sum()
+
+    walk(ck, input_ids=blocks, batch_size=batch_size, observe=False, on_last=score, progress=progress,
+         hidden_budget=hidden_budget, offload_dir=offload_dir)
+    return perplexity_result(float(total), blocks, facts)
 
 
 def observe_layerwise(model_path: str | Path, input_ids: torch.Tensor, *, batch_size: int = 8, probe_size: int = 512,
