@@ -100,6 +100,32 @@ def test_permuting_hidden_units_leaves_the_expert_function_unchanged(family):
     torch.testing.assert_close(adapter.expert_outputs(block, x, ids), before, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_plan_permutations_leave_every_expert_and_the_block_unchanged(family):
+    """A plan of singleton groups, each with a random hidden-unit permutation, changes nothing.
+
+    Exercises `permute_members` through surgery (the merge-matrix path, since the groups carry
+    perms) on every family's layout: fused [E, 2I, H] (Qwen2-MoE, Mixtral, ...), transposed
+    (Llama 4), transposed and interleaved with biases (GPT-OSS).
+    """
+    model = tiny_model(family)
+    adapter, layer, block = _first_block(model)
+    E, I = adapter.num_experts, adapter.expert_weights(block, 0).gate.shape[0]
+    groups = [Group([e], [1.0], [_random_perm(I, seed=10 + e).tolist()]) for e in range(E)]
+    lp = LayerPlan(layer=layer, num_experts_in=E, groups=groups)
+    assert not lp.is_pruning  # the permuting path, not the index-select one
+    access = ModelWeights(model).layer(layer)
+    x = torch.randn(32, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    permuted = copy.deepcopy(block)
+    apply_layer_plan(adapter, permuted, lp)
+    assert not torch.equal(adapter.expert_weights(permuted, 0).gate, adapter.expert_weights(block, 0).gate)
+    for e in range(E):
+        ids = torch.full((x.shape[0],), e)
+        torch.testing.assert_close(adapter.expert_outputs(permuted, x, ids), adapter.expert_outputs(block, x, ids),
+                                   rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(access.block_output(x, lp), access.block_output(x), rtol=1e-5, atol=1e-6)
+
+
 @LAYOUTS
 def test_aligned_merge_of_an_expert_with_its_permuted_copy_gives_back_the_original(family):
     model = tiny_model(family)
@@ -228,6 +254,35 @@ def test_uncurl_kmeans_and_label_fix_up_are_deterministic():
         api.make_plan_for(stats, "uncurl", experts=3, weights=weights, options={"clustering": "dbscan"})
 
 
+def _low_rank_logits(seed: int, m: int = 32, n: int = 256, rank: int = 6):
+    """[m, n] router-logit columns of rank `rank` with four planted near-duplicate experts."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, rank, generator=g, dtype=torch.float64)  # the probe's hidden states, low rank
+    w = torch.randn(m, rank, generator=g, dtype=torch.float64)  # router rows
+    pairs = [[3, 17], [8, 25], [12, 30], [20, 21]]
+    for a, b in pairs:
+        w[b] = w[a] + 0.01 * torch.randn(rank, generator=g, dtype=torch.float64)
+    return (x @ w.T).T.contiguous(), pairs
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_spectral_clustering_merges_near_duplicate_logits_when_few_experts_go(seed):
+    """32 experts into 28 on low-rank router logits: the four merges are the four near-duplicates.
+
+    Router logits are X W_r^T, so their cosine Gram matrix has a near-null space. The plain
+    28-eigenvector spectral embedding (scikit-learn's default, n_components = n_clusters) then tells
+    experts apart by its 4 discarded, least informative eigenvectors and merged experts with cosine
+    around 0 (qwen-fine at 12.5%: +20% perplexity); the eigenvalue-weighted embedding does not.
+    """
+    from moeprune.methods.uncurl import cluster_logits, cosine_matrix
+
+    z, pairs = _low_rank_logits(seed)
+    assert min(float(cosine_matrix(z)[a, b]) for a, b in pairs) > 0.999
+    labels, created = cluster_logits(z, 28, "spectral", seed)
+    merged = sorted(sorted(e for e in range(32) if labels[e] == c) for c in set(labels))
+    assert [c for c in merged if len(c) > 1] == pairs and created == 0
+
+
 # ---- NAEE ---------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("family", TINY_FAMILIES)
@@ -350,3 +405,18 @@ def test_sweep_refuses_bad_budgets_before_calibrating(tmp_path, checkpoint, cali
         sweep(checkpoint("mixtral"), ["uncurl"], [0.25, 0.9], str(calib_file), tmp_path / "s", texts=[calib_file])
     with pytest.raises(MoepruneError, match="nothing to evaluate"):
         sweep(checkpoint("mixtral"), ["uncurl"], [0.25], str(calib_file), tmp_path / "s")
+
+
+def test_spectral_plain_is_scikit_learns_reading():
+    """`clustering=spectral-plain` keeps scikit-learn's unweighted spectral clustering as an option."""
+    from sklearn.cluster import SpectralClustering
+
+    from moeprune.methods.uncurl import cluster_logits, cosine_matrix
+
+    z = torch.randn(12, 40, generator=torch.Generator().manual_seed(1)).double()
+    labels, _ = cluster_logits(z, 4, "spectral-plain", seed=3)
+    affinity = ((cosine_matrix(z) + 1) / 2).numpy()
+    want = SpectralClustering(n_clusters=4, affinity="precomputed", random_state=3,
+                              assign_labels="kmeans").fit_predict(affinity)
+    same = {(a, b) for a, b in zip(labels, want)}  # the same partition, whatever the label numbers
+    assert len(same) == len(set(labels)) == len(set(want))

@@ -9,8 +9,17 @@ text (`--calib task.jsonl --calib-template "..."`). Per MoE layer:
    softmax/sigmoid, with the router bias where the family has one).
 2. **Clustering** of the E experts into r clusters (option `clustering`; which one the paper uses is
    **open** in METHODS.md, so both are offered):
-   - `spectral` (default): affinity = cosine similarity of the z_i rescaled to [0, 1], (cos + 1) / 2,
-     fed to scikit-learn's `SpectralClustering(affinity="precomputed")`, seeded;
+   - `spectral` (default): affinity = cosine similarity of the z_i rescaled to [0, 1], (cos + 1) / 2;
+     the experts are embedded by the r leading eigenvectors of the normalised affinity and k-means
+     (scikit-learn, seeded) clusters the rows. Reading taken where the paper is silent: each
+     eigenvector is scaled by its eigenvalue (`spectral_embedding`, a diffusion-map embedding).
+     The unscaled embedding (scikit-learn's `SpectralClustering` default) breaks down when r is
+     close to E: router logits are low rank, and the embedding was then set by eigenvectors the
+     affinity gives no weight to, so experts with unrelated logits were merged (qwen-fine 32→28:
+     mean cosine inside merged clusters 0.07–0.49 per layer, perplexity ×1.2). With r well
+     below E and clear clusters the two agree;
+   - `spectral-plain`: that unweighted reading, scikit-learn's `SpectralClustering(affinity="precomputed")`
+     on the same affinity, seeded, for comparison with implementations that use it;
    - `kmeans`: `KMeans` on the standardised z_i, seeded. Reading of "standardised": the [E, n]
      matrix of experts × probe tokens is standardised per token (zero mean, unit variance across
      the experts, scikit-learn's `StandardScaler`), so no token dominates the distance by scale.
@@ -44,12 +53,14 @@ from moeprune.methods.registry import PlanRequest, register
 from moeprune.observe.stats import LayerStats
 from moeprune.plan import Group, LayerPlan, Plan
 
-CLUSTERINGS = ("spectral", "kmeans")
+CLUSTERINGS = ("spectral", "spectral-plain", "kmeans")
 
 
 @dataclass(frozen=True)
 class UncurlConfig:
-    clustering: str = "spectral"  # spectral (cosine affinity in [0, 1]) or kmeans (standardised logits)
+    # spectral (cosine affinity in [0, 1], eigenvalue-weighted embedding), spectral-plain (scikit-learn's
+    # SpectralClustering on the same affinity, unweighted embedding) or kmeans (standardised logits)
+    clustering: str = "spectral"
     seed: int = 0  # seed of the clustering (spectral embedding and k-means initialisation)
     align: bool = True  # permutation-align members to the cluster's reference before merging
 
@@ -158,6 +169,30 @@ def fix_up_labels(labels: list[int], k: int, affinity: torch.Tensor) -> tuple[li
     return _relabel(labels), created
 
 
+def spectral_embedding(affinity: torch.Tensor, k: int) -> np.ndarray:
+    """[m, k] spectral embedding of an affinity [m, m], each coordinate scaled by its eigenvalue.
+
+    The k leading eigenvectors u_j of the normalised affinity D^-1/2 A D^-1/2 (eigenvalues mu_j,
+    D the degrees), mapped back by D^-1/2 as in scikit-learn's `spectral_embedding`, and multiplied by
+    mu_j: row i is (mu_j u_j(i) / sqrt(d_i))_j, a diffusion-map embedding at t = 1.
+
+    Why the weights: with k close to m (32 experts into 28), the plain k-eigenvector embedding
+    keeps directions in which the affinity is (numerically) zero. Router logits have a low
+    effective rank, so the cosine Gram matrix has many eigenvalues near 0 and those directions are
+    an arbitrary basis of a near-null space; k rows of an almost complete orthonormal basis are
+    then told apart only by the m - k discarded vectors, the *least* informative ones, and k-means
+    grouped experts whose logits are nearly linearly dependent rather than similar (cosine 0 or
+    below inside a cluster). With the weights those directions contribute nothing. When the graph
+    has k well-separated clusters the k leading eigenvalues are all close to 1, so the embedding
+    is the standard one.
+    """
+    A = affinity.double().numpy()
+    s = 1.0 / np.sqrt(A.sum(axis=1))  # degrees >= 1: the diagonal of the affinity is 1
+    mu, U = np.linalg.eigh(A * s[:, None] * s[None, :])  # ascending eigenvalues
+    top = np.argsort(-mu, kind="stable")[:k]
+    return U[:, top] * s[:, None] * mu[top][None, :]
+
+
 def cluster_logits(z: torch.Tensor, k: int, clustering: str, seed: int) -> tuple[list[int], int]:
     """Labels 0..k-1 of the m rows of z [m, n] and the number of clusters the fix-up created."""
     m = z.shape[0]
@@ -169,6 +204,10 @@ def cluster_logits(z: torch.Tensor, k: int, clustering: str, seed: int) -> tuple
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "graph is not fully connected" and k-means convergence chatter
         if clustering == "spectral":
+            from sklearn.cluster import KMeans
+
+            labels = KMeans(n_clusters=k, n_init=10, random_state=seed).fit_predict(spectral_embedding(affinity, k))
+        elif clustering == "spectral-plain":
             from sklearn.cluster import SpectralClustering
 
             labels = SpectralClustering(n_clusters=k, affinity="precomputed", random_state=seed,
