@@ -3,7 +3,7 @@
 Both run in this process over the same token batches, interleaved, several times; the figure is
 the median ratio. Timings on shared machines are noisy, which is why only the ratio is reported.
 
-    python benchmarks/observe_overhead.py [--families mixtral,qwen3_moe] [--repeats 7]
+    python benchmarks/observe_overhead.py [--families mixtral,qwen3_moe] [--repeats 15] [--threads 1]
 """
 
 from __future__ import annotations
@@ -50,11 +50,15 @@ def measure(family: str, repeats: int, samples: int, seq_len: int, batch_size: i
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--families", default="mixtral,qwen2_moe,qwen3_moe,deepseek_v3,gpt_oss")
-    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--samples", type=int, default=16)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args.threads = torch.get_num_threads()
     torch.manual_seed(0)
     # the testbed's scale (hidden 256, 4 layers) rather than the 64-wide unit-test models, whose
     # forward is so small that Python overhead dominates both sides

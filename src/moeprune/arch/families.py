@@ -159,7 +159,7 @@ class Llama4Text(Adapter):
             per_expert = out.view(E, T, -1)  # [E, T, H]
             tokens = torch.arange(T, device=out.device)[:, None].expand_as(top_k_index)  # [T, K]
             raw = per_expert[top_k_index.reshape(-1), tokens.reshape(-1)]  # [T*K, H]
-            record(top_k_index, top_k_weights, raw)
+            record(top_k_index, top_k_weights, raw, None)
             return out
 
         ex.forward = observed_forward

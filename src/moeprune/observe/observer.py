@@ -42,10 +42,15 @@ class Observer(contextlib.AbstractContextManager):
         self.experts: dict[int, ExpertStats] = {}
         self.probes: dict[int, ProbeCollector] = {}
         self._positions: torch.Tensor | None = None
+        self._probe_finder = ProbeCollector(wanted_probe)  # finds the probe rows of a batch
         self._undo: list = []
 
     def begin_batch(self, positions: torch.Tensor) -> None:
         self._positions = positions.reshape(-1)
+        # every layer's probe wants the same rows: find them once per batch, not once per layer
+        self._probe_rows = self._probe_finder.rows(self._positions)  # [p] on the CPU
+        self._probe_hits = self._positions.cpu()[self._probe_rows]  # [p] global token ids
+        self._rows_on: dict[torch.device, torch.Tensor] = {}
 
     def __enter__(self):
         for i, block in self.blocks.items():
@@ -66,8 +71,8 @@ class Observer(contextlib.AbstractContextManager):
     def _recorder(self, layer: int):
         stats = self.experts[layer]
 
-        def record(top_k_index, top_k_weights, raw):
-            stats.update(top_k_index.reshape(-1), top_k_weights.reshape(-1), raw)
+        def record(top_k_index, top_k_weights, raw, scratch=None):
+            stats.update(top_k_index.reshape(-1), top_k_weights.reshape(-1), raw, scratch)
 
         return record
 
@@ -76,11 +81,14 @@ class Observer(contextlib.AbstractContextManager):
         H = self.adapter.config.hidden_size
 
         def hook(module, args, output):
-            if self._positions is None:
+            if self._positions is None or not self._probe_rows.numel():
                 return
             x = args[0].reshape(-1, H)  # [T, H]
             logits = self.adapter.router_logits(output).reshape(x.shape[0], -1)  # [T, E]
-            collector.add(self._positions.to(x.device), x, logits)
+            rows = self._rows_on.get(x.device)
+            if rows is None:
+                rows = self._rows_on[x.device] = self._probe_rows.to(x.device)
+            collector.add_rows(self._probe_hits, x[rows], logits[rows])
 
         return hook
 

@@ -43,31 +43,38 @@ class ExpertStats:
         return torch.where(self.count[:, None] > 1, self.m2 / denom, torch.zeros_like(self.m2))
 
     @torch.no_grad()
-    def update(self, expert_ids: torch.Tensor, gates: torch.Tensor, outputs: torch.Tensor) -> None:
+    def update(self, expert_ids: torch.Tensor, gates: torch.Tensor, outputs: torch.Tensor,
+               scratch: torch.Tensor | None = None) -> None:
         """Add S routed pairs: expert_ids [S], gates [S], raw outputs [S, H].
 
         The batch's own moments are taken in float32 on the outputs' device (the hot path), then
         merged into the float64 running state with Chan's formula, so accuracy does not drift with
-        the number of batches.
+        the number of batches. `scratch`, if given, is a float32 buffer of S*H elements the caller
+        no longer needs; it is overwritten instead of allocating the [S, H] temporary (on CPU a
+        fresh multi-megabyte tensor costs page faults that rival the arithmetic).
         """
         E = self.num_experts
         ids = expert_ids.reshape(-1).long()
         out = outputs.float()  # [S, H]
         g = gates.reshape(-1).float()  # [S]
-        norms = out.norm(dim=-1)  # [S]
+        norms = torch.linalg.vector_norm(out, dim=-1)  # [S]
         n_b = torch.bincount(ids, minlength=E)  # [E]
         sum_b = out.new_zeros(E, out.shape[1]).index_add_(0, ids, out)  # [E, H]
-        mean_b = sum_b / n_b.clamp(min=1)[:, None]
-        m2_b = torch.zeros_like(sum_b).index_add_(0, ids, (out - mean_b[ids]).square_())  # [E, H]
-        per_expert = torch.zeros(3, E, dtype=out.dtype, device=out.device)
-        per_expert[0].index_add_(0, ids, g)
-        per_expert[1].index_add_(0, ids, g * norms)
-        per_expert[2].index_add_(0, ids, norms)
-        per_expert = per_expert.to("cpu", F64)
-        self._merge(n_b.to("cpu", F64), mean_b.to("cpu", F64), m2_b.to("cpu", F64))
-        self.gate_sum += per_expert[0]
-        self.reap_sum += per_expert[1]
-        self.ean_sum += per_expert[2]
+        mean_b = sum_b.div_(n_b.clamp(min=1)[:, None])
+        # (mean - x)^2 == (x - mean)^2 bit for bit (IEEE subtraction is antisymmetric), so the
+        # deviations are formed in one [S, H] buffer: the batch means gathered per row, minus x.
+        usable = (scratch is not None and scratch.dtype == out.dtype and scratch.device == out.device
+                  and scratch.is_contiguous() and scratch.numel() == out.numel() and scratch.data_ptr() != out.data_ptr())
+        dev = torch.index_select(mean_b, 0, ids, out=scratch.view_as(out)) if usable else mean_b[ids]  # [S, H]
+        m2_b = torch.zeros_like(sum_b).index_add_(0, ids, dev.sub_(out).square_())  # [E, H]
+        per_expert = out.new_zeros(E, 3).index_add_(0, ids, torch.stack((g, g * norms, norms), dim=1))  # [E, 3]
+        # two device-to-host transfers per batch, not four: [E, 2H + 3] = mean | m2 | gate, reap, ean
+        host = torch.cat((mean_b, m2_b, per_expert), dim=1).to("cpu", F64)
+        H = out.shape[1]
+        self._merge(n_b.to("cpu", F64), host[:, :H], host[:, H : 2 * H])
+        self.gate_sum += host[:, 2 * H]
+        self.reap_sum += host[:, 2 * H + 1]
+        self.ean_sum += host[:, 2 * H + 2]
 
     def _merge(self, n_b: torch.Tensor, mean_b: torch.Tensor, m2_b: torch.Tensor) -> None:
         # Chan et al.: combine (n_a, mean_a, M2_a) with (n_b, mean_b, M2_b) per expert.
@@ -120,12 +127,20 @@ class ProbeCollector:
 
     def add(self, positions: torch.Tensor, inputs: torch.Tensor, logits: torch.Tensor) -> None:
         """positions [T] global token ids of this batch's rows; inputs [T, H]; logits [T, E]."""
-        hit = torch.isin(positions.cpu(), self.wanted)  # [T]
-        if hit.any():
-            rows = hit.nonzero().squeeze(1)
-            self._positions.append(positions.cpu()[rows])
-            self._inputs.append(inputs.detach().float().cpu()[rows])
-            self._logits.append(logits.detach().float().cpu()[rows])
+        rows = self.rows(positions)
+        if rows.numel():
+            on = rows.to(inputs.device)
+            self.add_rows(positions.cpu()[rows], inputs[on], logits[on])
+
+    def rows(self, positions: torch.Tensor) -> torch.Tensor:
+        """[p] CPU indices into `positions` [T] (global token ids) of the rows the probe wants."""
+        return torch.isin(positions.cpu(), self.wanted).nonzero().squeeze(1)
+
+    def add_rows(self, positions: torch.Tensor, inputs: torch.Tensor, logits: torch.Tensor) -> None:
+        """Add rows already selected with `rows`: positions [p], inputs [p, H], logits [p, E]."""
+        self._positions.append(positions.cpu())
+        self._inputs.append(inputs.detach().float().cpu())
+        self._logits.append(logits.detach().float().cpu())
 
     def result(self, hidden: int, num_experts: int) -> Probe:
         if not self._positions:
