@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -43,19 +44,11 @@ def layer_call(model: nn.Module, layers: nn.ModuleList, input_ids: torch.Tensor,
 
         return forward
 
-    saved = {j: layers[j].__dict__.get("forward") for j in range(i + 1)}
-    for j in range(i + 1):
-        layers[j].forward = recorder(j)  # an instance attribute shadows the class forward
-    try:
-        model(input_ids=input_ids, use_cache=False)
-    except _Reached:
-        pass
-    finally:
-        for j, old in saved.items():
-            if old is None:
-                del layers[j].forward
-            else:
-                layers[j].forward = old
+    with _forwards_replaced(layers, {j: recorder(j) for j in range(i + 1)}):
+        try:
+            model(input_ids=input_ids, use_cache=False)
+        except _Reached:
+            pass
     if "call" not in got:
         raise RuntimeError(f"{type(model).__name__}'s forward never called decoder layer {i}")
     return got["h0"], *got["call"]
@@ -69,11 +62,22 @@ def head_logits(model: nn.Module, layers: nn.ModuleList, input_ids: torch.Tensor
     returning `last_hidden`, so the final norm, lm_head and any output processing are the family's own.
     """
     last = len(layers) - 1
-    saved = {j: layers[j].__dict__.get("forward") for j in range(len(layers))}
-    for j in range(len(layers)):
-        layers[j].forward = (lambda h, *a, **k: last_hidden) if j == last else (lambda h, *a, **k: h)
-    try:
+    forwards = {j: (lambda h, *a, **k: last_hidden) if j == last else (lambda h, *a, **k: h) for j in range(last + 1)}
+    with _forwards_replaced(layers, forwards):
         return model(input_ids=input_ids, use_cache=False).logits
+
+
+@contextmanager
+def _forwards_replaced(layers: nn.ModuleList, forwards: dict):
+    """Give layers[j] the instance forward forwards[j] (it shadows the class forward), then restore.
+
+    A forward set on the instance before (accelerate's hooks do that) is put back, not deleted.
+    """
+    saved = {j: layers[j].__dict__.get("forward") for j in forwards}
+    for j, fn in forwards.items():
+        layers[j].forward = fn
+    try:
+        yield
     finally:
         for j, old in saved.items():
             if old is None:
