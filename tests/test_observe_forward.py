@@ -20,6 +20,16 @@ FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepse
             "gpt_oss", "ernie4_5_moe", "llama4_text"]
 
 
+@torch.no_grad()
+def _plain_and_observed(model, adapter, blocks, ids):
+    """(plain logits, logits with the observer attached, the observer) on ids [B, L]."""
+    plain = model(input_ids=ids, use_cache=False).logits
+    with Observer(adapter, blocks, probe_positions(ids.numel(), 8, 0)) as obs:
+        obs.begin_batch(torch.arange(ids.numel()))
+        observed = model(input_ids=ids, use_cache=False).logits
+    return plain, observed, obs
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("top_k", [1, 2, 3])
 def test_observed_forward_equals_plain_forward(family, top_k):
@@ -29,11 +39,7 @@ def test_observed_forward_equals_plain_forward(family, top_k):
     if family != "llama4_text":  # every grouped_mm family takes the step-for-step path
         assert all(_grouped_mm_steps(adapter.experts(b)) is not None for b in blocks.values())
     ids = token_ids(3, 24)
-    with torch.no_grad():
-        plain = model(input_ids=ids, use_cache=False).logits
-        with Observer(adapter, blocks, probe_positions(ids.numel(), 8, 0)) as obs:
-            obs.begin_batch(torch.arange(ids.numel()))
-            observed = model(input_ids=ids, use_cache=False).logits
+    plain, observed, obs = _plain_and_observed(model, adapter, blocks, ids)
     assert torch.equal(observed, plain)
     for i in blocks:  # every token was recorded K times (Phi-MoE's sparsemixer always routes to 2)
         assert float(obs.experts[i].count.sum()) == ids.numel() * (2 if family == "phimoe" else top_k)
@@ -45,12 +51,7 @@ def test_eager_experts_take_the_generic_path():
     adapter = get_adapter(model.config)
     blocks = adapter.moe_blocks(model)
     assert all(_grouped_mm_steps(adapter.experts(b)) is None for b in blocks.values())
-    ids = token_ids(2, 16)
-    with torch.no_grad():
-        plain = model(input_ids=ids, use_cache=False).logits
-        with Observer(adapter, blocks, probe_positions(ids.numel(), 8, 0)) as obs:
-            obs.begin_batch(torch.arange(ids.numel()))
-            observed = model(input_ids=ids, use_cache=False).logits
+    plain, observed, _ = _plain_and_observed(model, adapter, blocks, token_ids(2, 16))
     torch.testing.assert_close(observed, plain)
 
 

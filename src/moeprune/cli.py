@@ -46,6 +46,13 @@ def _command_line() -> str:
     return "moeprune " + " ".join(shlex.quote(a) for a in sys.argv[1:])
 
 
+def _write_atomically(path: str | Path, write) -> None:
+    """`write(tmp)` a sibling temporary file, then rename it onto `path`, so a failure leaves no half file."""
+    tmp = Path(path).with_name(f".{Path(path).name}.tmp")
+    write(tmp)
+    tmp.replace(path)
+
+
 def _parse_options(method: str, pairs: list[str] | None) -> dict:
     """KEY=VALUE strings -> typed keyword arguments of the method's config dataclass."""
     from moeprune.methods import get_method
@@ -176,9 +183,7 @@ def plan(
     weights = model_weights(model, layerwise, notify=err.print) if model is not None else None
     p = make_plan_for(statistics, method, ratio=ratio, experts=experts, flatten_groups=flatten_groups,
                       weights=weights, options=options)
-    tmp = Path(out_file).with_name(f".{Path(out_file).name}.tmp")
-    p.save(tmp)
-    tmp.replace(out_file)
+    _write_atomically(out_file, p.save)
     _print_plan(p)
     out.print(f"plan written to {out_file}")
 
@@ -298,9 +303,7 @@ def evaluate(
     )
     out.print(render_table(report))
     if json_out is not None:
-        tmp = Path(json_out).with_name(f".{Path(json_out).name}.tmp")
-        tmp.write_text(json.dumps(report, indent=1))
-        tmp.replace(json_out)
+        _write_atomically(json_out, lambda tmp: tmp.write_text(json.dumps(report, indent=1)))
         out.print(f"results written to {json_out}")
 
 
