@@ -170,7 +170,8 @@ def test_cheap_checks_happen_before_any_expensive_work(tmp_path, checkpoint, cal
     assert (existing / "keep.txt").read_text() == "precious"
 
 
-def test_existing_output_needs_force_and_force_replaces_it(tmp_path, checkpoint, calib_file, capsys):
+def test_existing_output_needs_force_and_force_replaces_only_moeprune_outputs(tmp_path, checkpoint, calib_file,
+                                                                             capsys):
     src = checkpoint("olmoe")
     out = tmp_path / "out"
     out.mkdir()
@@ -183,18 +184,19 @@ def test_existing_output_needs_force_and_force_replaces_it(tmp_path, checkpoint,
     assert sorted(p.name for p in out.iterdir()) == ["old.txt"]
     with pytest.raises(MoepruneError, match="force"):
         api.prune(src, "frequency", out, ratio=0.5, calib=str(calib_file), progress=False, **SMALL)
+    # a directory moeprune did not write is refused even with --force, naming what is in the way
+    assert main(argv + ["--force"]) == 2
+    assert "old.txt" in _one_error_line(capsys)
+    assert (out / "old.txt").read_text() == "old"
 
-    assert main(argv + ["--force"]) == 0
+    (out / "old.txt").unlink()  # an empty directory is fine without --force
+    assert main(argv) == 0
+    # a moeprune output is replaced with --force
+    assert main(argv[:-len(SMALL_FLAGS) - 2] + ["--ratio", "0.25", *SMALL_FLAGS, "--force"]) == 0
     names = sorted(p.name for p in out.iterdir())
-    assert "old.txt" not in names and {"config.json", "model.safetensors", "moeprune_plan.json"} <= set(names)
+    assert {"config.json", "model.safetensors", "moeprune_plan.json"} <= set(names)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"], "no temporary or backup directory left"
-    assert json.loads((out / "config.json").read_text())["num_experts"] == 4
-
-    # an empty existing directory is fine without --force
-    empty = tmp_path / "empty"
-    empty.mkdir()
-    api.prune(src, "random", empty, ratio=0.25, progress=False)
-    assert json.loads((empty / "config.json").read_text())["num_experts"] == 6
+    assert json.loads((out / "config.json").read_text())["num_experts"] == 6
 
 
 def test_input_model_directory_is_unchanged(tmp_path, checkpoint, calib_file):

@@ -278,7 +278,7 @@ def test_cli_prune_layerwise_and_auto_choice(checkpoint, calib_file, tmp_path, c
     assert spill.is_dir() and not any(spill.iterdir())
     capsys.readouterr()
     assert main([*argv, "--out", str(tmp_path / "f"), "--hidden-memory", "-1"]) == 2
-    assert "--hidden-memory -1.0 is not a size" in capsys.readouterr().err
+    assert "--hidden-memory -1.0 is below 0" in capsys.readouterr().err
     assert not (tmp_path / "f").exists()
 
 

@@ -2,29 +2,38 @@
 
 Observe the experts on calibration text, plan which to remove or merge with a published method,
 apply the plan, and write a checkpoint that stock transformers loads.
+
+The public names below are imported on first use, so that `import moeprune` (and the CLI's
+`--help` and `--version`) do not pay for importing torch and transformers.
 """
+
+from importlib import import_module
 
 __version__ = "0.1.0"
 
-from moeprune.api import (
-    apply_checkpoint,
-    empty_stats,
-    inspect,
-    make_plan_for,
-    observe_checkpoint,
-    prune,
-)
-from moeprune.arch import SUPPORTED_MODEL_TYPES, get_adapter
-from moeprune.errors import MoepruneError
-from moeprune.methods import METHODS, make_plan
-from moeprune.novice import export_stock, from_pretrained
-from moeprune.observe import Stats, observe
-from moeprune.plan import Group, LayerPlan, Plan, budget
-from moeprune.surgery import apply_plan
+# public name -> module that defines it
+_PUBLIC = {
+    "apply_checkpoint": "moeprune.api", "empty_stats": "moeprune.api", "inspect": "moeprune.api",
+    "make_plan_for": "moeprune.api", "observe_checkpoint": "moeprune.api", "prune": "moeprune.api",
+    "SUPPORTED_MODEL_TYPES": "moeprune.arch", "get_adapter": "moeprune.arch",
+    "MoepruneError": "moeprune.errors",
+    "METHODS": "moeprune.methods", "make_plan": "moeprune.methods",
+    "export_stock": "moeprune.novice", "from_pretrained": "moeprune.novice",
+    "Stats": "moeprune.observe", "observe": "moeprune.observe",
+    "Group": "moeprune.plan", "LayerPlan": "moeprune.plan", "Plan": "moeprune.plan", "budget": "moeprune.plan",
+    "apply_plan": "moeprune.surgery",
+}
 
-__all__ = [
-    "METHODS", "SUPPORTED_MODEL_TYPES", "Group", "LayerPlan", "MoepruneError", "Plan", "Stats", "apply_checkpoint",
-    "apply_plan", "budget", "empty_stats", "export_stock", "from_pretrained", "get_adapter", "inspect", "make_plan",
-    "make_plan_for", "observe",
-    "observe_checkpoint", "prune",
-]
+__all__ = sorted(_PUBLIC)
+
+
+def __getattr__(name: str):
+    if name in _PUBLIC:
+        value = getattr(import_module(_PUBLIC[name]), name)
+        globals()[name] = value  # later lookups skip this function
+        return value
+    raise AttributeError(f"module 'moeprune' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_PUBLIC))

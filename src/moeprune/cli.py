@@ -1,6 +1,9 @@
 """The `moeprune` command line: parses flags, calls the public API, prints tables.
 
-Any MoepruneError becomes one line on stderr and exit status 2; nothing is written on failure.
+Every failure the user can fix (a MoepruneError, a usage error, an OS error such as a full disk)
+becomes one line on stderr and exit status 2; Ctrl-C and SIGTERM exit 130 and 143 with one line.
+Nothing is written on failure. Results go to stdout, progress and notices to stderr. Heavy
+libraries (torch, transformers) are imported inside the commands, so `--help` and `--version` are quick.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from moeprune.errors import MoepruneError
@@ -46,15 +50,13 @@ def _command_line() -> str:
     return "moeprune " + " ".join(shlex.quote(a) for a in sys.argv[1:])
 
 
-def _write_atomically(path: str | Path, write) -> None:
-    """`write(tmp)` a sibling temporary file, then rename it onto `path`, so a failure leaves no half file."""
-    tmp = Path(path).with_name(f".{Path(path).name}.tmp")
-    write(tmp)
-    tmp.replace(path)
+TRUE_WORDS, FALSE_WORDS = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
 
 def _parse_options(method: str, pairs: list[str] | None) -> dict:
-    """KEY=VALUE strings -> typed keyword arguments of the method's config dataclass."""
+    """KEY=VALUE strings -> typed keyword arguments of the method's config dataclass (which checks the values)."""
+    import math
+
     from moeprune.methods import get_method
 
     spec = get_method(method)
@@ -62,19 +64,51 @@ def _parse_options(method: str, pairs: list[str] | None) -> dict:
     options = {}
     for pair in pairs or []:
         key, sep, value = pair.partition("=")
-        key = key.replace("-", "_")
-        if not sep or key not in fields:
-            raise MoepruneError(f"bad --option {pair!r}: method {method} takes KEY=VALUE with KEY in "
-                                f"{sorted(fields) or 'nothing'}")
+        key = key.strip().replace("-", "_")
+        if key not in fields:
+            raise MoepruneError(f"bad --option {pair!r}: method {method} has no option {key!r}; its options are "
+                                f"{', '.join(sorted(fields)) or 'none'}")
+        if not sep:
+            raise MoepruneError(f"bad --option {pair!r}: give a value, as {key}=VALUE")
         kind = fields[key].type if isinstance(fields[key].type, type) else eval(str(fields[key].type))
         if kind is bool:
-            options[key] = value.lower() in ("1", "true", "yes", "on")
-        else:
-            try:
-                options[key] = kind(value)
-            except ValueError:
-                raise MoepruneError(f"bad --option {pair!r}: {key} must be a {kind.__name__}")
+            if value.lower() not in TRUE_WORDS + FALSE_WORDS:
+                raise MoepruneError(f"bad --option {pair!r}: {key} is true or false (also 1/0, yes/no, on/off)")
+            options[key] = value.lower() in TRUE_WORDS
+            continue
+        try:
+            options[key] = kind(value)
+        except ValueError:
+            raise MoepruneError(f"bad --option {pair!r}: {key} must be a {kind.__name__}")
+        if kind is float and not math.isfinite(options[key]):
+            raise MoepruneError(f"bad --option {pair!r}: {key} must be a finite number")
+    spec.default_config(**options)  # every method checks its option values when its config is built
     return options
+
+
+def _version(value: bool) -> None:
+    if value:
+        from moeprune import __version__
+
+        print(f"moeprune {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: Annotated[bool | None, typer.Option("--version", callback=_version, is_eager=True,
+                                                        help="print the version and exit")] = None):
+    """Make Mixture-of-Experts LLMs smaller without retraining."""
+
+
+def _quiet_libraries() -> None:
+    """transformers' warnings and per-file progress bars are noise next to moeprune's own messages.
+
+    Called by the commands that load models; the CLI process owns its logging, so this is not undone.
+    """
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
 
 
 @app.command()
@@ -83,6 +117,7 @@ def inspect(model: Annotated[str, typer.Argument(help="model directory")],
     """Family, MoE layers, experts, top-k, shared experts, and where the parameters are."""
     from moeprune.api import inspect as inspect_model
 
+    _quiet_libraries()
     info = inspect_model(model)
     if as_json:
         out.print_json(json.dumps(info))
@@ -145,11 +180,13 @@ def observe(
     Runs under torchrun too (`torchrun --nproc-per-node P -m moeprune observe ...`): the batches are split
     between the processes, the statistics reduced exactly, and rank 0 writes them.
     """
-    from moeprune.api import observe_checkpoint
+    from moeprune.api import check_output_dir, check_separate, observe_checkpoint, write_stats
     from moeprune.distributed import Ranks
-    from moeprune.io import atomic_directory, check_output_dir
 
-    check_output_dir(out_dir, force, inputs=(model,))
+    _quiet_libraries()
+    inputs = {"model": model, "--calib": calib, "--tokenizer": tokenizer}
+    check_separate(inputs, {"--out": out_dir, "--offload-dir": offload_dir})
+    check_output_dir(out_dir, force, inputs, notify=err.print)
     ranks = Ranks.from_env(device)
     stats = observe_checkpoint(model, calib, samples=samples, seq_len=seq_len, batch_size=batch_size, seed=seed,
                                probe_size=probe_size, device=device, tokenizer=tokenizer, calib_field=calib_field,
@@ -157,8 +194,7 @@ def observe(
                                offload_dir=offload_dir, hidden_memory=hidden_memory, notify=err.print)
     if not ranks.is_main:
         return
-    with atomic_directory(out_dir, force=force) as tmp:
-        stats.save(tmp)
+    write_stats(stats, out_dir, force=force)
     out.print(f"stats of {len(stats.layers)} MoE layers over {stats.num_tokens:,} tokens written to {out_dir}")
 
 
@@ -173,17 +209,17 @@ def plan(
     force: Force = False, layerwise: Layerwise = None,
 ):
     """Turn statistics into a plan (JSON) without changing the model."""
-    from moeprune.api import make_plan_for, model_weights
+    from moeprune.api import check_output_file, make_plan_for, model_weights, write_plan
     from moeprune.observe import Stats
 
-    if Path(out_file).exists() and not force:
-        raise MoepruneError(f"{out_file} already exists; pass --force to replace it")
+    _quiet_libraries()
+    check_output_file(out_file, force, {"stats": stats, "--model": model})
     options = _parse_options(method, option)
     statistics = Stats.load(stats)
-    weights = model_weights(model, layerwise, notify=err.print) if model is not None else None
+    weights = model_weights(model, layerwise, notify=err.print, stats=statistics) if model is not None else None
     p = make_plan_for(statistics, method, ratio=ratio, experts=experts, flatten_groups=flatten_groups,
                       weights=weights, options=options)
-    _write_atomically(out_file, p.save)
+    write_plan(p, out_file)
     _print_plan(p)
     out.print(f"plan written to {out_file}")
 
@@ -198,14 +234,17 @@ def apply(
     device: Device = "cpu", force: Force = False, layerwise: Layerwise = None,
 ):
     """Apply a plan to a model and write a stock transformers checkpoint (a MoNE checkpoint for novice plans)."""
-    from moeprune.api import apply_checkpoint
+    from moeprune.api import apply_checkpoint, check_separate
     from moeprune.observe import Stats
     from moeprune.plan import Plan
 
+    _quiet_libraries()
+    inputs = {"model": model, "plan": plan_file, "--stats": stats}
+    check_separate(inputs, {"--out": out_dir})  # before reading anything: the cheapest check
     p = Plan.load(plan_file)
     loaded = Stats.load(stats) if stats else None
     path = apply_checkpoint(model, p, out_dir, force=force, device=device, command=_command_line(),
-                            stats=loaded, layerwise=layerwise, notify=err.print)
+                            stats=loaded, layerwise=layerwise, notify=err.print, input_paths=inputs)
     _print_done(p, path)
 
 
@@ -240,6 +279,7 @@ def prune(
     from moeprune.distributed import Ranks
     from moeprune.plan import Plan
 
+    _quiet_libraries()
     options = _parse_options(method, option)
     path = prune_model(model, method, out_dir, ratio=ratio, experts=experts, calib=calib, samples=samples,
                        seq_len=seq_len, batch_size=batch_size, seed=seed, probe_size=probe_size, device=device,
@@ -261,6 +301,7 @@ def export_stock(
     """Write the novice-free copy of a MoNE checkpoint (novices' router rows removed), for stock transformers."""
     from moeprune.novice import export_stock as export
 
+    _quiet_libraries()
     path = export(model, out_dir, force=force, command=_command_line())
     out.print(f"[bold green]stock checkpoint written to {path}[/] (loads with AutoModelForCausalLM.from_pretrained)")
 
@@ -282,19 +323,30 @@ def evaluate(
     limit: Annotated[int | None, typer.Option(help="first N items of each task")] = None,
     batch_size: int = 8,
     tokenizer: Annotated[str | None, typer.Option(help="tokenizer directory if not each model's")] = None,
-    device: Device = "cpu", force: Force = False, layerwise: Layerwise = None,
+    device: Device = "cpu",
+    force: Annotated[bool, typer.Option("--force", help="replace an existing --json file moeprune wrote")] = False,
+    layerwise: Annotated[bool | None, typer.Option(
+        "--layerwise/--in-memory",
+        help="score perplexity one decoder layer at a time in bounded memory, or load the whole model "
+             "[default: layer by layer when the weights exceed half the free memory]")] = None,
 ):
     """Perplexity and zero-shot task scores of one or more checkpoints, side by side.
 
     Checkpoints larger than half the free memory (or all, with --layerwise) are scored for perplexity one
     decoder layer at a time; lm-eval tasks need the whole model.
     """
+    from moeprune.api import check_output_file
     from moeprune.evaluate import evaluate_models, parse_task_texts, render_table
+    from moeprune.outputs import write_file_atomically
+    from moeprune.settings import check_settings
 
-    if json_out is not None and Path(json_out).exists() and not force:
-        raise MoepruneError(f"{json_out} already exists; pass --force to replace it")
-    if json_out is not None and not Path(json_out).resolve().parent.is_dir():
-        raise MoepruneError(f"the directory of --json {json_out} does not exist")
+    _quiet_libraries()
+    check_settings(task_items=task_items, seed=seed, seq_len=seq_len, max_tokens=max_tokens, limit=limit,
+                   batch_size=batch_size)
+    if json_out is not None:
+        inputs = {f"model {i + 1}": m for i, m in enumerate(models)}
+        inputs.update({f"--text {t}": t for t in text or []}, **{"--tokenizer": tokenizer})
+        check_output_file(json_out, force, inputs, what="--json")
     report = evaluate_models(
         models, text or [], [t.strip() for t in (tasks or "").split(",") if t.strip()], task_dir=task_dir,
         task_texts=parse_task_texts(task_text), task_items=task_items, task_seed=seed, seq_len=seq_len,
@@ -303,7 +355,10 @@ def evaluate(
     )
     out.print(render_table(report))
     if json_out is not None:
-        _write_atomically(json_out, lambda tmp: tmp.write_text(json.dumps(report, indent=1)))
+        from moeprune import __version__
+
+        record = {"written_by": f"moeprune {__version__}", **report}
+        write_file_atomically(json_out, lambda tmp: tmp.write_text(json.dumps(record, indent=1)))
         out.print(f"results written to {json_out}")
 
 
@@ -328,6 +383,7 @@ def analyze(
     """Per MoE layer: the linear CKA similarity of the experts as heatmap PNG and JSON, and the groups for --experts."""
     from moeprune.analyze import analyze as run_analyze
 
+    _quiet_libraries()
     summary = run_analyze(source, out_dir, model=model, stats=stats, representation=representation,
                           experts=experts, linkage=linkage, surrogate_tokens=surrogate_tokens, seed=seed,
                           force=force, flatten_groups=flatten_groups)
@@ -425,6 +481,7 @@ def sweep(
     from moeprune.sweep import knee_sentences, render_table
     from moeprune.sweep import sweep as run_sweep
 
+    _quiet_libraries()
     methods = [m.strip() for m in method.split(",") if m.strip()]
     try:
         ratio_list = [float(r) for r in ratios.split(",") if r.strip()]
@@ -472,32 +529,50 @@ def _print_done(p, path) -> None:
         out.print(f"\n[bold green]checkpoint written to {path}[/] (loads with AutoModelForCausalLM.from_pretrained)")
 
 
-def main(argv: list[str] | None = None) -> int:
-    import transformers
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
 
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; returns the exit status (0 only when the command did what it was asked)."""
+    from typer import _click  # typer 0.29 raises the exceptions of its own vendored click
+
+    from moeprune.runtime import Terminated, signals_as_exceptions
+
     # oneDNN caches a primitive per matmul shape; MoE expert batches make new shapes at every layer, which
     # grew RSS by ~0.4 GiB over a 24-layer layer-by-layer pass with no measured speed gain
     os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "0")
     try:
-        app(args=argv, standalone_mode=False)
+        with signals_as_exceptions():
+            status = app(args=argv, prog_name="moeprune", standalone_mode=False)
     except MoepruneError as e:
-        err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        err.print(f"[bold red]error:[/] {escape(_one_line(e))}", highlight=False, soft_wrap=True)
         return 2
+    except Terminated:
+        err.print("error: terminated (SIGTERM); nothing was written", highlight=False)
+        return 143
     except KeyboardInterrupt:
-        err.print("interrupted; nothing was written")
+        err.print("error: interrupted; nothing was written", highlight=False)
         return 130
-    except Exception as e:  # click usage errors carry their own exit codes
-        import click
-
-        if isinstance(e, click.exceptions.ClickException):
-            e.show()
-            return e.exit_code
-        if isinstance(e, click.exceptions.Abort):
-            return 1
-        raise
-    return 0
+    except _click.exceptions.UsageError as e:
+        where = e.ctx.command_path if e.ctx is not None else "moeprune"
+        err.print(f"error: {_one_line(e.format_message())} (see `{where} --help`)", highlight=False, markup=False,
+                  soft_wrap=True)
+        return 2
+    except _click.exceptions.ClickException as e:
+        err.print(f"error: {_one_line(e.format_message())}", highlight=False, markup=False, soft_wrap=True)
+        return 2
+    except typer.Abort:
+        err.print("error: aborted; nothing was written", highlight=False)
+        return 1
+    except OSError as e:  # a full disk, a vanished directory, a permission changed mid-run
+        where = f": {e.filename}" if e.filename else ""
+        err.print(f"error: {e.strerror or e}{where}; nothing was written", highlight=False, markup=False,
+                  soft_wrap=True)
+        return 2
+    if status == 130:  # typer turns Ctrl-C into a return value, after the clean-ups ran
+        err.print("error: interrupted; nothing was written", highlight=False)
+    return status if isinstance(status, int) else 0
 
 
 if __name__ == "__main__":

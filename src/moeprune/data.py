@@ -21,6 +21,7 @@ import torch
 from moeprune.errors import MoepruneError
 
 TEXT_SUFFIXES = {".txt", ".md", ".py", ".rst", ".text", ""}
+FILE_CAP = 256 * 1024**2  # bytes of one calibration file read at most (far beyond what any --samples needs)
 
 
 @dataclass
@@ -43,23 +44,55 @@ def _row_text(row: dict, field: str | None, template: str | None, where: str) ->
         return template.format(**row)
     except KeyError as e:
         raise MoepruneError(f"{where} has no field {e} used by --calib-template (fields: {', '.join(map(str, row))})")
-    except (IndexError, ValueError) as e:
+    except (IndexError, ValueError, TypeError, AttributeError) as e:
         raise MoepruneError(f"bad --calib-template {template!r} ({e}); name fields in braces, e.g. "
                             "'Q: {question} A: {answer}'")
 
 
-def _jsonl_texts(path: Path, field: str | None, template: str | None) -> list[str]:
+def _jsonl_texts(path: Path, field: str | None, template: str | None, max_bytes: int) -> list[str]:
     texts = []
-    with path.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise MoepruneError(f"{path}:{n} is not valid JSON ({e.msg}); --calib .jsonl needs one object per line")
-            texts.append(_row_text(row, field, template, f"{path}:{n}"))
+    for n, raw in enumerate(_read_capped(path, max_bytes).split(b"\n"), 1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise MoepruneError(f"{path}:{n} is not UTF-8 text (byte {e.start}); --calib .jsonl must be UTF-8: "
+                                "re-encode the file")
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise MoepruneError(f"{path}:{n} is not valid JSON ({e.msg}); --calib .jsonl needs one object per line")
+        texts.append(_row_text(row, field, template, f"{path}:{n}"))
     return texts
+
+
+def _read_capped(path: Path, max_bytes: int) -> bytes:
+    """At most `max_bytes` of a file (a device like /dev/zero, or a huge dump, would read until memory runs out)."""
+    try:
+        with path.open("rb") as f:
+            data = f.read(max_bytes + 1)
+    except OSError as e:
+        raise MoepruneError(f"cannot read calibration file {path} ({e.strerror})")
+    if len(data) > max_bytes:  # cut at the last line end, so no document is cut mid-line
+        data = data[:max_bytes]
+        data = data[: data.rfind(b"\n") + 1] or data
+    return data
+
+
+def _decode_text(path: Path, data: bytes, notify) -> str:
+    """UTF-8 text of a calibration file; refuse binary data, and say so when some bytes had to be replaced."""
+    if not data:
+        return ""
+    nul = data.count(b"\0")
+    text = data.decode("utf-8", errors="replace")
+    replaced = text.count("\ufffd") - data.decode("utf-8", errors="ignore").count("\ufffd")
+    if nul > len(data) // 100 or replaced > len(text) // 10:
+        raise MoepruneError(f"calibration file {path} is binary, not text ({nul} NUL bytes, {replaced} undecodable "
+                            "in the first part read); give UTF-8 text")
+    if replaced and notify is not None:
+        notify(f"calibration file {path}: {replaced} invalid UTF-8 sequences were replaced by U+FFFD")
+    return text.replace("\r\n", "\n").replace("\r", "\n")  # universal newlines, as text-mode reading gives
 
 
 def _hf_texts(spec: str, field: str | None, template: str | None, max_chars: int) -> list[str]:
@@ -86,25 +119,36 @@ def _hf_texts(spec: str, field: str | None, template: str | None, max_chars: int
 
 
 def load_texts(spec: str, field: str | None = None, template: str | None = None,
-               max_chars: int = 50_000_000) -> list[str]:
-    """The documents of a calibration source, in a stable order."""
+               max_chars: int = 50_000_000, notify=None) -> list[str]:
+    """The documents of a calibration source, in a stable order.
+
+    A hub dataset is read up to `max_chars`; files up to `max(max_chars, FILE_CAP)` bytes, so an
+    endless device or a huge dump cannot exhaust memory while ordinary corpora are read whole.
+    """
     if field and template:
         raise MoepruneError("give --calib-field (one text field) or --calib-template (several fields), not both")
     if spec.startswith("hf:"):
         return _hf_texts(spec, field, template, max_chars)
     path = Path(spec)
-    if not path.exists():
-        raise MoepruneError(f"calibration source {spec} does not exist (give a .txt, .jsonl, a directory, or hf:NAME:SPLIT)")
+    if not spec.strip() or not path.exists():
+        raise MoepruneError(f"calibration source {spec!r} does not exist (give a .txt, .jsonl, a directory, or "
+                            "hf:NAME:SPLIT)")
     if (field or template) and path.suffix != ".jsonl":
         raise MoepruneError(f"--calib-field and --calib-template read the fields of .jsonl rows (or hf: datasets); "
                             f"{spec} is plain text, so drop them or give a .jsonl file")
+    cap = max(max_chars, FILE_CAP)
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES)
-        texts = [p.read_text(encoding="utf-8", errors="replace") for p in files]
+        texts, budget = [], cap
+        for f in files:
+            if budget <= 0:
+                break
+            texts.append(_decode_text(f, _read_capped(f, budget), notify))
+            budget -= len(texts[-1])
     elif path.suffix == ".jsonl":
-        texts = _jsonl_texts(path, field, template)
+        texts = _jsonl_texts(path, field, template, cap)
     else:
-        texts = [path.read_text(encoding="utf-8", errors="replace")]
+        texts = [_decode_text(path, _read_capped(path, cap), notify)]
     texts = [t for t in texts if t.strip()]
     if not texts:
         raise MoepruneError(f"calibration source {spec} has no text")
@@ -124,13 +168,21 @@ def pack_tokens(tokenizer, texts: list[str]) -> torch.Tensor:
 
 def calibration_blocks(
     tokenizer, spec: str, *, samples: int = 128, seq_len: int = 512, seed: int = 0,
-    field: str | None = None, template: str | None = None,
+    field: str | None = None, template: str | None = None, vocab_size: int | None = None, notify=None,
 ) -> Calibration:
-    """Tokenise a calibration source and draw `samples` blocks of `seq_len` tokens."""
-    if samples < 1 or seq_len < 2:
-        raise MoepruneError(f"--samples must be >= 1 and --seq-len >= 2 (got {samples}, {seq_len})")
-    texts = load_texts(spec, field, template, max_chars=max(64 * samples * seq_len, 1_000_000))
+    """Tokenise a calibration source and draw `samples` blocks of `seq_len` tokens.
+
+    `vocab_size`, the model's, refuses a tokenizer whose ids the model's embeddings cannot look up.
+    """
+    from moeprune.settings import check_settings
+
+    check_settings(samples=samples, seq_len=seq_len, seed=seed)
+    # ~64 characters per wanted token: far more than the samples need, bounded whatever the source is
+    texts = load_texts(spec, field, template, max_chars=max(64 * samples * seq_len, 1_000_000), notify=notify)
     tokens = pack_tokens(tokenizer, texts)
+    if vocab_size is not None and tokens.numel() and int(tokens.max()) >= vocab_size:
+        raise MoepruneError(f"the tokenizer gives token id {int(tokens.max())}, beyond the model's vocabulary of "
+                            f"{vocab_size}; --tokenizer must be the model's own tokenizer")
     available = tokens.numel() // seq_len
     if available == 0:
         raise MoepruneError(

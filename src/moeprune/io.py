@@ -9,10 +9,8 @@ from __future__ import annotations
 import datetime as _dt
 import fnmatch
 import json
-import os
 import shutil
-import tempfile
-from contextlib import contextmanager
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -21,6 +19,9 @@ from torch import nn
 
 from moeprune.arch import Adapter, get_adapter
 from moeprune.errors import MoepruneError
+from moeprune.outputs import atomic_directory, check_output_dir
+
+__all__ = ["atomic_directory", "check_output_dir", "load_config", "load_model", "load_tokenizer", "save_checkpoint"]
 
 # Files of a model directory that loaders read besides weights and config: carried over to the output.
 SIDE_FILES = ("tokenizer*", "vocab*", "merges.txt", "special_tokens_map.json", "added_tokens.json", "*.model",
@@ -35,8 +36,12 @@ def _one_line(e: BaseException) -> str:
 def load_config(path: str | Path):
     """The transformers config of a model directory, with a clear error when it is not one."""
     p = Path(path)
+    if not str(path).strip():
+        raise MoepruneError("the model directory is empty; give the directory that holds config.json")
     if not p.exists():
         raise MoepruneError(f"model directory {p} does not exist")
+    if not p.is_dir():
+        raise MoepruneError(f"{p} is a file, not a model directory; give the directory that holds config.json")
     if not (p / "config.json").is_file():
         raise MoepruneError(f"{p} is not a model directory: it has no config.json")
     from moeprune.novice import is_novice_checkpoint, novice_config
@@ -70,7 +75,24 @@ def load_model(path: str | Path, *, device: str = "cpu", dtype: str | torch.dtyp
     if bad:
         raise MoepruneError(f"{path} is missing or has mis-shaped weights ({len(bad)}, e.g. {sorted(bad)[0]}); "
                             "the checkpoint is incomplete or does not match its config")
+    refuse_nonfinite(model.named_parameters(), path)
     return model.to(device).eval()
+
+
+def refuse_nonfinite(named_parameters: Iterable[tuple[str, torch.Tensor]], path: str | Path) -> None:
+    """Refuse weights holding NaN or Inf: every score computed from them is NaN, so any kept set is arbitrary."""
+    for name, p in named_parameters:
+        if p.is_meta or not p.is_floating_point():
+            continue
+        finite = torch.isfinite(p)
+        if bool(finite.all()):
+            continue
+        where = ""
+        if p.dim() >= 3 and "expert" in name:  # fused experts tensor [E, ...]: say which experts
+            bad = (~finite).flatten(1).any(dim=1).nonzero().flatten().tolist()
+            where = f" (experts {', '.join(map(str, bad[:8]))}{' ...' if len(bad) > 8 else ''})"
+        raise MoepruneError(f"{path} has NaN or Inf weights in {name}{where}; the checkpoint is damaged: "
+                            "re-download or re-convert it")
 
 
 def check_weight_files(path: str | Path) -> None:
@@ -88,45 +110,13 @@ def check_weight_files(path: str | Path) -> None:
 
 
 def load_tokenizer(path: str | Path):
+    if not Path(path).exists():  # else transformers answers with a Hub repo-id error
+        raise MoepruneError(f"tokenizer directory {path} does not exist; moeprune reads local tokenizers: pass "
+                            "--tokenizer PATH of a downloaded one")
     try:
         return tf.AutoTokenizer.from_pretrained(str(path))
     except Exception as e:
         raise MoepruneError(f"no usable tokenizer in {path} ({_one_line(e)}); pass --tokenizer PATH")
-
-
-def check_output_dir(out: str | Path, force: bool, inputs: tuple[str | Path, ...] = ()) -> Path:
-    """Refuse an existing non-empty output directory unless `force`, and never an input directory."""
-    o = Path(out).resolve()
-    for src in inputs:
-        s = Path(src).resolve()
-        if o.is_relative_to(s) or s.is_relative_to(o):
-            raise MoepruneError(f"output {out} would overwrite or sit inside the input {src}; choose another --out")
-    if o.exists() and (not o.is_dir() or any(o.iterdir())) and not force:
-        raise MoepruneError(f"output {out} already exists and is not empty; pass --force to replace it")
-    return o
-
-
-@contextmanager
-def atomic_directory(out: str | Path, force: bool = False):
-    """Yield a temporary directory next to `out`; on success it replaces `out` in one rename."""
-    o = Path(out).resolve()
-    o.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{o.name}.tmp-", dir=o.parent))
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = None
-    if o.exists():
-        if not force and (not o.is_dir() or any(o.iterdir())):
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise MoepruneError(f"output {out} appeared while working; pass --force to replace it")
-        old = o.parent / f".{o.name}.old-{os.getpid()}"
-        o.rename(old)
-    tmp.rename(o)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
 
 
 def copy_side_files(src: str | Path, dst: Path) -> list[str]:

@@ -103,6 +103,7 @@ class ShardedCheckpoint:
         if missing_files:
             raise MoepruneError(f"{self.path} lacks shard {missing_files[0]} named in its index; the download is "
                                 "incomplete")
+        self._check_shards_hold_their_tensors()
         tf.utils.logging.disable_progress_bar()  # else the loader shows one bar per layer
         self.model = skeleton(config, dtype, self.path)
         self.adapter = get_adapter(self.model.config)
@@ -117,6 +118,22 @@ class ShardedCheckpoint:
         self._check_complete(meta)
         sources = Counter(self.target.values())
         self._copied_by_loader = {t for t, n in sources.items() if n > 1}  # fused from several tensors: a new tensor
+
+    def _check_shards_hold_their_tensors(self) -> None:
+        """Every tensor the index names is in its shard (header reads only), so a damaged download fails now."""
+        by_file: dict[str, set[str]] = {}
+        for k, f in self.weight_map.items():
+            by_file.setdefault(f, set()).add(k)
+        for f, names in sorted(by_file.items()):
+            try:
+                with safe_open(str(self.path / f), framework="pt") as handle:
+                    absent = sorted(names - set(handle.keys()))
+            except Exception as e:  # noqa: BLE001  (safetensors raises its own error types)
+                raise MoepruneError(f"{self.path}: shard {f} is damaged ({type(e).__name__}: "
+                                    f"{str(e).splitlines()[0] if str(e) else ''}); is the download complete?")
+            if absent:
+                raise MoepruneError(f"{self.path}: shard {f} lacks {len(absent)} tensor(s) its index names (e.g. "
+                                    f"{absent[0]}); the download is incomplete or the index is wrong")
 
     def _check_complete(self, meta: dict) -> None:
         """Every parameter of the skeleton must come from some on-disk tensor (tied ones appear once)."""
@@ -188,6 +205,9 @@ class ShardedCheckpoint:
             # shard the loader touched (the per-expert sources too) resident until the view dies: copy it
             owner, _, leaf = name.rpartition(".")
             layer.get_submodule(owner)._parameters[leaf] = nn.Parameter(p.detach().clone(), requires_grad=False)
+        from moeprune.io import refuse_nonfinite
+
+        refuse_nonfinite(layer.named_parameters(prefix=prefix.rstrip(".")), self.path)
         if self.device != "cpu":
             layer.to(self.device)
         return layer

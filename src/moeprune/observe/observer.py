@@ -98,18 +98,49 @@ class Observer(contextlib.AbstractContextManager):
 
 
 def model_description(model: nn.Module, adapter: Adapter, source: str | None = None) -> dict:
-    """The facts about a model that stats and plans carry so methods can check budgets offline."""
+    """The facts about a model that stats and plans carry, so that methods check budgets offline and a
+    later command can tell whether its model is the one they were made on (`check_same_model`)."""
+    import hashlib
+    import json
+
+    from moeprune.arch import decoder_layers
+
     blocks = adapter.moe_blocks(model)
-    return {
+    first = next(iter(blocks.values()), None)
+    width = int(adapter.expert_weights(first, 0).down.shape[1]) if first is not None else None
+    facts = {
         "model_type": adapter.family,
-        "source": source,
         "num_experts": adapter.num_experts,
         "top_k": adapter.top_k,
         "n_group": adapter.n_group,
         "min_experts_per_group": adapter.min_experts_per_group,
         "hidden_size": int(adapter.config.hidden_size),
         "moe_layers": sorted(blocks),
+        "num_layers": len(decoder_layers(model)[0]),
+        "expert_intermediate_size": width,
+        "vocab_size": getattr(adapter.config, "vocab_size", None),
     }
+    blob = json.dumps({k: facts[k] for k in FINGERPRINT_FIELDS}, sort_keys=True).encode()
+    return {**facts, "source": source, "fingerprint": hashlib.sha256(blob).hexdigest()[:16]}
+
+
+# The facts that must agree between a model and the stats or plan used on it, in the order they are reported.
+FINGERPRINT_FIELDS = ("model_type", "hidden_size", "num_experts", "top_k", "n_group", "num_layers", "moe_layers",
+                      "expert_intermediate_size", "vocab_size")
+
+
+def check_same_model(recorded: dict, actual: dict, *, what: str, model: str, fix: str) -> None:
+    """Refuse stats or a plan (`recorded`, their `model` dict) made on another model shape than `actual`.
+
+    Fields missing from `recorded` (files written before they were recorded) are not compared.
+    """
+    from moeprune.errors import MoepruneError
+
+    for key in FINGERPRINT_FIELDS:
+        if key in recorded and key in actual and recorded[key] is not None and actual[key] is not None:
+            if recorded[key] != actual[key]:
+                raise MoepruneError(f"{what} was made on another model: its {key} is {recorded[key]}, but {model} "
+                                    f"has {actual[key]}; {fix}")
 
 
 def calibration_facts(calibration: dict | None, input_ids: torch.Tensor, probe: torch.Tensor, seed: int,
