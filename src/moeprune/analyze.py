@@ -124,9 +124,11 @@ def analyze(source: str | Path, out: str | Path, *, model: str | Path | None = N
     from moeprune.arch import get_adapter
     from moeprune.io import atomic_directory, check_output_dir, load_config, load_model
     from moeprune.methods.access import ModelWeights
-    from moeprune.observe import Stats
+    from moeprune.observe import Stats, check_same_model
     from moeprune.plan import budget
+    from moeprune.settings import check_settings
 
+    check_settings(surrogate_tokens=surrogate_tokens, seed=seed)
     model_dir, stats_dir = resolve_inputs(source, model, stats)
     representation = representation or ("data" if stats_dir is not None else "weight")
     if representation not in REPRESENTATIONS:
@@ -149,6 +151,11 @@ def analyze(source: str | Path, out: str | Path, *, model: str | Path | None = N
         raise MoepruneError(f"the statistics in {stats_dir} are of a {st.model.get('model_type')} model with "
                             f"{st.model.get('num_experts')} experts, but {model_dir} is {adapter.family} with "
                             f"{adapter.num_experts}: observe this model")
+    if st is not None:
+        from moeprune.api import model_facts
+
+        check_same_model(st.model, model_facts(model_dir), what=f"the statistics in {stats_dir}", model=str(model_dir),
+                         fix="observe this model, or give the model they were observed on with --model")
     weights = ModelWeights(load_model(model_dir))
     summary = {"model": str(model_dir), "stats": str(stats_dir) if st is not None else None,
                "representation": representation, "linkage": linkage, "experts_kept": keep,

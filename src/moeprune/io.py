@@ -66,11 +66,17 @@ def load_model(path: str | Path, *, device: str = "cpu", dtype: str | torch.dtyp
     config = load_config(path)
     get_adapter(config)  # unsupported families fail before any weight is read
     try:
+        # mismatched shapes come back in `info` (reported below by name) instead of as an error that points
+        # to a loading report transformers does not show at moeprune's log level
         model, info = tf.AutoModelForCausalLM.from_pretrained(
-            str(path), dtype=dtype, output_loading_info=True, device_map=None
+            str(path), dtype=dtype, output_loading_info=True, device_map=None, ignore_mismatched_sizes=True
         )
     except Exception as e:
-        raise MoepruneError(f"could not load the weights of {path} ({_one_line(e)}); is the checkpoint complete?")
+        detail = _one_line(e)
+        if "above report" in detail:  # a conversion error, whose report transformers logs at warning level
+            detail = "a tensor does not fit the layout its config gives"
+        raise MoepruneError(f"could not load the weights of {path} ({detail}); is the checkpoint complete and "
+                            "does it match its config.json?")
     bad = list(info.get("missing_keys", [])) + [k[0] if isinstance(k, tuple) else k for k in info.get("mismatched_keys", [])]
     if bad:
         raise MoepruneError(f"{path} is missing or has mis-shaped weights ({len(bad)}, e.g. {sorted(bad)[0]}); "
@@ -97,16 +103,32 @@ def refuse_nonfinite(named_parameters: Iterable[tuple[str, torch.Tensor]], path:
 
 def check_weight_files(path: str | Path) -> None:
     """Read the header of every safetensors file of a model directory (cheap), so a truncated or corrupt
-    download fails before any expensive work."""
+    download fails before any expensive work; with an index, every tensor it names must be in its shard."""
     from safetensors import safe_open
 
-    for f in sorted(Path(path).glob("*.safetensors")):
+    p = Path(path)
+    index = p / "model.safetensors.index.json"
+    named: dict[str, set[str]] = {}
+    if index.is_file():
+        try:
+            for k, f in json.loads(index.read_text())["weight_map"].items():
+                named.setdefault(f, set()).add(k)
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise MoepruneError(f"{index} is not a valid safetensors index ({_one_line(e)}); is the download complete?")
+        missing = sorted(f for f in named if not (p / f).is_file())
+        if missing:
+            raise MoepruneError(f"{p} lacks shard {missing[0]} named in its index; the download is incomplete")
+    for f in sorted(p.glob("*.safetensors")):
         try:
             with safe_open(str(f), framework="pt") as handle:
-                handle.keys()
+                keys = set(handle.keys())
         except Exception as e:  # noqa: BLE001  (safetensors raises its own error types)
             raise MoepruneError(f"could not read the weights of {path}: {f.name} is damaged ({_one_line(e)}); "
                                 "is the checkpoint complete?")
+        absent = sorted(named.get(f.name, set()) - keys)
+        if absent:
+            raise MoepruneError(f"{path}: shard {f.name} lacks {len(absent)} tensor(s) its index names (e.g. "
+                                f"{absent[0]}); the download is incomplete or the index is wrong")
 
 
 def load_tokenizer(path: str | Path):

@@ -235,8 +235,11 @@ def atomic_directory(out: str | Path, force: bool = False) -> Iterator[Path]:
         yield tmp
         (tmp / TEMP_MARKER).unlink()
         _open_permissions(tmp)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        failure = _write_failure(e, out)
+        if failure is not None:
+            raise failure from e
         raise
     old = None
     if o.exists():
@@ -263,6 +266,20 @@ def write_file_atomically(path: str | Path, write: Callable[[Path], None]) -> No
         write(tmp)
         os.chmod(tmp, 0o666 & ~_umask())
         tmp.replace(p)
-    except BaseException:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
+        failure = _write_failure(e, path)
+        if failure is not None:
+            raise failure from e
         raise
+
+
+def _write_failure(e: BaseException, out: str | Path) -> MoepruneError | None:
+    """The one-line error for a write that failed for lack of room or rights (the OS's or safetensors' error)."""
+    if isinstance(e, OSError) and e.errno is not None:
+        reason = e.strerror or str(e)
+    elif type(e).__name__ == "SafetensorError" and "I/O error" in str(e):  # safetensors wraps the OS error
+        reason = str(e).split("I/O error:", 1)[-1].strip()
+    else:
+        return None
+    return MoepruneError(f"could not write {out} ({reason}); nothing was written: free space or choose another place")

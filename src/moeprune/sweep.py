@@ -133,6 +133,7 @@ def sweep(
     from moeprune.methods.access import ModelWeights
     from moeprune.novice import refuse_novice_input
     from moeprune.plan import budget
+    from moeprune.settings import check_ratio, check_seq_len, check_settings
     from moeprune.surgery import apply_plan
 
     log = log or (lambda line: None)
@@ -148,19 +149,27 @@ def sweep(
     for t in texts:
         if not Path(t).is_file():
             raise MoepruneError(f"text file {t} does not exist")
-    if knee_threshold <= 0:
+    if not knee_threshold > 0:  # NaN too
         raise MoepruneError(f"--knee-threshold must be positive (got {knee_threshold})")
     unknown = set(options) - set(methods)
     if unknown:
         raise MoepruneError(f"options given for {sorted(unknown)}, which are not among the swept methods {methods}")
+    check_settings(samples=samples, seq_len=seq_len, batch_size=batch_size, seed=seed, probe_size=probe_size,
+                   task_items=task_items, max_tokens=max_tokens)
+    for r in ratios:
+        check_ratio(r)
     specs = {}
     for m in methods:
         specs[m] = get_method(m)
-        specs[m].default_config(**options.get(m, {}))
-        if specs[m].needs_calibration and calib is None:
-            raise MoepruneError(f"method {m} needs calibration text: pass --calib PATH")
+        cfg = specs[m].default_config(**options.get(m, {}))
+        # as `prune` does: a method whose need depends on its options says why (dek's data representation)
+        reason = cfg.calibration_reason() if hasattr(cfg, "calibration_reason") else None
+        if (specs[m].needs_calibration or reason) and calib is None:
+            raise MoepruneError(f"method {m} needs calibration text{f' ({reason})' if reason else ''}: pass --calib PATH")
     config = load_config(model_path)
     a = get_adapter(config)
+    if calib is not None:
+        check_seq_len(seq_len, config)
     keeps = {}
     for ratio in sorted(set(ratios)):
         keeps[ratio] = budget(a.num_experts, a.top_k, ratio=ratio, n_group=a.n_group,
@@ -170,7 +179,9 @@ def sweep(
     for r in duplicates:  # same expert count as a smaller ratio: the same model, evaluated once
         log(f"ratio {r} keeps {keeps[r]} experts, as a smaller ratio does; skipped")
         keeps.pop(r)
-    check_output_dir(out, force, inputs=(model_path,))
+    inputs = {"model": model_path, "--calib": calib, "--tokenizer": tokenizer, "--task-dir": task_dir,
+              **{f"--text {t}": t for t in texts}, **{f"--task-text {t}": t for t in (task_texts or {}).values()}}
+    check_output_dir(out, force, inputs)
     device = resolve_device(device)
     tok = load_tokenizer(tokenizer or model_path)
     cal = None
