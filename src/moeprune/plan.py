@@ -20,7 +20,7 @@ from moeprune.errors import MoepruneError
 
 PLAN_VERSION = 1
 ROUTER_MERGES = ("average", "sum")
-SUM_TOLERANCE = 1e-4  # coefficients of a normalised group sum to 1 within this (JSON round trips, float32 fits)
+SUM_TOLERANCE = 1e-4  # a normalised group sums to 1 within this (JSON round trips, float32 fits)
 MAX_COEFF = 1e3  # beyond this even a deliberately unnormalised merge is an editing slip, not a weighting
 
 
@@ -105,8 +105,8 @@ class Plan:
         """A Plan from its JSON form, after checking every field's type (`source` names it in errors)."""
         check_plan_schema(d, source)
         if d["version"] != PLAN_VERSION:
-            raise MoepruneError(f"{source}: plan version {d['version']} is not supported (expected {PLAN_VERSION}); "
-                                "re-plan with this moeprune")
+            raise MoepruneError(f"{source}: plan version {d['version']} is not supported (expected "
+                                f"{PLAN_VERSION}); re-plan with this moeprune")
         layers = [
             LayerPlan(layer=lp["layer"], num_experts_in=lp["num_experts_in"],
                       groups=[Group(list(g["members"]), [float(c) for c in g["coeffs"]],
@@ -131,8 +131,8 @@ class Plan:
             raise MoepruneError(f"{p} is not a moeprune plan: it is not UTF-8 text (give the JSON file "
                                 "`moeprune plan` wrote)") from None
         except json.JSONDecodeError as e:
-            raise MoepruneError(f"{p} is not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}); fix the "
-                                "file or write a new plan with `moeprune plan`") from None
+            raise MoepruneError(f"{p} is not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}); "
+                                "fix the file or write a new plan with `moeprune plan`") from None
         return cls.from_dict(d, source=str(p))
 
     # ---- checks -------------------------------------------------------------------------------
@@ -161,8 +161,8 @@ class Plan:
         if given and "moe_layers" in m:
             missing = sorted(moe_layers - set(listed))
             if missing:
-                raise MoepruneError(f"plan has no entry for MoE layer(s) {missing}: it was made for another model "
-                                    "shape; re-plan on this model's statistics")
+                raise MoepruneError(f"plan has no entry for MoE layer(s) {missing}: it was made for another "
+                                    "model shape; re-plan on this model's statistics")
         counts = {lp.num_experts_out for lp in self.layers}
         if len(counts) != 1:
             raise MoepruneError(f"plan keeps different expert counts per layer {sorted(counts)}; a stock config "
@@ -173,10 +173,10 @@ class Plan:
                 raise MoepruneError(f"{where} is not an MoE layer of this model (MoE layers: {sorted(moe_layers)})")
             if lp.num_experts_in != E:
                 if given:
-                    raise MoepruneError(f"{where}: the plan was made for {lp.num_experts_in} experts per layer, but "
-                                        f"the model has {E}; re-plan on this model's statistics")
-                raise MoepruneError(f"{where}: the plan says num_experts_in={lp.num_experts_in}, but its model "
-                                    f"facts say num_experts={E}; the plan is inconsistent, re-plan")
+                    raise MoepruneError(f"{where}: the plan was made for {lp.num_experts_in} experts per "
+                                        f"layer, but the model has {E}; re-plan on this model's statistics")
+                raise MoepruneError(f"{where}: the plan says num_experts_in={lp.num_experts_in}, but its "
+                                    f"model facts say num_experts={E}; the plan is inconsistent, re-plan")
             if lp.router_merge not in ROUTER_MERGES:
                 raise MoepruneError(f"{where}: router_merge {lp.router_merge!r} is not one of {ROUTER_MERGES}")
             seen: set[int] = set()
@@ -207,13 +207,14 @@ class Plan:
             big = [c for c in g.coeffs if abs(c) > MAX_COEFF]
             if big:
                 raise MoepruneError(f"{where}: merge coefficient {big[0]:g} of group {g.members} is beyond "
-                                    f"±{MAX_COEFF:g}, even for a plan with \"normalise\": false; check the plan")
+                                    f"±{MAX_COEFF:g}, even for a plan with \"normalise\": false; "
+                                    "check the plan")
             return
         hint = "or set \"normalise\": false in the plan if another weighting is meant"
         for e, c in zip(g.members, g.coeffs):
             if c < 0:
-                raise MoepruneError(f"{where}: coefficient {c:g} of expert {e} (group {g.members}) is negative; "
-                                    f"a merge is a weighted average with weights >= 0, {hint}")
+                raise MoepruneError(f"{where}: coefficient {c:g} of expert {e} (group {g.members}) is "
+                                    f"negative; a merge is a weighted average with weights >= 0, {hint}")
         total = math.fsum(g.coeffs)
         if abs(total - 1.0) > SUM_TOLERANCE:
             raise MoepruneError(f"{where}: the coefficients of group {g.members} sum to {total:.6g}, not 1; "
@@ -225,9 +226,9 @@ class Plan:
             raise MoepruneError(f"{where}: group {g.members} has {len(g.perms)} permutations, one per member needed")
         for e, q in zip(g.members, g.perms):
             if width is not None and len(q) != width:
-                raise MoepruneError(f"{where}: the permutation of expert {e} (group {g.members}) has {len(q)} "
-                                    f"hidden units, but the model's experts have {width}; the plan was made for "
-                                    "another model shape, re-plan on this model")
+                raise MoepruneError(f"{where}: the permutation of expert {e} (group {g.members}) has "
+                                    f"{len(q)} hidden units, but the model's experts have {width}; the plan "
+                                    "was made for another model shape, re-plan on this model")
             widths.add(len(q))
             if sorted(q) != list(range(len(q))):
                 raise MoepruneError(f"{where}: the permutation of expert {e} (group {g.members}) is not a "
@@ -262,8 +263,8 @@ class Plan:
 
 PLAN_FIELDS = {"version": True, "method": True, "layers": True, "model": True, "method_config": False,
                "calibration": False, "flatten_groups": False, "normalise": False, "num_experts_out": False}
-LAYER_FIELDS = {"layer": True, "num_experts_in": True, "groups": True, "router_merge": False, "novices": False,
-                "notes": False}
+LAYER_FIELDS = {"layer": True, "num_experts_in": True, "groups": True, "router_merge": False,
+                "novices": False, "notes": False}
 GROUP_FIELDS = {"members": True, "coeffs": True, "perms": False}
 MODEL_INTS = {"num_experts": True, "top_k": True, "n_group": False, "min_experts_per_group": False,
               "hidden_size": False}  # facts validate() reads; other model fields are free-form description
@@ -343,8 +344,8 @@ def check_plan_schema(d, source: str = "plan") -> None:
     for key, required in MODEL_INTS.items():
         if key in model or required:
             if key not in model:
-                raise MoepruneError(f"{source}: model lacks the field {key}; a plan written by `moeprune plan` "
-                                    "has it")
+                raise MoepruneError(f"{source}: model lacks the field {key}; a plan written by "
+                                    "`moeprune plan` has it")
             _need(source, f"model.{key}", model[key], "an integer")
     if "model_type" in model and model["model_type"] is not None:
         _need(source, "model.model_type", model["model_type"], "a string")
