@@ -2,9 +2,11 @@
 
 Per layer, `groups` lists the output experts in order; each is a set of input experts with merge
 coefficients (pruning is singleton groups with coefficient 1). `novices` lists input experts
-replaced by a constant vector (MoNE). `validate()` is the single place that checks a plan against a
-model's facts: disjoint in-range ids, enough experts for top-k, one expert count for all layers, and
-group-limited routing constraints.
+replaced by a constant vector (MoNE). Loading checks the JSON against the plan's schema (types and
+fields, naming the offending field path), so a hand-edited plan fails with one line, not a
+traceback. `validate()` is the single place that checks a plan against a model's facts: disjoint
+in-range ids, coefficients that form a weighted average, enough experts for top-k, one expert count
+for all layers, every MoE layer covered once, permutation widths, and group-limited routing.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from moeprune.errors import MoepruneError
 
 PLAN_VERSION = 1
 ROUTER_MERGES = ("average", "sum")
+SUM_TOLERANCE = 1e-4  # a normalised group sums to 1 within this (JSON round trips, float32 fits)
+MAX_COEFF = 1e3  # beyond this even a deliberately unnormalised merge is an editing slip, not a weighting
 
 
 @dataclass
@@ -64,6 +68,9 @@ class Plan:
     method_config: dict = field(default_factory=dict)
     calibration: dict = field(default_factory=dict)
     flatten_groups: bool = False  # set n_group = topk_group = 1 on the output model
+    # Each group's coefficients are a weighted average (>= 0, sum 1). A plan that means other sums
+    # (e.g. hand-made extrapolation) says so with false; plans saved before this field default to True.
+    normalise: bool = True
     version: int = PLAN_VERSION
 
     @property
@@ -94,20 +101,24 @@ class Plan:
         Path(path).write_text(json.dumps(self.to_dict(), indent=1))
 
     @classmethod
-    def from_dict(cls, d: dict) -> Plan:
-        if d.get("version") != PLAN_VERSION:
-            raise MoepruneError(f"plan version {d.get('version')!r} is not supported (expected {PLAN_VERSION})")
+    def from_dict(cls, d: dict, source: str = "plan") -> Plan:
+        """A Plan from its JSON form, after checking every field's type (`source` names it in errors)."""
+        check_plan_schema(d, source)
+        if d["version"] != PLAN_VERSION:
+            raise MoepruneError(f"{source}: plan version {d['version']} is not supported (expected "
+                                f"{PLAN_VERSION}); re-plan with this moeprune")
         layers = [
             LayerPlan(layer=lp["layer"], num_experts_in=lp["num_experts_in"],
                       groups=[Group(list(g["members"]), [float(c) for c in g["coeffs"]],
-                                    None if g.get("perms") is None else [[int(u) for u in q] for q in g["perms"]])
+                                    None if g.get("perms") is None else [list(q) for q in g["perms"]])
                               for g in lp["groups"]],
                       router_merge=lp.get("router_merge", "average"), novices=list(lp.get("novices", [])),
                       notes=lp.get("notes", {}))
             for lp in d["layers"]
         ]
         return cls(method=d["method"], layers=layers, model=d["model"], method_config=d.get("method_config", {}),
-                   calibration=d.get("calibration", {}), flatten_groups=d.get("flatten_groups", False))
+                   calibration=d.get("calibration", {}), flatten_groups=d.get("flatten_groups", False),
+                   normalise=d.get("normalise", True))
 
     @classmethod
     def load(cls, path: str | Path) -> Plan:
@@ -115,20 +126,43 @@ class Plan:
         if not p.is_file():
             raise MoepruneError(f"plan file {p} does not exist")
         try:
-            return cls.from_dict(json.loads(p.read_text()))
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise MoepruneError(f"{p} is not a valid moeprune plan ({type(e).__name__}: {e})")
+            d = json.loads(p.read_text())
+        except UnicodeDecodeError:
+            raise MoepruneError(f"{p} is not a moeprune plan: it is not UTF-8 text (give the JSON file "
+                                "`moeprune plan` wrote)") from None
+        except json.JSONDecodeError as e:
+            raise MoepruneError(f"{p} is not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}); "
+                                "fix the file or write a new plan with `moeprune plan`") from None
+        return cls.from_dict(d, source=str(p))
 
     # ---- checks -------------------------------------------------------------------------------
     def validate(self, model: dict | None = None) -> None:
-        """Raise MoepruneError with the first problem found; `model` defaults to the plan's own facts."""
-        m = model or self.model
+        """Raise MoepruneError with the first problem found.
+
+        `model` holds the facts of the model the plan is for: num_experts, top_k, n_group,
+        min_experts_per_group, and optionally moe_layers (the model's MoE layers: every one must
+        have exactly one entry) and expert_intermediate_size (the width I every permutation must
+        have). Without it the plan is checked against its own `model` facts, and layer coverage
+        and permutation width only for consistency within the plan.
+        """
+        given = model is not None
+        m = model if given else self.model
         E, K = int(m["num_experts"]), int(m["top_k"])
         n_group = 1 if self.flatten_groups else int(m.get("n_group", 1))
         min_per_group = int(m.get("min_experts_per_group", 2))
         moe_layers = set(m.get("moe_layers", [lp.layer for lp in self.layers]))
+        width = m.get("expert_intermediate_size") if given else None
         if not self.layers:
             raise MoepruneError("plan has no layers")
+        listed = [lp.layer for lp in self.layers]
+        twice = sorted({i for i in listed if listed.count(i) > 1})
+        if twice:
+            raise MoepruneError(f"plan lists MoE layer(s) {twice} more than once; keep one entry per layer")
+        if given and "moe_layers" in m:
+            missing = sorted(moe_layers - set(listed))
+            if missing:
+                raise MoepruneError(f"plan has no entry for MoE layer(s) {missing}: it was made for another "
+                                    "model shape; re-plan on this model's statistics")
         counts = {lp.num_experts_out for lp in self.layers}
         if len(counts) != 1:
             raise MoepruneError(f"plan keeps different expert counts per layer {sorted(counts)}; a stock config "
@@ -138,18 +172,21 @@ class Plan:
             if lp.layer not in moe_layers:
                 raise MoepruneError(f"{where} is not an MoE layer of this model (MoE layers: {sorted(moe_layers)})")
             if lp.num_experts_in != E:
-                raise MoepruneError(f"{where}: plan expects {lp.num_experts_in} experts, the model has {E}")
+                if given:
+                    raise MoepruneError(f"{where}: the plan was made for {lp.num_experts_in} experts per "
+                                        f"layer, but the model has {E}; re-plan on this model's statistics")
+                raise MoepruneError(f"{where}: the plan says num_experts_in={lp.num_experts_in}, but its "
+                                    f"model facts say num_experts={E}; the plan is inconsistent, re-plan")
             if lp.router_merge not in ROUTER_MERGES:
                 raise MoepruneError(f"{where}: router_merge {lp.router_merge!r} is not one of {ROUTER_MERGES}")
             seen: set[int] = set()
-            widths: set[int] = set()  # hidden widths of the permutations met in this layer (one I per layer)
-            for g in lp.groups:
+            widths: set[int] = set() if width is None else {int(width)}  # one hidden width I per layer
+            for j, g in enumerate(lp.groups):
                 if not g.members or len(g.members) != len(g.coeffs):
                     raise MoepruneError(f"{where}: a group needs members and one coefficient per member")
-                if not all(math.isfinite(c) for c in g.coeffs):
-                    raise MoepruneError(f"{where}: non-finite merge coefficient in group {g.members}")
+                self._check_coeffs(f"{where}, group {j}", g)
                 if g.perms is not None:
-                    self._check_perms(where, g, widths)
+                    self._check_perms(where, g, widths, width)
             for e in [m_ for g in lp.groups for m_ in g.members] + list(lp.novices):
                 if not 0 <= e < E:
                     raise MoepruneError(f"{where}: expert id {e} out of range [0, {E})")
@@ -163,11 +200,35 @@ class Plan:
             if n_group > 1:
                 self._check_groups(lp, E, n_group, min_per_group)
 
+    def _check_coeffs(self, where: str, g: Group) -> None:
+        if not all(math.isfinite(c) for c in g.coeffs):
+            raise MoepruneError(f"{where}: non-finite merge coefficient in group {g.members} ({g.coeffs})")
+        if not self.normalise:
+            big = [c for c in g.coeffs if abs(c) > MAX_COEFF]
+            if big:
+                raise MoepruneError(f"{where}: merge coefficient {big[0]:g} of group {g.members} is beyond "
+                                    f"±{MAX_COEFF:g}, even for a plan with \"normalise\": false; "
+                                    "check the plan")
+            return
+        hint = "or set \"normalise\": false in the plan if another weighting is meant"
+        for e, c in zip(g.members, g.coeffs):
+            if c < 0:
+                raise MoepruneError(f"{where}: coefficient {c:g} of expert {e} (group {g.members}) is "
+                                    f"negative; a merge is a weighted average with weights >= 0, {hint}")
+        total = math.fsum(g.coeffs)
+        if abs(total - 1.0) > SUM_TOLERANCE:
+            raise MoepruneError(f"{where}: the coefficients of group {g.members} sum to {total:.6g}, not 1; "
+                                f"a merge is a weighted average: scale them to sum to 1, {hint}")
+
     @staticmethod
-    def _check_perms(where: str, g: Group, widths: set[int]) -> None:
+    def _check_perms(where: str, g: Group, widths: set[int], width: int | None = None) -> None:
         if len(g.perms) != len(g.members):
             raise MoepruneError(f"{where}: group {g.members} has {len(g.perms)} permutations, one per member needed")
         for e, q in zip(g.members, g.perms):
+            if width is not None and len(q) != width:
+                raise MoepruneError(f"{where}: the permutation of expert {e} (group {g.members}) has "
+                                    f"{len(q)} hidden units, but the model's experts have {width}; the plan "
+                                    "was made for another model shape, re-plan on this model")
             widths.add(len(q))
             if sorted(q) != list(range(len(q))):
                 raise MoepruneError(f"{where}: the permutation of expert {e} (group {g.members}) is not a "
@@ -193,6 +254,125 @@ class Plan:
             if routing_groups != {j // per_out}:
                 raise MoepruneError(f"{where}: output expert {j} (members {g.members}) must come from routing "
                                     f"group {j // per_out} only; order groups by routing group {hint}")
+
+
+# ---- the JSON schema of a plan -------------------------------------------------------------------
+# Checked by hand, field by field, so every message names the field path (layers[2].groups[0].coeffs[1])
+# and the JSON type expected. JSON true/false are Python bools, and bool is a subclass of int:
+# integers and numbers exclude them explicitly, and booleans must be real JSON booleans.
+
+PLAN_FIELDS = {"version": True, "method": True, "layers": True, "model": True, "method_config": False,
+               "calibration": False, "flatten_groups": False, "normalise": False, "num_experts_out": False}
+LAYER_FIELDS = {"layer": True, "num_experts_in": True, "groups": True, "router_merge": False,
+                "novices": False, "notes": False}
+GROUP_FIELDS = {"members": True, "coeffs": True, "perms": False}
+MODEL_INTS = {"num_experts": True, "top_k": True, "n_group": False, "min_experts_per_group": False,
+              "hidden_size": False}  # facts validate() reads; other model fields are free-form description
+
+
+def _json_kind(v) -> str:
+    """How a JSON value reads in a message: its JSON type, with short scalars shown."""
+    if v is None:
+        return "null"
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return f"the number {v!r}"
+    if isinstance(v, str):
+        return f"the string {json.dumps(v[:40])}"
+    return "a list" if isinstance(v, list) else "an object" if isinstance(v, dict) else type(v).__name__
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+_KINDS = {
+    "an integer": _is_int,
+    "a number": _is_number,
+    "a string": lambda v: isinstance(v, str),
+    "true or false": lambda v: isinstance(v, bool),
+    "a list": lambda v: isinstance(v, list),
+    "an object": lambda v: isinstance(v, dict),
+}
+
+
+def _need(source: str, path: str, value, kind: str) -> None:
+    if not _KINDS[kind](value):
+        raise MoepruneError(f"{source}: {path} must be {kind}, not {_json_kind(value)}; fix the plan file "
+                            "or write a new one with `moeprune plan`")
+
+
+def _need_list_of(source: str, path: str, value, kind: str) -> None:
+    _need(source, path, value, "a list")
+    for j, v in enumerate(value):
+        _need(source, f"{path}[{j}]", v, kind)
+
+
+def _fields(source: str, path: str, d, fields: dict[str, bool]) -> None:
+    """d is an object holding every required field of `fields` (name -> required) and no other."""
+    _need(source, path, d, "an object")
+    missing = [k for k, required in fields.items() if required and k not in d]
+    if missing:
+        raise MoepruneError(f"{source}: {path} lacks the field(s) {', '.join(missing)}; a plan written by "
+                            "`moeprune plan` has them")
+    unknown = sorted(set(d) - set(fields))
+    if unknown:
+        raise MoepruneError(f"{source}: {path} has unknown field(s) {', '.join(map(repr, unknown))}; the "
+                            f"fields are {', '.join(fields)} (a misspelt field would be ignored silently)")
+
+
+def check_plan_schema(d, source: str = "plan") -> None:
+    """Raise MoepruneError naming the first field of the plan JSON `d` whose type or presence is wrong."""
+    _fields(source, "the plan", d, PLAN_FIELDS)
+    _need(source, "version", d["version"], "an integer")
+    _need(source, "method", d["method"], "a string")
+    for key in ("method_config", "calibration"):
+        if key in d:
+            _need(source, key, d[key], "an object")
+    for key in ("flatten_groups", "normalise"):
+        if key in d:
+            _need(source, key, d[key], "true or false")
+    if "num_experts_out" in d:
+        _need(source, "num_experts_out", d["num_experts_out"], "an integer")
+    model = d["model"]
+    _need(source, "model", model, "an object")
+    for key, required in MODEL_INTS.items():
+        if key in model or required:
+            if key not in model:
+                raise MoepruneError(f"{source}: model lacks the field {key}; a plan written by "
+                                    "`moeprune plan` has it")
+            _need(source, f"model.{key}", model[key], "an integer")
+    if "model_type" in model and model["model_type"] is not None:
+        _need(source, "model.model_type", model["model_type"], "a string")
+    if "moe_layers" in model:
+        _need_list_of(source, "model.moe_layers", model["moe_layers"], "an integer")
+    _need(source, "layers", d["layers"], "a list")
+    for i, lp in enumerate(d["layers"]):
+        at = f"layers[{i}]"
+        _fields(source, at, lp, LAYER_FIELDS)
+        _need(source, f"{at}.layer", lp["layer"], "an integer")
+        _need(source, f"{at}.num_experts_in", lp["num_experts_in"], "an integer")
+        if "router_merge" in lp:
+            _need(source, f"{at}.router_merge", lp["router_merge"], "a string")
+        if "novices" in lp:
+            _need_list_of(source, f"{at}.novices", lp["novices"], "an integer")
+        if "notes" in lp:
+            _need(source, f"{at}.notes", lp["notes"], "an object")
+        _need(source, f"{at}.groups", lp["groups"], "a list")
+        for j, g in enumerate(lp["groups"]):
+            gat = f"{at}.groups[{j}]"
+            _fields(source, gat, g, GROUP_FIELDS)
+            _need_list_of(source, f"{gat}.members", g["members"], "an integer")
+            _need_list_of(source, f"{gat}.coeffs", g["coeffs"], "a number")
+            if g.get("perms") is not None:
+                _need(source, f"{gat}.perms", g["perms"], "a list")
+                for k, q in enumerate(g["perms"]):
+                    _need_list_of(source, f"{gat}.perms[{k}]", q, "an integer")
 
 
 def budget(num_experts: int, top_k: int, ratio: float | None = None, experts: int | None = None,

@@ -57,17 +57,13 @@ from moeprune.merge import (
     uniform_coefficients,
     within_routing_groups,
 )
+from moeprune.methods import options
 from moeprune.methods.access import LayerAccess
 from moeprune.methods.registry import PlanRequest, register
 from moeprune.observe.stats import LayerStats
 from moeprune.plan import ROUTER_MERGES, Plan
 
 REPRESENTATIONS = ("data", "weight", "flat", "surrogate")
-
-
-def _one_of(method: str, name: str, value, allowed) -> None:
-    if value not in allowed:
-        raise MoepruneError(f"{method} option {name}={value!r} is not one of {', '.join(allowed)}")
 
 
 @dataclass(frozen=True)
@@ -82,12 +78,14 @@ class DekConfig:
     learn_lr: float = 0.1  # Adam learning rate on the softmax logits for coefficients=learned
 
     def __post_init__(self):
-        _one_of("dek", "representation", self.representation, REPRESENTATIONS)
-        _one_of("dek", "linkage", self.linkage, LINKAGES)
-        _one_of("dek", "coefficients", self.coefficients, COEFFICIENTS)
-        _one_of("dek", "router_merge", self.router_merge, ROUTER_MERGES)
-        if self.surrogate_tokens < 2 or self.learn_steps < 0 or self.learn_lr <= 0:
-            raise MoepruneError("dek options need surrogate_tokens >= 2, learn_steps >= 0 and learn_lr > 0")
+        options.one_of("dek", "representation", self.representation, REPRESENTATIONS)
+        options.one_of("dek", "linkage", self.linkage, LINKAGES)
+        options.one_of("dek", "coefficients", self.coefficients, COEFFICIENTS)
+        options.one_of("dek", "router_merge", self.router_merge, ROUTER_MERGES)
+        options.integer("dek", "surrogate_tokens", self.surrogate_tokens, 2)  # CKA centres over >= 2 rows
+        options.seed("dek", "seed", self.seed)
+        options.integer("dek", "learn_steps", self.learn_steps, 0)
+        options.number("dek", "learn_lr", self.learn_lr, strict=True)
 
     def calibration_reason(self) -> str | None:
         """Why this configuration needs calibration text, or None (read by `api.prune`)."""
@@ -141,7 +139,7 @@ def flat_similarity(access: LayerAccess) -> torch.Tensor:
 def expert_similarity(access: LayerAccess, ls: LayerStats | None, representation: str, *,
                       surrogate_tokens: int = 512, seed: int = 0, method: str = "dek") -> torch.Tensor:
     """[E, E] float64 linear CKA between the experts of one layer under `representation`."""
-    _one_of(method, "representation", representation, REPRESENTATIONS)
+    options.one_of(method, "representation", representation, REPRESENTATIONS)
     if representation == "weight":
         return weight_similarity(access)
     if representation == "flat":

@@ -27,10 +27,10 @@ from dataclasses import dataclass
 
 import torch
 
-from moeprune.errors import MoepruneError
 from moeprune.merge import COEFFICIENTS, LINKAGES
+from moeprune.methods import options
 from moeprune.methods.access import LayerAccess
-from moeprune.methods.dek import _one_of, check_calibration, plan_merging, probe_inputs
+from moeprune.methods.dek import check_calibration, plan_merging, probe_inputs
 from moeprune.methods.registry import PlanRequest, register
 from moeprune.observe.stats import LayerStats
 from moeprune.plan import ROUTER_MERGES, Plan
@@ -48,12 +48,12 @@ class HcSmoeConfig:
     learn_lr: float = 0.1  # Adam learning rate on the softmax logits for coefficients=learned
 
     def __post_init__(self):
-        _one_of("hc_smoe", "metric", self.metric, METRICS)
-        _one_of("hc_smoe", "linkage", self.linkage, LINKAGES)
-        _one_of("hc_smoe", "coefficients", self.coefficients, COEFFICIENTS)
-        _one_of("hc_smoe", "router_merge", self.router_merge, ROUTER_MERGES)
-        if self.learn_steps < 0 or self.learn_lr <= 0:
-            raise MoepruneError("hc_smoe options need learn_steps >= 0 and learn_lr > 0")
+        options.one_of("hc_smoe", "metric", self.metric, METRICS)
+        options.one_of("hc_smoe", "linkage", self.linkage, LINKAGES)
+        options.one_of("hc_smoe", "coefficients", self.coefficients, COEFFICIENTS)
+        options.one_of("hc_smoe", "router_merge", self.router_merge, ROUTER_MERGES)
+        options.integer("hc_smoe", "learn_steps", self.learn_steps, 0)
+        options.number("hc_smoe", "learn_lr", self.learn_lr, strict=True)
 
 
 def mean_outputs(access: LayerAccess, ls: LayerStats) -> torch.Tensor:

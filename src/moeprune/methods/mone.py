@@ -49,6 +49,7 @@ from dataclasses import dataclass
 import torch
 
 from moeprune.errors import MoepruneError
+from moeprune.methods import options
 from moeprune.methods.registry import PlanRequest, register
 from moeprune.methods.scores import top_experts
 from moeprune.observe.stats import ExpertStats
@@ -65,10 +66,9 @@ class MoneConfig:
     scope: str = "layer"  # layer: prune the lowest phi in each layer; global: rank all layers together (see docs)
 
     def __post_init__(self):
-        if self.ranking not in RANKINGS:
-            raise MoepruneError(f"mone option ranking={self.ranking!r} is not one of {', '.join(RANKINGS)}")
-        if self.scope not in SCOPES:
-            raise MoepruneError(f"mone option scope={self.scope!r} is not one of {', '.join(SCOPES)}")
+        options.flag("mone", "novice", self.novice)
+        options.one_of("mone", "ranking", self.ranking, RANKINGS)
+        options.one_of("mone", "scope", self.scope, SCOPES)
 
     @property
     def layer_local(self) -> bool:

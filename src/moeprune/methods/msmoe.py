@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
+from moeprune.methods import options
 from moeprune.methods.registry import PlanRequest, register
 from moeprune.methods.scores import top_experts
 from moeprune.methods.uncurl import cosine_matrix, logit_features, merge_plan
@@ -34,6 +35,9 @@ from moeprune.plan import Plan
 @dataclass(frozen=True)
 class MsmoeConfig:
     align: bool = True  # permutation-align members to their dominant expert before merging
+
+    def __post_init__(self):
+        options.flag("msmoe", "align", self.align)
 
 
 def assign_to_dominant(z: torch.Tensor, dominant: list[int]) -> list[int]:

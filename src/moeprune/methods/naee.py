@@ -44,6 +44,7 @@ import torch
 from torch import nn
 
 from moeprune.errors import MoepruneError
+from moeprune.methods import options
 from moeprune.methods.registry import PlanRequest, register
 from moeprune.methods.uncurl import routing_groups
 from moeprune.plan import Group, LayerPlan, Plan
@@ -55,6 +56,12 @@ class NaeeConfig:
     fast: bool = True  # score subsets from precomputed expert outputs (checked against the block per layer)
     tolerance: float = 1e-4  # fast and block errors may differ by this times ‖Z‖ (at least 4 eps of the dtype)
     seed: int = 0  # seed of the subsets used to check the fast path
+
+    def __post_init__(self):
+        options.integer("naee", "max_exhaustive", self.max_exhaustive, 0)  # 0: always greedy
+        options.flag("naee", "fast", self.fast)
+        options.number("naee", "tolerance", self.tolerance)
+        options.seed("naee", "seed", self.seed)
 
 
 class _Captured(Exception):
@@ -222,8 +229,6 @@ def check_subsets(num_experts: int, keep: int, n_group: int, seed: int, count: i
           paper="NAEE, Not All Experts are Equal (arXiv 2402.14800), expert pruning",
           summary="keep the subset of experts that best reconstructs the MoE block output on the probe")
 def naee_plan(request: PlanRequest, cfg: NaeeConfig) -> Plan:
-    if cfg.max_exhaustive < 0 or cfg.tolerance < 0:
-        raise MoepruneError("naee: max_exhaustive and tolerance must be non-negative")
     if request.weights is None:
         raise MoepruneError("naee reads the expert weights: plan it with the model")
     layers = []

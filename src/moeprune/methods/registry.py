@@ -81,6 +81,8 @@ def make_plan(name: str, request: PlanRequest, **options) -> Plan:
     if spec.needs_weights and request.weights is None:
         raise MoepruneError(f"method {name} reads the expert weights: plan it with the model "
                             "(`moeprune prune`, or `moeprune plan ... --model PATH`)")
+    if request.weights is not None:
+        check_weights_match(request)
     plan = spec.fn(request, cfg)
     plan.method_config = dataclasses.asdict(cfg)
     plan.flatten_groups = request.flatten_groups
@@ -92,3 +94,24 @@ def make_plan(name: str, request: PlanRequest, **options) -> Plan:
 class NoOptions:
     """This method has no options."""
 
+
+
+def check_weights_match(request: PlanRequest) -> None:
+    """Statistics and weights come from one model: same expert count, every stats layer an MoE layer there.
+
+    Checked before any method runs, so statistics of another model fail with both counts named (the
+    statistics say X, the model has Y) rather than as a shape error inside a method.
+    """
+    adapter = getattr(request.weights, "adapter", None)
+    E_model = getattr(adapter, "num_experts", None)
+    for i, ls in sorted(request.stats.layers.items()):
+        E_stats = ls.experts.num_experts
+        if E_model is not None and E_stats != E_model:
+            raise MoepruneError(f"the statistics have {E_stats} experts in layer {i}, but the model has "
+                                f"{E_model}: they come from another model; observe this model "
+                                "(`moeprune observe`)")
+    layers = set(request.weights.layers())
+    missing = sorted(set(request.stats.layers) - layers)
+    if missing:
+        raise MoepruneError(f"the statistics have MoE layer(s) {missing} that the model does not (its MoE "
+                            f"layers: {sorted(layers)}); observe this model (`moeprune observe`)")

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from moeprune.methods import options
 from moeprune.methods.registry import NoOptions, PlanRequest, register
 from moeprune.observe.stats import ExpertStats
 from moeprune.plan import Group, LayerPlan, Plan
@@ -47,6 +48,9 @@ def plan_from_scores(request: PlanRequest, method: str, score_fn) -> Plan:
 @dataclass(frozen=True)
 class RandomConfig:
     seed: int = 0  # seed of the random expert choice (per layer: seed + layer index)
+
+    def __post_init__(self):
+        options.seed("random", "seed", self.seed)
 
 
 @register("random", config=RandomConfig, paper="baseline", needs_calibration=False,

@@ -49,6 +49,7 @@ import torch
 
 from moeprune.align import align_members
 from moeprune.errors import MoepruneError
+from moeprune.methods import options
 from moeprune.methods.registry import PlanRequest, register
 from moeprune.observe.stats import LayerStats
 from moeprune.plan import Group, LayerPlan, Plan
@@ -63,6 +64,11 @@ class UncurlConfig:
     clustering: str = "spectral"
     seed: int = 0  # seed of the clustering (spectral embedding and k-means initialisation)
     align: bool = True  # permutation-align members to the cluster's reference before merging
+
+    def __post_init__(self):
+        options.one_of("uncurl", "clustering", self.clustering, CLUSTERINGS)
+        options.seed("uncurl", "seed", self.seed)
+        options.flag("uncurl", "align", self.align)
 
 
 # ---- helpers shared with M-SMoE ---------------------------------------------------------------
@@ -227,9 +233,6 @@ def cluster_logits(z: torch.Tensor, k: int, clustering: str, seed: int) -> tuple
           paper="UNCURL, task-specific expert pruning by router-logit clustering (arXiv 2409.01483)",
           summary="cluster experts by router logits on task text, align hidden units, frequency-weighted merge")
 def uncurl_plan(request: PlanRequest, cfg: UncurlConfig) -> Plan:
-    if cfg.clustering not in CLUSTERINGS:
-        raise MoepruneError(f"uncurl: clustering {cfg.clustering!r} is not one of {CLUSTERINGS}")
-
     def clusters_of(layer: int, ls: LayerStats, ids: list[int], k: int):
         z = logit_features(ls, "uncurl")[ids]  # [m, n]
         labels, created = cluster_logits(z, k, cfg.clustering, cfg.seed + layer)

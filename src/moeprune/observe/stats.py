@@ -14,7 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+
+from moeprune.errors import MoepruneError
 
 STATS_VERSION = 1
 F64 = torch.float64
@@ -194,21 +197,101 @@ class Stats:
 
     @classmethod
     def load(cls, directory: str | Path) -> Stats:
-        from moeprune.errors import MoepruneError
-
+        """Read a stats directory, checking it whole first: one clear error names what is damaged."""
         d = Path(directory)
         if not (d / "stats.json").is_file() or not (d / "stats.safetensors").is_file():
             raise MoepruneError(f"{d} is not a stats directory (expected stats.json and stats.safetensors "
                                 "written by `moeprune observe`)")
-        meta = json.loads((d / "stats.json").read_text())
-        if meta.get("version") != STATS_VERSION:
-            raise MoepruneError(f"{d}: stats version {meta.get('version')} is not {STATS_VERSION}; re-run observe")
-        tensors = load_file(str(d / "stats.safetensors"))
+        meta = _read_meta(d)
+        try:
+            tensors = load_file(str(d / "stats.safetensors"))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise _damaged(d, f"stats.safetensors cannot be read ({e})") from None
         layers = {}
         for i in meta["layers"]:
-            ex = ExpertStats.from_tensors({k: tensors[f"layer.{i}.{k}"] for k in
-                                           ("count", "gate_sum", "mean", "m2", "reap_sum", "ean_sum")})
-            probe = Probe(tensors[f"layer.{i}.probe.positions"], tensors[f"layer.{i}.probe.inputs"],
-                          tensors[f"layer.{i}.probe.router_logits"])
-            layers[int(i)] = LayerStats(int(i), ex, probe)
+            layers[i] = _layer_from(d, i, tensors, meta["model"])
         return cls(model=meta["model"], calibration=meta["calibration"], layers=layers, version=meta["version"])
+
+
+# ---- checks of a stats directory -----------------------------------------------------------------
+# A directory may be cut short by a full disk or a killed run, or edited; what it holds is checked
+# before any method reads it, so a damaged one fails here and not as a shape error deep in a method.
+
+EXPERT_TENSORS = ("count", "gate_sum", "mean", "m2", "reap_sum", "ean_sum")
+PROBE_TENSORS = ("positions", "inputs", "router_logits")
+
+
+def _damaged(d: Path, what: str) -> MoepruneError:
+    return MoepruneError(f"{d} is damaged: {what}; re-run `moeprune observe` to write it again")
+
+
+def _read_meta(d: Path) -> dict:
+    try:
+        meta = json.loads((d / "stats.json").read_text())
+    except UnicodeDecodeError:
+        raise _damaged(d, "stats.json is not UTF-8 text") from None
+    except json.JSONDecodeError as e:
+        where = f"line {e.lineno}, column {e.colno}"
+        raise _damaged(d, f"stats.json is not valid JSON ({e.msg} at {where})") from None
+    if not isinstance(meta, dict):
+        raise _damaged(d, f"stats.json holds a JSON {type(meta).__name__}, not an object")
+    missing = [k for k in ("version", "model", "calibration", "layers") if k not in meta]
+    if missing:
+        raise _damaged(d, f"stats.json lacks {', '.join(missing)}")
+    if meta["version"] != STATS_VERSION or isinstance(meta["version"], bool):
+        raise MoepruneError(f"{d}: stats version {meta['version']!r} is not {STATS_VERSION}; "
+                            "re-run `moeprune observe`")
+    for k in ("model", "calibration"):
+        if not isinstance(meta[k], dict):
+            raise _damaged(d, f"stats.json field {k} is not an object")
+    layers = meta["layers"]
+    if not isinstance(layers, list) or not all(type(i) is int for i in layers):  # bool is not a layer index
+        raise _damaged(d, "stats.json field layers is not a list of layer indices")
+    if len(set(layers)) != len(layers):
+        raise _damaged(d, f"stats.json lists a layer more than once ({layers})")
+    E = meta["model"].get("num_experts")
+    if E is not None and (not isinstance(E, int) or isinstance(E, bool) or E < 1):
+        raise _damaged(d, f"stats.json model.num_experts is {E!r}, not a positive integer")
+    return meta
+
+
+def _layer_from(d: Path, i: int, tensors: dict[str, torch.Tensor], model: dict) -> LayerStats:
+    """Layer i's statistics, after checking that its tensors exist, agree in shape and are finite."""
+    names = [f"layer.{i}.{k}" for k in EXPERT_TENSORS] + [f"layer.{i}.probe.{k}" for k in PROBE_TENSORS]
+    missing = [n for n in names if n not in tensors]
+    if missing:
+        raise _damaged(d, f"stats.json lists layer {i} but stats.safetensors lacks {', '.join(missing)}")
+    t = {k: tensors[f"layer.{i}.{k}"] for k in EXPERT_TENSORS}
+    p = {k: tensors[f"layer.{i}.probe.{k}"] for k in PROBE_TENSORS}
+    if t["mean"].dim() != 2:
+        raise _damaged(d, f"layer {i} mean has shape {list(t['mean'].shape)}, not [experts, hidden]")
+    E, H = t["mean"].shape
+    for k in ("count", "gate_sum", "reap_sum", "ean_sum", "m2"):
+        want = [E, H] if k == "m2" else [E]
+        if list(t[k].shape) != want:
+            raise _damaged(d, f"layer {i} {k} has shape {list(t[k].shape)}, but mean is [{E}, {H}] "
+                              f"(experts, hidden), so {want} was expected")
+    if p["positions"].dim() != 1:
+        shape = list(p["positions"].shape)
+        raise _damaged(d, f"layer {i} probe.positions has shape {shape}, not [probe size]")
+    P = p["positions"].shape[0]
+    for k, want in (("inputs", [P, H]), ("router_logits", [P, E])):
+        if list(p[k].shape) != want:
+            raise _damaged(d, f"layer {i} probe.{k} has shape {list(p[k].shape)}, but {want} was expected "
+                              f"({P} probe positions, {E} experts, hidden size {H})")
+    E_model = model.get("num_experts")
+    if E_model is not None and E != E_model:
+        raise _damaged(d, f"layer {i} holds statistics of {E} experts, but stats.json says the model has "
+                          f"{E_model}")
+    if p["positions"].is_floating_point() or p["positions"].dtype == torch.bool:
+        raise _damaged(d, f"layer {i} probe.positions are {p['positions'].dtype}, not token indices")
+    for k, v in [*t.items(), *(("probe." + k, v) for k, v in p.items() if k != "positions")]:
+        if not v.is_floating_point():
+            raise _damaged(d, f"layer {i} {k} is {v.dtype}, not floating point")
+        bad = int((~torch.isfinite(v)).sum())
+        if bad:
+            raise _damaged(d, f"layer {i} {k} holds {bad} non-finite value(s) (NaN or Inf)")
+    if bool((t["count"] < 0).any()) or bool((t["m2"] < 0).any()):
+        raise _damaged(d, f"layer {i} has negative token counts or squared deviations")
+    ex = ExpertStats.from_tensors(t)
+    return LayerStats(i, ex, Probe(p["positions"], p["inputs"], p["router_logits"]))
