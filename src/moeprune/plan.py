@@ -389,6 +389,9 @@ def budget(num_experts: int, top_k: int, ratio: float | None = None, experts: in
         r = int(experts)
         if not 1 <= r <= E:
             raise MoepruneError(f"--experts {r} is outside [1, {E}]: the model has {E} experts per layer")
+    if top_k > E:
+        raise MoepruneError(f"the model routes each token to top-k={top_k} experts but has only {E}; its config is "
+                            "inconsistent (check num_experts_per_tok and the expert count in config.json)")
     if r < top_k:
         raise MoepruneError(f"keeping {r} of {E} experts is fewer than top-k={top_k}; keep at least {top_k} "
                             f"(--experts {top_k} or --ratio <= {(E - top_k) / E:.3f})")
