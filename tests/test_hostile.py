@@ -451,3 +451,31 @@ def test_outputs_have_usual_permissions_and_progress_goes_to_stderr(tmp_path, ch
     assert "calibrating" in captured.err and "calibrating" not in captured.out
     assert (tmp_path / "o").stat().st_mode & 0o777 == 0o755
     assert all(f.stat().st_mode & 0o777 == 0o644 for f in (tmp_path / "o").iterdir())
+
+
+# ---- 14. plan/model mismatches found before the model is loaded --------------------------------------------
+
+def test_plan_of_another_shape_is_refused_before_loading(tmp_path, checkpoint, made, capsys, monkeypatch):
+    monkeypatch.setattr(api, "load_model", lambda *a, **k: pytest.fail("the model was loaded before the check"))
+    plan = json.loads((made / "reap.json").read_text())
+    model = str(checkpoint("mixtral"))
+    missing = {**plan, "layers": plan["layers"][:2]}
+    (tmp_path / "missing.json").write_text(json.dumps(missing))
+    refused(capsys, ["apply", model, str(tmp_path / "missing.json"), "--out", str(tmp_path / "o")], "layer")
+    twice = {**plan, "layers": plan["layers"] + plan["layers"][:1]}
+    (tmp_path / "twice.json").write_text(json.dumps(twice))
+    refused(capsys, ["apply", model, str(tmp_path / "twice.json"), "--out", str(tmp_path / "o")], "more than once")
+    wide = json.loads(json.dumps(plan))
+    wide["layers"][0]["groups"][0]["perms"] = [list(range(7))]
+    (tmp_path / "wide.json").write_text(json.dumps(wide))
+    refused(capsys, ["apply", model, str(tmp_path / "wide.json"), "--out", str(tmp_path / "o")], "permutation")
+    assert not (tmp_path / "o").exists()
+
+
+def test_task_dir_files_of_the_user_are_not_overwritten(tmp_path, checkpoint, calib_file, capsys):
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "manifest.json").write_text('{"mine": true}')
+    refused(capsys, ["eval", str(checkpoint("mixtral")), "--task-text", f"prose={calib_file}", "--task-dir",
+                     str(tasks), "--task-items", "20"], "manifest.json")
+    assert (tasks / "manifest.json").read_text() == '{"mine": true}'

@@ -216,6 +216,25 @@ def _task_yaml(name: str, data: Path, cache: Path, kind: str, domain: str) -> di
             "metadata": {"version": FORMAT}}
 
 
+def _check_task_dir(out: Path, names: list[str]) -> None:
+    """Refuse to overwrite files in `out` that an earlier `write_tasks` did not write (its manifest says which)."""
+    if out.exists() and not out.is_dir():
+        raise MoepruneError(f"--task-dir {out} is a file; give a directory for the built tasks")
+    manifest = out / "manifest.json"
+    ours: set[str] = set()
+    if manifest.is_file():
+        try:
+            m = json.loads(manifest.read_text())
+            if isinstance(m, dict) and m.get("format") == FORMAT and isinstance(m.get("tasks"), dict):
+                ours = {"manifest.json"} | {f"{n}.{ext}" for n in m["tasks"] for ext in ("jsonl", "yaml")}
+        except ValueError:
+            pass
+    for name in ["manifest.json"] + [f"{n}.{ext}" for n in names for ext in ("jsonl", "yaml")]:
+        if (out / name).exists() and name not in ours:
+            raise MoepruneError(f"--task-dir {out} already holds {name}, which moeprune did not build; choose an "
+                                "empty or new --task-dir")
+
+
 def write_tasks(
     texts: Mapping[str, str | Path], out_dir: str | Path, *, n_items: int = 300, seed: int = 0,
     context_chars: int = 300,
@@ -237,6 +256,7 @@ def write_tasks(
         raise MoepruneError(f"the number of task items must be at least 1 (got {n_items})")
 
     out = Path(out_dir).resolve()
+    _check_task_dir(out, [task_name(d, k) for d in sources for k in ("mc", "cloze")])
     out.mkdir(parents=True, exist_ok=True)
     cache = out / ".datasets_cache"
     manifest = {"format": FORMAT, "seed": seed, "n_items": n_items, "context_chars": context_chars, "tasks": {}}
