@@ -31,11 +31,11 @@ err = Console(stderr=True)
 Ratio = Annotated[float | None, typer.Option("--ratio", help="fraction of routed experts to remove per layer")]
 Experts = Annotated[int | None, typer.Option("--experts", help="routed experts to keep per layer")]
 Options = Annotated[list[str] | None, typer.Option("--option", "-o", help="method option KEY=VALUE (repeatable)")]
-Flatten = Annotated[bool, typer.Option("--flatten-groups", help="route without expert groups (n_group=topk_group=1)")]
-Force = Annotated[bool, typer.Option("--force", help="replace a non-empty output directory")]
+Flatten = Annotated[bool, typer.Option("--flatten-groups", metavar="", help="route without expert groups (n_group=topk_group=1)")]
+Force = Annotated[bool, typer.Option("--force", metavar="", help="replace an output directory moeprune wrote")]
 Device = Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:N or auto")]
 Layerwise = Annotated[bool | None, typer.Option(
-    "--layerwise/--in-memory",
+    "--layerwise/--in-memory", metavar="",
     help="read, prune and write one decoder layer at a time in bounded memory, or load the whole model "
          "[default: layer by layer when the weights exceed half the free memory]")]
 OffloadDir = Annotated[str | None, typer.Option(
@@ -95,7 +95,7 @@ def _version(value: bool) -> None:
 
 
 @app.callback()
-def _root(version: Annotated[bool | None, typer.Option("--version", callback=_version, is_eager=True,
+def _root(version: Annotated[bool | None, typer.Option("--version", metavar="", callback=_version, is_eager=True,
                                                         help="print the version and exit")] = None):
     """Make Mixture-of-Experts LLMs smaller without retraining."""
 
@@ -113,7 +113,7 @@ def _quiet_libraries() -> None:
 
 @app.command()
 def inspect(model: Annotated[str, typer.Argument(help="model directory")],
-            as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False):
+            as_json: Annotated[bool, typer.Option("--json", metavar="", help="print JSON")] = False):
     """Family, MoE layers, experts, top-k, shared experts, and where the parameters are."""
     from moeprune.api import inspect as inspect_model
 
@@ -149,17 +149,23 @@ def inspect(model: Annotated[str, typer.Argument(help="model directory")],
 
 @app.command()
 def methods():
-    """List the registered methods with their paper references."""
+    """List the registered methods: what each does, its paper, whether it needs --calib, and its options."""
     from moeprune.methods import METHODS
 
-    t = Table(title="methods")
-    t.add_column("name", no_wrap=True, min_width=max(map(len, METHODS)))
-    for col in ("kind", "needs --calib", "what it does", "reference", "options"):
-        t.add_column(col)
+    _quiet_libraries()
     for name, spec in sorted(METHODS.items()):
-        opts = ", ".join(f"{f.name}={f.default}" for f in dataclasses.fields(spec.config)) or "—"
-        t.add_row(name, spec.kind, "yes" if spec.needs_calibration else "no", spec.summary, spec.paper, opts)
-    out.print(t)
+        cfg = spec.default_config()
+        reason = cfg.calibration_reason() if hasattr(cfg, "calibration_reason") else None
+        calib = "yes" if spec.needs_calibration else (f"with its default options ({reason})" if reason else "no")
+        out.print(f"[bold]{name}[/]  [dim]{spec.kind}[/]", highlight=False)
+        out.print(f"  {escape(spec.summary)}", highlight=False)
+        out.print(f"  paper: {escape(spec.paper)}", highlight=False)
+        out.print(f"  needs --calib: {escape(calib)}", highlight=False)
+        fields = dataclasses.fields(spec.config)
+        if fields:
+            out.print("  options (-o KEY=VALUE): " + ", ".join(f"{f.name}={f.default}" for f in fields),
+                      highlight=False)
+        out.print()
 
 
 @app.command()
@@ -266,7 +272,7 @@ def prune(
     option: Options = None, flatten_groups: Flatten = False, device: Device = "cpu", force: Force = False,
     layerwise: Layerwise = None,
     sequential: Annotated[bool, typer.Option(
-        "--sequential", help="layer by layer, apply each layer's plan before its outputs feed the next layer, "
+        "--sequential", metavar="", help="layer by layer, apply each layer's plan before its outputs feed the next layer, "
                              "so later statistics see the pruned model")] = False,
     offload_dir: OffloadDir = None, hidden_memory: HiddenMemory = 2.0,
 ):
@@ -324,9 +330,9 @@ def evaluate(
     batch_size: int = 8,
     tokenizer: Annotated[str | None, typer.Option(help="tokenizer directory if not each model's")] = None,
     device: Device = "cpu",
-    force: Annotated[bool, typer.Option("--force", help="replace an existing --json file moeprune wrote")] = False,
+    force: Annotated[bool, typer.Option("--force", metavar="", help="replace an existing --json file moeprune wrote")] = False,
     layerwise: Annotated[bool | None, typer.Option(
-        "--layerwise/--in-memory",
+        "--layerwise/--in-memory", metavar="",
         help="score perplexity one decoder layer at a time in bounded memory, or load the whole model "
              "[default: layer by layer when the weights exceed half the free memory]")] = None,
 ):
@@ -463,7 +469,7 @@ def sweep(
     max_tokens: Annotated[int | None, typer.Option(help="score only the first N tokens of each text")] = None,
     knee_threshold: Annotated[float, typer.Option(
         help="quality falls off at the first ratio more than this much worse (ppl x(1+t), acc x(1-t))")] = 0.25,
-    save_checkpoints: Annotated[bool, typer.Option("--save-checkpoints", help="also write every pruned "
+    save_checkpoints: Annotated[bool, typer.Option("--save-checkpoints", metavar="", help="also write every pruned "
                                                    "checkpoint under OUT/checkpoints/")] = False,
     samples: Annotated[int, typer.Option(help="calibration sequences")] = 128,
     seq_len: Annotated[int, typer.Option(help="tokens per calibration sequence")] = 512,
@@ -535,7 +541,10 @@ def _one_line(text: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit status (0 only when the command did what it was asked)."""
-    from typer import _click  # typer 0.29 raises the exceptions of its own vendored click
+    try:
+        from typer import _click  # typer 0.29 raises the exceptions of its own vendored click
+    except ImportError:  # older typer raises click's
+        import click as _click
 
     from moeprune.runtime import Terminated, signals_as_exceptions
 
