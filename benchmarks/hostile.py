@@ -255,38 +255,26 @@ CASES = (
       setup=(user_dir("work"),)),
     C("prune --out . --force", 1, "refuse", *PRUNE_UP, "--out", ".", "--force", cwd="work",
       setup=(user_dir("work"),)),
-    C("prune --out ./ --force", 1, "refuse", *PRUNE_UP, "--out", "./", "--force", cwd="work",
-      setup=(user_dir("work"),)),
     C("prune --out <abs cwd> --force", 1, "refuse", *PRUNE_UP, "--out", "{cwd}", "--force", cwd="work",
       setup=(user_dir("work"),)),
     C("prune --out ''", 1, "refuse", *PRUNE_UP, "--out", "", cwd="work", setup=(user_dir("work"),),
       bad_msg=r"output  already"),
-    C("prune --out .", 1, "refuse", *PRUNE_UP, "--out", ".", cwd="work", setup=(user_dir("work"),)),
-    C("observe --out '' --force", 1, "refuse", "observe", "../mix", "--calib", "../calib.txt", *SMALL,
-      "--out", "", "--force", cwd="work", setup=(user_dir("work"),)),
     C("observe --out . --force", 1, "refuse", "observe", "../mix", "--calib", "../calib.txt", *SMALL, "--out",
       ".", "--force", cwd="work", setup=(user_dir("work"),)),
     C("apply --out . --force", 1, "refuse", "apply", "../mix", "../plan.json", "--out", ".", "--force",
       cwd="work", setup=(user_dir("work"),)),
     C("export-stock --out . --force", 1, "refuse", "export-stock", "../monepruned", "--out", ".", "--force",
       cwd="work", setup=(user_dir("work"),)),
-    C("analyze --out . --force", 1, "refuse", "analyze", "../mix", "--representation", "weight", "--out", ".",
-      "--force", cwd="work", setup=(user_dir("work"),)),
     C("sweep --out . --force", 1, "refuse", "sweep", "../mix", "--method", "frequency", "--ratios", "0.25",
       "--calib", "../calib.txt", "--text", "../calib.txt", *SMALL, "--max-tokens", "128", "--eval-seq-len",
       "32", "--out", ".", "--force", cwd="work", setup=(user_dir("work"),)),
     C("prune --out user-dir --force", 1, "refuse", *PRUNE, "--out", "mine", "--force",
       setup=(user_dir("mine"),)),
-    C("prune --out user-dir", 1, "refuse", *PRUNE, "--out", "mine", setup=(user_dir("mine"),)),
     C("prune --out user-file --force", 1, "refuse", *PRUNE, "--out", "notes.txt", "--force"),
     C("observe --out user-dir --force", 1, "refuse", *OBSERVE, "--out", "mine", "--force",
       setup=(user_dir("mine"),)),
     C("apply --out user-dir --force", 1, "refuse", "apply", "mix", "plan.json", "--out", "mine", "--force",
       setup=(user_dir("mine"),)),
-    C("export-stock --out user-dir --force", 1, "refuse", "export-stock", "monepruned", "--out", "mine",
-      "--force", setup=(user_dir("mine"),)),
-    C("analyze --out user-dir --force", 1, "refuse", "analyze", "mix", "--representation", "weight", "--out",
-      "mine", "--force", setup=(user_dir("mine"),)),
     C("prune --out moeprune-made --force", 1, "succeed", *PRUNE, "--out", "pruned", "--force",
       outputs=(("pruned", "model"),)),
     C("prune --out empty-dir --force", 1, "succeed", *PRUNE, "--out", "empty", "--force",
@@ -298,8 +286,6 @@ CASES = (
     # 2: no input inside an output, or the reverse, whatever --force says
     C("prune --calib corpus/ --out corpus/ --force", 2, "refuse", "prune", "mix", "--method", "frequency",
       "--ratio", "0.25", "--calib", "corpus/", *SMALL, "--out", "corpus/", "--force"),
-    C("prune --calib corpus/a.txt --out corpus --force", 2, "refuse", "prune", "mix", "--method", "frequency",
-      "--ratio", "0.25", "--calib", "corpus/a.txt", *SMALL, "--out", "corpus", "--force"),
     C("prune --calib out/calib.txt --out out --force", 2, "refuse", "prune", "mix", "--method", "frequency",
       "--ratio", "0.25", "--calib", "pruned/calib.txt", *SMALL, "--out", "pruned", "--force",
       setup=(copy("calib.txt", "pruned/calib.txt"),)),
@@ -311,8 +297,6 @@ CASES = (
       "pruned/moeprune_plan.json", "--out", "pruned", "--force"),
     C("prune --out model --force", 2, "refuse", *PRUNE, "--out", "mix", "--force"),
     C("prune --out model/sub --force", 2, "refuse", *PRUNE, "--out", "mix/sub", "--force"),
-    C("prune model=moeprune-made --out itself --force", 2, "refuse", "prune", "pruned", "--method",
-      "frequency", "--ratio", "0.25", "--calib", "calib.txt", *SMALL, "--out", "pruned", "--force"),
     C("prune --tokenizer tok --out tok --force", 2, "refuse", *PRUNE, "--tokenizer", "tok", "--out", "tok",
       "--force"),
     C("prune --save-stats model", 2, "refuse", *PRUNE, "--save-stats", "mix", *OUT),
@@ -320,34 +304,20 @@ CASES = (
     C("prune --save-stats = --out", 2, "refuse", *PRUNE, "--save-stats", "out", *OUT, bad_msg=r"the input"),
     C("prune --offload-dir = --out --force", 2, "refuse", *PRUNE, "--layerwise", "--hidden-memory", "0",
       "--offload-dir", "pruned", "--out", "pruned", "--force"),
-    C("prune --offload-dir inside model", 2, "refuse", *PRUNE, "--layerwise", "--hidden-memory", "0",
-      "--offload-dir", "mix/off", *OUT),
     C("observe --calib st/calib.txt --out st --force", 2, "refuse", "observe", "mix", "--calib",
       "st/calib.txt", *SMALL, "--out", "st", "--force", setup=(copy("calib.txt", "st/calib.txt"),)),
-    C("observe --out model --force", 2, "refuse", *OBSERVE, "--out", "mix", "--force"),
-    C("export-stock --out itself --force", 2, "refuse", "export-stock", "monepruned", "--out", "monepruned",
-      "--force"),
-    C("analyze --out model --force", 2, "refuse", "analyze", "mix", "--representation", "weight", "--out",
-      "mix", "--force"),
     C("analyze stats --out stats --force", 2, "refuse", "analyze", "st", "--model", "mix", "--out", "st",
       "--force"),
     C("sweep --calib corpus --out corpus --force", 2, "refuse", "sweep", "mix", "--method", "frequency",
       "--ratios", "0.25", "--calib", "corpus", "--text", "calib.txt", *SMALL, "--max-tokens", "128",
       "--eval-seq-len", "32", "--out", "corpus", "--force"),
-    C("sweep --text inside --out --force", 2, "refuse", "sweep", "mix", "--method", "frequency", "--ratios",
-      "0.25", "--calib", "calib.txt", "--text", "mine/data.csv", *SMALL, "--max-tokens", "128",
-      "--eval-seq-len", "32", "--out", "mine", "--force", setup=(user_dir("mine"),)),
     # 3: plan --out and eval --json never write into an input
     C("plan --model M --out M/config.json --force", 3, "refuse", "plan", "st", "--method", "frequency",
       "--ratio", "0.25", "--model", "mix", "--out", "mix/config.json", "--force"),
     C("plan --out stats/stats.json --force", 3, "refuse", "plan", "st", "--method", "frequency", "--ratio",
       "0.25", "--out", "st/stats.json", "--force"),
-    C("plan --out stats/stats.safetensors --force", 3, "refuse", "plan", "st", "--method", "frequency",
-      "--ratio", "0.25", "--out", "st/stats.safetensors", "--force"),
     C("eval M --json M/model.safetensors --force", 3, "refuse", "eval", "mix", "--text", "calib.txt",
       "--max-tokens", "128", "--seq-len", "32", "--json", "mix/model.safetensors", "--force"),
-    C("eval M --json M/config.json --force", 3, "refuse", "eval", "mix", "--text", "calib.txt",
-      "--max-tokens", "128", "--seq-len", "32", "--json", "mix/config.json", "--force"),
     C("eval --text T --json T --force", 3, "refuse", "eval", "mix", "--text", "calib.txt", "--max-tokens",
       "128", "--seq-len", "32", "--json", "calib.txt", "--force"),
     C("eval A B --json B/README.md --force", 3, "refuse", "eval", "mix", "pruned", "--text", "calib.txt",
@@ -374,7 +344,6 @@ CASES = (
       "0.25", "--model", "mix32", "--out", "p.json"),
     C("apply plan of hidden-32 model", 4, "refuse", "apply", "mix", "plan32.json", *OUT),
     C("apply plan of qwen2_moe to mixtral", 4, "refuse", "apply", "mix", "planq.json", *OUT),
-    C("apply plan of mixtral to hidden-32", 4, "refuse", "apply", "mix32", "plan.json", *OUT),
     C("apply plan of 8 experts to 4-expert model", 4, "refuse", "apply", "mix4", "plan.json", *OUT),
     C("apply MoNE plan --stats", 4, "succeed", "apply", "mix", "mone.json", "--stats", "st", *OUT,
       outputs=(("out", "model"),), checks=("mode",)),
@@ -384,46 +353,29 @@ CASES = (
     C("prune --batch-size -1", 5, "refuse", *PRUNE, "--batch-size", "-1", *OUT),
     C("prune --batch-size 0", 5, "refuse", *PRUNE, "--batch-size", "0", *OUT),
     C("observe --batch-size -1", 5, "refuse", *OBSERVE, "--batch-size", "-1", *OUT),
-    C("observe --batch-size 0", 5, "refuse", *OBSERVE, "--batch-size", "0", *OUT),
     C("prune --probe-size -1", 5, "refuse", *PRUNE, "--probe-size", "-1", *OUT),
-    C("observe --probe-size -1", 5, "refuse", *OBSERVE, "--probe-size", "-1", *OUT),
     C("prune --seq-len 513 (> max positions)", 5, "refuse", "prune", "mix", "--method", "frequency",
       "--ratio", "0.25", "--calib", "calib.txt", "--samples", "2", "--seq-len", "513", *OUT),
     C("observe --seq-len 100000", 5, "refuse", "observe", "mix", "--calib", "calib.txt", "--samples", "2",
       "--seq-len", "100000", *OUT),
-    C("prune --seq-len 1", 5, "refuse", "prune", "mix", "--method", "frequency", "--ratio", "0.25", "--calib",
-      "calib.txt", "--samples", "8", "--seq-len", "1", *OUT),
     C("prune --samples 0", 5, "refuse", "prune", "mix", "--method", "frequency", "--ratio", "0.25", "--calib",
       "calib.txt", "--samples", "0", "--seq-len", "32", *OUT),
-    C("prune --samples -5", 5, "refuse", "prune", "mix", "--method", "frequency", "--ratio", "0.25",
-      "--calib", "calib.txt", "--samples", "-5", "--seq-len", "32", *OUT),
     C("prune --hidden-memory -1", 5, "refuse", *PRUNE, "--layerwise", "--hidden-memory", "-1", *OUT),
     C("prune --hidden-memory nan", 5, "refuse", *PRUNE, "--layerwise", "--hidden-memory", "nan", *OUT),
-    C("observe --hidden-memory -1 (in memory)", 5, "refuse", *OBSERVE, "--hidden-memory", "-1", *OUT),
     C("prune --ratio -0.5", 5, "refuse", "prune", "mix", "--method", "frequency", "--ratio", "-0.5",
       "--calib", "calib.txt", *SMALL, *OUT),
-    C("prune --ratio 1.5", 5, "refuse", "prune", "mix", "--method", "frequency", "--ratio", "1.5", "--calib",
-      "calib.txt", *SMALL, *OUT),
     C("prune --ratio nan", 5, "refuse", "prune", "mix", "--method", "frequency", "--ratio", "nan", "--calib",
-      "calib.txt", *SMALL, *OUT),
-    C("prune --experts 0", 5, "refuse", "prune", "mix", "--method", "frequency", "--experts", "0", "--calib",
       "calib.txt", *SMALL, *OUT),
     C("prune --experts 1 (< top-k)", 5, "refuse", "prune", "mix", "--method", "frequency", "--experts", "1",
       "--calib", "calib.txt", *SMALL, *OUT),
     C("eval --batch-size 0", 5, "refuse", "eval", "mix", "--text", "calib.txt", "--max-tokens", "128",
       "--seq-len", "32", "--batch-size", "0"),
-    C("eval --seq-len 0", 5, "refuse", "eval", "mix", "--text", "calib.txt", "--max-tokens", "128",
-      "--seq-len", "0"),
     C("eval --seq-len 100000", 5, "refuse", "eval", "mix", "--text", "calib.txt", "--max-tokens", "128",
       "--seq-len", "100000"),
     C("eval --max-tokens -1", 5, "refuse", "eval", "mix", "--text", "calib.txt", "--max-tokens", "-1",
       "--seq-len", "32"),
     C("sweep --ratios 0.25,abc", 5, "refuse", "sweep", "mix", "--method", "frequency", "--ratios", "0.25,abc",
       "--calib", "calib.txt", *SMALL, "--out", "sw"),
-    C("sweep --ratios -1", 5, "refuse", "sweep", "mix", "--method", "frequency", "--ratios", "-1", "--calib",
-      "calib.txt", *SMALL, "--out", "sw"),
-    C("analyze --surrogate-tokens 0", 5, "refuse", "analyze", "mix", "--representation", "surrogate",
-      "--surrogate-tokens", "0", "--out", "an"),
     # 6 and 7: interrupts and kills; no hidden temporary directory survives
     C("SIGINT during calibration", 6, "refuse", *LONG, "--in-memory", *OUT, signal=("SIGINT",
       "stderr:in memory", 0.5, False)),
@@ -440,24 +392,16 @@ CASES = (
     # 8: garbage is refused, not silently used
     C("prune NaN weights", 8, "either", "prune", "nan", "--method", "reap", "--ratio", "0.25", "--calib",
       "calib.txt", *SMALL, *OUT, outputs=(("out", "model"),), checks=(r"notice:(?i)nan|not finite",)),
-    C("prune Inf weights", 8, "either", "prune", "inf", "--method", "reap", "--ratio", "0.25", "--calib",
-      "calib.txt", *SMALL, *OUT, outputs=(("out", "model"),), checks=(r"notice:(?i)inf|not finite",)),
-    C("observe NaN weights", 8, "either", "observe", "nan", "--calib", "calib.txt", *SMALL, *OUT,
-      outputs=(("out", "stats"),), checks=(r"notice:(?i)nan|not finite",)),
     C("mone -o novice=maybe", 8, "refuse", "plan", "st", "--method", "mone", "--ratio", "0.25", "-o",
       "novice=maybe", "--out", "p.json"),
     C("mone -o novice=no", 8, "succeed", "plan", "st", "--method", "mone", "--ratio", "0.25", "-o",
       "novice=no", "--out", "p.json", outputs=(("p.json", "plan"),)),
-    C("naee -o fast=2", 8, "refuse", "plan", "st", "--method", "naee", "--ratio", "0.25", "-o", "fast=2",
-      "--model", "mix", "--out", "p.json"),
     C("plan negative coefficients", 8, "refuse", "apply", "mix", "bad.json", *OUT,
       setup=(edit_layer0_group0("bad.json", coeffs=[-1.0]),)),
     C("plan coefficients not summing to 1", 8, "refuse", "apply", "mix", "bad.json", *OUT,
       setup=(edit_layer0_group0("bad.json", coeffs=[0.3]),)),
     C("plan coefficient 1e30", 8, "refuse", "apply", "mix", "bad.json", *OUT,
       setup=(edit_layer0_group0("bad.json", coeffs=[1e30]),)),
-    C("plan coefficient NaN", 8, "refuse", "apply", "mix", "bad.json", *OUT,
-      setup=(edit_layer0_group0("bad.json", coeffs=[float("nan")]),)),
     C("plan merge coefficients 0.2+0.2", 8, "refuse", "apply", "mix", "bad.json", *OUT,
       setup=(edit_json("bad.json", lambda p: _merge_first_two(p, [0.2, 0.2]), src="plan.json"),)),
     C("plan merge 0.2+0.2 with normalise=false", 8, "either", "apply", "mix", "bad.json", *OUT,
@@ -465,19 +409,11 @@ CASES = (
       src="plan.json"),), outputs=(("out", "model"),)),
     C('plan flatten_groups: "yes"', 8, "refuse", "apply", "mix", "bad.json", *OUT,
       setup=(edit_json("bad.json", lambda p: {**p, "flatten_groups": "yes"}, src="plan.json"),)),
-    C('plan flatten_groups: "false"', 8, "refuse", "apply", "mix", "bad.json", *OUT,
-      setup=(edit_json("bad.json", lambda p: {**p, "flatten_groups": "false"}, src="plan.json"),)),
     C("--calib binary file", 8, "refuse", *PRUNE[:-6], "--calib", "blob.bin", *SMALL, *OUT,
       setup=(write("blob.bin", os.urandom(1 << 18)),)),
-    C("--calib binary .txt", 8, "refuse", *PRUNE[:-6], "--calib", "blob.txt", *SMALL, *OUT,
-      setup=(write("blob.txt", os.urandom(1 << 18)),)),
     C("--calib NUL-filled file", 8, "refuse", *PRUNE[:-6], "--calib", "zeros.txt", *SMALL, *OUT,
       setup=(write("zeros.txt", bytes(1 << 18)),)),
-    C("--calib directory of binaries", 8, "refuse", *PRUNE[:-6], "--calib", "bins", *SMALL, *OUT,
-      setup=(write("bins/a", os.urandom(1 << 16)), write("bins/b.txt", bytes(1 << 16)))),
     C("--calib /dev/zero", 8, "refuse", *PRUNE[:-6], "--calib", "/dev/zero", *SMALL, *OUT, timeout=90,
-      mem_gib=6),
-    C("--calib /dev/urandom", 8, "refuse", *PRUNE[:-6], "--calib", "/dev/urandom", *SMALL, *OUT, timeout=90,
       mem_gib=6),
     C("--calib .jsonl rows not objects", 8, "refuse", *PRUNE[:-6], "--calib", "rows.jsonl", *SMALL, *OUT,
       setup=(write("rows.jsonl", "1\n2\n3\n"),)),
@@ -487,95 +423,59 @@ CASES = (
     C("missing --method", 9, "refuse", "prune", "mix", "--calib", "calib.txt", *OUT),
     C("--ratio abc", 9, "refuse", "prune", "mix", "--method", "frequency", "--ratio", "abc", "--calib",
       "calib.txt", *OUT),
-    C("--experts 6.5", 9, "refuse", "prune", "mix", "--method", "frequency", "--experts", "6.5", "--calib",
-      "calib.txt", *OUT),
     C("--samples abc", 9, "refuse", *OBSERVE, "--samples", "abc", *OUT),
     C("misspelt command", 9, "refuse", "prnue", "mix", "--method", "frequency", *OUT),
     C("option without value", 9, "refuse", *PRUNE, "--out"),
-    C("inspect without model", 9, "refuse", "inspect"),
-    C("inspect extra argument", 9, "refuse", "inspect", "mix", "extra"),
     C("eval without models", 9, "refuse", "eval", "--text", "calib.txt"),
-    C("-o without value", 9, "refuse", *PRUNE, *OUT, "-o"),
     C("--help", 9, "succeed", "--help", outputs=(("", "stdout:Usage"),)),
     C("prune --help", 9, "succeed", "prune", "--help", outputs=(("", "stdout:--method"),)),
-    C("methods", 9, "succeed", "methods", outputs=(("", "stdout:reap"),)),
     C("inspect", 9, "succeed", "inspect", "mix", outputs=(("", "stdout:mixtral"),)),
     C("inspect --json", 9, "succeed", "inspect", "mix", "--json", outputs=(("", "stdout-json"),)),
     # 10: output locations checked before any work; remaining OS errors are one line
     C("prune --out read-only/out", 10, "refuse", *PRUNE, "--out", "ro/out", setup=(read_only("ro"),)),
-    C("observe --out read-only/st", 10, "refuse", *OBSERVE, "--out", "ro/st", setup=(read_only("ro"),)),
     C("apply --out read-only/out", 10, "refuse", "apply", "mix", "plan.json", "--out", "ro/out",
       setup=(read_only("ro"),)),
     C("plan --out read-only/p.json", 10, "refuse", "plan", "st", "--method", "frequency", "--ratio", "0.25",
       "--out", "ro/p.json", setup=(read_only("ro"),)),
     C("eval --json read-only/r.json", 10, "refuse", "eval", "mix", "--text", "calib.txt", "--max-tokens",
       "128", "--seq-len", "32", "--json", "ro/r.json", setup=(read_only("ro"),)),
-    C("export-stock --out read-only/x", 10, "refuse", "export-stock", "monepruned", "--out", "ro/x",
-      setup=(read_only("ro"),)),
-    C("analyze --out read-only/a", 10, "refuse", "analyze", "mix", "--representation", "weight", "--out",
-      "ro/a", setup=(read_only("ro"),)),
-    C("sweep --out read-only/s", 10, "refuse", "sweep", "mix", "--method", "frequency", "--ratios", "0.25",
-      "--calib", "calib.txt", "--text", "calib.txt", *SMALL, "--max-tokens", "128", "--eval-seq-len", "32",
-      "--out", "ro/s", setup=(read_only("ro"),)),
     C("prune --force onto read-only moeprune-made dir", 10, "refuse", *PRUNE, "--out", "ro/pruned", "--force",
       setup=(lambda ctx: ctx.copy("pruned", "ro/pruned"), read_only("ro"))),
     C("prune --out parent-is-a-file/out", 10, "refuse", *PRUNE, "--out", "notes.txt/out"),
-    C("observe --out parent-is-a-file/st", 10, "refuse", *OBSERVE, "--out", "notes.txt/st"),
     C("prune --out 250-char name (temp sibling too long)", 10, "either", *PRUNE, "--out", LONG_NAME,
       outputs=((LONG_NAME, "model"),)),
     C("prune --out 300-char name", 10, "refuse", *PRUNE, "--out", "n" * 300),
     C("prune --out full disk", 10, "refuse", *PRUNE, "--out", "full/out", setup=(tmpfs("full", "512k"),)),
-    C("observe --out full disk", 10, "refuse", *OBSERVE, "--out", "full/st", setup=(tmpfs("full", "64k"),)),
     C("plan --out missing-dir/p.json", 10, "refuse", "plan", "st", "--method", "frequency", "--ratio", "0.25",
       "--out", "nowhere/p.json"),
-    C("plan --out onto a directory", 10, "refuse", "plan", "st", "--method", "frequency", "--ratio", "0.25",
-      "--out", "mine", setup=(user_dir("mine"),)),
     C("plan --out onto a directory --force", 10, "refuse", "plan", "st", "--method", "frequency", "--ratio",
       "0.25", "--out", "mine", "--force", setup=(user_dir("mine"),)),
     C("eval --json missing-dir/r.json", 10, "refuse", "eval", "mix", "--text", "calib.txt", "--max-tokens",
       "128", "--seq-len", "32", "--json", "nowhere/r.json"),
-    C("eval --json onto a directory --force", 10, "refuse", "eval", "mix", "--text", "calib.txt",
-      "--max-tokens", "128", "--seq-len", "32", "--json", "mine", "--force", setup=(user_dir("mine"),)),
-    C("demo --json missing-dir/r.json", 10, "refuse", "demo", "--json", "nowhere/r.json",
-      setup=(skip("demo trains the offline testbed first (10-15 minutes)"),)),
     # 11: damaged stats directories
     C("stats.json invalid JSON", 11, "refuse", "plan", "st", "--method", "frequency", "--ratio", "0.25",
       "--out", "p.json", setup=(write("st/stats.json", "{not json"),)),
     C("stats.json a JSON list", 11, "refuse", "plan", "st", "--method", "frequency", "--ratio", "0.25",
       "--out", "p.json", setup=(write("st/stats.json", "[1, 2, 3]"),)),
-    C("stats.json empty", 11, "refuse", "plan", "st", "--method", "frequency", "--ratio", "0.25", "--out",
-      "p.json", setup=(write("st/stats.json", ""),)),
     C("stats.json without layers", 11, "refuse", "plan", "st", "--method", "frequency", "--ratio", "0.25",
       "--out", "p.json", setup=(stats_edit(lambda m: {k: v for k, v in m.items() if k != "layers"}),)),
     C("stats.json layer listed but missing", 11, "refuse", "plan", "st", "--method", "frequency", "--ratio",
       "0.25", "--out", "p.json", setup=(stats_edit(lambda m: {**m, "layers": [*m["layers"], 7]}),)),
-    C("stats.json layers a string", 11, "refuse", "plan", "st", "--method", "frequency", "--ratio", "0.25",
-      "--out", "p.json", setup=(stats_edit(lambda m: {**m, "layers": "all"}),)),
     C("stats.json num_experts a string", 11, "refuse", "plan", "st", "--method", "frequency", "--ratio",
       "0.25", "--out", "p.json", setup=(stats_edit(lambda m: {**m, "model": {**m["model"],
       "num_experts": "eight"}}),)),
-    C("stats.json model missing", 11, "refuse", "plan", "st", "--method", "frequency", "--ratio", "0.25",
-      "--out", "p.json", setup=(stats_edit(lambda m: {k: v for k, v in m.items() if k != "model"}),)),
     C("stats.json version 99", 11, "refuse", "plan", "st", "--method", "frequency", "--ratio", "0.25",
       "--out", "p.json", setup=(stats_edit(lambda m: {**m, "version": 99}),)),
     C("stats.safetensors truncated", 11, "refuse", "plan", "st", "--method", "frequency", "--ratio", "0.25",
       "--out", "p.json", setup=(lambda ctx: ctx.copy("st"), truncate("st/stats.safetensors", 5000))),
-    C("stats.safetensors empty", 11, "refuse", "plan", "st", "--method", "frequency", "--ratio", "0.25",
-      "--out", "p.json", setup=(lambda ctx: ctx.copy("st"), truncate("st/stats.safetensors", 0))),
     C("stats.safetensors garbage", 11, "refuse", "plan", "st", "--method", "reap", "--ratio", "0.25", "--out",
       "p.json", setup=(lambda ctx: ctx.copy("st"), write("st/stats.safetensors", os.urandom(4096)))),
     C("stats missing stats.safetensors", 11, "refuse", "plan", "st", "--method", "frequency", "--ratio",
       "0.25", "--out", "p.json", setup=(lambda ctx: (ctx.copy("st") / "stats.safetensors").unlink(),)),
     C("apply --stats truncated", 11, "refuse", "apply", "mix", "mone.json", "--stats", "st", *OUT,
       setup=(lambda ctx: ctx.copy("st"), truncate("st/stats.safetensors", 5000))),
-    C("apply --stats invalid stats.json", 11, "refuse", "apply", "mix", "mone.json", "--stats", "st", *OUT,
-      setup=(write("st/stats.json", "{not json"),)),
     C("plan stats dir is a model", 11, "refuse", "plan", "mix", "--method", "frequency", "--ratio", "0.25",
       "--out", "p.json"),
-    C("plan stats dir missing", 11, "refuse", "plan", "nostats", "--method", "frequency", "--ratio", "0.25",
-      "--out", "p.json"),
-    C("analyze damaged stats", 11, "refuse", "analyze", "st", "--model", "mix", "--out", "an",
-      setup=(write("st/stats.json", "[]"),)),
     # 12: wrongly typed plan fields, checked against a schema when loaded
     C("plan string coefficients", 12, "refuse", "apply", "mix", "bad.json", *OUT,
       setup=(edit_layer0_group0("bad.json", coeffs=["1.0"]),)),
@@ -585,30 +485,19 @@ CASES = (
       setup=(edit_layer0_group0("bad.json", members=[1.5]),)),
     C("plan boolean members", 12, "refuse", "apply", "mix", "bad.json", *OUT,
       setup=(edit_layer0_group0("bad.json", members=[True]),)),
-    C("plan members a string", 12, "refuse", "apply", "mix", "bad.json", *OUT,
-      setup=(edit_layer0_group0("bad.json", members="1"),)),
     C("plan string permutations", 12, "refuse", "apply", "mix", "bad.json", *OUT,
       setup=(edit_layer0_group0("bad.json", perms="identity"),)),
-    C("plan permutation of strings", 12, "refuse", "apply", "mix", "bad.json", *OUT,
-      setup=(edit_layer0_group0("bad.json", perms=[["a"] * 128]),)),
     C("plan top-level list", 12, "refuse", "apply", "mix", "bad.json", *OUT, setup=(write("bad.json",
       "[]"),)),
-    C("plan invalid JSON", 12, "refuse", "apply", "mix", "bad.json", *OUT, setup=(write("bad.json",
-      "{plan"),)),
-    C("plan empty file", 12, "refuse", "apply", "mix", "bad.json", *OUT, setup=(write("bad.json", ""),)),
     C("plan layers a string", 12, "refuse", "apply", "mix", "bad.json", *OUT, setup=(edit_json("bad.json",
       lambda p: {**p, "layers": "all"}, src="plan.json"),)),
     C("plan layer without groups", 12, "refuse", "apply", "mix", "bad.json", *OUT,
       setup=(edit_json("bad.json", lambda p: _layer0(p, lambda lp: lp.pop("groups")), src="plan.json"),)),
     C("plan layer index a string", 12, "refuse", "apply", "mix", "bad.json", *OUT,
       setup=(edit_json("bad.json", lambda p: _layer0(p, lambda lp: lp.update(layer="0")), src="plan.json"),)),
-    C("plan num_experts_in -1", 12, "refuse", "apply", "mix", "bad.json", *OUT, setup=(edit_json("bad.json",
-      lambda p: _layer0(p, lambda lp: lp.update(num_experts_in=-1)), src="plan.json"),)),
     C("plan novices a string", 12, "refuse", "apply", "mix", "bad.json", "--stats", "st", *OUT,
       setup=(edit_json("bad.json", lambda p: _layer0(p, lambda lp: lp.update(novices="0 3")),
       src="mone.json"),)),
-    C("plan model field a list", 12, "refuse", "apply", "mix", "bad.json", *OUT, setup=(edit_json("bad.json",
-      lambda p: {**p, "model": []}, src="plan.json"),)),
     C("plan version 99", 12, "refuse", "apply", "mix", "bad.json", *OUT, setup=(edit_json("bad.json",
       lambda p: {**p, "version": 99}, src="plan.json"),)),
     C("plan member out of range", 12, "refuse", "apply", "mix", "bad.json", *OUT,
@@ -616,8 +505,6 @@ CASES = (
     C("plan member twice", 12, "refuse", "apply", "mix", "bad.json", *OUT, setup=(edit_json("bad.json",
       lambda p: _layer0(p, lambda lp: lp["groups"][1].update(members=lp["groups"][0]["members"])),
       src="plan.json"),)),
-    C("plan router_merge bogus", 12, "refuse", "apply", "mix", "bad.json", *OUT, setup=(edit_json("bad.json",
-      lambda p: _layer0(p, lambda lp: lp.update(router_merge="max")), src="plan.json"),)),
     # 13: other tracebacks
     C("--calib .jsonl with non-UTF-8 bytes", 13, "refuse", *PRUNE[:-6], "--calib", "bad.jsonl", *SMALL, *OUT,
       setup=(write("bad.jsonl", b'{"text": "caf\xe9 cr\xe8me"}\n' * 2000),)),
@@ -628,31 +515,18 @@ CASES = (
       "{text[x]}", *SMALL, *OUT),
     C("--calib-template '{text.upper}'", 13, "refuse", *PRUNE[:-6], "--calib", "calib.jsonl",
       "--calib-template", "{text.nope}", *SMALL, *OUT),
-    C("--calib-template '{0}'", 13, "refuse", *PRUNE[:-6], "--calib", "calib.jsonl", "--calib-template",
-      "{0}", *SMALL, *OUT),
     C("--calib-template '{'", 13, "refuse", *PRUNE[:-6], "--calib", "calib.jsonl", "--calib-template", "{",
-      *SMALL, *OUT),
-    C("--calib-field missing", 13, "refuse", *PRUNE[:-6], "--calib", "calib.jsonl", "--calib-field", "body",
       *SMALL, *OUT),
     C("--calib-template", 13, "succeed", *PRUNE[:-6], "--calib", "calib.jsonl", "--calib-template",
       "Q: {question} A: {text}", *SMALL, *OUT, outputs=(("out", "model"),)),
     C("--tokenizer ids beyond vocabulary", 13, "refuse", *PRUNE, "--tokenizer", "bigtok", *OUT),
     C("--tokenizer missing dir", 15, "refuse", *PRUNE, "--tokenizer", "./no-tokenizer", *OUT,
       bad_msg=r"(?i)repo.?id|huggingface\.co"),
-    C("--tokenizer a user file", 13, "refuse", *PRUNE, "--tokenizer", "notes.txt", *OUT),
     C("--device tpu", 13, "refuse", *PRUNE, "--device", "tpu", *OUT),
     C("--device meta", 13, "refuse", *PRUNE, "--device", "meta", *OUT),
-    C("--device cuda:99", 13, "refuse", *PRUNE, "--device", "cuda:99", *OUT),
     C("--device ''", 13, "refuse", *PRUNE, "--device", "", *OUT),
-    C("eval --device tpu", 13, "refuse", "eval", "mix", "--text", "calib.txt", "--max-tokens", "128",
-      "--seq-len", "32", "--device", "tpu"),
-    C("apply --device meta", 13, "refuse", "apply", "mix", "plan.json", "--device", "meta", *OUT),
     C("dek -o learn_lr=nan", 13, "refuse", "plan", "st", "--method", "dek", "--ratio", "0.25", "-o",
       "coefficients=learned", "-o", "learn_lr=nan", "--model", "mix", "--out", "p.json"),
-    C("hc_smoe -o learn_lr=inf", 13, "refuse", "plan", "st", "--method", "hc_smoe", "--ratio", "0.25", "-o",
-      "coefficients=learned", "-o", "learn_lr=inf", "--model", "mix", "--out", "p.json"),
-    C("dek -o learn_steps=-3", 13, "refuse", "plan", "st", "--method", "dek", "--ratio", "0.25", "-o",
-      "coefficients=learned", "-o", "learn_steps=-3", "--model", "mix", "--out", "p.json"),
     C("--offload-dir is a file", 13, "refuse", *PRUNE, "--layerwise", "--hidden-memory", "0", "--offload-dir",
       "notes.txt", *OUT),
     C("--offload-dir read-only", 13, "refuse", *PRUNE, "--layerwise", "--hidden-memory", "0", "--offload-dir",
@@ -663,9 +537,6 @@ CASES = (
     C("layerwise: tensor in index missing from shard", 13, "refuse", "prune", "sharded", "--method",
       "frequency", "--ratio", "0.25", "--calib", "calib.txt", *SMALL, "--layerwise", *OUT,
       setup=(drop_shard_tensor,)),
-    C("in-memory: tensor in index missing from shard", 13, "refuse", "prune", "sharded", "--method",
-      "frequency", "--ratio", "0.25", "--calib", "calib.txt", *SMALL, "--in-memory", *OUT,
-      setup=(drop_shard_tensor,)),
     C("layerwise sharded prune", 13, "succeed", "prune", "sharded", "--method", "reap", "--ratio", "0.25",
       "--calib", "calib.txt", *SMALL, "--layerwise", *OUT, outputs=(("out", "model"),), checks=("mode",)),
     C("demo TestbedQualityError", 13, "refuse", "demo",
@@ -675,17 +546,11 @@ CASES = (
       "--calib", "calib.txt", *SMALL, "-o", "clustering=bogus", *OUT),
     C("naee -o max_exhaustive=-1", 14, "refuse", "prune", "mix", "--method", "naee", "--ratio", "0.25",
       "--calib", "calib.txt", *SMALL, "-o", "max_exhaustive=-1", *OUT),
-    C("hc_smoe -o metric=bogus", 14, "refuse", "prune", "mix", "--method", "hc_smoe", "--ratio", "0.25",
-      "--calib", "calib.txt", *SMALL, "-o", "metric=bogus", *OUT),
     C("mone -o ranking=bogus", 14, "refuse", "plan", "st", "--method", "mone", "--ratio", "0.25", "-o",
       "ranking=bogus", "--out", "p.json"),
-    C("mone -o scope=bogus", 14, "refuse", "plan", "st", "--method", "mone", "--ratio", "0.25", "-o",
-      "scope=bogus", "--out", "p.json"),
     C("dek -o linkage=bogus", 14, "refuse", "plan", "st", "--method", "dek", "--ratio", "0.25", "-o",
       "linkage=bogus", "--model", "mix", "--out", "p.json"),
     C("unknown -o key", 14, "refuse", *PRUNE, "-o", "nosuch=1", *OUT),
-    C("unknown method", 14, "refuse", "prune", "mix", "--method", "bogus", "--ratio", "0.25", "--calib",
-      "calib.txt", *SMALL, *OUT),
     C("apply plan missing a layer", 14, "refuse", "apply", "mix", "bad.json", *OUT,
       setup=(edit_json("bad.json", lambda p: {**p, "layers": p["layers"][1:]}, src="plan.json"),)),
     C("apply plan with a layer twice", 14, "refuse", "apply", "mix", "bad.json", *OUT,
@@ -697,21 +562,16 @@ CASES = (
       setup=(edit_layer0_group0("bad.json", perms=[[0, 1, 2]]),)),
     C("plan --method needing weights without --model", 14, "refuse", "plan", "st", "--method", "naee",
       "--ratio", "0.25", "--out", "p.json"),
-    C("prune without --calib for a calibrated method", 14, "refuse", "prune", "mix", "--method", "reap",
-      "--ratio", "0.25", *OUT),
     # 15: messages that say the right thing
     C("--experts 9 above E=8", 15, "refuse", "prune", "mix", "--method", "frequency", "--experts", "9",
       "--calib", "calib.txt", *SMALL, *OUT, bad_msg=r"<= -"),
     C("inspect M/config.json", 15, "refuse", "inspect", "mix/config.json", bad_msg=r"has no config\.json"),
-    C("prune M/config.json", 15, "refuse", "prune", "mix/config.json", "--method", "frequency", "--ratio",
-      "0.25", "--calib", "calib.txt", *SMALL, *OUT, bad_msg=r"has no config\.json"),
     C("stats of 8 experts, model of 4", 15, "refuse", "plan", "st", "--method", "naee", "--ratio", "0.25",
       "--model", "mix4", "--out", "p.json"),
     C("-o seed (valid key, no '=')", 15, "refuse", "plan", "st", "--method", "random", "--experts", "6", "-o",
       "seed", "--out", "p.json", bad_msg=r"(?i)unknown"),
     C("eval --tasks nosuchtask", 15, "refuse", "eval", "mix", "--tasks", "nosuchtask", "--limit", "2",
       bad_msg=r"above report"),
-    C("inspect missing dir", 15, "refuse", "inspect", "nosuchdir"),
     C("--ratio 0.25 and --experts 6", 15, "refuse", "prune", "mix", "--method", "frequency", "--ratio",
       "0.25", "--experts", "6", "--calib", "calib.txt", *SMALL, *OUT),
     # 16 and 17: output permissions; results on stdout, progress on stderr
@@ -733,8 +593,6 @@ CASES = (
       "sw", outputs=(("sw", "dir"),), checks=("quiet-stdout",)),
     C("eval perplexity", 17, "succeed", "eval", "mix", "--text", "calib.txt", "--max-tokens", "128",
       "--seq-len", "32", outputs=(("", "stdout:(?i)perplexity|ppl"),), checks=("quiet-stdout",)),
-    C("prune dek merge (no calib)", 17, "succeed", "prune", "mix", "--method", "dek", "--ratio", "0.25", "-o",
-      "representation=weight", *OUT, outputs=(("out", "model"),)),
     C("prune uncurl merge", 17, "succeed", "prune", "mix", "--method", "uncurl", "--ratio", "0.25", "--calib",
       "calib.txt", *SMALL, *OUT, outputs=(("out", "model"),)),
 )
@@ -756,7 +614,7 @@ def _merge_first_two(plan, coeffs):
 # ---- fixtures (built in a child process: the harness itself never imports torch) --------------------------
 
 FIXTURE_CODE = r"""
-import json, shutil, sys, sysconfig
+import json, os, shutil, sys, sysconfig
 from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
@@ -794,6 +652,12 @@ tok = tiny_tokenizer()
 words = sorted({w for w in "\n".join(texts).split() if w.isidentifier()})
 tok.add_tokens([f"<pad{i}>" for i in range(600)] + words[:800])
 tok.save_pretrained(str(root / "bigtok"))
+
+os.chdir(root)
+from moeprune.cli import main
+for argv in json.loads(sys.argv[2]):
+    if main(argv) != 0:
+        sys.exit(f"fixture command failed: moeprune {' '.join(argv)}")
 """
 
 VERIFY_CODE = r"""
@@ -834,49 +698,27 @@ print(json.dumps(results))
 """
 
 
-def build_fixtures(fixtures: Path, env: dict, jobs: int) -> None:
-    """The tiny checkpoints and texts in-process, then stats, plans and outputs with the CLI itself."""
+# The CLI's own commands make the stats, plans and moeprune-made outputs, in the fixture child through
+# moeprune.cli.main (one interpreter start instead of nine)
+FIXTURE_COMMANDS = (
+    ("observe", "mix", "--calib", "calib.txt", *SMALL, "--out", "st"),
+    ("observe", "mix32", "--calib", "calib.txt", *SMALL, "--out", "st32"),
+    ("observe", "qwen", "--calib", "calib.txt", *SMALL, "--out", "stq"),
+    (*PRUNE, "--out", "pruned"),
+    ("plan", "st", "--method", "frequency", "--ratio", "0.25", "--out", "plan.json"),
+    ("plan", "st", "--method", "mone", "--ratio", "0.25", "--out", "mone.json"),
+    ("plan", "st32", "--method", "frequency", "--ratio", "0.25", "--out", "plan32.json"),
+    ("plan", "stq", "--method", "frequency", "--ratio", "0.25", "--out", "planq.json"),
+    ("apply", "mix", "mone.json", "--stats", "st", "--out", "monepruned"),
+)
+
+
+def build_fixtures(fixtures: Path, env: dict) -> None:
     fixtures.mkdir(parents=True)
-    cli(fixtures, [], env, code=FIXTURE_CODE, args=[str(fixtures)])
-    stages = (
-        [
-            ["observe", "mix", "--calib", "calib.txt", *SMALL, "--out", "st"],
-            ["observe", "mix32", "--calib", "calib.txt", *SMALL, "--out", "st32"],
-            ["observe", "qwen", "--calib", "calib.txt", *SMALL, "--out", "stq"],
-            [
-                "prune",
-                "mix",
-                "--method",
-                "frequency",
-                "--ratio",
-                "0.25",
-                "--calib",
-                "calib.txt",
-                *SMALL,
-                "--out",
-                "pruned",
-            ],
-        ],
-        [
-            ["plan", "st", "--method", "frequency", "--ratio", "0.25", "--out", "plan.json"],
-            ["plan", "st", "--method", "mone", "--ratio", "0.25", "--out", "mone.json"],
-            ["plan", "st32", "--method", "frequency", "--ratio", "0.25", "--out", "plan32.json"],
-            ["plan", "stq", "--method", "frequency", "--ratio", "0.25", "--out", "planq.json"],
-        ],
-        [["apply", "mix", "mone.json", "--stats", "st", "--out", "monepruned"]],
-    )
-    with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
-        for stage in stages:
-            list(pool.map(lambda argv: cli(fixtures, argv, env), stage))
-
-
-def cli(cwd: Path, argv: list, env: dict, code: str | None = None, args: list = ()) -> None:
-    cmd = [sys.executable, "-c", code, *args] if code else [sys.executable, "-m", "moeprune", *argv]
-    r = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    cmd = [sys.executable, "-c", FIXTURE_CODE, str(fixtures), json.dumps(FIXTURE_COMMANDS)]
+    r = subprocess.run(cmd, cwd=fixtures, env=env, capture_output=True, text=True, timeout=900)
     if r.returncode != 0:
-        raise SystemExit(
-            f"fixture step failed: {' '.join(argv) or 'build'} (exit {r.returncode})\n{r.stderr[-3000:]}"
-        )
+        raise SystemExit(f"building the fixtures failed (exit {r.returncode}):\n{r.stderr[-3000:]}")
 
 
 # ---- running one case -------------------------------------------------------------------------------------
@@ -932,9 +774,7 @@ def run_process(case: Case, case_dir: Path, env: dict) -> dict:
     ]
     for t in readers:
         t.start()
-    sent = None
-    if case.signal:
-        sent = _send_signal(case, proc, case_dir, chunks, started)
+    sent, mark = _send_signal(case, proc, case_dir, chunks, started) if case.signal else (None, 0)
     try:
         code = proc.wait(timeout=max(1.0, case.timeout - (time.monotonic() - started)))
         hang = False
@@ -950,6 +790,8 @@ def run_process(case: Case, case_dir: Path, env: dict) -> dict:
         "stdout": b"".join(chunks["out"]).decode(errors="replace"),
         "stderr": b"".join(chunks["err"]).decode(errors="replace"),
         "signal_sent": sent,
+        # what the command said after the signal: its own message, if it handled the signal
+        "stderr_after_signal": b"".join(chunks["err"])[mark:].decode(errors="replace") if sent else "",
     }
     if case.signal and case.signal[3] and not hang:
         # SIGKILL leaves its temporary behind on purpose; the second, plain run must clean it and say so
@@ -971,8 +813,11 @@ def _drain(stream, sink: list) -> None:
         sink.append(chunk)
 
 
-def _send_signal(case: Case, proc, case_dir: Path, chunks: dict, started: float) -> str | None:
-    """Wait for the trigger (a temporary output directory, or a notice on stderr), then signal the group."""
+def _send_signal(case: Case, proc, case_dir: Path, chunks: dict, started: float) -> tuple[str | None, int]:
+    """Wait for the trigger (a temporary output directory, or a notice on stderr), then signal the group.
+
+    -> (what was sent when, bytes of stderr before it), or (None, 0) if the run ended first.
+    """
     name, trigger, delay, _ = case.signal
     while proc.poll() is None and time.monotonic() - started < case.timeout:
         if trigger == "tmpdir":
@@ -982,11 +827,12 @@ def _send_signal(case: Case, proc, case_dir: Path, chunks: dict, started: float)
         if hit:
             time.sleep(delay)
             if proc.poll() is not None:
-                return None
+                return None, 0
+            mark = sum(map(len, chunks["err"]))
             os.killpg(proc.pid, getattr(signal, name))
-            return f"{name} at {time.monotonic() - started:.1f} s"
+            return f"{name} at {time.monotonic() - started:.1f} s", mark
         time.sleep(0.02)
-    return None
+    return None, 0
 
 
 def run_case(index: int, case: Case, sandbox: Path, env: dict) -> dict:
@@ -1068,7 +914,13 @@ def classify(record: dict, case: Case, verified: dict, umask: int) -> tuple[str,
     if case.expect == "succeed":
         return "wrongly refused", last or f"exit {code} with no message"
     if case.signal:
-        return ("refused cleanly", last) if last else ("messy refusal", f"exit {code} with no message")
+        said = [ln.strip() for ln in ANSI.sub("", record["stderr_after_signal"]).splitlines() if ln.strip()]
+        if code < 0:
+            return "messy refusal", f"killed by {signal.Signals(-code).name}: not handled, no message"
+        if len(said) != 1:
+            tail = said[-1] if said else ""
+            return "messy refusal", f"exit {code}, {len(said)} lines after the signal: {tail}"
+        return "refused cleanly", said[0]
     errors = [ln for ln in lines if ln.lower().startswith("error:")]
     if not last.lower().startswith("error:") or len(errors) != 1:
         return "messy refusal", f"not one error: line last ({len(lines)} stderr lines): {last}"
@@ -1276,7 +1128,7 @@ def main() -> int:
     sandbox = Path(tempfile.mkdtemp(prefix="moeprune-hostile-"))
     try:
         print(f"sandbox {sandbox}; building fixtures", file=sys.stderr, flush=True)
-        build_fixtures(sandbox / "fixtures", env, args.jobs)
+        build_fixtures(sandbox / "fixtures", env)
         print(
             f"fixtures ready in {time.monotonic() - started:.0f} s; {len(selected)} cases, {args.jobs} jobs",
             file=sys.stderr,
