@@ -908,7 +908,7 @@ def classify(record: dict, case: Case, verified: dict, umask: int) -> tuple[str,
         problems = [verified.get(f"{record['index']}:{o}") for o, _ in case.outputs]
         problems += _check_success(record, case, out, err, umask)
         problems = [p for p in problems if p]
-        return ("false success", "; ".join(problems)) if problems else ("ok", _first_line(out))
+        return ("false success", "; ".join(problems)) if problems else ("ok", _last_line(out))
     lines = [ln.strip() for ln in err.splitlines() if ln.strip()]
     last = lines[-1] if lines else ""
     if case.expect == "succeed":
@@ -948,7 +948,7 @@ def _check_success(record: dict, case: Case, out: str, err: str, umask: int) -> 
                 want = 0o777 & ~umask
                 if p.is_dir() and (p.stat().st_mode & 0o777) != want:
                     problems.append(f"{rel} has mode {p.stat().st_mode & 0o777:o}, not {want:o} (umask)")
-        elif check == "quiet-stdout" and re.search(r"━|\d+%\||calibrating|it/s", out):
+        elif check == "quiet-stdout" and re.search(r"\beta \d+:\d\d|\d+%\||\d it/s", out):
             problems.append("progress bar on stdout")
         elif check.startswith("notice:") and not re.search(check.split(":", 1)[1], err):
             problems.append(f"no notice matching {check.split(':', 1)[1]!r} on stderr")
@@ -960,8 +960,8 @@ def _check_success(record: dict, case: Case, out: str, err: str, umask: int) -> 
     return problems
 
 
-def _first_line(text: str) -> str:
-    return next((ln.strip() for ln in ANSI.sub("", text).splitlines() if ln.strip()), "")
+def _last_line(text: str) -> str:
+    return next((ln.strip() for ln in reversed(ANSI.sub("", text).splitlines()) if ln.strip()), "")
 
 
 def verify_outputs(results: list[dict], sandbox: Path, env: dict) -> dict:
@@ -1028,7 +1028,7 @@ def write_report(
     for r in slim:
         for k in ("stdout", "stderr"):
             if k in r:
-                r[k] = r[k][-2000:]
+                r[k] = r[k][-800:]
     (out_dir / f"hostile{suffix}.json").write_text(
         json.dumps(
             {
