@@ -63,34 +63,14 @@ PRUNE = ("prune", "mix", "--method", "frequency", "--ratio", "0.25", "--calib", 
 PRUNE_UP = ("prune", "../mix", "--method", "frequency", "--ratio", "0.25", "--calib", "../calib.txt", *SMALL)
 OBSERVE = ("observe", "mix", "--calib", "calib.txt", *SMALL)
 # long enough that a signal sent after the start lands mid-run (the `big` fixture, 128 x 256 tokens)
-LONG = (
-    "prune",
-    "big",
-    "--method",
-    "reap",
-    "--ratio",
-    "0.25",
-    "--calib",
-    "calib.txt",
-    "--samples",
-    "128",
-    "--seq-len",
-    "256",
-)
+LONG = ("prune", "big", "--method", "reap", "--ratio", "0.25", "--calib", "calib.txt", "--samples", "128",
+        "--seq-len", "256")
 
 TRACEBACK = "Traceback (most recent call last)"
 TEMP_NAME = re.compile(r"^\..+\.(tmp|old)-|^moeprune-hidden-")
 ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
-CLASSES = (
-    "ok",
-    "refused cleanly",
-    "messy refusal",
-    "wrongly refused",
-    "false success",
-    "traceback",
-    "data lost",
-    "hang",
-)
+CLASSES = ("ok", "refused cleanly", "messy refusal", "wrongly refused", "false success", "traceback",
+           "data lost", "hang")
 
 
 # ---- setup steps: each takes the case context and changes its copy of the fixtures ----------------------
@@ -255,15 +235,11 @@ CASES = (
       setup=(user_dir("work"),)),
     C("prune --out . --force", 1, "refuse", *PRUNE_UP, "--out", ".", "--force", cwd="work",
       setup=(user_dir("work"),)),
-    C("prune --out <abs cwd> --force", 1, "refuse", *PRUNE_UP, "--out", "{cwd}", "--force", cwd="work",
-      setup=(user_dir("work"),)),
     C("prune --out ''", 1, "refuse", *PRUNE_UP, "--out", "", cwd="work", setup=(user_dir("work"),),
       bad_msg=r"output  already"),
     C("observe --out . --force", 1, "refuse", "observe", "../mix", "--calib", "../calib.txt", *SMALL, "--out",
       ".", "--force", cwd="work", setup=(user_dir("work"),)),
     C("apply --out . --force", 1, "refuse", "apply", "../mix", "../plan.json", "--out", ".", "--force",
-      cwd="work", setup=(user_dir("work"),)),
-    C("export-stock --out . --force", 1, "refuse", "export-stock", "../monepruned", "--out", ".", "--force",
       cwd="work", setup=(user_dir("work"),)),
     C("sweep --out . --force", 1, "refuse", "sweep", "../mix", "--method", "frequency", "--ratios", "0.25",
       "--calib", "../calib.txt", "--text", "../calib.txt", *SMALL, "--max-tokens", "128", "--eval-seq-len",
@@ -279,28 +255,19 @@ CASES = (
       outputs=(("pruned", "model"),)),
     C("prune --out empty-dir --force", 1, "succeed", *PRUNE, "--out", "empty", "--force",
       setup=(lambda ctx: (ctx.dir / "empty").mkdir(),), outputs=(("empty", "model"),)),
-    C("observe --out moeprune-stats --force", 1, "succeed", *OBSERVE, "--out", "st", "--force",
-      outputs=(("st", "stats"),)),
     C("apply --out moeprune-made --force", 1, "succeed", "apply", "mix", "plan.json", "--out", "pruned",
       "--force", outputs=(("pruned", "model"),)),
     # 2: no input inside an output, or the reverse, whatever --force says
     C("prune --calib corpus/ --out corpus/ --force", 2, "refuse", "prune", "mix", "--method", "frequency",
       "--ratio", "0.25", "--calib", "corpus/", *SMALL, "--out", "corpus/", "--force"),
-    C("prune --calib out/calib.txt --out out --force", 2, "refuse", "prune", "mix", "--method", "frequency",
-      "--ratio", "0.25", "--calib", "pruned/calib.txt", *SMALL, "--out", "pruned", "--force",
-      setup=(copy("calib.txt", "pruned/calib.txt"),)),
     C("apply --stats st/ --out st/ --force", 2, "refuse", "apply", "mix", "mone.json", "--stats", "st/",
       "--out", "st/", "--force"),
     C("apply st/plan.json --out st --force", 2, "refuse", "apply", "mix", "st/plan.json", "--out", "st",
       "--force", setup=(copy("plan.json", "st/plan.json"),)),
-    C("apply plan inside --out (moeprune-made) --force", 2, "refuse", "apply", "mix",
-      "pruned/moeprune_plan.json", "--out", "pruned", "--force"),
     C("prune --out model --force", 2, "refuse", *PRUNE, "--out", "mix", "--force"),
-    C("prune --out model/sub --force", 2, "refuse", *PRUNE, "--out", "mix/sub", "--force"),
     C("prune --tokenizer tok --out tok --force", 2, "refuse", *PRUNE, "--tokenizer", "tok", "--out", "tok",
       "--force"),
     C("prune --save-stats model", 2, "refuse", *PRUNE, "--save-stats", "mix", *OUT),
-    C("prune --save-stats corpus --force", 2, "refuse", *PRUNE, "--save-stats", "corpus", "--force", *OUT),
     C("prune --save-stats = --out", 2, "refuse", *PRUNE, "--save-stats", "out", *OUT, bad_msg=r"the input"),
     C("prune --offload-dir = --out --force", 2, "refuse", *PRUNE, "--layerwise", "--hidden-memory", "0",
       "--offload-dir", "pruned", "--out", "pruned", "--force"),
@@ -322,10 +289,6 @@ CASES = (
       "128", "--seq-len", "32", "--json", "calib.txt", "--force"),
     C("eval A B --json B/README.md --force", 3, "refuse", "eval", "mix", "pruned", "--text", "calib.txt",
       "--max-tokens", "128", "--seq-len", "32", "--json", "pruned/README.md", "--force"),
-    C("plan --out existing (no --force)", 3, "refuse", "plan", "st", "--method", "frequency", "--ratio",
-      "0.25", "--out", "notes.txt"),
-    C("eval --json existing (no --force)", 3, "refuse", "eval", "mix", "--text", "calib.txt", "--max-tokens",
-      "128", "--seq-len", "32", "--json", "notes.txt"),
     C("plan --out p.json", 3, "succeed", "plan", "st", "--method", "frequency", "--ratio", "0.25", "--out",
       "p.json", outputs=(("p.json", "plan"),)),
     C("plan --force over own plan", 3, "succeed", "plan", "st", "--method", "reap", "--ratio", "0.25",
@@ -335,7 +298,6 @@ CASES = (
     # 4: stats and plans carry the model's fingerprint
     C("apply MoNE --stats of hidden-32 model", 4, "refuse", "apply", "mix", "mone.json", "--stats", "st32",
       *OUT),
-    C("apply MoNE --stats of qwen2_moe", 4, "refuse", "apply", "mix", "mone.json", "--stats", "stq", *OUT),
     C("plan stats_of_qwen2_moe --model mixtral", 4, "refuse", "plan", "stq", "--method", "frequency",
       "--ratio", "0.25", "--model", "mix", "--out", "p.json"),
     C("plan stats of hidden-32 --model hidden-64", 4, "refuse", "plan", "st32", "--method", "naee", "--ratio",
@@ -358,22 +320,16 @@ CASES = (
       "--ratio", "0.25", "--calib", "calib.txt", "--samples", "2", "--seq-len", "513", *OUT),
     C("observe --seq-len 100000", 5, "refuse", "observe", "mix", "--calib", "calib.txt", "--samples", "2",
       "--seq-len", "100000", *OUT),
-    C("prune --samples 0", 5, "refuse", "prune", "mix", "--method", "frequency", "--ratio", "0.25", "--calib",
-      "calib.txt", "--samples", "0", "--seq-len", "32", *OUT),
     C("prune --hidden-memory -1", 5, "refuse", *PRUNE, "--layerwise", "--hidden-memory", "-1", *OUT),
     C("prune --hidden-memory nan", 5, "refuse", *PRUNE, "--layerwise", "--hidden-memory", "nan", *OUT),
     C("prune --ratio -0.5", 5, "refuse", "prune", "mix", "--method", "frequency", "--ratio", "-0.5",
       "--calib", "calib.txt", *SMALL, *OUT),
     C("prune --ratio nan", 5, "refuse", "prune", "mix", "--method", "frequency", "--ratio", "nan", "--calib",
       "calib.txt", *SMALL, *OUT),
-    C("prune --experts 1 (< top-k)", 5, "refuse", "prune", "mix", "--method", "frequency", "--experts", "1",
-      "--calib", "calib.txt", *SMALL, *OUT),
     C("eval --batch-size 0", 5, "refuse", "eval", "mix", "--text", "calib.txt", "--max-tokens", "128",
       "--seq-len", "32", "--batch-size", "0"),
     C("eval --seq-len 100000", 5, "refuse", "eval", "mix", "--text", "calib.txt", "--max-tokens", "128",
       "--seq-len", "100000"),
-    C("eval --max-tokens -1", 5, "refuse", "eval", "mix", "--text", "calib.txt", "--max-tokens", "-1",
-      "--seq-len", "32"),
     C("sweep --ratios 0.25,abc", 5, "refuse", "sweep", "mix", "--method", "frequency", "--ratios", "0.25,abc",
       "--calib", "calib.txt", *SMALL, "--out", "sw"),
     # 6 and 7: interrupts and kills; no hidden temporary directory survives
@@ -400,8 +356,6 @@ CASES = (
       setup=(edit_layer0_group0("bad.json", coeffs=[-1.0]),)),
     C("plan coefficients not summing to 1", 8, "refuse", "apply", "mix", "bad.json", *OUT,
       setup=(edit_layer0_group0("bad.json", coeffs=[0.3]),)),
-    C("plan coefficient 1e30", 8, "refuse", "apply", "mix", "bad.json", *OUT,
-      setup=(edit_layer0_group0("bad.json", coeffs=[1e30]),)),
     C("plan merge coefficients 0.2+0.2", 8, "refuse", "apply", "mix", "bad.json", *OUT,
       setup=(edit_json("bad.json", lambda p: _merge_first_two(p, [0.2, 0.2]), src="plan.json"),)),
     C("plan merge 0.2+0.2 with normalise=false", 8, "either", "apply", "mix", "bad.json", *OUT,
@@ -415,18 +369,14 @@ CASES = (
       setup=(write("zeros.txt", bytes(1 << 18)),)),
     C("--calib /dev/zero", 8, "refuse", *PRUNE[:-6], "--calib", "/dev/zero", *SMALL, *OUT, timeout=90,
       mem_gib=6),
-    C("--calib .jsonl rows not objects", 8, "refuse", *PRUNE[:-6], "--calib", "rows.jsonl", *SMALL, *OUT,
-      setup=(write("rows.jsonl", "1\n2\n3\n"),)),
     # 9: usage errors are one line, exit 2
     C("unknown flag", 9, "refuse", *PRUNE, *OUT, "--bogus-flag"),
     C("missing --out", 9, "refuse", *PRUNE),
     C("missing --method", 9, "refuse", "prune", "mix", "--calib", "calib.txt", *OUT),
     C("--ratio abc", 9, "refuse", "prune", "mix", "--method", "frequency", "--ratio", "abc", "--calib",
       "calib.txt", *OUT),
-    C("--samples abc", 9, "refuse", *OBSERVE, "--samples", "abc", *OUT),
     C("misspelt command", 9, "refuse", "prnue", "mix", "--method", "frequency", *OUT),
     C("option without value", 9, "refuse", *PRUNE, "--out"),
-    C("eval without models", 9, "refuse", "eval", "--text", "calib.txt"),
     C("--help", 9, "succeed", "--help", outputs=(("", "stdout:Usage"),)),
     C("prune --help", 9, "succeed", "prune", "--help", outputs=(("", "stdout:--method"),)),
     C("inspect", 9, "succeed", "inspect", "mix", outputs=(("", "stdout:mixtral"),)),
@@ -450,8 +400,6 @@ CASES = (
       "--out", "nowhere/p.json"),
     C("plan --out onto a directory --force", 10, "refuse", "plan", "st", "--method", "frequency", "--ratio",
       "0.25", "--out", "mine", "--force", setup=(user_dir("mine"),)),
-    C("eval --json missing-dir/r.json", 10, "refuse", "eval", "mix", "--text", "calib.txt", "--max-tokens",
-      "128", "--seq-len", "32", "--json", "nowhere/r.json"),
     # 11: damaged stats directories
     C("stats.json invalid JSON", 11, "refuse", "plan", "st", "--method", "frequency", "--ratio", "0.25",
       "--out", "p.json", setup=(write("st/stats.json", "{not json"),)),
@@ -464,14 +412,10 @@ CASES = (
     C("stats.json num_experts a string", 11, "refuse", "plan", "st", "--method", "frequency", "--ratio",
       "0.25", "--out", "p.json", setup=(stats_edit(lambda m: {**m, "model": {**m["model"],
       "num_experts": "eight"}}),)),
-    C("stats.json version 99", 11, "refuse", "plan", "st", "--method", "frequency", "--ratio", "0.25",
-      "--out", "p.json", setup=(stats_edit(lambda m: {**m, "version": 99}),)),
     C("stats.safetensors truncated", 11, "refuse", "plan", "st", "--method", "frequency", "--ratio", "0.25",
       "--out", "p.json", setup=(lambda ctx: ctx.copy("st"), truncate("st/stats.safetensors", 5000))),
     C("stats.safetensors garbage", 11, "refuse", "plan", "st", "--method", "reap", "--ratio", "0.25", "--out",
       "p.json", setup=(lambda ctx: ctx.copy("st"), write("st/stats.safetensors", os.urandom(4096)))),
-    C("stats missing stats.safetensors", 11, "refuse", "plan", "st", "--method", "frequency", "--ratio",
-      "0.25", "--out", "p.json", setup=(lambda ctx: (ctx.copy("st") / "stats.safetensors").unlink(),)),
     C("apply --stats truncated", 11, "refuse", "apply", "mix", "mone.json", "--stats", "st", *OUT,
       setup=(lambda ctx: ctx.copy("st"), truncate("st/stats.safetensors", 5000))),
     C("plan stats dir is a model", 11, "refuse", "plan", "mix", "--method", "frequency", "--ratio", "0.25",
@@ -483,8 +427,6 @@ CASES = (
       setup=(edit_layer0_group0("bad.json", members=["1"]),)),
     C("plan float members", 12, "refuse", "apply", "mix", "bad.json", *OUT,
       setup=(edit_layer0_group0("bad.json", members=[1.5]),)),
-    C("plan boolean members", 12, "refuse", "apply", "mix", "bad.json", *OUT,
-      setup=(edit_layer0_group0("bad.json", members=[True]),)),
     C("plan string permutations", 12, "refuse", "apply", "mix", "bad.json", *OUT,
       setup=(edit_layer0_group0("bad.json", perms="identity"),)),
     C("plan top-level list", 12, "refuse", "apply", "mix", "bad.json", *OUT, setup=(write("bad.json",
@@ -493,13 +435,9 @@ CASES = (
       lambda p: {**p, "layers": "all"}, src="plan.json"),)),
     C("plan layer without groups", 12, "refuse", "apply", "mix", "bad.json", *OUT,
       setup=(edit_json("bad.json", lambda p: _layer0(p, lambda lp: lp.pop("groups")), src="plan.json"),)),
-    C("plan layer index a string", 12, "refuse", "apply", "mix", "bad.json", *OUT,
-      setup=(edit_json("bad.json", lambda p: _layer0(p, lambda lp: lp.update(layer="0")), src="plan.json"),)),
     C("plan novices a string", 12, "refuse", "apply", "mix", "bad.json", "--stats", "st", *OUT,
       setup=(edit_json("bad.json", lambda p: _layer0(p, lambda lp: lp.update(novices="0 3")),
       src="mone.json"),)),
-    C("plan version 99", 12, "refuse", "apply", "mix", "bad.json", *OUT, setup=(edit_json("bad.json",
-      lambda p: {**p, "version": 99}, src="plan.json"),)),
     C("plan member out of range", 12, "refuse", "apply", "mix", "bad.json", *OUT,
       setup=(edit_layer0_group0("bad.json", members=[99]),)),
     C("plan member twice", 12, "refuse", "apply", "mix", "bad.json", *OUT, setup=(edit_json("bad.json",
@@ -513,8 +451,6 @@ CASES = (
       checks=(r"notice:(?i)utf-?8|decod|replac",)),
     C("--calib-template '{text[x]}'", 13, "refuse", *PRUNE[:-6], "--calib", "calib.jsonl", "--calib-template",
       "{text[x]}", *SMALL, *OUT),
-    C("--calib-template '{text.upper}'", 13, "refuse", *PRUNE[:-6], "--calib", "calib.jsonl",
-      "--calib-template", "{text.nope}", *SMALL, *OUT),
     C("--calib-template '{'", 13, "refuse", *PRUNE[:-6], "--calib", "calib.jsonl", "--calib-template", "{",
       *SMALL, *OUT),
     C("--calib-template", 13, "succeed", *PRUNE[:-6], "--calib", "calib.jsonl", "--calib-template",
@@ -524,16 +460,12 @@ CASES = (
       bad_msg=r"(?i)repo.?id|huggingface\.co"),
     C("--device tpu", 13, "refuse", *PRUNE, "--device", "tpu", *OUT),
     C("--device meta", 13, "refuse", *PRUNE, "--device", "meta", *OUT),
-    C("--device ''", 13, "refuse", *PRUNE, "--device", "", *OUT),
     C("dek -o learn_lr=nan", 13, "refuse", "plan", "st", "--method", "dek", "--ratio", "0.25", "-o",
       "coefficients=learned", "-o", "learn_lr=nan", "--model", "mix", "--out", "p.json"),
     C("--offload-dir is a file", 13, "refuse", *PRUNE, "--layerwise", "--hidden-memory", "0", "--offload-dir",
       "notes.txt", *OUT),
     C("--offload-dir read-only", 13, "refuse", *PRUNE, "--layerwise", "--hidden-memory", "0", "--offload-dir",
       "ro", *OUT, setup=(read_only("ro"),)),
-    C("--offload-dir (hidden states on disk)", 13, "succeed", *PRUNE, "--layerwise", "--hidden-memory", "0",
-      "--offload-dir", "off", *OUT, setup=(lambda ctx: (ctx.dir / "off").mkdir(),), outputs=(("out",
-      "model"),)),
     C("layerwise: tensor in index missing from shard", 13, "refuse", "prune", "sharded", "--method",
       "frequency", "--ratio", "0.25", "--calib", "calib.txt", *SMALL, "--layerwise", *OUT,
       setup=(drop_shard_tensor,)),
@@ -548,16 +480,12 @@ CASES = (
       "--calib", "calib.txt", *SMALL, "-o", "max_exhaustive=-1", *OUT),
     C("mone -o ranking=bogus", 14, "refuse", "plan", "st", "--method", "mone", "--ratio", "0.25", "-o",
       "ranking=bogus", "--out", "p.json"),
-    C("dek -o linkage=bogus", 14, "refuse", "plan", "st", "--method", "dek", "--ratio", "0.25", "-o",
-      "linkage=bogus", "--model", "mix", "--out", "p.json"),
     C("unknown -o key", 14, "refuse", *PRUNE, "-o", "nosuch=1", *OUT),
     C("apply plan missing a layer", 14, "refuse", "apply", "mix", "bad.json", *OUT,
       setup=(edit_json("bad.json", lambda p: {**p, "layers": p["layers"][1:]}, src="plan.json"),)),
     C("apply plan with a layer twice", 14, "refuse", "apply", "mix", "bad.json", *OUT,
       setup=(edit_json("bad.json", lambda p: {**p, "layers": [p["layers"][0], *p["layers"][:2]]},
       src="plan.json"),)),
-    C("apply plan with a non-MoE layer", 14, "refuse", "apply", "mix", "bad.json", *OUT,
-      setup=(edit_json("bad.json", lambda p: _layer0(p, lambda lp: lp.update(layer=7)), src="plan.json"),)),
     C("apply plan wrong permutation width", 14, "refuse", "apply", "mix", "bad.json", *OUT,
       setup=(edit_layer0_group0("bad.json", perms=[[0, 1, 2]]),)),
     C("plan --method needing weights without --model", 14, "refuse", "plan", "st", "--method", "naee",
@@ -572,8 +500,6 @@ CASES = (
       "seed", "--out", "p.json", bad_msg=r"(?i)unknown"),
     C("eval --tasks nosuchtask", 15, "refuse", "eval", "mix", "--tasks", "nosuchtask", "--limit", "2",
       bad_msg=r"above report"),
-    C("--ratio 0.25 and --experts 6", 15, "refuse", "prune", "mix", "--method", "frequency", "--ratio",
-      "0.25", "--experts", "6", "--calib", "calib.txt", *SMALL, *OUT),
     # 16 and 17: output permissions; results on stdout, progress on stderr
     C("prune output mode", 16, "succeed", *PRUNE, *OUT, outputs=(("out", "model"),), checks=("mode",
       "quiet-stdout")),
@@ -586,8 +512,6 @@ CASES = (
     C("prune qwen2_moe --save-stats", 17, "succeed", "prune", "qwen", "--method", "reap", "--ratio", "0.25",
       "--calib", "calib.txt", *SMALL, "--save-stats", "qst", *OUT, outputs=(("out", "model"), ("qst",
       "stats")), checks=("mode", "quiet-stdout")),
-    C("analyze", 17, "succeed", "analyze", "mix", "--representation", "weight", "--experts", "6", "--out",
-      "an", outputs=(("an", "dir"),), checks=("quiet-stdout",)),
     C("sweep", 17, "succeed", "sweep", "mix", "--method", "frequency", "--ratios", "0.25", "--calib",
       "calib.txt", "--text", "calib.txt", *SMALL, "--max-tokens", "128", "--eval-seq-len", "32", "--out",
       "sw", outputs=(("sw", "dir"),), checks=("quiet-stdout",)),
@@ -1090,6 +1014,16 @@ def _plot(counts: dict, tried: int, path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def remove_sandbox(sandbox: Path) -> None:
+    """Also after an interrupted run, whose cases never undid their mounts and immutable directories."""
+    mounts = [ln.split()[1] for ln in Path("/proc/mounts").read_text().splitlines() if f" {sandbox}/" in ln]
+    for m in mounts:
+        subprocess.run(["umount", "-l", m], capture_output=True)
+    if os.geteuid() == 0:
+        subprocess.run(["chattr", "-R", "-i", str(sandbox)], capture_output=True)
+    shutil.rmtree(sandbox, ignore_errors=True)
+
+
 # ---- main -------------------------------------------------------------------------------------------------
 
 
@@ -1156,7 +1090,7 @@ def main() -> int:
         if args.keep:
             print(f"sandbox kept: {sandbox}", file=sys.stderr)
         else:
-            shutil.rmtree(sandbox, ignore_errors=True)
+            remove_sandbox(sandbox)
     return 0
 
 
