@@ -720,9 +720,11 @@ def run_process(case: Case, case_dir: Path, env: dict) -> dict:
     if case.signal and case.signal[3] and not hang:
         # SIGKILL leaves its temporary behind on purpose; the second, plain run must clean it and say so
         result["stale_before_rerun"] = leftovers(case_dir)
-        r = subprocess.run(
-            cmd, cwd=cwd, env=env, capture_output=True, timeout=case.timeout, start_new_session=True
-        )
+        try:
+            r = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, timeout=case.timeout,
+                               start_new_session=True)
+        except subprocess.TimeoutExpired:
+            return {**result, "hang": True}
         result.update(
             exit=r.returncode,
             stdout=r.stdout.decode(errors="replace"),
@@ -773,10 +775,11 @@ def run_case(index: int, case: Case, sandbox: Path, env: dict) -> dict:
     }
     try:
         (case_dir / "notes.txt").write_text("the user's own notes, next to the inputs\n")
+        fixtures = set(os.listdir(ctx.fixtures))
         for token in case.argv:
             for piece in re.split(r"[=,]", token):
                 head = next((part for part in Path(piece).parts if part not in ("..", ".")), "")
-                if head and (ctx.fixtures / head).exists():
+                if head in fixtures:
                     ctx.copy(head)
         for step in case.setup:
             step(ctx)
@@ -791,6 +794,8 @@ def run_case(index: int, case: Case, sandbox: Path, env: dict) -> dict:
             record["skipped"] = "signal not delivered: the run ended before its trigger"
     except Skip as e:
         record["skipped"] = str(e)
+    except Exception as e:  # a fault of this harness must not end the run or pass for a result
+        record["skipped"] = f"harness error: {type(e).__name__}: {e}"
     finally:
         for undo in reversed(ctx.undo):
             undo()
@@ -801,7 +806,7 @@ def run_case(index: int, case: Case, sandbox: Path, env: dict) -> dict:
 
 
 def lost_files(record: dict, case: Case, succeeded: bool) -> list[str]:
-    """Files that existed before and are gone or changed ; a success may replace its outputs."""
+    """Files that existed before and are gone or changed; a success may replace its declared outputs."""
     outputs = [o for o, kind in case.outputs if o and not kind.startswith("stdout")] if succeeded else []
     after, lost = record["after"], []
     for rel, digest in record["before"].items():
