@@ -484,7 +484,7 @@ CASES = (
     C("apply plan missing a layer", 14, "refuse", "apply", "mix", "bad.json", *OUT,
       setup=(edit_json("bad.json", lambda p: {**p, "layers": p["layers"][1:]}, src="plan.json"),)),
     C("apply plan with a layer twice", 14, "refuse", "apply", "mix", "bad.json", *OUT,
-      setup=(edit_json("bad.json", lambda p: {**p, "layers": [p["layers"][0], *p["layers"][:2]]},
+      setup=(edit_json("bad.json", lambda p: {**p, "layers": [p["layers"][0], *p["layers"]]},
       src="plan.json"),)),
     C("apply plan wrong permutation width", 14, "refuse", "apply", "mix", "bad.json", *OUT,
       setup=(edit_layer0_group0("bad.json", perms=[[0, 1, 2]]),)),
@@ -493,11 +493,14 @@ CASES = (
     # 15: messages that say the right thing
     C("--experts 9 above E=8", 15, "refuse", "prune", "mix", "--method", "frequency", "--experts", "9",
       "--calib", "calib.txt", *SMALL, *OUT, bad_msg=r"<= -"),
+    C("model with top-k 9 above E=8", 15, "refuse", *PRUNE, *OUT, bad_msg=r"<= -",
+      setup=(edit_json("mix/config.json", lambda c: {**c, "num_experts_per_tok": 9},
+                       src="mix/config.json"),)),
     C("inspect M/config.json", 15, "refuse", "inspect", "mix/config.json", bad_msg=r"has no config\.json"),
     C("stats of 8 experts, model of 4", 15, "refuse", "plan", "st", "--method", "naee", "--ratio", "0.25",
       "--model", "mix4", "--out", "p.json"),
     C("-o seed (valid key, no '=')", 15, "refuse", "plan", "st", "--method", "random", "--experts", "6", "-o",
-      "seed", "--out", "p.json", bad_msg=r"(?i)unknown"),
+      "seed", "--out", "p.json", bad_msg=r"(?i)unknown|KEY in \[.*'seed'"),
     C("eval --tasks nosuchtask", 15, "refuse", "eval", "mix", "--tasks", "nosuchtask", "--limit", "2",
       bad_msg=r"above report"),
     # 16 and 17: output permissions; results on stdout, progress on stderr
@@ -528,10 +531,13 @@ def _layer0(plan, change):
 
 
 def _merge_first_two(plan, coeffs):
-    """Layer 0's first two kept experts merged into one group with `coeffs` (one fewer output expert)."""
+    """Layer 0's first two kept experts merged with `coeffs`, and a dropped one kept: the count stays."""
     lp = plan["layers"][0]
     a, b = lp["groups"][:2]
-    lp["groups"] = [{"members": a["members"] + b["members"], "coeffs": coeffs}, *lp["groups"][2:]]
+    kept = {m for g in lp["groups"] for m in g["members"]}
+    spare = min(e for e in range(lp["num_experts_in"]) if e not in kept)
+    merged = {"members": a["members"] + b["members"], "coeffs": coeffs}
+    lp["groups"] = [merged, {"members": [spare], "coeffs": [1.0]}, *lp["groups"][2:]]
     return plan
 
 
@@ -974,7 +980,8 @@ def write_report(
         )
         + "\n"
     )
-    _plot(counts, len(tried), out_dir / f"hostile{suffix}.png", f"{title}: moeprune CLI at {commit}")
+    _plot(counts, len(tried), out_dir / f"hostile{suffix}.png",
+          f"benchmarks/hostile.py, {title}: {len(tried)} hostile inputs and faults, moeprune CLI at {commit}")
     return "\n".join(summary)
 
 
