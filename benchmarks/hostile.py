@@ -926,9 +926,8 @@ def verify_outputs(results: list[dict], sandbox: Path, env: dict) -> dict:
 # ---- report -----------------------------------------------------------------------------------------------
 
 
-def write_report(
-    results: list[dict], out_dir: Path, suffix: str, commit: str, wall: float, title: str
-) -> str:
+def write_report(results: list[dict], out_dir: Path, suffix: str, commit: str, wall: float,
+                 title: str) -> str:
     tried = [r for r in results if not r.get("skipped")]
     counts = {c: sum(r["class"] == c for r in tried) for c in CLASSES}
     summary = [
@@ -939,7 +938,7 @@ def write_report(
         f"| skipped (not counted) | {len(results) - len(tried)} |",
     ]
     md = [
-        f"# Hostile-input benchmark ({title})",
+        "# Hostile-input benchmark" + (f" ({title})" if title else ""),
         "",
         f"`python benchmarks/hostile.py` on commit `{commit}`, {len(results)} cases "
         f"({len(tried)} run), wall time {wall:.0f} s. Classes and rules: benchmarks/hostile.py's docstring.",
@@ -964,24 +963,13 @@ def write_report(
         for k in ("stdout", "stderr"):
             if k in r:
                 r[k] = r[k][-800:]
-    (out_dir / f"hostile{suffix}.json").write_text(
-        json.dumps(
-            {
-                "commit": commit,
-                "title": title,
-                "wall_seconds": round(wall, 1),
-                "python": sys.version.split()[0],
-                "cases": len(results),
-                "tried": len(tried),
-                "counts": counts,
-                "results": slim,
-            },
-            indent=1,
-        )
-        + "\n"
-    )
+    report = {"commit": commit, "title": title, "wall_seconds": round(wall, 1),
+              "python": sys.version.split()[0], "cases": len(results), "tried": len(tried), "counts": counts,
+              "results": slim}
+    (out_dir / f"hostile{suffix}.json").write_text(json.dumps(report, indent=1) + "\n")
     _plot(counts, len(tried), out_dir / f"hostile{suffix}.png",
-          f"benchmarks/hostile.py, {title}: {len(tried)} hostile inputs and faults, moeprune CLI at {commit}")
+          f"{len(tried)} hostile inputs and faults against the moeprune CLI{', ' + title if title else ''}\n"
+          f"(benchmarks/hostile.py on commit {commit})")
     return "\n".join(summary)
 
 
@@ -991,29 +979,11 @@ def _plot(counts: dict, tried: int, path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = [
-        "cases tried",
-        "refused cleanly",
-        "ok",
-        "messy refusal",
-        "wrongly refused",
-        "traceback",
-        "false success",
-        "data lost",
-        "hang",
-    ]
+    labels = ["cases tried", "refused cleanly", "ok", "messy refusal", "wrongly refused", "traceback",
+              "false success", "data lost", "hang"]
     values = [tried, *(counts[c] for c in labels[1:])]
-    colours = [
-        "#555555",
-        "#2a9d3f",
-        "#2a9d3f",
-        "#e0a030",
-        "#e0a030",
-        "#d04040",
-        "#d04040",
-        "#8b0000",
-        "#d04040",
-    ]
+    colours = ["#555555", "#2a9d3f", "#2a9d3f", "#e0a030", "#e0a030", "#d04040", "#d04040", "#8b0000",
+               "#d04040"]
     fig, ax = plt.subplots(figsize=(8, 4.2))
     bars = ax.barh(labels[::-1], values[::-1], color=colours[::-1])
     for bar, v in zip(bars, values[::-1]):
@@ -1024,6 +994,21 @@ def _plot(counts: dict, tried: int, path: Path, title: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def commit_under_test(env: dict) -> str:
+    """The commit of the moeprune that `python -m moeprune` imports here (found without importing it),
+    marked when its package directory has uncommitted changes."""
+    find = "import importlib.util; print(importlib.util.find_spec('moeprune').origin)"
+    found = subprocess.run([sys.executable, "-c", find], env=env, capture_output=True, text=True)
+    origin = found.stdout.strip()
+    where = Path(origin).parent if origin else ROOT
+
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=where, capture_output=True, text=True).stdout.strip()
+
+    commit = git("rev-parse", "--short", "HEAD") or "unknown"
+    return commit + (" + uncommitted changes" if git("status", "--porcelain", "--untracked-files=no", "--", ".") else "")
 
 
 def remove_sandbox(sandbox: Path) -> None:
@@ -1045,41 +1030,29 @@ def main() -> int:
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--only", action="append", help="fnmatch pattern on case names, repeatable (e.g. 'SIG*')")
     ap.add_argument("--suffix", default="", help="appended to the result names, e.g. -before")
-    ap.add_argument("--title", default="hostile inputs and faults")
+    ap.add_argument("--title", default="", help="what state of the code this is, e.g. 'before the fixes'")
     ap.add_argument("--keep", action="store_true", help="keep the sandbox and print its path")
     args = ap.parse_args()
 
     started = time.monotonic()
     umask = os.umask(0)
     os.umask(umask)
-    commit = (
-        subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
-        ).stdout.strip()
-        or "unknown"
-    )
     # no case may reach the network (a missing tokenizer dir must not become a Hub lookup that hangs), and two
     # jobs on two cores should not each start a thread per core
     env = {**os.environ}
-    for k, v in (
-        ("HF_HUB_OFFLINE", "1"),
-        ("TRANSFORMERS_OFFLINE", "1"),
-        ("HF_DATASETS_OFFLINE", "1"),
-        ("OMP_NUM_THREADS", "1"),
-        ("TOKENIZERS_PARALLELISM", "false"),
-    ):
+    for k, v in (("HF_HUB_OFFLINE", "1"), ("TRANSFORMERS_OFFLINE", "1"), ("HF_DATASETS_OFFLINE", "1"),
+                 ("OMP_NUM_THREADS", "1"), ("TOKENIZERS_PARALLELISM", "false")):
         env.setdefault(k, v)
+    commit = commit_under_test(env)
     patterns = args.only or ["*"]
     selected = [i for i, c in enumerate(CASES) if any(fnmatch.fnmatch(c.name, p) for p in patterns)]
     sandbox = Path(tempfile.mkdtemp(prefix="moeprune-hostile-"))
     try:
         print(f"sandbox {sandbox}; building fixtures", file=sys.stderr, flush=True)
         build_fixtures(sandbox / "fixtures", env)
-        print(
-            f"fixtures ready in {time.monotonic() - started:.0f} s; {len(selected)} cases, {args.jobs} jobs",
-            file=sys.stderr,
-            flush=True,
-        )
+        ready = time.monotonic() - started
+        print(f"fixtures ready in {ready:.0f} s; {len(selected)} cases, {args.jobs} jobs", file=sys.stderr,
+              flush=True)
         results = []
         with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
             futures = {pool.submit(run_case, i, CASES[i], sandbox, env): i for i in selected}
