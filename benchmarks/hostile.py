@@ -1008,7 +1008,8 @@ def commit_under_test(env: dict) -> str:
         return subprocess.run(["git", *args], cwd=where, capture_output=True, text=True).stdout.strip()
 
     commit = git("rev-parse", "--short", "HEAD") or "unknown"
-    return commit + (" + uncommitted changes" if git("status", "--porcelain", "--untracked-files=no", "--", ".") else "")
+    dirty = git("status", "--porcelain", "--untracked-files=no", "--", ".")
+    return commit + (" + uncommitted changes" if dirty else "")
 
 
 def remove_sandbox(sandbox: Path) -> None:
