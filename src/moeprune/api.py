@@ -56,9 +56,19 @@ def progress_bar(description: str, total: int, enabled: bool = True):
     if not enabled:
         yield None
         return
-    with _progress() as bar:
+    with _progress() as bar, _vanish_on_failure(bar):
         task = bar.add_task(description, total=total)
         yield lambda done: bar.update(task, completed=done)
+
+
+@contextmanager
+def _vanish_on_failure(bar: Progress):
+    """A failed or interrupted run's last line is its error: the bar is not redrawn after it stops."""
+    try:
+        yield
+    except BaseException:
+        bar.live.transient = True
+        raise
 
 
 def _progress() -> Progress:
@@ -337,7 +347,7 @@ def layer_progress(description: str, enabled: bool = True):
     if not enabled:
         yield None
         return
-    with _progress() as bar:
+    with _progress() as bar, _vanish_on_failure(bar):
         def update(what: str, done: int, total: int) -> None:
             if "task" not in state:
                 state["task"] = bar.add_task(description, total=total)
