@@ -58,8 +58,10 @@ def progress_bar(description: str, total: int, enabled: bool = True):
 
 
 def _progress() -> Progress:
+    from rich.console import Console
+
     return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    TextColumn("eta"), TimeRemainingColumn(), transient=False)
+                    TextColumn("eta"), TimeRemainingColumn(), transient=False, console=Console(stderr=True))
 
 
 def inspect(model_path: str | Path) -> dict:
