@@ -235,14 +235,14 @@ def test_demo_compare_puts_every_method_in_one_table(tmp_path, corpus, monkeypat
     assert [m["name"] for m in report["models"]] == ["original", "frequency -25%", "random -25%"]
     assert report["demo"]["experts"] == {"original": 4, "frequency": 3, "random": 3}
     table = render_demo(report)
-    assert isinstance(table, Table) and len(table.columns) == 4  # labels + original + two methods
+    assert isinstance(table, Table) and len(table.columns) == 5  # labels, chance, original, two methods
     console = Console(record=True, width=200)
     console.print(table)
     screen = console.export_text()
     assert "perplexity, prose" in screen and "perplexity, code" in screen and "weights on disk" in screen
-    assert "prose: which continuation is real (4 choices, chance 25%)" in screen
+    assert "prose: real continuation (of 4)" in screen and "chance" in screen
     assert "moeprune_prose_cloze" not in screen and "×" in screen
-    assert task_label("moeprune_code_cloze") == "code: last word of a line (exact word, chance ≈0%)"
+    assert task_label("moeprune_code_cloze") == ("code: last word of a line", "≈0%")
     steps = "\n".join(next_steps(report))
     assert "AutoModelForCausalLM.from_pretrained" in steps and "--compare" in steps
     assert report["demo"]["pruned"]["frequency"] in steps
@@ -268,3 +268,98 @@ def test_tied_embeddings_are_counted_once(tmp_path):
     assert parameter_counts(model)["total"] == unique
     assert inspect(tmp_path / "m")["parameters"]["total"] == unique  # built on the meta device, untied there
     assert inspect(tmp_path / "m")["parameters"]["other"] == unique - parameter_counts(model)["routed_experts"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Quiet recommended paths
+
+
+def test_mone_loading_is_quiet_and_the_stock_refusal_points_to_moeprune(tmp_path, monkeypatch):
+    import copy
+
+    import moeprune
+    from moeprune.api import make_plan_for
+    from moeprune.arch.tiny import save_tiny_checkpoint
+    from moeprune.io import parameter_counts, save_checkpoint
+    from moeprune.observe import observe
+    from moeprune.surgery import apply_plan
+
+    save_tiny_checkpoint("mixtral", tmp_path / "src")
+    model = moeprune.from_pretrained(tmp_path / "src")
+    stats = observe(model, torch.randint(0, 100, (4, 16), generator=torch.Generator().manual_seed(0)),
+                    batch_size=2, probe_size=16)
+    plan = make_plan_for(stats, "mone", ratio=0.25)
+    out = save_checkpoint(apply_plan(copy.deepcopy(model), plan, stats=stats), tmp_path / "mone",
+                          source=str(tmp_path / "src"), plan=plan, before=parameter_counts(model))
+
+    logging = transformers.utils.logging
+    old_level, old_bars = logging.get_verbosity(), logging.is_progress_bar_enabled()
+    logging.set_verbosity_warning()
+    logging.enable_progress_bar()
+    seen = []
+    real = transformers.AutoModelForCausalLM.from_pretrained
+
+    def spy(*args, **kw):
+        seen.append((logging.get_verbosity(), logging.is_progress_bar_enabled()))
+        return real(*args, **kw)
+
+    try:
+        monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", spy)
+        moeprune.from_pretrained(out)
+        assert seen == [(logging.ERROR, False)]  # quiet while transformers loads the stock part
+        assert (logging.get_verbosity(), logging.is_progress_bar_enabled()) == (logging.WARNING, True)  # restored
+    finally:
+        logging.set_verbosity(old_level)
+        (logging.enable_progress_bar if old_bars else logging.disable_progress_bar)()
+    monkeypatch.undo()
+    with pytest.raises(ValueError) as e:
+        transformers.AutoModelForCausalLM.from_pretrained(out)
+    lines = str(e.value).splitlines()
+    pointer = next(i for i, line in enumerate(lines) if "moeprune.from_pretrained(path)" in line)
+    advice = next(i for i, line in enumerate(lines) if "pip install --upgrade transformers" in line)
+    assert lines[pointer].strip().startswith("This is a MoNE checkpoint") and pointer < advice
+
+
+def test_lm_eval_noise_is_captured_and_replayed_on_failure(capfd):
+    import subprocess
+    import sys
+
+    from moeprune.evaluate.harness import _stderr_captured
+
+    with _stderr_captured():
+        print("a progress bar", file=sys.stderr)
+        subprocess.run(["sh", "-c", "echo 'fatal: not a git repository' >&2"], check=False)
+    print("after", file=sys.stderr)
+    err = capfd.readouterr().err
+    assert "progress bar" not in err and "fatal" not in err and "after" in err  # fd 2 is back
+    with pytest.raises(RuntimeError), _stderr_captured():
+        subprocess.run(["sh", "-c", "echo 'the real cause' >&2"], check=False)
+        raise RuntimeError("boom")
+    assert "the real cause" in capfd.readouterr().err
+
+
+def test_sweep_plot_marks_the_knees_and_counts_experts_in_whole_numbers(tmp_path, monkeypatch):
+    import matplotlib.figure
+
+    from moeprune.sweep import plot
+
+    def row(method, ratio, experts, ppl):
+        return {"method": method, "ratio": ratio, "experts": experts, "perplexity": {"t.txt": {"ppl": ppl}},
+                "acc_mean": None}
+
+    rows = [row(m, r, e, p) for m, pts in {"a": [(0.25, 6, 11), (0.5, 4, 20)], "b": [(0.25, 6, 10), (0.5, 4, 12)]}.items()
+            for r, e, p in pts]
+    result = {"texts": ["t.txt"], "tasks": [], "baseline": row("unpruned", 0, 8, 10), "num_experts": 8,
+              "methods": ["a", "b"], "rows": rows, "model": "m",
+              "knee": {"a": {"ratio": 0.5}, "b": {"ratio": None}}}
+    figures = []
+    real_savefig = matplotlib.figure.Figure.savefig
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig",
+                        lambda self, *a, **k: (figures.append(self), real_savefig(self, *a, **k))[1])
+    plot(result, tmp_path / "p.png")
+    ax = figures[0].axes[0]
+    knees = [line for line in ax.get_lines() if line.get_marker() == "X"]
+    assert len(knees) == 1 and list(knees[0].get_xdata()) == [4]  # method a falls off at 4 experts
+    assert all(line.get_marker() != "o" for line in ax.get_lines())  # no other point looks like a knee
+    assert all(float(x).is_integer() for x in ax.get_xticks())
+    assert "X: where quality falls off" in figures[0]._suptitle.get_text()

@@ -52,7 +52,7 @@ def parse_methods(text: str) -> list[str]:
 
 
 def run_demo(*, methods: Sequence[str] = (DEFAULT_METHOD,), ratio: float = 0.25, testbed: str = DEMO_TESTBED,
-             samples: int = 128, max_tokens: int = 32768, task_items: int = 100, cache_dir: str | None = None,
+             samples: int = 128, max_tokens: int = 16384, task_items: int = 100, cache_dir: str | None = None,
              rebuild: bool = False, strict: bool = True, say: Callable[[str], None] = _say) -> dict:
     """Run the demo and return its report: `evaluate_models`'s shape plus a "demo" section.
 
@@ -75,6 +75,9 @@ def run_demo(*, methods: Sequence[str] = (DEFAULT_METHOD,), ratio: float = 0.25,
         "Ctrl-C is safe, a re-run resumes)")
     base = tb.get_testbed(testbed, cache_dir, progress=True, strict=strict)
     corpus = tb.build_corpus(cache_dir)
+    # Like the testbed's training: the numbers do not depend on the thread count, the speed does
+    # (a thread sharing its core with another process stalls the others).
+    threads = tb.TESTBEDS[testbed].threads
     base_report = json.loads((base / "testbed_report.json").read_text())
     seq_len = int(base_report["train"]["seq_len"])  # evaluate at the length the model was trained on
     demo_dir = tb.cache_root(cache_dir) / "demo"
@@ -91,9 +94,10 @@ def run_demo(*, methods: Sequence[str] = (DEFAULT_METHOD,), ratio: float = 0.25,
             say(f"{step} reusing the {method} checkpoint {out}")
         else:
             say(f"{step} pruning {ratio:.0%} of the experts with {method}, calibrated on the mixed training split")
-            prune(base, method, out, ratio=ratio, calib=str(corpus.path("mixed", "train")), force=True,
-                  command=f"moeprune demo --method {method} --ratio {ratio}", **{k: settings[k] for k in
-                                                                                 ("samples", "seq_len", "seed")})
+            with tb.torch_threads(threads):
+                prune(base, method, out, ratio=ratio, calib=str(corpus.path("mixed", "train")), force=True,
+                      command=f"moeprune demo --method {method} --ratio {ratio}",
+                      samples=samples, seq_len=seq_len, seed=0)
             _write_json(stamp, settings)
         pruned[method] = out
 
@@ -115,9 +119,10 @@ def run_demo(*, methods: Sequence[str] = (DEFAULT_METHOD,), ratio: float = 0.25,
     if todo:
         say(f"[3/3] evaluating {len(todo)} model(s) on the held-out test split "
             f"({len(paths) - len(todo)} evaluation(s) reused)")
-        fresh_report = evaluate_models(
-            [paths[i] for i in todo], texts=texts, task_texts={"prose": texts[0], "code": texts[1]},
-            task_items=task_items, max_tokens=max_tokens, seq_len=seq_len, progress=True)
+        with tb.torch_threads(threads):
+            fresh_report = evaluate_models(
+                [paths[i] for i in todo], texts=texts, task_texts={"prose": texts[0], "code": texts[1]},
+                task_items=task_items, max_tokens=max_tokens, seq_len=seq_len, progress=True)
         common = {k: fresh_report[k] for k in ("format", "settings", "texts", "tasks", "task_manifest")}
         for i, model_entry in zip(todo, fresh_report["models"], strict=True):
             entries[i] = {"key": keys[i], "common": common, "model": model_entry}
@@ -152,17 +157,17 @@ def run_demo(*, methods: Sequence[str] = (DEFAULT_METHOD,), ratio: float = 0.25,
 # One screen
 
 _TASK = re.compile(r"^moeprune_([a-z0-9_]+)_(mc|cloze)$")
-_KIND = {"mc": ("which continuation is real", "4 choices, chance 25%"),
-         "cloze": ("last word of a line", "exact word, chance ≈0%")}
+# What each local task asks, and what guessing scores (the cloze needs the exact word, greedily).
+_KIND = {"mc": ("real continuation (of 4)", "25%"), "cloze": ("last word of a line", "≈0%")}
 
 
-def task_label(name: str) -> str:
-    """'moeprune_prose_mc' -> 'prose: which continuation is real (4 choices, chance 25%)'."""
+def task_label(name: str) -> tuple[str, str]:
+    """('prose: real continuation (of 4)', '25%') for 'moeprune_prose_mc': label, chance level."""
     m = _TASK.match(name)
     if not m:
-        return name
+        return name, ""
     what, chance = _KIND[m.group(2)]
-    return f"{m.group(1)}: {what} ({chance})"
+    return f"{m.group(1)}: {what}", chance
 
 
 def _mb(n: int | None) -> str:
@@ -184,6 +189,7 @@ def render_demo(report: dict):
              "removed (held-out test split)")
     t = Table(title=title, title_justify="left")
     t.add_column("")
+    t.add_column("chance", justify="right", style="dim")
     for m in models:
         t.add_column(m["name"], justify="right")
 
@@ -196,17 +202,17 @@ def render_demo(report: dict):
 
     experts = [str(d["experts"]["original"])] + [
         f"{d['experts'][m]}" + (f" + {d['novices'][m]} novices" if d["novices"].get(m) else "") for m in methods]
-    t.add_row("experts per MoE layer", *experts)
+    t.add_row("experts per MoE layer", "", *experts)
     total = [m["parameters"]["total"] for m in models]
-    t.add_row("parameters", _params(total[0]),
+    t.add_row("parameters", "", _params(total[0]),
               *[f"{_params(v)} {change(v, total[0], 'pct')}" for v in total[1:]])
     size = [m.get("bytes_on_disk") for m in models]
-    t.add_row("weights on disk", _mb(size[0]),
+    t.add_row("weights on disk", "", _mb(size[0]),
               *[f"{_mb(v)} {change(v, size[0], 'pct')}" if v and size[0] else _mb(v) for v in size[1:]])
     for text in report["texts"]:
         domain = Path(text).name.split(".")[0]
         ppl = [m["perplexity"].get(text, {}).get("ppl") for m in models]
-        t.add_row(f"perplexity, {domain} (lower is better)", f"{ppl[0]:.1f}",
+        t.add_row(f"perplexity, {domain}", "", f"{ppl[0]:.1f}",
                   *[f"{v:.1f} {change(v, ppl[0], 'ratio')}" for v in ppl[1:]])
     for task in report["tasks"]:
         acc = [m["tasks"].get(task, {}).get("acc") for m in models]
@@ -217,13 +223,14 @@ def render_demo(report: dict):
             delta = 100 * (v - acc[0])
             colour = "green" if delta > 0 else "red" if delta < 0 else "dim"
             cells.append(f"{100 * v:.1f}% [{colour}]{delta:+.1f} pt[/]")
-        t.add_row(task_label(task), *cells)
+        t.add_row(*task_label(task), *cells)
     items = {v.get("items") for v in (report.get("task_manifest") or {}).get("tasks", {}).values()}
     stderr = [base["tasks"][k].get("acc_stderr") for k in report["tasks"] if base["tasks"].get(k)]
     if items and stderr:
         n = max(i for i in items if i)
-        t.caption = (f"tasks: {n} items each, standard error about ±{100 * max(s for s in stderr if s):.0f} pt; "
-                     "perplexity decides here, the small model is near chance on the tasks")
+        t.caption = (f"perplexity: lower is better, × the original's. Tasks: {n} items each, standard error "
+                     f"about ±{100 * max(s for s in stderr if s):.0f} pt; this small model is near chance on them, "
+                     "so perplexity is the signal")
         t.caption_justify = "left"
     return t
 

@@ -154,7 +154,7 @@ TESTBEDS: dict[str, TestbedSpec] = {
 
 
 @contextlib.contextmanager
-def _torch_threads(n: int | str | None) -> Iterator[None]:
+def torch_threads(n: int | str | None) -> Iterator[None]:
     """Use `n` intra-op threads inside the block ("auto": the cores other processes leave free) and
     restore the caller's setting after."""
     old = torch.get_num_threads()
@@ -302,7 +302,7 @@ def train_model(
     t0 = t_log = time.perf_counter()
     done = start
     try:
-        with _torch_threads(threads), bar:
+        with torch_threads(threads), bar:
             task = bar.add_task(description, total=cfg.steps, completed=start,
                                 loss=loss_acc / n_acc if n_acc else float("nan"))
             for step in range(start, cfg.steps):
@@ -412,7 +412,7 @@ def evaluate_testbed(
     bigram = BigramModel(train_ids, len(tokenizer))
     report: dict = {"split": split, "seq_len": seq_len, "domains": {}}
     total_counts: list[torch.Tensor] = []
-    with _torch_threads(threads):
+    with torch_threads(threads):
         for dom in EVAL_DOMAINS:
             ids = encode_file(tokenizer, corpus.path(dom, split))  # [N]
             res = evaluate_tokens(model, ids, seq_len, batch_size, count_experts=True)
