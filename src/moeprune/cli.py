@@ -347,14 +347,17 @@ def analyze(
 @app.command()
 def demo(
     method: Annotated[str | None, typer.Option(
-        "--method", help="pruning method (see `moeprune methods`) [default: frequency, the benchmark's best]")] = None,
+        "--method", help="pruning method (see `moeprune methods`) [default: frequency, the benchmark's best]",
+    )] = None,
     ratio: Annotated[float, typer.Option("--ratio", help="fraction of experts to remove per layer")] = 0.25,
     compare: Annotated[str | None, typer.Option(
-        "--compare", help="comma-separated methods to prune side by side in one table, e.g. frequency,reap,mone")] = None,
+        "--compare", help="methods pruned side by side in one table, comma-separated: frequency,reap,mone",
+    )] = None,
     json_out: Annotated[str | None, typer.Option("--json", help="also write the report as JSON")] = None,
-    rebuild: Annotated[bool, typer.Option("--rebuild", help="prune and evaluate again even if cached")] = False,
+    rebuild: Annotated[bool, typer.Option("--rebuild", help="prune and evaluate again even if cached")] = (
+        False),
 ):
-    """Train (once, a few minutes) a small MoE offline, prune it, and show quality before and after on one screen."""
+    """Train (once, a few minutes) a small MoE offline, prune it, show quality before and after."""
     from moeprune.demo import DEFAULT_METHOD, next_steps, parse_methods, render_demo, run_demo
 
     if method is not None and compare is not None:

@@ -36,6 +36,10 @@ def _write_json(path: Path, obj: dict) -> None:
     atomic_write_text(path, json.dumps(obj, indent=1))
 
 
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
 def parse_methods(text: str) -> list[str]:
     """'reap, frequency' -> ['reap', 'frequency'], each a registered method, none twice."""
     from moeprune.methods import METHODS
@@ -75,8 +79,8 @@ def run_demo(*, methods: Sequence[str] = (DEFAULT_METHOD,), ratio: float = 0.25,
         "Ctrl-C is safe, a re-run resumes)")
     base = tb.get_testbed(testbed, cache_dir, progress=True, strict=strict)
     corpus = tb.build_corpus(cache_dir)
-    # Like the testbed's training: the numbers do not depend on the thread count, the speed does
-    # (a thread sharing its core with another process stalls the others).
+    # The testbed's own thread count for pruning and evaluation too: the same numbers on every
+    # machine, and no thread stalled behind another process's work on a shared core.
     threads = tb.TESTBEDS[testbed].threads
     base_report = json.loads((base / "testbed_report.json").read_text())
     seq_len = int(base_report["train"]["seq_len"])  # evaluate at the length the model was trained on
@@ -87,13 +91,15 @@ def run_demo(*, methods: Sequence[str] = (DEFAULT_METHOD,), ratio: float = 0.25,
         out = demo_dir / f"{base.name}-{method}-{round(ratio * 1000)}"
         settings = {"samples": samples, "seq_len": seq_len, "seed": 0, "ratio": ratio}
         stamp = out / "demo_settings.json"
+        plan_file = out / "moeprune_plan.json"
         fresh = (stamp.is_file() and json.loads(stamp.read_text()) == settings
-                 and (out / "moeprune_plan.json").is_file() and Plan.load(out / "moeprune_plan.json").method == method)
+                 and plan_file.is_file() and Plan.load(plan_file).method == method)
         step = f"[2/3] ({i}/{len(methods)})" if len(methods) > 1 else "[2/3]"
         if fresh and not rebuild:
             say(f"{step} reusing the {method} checkpoint {out}")
         else:
-            say(f"{step} pruning {ratio:.0%} of the experts with {method}, calibrated on the mixed training split")
+            say(f"{step} pruning {ratio:.0%} of the experts with {method}, "
+                "calibrated on the mixed training split")
             with tb.torch_threads(threads):
                 prune(base, method, out, ratio=ratio, calib=str(corpus.path("mixed", "train")), force=True,
                       command=f"moeprune demo --method {method} --ratio {ratio}",
@@ -109,8 +115,7 @@ def run_demo(*, methods: Sequence[str] = (DEFAULT_METHOD,), ratio: float = 0.25,
     # testbed directory is the testbed's own), keyed by the settings and by what the model is.
     caches = [demo_dir / f"{base.name}-original.eval.json"] + [p / "demo_eval.json" for p in pruned.values()]
     keys = [dict(shared, model=base.name)] + [
-        dict(shared, model=p.name, plan_sha256=hashlib.sha256((p / "moeprune_plan.json").read_bytes()).hexdigest())
-        for p in pruned.values()]
+        dict(shared, model=p.name, plan_sha256=_sha256(p / "moeprune_plan.json")) for p in pruned.values()]
     entries: list[dict | None] = []
     for cache, key in zip(caches, keys, strict=True):
         cached = json.loads(cache.read_text()) if cache.is_file() else {}
@@ -144,7 +149,8 @@ def run_demo(*, methods: Sequence[str] = (DEFAULT_METHOD,), ratio: float = 0.25,
     report["demo"] = {
         "testbed": testbed, "base": str(base), "ratio": ratio, "methods": methods,
         "pruned": {m: str(p) for m, p in pruned.items()},
-        "experts": {"original": first_plan.num_experts_in, **{m: p.num_experts_out for m, p in plans.items()}},
+        "experts": {"original": first_plan.num_experts_in,
+                    **{m: p.num_experts_out for m, p in plans.items()}},
         "novices": {m: max((len(lp.novices) for lp in p.layers), default=0) for m, p in plans.items()},
         "testbed_validation": {d: {"perplexity": v["perplexity"], "bigram_perplexity": v["bigram_perplexity"]}
                                for d, v in base_report["evaluation"]["domains"].items()},
@@ -201,7 +207,8 @@ def render_demo(report: dict):
         return f"[{colour}]{100 * (v - ref) / ref:+.1f}%[/]" if ref else ""
 
     experts = [str(d["experts"]["original"])] + [
-        f"{d['experts'][m]}" + (f" + {d['novices'][m]} novices" if d["novices"].get(m) else "") for m in methods]
+        f"{d['experts'][m]}" + (f" + {d['novices'][m]} novices" if d["novices"].get(m) else "")
+        for m in methods]
     t.add_row("experts per MoE layer", "", *experts)
     total = [m["parameters"]["total"] for m in models]
     t.add_row("parameters", "", _params(total[0]),
@@ -228,9 +235,10 @@ def render_demo(report: dict):
     stderr = [base["tasks"][k].get("acc_stderr") for k in report["tasks"] if base["tasks"].get(k)]
     if items and stderr:
         n = max(i for i in items if i)
-        t.caption = (f"perplexity: lower is better, × the original's. Tasks: {n} items each, standard error "
-                     f"about ±{100 * max(s for s in stderr if s):.0f} pt; this small model is near chance on them, "
-                     "so perplexity is the signal")
+        worst = 100 * max(s for s in stderr if s)
+        t.caption = (f"perplexity: lower is better, × the original's. Tasks: {n} items each, standard "
+                     f"error about ±{worst:.0f} pt; this small model is near chance on them, so perplexity "
+                     "is the signal")
         t.caption_justify = "left"
     return t
 

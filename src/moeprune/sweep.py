@@ -302,9 +302,24 @@ def knee_sentences(result: dict) -> list[str]:
     return lines
 
 
+def settings_line(result: dict) -> str:
+    """The settings the numbers depend on, with the flags that reproduce them."""
+    st, cal = result.get("settings", {}), result.get("calibration", {})
+    samples, seq_len = cal.get("samples", st.get("samples")), cal.get("seq_len", st.get("seq_len"))
+    parts = [f"calibration {samples} × {seq_len} tokens, seed {st.get('seed')} "
+             f"(`--samples {st.get('samples')} --seq-len {st.get('seq_len')}`)",
+             f"perplexity in {st.get('eval_seq_len')}-token windows "
+             f"(`--eval-seq-len {st.get('eval_seq_len')}`)"]
+    if st.get("max_tokens"):
+        parts.append(f"first {st['max_tokens']:,} tokens of each text (`--max-tokens {st['max_tokens']}`)")
+    parts.append(f"knee threshold {st.get('knee_threshold')}")
+    return "Settings: " + "; ".join(parts) + "."
+
+
 def render_markdown(result: dict) -> str:
     head, rows = table_rows(result)
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines = [settings_line(result), ""]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(c.strip() for c in r) + " |" for r in rows]
     return "\n".join(lines) + "\n\n" + "\n".join(f"- {s}" for s in knee_sentences(result)) + "\n"
 

@@ -45,7 +45,6 @@ from moeprune.errors import MoepruneError
 
 from .cache import atomic_write_text, cache_root, finish_dir, stable_hash
 from .corpus import Corpus, build_corpus
-from .cpu import FreeCores
 from .metrics import BigramModel, evaluate_tokens, usage_entropy
 from .tokenizer import DEFAULT_VOCAB_SIZE, get_tokenizer, tokenizer_dir, tokenizer_fingerprint
 
@@ -91,10 +90,9 @@ class TestbedSpec:
     config_kwargs: dict = field(hash=False)  # without vocab and special-token ids (from the tokenizer)
     train: TrainConfig = TrainConfig()
     vocab_size: int = DEFAULT_VOCAB_SIZE
-    # Torch threads for training and evaluation when the caller names none; "auto" follows the
-    # cores other processes leave free. Not in the cache key: only for specs whose weights were
-    # checked to be the same at every thread count.
-    threads: int | str | None = None
+    # Torch threads for training and evaluation when the caller names none (None: one per core).
+    # The weights can depend on it (reduction order), so a set value is part of the cache key.
+    threads: int | None = None
 
     def make_config(self, tokenizer) -> transformers.PretrainedConfig:
         cls = getattr(transformers, self.config_class)
@@ -142,9 +140,11 @@ TESTBEDS: dict[str, TestbedSpec] = {
                            intermediate_size=256, num_local_experts=8, num_experts_per_tok=2,
                            router_aux_loss_coef=0.02),
         train=TrainConfig(steps=400, batch_size=16, seq_len=128, lr=3e-3),
-        # Its weights after training are bit-identical with 1 and 2 threads (tested on a tiny copy in
-        # tests/test_demo.py), and 2 threads on 2 cores with one busy run 5-10x slower than one.
-        threads="auto",
+        # One thread: on 2 cores with one of them busy, two threads ran a step 5-10x slower than
+        # one (each waits for the other at every parallel region), and a fixed count keeps the
+        # weights the same on every machine (1 and 2 threads diverged in the 5th digit of the
+        # loss after ~330 steps). On 2 idle cores a second thread would save about a third.
+        threads=1,
     ),
 }
 
@@ -154,11 +154,10 @@ TESTBEDS: dict[str, TestbedSpec] = {
 
 
 @contextlib.contextmanager
-def torch_threads(n: int | str | None) -> Iterator[None]:
-    """Use `n` intra-op threads inside the block ("auto": the cores other processes leave free) and
-    restore the caller's setting after."""
+def torch_threads(n: int | None) -> Iterator[None]:
+    """Use `n` intra-op threads inside the block and restore the caller's setting after."""
     old = torch.get_num_threads()
-    torch.set_num_threads(FreeCores().threads() if n == "auto" else n or os.cpu_count() or 1)
+    torch.set_num_threads(n or os.cpu_count() or 1)
     try:
         yield
     finally:
@@ -232,7 +231,8 @@ def _log_lines_up_to(path: Path, step: int) -> list[str]:
     """The log records of steps <= `step` (the ones a resumed run keeps)."""
     if not path.is_file():
         return []
-    return [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    return [line for line in lines if json.loads(line)["step"] <= step]
 
 
 def train_model(
@@ -243,7 +243,7 @@ def train_model(
     log_path: Path | None = None,
     progress: bool = True,
     log_every: int = 10,
-    threads: int | str | None = None,
+    threads: int | None = None,
     description: str = "training",
     work_dir: Path | None = None,
     checkpoint_every: int = 25,
@@ -257,9 +257,7 @@ def train_model(
     schedule, both random generators, the loss accumulators) is saved there every
     `checkpoint_every` steps, and a later call with the same `cfg` and freshly initialised `model`
     continues from the last checkpoint; the result is bit-identical to an uninterrupted run on the
-    same machine and thread count. `threads="auto"` re-chooses the thread count every `log_every`
-    steps from the cores other processes leave free (for models whose numbers do not depend on
-    it). `notify(line)` hears where training starts or resumes.
+    same machine and thread count. `notify(line)` hears where training starts or resumes.
     """
     if any(len(s) <= cfg.seq_len for s in streams):
         raise ValueError(f"every stream must be longer than seq_len={cfg.seq_len}")
@@ -275,6 +273,7 @@ def train_model(
     gen = torch.Generator().manual_seed(cfg.seed + 1)  # independent of the init stream
     tokens_per_step = cfg.batch_size * cfg.seq_len
     start, loss_acc, aux_acc, n_acc = 0, 0.0, 0.0, 0
+    last_loss = last_aux = float("nan")
     state = _load_checkpoint(work_dir, cfg)
     if state is not None:
         model.load_state_dict(state["model"])
@@ -282,6 +281,7 @@ def train_model(
         sched.load_state_dict(state["scheduler"])
         gen.set_state(state["generator"])
         start, (loss_acc, aux_acc, n_acc) = state["step"], state["accumulators"]
+        last_loss, last_aux = state.get("last_losses", (last_loss, last_aux))
         say(f"[{description}] resuming from the checkpoint at step {start}/{cfg.steps} in {work_dir}")
     elif work_dir is not None:
         say(f"[{description}] training {cfg.steps} steps from the initial weights "
@@ -293,12 +293,10 @@ def train_model(
     if log_file and kept_log:
         log_file.write("\n".join(kept_log) + "\n")
     bar = _progress_bar(progress)
-    last_loss = last_aux = float("nan")
     rng_outside = torch.get_rng_state()
     if state is not None:
         torch.set_rng_state(state["torch_rng"])  # nothing draws from it today; kept so that stays exact
     model.train()
-    free = FreeCores() if threads == "auto" else None
     t0 = t_log = time.perf_counter()
     done = start
     try:
@@ -321,22 +319,21 @@ def train_model(
                 bar.update(task, advance=1, loss=loss_acc / n_acc)
                 now = time.perf_counter()
                 if done % log_every == 0 or done == cfg.steps:
-                    if free is not None:
-                        torch.set_num_threads(free.threads())
                     last_loss, last_aux = loss_acc / n_acc, aux_acc / n_acc
                     rec = {"step": done, "loss": round(last_loss, 5), "aux_loss": round(last_aux, 5),
                            "lr": sched.get_last_lr()[0],
                            "tokens_per_s": round(n_acc * tokens_per_step / max(now - t_log, 1e-9), 1),
-                           "elapsed_s": round(now - t0, 2), "threads": torch.get_num_threads()}
+                           "elapsed_s": round(now - t0, 2)}
                     if log_file:
                         log_file.write(json.dumps(rec) + "\n")
                         log_file.flush()
                     if progress and not bar.console.is_terminal and done % (log_every * 5) == 0:
                         # No live bar off a terminal (CI logs): a plain line with the same facts.
                         rate = (done - start) / max(now - t0, 1e-9)
+                        left = (cfg.steps - done) / rate
                         bar.console.print(
                             f"{description}: step {done}/{cfg.steps}, loss {last_loss:.3f}, "
-                            f"{rec['tokens_per_s']:,.0f} tokens/s, about {(cfg.steps - done) / rate:.0f} s left",
+                            f"{rec['tokens_per_s']:,.0f} tokens/s, about {left:.0f} s left",
                             soft_wrap=True, markup=False, highlight=False)
                     loss_acc, aux_acc, n_acc, t_log = 0.0, 0.0, 0, now
                 if work_dir is not None and (done % checkpoint_every == 0 or done == cfg.steps):
@@ -344,7 +341,7 @@ def train_model(
                         "step": done, "train": asdict(cfg), "model": model.state_dict(),
                         "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                         "generator": gen.get_state(), "torch_rng": torch.get_rng_state(),
-                        "accumulators": (loss_acc, aux_acc, n_acc)})
+                        "accumulators": (loss_acc, aux_acc, n_acc), "last_losses": (last_loss, last_aux)})
     except KeyboardInterrupt:
         saved = _load_checkpoint(work_dir, cfg)
         where = (f"the next run resumes from step {saved['step']} ({work_dir})" if saved
@@ -399,7 +396,7 @@ def evaluate_testbed(
     split: str = "validation",
     train_ids: list[torch.Tensor] | None = None,
     batch_size: int = 8,
-    threads: int | str | None = None,
+    threads: int | None = None,
 ) -> dict:
     """Perplexity per domain, the bigram baseline on the same predictions, and routing entropy.
 
@@ -456,6 +453,8 @@ def testbed_key(spec: TestbedSpec, corpus: Corpus, tok_path: Path) -> str:
         "corpus": corpus.version,
         "tokenizer": tokenizer_fingerprint(tok_path),
         "transformers": transformers.__version__.split(".")[:2],  # init code can change between minors
+        # Only when the spec pins it, so the keys of the specs that do not stay as they were.
+        **({"threads": spec.threads} if spec.threads is not None else {}),
     })
 
 
@@ -472,7 +471,7 @@ def build_testbed(
     progress: bool = True,
     rebuild: bool = False,
     strict: bool = True,
-    threads: int | str | None = None,
+    threads: int | None = None,
     checkpoint_every: int = 25,
 ) -> Path:
     """Train, evaluate and save `spec` on `corpus` unless a cached copy exists; return its directory.
@@ -529,15 +528,16 @@ def _report_problem(report: dict) -> str | None:
                 "training steps")
     if not report.get("beats_bigram", False):
         doms = report["evaluation"]["domains"]
-        worse = ", ".join(f"{d} {v['perplexity']:.1f} vs {v['bigram_perplexity']:.1f}" for d, v in doms.items()
-                          if not v["beats_bigram"])
+        worse = ", ".join(f"{d} {v['perplexity']:.1f} vs {v['bigram_perplexity']:.1f}"
+                          for d, v in doms.items() if not v["beats_bigram"])
         return f"does not beat the add-one bigram baseline (validation perplexity {worse})"
     return None
 
 
 def _quality_message(report: dict, problem: str, rejected: Path) -> str:
     return (f"testbed {report['name']} {problem}; it was not cached (kept for inspection in {rejected}). "
-            f"Train it longer or larger (its TestbedSpec), or report this with {rejected}/testbed_report.json")
+            "Train it longer or larger (its TestbedSpec), or report this with "
+            f"{rejected}/testbed_report.json")
 
 
 def _train_and_save(spec, corpus, tokenizer, final: Path, work: Path, *, progress, threads,
@@ -556,8 +556,9 @@ def _train_and_save(spec, corpus, tokenizer, final: Path, work: Path, *, progres
     result = train_model(model, train_ids, cfg, log_path=work / LOG_FILE, progress=progress, threads=threads,
                          description=spec.name, work_dir=work, checkpoint_every=checkpoint_every, notify=say)
     resumed = f" (resumed at step {result.resumed_from})" if result.resumed_from else ""
-    say(f"[{spec.name}] trained {result.steps_done} steps{resumed}, the last {result.steps_done - result.resumed_from} "
-        f"in {result.seconds:.0f}s ({result.tokens_per_s:,.0f} tokens/s), loss {result.final_loss:.3f}")
+    say(f"[{spec.name}] trained {result.steps_done} steps{resumed}, the last "
+        f"{result.steps_done - result.resumed_from} in {result.seconds:.0f}s "
+        f"({result.tokens_per_s:,.0f} tokens/s), loss {result.final_loss:.3f}")
     t_eval = time.perf_counter()
     evaluation = evaluate_testbed(model, tokenizer, corpus, cfg.seq_len, train_ids=train_ids, threads=threads)
     _, rejected = testbed_paths(final)
@@ -634,7 +635,7 @@ def get_testbed(
     *,
     rebuild: bool = False,
     strict: bool = True,
-    threads: int | str | None = None,
+    threads: int | None = None,
 ) -> Path:
     """The directory of the trained testbed `name`, building corpus, tokenizer and model if missing.
 
