@@ -354,8 +354,7 @@ def demo(
         "--compare", help="methods pruned side by side in one table, comma-separated: frequency,reap,mone",
     )] = None,
     json_out: Annotated[str | None, typer.Option("--json", help="also write the report as JSON")] = None,
-    rebuild: Annotated[bool, typer.Option("--rebuild", help="prune and evaluate again even if cached")] = (
-        False),
+    rebuild: Annotated[bool, typer.Option("--rebuild", help="prune and evaluate again")] = False,
 ):
     """Train (once, a few minutes) a small MoE offline, prune it, show quality before and after."""
     from moeprune.demo import DEFAULT_METHOD, next_steps, parse_methods, render_demo, run_demo
@@ -371,7 +370,7 @@ def demo(
                       say=lambda m: err.print(m, highlight=False, markup=False, soft_wrap=True))
     out.print(render_demo(report))
     for line in next_steps(report):
-        out.print(line, highlight=False, soft_wrap=True)
+        out.print(line, highlight=False, markup=False, soft_wrap=True)
     if json_out:
         _write_atomically(json_out, lambda tmp: tmp.write_text(json.dumps(report, indent=1)))
         out.print(f"report written to {json_out}")
