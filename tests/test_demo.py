@@ -224,6 +224,18 @@ def test_quality_error_is_one_line_from_the_cli(tmp_path, corpus, monkeypatch, c
     assert "does not beat the add-one bigram" in error_lines[0] and "rejected" in error_lines[0]
 
 
+def test_ctrl_c_in_the_demo_says_how_to_go_on_and_does_not_exit_0(monkeypatch, capsys):
+    import moeprune.demo
+
+    def interrupted(**kw):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(moeprune.demo, "run_demo", interrupted)
+    with pytest.raises(SystemExit) as e:
+        cli.main(["demo"])
+    assert e.value.code == 130 and "run `moeprune demo` again" in capsys.readouterr().err
+
+
 # ---------------------------------------------------------------------------------------------
 # The demo's screen
 

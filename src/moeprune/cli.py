@@ -366,8 +366,14 @@ def demo(
         raise MoepruneError(f"--ratio must be between 0 and 1, e.g. 0.25 (got {ratio})")
     if json_out is not None and not Path(json_out).resolve().parent.is_dir():
         raise MoepruneError(f"the directory of --json {json_out} does not exist")
-    report = run_demo(methods=methods, ratio=ratio, rebuild=rebuild,
-                      say=lambda m: err.print(m, highlight=False, markup=False, soft_wrap=True))
+    try:
+        report = run_demo(methods=methods, ratio=ratio, rebuild=rebuild,
+                          say=lambda m: err.print(m, highlight=False, markup=False, soft_wrap=True))
+    except KeyboardInterrupt:
+        # What was done is kept (training checkpoints, finished checkpoints): say how to go on, and
+        # exit as an interrupted command does, not with success.
+        err.print("interrupted; run `moeprune demo` again to continue where it stopped", highlight=False)
+        raise SystemExit(130)
     out.print(render_demo(report))
     for line in next_steps(report):
         out.print(line, highlight=False, markup=False, soft_wrap=True)
