@@ -71,7 +71,12 @@ def main():
     lines += [f"| {r['family']} | {r['tokens']} | **{r['ratio_median']:.2f}×** | {r['ratio_min']:.2f}× | "
               f"{r['ratio_max']:.2f}× |" for r in rows]
     table = "\n".join(lines)
-    (RESULTS / "observe_overhead.md").write_text(table + "\n")
+    settings = (f"Settings: {args.samples} × {args.seq_len} tokens per forward (batch {args.batch_size}), "
+                f"median of {args.repeats} interleaved runs, random models of hidden size 256 and 4 layers, "
+                f"{args.threads} torch threads "
+                f"(`python benchmarks/observe_overhead.py --repeats {args.repeats} "
+                f"--threads {args.threads}`).")
+    (RESULTS / "observe_overhead.md").write_text(settings + "\n\n" + table + "\n")
     print(table)
 
 

@@ -13,6 +13,7 @@ import math
 import random
 import subprocess
 import tarfile
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -258,15 +259,6 @@ def test_train_few_steps_saves_and_reloads(family, tiny_tokenizer, tmp_path):
     assert perplexity(again, tok, text, seq_len=32) == pytest.approx(perplexity(model, tok, text, seq_len=32))
 
 
-def test_train_stops_at_time_budget(tiny_tokenizer):
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(_tiny_config("mixtral", tiny_tokenizer))
-    stream = torch.tensor(tiny_tokenizer(_prose(3))["input_ids"])
-    result = train_model(model, [stream], TrainConfig(steps=50, batch_size=2, seq_len=16), progress=False,
-                         max_seconds=0.0, threads=1)
-    assert result.steps_done == 1 and not result.complete
-
-
 def test_lr_schedule_warms_up_then_decays():
     cfg = TrainConfig(steps=100, warmup_steps=10, min_lr_ratio=0.1)
     assert lr_factor(0, cfg) == pytest.approx(0.1) and lr_factor(9, cfg) == pytest.approx(1.0)
@@ -286,8 +278,12 @@ def test_build_testbed_end_to_end_and_reuses_cache(tmp_path, fake_sources):
         train=TrainConfig(steps=3, batch_size=2, seq_len=32, warmup_steps=1),
         vocab_size=320,
     )
-    path = build_testbed(spec, corpus, tmp_path, progress=False, strict=False, threads=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # 3 steps may not beat the bigram; strict=False takes it anyway
+        path = build_testbed(spec, corpus, tmp_path, progress=False, strict=False, threads=1)
     report = json.loads((path / "testbed_report.json").read_text())
+    # Only a model that passed its bar sits under the final key; one that did not sits beside it.
+    assert path.name.endswith(".rejected") != report["beats_bigram"]
     assert report["training"]["steps_done"] == 3 and report["complete"]
     for dom in ("prose", "code"):
         d = report["evaluation"]["domains"][dom]
@@ -298,10 +294,12 @@ def test_build_testbed_end_to_end_and_reuses_cache(tmp_path, fake_sources):
     assert model.config.output_router_logits is False  # plain forwards return the LM loss only
     assert transformers.AutoTokenizer.from_pretrained(path).pad_token == PAD
     stamp = (path / "model.safetensors").stat().st_mtime_ns
-    assert build_testbed(spec, corpus, tmp_path, progress=False, strict=False, threads=1) == path
-    assert (path / "model.safetensors").stat().st_mtime_ns == stamp
-    if not report["beats_bigram"]:
-        with pytest.raises(TestbedQualityError, match="bigram"):
-            build_testbed(spec, corpus, tmp_path, progress=False, strict=True, threads=1)
-    other = dataclasses.replace(spec, train=dataclasses.replace(spec.train, seed=1))
-    assert build_testbed(other, corpus, tmp_path, progress=False, strict=False, threads=1) != path
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert build_testbed(spec, corpus, tmp_path, progress=False, strict=False, threads=1) == path
+        assert (path / "model.safetensors").stat().st_mtime_ns == stamp
+        if not report["beats_bigram"]:
+            with pytest.raises(TestbedQualityError, match="bigram"):
+                build_testbed(spec, corpus, tmp_path, progress=False, strict=True, threads=1)
+        other = dataclasses.replace(spec, train=dataclasses.replace(spec.train, seed=1))
+        assert build_testbed(other, corpus, tmp_path, progress=False, strict=False, threads=1) != path

@@ -408,23 +408,47 @@ def analyze(
 
 @app.command()
 def demo(
-    method: Annotated[str | None, typer.Option("--method", help="pruning method (default: the benchmark's best)")] = None,
-    ratio: Annotated[float, typer.Option("--ratio", help="fraction of experts to remove")] = 0.25,
+    method: Annotated[str | None, typer.Option(
+        "--method", help="pruning method (see `moeprune methods`) [default: frequency, the benchmark's best]",
+    )] = None,
+    ratio: Annotated[float, typer.Option("--ratio", help="fraction of experts to remove per layer")] = 0.25,
+    compare: Annotated[str | None, typer.Option(
+        "--compare", help="methods pruned side by side in one table, comma-separated: frequency,reap,mone",
+    )] = None,
     json_out: Annotated[str | None, typer.Option("--json", help="also write the report as JSON")] = None,
-    rebuild: Annotated[bool, typer.Option("--rebuild", help="prune again even if a cached result exists")] = False,
+    rebuild: Annotated[bool, typer.Option("--rebuild", help="prune and evaluate again")] = False,
 ):
-    """Train (once) the offline testbed, prune it 25%, and show quality before and after."""
-    from moeprune.demo import DEFAULT_METHOD, run_demo
-    from moeprune.evaluate import render_table
+    """Train (once, a few minutes) a small MoE offline, prune it, show quality before and after."""
+    from moeprune.demo import DEFAULT_METHOD, next_steps, parse_methods, render_demo, run_demo
 
-    report = run_demo(method=method or DEFAULT_METHOD, ratio=ratio, rebuild=rebuild)
-    d = report["demo"]
-    out.print(render_table(report, title=f"mixtral-8e before and after removing {d['ratio']:.0%} of experts "
-                                         f"with {d['method']}"))
+    if method is not None and compare is not None:
+        raise MoepruneError("give --method or --compare, not both (--compare frequency,reap runs several)")
+    methods = parse_methods(compare or method or DEFAULT_METHOD)
+    if not 0 < ratio < 1:
+        raise MoepruneError(f"--ratio must be between 0 and 1, e.g. 0.25 (got {ratio})")
+    if json_out is not None:
+        from moeprune.outputs import check_output_file
+
+        check_output_file(json_out, False, what="--json")
+    try:
+        report = run_demo(methods=methods, ratio=ratio, rebuild=rebuild,
+                          say=lambda m: err.print(m, highlight=False, markup=False, soft_wrap=True))
+    except KeyboardInterrupt:
+        # What was done is kept (training checkpoints, finished checkpoints): say how to go on, and
+        # exit as an interrupted command does, not with success.
+        err.print("interrupted; run `moeprune demo` again to continue where it stopped", highlight=False)
+        raise SystemExit(130)
+    out.print(render_demo(report))
+    for line in next_steps(report):
+        out.print(line, highlight=False, markup=False, soft_wrap=True)
     if json_out:
-        Path(json_out).write_text(json.dumps(report, indent=1))
-    out.print(f"\npruned checkpoint: [bold]{d['pruned']}[/] (loads with AutoModelForCausalLM.from_pretrained)"
-              f"\noriginal testbed:  {d['base']}\ntook {d['seconds']:.0f} s")
+        from moeprune import __version__
+        from moeprune.outputs import write_file_atomically
+
+        record = {"written_by": f"moeprune {__version__}", **report}
+        write_file_atomically(json_out, lambda tmp: tmp.write_text(json.dumps(record, indent=1)))
+        out.print(f"report written to {json_out}")
+    err.print(f"took {report['demo']['seconds']:.0f} s", highlight=False)
 
 
 def _sweep_options(methods: list[str], pairs: list[str] | None) -> dict[str, dict]:

@@ -168,7 +168,13 @@ def parameter_counts(model: nn.Module, adapter: Adapter | None = None) -> dict:
     Shared tensors are counted once; `total` includes the novices.
     """
     adapter = adapter or get_adapter(model.config)
-    total = sum(p.numel() for p in model.parameters())
+    params = dict(model.named_parameters())  # a tensor shared by two modules is listed once
+    # A weightless skeleton (meta device) leaves tied weights as two tensors, though the checkpoint
+    # stores one and a loaded model shares it; count what the config ties once, either way.
+    tied = getattr(model, "all_tied_weights_keys", None) or {}
+    untied_copies = sum(params[t].numel() for t, s in tied.items()
+                        if t in params and s in params and params[t] is not params[s])
+    total = sum(p.numel() for p in params.values()) - untied_copies
     routed = novices = 0
     for block in adapter.moe_blocks(model).values():
         routed += sum(p.numel() for p in adapter.expert_parameters(block).values())

@@ -32,6 +32,7 @@ Shape letters: T tokens, K top-k, H hidden, E router width, P kept pairs, Q novi
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import types
@@ -283,9 +284,35 @@ def weights_bytes(path: str | Path) -> int | None:
 
 
 def _refusal(model_type: str) -> str:
-    """The `model_type` a novice checkpoint advertises: transformers quotes it when it refuses the checkpoint."""
-    return (f"{model_type}+moeprune-novices; MoNE checkpoint: load it with moeprune.from_pretrained(path), "
-            "or write a stock copy with `moeprune export-stock PATH --out DIR`")
+    """The `model_type` a novice checkpoint advertises: transformers quotes it when it refuses the checkpoint.
+
+    Its error reads "has model type `<this>` but Transformers does not recognize this architecture"
+    and then suggests upgrading transformers; the line breaks put the way out on lines of its own
+    before that advice.
+    """
+    return (f"{model_type}+moeprune-novices`\n\n"
+            "    This is a MoNE checkpoint written by moeprune: load it with moeprune.from_pretrained(path), "
+            "or write a stock copy with `moeprune export-stock PATH --out DIR`.\n"
+            "    Upgrading transformers, as suggested below, will not help.\n\n`")
+
+
+@contextlib.contextmanager
+def _transformers_quiet():
+    """transformers' warnings and progress bars off inside the block; the caller's settings back after.
+
+    Loading a novice checkpoint's stock part goes through paths that warn about the advertised
+    `model_type` and draw a weight-loading bar, neither of which means anything here.
+    """
+    logging = tf.utils.logging
+    level, bars = logging.get_verbosity(), logging.is_progress_bar_enabled()
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(level)
+        if bars:
+            logging.enable_progress_bar()
 
 
 def read_config_dict(path: str | Path) -> dict:
@@ -480,8 +507,9 @@ def from_pretrained(path: str | Path, *, device: str = "cpu", dtype: str | torch
     config = _config_from_dict(_stock_config_dict(raw))
     get_adapter(config)
     try:
-        model, info = tf.AutoModelForCausalLM.from_pretrained(str(p), config=config, dtype=dtype,
-                                                              output_loading_info=True, device_map=None)
+        with _transformers_quiet():
+            model, info = tf.AutoModelForCausalLM.from_pretrained(str(p), config=config, dtype=dtype,
+                                                                  output_loading_info=True, device_map=None)
     except Exception as e:  # noqa: BLE001  (transformers raises many kinds; one line says which)
         raise MoepruneError(f"could not load the weights of {p} ({type(e).__name__}: {str(e).splitlines()[0]})")
     bad = list(info.get("missing_keys", [])) + [k[0] if isinstance(k, tuple) else k

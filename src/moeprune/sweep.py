@@ -23,7 +23,7 @@ never gets worse from one ratio to the next).
 
 Outputs in `--out` (written atomically at the end): `sweep.json` (every number, the settings, the
 calibration provenance and the knees), `sweep.md` (the table), `sweep.png` (perplexity per text
-file and mean accuracy against experts kept, one line per method, knees circled) and, with
+file and mean accuracy against experts kept, one line per method, each knee marked with an X) and, with
 `--save-checkpoints`, `checkpoints/<method>-<kept>/` for every point.
 """
 
@@ -313,9 +313,24 @@ def knee_sentences(result: dict) -> list[str]:
     return lines
 
 
+def settings_line(result: dict) -> str:
+    """The settings the numbers depend on, with the flags that reproduce them."""
+    st, cal = result.get("settings", {}), result.get("calibration", {})
+    samples, seq_len = cal.get("samples", st.get("samples")), cal.get("seq_len", st.get("seq_len"))
+    parts = [f"calibration {samples} × {seq_len} tokens, seed {st.get('seed')} "
+             f"(`--samples {st.get('samples')} --seq-len {st.get('seq_len')}`)",
+             f"perplexity in {st.get('eval_seq_len')}-token windows "
+             f"(`--eval-seq-len {st.get('eval_seq_len')}`)"]
+    if st.get("max_tokens"):
+        parts.append(f"first {st['max_tokens']:,} tokens of each text (`--max-tokens {st['max_tokens']}`)")
+    parts.append(f"knee threshold {st.get('knee_threshold')}")
+    return "Settings: " + "; ".join(parts) + "."
+
+
 def render_markdown(result: dict) -> str:
     head, rows = table_rows(result)
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines = [settings_line(result), ""]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(c.strip() for c in r) + " |" for r in rows]
     return "\n".join(lines) + "\n\n" + "\n".join(f"- {s}" for s in knee_sentences(result)) + "\n"
 
@@ -340,7 +355,7 @@ def plot(result: dict, path: str | Path) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import FormatStrFormatter
+    from matplotlib.ticker import FormatStrFormatter, MaxNLocator
 
     texts, has_tasks = result["texts"], bool(result["tasks"])
     panels = [("ppl", t) for t in texts] + ([("acc", None)] if has_tasks else [])
@@ -356,16 +371,19 @@ def plot(result: dict, path: str | Path) -> Path:
 
             xs = [r["experts"] for r in pts if value(r) is not None]
             ys = [value(r) for r in pts if value(r) is not None]
-            (line,) = ax.plot(xs, ys, marker="o", label=m)
+            (line,) = ax.plot(xs, ys, marker=".", markersize=6, label=m)
             k = result["knee"][m]
             hit = [r for r in rows if r["ratio"] == k["ratio"] and value(r) is not None]
             if hit:
-                ax.plot([hit[0]["experts"]], [value(hit[0])], marker="o", markersize=14, markerfacecolor="none",
-                        markeredgecolor=line.get_color(), markeredgewidth=2)
+                # A marker no ordinary point uses, so the knee stands out whatever the line colours.
+                ax.plot([hit[0]["experts"]], [value(hit[0])], linestyle="none", marker="X", markersize=13,
+                        markerfacecolor=line.get_color(), markeredgecolor="black", markeredgewidth=1,
+                        label=f"{m}: falls off", zorder=3)
         ref = base["perplexity"][text]["ppl"] if kind == "ppl" else base.get("acc_mean")
         if ref is not None:
             ax.axhline(ref, color="grey", linestyle="--", linewidth=1, label="unpruned")
         ax.set_xlabel(f"experts kept per layer (of {E})")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # expert counts are whole numbers
         ax.invert_xaxis()
         if kind == "ppl":
             ax.set_yscale("log")
@@ -378,7 +396,7 @@ def plot(result: dict, path: str | Path) -> Path:
             ax.set_title(f"mean acc over {len(result['tasks'])} task(s)")
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle(f"{Path(result['model']).name}: quality against experts kept (circles: where quality falls off)",
+    fig.suptitle(f"{Path(result['model']).name}: quality against experts kept (X: where quality falls off)",
                  fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

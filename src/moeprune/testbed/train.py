@@ -7,14 +7,20 @@ Two small models cover the two common shapes:
 - `qwen-fine`: Qwen2-MoE, fine-grained: 32 narrow experts top-4 plus a gated shared expert,
   about the same total size and the same active expert width per token.
 
-Each is trained from a fixed seed for a fixed number of steps (sized to take about ten minutes
-on 2 CPU cores), so the result is a function of (model config, training config, corpus,
-tokenizer), and that is the cache key. A wall-clock budget stops a run on a much slower machine;
-such a model is saved but marked incomplete in its report.
+A third, `demo-mixtral` (Mixtral, 2 layers, hidden 128, 8 experts top-2, about 2 M parameters),
+is the one `moeprune demo` trains: small enough for a first run of a couple of minutes on 2
+cores, trained enough to beat the bigram baseline clearly on both domains.
+
+Each is trained from a fixed seed for a fixed number of steps, however long that takes, so the
+result is a function of (model config, training config, corpus, tokenizer), and that is the cache
+key; machine load changes only the wall time. Training checkpoints its whole state into
+`<model dir>.partial/` every few dozen steps, so an interrupted build (Ctrl-C, a killed job)
+resumes where it stopped, bit-identically on the same machine.
 
 After training, `testbed_report.json` records the validation perplexity per domain next to an
 add-one bigram baseline on the same tokens, and the per-layer expert-usage entropy, which shows
-the router did not collapse. A model that does not beat the bigram on both domains is refused.
+the router did not collapse. A model that does not beat the bigram on both domains is refused:
+it is kept in `<model dir>.rejected/` for inspection, never under the cache key.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import math
 import os
 import shutil
 import sys
+import tempfile
 import time
 import warnings
 from collections.abc import Iterator
@@ -34,7 +41,9 @@ from pathlib import Path
 import torch
 import transformers
 
-from .cache import atomic_write_text, building_dir, cache_root, stable_hash
+from moeprune.errors import MoepruneError
+
+from .cache import atomic_write_text, cache_root, finish_dir, stable_hash
 from .corpus import Corpus, build_corpus
 from .metrics import BigramModel, evaluate_tokens, usage_entropy
 from .tokenizer import DEFAULT_VOCAB_SIZE, get_tokenizer, tokenizer_dir, tokenizer_fingerprint
@@ -44,8 +53,12 @@ TRAIN_DOMAINS = ("prose", "code")
 EVAL_DOMAINS = ("prose", "code")
 
 
-class TestbedQualityError(RuntimeError):
-    """A trained testbed model failed its sanity check (for example it did not beat the bigram)."""
+class TestbedQualityError(MoepruneError):
+    """A trained testbed model failed its sanity check (for example it did not beat the bigram).
+
+    A MoepruneError, so the CLI prints its one-line message (what failed, where the model was kept,
+    what to do) and exits with status 2.
+    """
 
     __test__ = False  # not a pytest test class, despite the name
 
@@ -77,6 +90,9 @@ class TestbedSpec:
     config_kwargs: dict = field(hash=False)  # without vocab and special-token ids (from the tokenizer)
     train: TrainConfig = TrainConfig()
     vocab_size: int = DEFAULT_VOCAB_SIZE
+    # Torch threads for training and evaluation when the caller names none (None: one per core).
+    # The weights can depend on it (reduction order), so a set value is part of the cache key.
+    threads: int | None = None
 
     def make_config(self, tokenizer) -> transformers.PretrainedConfig:
         cls = getattr(transformers, self.config_class)
@@ -103,8 +119,8 @@ TESTBEDS: dict[str, TestbedSpec] = {
         config_class="MixtralConfig",
         config_kwargs=dict(**_ATTN, intermediate_size=256, num_local_experts=8, num_experts_per_tok=2,
                            router_aux_loss_coef=0.02),
-        # Measured about 3,500 tokens/s on 2 idle cores: 450 steps of 4,096 tokens is ~9 min,
-        # leaving room under the 15-minute budget when the cores are shared.
+        # Measured about 3,500 tokens/s on 2 idle cores: 450 steps of 4,096 tokens is ~9 min
+        # (longer on shared cores; an interrupted build resumes from its last checkpoint).
         train=TrainConfig(steps=450),
     ),
     "qwen-fine": TestbedSpec(
@@ -116,6 +132,20 @@ TESTBEDS: dict[str, TestbedSpec] = {
         # Measured about 3,100 tokens/s on 2 idle cores: 400 steps of 4,096 tokens is ~9 min.
         train=TrainConfig(steps=400),
     ),
+    "demo-mixtral": TestbedSpec(
+        name="demo-mixtral",
+        config_class="MixtralConfig",
+        config_kwargs=dict(num_hidden_layers=2, hidden_size=128, num_attention_heads=4, num_key_value_heads=2,
+                           max_position_embeddings=512, tie_word_embeddings=True, rms_norm_eps=1e-6,
+                           intermediate_size=256, num_local_experts=8, num_experts_per_tok=2,
+                           router_aux_loss_coef=0.02),
+        train=TrainConfig(steps=400, batch_size=16, seq_len=128, lr=3e-3),
+        # One thread: on 2 cores with one of them busy, two threads ran a step 5-10x slower than
+        # one (each waits for the other at every parallel region), and a fixed count keeps the
+        # weights the same on every machine (1 and 2 threads diverged in the 5th digit of the
+        # loss after ~330 steps). On 2 idle cores a second thread would save about a third.
+        threads=1,
+    ),
 }
 
 
@@ -124,7 +154,7 @@ TESTBEDS: dict[str, TestbedSpec] = {
 
 
 @contextlib.contextmanager
-def _torch_threads(n: int | None) -> Iterator[None]:
+def torch_threads(n: int | None) -> Iterator[None]:
     """Use `n` intra-op threads inside the block and restore the caller's setting after."""
     old = torch.get_num_threads()
     torch.set_num_threads(n or os.cpu_count() or 1)
@@ -155,15 +185,54 @@ def sample_batch(streams: list[torch.Tensor], batch_size: int, seq_len: int, gen
 @dataclass
 class TrainResult:
     steps_done: int
-    seconds: float
-    tokens: int
+    seconds: float  # wall time of this call's steps (a resumed run counts only its own)
+    tokens: int  # tokens of this call's steps
     final_loss: float  # LM loss, mean of the last logging interval
     final_aux_loss: float
-    complete: bool  # False when the time budget stopped training early
+    complete: bool  # always True on return: training stops only at cfg.steps (or by an exception)
+    resumed_from: int = 0  # the checkpoint step this call started from (0: from the initial weights)
 
     @property
     def tokens_per_s(self) -> float:
         return self.tokens / max(self.seconds, 1e-9)
+
+
+CHECKPOINT_FILE = "checkpoint.pt"
+LOG_FILE = "training_log.jsonl"
+
+
+def _save_checkpoint(work_dir: Path, state: dict) -> None:
+    """Write the training state through a temporary file and rename it, so a kill never leaves half a file."""
+    work_dir.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{CHECKPOINT_FILE}.", dir=work_dir)
+    os.close(fd)
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, work_dir / CHECKPOINT_FILE)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def _load_checkpoint(work_dir: Path | None, cfg: TrainConfig) -> dict | None:
+    """The saved training state in `work_dir` if it belongs to `cfg`, else None."""
+    path = work_dir / CHECKPOINT_FILE if work_dir is not None else None
+    if path is None or not path.is_file():
+        return None
+    try:
+        state = torch.load(path, weights_only=False)
+    except Exception:  # noqa: BLE001 - an unreadable checkpoint only costs a restart from step 0
+        return None
+    return state if state.get("train") == asdict(cfg) and 0 < state.get("step", 0) <= cfg.steps else None
+
+
+def _log_lines_up_to(path: Path, step: int) -> list[str]:
+    """The log records of steps <= `step` (the ones a resumed run keeps)."""
+    if not path.is_file():
+        return []
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    return [line for line in lines if json.loads(line)["step"] <= step]
 
 
 def train_model(
@@ -173,17 +242,26 @@ def train_model(
     *,
     log_path: Path | None = None,
     progress: bool = True,
-    max_seconds: float | None = None,
     log_every: int = 10,
     threads: int | None = None,
     description: str = "training",
+    work_dir: Path | None = None,
+    checkpoint_every: int = 25,
+    notify=None,
 ) -> TrainResult:
     """Train `model` in place on random windows of the token `streams` (each 1-D), seeded by `cfg.seed`.
 
-    Writes one JSON line per `log_every` steps to `log_path` (step, loss, aux_loss, lr, tokens/s).
+    Training always runs to `cfg.steps`: the weights depend on the configs and the data, never on
+    how fast the machine is. Writes one JSON line per `log_every` steps to `log_path` (step, loss,
+    aux_loss, lr, tokens/s). With `work_dir`, the whole training state (weights, optimizer,
+    schedule, both random generators, the loss accumulators) is saved there every
+    `checkpoint_every` steps, and a later call with the same `cfg` and freshly initialised `model`
+    continues from the last checkpoint; the result is bit-identical to an uninterrupted run on the
+    same machine and thread count. `notify(line)` hears where training starts or resumes.
     """
     if any(len(s) <= cfg.seq_len for s in streams):
         raise ValueError(f"every stream must be longer than seq_len={cfg.seq_len}")
+    say = notify or (lambda line: None)
     aux_coef = float(getattr(model.config, "router_aux_loss_coef", 0.0))
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
@@ -194,17 +272,38 @@ def train_model(
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg))
     gen = torch.Generator().manual_seed(cfg.seed + 1)  # independent of the init stream
     tokens_per_step = cfg.batch_size * cfg.seq_len
+    start, loss_acc, aux_acc, n_acc = 0, 0.0, 0.0, 0
+    last_loss = last_aux = float("nan")
+    state = _load_checkpoint(work_dir, cfg)
+    if state is not None:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        gen.set_state(state["generator"])
+        start, (loss_acc, aux_acc, n_acc) = state["step"], state["accumulators"]
+        last_loss, last_aux = state.get("last_losses", (last_loss, last_aux))
+        say(f"[{description}] resuming from the checkpoint at step {start}/{cfg.steps} in {work_dir}")
+    elif work_dir is not None:
+        say(f"[{description}] training {cfg.steps} steps from the initial weights "
+            f"(checkpoint every {checkpoint_every} steps in {work_dir}; Ctrl-C and run again to resume)")
+    if work_dir is not None:
+        work_dir.mkdir(parents=True, exist_ok=True)
+    kept_log = _log_lines_up_to(log_path, start) if log_path and start else []
     log_file = open(log_path, "w") if log_path else None  # noqa: SIM115 - closed in finally
+    if log_file and kept_log:
+        log_file.write("\n".join(kept_log) + "\n")
     bar = _progress_bar(progress)
+    rng_outside = torch.get_rng_state()
+    if state is not None:
+        torch.set_rng_state(state["torch_rng"])  # nothing draws from it today; kept so that stays exact
     model.train()
     t0 = t_log = time.perf_counter()
-    step, loss_acc, aux_acc, n_acc = 0, 0.0, 0.0, 0
-    last_loss = last_aux = float("nan")
-    complete = True
+    done = start
     try:
-        with _torch_threads(threads), bar:
-            task = bar.add_task(description, total=cfg.steps, loss=float("nan"))
-            for step in range(cfg.steps):
+        with torch_threads(threads), bar:
+            task = bar.add_task(description, total=cfg.steps, completed=start,
+                                loss=loss_acc / n_acc if n_acc else float("nan"))
+            for step in range(start, cfg.steps):
                 x = sample_batch(streams, cfg.batch_size, cfg.seq_len, gen)  # [B, T]
                 out = model(input_ids=x, labels=x, output_router_logits=True, use_cache=False)
                 aux = out.aux_loss.item() if out.aux_loss is not None else 0.0
@@ -216,37 +315,48 @@ def train_model(
                 loss_acc += out.loss.item() - aux_coef * aux
                 aux_acc += aux
                 n_acc += 1
-                bar.update(task, advance=1, loss=loss_acc / n_acc)
                 done = step + 1
-                elapsed = time.perf_counter() - t0
+                bar.update(task, advance=1, loss=loss_acc / n_acc)
+                now = time.perf_counter()
                 if done % log_every == 0 or done == cfg.steps:
-                    now = time.perf_counter()
                     last_loss, last_aux = loss_acc / n_acc, aux_acc / n_acc
                     rec = {"step": done, "loss": round(last_loss, 5), "aux_loss": round(last_aux, 5),
-                           "lr": sched.get_last_lr()[0], "tokens_per_s": round(n_acc * tokens_per_step / (now - t_log), 1),
-                           "elapsed_s": round(elapsed, 2)}
+                           "lr": sched.get_last_lr()[0],
+                           "tokens_per_s": round(n_acc * tokens_per_step / max(now - t_log, 1e-9), 1),
+                           "elapsed_s": round(now - t0, 2)}
                     if log_file:
                         log_file.write(json.dumps(rec) + "\n")
                         log_file.flush()
                     if progress and not bar.console.is_terminal and done % (log_every * 5) == 0:
-                        bar.console.print(f"{description}: {json.dumps(rec)}", soft_wrap=True, markup=False,
-                                          highlight=False)
+                        # No live bar off a terminal (CI logs): a plain line with the same facts.
+                        rate = (done - start) / max(now - t0, 1e-9)
+                        left = (cfg.steps - done) / rate
+                        bar.console.print(
+                            f"{description}: step {done}/{cfg.steps}, loss {last_loss:.3f}, "
+                            f"{rec['tokens_per_s']:,.0f} tokens/s, about {left:.0f} s left",
+                            soft_wrap=True, markup=False, highlight=False)
                     loss_acc, aux_acc, n_acc, t_log = 0.0, 0.0, 0, now
-                if max_seconds is not None and elapsed > max_seconds and done < cfg.steps:
-                    complete = False
-                    bar.console.print(
-                        f"[bold red]{description}: time budget of {max_seconds:.0f}s reached after "
-                        f"{done}/{cfg.steps} steps; stopping early[/]"
-                    )
-                    break
+                if work_dir is not None and (done % checkpoint_every == 0 or done == cfg.steps):
+                    _save_checkpoint(work_dir, {
+                        "step": done, "train": asdict(cfg), "model": model.state_dict(),
+                        "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                        "generator": gen.get_state(), "torch_rng": torch.get_rng_state(),
+                        "accumulators": (loss_acc, aux_acc, n_acc), "last_losses": (last_loss, last_aux)})
+    except KeyboardInterrupt:
+        saved = _load_checkpoint(work_dir, cfg)
+        where = (f"the next run resumes from step {saved['step']} ({work_dir})" if saved
+                 else "no checkpoint yet, the next run starts again")
+        say(f"[{description}] interrupted at step {done}/{cfg.steps}; {where}")
+        raise
     finally:
+        torch.set_rng_state(rng_outside)
         if log_file:
             log_file.close()
     model.eval()
     seconds = time.perf_counter() - t0
-    if n_acc:  # a partial interval left by an early stop
+    if n_acc:  # an interval shorter than log_every at the end
         last_loss, last_aux = loss_acc / n_acc, aux_acc / n_acc
-    return TrainResult(step + 1, seconds, (step + 1) * tokens_per_step, last_loss, last_aux, complete)
+    return TrainResult(done, seconds, (done - start) * tokens_per_step, last_loss, last_aux, True, start)
 
 
 def _progress_bar(enabled: bool):
@@ -262,8 +372,8 @@ def _progress_bar(enabled: bool):
 
     return Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]:.3f}"), TimeElapsedColumn(), TimeRemainingColumn(),
-        console=Console(stderr=True), disable=not enabled,
+        TextColumn("loss {task.fields[loss]:.3f}"), TimeElapsedColumn(), TextColumn("ETA"),
+        TimeRemainingColumn(), console=Console(stderr=True), disable=not enabled,
     )
 
 
@@ -299,7 +409,7 @@ def evaluate_testbed(
     bigram = BigramModel(train_ids, len(tokenizer))
     report: dict = {"split": split, "seq_len": seq_len, "domains": {}}
     total_counts: list[torch.Tensor] = []
-    with _torch_threads(threads):
+    with torch_threads(threads):
         for dom in EVAL_DOMAINS:
             ids = encode_file(tokenizer, corpus.path(dom, split))  # [N]
             res = evaluate_tokens(model, ids, seq_len, batch_size, count_experts=True)
@@ -343,7 +453,14 @@ def testbed_key(spec: TestbedSpec, corpus: Corpus, tok_path: Path) -> str:
         "corpus": corpus.version,
         "tokenizer": tokenizer_fingerprint(tok_path),
         "transformers": transformers.__version__.split(".")[:2],  # init code can change between minors
+        # Only when the spec pins it, so the keys of the specs that do not stay as they were.
+        **({"threads": spec.threads} if spec.threads is not None else {}),
     })
+
+
+def testbed_paths(final: Path) -> tuple[Path, Path]:
+    """(work directory with the resumable training state, where a rejected model is kept) of `final`."""
+    return final.with_name(final.name + ".partial"), final.with_name(final.name + ".rejected")
 
 
 def build_testbed(
@@ -354,28 +471,78 @@ def build_testbed(
     progress: bool = True,
     rebuild: bool = False,
     strict: bool = True,
-    max_seconds: float | None = 15 * 60,
     threads: int | None = None,
+    checkpoint_every: int = 25,
 ) -> Path:
     """Train, evaluate and save `spec` on `corpus` unless a cached copy exists; return its directory.
 
-    `max_seconds` bounds the training loop's wall time (not part of the cache key). With `strict`,
-    a model that does not beat the bigram baseline raises `TestbedQualityError` (it is still saved,
-    so the report can be read).
+    Training runs to the spec's fixed step count however long that takes, checkpointing into
+    `<final>.partial/` so an interrupted build resumes where it stopped. Only a model that beats the
+    bigram baseline on every domain is stored under the final key. One that does not goes to
+    `<final>.rejected/` (with its report), and `TestbedQualityError` says so; with `strict=False`
+    that directory is returned instead, with a warning. The next strict call trains again.
     """
+    say = _say(progress)
+    threads = threads if threads is not None else spec.threads
     tokenizer = get_tokenizer(corpus, spec.vocab_size, cache_dir)
     tok_path = tokenizer_dir(corpus, spec.vocab_size, cache_dir)
     final = cache_root(cache_dir) / "testbeds" / f"{spec.name}-{testbed_key(spec, corpus, tok_path)}"
-    if rebuild and final.exists():
-        shutil.rmtree(final)
-    if not (final / "testbed_report.json").exists():
-        _train_and_save(spec, corpus, tokenizer, final, progress=progress, max_seconds=max_seconds,
-                        threads=threads)
-    _check_report(final, strict)
-    return final
+    work, rejected = testbed_paths(final)
+    if rebuild:
+        for d in (final, work):  # both are this package's own outputs for exactly this key
+            if d.exists():
+                shutil.rmtree(d)
+    if (final / "testbed_report.json").exists():
+        problem = _report_problem(json.loads((final / "testbed_report.json").read_text()))
+        if problem is None:
+            return final
+        # Older versions stored such models under the final key; move it aside rather than serve it.
+        if rejected.exists():
+            shutil.rmtree(rejected)  # an older rejected build of the same key
+        os.rename(final, rejected)
+        say(f"[{spec.name}] the cached model {problem}; moved it to {rejected} and training again")
+    elif (rejected / "testbed_report.json").exists() and not (work / CHECKPOINT_FILE).exists():
+        report = json.loads((rejected / "testbed_report.json").read_text())
+        problem = _report_problem(report)
+        if not strict and report.get("complete"):
+            warnings.warn(f"testbed {spec.name} {problem}; using it anyway (strict=False): {rejected}",
+                          stacklevel=2)
+            return rejected
+        say(f"[{spec.name}] an earlier build was rejected ({problem}; report in {rejected}); training again")
+    report = _train_and_save(spec, corpus, tokenizer, final, work, progress=progress, threads=threads,
+                             checkpoint_every=checkpoint_every)
+    problem = _report_problem(report)
+    if problem is None:
+        return final
+    if strict:
+        raise TestbedQualityError(_quality_message(report, problem, rejected))
+    warnings.warn(f"testbed {spec.name} {problem}; using it anyway (strict=False): {rejected}", stacklevel=2)
+    return rejected
 
 
-def _train_and_save(spec, corpus, tokenizer, final: Path, *, progress, max_seconds, threads) -> None:
+def _report_problem(report: dict) -> str | None:
+    """Why a testbed report does not qualify for the cache (None when it does)."""
+    if not report.get("complete", False):
+        tr = report.get("training", {})
+        return (f"stopped after {tr.get('steps_done', '?')} of {report.get('train', {}).get('steps', '?')} "
+                "training steps")
+    if not report.get("beats_bigram", False):
+        doms = report["evaluation"]["domains"]
+        worse = ", ".join(f"{d} {v['perplexity']:.1f} vs {v['bigram_perplexity']:.1f}"
+                          for d, v in doms.items() if not v["beats_bigram"])
+        return f"does not beat the add-one bigram baseline (validation perplexity {worse})"
+    return None
+
+
+def _quality_message(report: dict, problem: str, rejected: Path) -> str:
+    return (f"testbed {report['name']} {problem}; it was not cached (kept for inspection in {rejected}). "
+            "Train it longer or larger (its TestbedSpec), or report this with "
+            f"{rejected}/testbed_report.json")
+
+
+def _train_and_save(spec, corpus, tokenizer, final: Path, work: Path, *, progress, threads,
+                    checkpoint_every) -> dict:
+    """Train (or resume) into `work`, evaluate, and write the model to `final` or, if it fails, beside it."""
     say = _say(progress)
     cfg = spec.train
     train_ids = [encode_file(tokenizer, corpus.path(d, "train")) for d in TRAIN_DOMAINS]
@@ -385,21 +552,27 @@ def _train_and_save(spec, corpus, tokenizer, final: Path, *, progress, max_secon
         model = transformers.AutoModelForCausalLM.from_config(spec.make_config(tokenizer))
     model.set_experts_implementation("eager")
     params = count_parameters(model)
-    say(f"[{spec.name}] parameters: {params}")
-    with building_dir(final) as tmp:
-        result = train_model(model, train_ids, cfg, log_path=tmp / "training_log.jsonl", progress=progress,
-                             max_seconds=max_seconds, threads=threads, description=spec.name)
-        say(f"[{spec.name}] trained {result.steps_done} steps in {result.seconds:.0f}s "
-            f"({result.tokens_per_s:,.0f} tokens/s), loss {result.final_loss:.3f}")
-        t_eval = time.perf_counter()
-        evaluation = evaluate_testbed(model, tokenizer, corpus, cfg.seq_len, train_ids=train_ids, threads=threads)
+    say(f"[{spec.name}] parameters: {params['total']:,} ({params['active_per_token']:,} active per token)")
+    result = train_model(model, train_ids, cfg, log_path=work / LOG_FILE, progress=progress, threads=threads,
+                         description=spec.name, work_dir=work, checkpoint_every=checkpoint_every, notify=say)
+    resumed = f" (resumed at step {result.resumed_from})" if result.resumed_from else ""
+    say(f"[{spec.name}] trained {result.steps_done} steps{resumed}, the last "
+        f"{result.steps_done - result.resumed_from} in {result.seconds:.0f}s "
+        f"({result.tokens_per_s:,.0f} tokens/s), loss {result.final_loss:.3f}")
+    t_eval = time.perf_counter()
+    evaluation = evaluate_testbed(model, tokenizer, corpus, cfg.seq_len, train_ids=train_ids, threads=threads)
+    _, rejected = testbed_paths(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    try:
         model.config.output_router_logits = False
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        shutil.copyfile(work / LOG_FILE, tmp / LOG_FILE)
         report = {
             "name": spec.name,
             "key": final.name,
-            "complete": result.complete,
+            "complete": result.steps_done == cfg.steps,
             "beats_bigram": evaluation["beats_bigram"],
             "corpus_version": corpus.version,
             "corpus_dir": str(corpus.root),
@@ -409,10 +582,10 @@ def _train_and_save(spec, corpus, tokenizer, final: Path, *, progress, max_secon
             "train": asdict(cfg),
             "parameters": params,
             "training": {
-                "steps_done": result.steps_done, "seconds": round(result.seconds, 1), "tokens": result.tokens,
+                "steps_done": result.steps_done, "resumed_from": result.resumed_from,
+                "seconds": round(result.seconds, 1), "tokens": result.tokens,
                 "tokens_per_s": round(result.tokens_per_s, 1), "final_loss": round(result.final_loss, 4),
-                "final_aux_loss": round(result.final_aux_loss, 4), "max_seconds": max_seconds,
-                "threads": threads or os.cpu_count(),
+                "final_aux_loss": round(result.final_aux_loss, 4), "threads": threads or os.cpu_count(),
             },
             "evaluation": evaluation,
             "evaluation_seconds": round(time.perf_counter() - t_eval, 1),
@@ -420,24 +593,17 @@ def _train_and_save(spec, corpus, tokenizer, final: Path, *, progress, max_secon
                          "python": sys.version.split()[0]},
         }
         atomic_write_text(tmp / "testbed_report.json", json.dumps(report, indent=1))
-    say(f"[{spec.name}] saved to {final}")
-
-
-def _check_report(final: Path, strict: bool) -> None:
-    report = json.loads((final / "testbed_report.json").read_text())
-    if not report["complete"]:
-        warnings.warn(
-            f"testbed {report['name']} at {final} stopped at its time budget after "
-            f"{report['training']['steps_done']}/{report['train']['steps']} steps; rebuild it on a less "
-            f"loaded machine (get_testbed(..., rebuild=True)) for the reference model", stacklevel=3)
-    if strict and not report["beats_bigram"]:
-        doms = report["evaluation"]["domains"]
-        detail = "; ".join(f"{d}: model {v['perplexity']:.2f} vs bigram {v['bigram_perplexity']:.2f}"
-                           for d, v in doms.items())
-        raise TestbedQualityError(
-            f"testbed {report['name']} does not beat the add-one bigram baseline on validation text "
-            f"({detail}). It is saved at {final} for inspection; train longer or larger."
-        )
+        problem = _report_problem(report)
+        if problem is None:
+            finish_dir(tmp, final)
+        else:
+            finish_dir(tmp, rejected, replace=True)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(work, ignore_errors=True)  # the training state is no longer needed either way
+    say(f"[{spec.name}] saved to {final if problem is None else rejected}")
+    return report
 
 
 def summarise_report(report: dict) -> str:
@@ -469,7 +635,6 @@ def get_testbed(
     *,
     rebuild: bool = False,
     strict: bool = True,
-    max_seconds: float | None = 15 * 60,
     threads: int | None = None,
 ) -> Path:
     """The directory of the trained testbed `name`, building corpus, tokenizer and model if missing.
@@ -478,10 +643,10 @@ def get_testbed(
     and also holds `testbed_report.json` and `training_log.jsonl`.
     """
     if name not in TESTBEDS:
-        raise KeyError(f"unknown testbed {name!r}; known: {', '.join(TESTBEDS)}")
+        raise MoepruneError(f"unknown testbed {name!r}; known: {', '.join(TESTBEDS)}")
     corpus = build_corpus(cache_dir)
     return build_testbed(TESTBEDS[name], corpus, cache_dir, progress=progress, rebuild=rebuild,
-                         strict=strict, max_seconds=max_seconds, threads=threads)
+                         strict=strict, threads=threads)
 
 
 def load_testbed(path: str | Path) -> tuple[transformers.PreTrainedModel, transformers.PreTrainedTokenizerBase]:
