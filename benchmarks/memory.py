@@ -6,7 +6,7 @@ model in memory) and cached under ~/.cache/moeprune/bench/ by shape. Every measu
 fresh subprocess; its peak RSS is ru_maxrss of exactly that child from os.wait4, its time the wall
 time from spawn to exit (interpreter start and imports included). Jobs:
 
-  baseline           moeprune.layerwise.forward_layerwise over the calibration tokens (no observation)
+  baseline           moeprune.pipeline.forward_layerwise over the calibration tokens (no observation)
   layerwise reap     moeprune prune --layerwise --method reap --ratio 0.25
   layerwise mone     moeprune prune --layerwise --method mone --ratio 0.25
   in-memory reap     moeprune prune --in-memory --method reap --ratio 0.25 (skipped if RAM is short)
@@ -50,7 +50,7 @@ SHAPE = dict(hidden_size=1024, moe_intermediate_size=512, intermediate_size=3072
              num_experts_per_tok=8, num_attention_heads=16, num_key_value_heads=4, head_dim=64, vocab_size=1024)
 JOB_ENV = {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "0", "OMP_WAIT_POLICY": "PASSIVE"}
 QUIET_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-BASELINE_MODULE = "moeprune.layerwise"  # provides forward_layerwise(model_path, input_ids, batch_size=8)
+BASELINE_MODULE = "moeprune.pipeline"  # provides forward_layerwise(model_path, input_ids, batch_size=8)
 PRUNE_MODES = {"layerwise": ["--layerwise"], "in-memory": ["--in-memory"], "default": []}
 RATIO = 0.25
 GOAL_RSS, GOAL_TIME = 0.35, 1.5
@@ -190,7 +190,7 @@ def w_baseline(a: dict) -> dict:
     import torch
 
     from moeprune.data import calibration_blocks
-    from moeprune.io import load_tokenizer
+    from moeprune.store.checkpoint import load_tokenizer
 
     forward_layerwise = importlib.import_module(a["module"]).forward_layerwise
     ids = calibration_blocks(load_tokenizer(a["model"]), a["calib"], samples=a["samples"], seq_len=a["seq_len"],

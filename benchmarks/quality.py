@@ -68,7 +68,7 @@ def run_model(name: str, args, done: dict, sink) -> None:
     from moeprune.api import make_plan_for
     from moeprune.data import calibration_blocks
     from moeprune.evaluate import load_tasks, write_tasks
-    from moeprune.io import load_model, load_tokenizer, parameter_counts
+    from moeprune.store.checkpoint import load_model, load_tokenizer, parameter_counts
     from moeprune.methods.access import ModelWeights
     from moeprune.observe import observe
     from moeprune.plan import budget

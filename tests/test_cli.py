@@ -15,7 +15,7 @@ from moeprune import api
 from moeprune.arch.tiny import COMMON, tiny_tokenizer
 from moeprune.cli import main
 from moeprune.errors import MoepruneError
-from moeprune.io import parameter_counts
+from moeprune.store.checkpoint import parameter_counts
 from moeprune.observe import Stats
 from moeprune.plan import Plan
 

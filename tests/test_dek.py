@@ -15,10 +15,10 @@ from moeprune import api
 from moeprune.api import empty_stats, make_plan_for
 from moeprune.arch import get_adapter
 from moeprune.arch.tiny import tiny_model
-from moeprune.cka import DegenerateRepresentationWarning, linear_cka, pairwise_cka, pairwise_vector_cka
+from moeprune.methods.cka import DegenerateRepresentationWarning, linear_cka, pairwise_cka, pairwise_vector_cka
 from moeprune.cli import main
 from moeprune.errors import MoepruneError
-from moeprune.merge import (
+from moeprune.methods.merging import (
     MergedBlock,
     agglomerative_clusters,
     distance_clustering,

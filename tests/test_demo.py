@@ -278,7 +278,7 @@ def test_demo_compare_puts_every_method_in_one_table(tmp_path, corpus, monkeypat
 
 def test_tied_embeddings_are_counted_once(tmp_path):
     from moeprune.api import inspect
-    from moeprune.io import parameter_counts
+    from moeprune.store.checkpoint import parameter_counts
 
     spec = _spec()
     model = _fresh_model(spec)
@@ -301,7 +301,7 @@ def test_mone_loading_is_quiet_and_the_stock_refusal_points_to_moeprune(tmp_path
     import moeprune
     from moeprune.api import make_plan_for
     from moeprune.arch.tiny import save_tiny_checkpoint
-    from moeprune.io import parameter_counts, save_checkpoint
+    from moeprune.store.checkpoint import parameter_counts, save_checkpoint
     from moeprune.observe import observe
     from moeprune.surgery import apply_plan
 

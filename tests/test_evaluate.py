@@ -58,7 +58,7 @@ def files(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tiny(files):
-    from moeprune.io import load_model, load_tokenizer
+    from moeprune.store.checkpoint import load_model, load_tokenizer
 
     return load_model(files["base"]), load_tokenizer(files["base"])
 
@@ -104,7 +104,7 @@ def test_perplexity_is_deterministic_and_reads_text_or_path(tiny, files):
 
 
 def test_uniform_logits_give_vocab_size_perplexity(files):
-    from moeprune.io import load_model, load_tokenizer
+    from moeprune.store.checkpoint import load_model, load_tokenizer
 
     model, tok = load_model(files["base"]), load_tokenizer(files["base"])
     with torch.no_grad():

@@ -16,8 +16,8 @@ from moeprune.arch import get_adapter
 from moeprune.arch.tiny import TINY_FAMILIES
 from moeprune.cli import main
 from moeprune.errors import MoepruneError
-from moeprune.io import load_model
-from moeprune.layerwise import ShardedCheckpoint, apply_layerwise, observe_layerwise
+from moeprune.store.checkpoint import load_model
+from moeprune.pipeline import ShardedCheckpoint, apply_layerwise, observe_layerwise
 from moeprune.methods import METHODS
 from moeprune.observe import Stats, observe
 from moeprune.plan import Plan
@@ -84,7 +84,7 @@ def test_layerwise_forward_equals_the_model(family, checkpoint):
         model(input_ids=ids[2:4], use_cache=False)
         model(input_ids=ids[4:], use_cache=False)
     handle.remove()
-    from moeprune.layerwise import forward_layerwise
+    from moeprune.pipeline import forward_layerwise
 
     assert torch.equal(forward_layerwise(path, ids, batch_size=2), torch.cat(got))
 
@@ -201,7 +201,7 @@ def test_sequential_stats_see_the_pruned_earlier_layers(checkpoint, calib_file, 
     assert torch.equal(seq_stats.layers[0].experts.count, plain.layers[0].experts.count)
     assert not torch.equal(seq_stats.layers[2].experts.mean, plain.layers[2].experts.mean)
     from moeprune.data import calibration_blocks
-    from moeprune.io import load_tokenizer
+    from moeprune.store.checkpoint import load_tokenizer
 
     cal = calibration_blocks(load_tokenizer(path), str(calib_file), samples=6, seq_len=32, seed=0)
     model = load_model(path)
@@ -221,7 +221,7 @@ def test_sequential_stats_see_the_pruned_earlier_layers(checkpoint, calib_file, 
 def test_layerwise_failure_leaves_nothing_and_input_untouched(checkpoint, calib_file, tmp_path, monkeypatch):
     src = copy_checkpoint(checkpoint("mixtral"), tmp_path / "src")
     before = tree_digest(src)
-    from moeprune.layerwise import pipeline
+    from moeprune.pipeline import loop as pipeline
 
     def broken(*a, **k):
         raise RuntimeError("disk full")
@@ -259,7 +259,7 @@ def test_cli_prune_layerwise_and_auto_choice(checkpoint, calib_file, tmp_path, c
             "--samples", "4", "--seq-len", "32", "--batch-size", "2"]
     assert main([*argv, "--out", str(tmp_path / "a"), "--layerwise"]) == 0
     assert "layer by layer (as asked)" in capsys.readouterr().err
-    import moeprune.layerwise as lw
+    import moeprune.pipeline as lw
 
     monkeypatch.setattr(lw, "available_memory", lambda: 1000)  # weights now exceed half the free memory
     assert main([*argv, "--out", str(tmp_path / "b")]) == 0
@@ -284,7 +284,7 @@ def test_cli_prune_layerwise_and_auto_choice(checkpoint, calib_file, tmp_path, c
 
 @pytest.mark.parametrize("version", ["v1", "v2"])
 def test_cgroup_limit_counts_as_available_memory(version, tmp_path):
-    from moeprune.layerwise.checkpoint import _cgroup_headroom
+    from moeprune.store.sharded import _cgroup_headroom
 
     proc = tmp_path / "cgroup"
     if version == "v1":
@@ -352,8 +352,8 @@ def test_hub_style_shards_spanning_layers(tmp_path, calib_file):
 @pytest.mark.parametrize("family", ["mixtral", "gpt_oss", "ernie4_5_moe"])  # plain; sliding masks + sinks; tied lm_head
 def test_layerwise_perplexity_equals_in_memory(family, checkpoint, calib_file):
     from moeprune.evaluate.perplexity import perplexity
-    from moeprune.io import load_tokenizer
-    from moeprune.layerwise import perplexity_layerwise
+    from moeprune.store.checkpoint import load_tokenizer
+    from moeprune.pipeline import perplexity_layerwise
 
     path = checkpoint(family)
     tok = load_tokenizer(path)

@@ -16,7 +16,7 @@ from moeprune.arch.families import Llama4Text
 from moeprune.arch.tiny import TINY_FAMILIES, save_tiny_checkpoint, tiny_model
 from moeprune.cli import _parse_options, main
 from moeprune.errors import MoepruneError
-from moeprune.io import load_config, load_model, parameter_counts, save_checkpoint
+from moeprune.store.checkpoint import load_config, load_model, parameter_counts, save_checkpoint
 from moeprune.novice import NOVICE_FILE, apply_novice_layer, novice_vectors, weights_bytes
 from moeprune.observe import ExpertStats, LayerStats, Probe, Stats, observe
 from moeprune.plan import Group, LayerPlan, Plan

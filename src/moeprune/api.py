@@ -28,7 +28,7 @@ from moeprune.arch import decoder_layers, get_adapter
 from moeprune.data import Calibration, calibration_blocks
 from moeprune.distributed import Ranks
 from moeprune.errors import MoepruneError
-from moeprune.io import (
+from moeprune.store.checkpoint import (
     check_weight_files,
     load_config,
     load_model,
@@ -86,7 +86,7 @@ def inspect(model_path: str | Path) -> dict:
     MoNE checkpoints load through `moeprune.from_pretrained`; `novices` then describes them (else None),
     and the parameter counts include the novice vectors.
     """
-    from moeprune.layerwise.checkpoint import skeleton
+    from moeprune.store.sharded import skeleton
     from moeprune.novice import describe, from_pretrained, is_novice_checkpoint, weights_bytes
 
     model = from_pretrained(model_path) if is_novice_checkpoint(model_path) else skeleton(load_config(model_path))
@@ -161,7 +161,7 @@ def observe_checkpoint(
     if ranks.is_main and calibration is None:
         _tell(notify, use_layerwise, why)
     if use_layerwise:
-        from moeprune.layerwise import observe_layerwise
+        from moeprune.pipeline import observe_layerwise
 
         with layer_progress("calibrating", progress and ranks.is_main) as cb:
             return observe_layerwise(model_path, cal.input_ids, batch_size=batch_size, probe_size=probe_size,
@@ -208,7 +208,7 @@ def model_weights(model_path: str | Path, layerwise: bool | None = None, notify=
     use_layerwise, why = choose_layerwise(model_path, layerwise)
     _tell(notify, use_layerwise, why)
     if use_layerwise:
-        from moeprune.layerwise import ShardedCheckpoint, ShardedWeights
+        from moeprune.pipeline import ShardedCheckpoint, ShardedWeights
 
         return ShardedWeights(ShardedCheckpoint(model_path))
     return ModelWeights(load_model(model_path))
@@ -221,7 +221,7 @@ def resolve_device(device: str) -> str:
 
 def model_facts(model_path: str | Path) -> dict:
     """The fingerprint facts (`model_description`) of a checkpoint, from its config alone (model on meta)."""
-    from moeprune.layerwise.checkpoint import skeleton
+    from moeprune.store.sharded import skeleton
 
     config = load_config(model_path)
     get_adapter(config)
@@ -289,7 +289,7 @@ def apply_checkpoint(model_path: str | Path, plan: Plan, out: str | Path, *, for
     use_layerwise, why = choose_layerwise(model_path, layerwise) if model is None else (False, "model given")
     _tell(notify, use_layerwise, why)
     if use_layerwise:
-        from moeprune.layerwise import apply_layerwise
+        from moeprune.pipeline import apply_layerwise
 
         with layer_progress("applying", progress) as cb:
             return apply_layerwise(model_path, plan, out, stats=stats, force=force, command=command,
@@ -323,7 +323,7 @@ def _tell(notify, layerwise: bool, why: str) -> None:
 
 def choose_layerwise(model_path: str | Path, requested: bool | None) -> tuple[bool, str]:
     """Whether to work layer by layer, and why: as requested, else when the weights exceed half the free memory."""
-    from moeprune.layerwise import available_memory
+    from moeprune.pipeline import available_memory
     from moeprune.novice import weights_bytes
 
     size = weights_bytes(model_path) or 0
@@ -419,7 +419,7 @@ def prune(
     if ranks.is_main:
         _tell(notify, use_layerwise, why)
     if use_layerwise:
-        from moeprune.layerwise import prune_layerwise
+        from moeprune.pipeline import prune_layerwise
 
         with layer_progress("pruning", progress and ranks.is_main) as cb:
             path, stats, _ = prune_layerwise(

@@ -491,9 +491,9 @@ def from_pretrained(path: str | Path, *, device: str = "cpu", dtype: str | torch
 
     A novice checkpoint loads its plain-pruned part through transformers, then puts the novices'
     router rows back and attaches the novices, reproducing the in-memory pruned model exactly.
-    Any other checkpoint loads as `moeprune.io.load_model` does.
+    Any other checkpoint loads as `moeprune.store.checkpoint.load_model` does.
     """
-    from moeprune.io import load_model
+    from moeprune.store.checkpoint import load_model
 
     p = Path(path)
     if not p.exists():
@@ -538,7 +538,7 @@ def _novice_file_counts(path: Path, section: dict) -> tuple[int, int]:
 
 def checkpoint_parameters(path: str | Path) -> dict:
     """Parameter counts of a checkpoint directory from its config alone (a meta-device model), novices included."""
-    from moeprune.io import parameter_counts
+    from moeprune.store.checkpoint import parameter_counts
 
     p = Path(path)
     raw = read_config_dict(p)
@@ -563,7 +563,7 @@ def export_stock(path: str | Path, out: str | Path, *, force: bool = False, comm
     loaded: the stock part of the checkpoint is copied, config.json gets back an integer expert
     count, and the plan and model card say what was exported.
     """
-    from moeprune.io import atomic_directory, check_output_dir, model_card
+    from moeprune.store.checkpoint import atomic_directory, check_output_dir, model_card
     from moeprune.plan import Plan
 
     src = Path(path)

@@ -6,7 +6,7 @@ on axis 0, whatever the layout) become M @ W; router tensors (weights, biases, c
 use the same matrix (`average`) or its 0/1 support (`sum`) along their expert axis. A pure pruning
 plan takes the exact index-select path, so kept experts are bit-identical. Groups with
 permutations (`Group.perms`, UNCURL / M-SMoE alignment) have their members' hidden units permuted
-first (`moeprune.align.permute_members`, layout-aware), so M @ W averages aligned units. Layers
+first (`moeprune.methods.alignment.permute_members`, layout-aware), so M @ W averages aligned units. Layers
 with novices (MoNE) keep their router whole and hand over to `moeprune.novice`.
 """
 
@@ -65,7 +65,7 @@ def apply_layer_plan(adapter: Adapter, block: nn.Module, lp: LayerPlan,
     router_M = M if lp.router_merge == "average" else (M != 0).double()
     params = adapter.expert_parameters(block)
     if any(g.perms is not None for g in lp.groups):  # aligned merge: permute members' hidden units first
-        from moeprune.align import permute_members
+        from moeprune.methods.alignment import permute_members
 
         params = permute_members(adapter, params, lp)
     for name, p in params.items():

@@ -120,7 +120,7 @@ def sweep(
     from moeprune.data import calibration_blocks
     from moeprune.distributed import Ranks
     from moeprune.evaluate import load_tasks, write_tasks
-    from moeprune.io import (
+    from moeprune.store.checkpoint import (
         atomic_directory,
         check_output_dir,
         load_config,

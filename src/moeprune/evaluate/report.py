@@ -86,7 +86,7 @@ def evaluate_models(
     from moeprune.arch import get_adapter
     from moeprune.evaluate.harness import run_tasks
     from moeprune.evaluate.perplexity import perplexity
-    from moeprune.io import load_config, load_model, load_tokenizer, parameter_counts
+    from moeprune.store.checkpoint import load_config, load_model, load_tokenizer, parameter_counts
 
     if not paths:
         raise MoepruneError("no model to evaluate")
@@ -152,7 +152,7 @@ def evaluate_models(
 def _evaluation_mode(path, layerwise: bool | None, with_tasks: bool) -> tuple[bool, str]:
     """(layer by layer?, why) for one checkpoint, refusing what layer-by-layer evaluation cannot do."""
     from moeprune.api import choose_layerwise
-    from moeprune.io import check_weight_files
+    from moeprune.store.checkpoint import check_weight_files
     from moeprune.novice import is_novice_checkpoint
 
     check_weight_files(path)
@@ -170,7 +170,7 @@ def _evaluation_mode(path, layerwise: bool | None, with_tasks: bool) -> tuple[bo
 
 def _layerwise_entry(path, texts, tok, seq_len, max_tokens, batch_size, device, progress) -> dict:
     """The report entry of one checkpoint whose perplexities are computed layer by layer."""
-    from moeprune.layerwise import ShardedCheckpoint, perplexity_layerwise
+    from moeprune.pipeline import ShardedCheckpoint, perplexity_layerwise
     from moeprune.novice import checkpoint_parameters
 
     model_type = ShardedCheckpoint(path).adapter.family

@@ -2,7 +2,7 @@
 
 "Diversifying the Expert Knowledge for Task-Agnostic Pruning in Sparse Mixture-of-Experts"
 (Zhang et al., arXiv 2407.09590). Per MoE layer: represent every expert, measure linear CKA
-between every pair (`moeprune.cka`), cluster the experts agglomeratively on 1 - CKA down to `r`
+between every pair (`moeprune.methods.cka`), cluster the experts agglomeratively on 1 - CKA down to `r`
 groups, and merge each group's gate, up and down weights (and biases) as sum_i alpha_i W_i, its
 router rows too. Every layer keeps the same `r`.
 
@@ -30,7 +30,7 @@ Readings taken where METHODS.md ("Seed 1") marks a point open, each an option:
   r / n_group clusters, so merged experts never straddle routing groups.
 - `coefficients`: `uniform` 1/|G| (the paper's), `frequency` alpha_i ∝ count_i (uniform inside a
   group never routed; needs --calib), or `learned`: fitted on the simplex to reconstruct the MoE
-  block output on the probe (`moeprune.merge.learn_coefficients`; needs --calib).
+  block output on the probe (`moeprune.methods.merging.learn_coefficients`; needs --calib).
 - `router_merge`: a group's router row is sum_i alpha_i w_i (`average`, default) or sum_i w_i
   (`sum`); router biases and `e_score_correction_bias` merge the same way (surgery). Top-k is
   unchanged.
@@ -45,9 +45,9 @@ from dataclasses import dataclass
 
 import torch
 
-from moeprune.cka import pairwise_cka, pairwise_vector_cka
+from moeprune.methods.cka import pairwise_cka, pairwise_vector_cka
 from moeprune.errors import MoepruneError
-from moeprune.merge import (
+from moeprune.methods.merging import (
     COEFFICIENTS,
     LINKAGES,
     distance_clustering,

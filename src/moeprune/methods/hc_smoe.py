@@ -4,7 +4,7 @@
 ICML 2025; reference code wazenmai/HC-SMoE). Per MoE layer, every expert is represented by its
 raw output averaged over calibration tokens, the experts are clustered bottom-up with average
 linkage, and each cluster is merged in weight space with coefficients proportional to how often
-its members were routed. It shares DEK's machinery (`moeprune.merge`, `methods.dek.plan_merging`).
+its members were routed. It shares DEK's machinery (`moeprune.methods.merging`, `methods.dek.plan_merging`).
 
 Readings taken:
 - The representation is the mean of E_i(x) over *all* probe tokens of the layer (every expert on
@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from moeprune.merge import COEFFICIENTS, LINKAGES
+from moeprune.methods.merging import COEFFICIENTS, LINKAGES
 from moeprune.methods import options
 from moeprune.methods.access import LayerAccess
 from moeprune.methods.dek import check_calibration, plan_merging, probe_inputs

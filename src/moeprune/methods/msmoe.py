@@ -10,7 +10,7 @@ part of it here). Per MoE layer:
    paper's default similarity is router logits; an expert whose logit column is all zero has
    cosine 0 to every dominant and joins the lowest-id one.
 3. **Alignment:** each non-dominant member's hidden units are permuted to match its dominant expert
-   (Hungarian assignment, `moeprune.align`, as in UNCURL step 3); the permutations go into the plan.
+   (Hungarian assignment, `moeprune.methods.alignment`, as in UNCURL step 3); the permutations go into the plan.
 4. **Merging:** frequency weights α_i = count_i / Σ_{j∈G} count_j (uniform when no member was routed),
    for the experts and, with the same α, the router rows (`router_merge="average"`).
 

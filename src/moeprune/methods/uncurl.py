@@ -28,7 +28,7 @@ text (`--calib task.jsonl --calib-template "..."`). Per MoE layer:
    lowest mean affinity to the rest of its cluster (ties: lowest id) becomes a cluster of its own.
 3. **Alignment.** The reference of a cluster is its most-used member (`count`, ties: lowest id).
    Every other member's hidden units are permuted to match it by a Hungarian assignment over
-   W_gate,ref·W_gateᵀ + W_up,ref·W_upᵀ + W_down,refᵀ·W_down (`moeprune.align`). The permutations
+   W_gate,ref·W_gateᵀ + W_up,ref·W_upᵀ + W_down,refᵀ·W_down (`moeprune.methods.alignment`). The permutations
    go into the plan (`Group.perms`) and surgery applies them (option `align=false` skips this).
 4. **Merging.** α_i = count_i / Σ_{j∈G} count_j (uniform when no member was routed); gate, up, down
    and biases are Σ α_i W_i, and the router rows merge with the same α (`router_merge="average"`).
@@ -47,7 +47,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from moeprune.align import align_members
+from moeprune.methods.alignment import align_members
 from moeprune.errors import MoepruneError
 from moeprune.methods import options
 from moeprune.methods.registry import PlanRequest, register

@@ -11,9 +11,9 @@ from pathlib import Path
 import torch
 
 from moeprune.errors import MoepruneError
-from moeprune.io import atomic_directory, describe_output
-from moeprune.layerwise.checkpoint import ShardedCheckpoint
-from moeprune.layerwise.pipeline import DEFAULT_HIDDEN_BUDGET, walk
+from moeprune.store.checkpoint import atomic_directory, describe_output
+from moeprune.store.sharded import ShardedCheckpoint
+from moeprune.pipeline.loop import DEFAULT_HIDDEN_BUDGET, walk
 from moeprune.methods import PlanRequest, get_method, make_plan
 from moeprune.observe import LayerStats, Stats, model_description
 from moeprune.plan import Plan
@@ -36,7 +36,7 @@ class ShardedWeights:
         return sorted(self._blocks)
 
     def layer(self, i: int):
-        from moeprune.layerwise.checkpoint import free
+        from moeprune.store.sharded import free
         from moeprune.methods.access import LayerAccess
 
         if self._loaded != i:
@@ -97,7 +97,7 @@ def perplexity_layerwise(model_path: str | Path, tokenizer, text_or_path, *, seq
     the model's own final norm and lm_head (`head_logits`). Same result dict, same numbers.
     """
     from moeprune.evaluate.perplexity import _check_model_fits, logits_nll, perplexity_result, text_windows
-    from moeprune.layerwise.activations import head_logits
+    from moeprune.pipeline.activations import head_logits
 
     if batch_size < 1:
         raise MoepruneError(f"--batch-size must be at least 1 (got {batch_size})")

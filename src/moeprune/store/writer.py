@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 from torch import nn
 from transformers.core_model_loading import revert_weight_conversion
 
-from moeprune.layerwise.checkpoint import INDEX_FILE
+from moeprune.store.sharded import INDEX_FILE
 
 
 class ShardWriter:

@@ -27,9 +27,9 @@ from torch import nn
 
 from moeprune.distributed import Ranks
 from moeprune.errors import MoepruneError
-from moeprune.layerwise.activations import HiddenStates, layer_call, run_layer, to_device
-from moeprune.layerwise.checkpoint import ShardedCheckpoint, free
-from moeprune.layerwise.writer import ShardWriter, layer_on_disk
+from moeprune.pipeline.activations import HiddenStates, layer_call, run_layer, to_device
+from moeprune.store.sharded import ShardedCheckpoint, free
+from moeprune.store.writer import ShardWriter, layer_on_disk
 from moeprune.methods.access import LayerAccess
 from moeprune.observe import LayerStats, Stats, model_description
 from moeprune.observe.observer import Observer, calibration_facts, probe_positions

@@ -1,12 +1,12 @@
 """Out-of-core pruning: read, observe, prune and write a checkpoint one decoder layer at a time.
 
-Peak memory is about one decoder layer, not the model: see `pipeline.py` for the loop and
-`checkpoint.py` for how a layer is read through transformers' own key conversion.
+Peak memory is about one decoder layer, not the model: see `loop.py` for the loop and
+`moeprune.store.sharded` for how a layer is read through transformers' own key conversion.
 """
 
-from moeprune.layerwise.checkpoint import ShardedCheckpoint, available_memory, free
-from moeprune.layerwise.pipeline import walk
-from moeprune.layerwise.run import (
+from moeprune.store.sharded import ShardedCheckpoint, available_memory, free
+from moeprune.pipeline.loop import walk
+from moeprune.pipeline.run import (
     ShardedWeights,
     apply_layerwise,
     forward_layerwise,

@@ -92,7 +92,7 @@ class ShardedCheckpoint:
     """
 
     def __init__(self, path: str | Path, *, dtype: str | torch.dtype = "auto", device: str = "cpu"):
-        from moeprune.io import load_config
+        from moeprune.store.checkpoint import load_config
 
         self.path = Path(path)
         config = load_config(self.path)
@@ -205,7 +205,7 @@ class ShardedCheckpoint:
             # shard the loader touched (the per-expert sources too) resident until the view dies: copy it
             owner, _, leaf = name.rpartition(".")
             layer.get_submodule(owner)._parameters[leaf] = nn.Parameter(p.detach().clone(), requires_grad=False)
-        from moeprune.io import refuse_nonfinite
+        from moeprune.store.checkpoint import refuse_nonfinite
 
         refuse_nonfinite(layer.named_parameters(prefix=prefix.rstrip(".")), self.path)
         if self.device != "cpu":
