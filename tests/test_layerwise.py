@@ -17,7 +17,7 @@ from moeprune.arch.tiny import TINY_FAMILIES
 from moeprune.cli import main
 from moeprune.errors import MoepruneError
 from moeprune.store.checkpoint import load_model
-from moeprune.pipeline import ShardedCheckpoint, apply_layerwise, observe_layerwise
+from moeprune.pipeline import ShardedCheckpoint, observe_layerwise
 from moeprune.methods import METHODS
 from moeprune.observe import Stats, observe
 from moeprune.plan import Plan
@@ -170,7 +170,7 @@ def test_two_pass_path_for_methods_that_rank_all_layers(checkpoint, calib_file, 
     monkeypatch.setattr(MethodSpec, "layer_local", lambda self, cfg: calls.append(self.name) or False)
     whole = moeprune.prune(path, "reap", tmp_path / "whole", layerwise=False, **args)
     streamed = moeprune.prune(path, "reap", tmp_path / "streamed", layerwise=True, **args)
-    assert calls == ["reap"]
+    assert calls == ["reap", "reap"]  # both sources take the same two-pass walk
     _assert_same_checkpoint(whole, streamed)
     with pytest.raises(MoepruneError, match="drop --sequential"):
         moeprune.prune(path, "reap", tmp_path / "seq", sequential=True, **args)
@@ -183,7 +183,7 @@ def test_apply_layerwise_equals_in_memory_apply(checkpoint, calib_file, tmp_path
     plan = Plan.load(tmp_path / "first" / "moeprune_plan.json")
     stats = Stats.load(stats_dir)
     whole = moeprune.apply_checkpoint(path, plan, tmp_path / "whole", stats=stats, layerwise=False)
-    streamed = apply_layerwise(path, plan, tmp_path / "streamed", stats=stats)
+    streamed = moeprune.apply_checkpoint(path, plan, tmp_path / "streamed", stats=stats, layerwise=True)
     _assert_same_checkpoint(whole, streamed)
 
 
@@ -221,12 +221,12 @@ def test_sequential_stats_see_the_pruned_earlier_layers(checkpoint, calib_file, 
 def test_layerwise_failure_leaves_nothing_and_input_untouched(checkpoint, calib_file, tmp_path, monkeypatch):
     src = copy_checkpoint(checkpoint("mixtral"), tmp_path / "src")
     before = tree_digest(src)
-    from moeprune.pipeline import loop as pipeline
+    from moeprune.pipeline import sources
 
     def broken(*a, **k):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(pipeline, "free", broken)  # fails after the first layer is written
+    monkeypatch.setattr(sources, "free", broken)  # fails after the first layer is written
     with pytest.raises(RuntimeError, match="disk full"):
         moeprune.prune(src, "reap", tmp_path / "out", calib=str(calib_file), layerwise=True, **PRUNE)
     assert sorted(os.listdir(tmp_path)) == ["src"]
@@ -259,16 +259,20 @@ def test_cli_prune_layerwise_and_auto_choice(checkpoint, calib_file, tmp_path, c
             "--samples", "4", "--seq-len", "32", "--batch-size", "2"]
     assert main([*argv, "--out", str(tmp_path / "a"), "--layerwise"]) == 0
     assert "layer by layer (as asked)" in capsys.readouterr().err
-    import moeprune.pipeline as lw
+    import moeprune.runtime as rt
 
-    monkeypatch.setattr(lw, "available_memory", lambda: 1000)  # weights now exceed half the free memory
+    monkeypatch.setattr(rt, "available_memory", lambda: 10**12)  # plenty of memory: still layer by layer
     assert main([*argv, "--out", str(tmp_path / "b")]) == 0
-    assert "layer by layer (weights" in capsys.readouterr().err
+    assert "layer by layer (the default)" in capsys.readouterr().err
     _assert_same_checkpoint(tmp_path / "a", tmp_path / "b")
-    monkeypatch.setattr(lw, "available_memory", lambda: 10**12)
-    assert main([*argv, "--out", str(tmp_path / "c")]) == 0
-    assert "whole model in memory" in capsys.readouterr().err
+    assert main([*argv, "--out", str(tmp_path / "c"), "--in-memory"]) == 0
+    assert "whole model in memory (as asked)" in capsys.readouterr().err
     _assert_same_checkpoint(tmp_path / "a", tmp_path / "c")
+    monkeypatch.setattr(rt, "available_memory", lambda: 1000)  # the whole model would not fit: refused up front
+    assert main([*argv, "--out", str(tmp_path / "g"), "--in-memory"]) == 2
+    assert "needs the whole model in memory" in capsys.readouterr().err
+    assert not (tmp_path / "g").exists()
+    monkeypatch.setattr(rt, "available_memory", lambda: 10**12)
     assert main([*argv, "--out", str(tmp_path / "d"), "--sequential", "--in-memory"]) != 0
     assert "--sequential works layer by layer" in capsys.readouterr().err
     spill = tmp_path / "spill"
@@ -284,7 +288,7 @@ def test_cli_prune_layerwise_and_auto_choice(checkpoint, calib_file, tmp_path, c
 
 @pytest.mark.parametrize("version", ["v1", "v2"])
 def test_cgroup_limit_counts_as_available_memory(version, tmp_path):
-    from moeprune.store.sharded import _cgroup_headroom
+    from moeprune.runtime import _cgroup_headroom
 
     proc = tmp_path / "cgroup"
     if version == "v1":

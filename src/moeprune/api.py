@@ -11,72 +11,47 @@ top-k, groups, output directory, calibration text) before the expensive calibrat
 
 from __future__ import annotations
 
-import copy
-from contextlib import contextmanager
 from pathlib import Path
-
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
 
 from moeprune.arch import decoder_layers, get_adapter
 from moeprune.data import Calibration, calibration_blocks
 from moeprune.distributed import Ranks
 from moeprune.errors import MoepruneError
-from moeprune.store.checkpoint import (
-    check_weight_files,
-    load_config,
-    load_model,
-    load_tokenizer,
-    parameter_counts,
-    save_checkpoint,
+from moeprune.methods import METHODS, PlanRequest, get_method, make_plan
+from moeprune.observe import Stats, check_same_model, model_description
+from moeprune.outputs import (
+    atomic_directory,
+    check_output_dir,
+    check_output_file,
+    check_separate,
+    write_file_atomically,
 )
-from moeprune.methods import PlanRequest, get_method, make_plan
-from moeprune.methods.access import ModelWeights
-from moeprune.observe import LayerStats, Stats, check_same_model, model_description, observe
-from moeprune.outputs import atomic_directory, check_output_dir, check_output_file, check_separate
+from moeprune.pipeline import run as pipeline
+from moeprune.pipeline.run import empty_stats
+from moeprune.pipeline.sources import open_source
 from moeprune.plan import Plan, budget
-from moeprune.runtime import check_device
-from moeprune.settings import check_ratio, check_seq_len, check_settings
-from moeprune.surgery import apply_plan
+from moeprune.runtime import (
+    Terminated,
+    check_device,
+    layer_progress,
+    signals_as_exceptions,
+)
+from moeprune.settings import (
+    BudgetRequest,
+    CalibrationRequest,
+    OutputRequest,
+    RuntimeRequest,
+    check_ratio,
+    check_seq_len,
+    check_settings,
+)
+from moeprune.store.checkpoint import check_weight_files, load_config, load_tokenizer, parameter_counts
 
-__all__ = ["apply_checkpoint", "check_output_dir", "check_output_file", "check_separate", "empty_stats", "inspect",
-           "make_plan_for", "model_facts", "model_weights", "observe_checkpoint", "prune", "resolve_device",
-           "write_plan", "write_stats"]
-
-
-@contextmanager
-def progress_bar(description: str, total: int, enabled: bool = True):
-    """A rich progress bar on stderr; yields a callback taking the number of items done."""
-    if not enabled:
-        yield None
-        return
-    with _progress() as bar, _vanish_on_failure(bar):
-        task = bar.add_task(description, total=total)
-        yield lambda done: bar.update(task, completed=done)
-
-
-@contextmanager
-def _vanish_on_failure(bar: Progress):
-    """A failed or interrupted run's last line is its error: the bar is not redrawn after it stops."""
-    try:
-        yield
-    except BaseException:
-        bar.live.transient = True
-        raise
-
-
-def _progress() -> Progress:
-    from rich.console import Console
-
-    # progress goes to stderr, so that stdout holds only results (tables, JSON) a script may read
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    TextColumn("eta"), TimeRemainingColumn(), transient=False, console=Console(stderr=True))
+__all__ = ["METHODS", "BudgetRequest", "CalibrationRequest", "MoepruneError", "OutputRequest", "Plan", "Ranks",
+           "RuntimeRequest", "Stats", "Terminated", "apply_checkpoint", "check_output_dir", "check_output_file",
+           "check_separate", "empty_stats", "get_method", "inspect", "make_plan_for", "model_facts",
+           "model_weights", "observe_checkpoint", "open_source", "prune", "resolve_device",
+           "signals_as_exceptions", "write_file_atomically", "write_plan", "write_stats"]
 
 
 def inspect(model_path: str | Path) -> dict:
@@ -120,10 +95,29 @@ def inspect(model_path: str | Path) -> dict:
     }
 
 
-def _budget_for(config, ratio, experts, flatten_groups) -> int:
-    a = get_adapter(config)
-    return budget(a.num_experts, a.top_k, ratio=ratio, experts=experts, n_group=a.n_group,
-                  min_per_group=a.min_experts_per_group, flatten_groups=flatten_groups)
+def _runtime(device, batch_size, layerwise, sequential=False, offload_dir=None, hidden_memory=2.0,
+             progress=True) -> RuntimeRequest:
+    """The runtime request of the keyword API (`layerwise=False` asks for the whole model in memory)."""
+    return RuntimeRequest(device=device, batch_size=batch_size, in_memory=None if layerwise is None else not layerwise,
+                          sequential=sequential, offload_dir=offload_dir, hidden_memory=hidden_memory,
+                          progress=progress)
+
+
+def _tell(notify, source, why: str) -> None:
+    if notify is not None:
+        notify(f"{'whole model in memory' if source.in_memory else 'layer by layer'} ({why})")
+
+
+def _check_calibration(calib: CalibrationRequest, config) -> None:
+    if calib.text is not None:
+        check_seq_len(calib.seq_len, config)
+
+
+def _tokenise(calib: CalibrationRequest, model_path, config, notify) -> Calibration:
+    """Tokenising is cheap next to the pass: done before any weight is read, so bad text fails fast."""
+    return calibration_blocks(load_tokenizer(calib.tokenizer or model_path), calib.text, samples=calib.samples,
+                              seq_len=calib.seq_len, seed=calib.seed, field=calib.field, template=calib.template,
+                              vocab_size=getattr(config, "vocab_size", None), notify=notify)
 
 
 def observe_checkpoint(
@@ -137,53 +131,40 @@ def observe_checkpoint(
 
     `model` and `calibration` may be passed in when the caller already loaded them. Under torchrun
     (`ranks`, default `Ranks.from_env(device)`) every process runs its share of the batches and all
-    return the same merged statistics; only the main process shows the progress bar. `layerwise`
-    (default: when the weights exceed half the free memory) runs one decoder layer at a time.
+    return the same merged statistics; only the main process shows the progress bar. The checkpoint
+    is read one decoder layer at a time unless `layerwise=False` (the whole model in memory).
     """
+    request = CalibrationRequest(calib, samples=samples, seq_len=seq_len, seed=seed, probe_size=probe_size,
+                                 field=calib_field, template=calib_template, tokenizer=tokenizer)
+    runtime = _runtime(device, batch_size, layerwise, offload_dir=offload_dir, hidden_memory=hidden_memory,
+                       progress=progress)
+    return observe_request(model_path, request, runtime, model=model, calibration=calibration, ranks=ranks,
+                           notify=notify)
+
+
+def observe_request(model_path, calib: CalibrationRequest, runtime: RuntimeRequest, *, model=None,
+                    calibration: Calibration | None = None, ranks: Ranks | None = None, notify=None) -> Stats:
+    """`observe_checkpoint` with its settings as requests (what the CLI and sweep call)."""
     from moeprune.novice import refuse_novice_input
 
-    check_settings(samples=samples, seq_len=seq_len, batch_size=batch_size, seed=seed, probe_size=probe_size,
-                   hidden_memory=hidden_memory)
     refuse_novice_input(model_path, model, action="observe")
-    device = check_device(device)
-    use_layerwise, why = False, "model given"
+    device = check_device(runtime.device)
     config = model.config if model is not None else load_config(model_path)
     if model is None:
         get_adapter(config)
-        check_seq_len(seq_len, config)
-        check_offload_dir(offload_dir, {"model": model_path, "--calib": calib, "--tokenizer": tokenizer})
+        _check_calibration(calib, config)
+        check_offload_dir(runtime.offload_dir, {"model": model_path, "--calib": calib.text,
+                                                "--tokenizer": calib.tokenizer})
         check_weight_files(model_path)
-        use_layerwise, why = choose_layerwise(model_path, layerwise)
-    cal = calibration or calibration_blocks(load_tokenizer(tokenizer or model_path), calib, samples=samples,
-                                            seq_len=seq_len, seed=seed, field=calib_field, template=calib_template,
-                                            vocab_size=getattr(config, "vocab_size", None), notify=notify)
+    cal = calibration or _tokenise(calib, model_path, config, notify)
     ranks = ranks if ranks is not None else Ranks.from_env(device)
+    source, why = open_source(model_path, runtime, model=model, device=ranks.device(device))
     if ranks.is_main and calibration is None:
-        _tell(notify, use_layerwise, why)
-    if use_layerwise:
-        from moeprune.pipeline import observe_layerwise
-
-        with layer_progress("calibrating", progress and ranks.is_main) as cb:
-            return observe_layerwise(model_path, cal.input_ids, batch_size=batch_size, probe_size=probe_size,
-                                     seed=seed, calibration=cal.provenance, device=ranks.device(device),
-                                     ranks=ranks, progress=cb, offload_dir=offload_dir,
-                                     hidden_budget=int(hidden_memory * 1024**3))
-    model = model if model is not None else load_model(model_path, device=ranks.device(device))
-    N = cal.input_ids.shape[0]
-    mine = sum(min(batch_size, N - s) for s in ranks.batch_starts(list(range(0, N, batch_size))))
-    what = "calibrating" if ranks.world == 1 else f"calibrating (rank 0 of {ranks.world})"
-    with progress_bar(what, mine, progress and ranks.is_main) as cb:
-        return observe(model, cal.input_ids, batch_size=batch_size, probe_size=probe_size, seed=seed,
-                       calibration=cal.provenance, source=str(model_path), progress=cb, ranks=ranks)
-
-
-def empty_stats(model, source: str | None = None) -> Stats:
-    """Statistics with no calibration, for methods that read only the weights."""
-    adapter = get_adapter(model.config)
-    desc = model_description(model, adapter, source)
-    E, H = desc["num_experts"], desc["hidden_size"]
-    layers = {i: LayerStats.empty(i, E, H) for i in desc["moe_layers"]}
-    return Stats(model=desc, calibration={}, layers=layers)
+        _tell(notify, source, why)
+    with layer_progress("calibrating", runtime.progress and ranks.is_main) as cb:
+        return pipeline.observe(source, cal.input_ids, batch_size=runtime.batch_size, probe_size=calib.probe_size,
+                                seed=calib.seed, calibration=cal.provenance, ranks=ranks, progress=cb,
+                                offload_dir=runtime.offload_dir, hidden_budget=runtime.hidden_budget)
 
 
 def make_plan_for(stats: Stats, method: str, *, ratio: float | None = None, experts: int | None = None,
@@ -197,21 +178,22 @@ def make_plan_for(stats: Stats, method: str, *, ratio: float | None = None, expe
 
 
 def model_weights(model_path: str | Path, layerwise: bool | None = None, notify=None, stats: Stats | None = None):
-    """Read access to the expert weights of a checkpoint for planning: the whole model, or one layer at a time.
+    """Read access to the expert weights of a checkpoint for planning: one layer at a time, or the whole model.
 
     With `stats`, they must have been observed on a model of this shape (checked before any weight is read).
     """
+    from moeprune.methods.access import ModelWeights
+    from moeprune.pipeline.run import ShardedWeights
+
     if stats is not None:
         check_same_model(stats.model, model_facts(model_path), what="the statistics", model=str(model_path),
                          fix="plan with statistics observed on this model, or pass its own --model")
     check_weight_files(model_path)
-    use_layerwise, why = choose_layerwise(model_path, layerwise)
-    _tell(notify, use_layerwise, why)
-    if use_layerwise:
-        from moeprune.pipeline import ShardedCheckpoint, ShardedWeights
-
-        return ShardedWeights(ShardedCheckpoint(model_path))
-    return ModelWeights(load_model(model_path))
+    source, why = open_source(model_path, _runtime("cpu", 8, layerwise))
+    _tell(notify, source, why)
+    if source.in_memory:
+        return ModelWeights(source.model)
+    return ShardedWeights(source.ck)
 
 
 def resolve_device(device: str) -> str:
@@ -250,9 +232,9 @@ def check_offload_dir(offload_dir: str | Path | None, inputs: dict) -> None:
 
 def _expected_output_bytes(model_path: str | Path, keep: int, num_experts: int) -> int:
     """A lower bound of the pruned checkpoint's size (every weight scaled by keep/E): refusing below it is safe."""
-    from moeprune.novice import weights_bytes
+    from moeprune.runtime import weights_on_disk
 
-    return int((weights_bytes(model_path) or 0) * keep / max(num_experts, 1))
+    return int(weights_on_disk(model_path) * keep / max(num_experts, 1))
 
 
 def apply_checkpoint(model_path: str | Path, plan: Plan, out: str | Path, *, force: bool = False,
@@ -262,10 +244,11 @@ def apply_checkpoint(model_path: str | Path, plan: Plan, out: str | Path, *, for
     """Apply `plan` to the checkpoint at `model_path` and write the result to `out`.
 
     A plan with novices (MoNE) needs `stats`, the statistics it was made from, for the novice vectors.
-    `layerwise` (default: when the checkpoint is large next to free memory) streams it layer by layer.
-    `notify(message)` hears which way was chosen, once the inputs passed their checks. `input_paths`
-    names the files the plan and stats came from (`{"plan": ..., "--stats": ...}`), which `out` must not touch.
-    Every check (paths, plan against the model's shape, stats against both) runs before any weight is read.
+    The checkpoint is read and written one decoder layer at a time unless `layerwise=False`; a
+    `model` in memory is the source when given (it is not modified). `notify(message)` hears which
+    way was chosen, once the inputs passed their checks. `input_paths` names the files the plan and
+    stats came from (`{"plan": ..., "--stats": ...}`), which `out` must not touch. Every check (paths,
+    plan against the model's shape, stats against both) runs before any weight is read.
     """
     from moeprune.novice import check_novice_plan, novice_vectors, refuse_novice_input
 
@@ -286,19 +269,10 @@ def apply_checkpoint(model_path: str | Path, plan: Plan, out: str | Path, *, for
     plan.validate(facts)
     if model is None:
         check_weight_files(model_path)
-    use_layerwise, why = choose_layerwise(model_path, layerwise) if model is None else (False, "model given")
-    _tell(notify, use_layerwise, why)
-    if use_layerwise:
-        from moeprune.pipeline import apply_layerwise
-
-        with layer_progress("applying", progress) as cb:
-            return apply_layerwise(model_path, plan, out, stats=stats, force=force, command=command,
-                                   device=device, progress=cb)
-    model = copy.deepcopy(model) if model is not None else load_model(model_path, device=device)
-    before = parameter_counts(model)
-    apply_plan(model, plan, stats=stats)
-    return save_checkpoint(model, out, source=str(model_path), plan=plan, before=before, force=force,
-                           command=command)
+    source, why = open_source(model_path, _runtime(device, 8, layerwise), model=model)
+    _tell(notify, source, why)
+    with layer_progress("applying", progress) as cb:
+        return pipeline.apply(source, plan, out, stats=stats, force=force, command=command, progress=cb)
 
 
 def write_stats(stats: Stats, out: str | Path, *, force: bool = False) -> Path:
@@ -316,46 +290,6 @@ def write_plan(plan: Plan, out: str | Path) -> Path:
     return Path(out)
 
 
-def _tell(notify, layerwise: bool, why: str) -> None:
-    if notify is not None:
-        notify(f"{'layer by layer' if layerwise else 'whole model in memory'} ({why})")
-
-
-def choose_layerwise(model_path: str | Path, requested: bool | None) -> tuple[bool, str]:
-    """Whether to work layer by layer, and why: as requested, else when the weights exceed half the free memory."""
-    from moeprune.pipeline import available_memory
-    from moeprune.novice import weights_bytes
-
-    size = weights_bytes(model_path) or 0
-    safetensors = any(Path(model_path).glob("*.safetensors"))
-    if requested is not None:
-        if requested and not safetensors:
-            raise MoepruneError(f"{model_path} has no safetensors weights, which layer-by-layer work reads; "
-                                "convert the checkpoint or use --in-memory")
-        return requested, "as asked"
-    free = available_memory()
-    gb = 1024**3
-    if safetensors and free is not None and size > free / 2:
-        return True, f"weights {size / gb:.1f} GiB > half of the {free / gb:.1f} GiB available"
-    return False, f"weights {size / gb:.2f} GiB fit in the {(free or 0) / gb:.1f} GiB available"
-
-
-@contextmanager
-def layer_progress(description: str, enabled: bool = True):
-    """A progress callback for the layer-by-layer loop (`walk`): a bar over the decoder layers."""
-    state: dict = {}
-    if not enabled:
-        yield None
-        return
-    with _progress() as bar, _vanish_on_failure(bar):
-        def update(what: str, done: int, total: int) -> None:
-            if "task" not in state:
-                state["task"] = bar.add_task(description, total=total)
-            bar.update(state["task"], completed=done, description=f"{description} {what}")
-
-        yield update
-
-
 def prune(
     model_path: str | Path, method: str, out: str | Path, *, ratio: float | None = None, experts: int | None = None,
     calib: str | None = None, samples: int = 128, seq_len: int = 512, batch_size: int = 8, seed: int = 0,
@@ -365,86 +299,93 @@ def prune(
     options: dict | None = None, layerwise: bool | None = None, sequential: bool = False,
     offload_dir: str | Path | None = None, hidden_memory: float = 2.0, notify=None,
 ) -> Path:
-    """The whole flow: check inputs, observe, plan, apply, save.
+    """The whole flow: check inputs, observe, plan, apply, save (the keyword form of `prune_request`).
 
-    `layerwise` reads, observes, prunes and writes one decoder layer at a time, in memory bounded by
-    about one layer (default: when the weights exceed half the free memory). `sequential` (implies
-    layerwise) applies each layer's plan before its outputs feed the next layer. Hidden states of the
-    calibration batches beyond `hidden_memory` GiB go to files under `offload_dir`. `notify(message)` hears which
-    way was chosen, once the inputs passed their checks.
+    The checkpoint is read, observed, pruned and written one decoder layer at a time, in memory
+    bounded by about one layer, unless `layerwise=False` (the whole model in memory: same walk, same
+    result). `sequential` applies each layer's plan before its outputs feed the next layer. Hidden
+    states of the calibration batches beyond `hidden_memory` GiB go to files under `offload_dir`.
+    `notify(message)` hears which way was chosen, once the inputs passed their checks.
     """
+    return prune_request(
+        model_path, method,
+        CalibrationRequest(calib, samples=samples, seq_len=seq_len, seed=seed, probe_size=probe_size,
+                           field=calib_field, template=calib_template, tokenizer=tokenizer),
+        BudgetRequest(ratio, experts, flatten_groups),
+        OutputRequest(out, force=force, command=command, stats_path=stats_out),
+        _runtime(device, batch_size, layerwise, sequential, offload_dir, hidden_memory, progress),
+        options=options, notify=notify)
+
+
+def check_prune(model_path, method: str, calib: CalibrationRequest, budget_request: BudgetRequest,
+                output: OutputRequest, runtime: RuntimeRequest, options: dict | None = None, notify=None):
+    """Every cheap check of a prune, before anything expensive; returns (config, adapter, keep)."""
     from moeprune.novice import refuse_novice_input
 
-    check_settings(samples=samples, seq_len=seq_len, batch_size=batch_size, seed=seed, probe_size=probe_size,
-                   hidden_memory=hidden_memory)
-    check_ratio(ratio)
     refuse_novice_input(model_path)
     config = load_config(model_path)
     adapter = get_adapter(config)
     spec = get_method(method)
-    options = dict(options or {})
-    cfg = spec.default_config(**options)
-    keep = _budget_for(config, ratio, experts, flatten_groups)
-    if spec.kind == "novice" and adapter.n_group > 1 and not flatten_groups:
+    cfg = spec.default_config(**dict(options or {}))
+    keep = budget(adapter.num_experts, adapter.top_k, ratio=budget_request.ratio, experts=budget_request.experts,
+                  n_group=adapter.n_group, min_per_group=adapter.min_experts_per_group,
+                  flatten_groups=budget_request.flatten_groups)
+    if spec.kind == "novice" and adapter.n_group > 1 and not budget_request.flatten_groups:
         raise MoepruneError(f"method {method} keeps every router row and routes to novices, which moeprune does not "
                             f"support with group-limited routing (n_group={adapter.n_group}); pass "
                             "--flatten-groups to route without groups")
-    if sequential and layerwise is False:
-        raise MoepruneError("--sequential works layer by layer; drop --in-memory")
-    device = check_device(device)
+    check_device(runtime.device)
     # a method whose need depends on its options says why through `calibration_reason()` (e.g. dek)
     reason = cfg.calibration_reason() if hasattr(cfg, "calibration_reason") else None
-    if (spec.needs_calibration or reason) and calib is None:
+    if (spec.needs_calibration or reason) and calib.text is None:
         why = f" ({reason})" if reason else ""
         raise MoepruneError(f"method {method} needs calibration text{why}: pass --calib PATH")
-    if calib is not None:
-        check_seq_len(seq_len, config)
-    inputs = {"model": model_path, "--calib": calib, "--tokenizer": tokenizer}
-    check_separate(inputs, {"--out": out, "--save-stats": stats_out, "--offload-dir": offload_dir})
-    check_offload_dir(offload_dir, inputs)
-    check_output_dir(out, force, inputs, expected_bytes=_expected_output_bytes(model_path, keep, adapter.num_experts),
-                     notify=notify)
-    if stats_out is not None:
-        check_output_dir(stats_out, force, inputs, what="--save-stats", notify=notify)
+    _check_calibration(calib, config)
+    inputs = {"model": model_path, "--calib": calib.text, "--tokenizer": calib.tokenizer}
+    check_separate(inputs, {"--out": output.path, "--save-stats": output.stats_path,
+                            "--offload-dir": runtime.offload_dir})
+    check_offload_dir(runtime.offload_dir, inputs)
+    check_output_dir(output.path, output.force, inputs,
+                     expected_bytes=_expected_output_bytes(model_path, keep, adapter.num_experts), notify=notify)
+    if output.stats_path is not None:
+        check_output_dir(output.stats_path, output.force, inputs, what="--save-stats", notify=notify)
     check_weight_files(model_path)
-    use_layerwise, why = choose_layerwise(model_path, True if sequential else layerwise)
-    why = "--sequential works layer by layer" if sequential else why
-    cal = None
-    if calib is not None:
-        # tokenising is cheap next to the pass: do it before loading the model so bad text fails fast
-        cal = calibration_blocks(load_tokenizer(tokenizer or model_path), calib, samples=samples, seq_len=seq_len,
-                                 seed=seed, field=calib_field, template=calib_template,
-                                 vocab_size=getattr(config, "vocab_size", None), notify=notify)
-    ranks = Ranks.from_env(device)  # under torchrun the calibration batches are shared; rank 0 writes
-    if ranks.is_main:
-        _tell(notify, use_layerwise, why)
-    if use_layerwise:
-        from moeprune.pipeline import prune_layerwise
+    return config, spec, cfg, keep
 
-        with layer_progress("pruning", progress and ranks.is_main) as cb:
-            path, stats, _ = prune_layerwise(
-                model_path, method, out, keep=keep,
-                input_ids=None if cal is None else cal.input_ids, calibration=None if cal is None else cal.provenance,
-                batch_size=batch_size, probe_size=probe_size, seed=seed, flatten_groups=flatten_groups,
-                options=options, sequential=sequential, force=force, command=command, device=ranks.device(device),
-                progress=cb, offload_dir=offload_dir, hidden_budget=int(hidden_memory * 1024**3), ranks=ranks)
-        if stats_out is not None and stats is not None and ranks.is_main:
-            write_stats(stats, stats_out, force=force)
-        return path
-    model = load_model(model_path, device=ranks.device(device))
-    if cal is not None:
-        stats = observe_checkpoint(model_path, calib, batch_size=batch_size, seed=seed, probe_size=probe_size,
-                                   progress=progress, model=model, calibration=cal, ranks=ranks)
-    else:
-        stats = empty_stats(model, str(model_path))
-    if not ranks.is_main:
-        return Path(out)
-    plan = make_plan_for(stats, method, ratio=ratio, experts=experts, flatten_groups=flatten_groups,
-                         weights=ModelWeights(model), options=options)
-    before = parameter_counts(model)
-    apply_plan(model, plan, stats=stats)
-    path = save_checkpoint(model, out, source=str(model_path), plan=plan, before=before, force=force,
-                           command=command)
-    if stats_out is not None and calib is not None:
-        write_stats(stats, stats_out, force=force)
+
+def prune_request(model_path, method: str, calib: CalibrationRequest, budget_request: BudgetRequest,
+                  output: OutputRequest, runtime: RuntimeRequest, *, options: dict | None = None,
+                  notify=None) -> Path:
+    """Check everything, tokenise, then one walk (two for methods that rank all layers) that writes `output`."""
+    options = dict(options or {})
+    config, spec, cfg, keep = check_prune(model_path, method, calib, budget_request, output, runtime, options,
+                                          notify)
+    cal = _tokenise(calib, model_path, config, notify) if calib.text is not None else None
+    device = check_device(runtime.device)
+    ranks = Ranks.from_env(device)  # under torchrun the calibration batches are shared; rank 0 writes
+    # a method that reads every layer's weights at once to plan needs them all in memory
+    all_weights = spec.needs_weights and not spec.layer_local(cfg)
+    if all_weights and runtime.in_memory is False:
+        raise MoepruneError(f"{method} with these options needs every layer's weights at once, which layer-by-layer "
+                            "pruning does not hold; use --in-memory")
+    source, why = open_source(model_path, runtime, device=ranks.device(device),
+                              needs_whole_model=f"{method}'s cross-layer weight reads" if all_weights else None)
+    why = "--sequential works layer by layer" if runtime.sequential else why
+    if ranks.is_main:
+        _tell(notify, source, why)
+    weights = None
+    if all_weights:
+        from moeprune.methods.access import ModelWeights
+
+        weights = ModelWeights(source.model)
+    with layer_progress("pruning", runtime.progress and ranks.is_main) as cb:
+        path, stats, _ = pipeline.prune(
+            source, method, output.path, keep=keep, input_ids=None if cal is None else cal.input_ids,
+            calibration=None if cal is None else cal.provenance, batch_size=runtime.batch_size,
+            probe_size=calib.probe_size, seed=calib.seed, flatten_groups=budget_request.flatten_groups,
+            options=options, sequential=runtime.sequential, force=output.force, command=output.command,
+            ranks=ranks, progress=cb, weights=weights, offload_dir=runtime.offload_dir,
+            hidden_budget=runtime.hidden_budget)
+    if output.stats_path is not None and stats is not None and ranks.is_main:
+        write_stats(stats, output.stats_path, force=output.force)
     return path

@@ -342,7 +342,8 @@ def evaluate(
     decoder layer at a time; lm-eval tasks need the whole model.
     """
     from moeprune.api import check_output_file
-    from moeprune.evaluate import evaluate_models, parse_task_texts, render_table
+    from moeprune.evaluate import parse_task_texts, render_table
+    from moeprune.evaluation import evaluate_models
     from moeprune.outputs import write_file_atomically
     from moeprune.settings import check_settings
 

@@ -65,7 +65,7 @@ def run_demo(*, methods: Sequence[str] = (DEFAULT_METHOD,), ratio: float = 0.25,
     training split; perplexity and tasks use the test split.
     """
     from moeprune.api import prune
-    from moeprune.evaluate import evaluate_models
+    from moeprune.evaluation import evaluate_models
     from moeprune.plan import Plan
     from moeprune.testbed import train as tb
 

@@ -8,6 +8,8 @@ are refused for every real option, since they pass comparisons like `x <= 0` unn
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from pathlib import Path
 
 from moeprune.errors import MoepruneError
 
@@ -58,3 +60,66 @@ def check_seq_len(seq_len: int, config, what: str = "--seq-len") -> None:
 def check_ratio(ratio: float | None) -> None:
     if ratio is not None and not math.isfinite(ratio):
         raise MoepruneError(f"--ratio {ratio} is not a finite number: give the fraction of experts to remove")
+
+
+# ---- requests: what a driver is asked to do, passed whole to the pipeline -------------------------
+@dataclass(frozen=True)
+class CalibrationRequest:
+    """Which text calibrates, how it is cut into sequences, and how many probe tokens each layer keeps."""
+
+    text: str | None = None  # a file (.txt/.jsonl/.json), a directory of them, or None for weight-only methods
+    samples: int = 128
+    seq_len: int = 512
+    seed: int = 0
+    probe_size: int = 512
+    field: str | None = None
+    template: str | None = None
+    tokenizer: str | None = None  # default: the model's own
+
+    def __post_init__(self):
+        check_settings(samples=self.samples, seq_len=self.seq_len, seed=self.seed, probe_size=self.probe_size)
+
+
+@dataclass(frozen=True)
+class BudgetRequest:
+    """How many experts each MoE layer keeps: a fraction removed (`ratio`) or a count (`experts`)."""
+
+    ratio: float | None = None
+    experts: int | None = None
+    flatten_groups: bool = False
+
+    def __post_init__(self):
+        check_ratio(self.ratio)
+
+
+@dataclass(frozen=True)
+class OutputRequest:
+    """Where results go; `force` replaces only an earlier moeprune output."""
+
+    path: str | Path
+    force: bool = False
+    command: str | None = None  # recorded in the model card
+    stats_path: str | Path | None = None  # also save the statistics here
+
+
+@dataclass(frozen=True)
+class RuntimeRequest:
+    """How the work runs: device, batch size, which weight source, where spilled hidden states go."""
+
+    device: str = "cpu"
+    batch_size: int = 8
+    in_memory: bool | None = None  # None: layer by layer when the checkpoint has safetensors weights
+    sequential: bool = False
+    offload_dir: str | Path | None = None
+    hidden_memory: float = 2.0  # GiB of hidden states kept in memory before spilling to offload_dir
+    progress: bool = True
+
+    def __post_init__(self):
+        check_settings(batch_size=self.batch_size, hidden_memory=self.hidden_memory)
+        if self.sequential and self.in_memory:
+            raise MoepruneError("--sequential works layer by layer; drop --in-memory")
+
+    @property
+    def hidden_budget(self) -> int:
+        """Bytes of hidden states kept in memory."""
+        return int(self.hidden_memory * 1024**3)

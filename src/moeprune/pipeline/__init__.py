@@ -1,19 +1,26 @@
-"""Out-of-core pruning: read, observe, prune and write a checkpoint one decoder layer at a time.
+"""The pipeline: one walk over the decoder layers of a weight source (a checkpoint read layer by layer, or a
+model in memory), observing, planning, applying and writing as it goes.
 
-Peak memory is about one decoder layer, not the model: see `loop.py` for the loop and
-`moeprune.store.sharded` for how a layer is read through transformers' own key conversion.
+`sources.py` holds the two weight sources, `loop.py` the walk, `run.py` what is done with it
+(observe, prune, apply, forward, perplexity) and `activations.py` how a layer's inputs are captured
+and carried between layers. `moeprune.store.sharded` reads a layer through transformers' own key
+conversion.
 """
 
-from moeprune.store.sharded import ShardedCheckpoint, available_memory, free
 from moeprune.pipeline.loop import walk
 from moeprune.pipeline.run import (
     ShardedWeights,
-    apply_layerwise,
+    apply,
+    forward,
     forward_layerwise,
+    observe,
     observe_layerwise,
+    perplexity,
     perplexity_layerwise,
-    prune_layerwise,
+    prune,
 )
+from moeprune.pipeline.sources import CheckpointSource, ModelSource
+from moeprune.store.sharded import ShardedCheckpoint
 
-__all__ = ["ShardedCheckpoint", "ShardedWeights", "apply_layerwise", "available_memory", "forward_layerwise", "free",
-           "observe_layerwise", "perplexity_layerwise", "prune_layerwise", "walk"]
+__all__ = ["CheckpointSource", "ModelSource", "ShardedCheckpoint", "ShardedWeights", "apply", "forward",
+           "forward_layerwise", "observe", "observe_layerwise", "perplexity", "perplexity_layerwise", "prune", "walk"]

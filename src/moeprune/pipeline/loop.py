@@ -28,8 +28,7 @@ from torch import nn
 from moeprune.distributed import Ranks
 from moeprune.errors import MoepruneError
 from moeprune.pipeline.activations import HiddenStates, layer_call, run_layer, to_device
-from moeprune.store.sharded import ShardedCheckpoint, free
-from moeprune.store.writer import ShardWriter, layer_on_disk
+from moeprune.store.writer import ShardWriter
 from moeprune.methods.access import LayerAccess
 from moeprune.observe import LayerStats, Stats, model_description
 from moeprune.observe.observer import Observer, calibration_facts, probe_positions
@@ -38,27 +37,11 @@ from moeprune.plan import LayerPlan, Plan
 DEFAULT_HIDDEN_BUDGET = 2 * 1024**3  # bytes of hidden states kept in memory before spilling to disk
 
 
-def return_freed_memory_to_the_system() -> None:
-    """Make glibc hand large freed blocks back to the OS at once (Linux only; a no-op elsewhere).
-
-    glibc raises its mmap threshold after each large free (up to 32 MiB), so later MiB-sized buffers
-    (activations, per-expert slices) come from heaps it keeps: a layer-by-layer pass then grew RSS by
-    ~0.2 GiB over 24 layers. A fixed 1 MiB threshold keeps every freed layer's memory out of RSS.
-    """
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
-    except (OSError, AttributeError):
-        pass
-
-
 class _Batches:
     """This rank's calibration batches and their hidden states between layers."""
 
-    def __init__(self, ck: ShardedCheckpoint, input_ids: torch.Tensor, batch_size: int, ranks, budget: int,
-                 offload_dir):
-        self.ck = ck
+    def __init__(self, source, input_ids: torch.Tensor, batch_size: int, ranks, budget: int, offload_dir):
+        self.source = source
         self.input_ids = input_ids  # [N, L]
         self.batch_size = batch_size
         N = input_ids.shape[0]
@@ -73,10 +56,10 @@ class _Batches:
         `sink(input_ids [B, L], outputs [B, L, H])`, if given, receives each batch's outputs instead.
         """
         L = self.input_ids.shape[1]
-        device = self.ck.device
+        device = self.source.device
         for b, s in enumerate(self.starts):
             batch = self.input_ids[s : s + self.batch_size]  # [B, L]
-            h0, args, kwargs = layer_call(self.ck.model, self.ck.layers, batch, i)
+            h0, args, kwargs = layer_call(self.source.model, self.source.layers, batch, i)
             h = h0 if i == 0 else self.hidden.get(b)  # [B, L, H]
             if observer is not None:
                 observer.begin_batch(torch.arange(s * L, (s + batch.shape[0]) * L))
@@ -102,7 +85,7 @@ class LayerwiseResult:
 
 
 def walk(
-    ck: ShardedCheckpoint,
+    source,
     *,
     input_ids: torch.Tensor | None = None,
     batch_size: int = 8,
@@ -120,7 +103,7 @@ def walk(
     on_last: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
     progress=None,
 ) -> LayerwiseResult:
-    """One pass over the decoder layers of `ck`.
+    """One pass over the decoder layers of `source` (a `pipeline.sources` CheckpointSource or ModelSource).
 
     With `input_ids` [N, L] the layers run on the calibration batches, observed when `observe`.
     `plan_layer(i, stats_i, access)` returns layer i's plan and its novice vectors (or None); it is
@@ -132,40 +115,42 @@ def walk(
     if on_last is not None and input_ids is None:
         raise ValueError("on_last needs input_ids")
     ranks = ranks or Ranks()
-    return_freed_memory_to_the_system()
-    adapter = ck.adapter
-    blocks = adapter.moe_blocks(ck.model)
-    desc = model_description(ck.model, adapter, str(ck.path))
+    adapter = source.adapter
+    blocks = source.blocks
+    desc = model_description(source.model, adapter, None if source.path is None else str(source.path))
     started = time.perf_counter()
     batches = None
     wanted = None
     if input_ids is not None:
         N, L = input_ids.shape
         wanted = probe_positions(N * L, probe_size, seed)
-        batches = _Batches(ck, input_ids, batch_size, ranks, hidden_budget, offload_dir)
+        batches = _Batches(source, input_ids, batch_size, ranks, hidden_budget, offload_dir)
     if plan_layer is None and sequential:
         raise MoepruneError("sequential pruning needs a plan for each layer as it goes")
     writer = None
     if write_to is not None:
-        writer = ShardWriter(write_to, num_shards=len(ck.layers) + 1)
-    ck.load_rest()
+        writer = ShardWriter(write_to, num_shards=len(source.layers) + 1)
+    source.prepare()
     stats_layers: dict[int, LayerStats] = {}
     plans: list[LayerPlan] = []
     novice_tensors: dict[str, torch.Tensor] = {}  # for the novice file, gathered as layers are written
-    n_layers = len(ck.layers)
+    n_layers = len(source.layers)
     try:
-        for i, layer in enumerate(ck.layers):
+        for i in range(n_layers):
             if progress is not None:
                 progress(f"layer {i + 1}/{n_layers}", i, n_layers)
-            ck.load_layer(i)
-            block = blocks.get(i)
+            will_change = plan_layer is not None and i in blocks
+            layer, block = source.layer(i, changes=will_change)
             last = i == n_layers - 1
             layer_stats = None
-            will_change = plan_layer is not None and block is not None
-            if batches is not None:
-                keep = not last and not (sequential and will_change)
-                sink = on_last if last and not (sequential and will_change) else None
-                if observe and block is not None:
+            # with `sequential`, the outputs that move on are the pruned layer's, so the unpruned layer runs
+            # only when it is observed
+            pruned_outputs_move_on = sequential and will_change
+            observed = observe and block is not None
+            if batches is not None and (observed or not pruned_outputs_move_on):
+                keep = not last and not pruned_outputs_move_on
+                sink = on_last if last and not pruned_outputs_move_on else None
+                if observed:
                     with Observer(adapter, {i: block}, wanted) as obs:
                         batches.run(i, layer, obs, keep=keep, sink=sink)
                     layer_stats = ranks.reduce_layer_stats(obs.layer_stats())[i]
@@ -180,15 +165,15 @@ def walk(
                 if flatten_groups:
                     adapter.flatten_block_groups(block)
                 plans.append(lp)
-                if sequential and batches is not None and (on_last is not None or not last):
+                if pruned_outputs_move_on and batches is not None and (on_last is not None or not last):
                     batches.run(i, layer, keep=not last, sink=on_last if last else None)
             if writer is not None:
-                writer.write(_layer_tensors(ck, i, layer, block, novice_tensors))
-            free(layer)
+                writer.write(_layer_tensors(source, i, layer, block, novice_tensors))
+            source.release(i, layer)
             if batches is not None:
                 batches.advance()
         if writer is not None:
-            writer.write({k: ck.raw_tensor(k) for k in ck.rest_keys()})  # embeddings, norm, lm_head as stored
+            writer.write(source.rest_tensors())  # embeddings, norm, lm_head
             writer.finish()
     finally:
         if batches is not None:
@@ -206,12 +191,12 @@ def walk(
     return LayerwiseResult(stats, plan, seconds, novice_tensors)
 
 
-def _layer_tensors(ck: ShardedCheckpoint, i: int, layer: nn.Module, block: nn.Module | None,
+def _layer_tensors(source, i: int, layer: nn.Module, block: nn.Module | None,
                    novice_tensors: dict) -> dict[str, torch.Tensor]:
     """Layer i's on-disk tensors; a layer with novices gives its novice tensors to `novice_tensors`."""
     from moeprune.novice import detach_novices, is_novice_experts
 
-    if block is not None and is_novice_experts(ck.adapter.experts(block)):
-        tensors, _ = detach_novices(ck.adapter, block, i)  # the router keeps the kept rows only, as on disk
+    if block is not None and is_novice_experts(source.adapter.experts(block)):
+        tensors, _ = detach_novices(source.adapter, block, i)  # the router keeps the kept rows only, as on disk
         novice_tensors.update(tensors)
-    return layer_on_disk(ck.model, layer, f"{ck.layer_prefix}{i}.")
+    return source.layer_tensors(i, layer)

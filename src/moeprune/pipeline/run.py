@@ -1,22 +1,28 @@
-"""The layer-by-layer counterparts of observe / prune / apply, and the plain layer-by-layer forward.
+"""What the pipeline does with a weight source: observe, prune, apply, and the plain forward and perplexity.
 
-They take the same arguments as the whole-model functions in `moeprune.api` (which choose between
-the two paths) and produce the same statistics, plans and checkpoints.
+Every function takes a source (`pipeline.sources`: a checkpoint read layer by layer, or a model in
+memory) and makes one walk over it (`pipeline.loop.walk`), so both sources produce the same
+statistics, plans and checkpoints through the same code. The `*_layerwise(path, ...)` forms open the
+checkpoint at `path` as the source.
 """
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import torch
 
+from moeprune.arch import get_adapter
 from moeprune.errors import MoepruneError
-from moeprune.store.checkpoint import atomic_directory, describe_output
-from moeprune.store.sharded import ShardedCheckpoint
-from moeprune.pipeline.loop import DEFAULT_HIDDEN_BUDGET, walk
 from moeprune.methods import PlanRequest, get_method, make_plan
 from moeprune.observe import LayerStats, Stats, model_description
+from moeprune.outputs import atomic_directory
+from moeprune.pipeline.loop import DEFAULT_HIDDEN_BUDGET, walk
+from moeprune.pipeline.sources import CheckpointSource
 from moeprune.plan import Plan
+from moeprune.store.checkpoint import describe_output, parameter_counts
+from moeprune.store.sharded import ShardedCheckpoint
 
 
 class ShardedWeights:
@@ -36,8 +42,8 @@ class ShardedWeights:
         return sorted(self._blocks)
 
     def layer(self, i: int):
-        from moeprune.store.sharded import free
         from moeprune.methods.access import LayerAccess
+        from moeprune.store.sharded import free
 
         if self._loaded != i:
             if self._loaded is not None:
@@ -73,95 +79,131 @@ def _calibration_info(calibration: dict | None, input_ids: torch.Tensor | None, 
 
 
 @torch.no_grad()
-def forward_layerwise(model_path: str | Path, input_ids: torch.Tensor, *, batch_size: int = 8, device: str = "cpu",
-                      progress=None) -> torch.Tensor:
+def forward(source, input_ids: torch.Tensor, *, batch_size: int = 8, progress=None) -> torch.Tensor:
     """[N, L, H] last decoder layer's outputs on `input_ids` [N, L], computed one layer at a time.
 
-    Nothing is observed or written: the reference the layer-by-layer pruning time is compared
-    against (`benchmarks/memory.py`).
+    Nothing is observed or written: the reference the pruning time is compared against (`benchmarks/memory.py`).
     """
-    ck = ShardedCheckpoint(model_path, device=device)
     outputs = []
-    walk(ck, input_ids=input_ids, batch_size=batch_size, observe=False, on_last=lambda ids, h: outputs.append(h),
+    walk(source, input_ids=input_ids, batch_size=batch_size, observe=False, on_last=lambda ids, h: outputs.append(h),
          progress=progress)
     return torch.cat(outputs)
 
 
+def forward_layerwise(model_path: str | Path, input_ids: torch.Tensor, *, batch_size: int = 8, device: str = "cpu",
+                      progress=None) -> torch.Tensor:
+    return forward(CheckpointSource(model_path, device=device), input_ids, batch_size=batch_size, progress=progress)
+
+
 @torch.no_grad()
-def perplexity_layerwise(model_path: str | Path, tokenizer, text_or_path, *, seq_len: int = 512,
-                         max_tokens: int | None = None, batch_size: int = 8, device: str = "cpu", progress=None,
-                         hidden_budget: int = DEFAULT_HIDDEN_BUDGET, offload_dir: str | Path | None = None) -> dict:
-    """`moeprune.evaluate.perplexity` of a stock checkpoint, computed one decoder layer at a time.
+def perplexity(source, tokenizer, text_or_path, *, seq_len: int = 512, max_tokens: int | None = None,
+               batch_size: int = 8, progress=None, plan: Plan | None = None, stats: Stats | None = None,
+               hidden_budget: int = DEFAULT_HIDDEN_BUDGET, offload_dir: str | Path | None = None) -> dict:
+    """`moeprune.evaluate.perplexity` of the source's model (after `plan`, if given), one decoder layer at a time.
 
     The windows run through the layers as calibration batches do; the last layer's outputs go through
-    the model's own final norm and lm_head (`head_logits`). Same result dict, same numbers.
+    the model's own final norm and lm_head (`head_logits`). Same result dict, same numbers. With
+    `plan` (and the `stats` a novice plan needs) every MoE layer is pruned as it is reached, so a
+    sweep scores each point without writing or holding a pruned model.
     """
     from moeprune.evaluate.perplexity import _check_model_fits, logits_nll, perplexity_result, text_windows
     from moeprune.pipeline.activations import head_logits
 
     if batch_size < 1:
         raise MoepruneError(f"--batch-size must be at least 1 (got {batch_size})")
-    ck = ShardedCheckpoint(model_path, device=device)
     blocks, facts = text_windows(tokenizer, text_or_path, seq_len, max_tokens)  # [W, L]
-    _check_model_fits(ck.model, blocks, seq_len)
+    _check_model_fits(source.model, blocks, seq_len)
     total = torch.zeros((), dtype=torch.float64)
 
     def score(ids: torch.Tensor, last_hidden: torch.Tensor) -> None:
         nonlocal total
-        logits = head_logits(ck.model, ck.layers, ids, last_hidden.cpu())  # [B, L, V]
-        total += logits_nll(logits, ids).sum()
+        logits = head_logits(source.model, source.layers, ids, last_hidden.to(source.device))  # [B, L, V]
+        total += logits_nll(logits, ids).sum().cpu()
 
-    walk(ck, input_ids=blocks, batch_size=batch_size, observe=False, on_last=score, progress=progress,
-         hidden_budget=hidden_budget, offload_dir=offload_dir)
+    plan_layer = None
+    if plan is not None:
+        from moeprune.methods.mone import novice_vectors
+
+        vectors = novice_vectors(plan, stats)
+        plan_layer = lambda i, _s, _a: (plan.layer(i), vectors.get(i))  # noqa: E731
+    walk(source, input_ids=blocks, batch_size=batch_size, observe=False, on_last=score, progress=progress,
+         hidden_budget=hidden_budget, offload_dir=offload_dir, plan_layer=plan_layer, sequential=plan is not None,
+         flatten_groups=plan is not None and plan.flatten_groups)
     return perplexity_result(float(total), blocks, facts)
 
 
-def observe_layerwise(model_path: str | Path, input_ids: torch.Tensor, *, batch_size: int = 8, probe_size: int = 512,
-                      seed: int = 0, calibration: dict | None = None, device: str = "cpu", ranks=None, progress=None,
-                      hidden_budget: int = DEFAULT_HIDDEN_BUDGET, offload_dir: str | Path | None = None) -> Stats:
-    """Statistics of the calibration pass, equal to `moeprune.observe` on the whole model."""
-    ck = ShardedCheckpoint(model_path, device=device)
-    result = walk(ck, input_ids=input_ids, batch_size=batch_size, probe_size=probe_size, seed=seed,
+def perplexity_layerwise(model_path: str | Path, tokenizer, text_or_path, *, device: str = "cpu", **kwargs) -> dict:
+    return perplexity(CheckpointSource(model_path, device=device), tokenizer, text_or_path, **kwargs)
+
+
+def observe(source, input_ids: torch.Tensor, *, batch_size: int = 8, probe_size: int = 512, seed: int = 0,
+            calibration: dict | None = None, ranks=None, progress=None, hidden_budget: int = DEFAULT_HIDDEN_BUDGET,
+            offload_dir: str | Path | None = None) -> Stats:
+    """Statistics of the calibration pass over `input_ids` [N, L]."""
+    result = walk(source, input_ids=input_ids, batch_size=batch_size, probe_size=probe_size, seed=seed,
                   calibration=calibration, ranks=ranks, progress=progress, hidden_budget=hidden_budget,
                   offload_dir=offload_dir)
     return result.stats
 
 
-def _finish(ck: ShardedCheckpoint, tmp: Path, plan: Plan, novice_tensors: dict, *, command: str | None) -> None:
-    """config.json (and the novice file) of the written layers, then tokenizer files, plan and model card."""
+def observe_layerwise(model_path: str | Path, input_ids: torch.Tensor, *, device: str = "cpu", **kwargs) -> Stats:
+    return observe(CheckpointSource(model_path, device=device), input_ids, **kwargs)
+
+
+def empty_stats(model, source: str | None = None) -> Stats:
+    """Statistics with no calibration, for methods that read only the weights."""
+    desc = model_description(model, get_adapter(model.config), source)
+    E, H = desc["num_experts"], desc["hidden_size"]
+    layers = {i: LayerStats.empty(i, E, H) for i in desc["moe_layers"]}
+    return Stats(model=desc, calibration={}, layers=layers)
+
+
+def _parameters_before(source) -> dict:
+    from moeprune.novice import checkpoint_parameters
+
+    if source.in_memory:
+        return parameter_counts(source.model)
+    return checkpoint_parameters(source.path)
+
+
+def _finish(source, tmp: Path, plan: Plan, novice_tensors: dict, *, before: dict, command: str | None) -> None:
+    """config.json (and the novice file) of the written layers, then tokenizer files, plan and model card.
+
+    The written config is a copy: the source's model (the caller's, in memory) keeps its own.
+    """
     from moeprune.novice import checkpoint_parameters, write_novice_file
 
-    config = ck.model.config
-    adapter = ck.adapter
+    config = copy.deepcopy(source.model.config)
+    adapter = get_adapter(config)
     E_in, E_out = plan.num_experts_in, plan.num_experts_out
-    config.architectures = [type(ck.model).__name__]  # what save_pretrained records
+    config.architectures = [type(source.model).__name__]  # what save_pretrained records
     if novice_tensors:  # the router keeps E rows: the stock part has E_out experts, the novice file the rest
-        setattr(config, adapter.count_field, E_out)
+        setattr(adapter.config, adapter.count_field, E_out)
         config.save_pretrained(str(tmp))
-        setattr(config, adapter.count_field, E_in)
         write_novice_file(tmp, novice_tensors, count_field=adapter.count_field, num_experts=E_in, kept_count=E_out,
                           layers=sorted(lp.layer for lp in plan.layers if lp.novices))
     else:
-        adapter.set_config_num_experts(ck.model, E_in, E_out)
+        setattr(adapter.config, adapter.count_field, E_out)
         if plan.flatten_groups:
-            config.n_group = 1
-            config.topk_group = 1
+            adapter.config.n_group = 1
+            adapter.config.topk_group = 1
         config.save_pretrained(str(tmp))
-    describe_output(tmp, source=str(ck.path), plan=plan, before=checkpoint_parameters(ck.path),
-                    after=checkpoint_parameters(tmp), command=command)
+    describe_output(tmp, source=str(source.path), plan=plan, before=before, after=checkpoint_parameters(tmp),
+                    command=command)
 
 
-def prune_layerwise(
-    model_path: str | Path, method: str, out: str | Path, *, keep: int, input_ids: torch.Tensor | None = None,
+def prune(
+    source, method: str, out: str | Path, *, keep: int, input_ids: torch.Tensor | None = None,
     calibration: dict | None = None, batch_size: int = 8, probe_size: int = 512, seed: int = 0,
     flatten_groups: bool = False, options: dict | None = None, sequential: bool = False, force: bool = False,
-    command: str | None = None, device: str = "cpu", ranks=None, progress=None,
+    command: str | None = None, ranks=None, progress=None, weights=None,
     hidden_budget: int = DEFAULT_HIDDEN_BUDGET, offload_dir: str | Path | None = None,
 ) -> tuple[Path, Stats | None, Plan]:
     """Observe, plan, apply and save one layer at a time; returns (out, stats, plan).
 
     Layer-local methods are planned inside the one pass; the others observe every layer first
-    (two reads of the checkpoint). Only the main rank writes.
+    (two walks), then plan on all of them (with `weights`, every layer's weight access, for those
+    that read weights across layers). Only the main rank writes.
     """
     spec = get_method(method)
     options = dict(options or {})
@@ -170,15 +212,15 @@ def prune_layerwise(
     if sequential and not local:
         raise MoepruneError(f"--sequential plans each layer as it goes, but {method} with these options ranks all "
                             "layers together; drop --sequential or use a per-layer setting")
-    if spec.needs_weights and not local:
+    if spec.needs_weights and not local and weights is None:
         raise MoepruneError(f"{method} with these options needs every layer's weights at once, which layer-by-layer "
                             "pruning does not hold; use --in-memory")
-    ck = ShardedCheckpoint(model_path, device=device)
-    desc = model_description(ck.model, ck.adapter, str(model_path))
+    desc = model_description(source.model, source.adapter, str(source.path))
     info = _calibration_info(calibration, input_ids, probe_size, seed)
     main = ranks is None or ranks.is_main
     E, H = desc["num_experts"], desc["hidden_size"]
     method_config = {}
+    before = _parameters_before(source) if main else {}
 
     def plan_one_layer(i, layer_stats, access):
         from moeprune.novice import novice_vectors
@@ -194,8 +236,11 @@ def prune_layerwise(
                      offload_dir=offload_dir, flatten_groups=flatten_groups)
     stats = None
     if not local:  # pass 1: observe every layer, then plan on all of them
-        stats = walk(ck, **walk_args).stats
-        whole = make_plan(method, PlanRequest(stats, keep, flatten_groups, None), **options)
+        if input_ids is not None:
+            stats = walk(source, **walk_args).stats
+        else:
+            stats = empty_stats(source.model, str(source.path))
+        whole = make_plan(method, PlanRequest(stats, keep, flatten_groups, weights), **options)
         method_config.update(whole.method_config)
         from moeprune.novice import novice_vectors
 
@@ -205,7 +250,7 @@ def prune_layerwise(
         walk_args.update(plan_layer=plan_one_layer, sequential=sequential)
 
     def run(write_to):
-        result = walk(ck, write_to=write_to, **walk_args)
+        result = walk(source, write_to=write_to, **walk_args)
         plan = Plan(method=method, layers=result.plan.layers, model=desc, method_config=dict(method_config),
                     calibration=info, flatten_groups=flatten_groups)
         if sequential:
@@ -218,24 +263,24 @@ def prune_layerwise(
         return Path(out), stats if stats is not None else result.stats, plan
     with atomic_directory(out, force=force) as tmp:
         result, plan = run(tmp)
-        _finish(ck, tmp, plan, result.novice_tensors, command=command)
+        _finish(source, tmp, plan, result.novice_tensors, before=before, command=command)
     return Path(out), stats if stats is not None else result.stats, plan
 
 
-def apply_layerwise(model_path: str | Path, plan: Plan, out: str | Path, *, stats: Stats | None = None,
-                    force: bool = False, command: str | None = None, device: str = "cpu", progress=None) -> Path:
-    """Apply a ready plan one layer at a time (no calibration pass) and stream the checkpoint to `out`."""
+def apply(source, plan: Plan, out: str | Path, *, stats: Stats | None = None, force: bool = False,
+          command: str | None = None, progress=None) -> Path:
+    """Apply a ready plan one layer at a time (no calibration pass) and write the checkpoint to `out`."""
     from moeprune.novice import check_novice_plan, novice_vectors
 
     check_novice_plan(plan)
     vectors = novice_vectors(plan, stats)
-    ck = ShardedCheckpoint(model_path, device=device)
-    moe_layers = sorted(ck.adapter.moe_blocks(ck.model))
+    moe_layers = sorted(source.blocks)
     missing = sorted(set(moe_layers) - {lp.layer for lp in plan.layers})
     if missing:
         raise MoepruneError(f"plan has no entry for MoE layers {missing}; every MoE layer needs one")
+    before = _parameters_before(source)
     with atomic_directory(out, force=force) as tmp:
-        result = walk(ck, plan_layer=lambda i, _s, _a: (plan.layer(i), vectors.get(i)), write_to=tmp,
+        result = walk(source, plan_layer=lambda i, _s, _a: (plan.layer(i), vectors.get(i)), write_to=tmp,
                       flatten_groups=plan.flatten_groups, progress=progress)
-        _finish(ck, tmp, plan, result.novice_tensors, command=command)
+        _finish(source, tmp, plan, result.novice_tensors, before=before, command=command)
     return Path(out)
