@@ -136,8 +136,9 @@ def test_cheap_checks_happen_before_any_expensive_work(tmp_path, checkpoint, cal
     def expensive(*args, **kwargs):
         raise AssertionError("an expensive step ran before the cheap checks")
 
-    for name in ("calibration_blocks", "observe_checkpoint", "observe", "load_model", "load_tokenizer"):
+    for name in ("calibration_blocks", "open_source", "load_tokenizer"):
         monkeypatch.setattr(f"moeprune.api.{name}", expensive)
+    monkeypatch.setattr("moeprune.pipeline.run.walk", expensive)
     existing = tmp_path / "existing"
     existing.mkdir()
     (existing / "keep.txt").write_text("precious")
