@@ -31,7 +31,7 @@ from moeprune.pipeline.activations import HiddenStates, layer_call, run_layer, t
 from moeprune.store.sharded import ShardedCheckpoint, free
 from moeprune.store.writer import ShardWriter, layer_on_disk
 from moeprune.methods.access import LayerAccess
-from moeprune.observe import LayerStats, Stats, model_description
+from moeprune.observe import LayerStats, Stats, model_description, reduce_layer_stats
 from moeprune.observe.observer import Observer, calibration_facts, probe_positions
 from moeprune.plan import LayerPlan, Plan
 
@@ -168,7 +168,7 @@ def walk(
                 if observe and block is not None:
                     with Observer(adapter, {i: block}, wanted) as obs:
                         batches.run(i, layer, obs, keep=keep, sink=sink)
-                    layer_stats = ranks.reduce_layer_stats(obs.layer_stats())[i]
+                    layer_stats = reduce_layer_stats(ranks, obs.layer_stats())[i]
                     stats_layers[i] = layer_stats
                 else:
                     batches.run(i, layer, keep=keep, sink=sink)
