@@ -82,7 +82,8 @@ def load_converted(model, state: dict, conversion: list):
     from transformers.core_model_loading import convert_and_load_state_dict_in_model
     from transformers.modeling_utils import LoadStateDictConfig
 
-    info, _ = convert_and_load_state_dict_in_model(model, state, LoadStateDictConfig(weight_mapping=conversion))
+    config = LoadStateDictConfig(weight_mapping=conversion)
+    info, _ = convert_and_load_state_dict_in_model(model, state, config)
     return info
 
 
@@ -103,7 +104,8 @@ try:
 except ImportError:  # pragma: no cover - other transformers layouts take the generic observer path
     _moe = None
 
-_MOE_NAMES = ("ALL_EXPERTS_FUNCTIONS", "grouped_mm_experts_forward", "_grouped_linear", "use_experts_implementation")
+_MOE_NAMES = ("ALL_EXPERTS_FUNCTIONS", "grouped_mm_experts_forward", "_grouped_linear",
+              "use_experts_implementation")
 HAS_GROUPED_MM = _moe is not None and all(hasattr(_moe, name) for name in _MOE_NAMES)
 # flags `use_experts_implementation` sets on every experts module it wraps
 _EXPERTS_FLAGS = ("has_gate", "has_bias", "has_post_expert_norm", "is_transposed", "num_experts")
@@ -111,7 +113,17 @@ _EXPERTS_FLAGS = ("has_gate", "has_bias", "has_post_expert_norm", "is_transposed
 
 def experts_implementation(experts) -> str | None:
     """The experts implementation an experts module dispatches to ("grouped_mm", "eager", ...), or None."""
-    return getattr(getattr(experts, "config", None), "_experts_implementation", None)
+    return config_experts_implementation(getattr(experts, "config", None))
+
+
+def config_experts_implementation(config) -> str | None:
+    """The experts implementation a model config selects (the private `_experts_implementation`), or None."""
+    return getattr(config, "_experts_implementation", None)
+
+
+def set_config_experts_implementation(config, name: str) -> None:
+    """Select experts implementation `name` in a config before a model is built from it."""
+    config._experts_implementation = name
 
 
 def runs_builtin_grouped_mm(experts) -> bool:

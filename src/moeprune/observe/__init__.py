@@ -4,5 +4,5 @@ from moeprune.observe.observer import Observer, check_same_model, model_descript
 from moeprune.observe.reduce import merge_layer_stats, reduce_layer_stats
 from moeprune.observe.stats import ExpertStats, LayerStats, Probe, ProbeCollector, Stats
 
-__all__ = ["ExpertStats", "LayerStats", "Observer", "check_same_model", "Probe", "ProbeCollector", "Stats", "merge_layer_stats",
-           "model_description", "observe", "probe_positions", "reduce_layer_stats"]
+__all__ = ["ExpertStats", "LayerStats", "Observer", "check_same_model", "Probe", "ProbeCollector", "Stats",
+           "merge_layer_stats", "model_description", "observe", "probe_positions", "reduce_layer_stats"]

@@ -2,8 +2,8 @@
 
 Each layer's in-memory (fused) tensors go back to on-disk names through transformers' own reverse
 conversion (`revert_weight_conversion`, what `save_pretrained` uses; reached via `moeprune.compat`), so
-the output has the per-expert names stock transformers and vLLM load (`experts.N.gate_proj.weight`, or Mixtral's
-`block_sparse_moe.experts.N.w1.weight`), renumbered over the surviving experts. Tensors outside
+the output has the per-expert names stock transformers and vLLM load (`experts.N.gate_proj.weight`, or
+Mixtral's `block_sparse_moe.experts.N.w1.weight`), renumbered over the surviving experts. Tensors outside
 the decoder layers are copied raw with their on-disk names. `model.safetensors.index.json` is
 written last.
 """
