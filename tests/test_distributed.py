@@ -11,8 +11,8 @@ import torch
 from helpers import SEED, calibration_text, token_ids
 
 from moeprune.arch.tiny import save_tiny_checkpoint, tiny_model
-from moeprune.distributed import Ranks, merge_layer_stats
-from moeprune.observe import LayerStats, Stats, observe
+from moeprune.distributed import Ranks
+from moeprune.observe import LayerStats, Stats, merge_layer_stats, observe, reduce_layer_stats
 
 N, L, BATCH = 10, 32, 2  # 5 batches: no world size above 1 splits them evenly
 PROBE = 40
@@ -21,11 +21,8 @@ PROBE = 40
 class _Share(Ranks):
     """One rank's share of the pass without a process group: the reduction is left to the test."""
 
-    def reduce_layer_stats(self, layers):
-        return layers
-
-    def max_over_ranks(self, value):
-        return value
+    def all_gather(self, obj):
+        return [obj]
 
 
 def _assert_same_stats(got: dict[int, LayerStats], want: dict[int, LayerStats]) -> float:
@@ -62,7 +59,7 @@ def test_single_process_ranks_change_nothing():
     r = Ranks.from_env("cpu") if int(os.environ.get("WORLD_SIZE", "1")) <= 1 else Ranks()
     assert r == Ranks(0, 1) and r.is_main and r.device("cuda") == "cuda" and r.device("cpu") == "cpu"
     layers = {0: object()}
-    assert r.reduce_layer_stats(layers) is layers
+    assert reduce_layer_stats(r, layers) is layers and r.all_gather(layers) == [layers]
     r.barrier()
 
 

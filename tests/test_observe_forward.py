@@ -11,9 +11,9 @@ import torch
 from helpers import token_ids
 
 from moeprune.arch import get_adapter
-from moeprune.arch.base import _grouped_mm_steps
 from moeprune.arch.tiny import tiny_model
 from moeprune.observe import Observer, probe_positions
+from moeprune.observe.hooks import grouped_mm_steps
 from moeprune.observe.stats import ExpertStats
 
 FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "glm4_moe", "phimoe",
@@ -37,7 +37,7 @@ def test_observed_forward_equals_plain_forward(family, top_k):
     adapter = get_adapter(model.config)
     blocks = adapter.moe_blocks(model)
     if family != "llama4_text":  # every grouped_mm family takes the step-for-step path
-        assert all(_grouped_mm_steps(adapter.experts(b)) is not None for b in blocks.values())
+        assert all(grouped_mm_steps(adapter.experts(b)) is not None for b in blocks.values())
     ids = token_ids(3, 24)
     plain, observed, obs = _plain_and_observed(model, adapter, blocks, ids)
     assert torch.equal(observed, plain)
@@ -50,7 +50,7 @@ def test_eager_experts_take_the_generic_path():
     model.set_experts_implementation("eager")
     adapter = get_adapter(model.config)
     blocks = adapter.moe_blocks(model)
-    assert all(_grouped_mm_steps(adapter.experts(b)) is None for b in blocks.values())
+    assert all(grouped_mm_steps(adapter.experts(b)) is None for b in blocks.values())
     plain, observed, _ = _plain_and_observed(model, adapter, blocks, token_ids(2, 16))
     torch.testing.assert_close(observed, plain)
 

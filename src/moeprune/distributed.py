@@ -1,21 +1,8 @@
 """Calibration on several processes: `torchrun --nproc-per-node P -m moeprune observe ...`.
 
 Each rank runs the pass over its own contiguous chunk of the calibration batches and the statistics
-are reduced afterwards; every rank ends with the same result and rank 0 writes it.
-
-Why the reduction is exact:
-
-* The batches are the same ones a single process would run (the same start offsets, split between
-  ranks, never re-cut), so every batch's own float32 moments are computed from the same rows.
-* Counts are float64 sums of integers, exact far beyond any calibration size.
-* Means and M2 are combined with Chan's parallel formula (`ExpertStats.merge`), the same formula a
-  single process uses to fold each batch into its running state; gate, REAP and EAN sums are float64
-  sums. Merging the ranks' states in rank order differs from one process only in the association
-  order of those float64 operations: ((b1 + b2) + b3) + (b4 + b5) instead of (((b1 + b2) + b3) + b4) + b5,
-  i.e. by float64 rounding, ~1e-16 relative.
-* Probe rows are selected by global token index, drawn from the seed before the pass, and every rank
-  knows the global positions of its batches; the rows are gathered from the ranks and sorted by
-  position, so the probe is identical bit for bit.
+are reduced afterwards (`moeprune.observe.reduce`); every rank ends with the same result and rank 0
+writes it. This module knows the process group only, nothing of statistics.
 
 No global state is kept here beyond torch.distributed's own process group.
 """
@@ -27,8 +14,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-
-from moeprune.observe.stats import ExpertStats, LayerStats, Probe
 
 
 @dataclass(frozen=True)
@@ -70,51 +55,21 @@ class Ranks:
         first = self.rank * base + min(self.rank, extra)
         return list(starts[first : first + base + (self.rank < extra)])
 
-    def reduce_layer_stats(self, layers: dict[int, LayerStats]) -> dict[int, LayerStats]:
-        """Collective: every rank gets the statistics of all ranks merged (see the module docstring).
-
-        Works on any subset of layers, as long as every rank passes the same layer keys.
-        """
-        if self.world == 1:
-            return layers
-        parts = self._all_gather(layers)
-        keys = [sorted(p) for p in parts]
-        if any(k != keys[0] for k in keys):
-            raise RuntimeError(f"ranks reduced different layers: {keys}")
-        return merge_layer_stats(parts)
-
     def max_over_ranks(self, value: float) -> float:
         """Collective: the largest `value` over the ranks (e.g. the wall time of the pass)."""
         if self.world == 1:
             return value
-        return max(self._all_gather(float(value)))
+        return max(self.all_gather(float(value)))
 
     def barrier(self) -> None:
         if self.world > 1:
             dist.barrier()
 
-    def _all_gather(self, obj) -> list:
+    def all_gather(self, obj) -> list:
+        """Collective: every rank's `obj` (picklable), in rank order; `[obj]` on one process."""
+        if self.world == 1:
+            return [obj]
         parts = [None] * self.world
         dist.all_gather_object(parts, obj)
         return parts
 
-
-def merge_layer_stats(parts: list[dict[int, LayerStats]]) -> dict[int, LayerStats]:
-    """Merge the layer statistics of several disjoint shares of the calibration, in list order.
-
-    Expert statistics fold in with Chan's formula (`ExpertStats.merge`); probe rows are concatenated
-    and sorted by global token position. The inputs are not modified.
-    """
-    merged = {}
-    for i in sorted(parts[0]):
-        first = parts[0][i].experts
-        experts = ExpertStats.from_tensors({k: v.clone() for k, v in first.tensors().items()})
-        for p in parts[1:]:
-            experts.merge(p[i].experts)
-        probes = [p[i].probe for p in parts]
-        positions = torch.cat([pr.positions for pr in probes])
-        order = positions.argsort(stable=True)
-        probe = Probe(positions[order], torch.cat([pr.inputs for pr in probes])[order],
-                      torch.cat([pr.router_logits for pr in probes])[order])
-        merged[i] = LayerStats(parts[0][i].layer, experts, probe)
-    return merged

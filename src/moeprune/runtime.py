@@ -224,3 +224,26 @@ def layer_progress(description: str, enabled: bool = True):
             bar.update(state["task"], completed=done, description=f"{description} {what}")
 
         yield update
+
+
+@contextlib.contextmanager
+def quiet_transformers(*, errors_only: bool = False) -> Iterator[None]:
+    """Within the block, transformers shows no progress bars (and, with `errors_only`, logs errors only).
+
+    Both are process-wide switches of transformers; the previous state is put back on exit, so a
+    library call does not silence the caller's own later loads.
+    """
+    from transformers.utils import logging as tf_logging
+
+    bars_were_on = tf_logging.is_progress_bar_enabled()
+    verbosity = tf_logging.get_verbosity()
+    tf_logging.disable_progress_bar()
+    if errors_only:
+        tf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        if errors_only:
+            tf_logging.set_verbosity(verbosity)
+        if bars_were_on:
+            tf_logging.enable_progress_bar()

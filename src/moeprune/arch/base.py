@@ -11,12 +11,12 @@ Shape letters: E experts, K top-k, H hidden, I expert width, T tokens, S routed 
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers.modeling_layers import GradientCheckpointingLayer
+
+from moeprune.compat import is_decoder_layer
 
 # Integer attributes that transformers modules cache from the config's expert count.
 EXPERT_COUNT_ATTRS = ("num_experts", "n_routed_experts", "num_local_experts", "moe_num_experts")
@@ -43,7 +43,7 @@ def decoder_layers(model: nn.Module) -> tuple[nn.ModuleList, str]:
         if (
             isinstance(module, nn.ModuleList)
             and len(module)
-            and all(isinstance(child, GradientCheckpointingLayer) for child in module)
+            and all(is_decoder_layer(child) for child in module)
         ):
             return module, name + "."
     raise ValueError(f"{type(model).__name__} has no list of decoder layers")
@@ -52,71 +52,6 @@ def decoder_layers(model: nn.Module) -> tuple[nn.ModuleList, str]:
 def _is_moe_block(module: nn.Module) -> bool:
     experts = getattr(module, "experts", None)
     return isinstance(experts, nn.Module) and isinstance(getattr(experts, "gate_up_proj", None), torch.Tensor)
-
-
-class _GroupedMMSteps:
-    """The expert part of transformers' `grouped_mm_experts_forward` (pinned transformers 5.23).
-
-    Given rows already sorted by expert it returns each row's raw expert output, computed by the
-    same calls on the same tensors as the model's own forward, so the numbers are identical (the
-    observer tests check the observed forward equals the plain one bit for bit).
-    """
-
-    def __init__(self, moe):
-        self.moe = moe
-
-    def raw_outputs(self, ex: nn.Module, x_g: torch.Tensor, expert_ids_g: torch.Tensor) -> torch.Tensor:
-        """x_g [S, H] and expert_ids_g [S] sorted by expert -> [S, H] raw outputs, before gating."""
-        linear = self.moe._grouped_linear
-        hist_in = expert_ids_g.float() if x_g.device.type in ("cpu", "mps") else expert_ids_g.int()
-        tokens_per_expert = torch.histc(hist_in, bins=ex.num_experts, min=0, max=ex.num_experts - 1)
-        offsets = torch.cumsum(tokens_per_expert, dim=0, dtype=torch.int32)
-        if ex.has_gate:
-            weights, bias = ex.gate_up_proj, ex.gate_up_proj_bias[expert_ids_g] if ex.has_bias else None
-        else:
-            weights, bias = ex.up_proj, ex.up_proj_bias[expert_ids_g] if ex.has_bias else None
-        h = linear(x_g, weights, offsets, bias=bias, is_transposed=ex.is_transposed)  # [S, 2I] or [S, I]
-        h = ex._apply_gate(h) if ex.has_gate else ex.act_fn(h)  # [S, I]
-        bias = ex.down_proj_bias[expert_ids_g] if ex.has_bias else None
-        out = linear(h, ex.down_proj, offsets, bias=bias, is_transposed=ex.is_transposed)  # [S, H]
-        return ex.post_expert_norm(out) if ex.has_post_expert_norm else out
-
-
-def _grouped_mm_steps(ex: nn.Module) -> _GroupedMMSteps | None:
-    """The steps of the grouped_mm experts forward when `ex` runs exactly that forward, else None.
-
-    Only for an experts class wrapped by transformers' `use_experts_implementation`, dispatching
-    to the unmodified built-in `grouped_mm` function, without expert parallelism.
-    """
-    try:
-        from transformers.integrations import moe
-    except ImportError:  # pragma: no cover - other transformers layouts use the generic path
-        return None
-    needed = ("ALL_EXPERTS_FUNCTIONS", "grouped_mm_experts_forward", "_grouped_linear", "use_experts_implementation")
-    if not all(hasattr(moe, name) for name in needed):
-        return None
-    config = getattr(ex, "config", None)
-    if getattr(config, "_experts_implementation", None) != "grouped_mm" or getattr(ex, "_is_expert_parallel", True):
-        return None
-    if moe.ALL_EXPERTS_FUNCTIONS.get("grouped_mm") is not moe.grouped_mm_experts_forward:
-        return None
-    if getattr(type(ex).forward, "__code__", None) is not _dispatching_forward_code(moe):
-        return None  # the class overrides the dispatching forward
-    flags = ("has_gate", "has_bias", "has_post_expert_norm", "is_transposed", "num_experts")
-    if not all(hasattr(ex, f) for f in flags):
-        return None
-    return _GroupedMMSteps(moe)
-
-
-@functools.cache
-def _dispatching_forward_code(moe):
-    """The code object of the forward `use_experts_implementation` installs (shared by all classes)."""
-
-    class _Stub(nn.Module):  # only its wrapped forward's code object is read; it never runs
-        def forward(self, *args):  # pragma: no cover
-            return args
-
-    return moe.use_experts_implementation(_Stub).forward.__code__
 
 
 class Adapter:
@@ -134,6 +69,11 @@ class Adapter:
     interleaved: bool = False  # gate and up interleaved along 2I (GPT-OSS) instead of concatenated
     group_limited: bool = False  # routing first picks `topk_group` of `n_group` contiguous expert groups
     min_experts_per_group: int = 2  # DeepSeek-V3 scores a group by the sum of its top-2 experts
+    # The experts run every (expert, token) row on router-score-scaled inputs, take only that input
+    # and return [E*T, H] (Llama 4); the observer then reads the [T, E] scores, zero outside the
+    # top-k, at `router_scores_index` of the router's output.
+    dense_experts: bool = False
+    router_scores_index: int = 0
 
     def __init__(self, config):
         self.config = config
@@ -227,54 +167,6 @@ class Adapter:
         ex = self.experts(block)
         ones = torch.ones(x.shape[0], 1, dtype=x.dtype, device=x.device)  # [S, 1]
         return type(ex).forward(ex, x, expert_ids[:, None], ones)
-
-    def install_observer(self, block: nn.Module, record) -> callable:
-        """Route every call of the block's experts through `record` and return the undo function.
-
-        `record(expert_ids, gates, raw [S,H], scratch)` sees the model's own routing, read where the
-        experts receive it (never recomputed), and each routed pair's raw output: `expert_ids` and
-        `gates` flatten to [S] in the order of raw's rows (token-major [T,K], or sorted by expert
-        when the grouped_mm steps are followed); `scratch` is a spent [S,H] buffer (or None) it may
-        overwrite. The wrapped forward then combines the raw outputs itself, so the experts run once.
-        """
-        ex = self.experts(block)
-        previous = ex.__dict__.get("forward")  # an instance forward set by someone else (accelerate)
-        steps = _grouped_mm_steps(ex) if previous is None else None
-
-        def grouped_forward(hidden, top_k_index, top_k_weights):
-            # transformers' grouped_mm experts forward, step for step, keeping the raw outputs it
-            # computes (sorted by expert) instead of running the experts again with top-1 routing
-            T, K = top_k_index.shape
-            sample_weights = top_k_weights.reshape(-1)  # [S]
-            expert_ids_g, perm = torch.sort(top_k_index.reshape(-1))  # the model's own (unstable) sort
-            x_g = hidden[perm // K]  # [S, H]
-            w_g = sample_weights[perm]  # [S]
-            raw = steps.raw_outputs(ex, x_g, expert_ids_g)  # [S, H]
-            weighted = raw * w_g.unsqueeze(-1)  # [S, H]
-            inv_perm = torch.empty_like(perm)
-            inv_perm[perm] = torch.arange(perm.size(0), device=perm.device)
-            out = weighted[inv_perm].view(T, K, -1).sum(dim=1).to(hidden.dtype)
-            record(expert_ids_g, w_g, raw, weighted)  # `weighted` is spent: the statistics reuse it
-            return out
-
-        def observed_forward(hidden, top_k_index, top_k_weights):
-            T, K = top_k_index.shape
-            x = hidden.repeat_interleave(K, dim=0) if K > 1 else hidden  # [S, H], row s = token s // K
-            raw = self.expert_outputs(block, x, top_k_index.reshape(-1))  # [S, H]
-            weighted = raw.view(T, K, -1) * top_k_weights.to(raw.dtype)[..., None]  # [T, K, H]
-            out = weighted.sum(dim=1).to(hidden.dtype)
-            record(top_k_index, top_k_weights, raw, weighted)  # `weighted` is spent: the statistics reuse it
-            return out
-
-        ex.forward = observed_forward if steps is None else grouped_forward
-
-        def undo():
-            if previous is None:
-                del ex.forward
-            else:
-                ex.forward = previous
-
-        return undo
 
     # ---- counts -------------------------------------------------------------------------------
     def set_block_num_experts(self, block: nn.Module, old: int, new: int) -> None:

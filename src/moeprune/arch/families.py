@@ -126,7 +126,9 @@ class Llama4Text(Adapter):
     count_field = "num_local_experts"
     router_attr = "router"
     router_logits_index = 1  # Llama4Router returns (scores, logits)
+    router_scores_index = 0
     transposed = True
+    dense_experts = True
 
     def survivors_exact(self):
         return True, "gates are sigmoids of each selected expert's own logit"
@@ -141,34 +143,6 @@ class Llama4Text(Adapter):
             gate, up = gate_up.chunk(2, dim=-1)
             out[rows] = (up * ex.act_fn(gate)) @ ex.down_proj[e]
         return out
-
-    def install_observer(self, block: nn.Module, record):
-        ex, router = self.experts(block), self.router(block)
-        scores_seen = []  # the current call's [T, E] scores, handed from the router to the experts
-
-        def keep_scores(module, args, output):
-            scores_seen[:] = [output[0]]
-
-        handle = router.register_forward_hook(keep_scores)
-
-        def observed_forward(routed_in):
-            out = type(ex).forward(ex, routed_in)  # [E*T, H]
-            scores = scores_seen[0]  # [T, E]; exactly zero outside the top-k (sigmoid(-inf))
-            T, E = scores.shape
-            top_k_weights, top_k_index = scores.topk(self.top_k, dim=-1)  # [T, K]
-            per_expert = out.view(E, T, -1)  # [E, T, H]
-            tokens = torch.arange(T, device=out.device)[:, None].expand_as(top_k_index)  # [T, K]
-            raw = per_expert[top_k_index.reshape(-1), tokens.reshape(-1)]  # [T*K, H]
-            record(top_k_index, top_k_weights, raw, None)
-            return out
-
-        ex.forward = observed_forward
-
-        def undo():
-            del ex.forward
-            handle.remove()
-
-        return undo
 
 
 ADAPTERS: tuple[type[Adapter], ...] = (

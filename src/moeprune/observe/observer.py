@@ -16,6 +16,8 @@ import torch
 from torch import nn
 
 from moeprune.arch import Adapter, get_adapter
+from moeprune.observe.hooks import install_observer
+from moeprune.observe.reduce import reduce_layer_stats
 from moeprune.observe.stats import ExpertStats, LayerStats, ProbeCollector, Stats
 
 if TYPE_CHECKING:
@@ -57,7 +59,7 @@ class Observer(contextlib.AbstractContextManager):
             H = self.adapter.config.hidden_size
             self.experts[i] = ExpertStats(self.adapter.num_experts, H)
             self.probes[i] = ProbeCollector(self.wanted_probe)
-            self._undo.append(self.adapter.install_observer(block, self._recorder(i)))
+            self._undo.append(install_observer(self.adapter, block, self._recorder(i)))
             handle = self.adapter.router(block).register_forward_hook(self._probe_hook(i))
             self._undo.append(handle.remove)
         return self
@@ -193,6 +195,6 @@ def observe(
             done += batch.shape[0]
             if progress is not None:
                 progress(done)
-        layers = ranks.reduce_layer_stats(obs.layer_stats())
+        layers = reduce_layer_stats(ranks, obs.layer_stats())
     calib = calibration_facts(calibration, input_ids, wanted, seed, time.perf_counter() - started, ranks)
     return Stats(model=model_description(model, adapter, source), calibration=calib, layers=layers)

@@ -30,7 +30,7 @@ from moeprune.errors import MoepruneError
 from moeprune.pipeline.activations import HiddenStates, layer_call, run_layer, to_device
 from moeprune.store.writer import ShardWriter
 from moeprune.methods.access import LayerAccess
-from moeprune.observe import LayerStats, Stats, model_description
+from moeprune.observe import LayerStats, Stats, model_description, reduce_layer_stats
 from moeprune.observe.observer import Observer, calibration_facts, probe_positions
 from moeprune.plan import LayerPlan, Plan
 
@@ -153,7 +153,7 @@ def walk(
                 if observed:
                     with Observer(adapter, {i: block}, wanted) as obs:
                         batches.run(i, layer, obs, keep=keep, sink=sink)
-                    layer_stats = ranks.reduce_layer_stats(obs.layer_stats())[i]
+                    layer_stats = reduce_layer_stats(ranks, obs.layer_stats())[i]
                     stats_layers[i] = layer_stats
                 else:
                     batches.run(i, layer, keep=keep, sink=sink)

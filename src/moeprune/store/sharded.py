@@ -8,7 +8,8 @@ the code `from_pretrained` uses), so on-disk per-expert keys (`experts.7.w1.weig
 the fused in-memory tensors without any per-family key rules here. A layer is freed by putting its
 tensors back on the meta device, which releases both its memory and its hold on the shard mapping.
 
-These are transformers internals (pinned to 5.x in pyproject); they are the same functions PEFT uses.
+These are transformers internals (pinned in pyproject), reached through `moeprune.compat`; they are the same
+functions PEFT uses.
 """
 
 from __future__ import annotations
@@ -23,17 +24,10 @@ import transformers as tf
 from accelerate import init_empty_weights
 from safetensors import safe_open
 from torch import nn
-from transformers.conversion_mapping import get_model_conversion_mapping
-from transformers.core_model_loading import (
-    WeightConverter,
-    WeightRenaming,
-    convert_and_load_state_dict_in_model,
-    rename_source_key,
-)
-from transformers.modeling_utils import LoadStateDictConfig
-
+from moeprune import compat
 from moeprune.arch import decoder_layers, get_adapter
 from moeprune.errors import MoepruneError
+from moeprune.runtime import quiet_transformers
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -104,17 +98,13 @@ class ShardedCheckpoint:
             raise MoepruneError(f"{self.path} lacks shard {missing_files[0]} named in its index; the download is "
                                 "incomplete")
         self._check_shards_hold_their_tensors()
-        tf.utils.logging.disable_progress_bar()  # else the loader shows one bar per layer
         self.model = skeleton(config, dtype, self.path)
         self.adapter = get_adapter(self.model.config)
         self.layers, self.layer_prefix = decoder_layers(self.model)
-        self.conversion = get_model_conversion_mapping(self.model)
-        renamings = [c for c in self.conversion if isinstance(c, WeightRenaming)]
-        converters = [c for c in self.conversion if isinstance(c, WeightConverter)]
+        self.conversion = compat.conversion_mapping(self.model)
         meta = self.model.state_dict()
         # on-disk key -> in-model name, e.g. model.layers.3.block_sparse_moe.experts.7.w1.weight -> ...experts.gate_up_proj
-        self.target = {k: rename_source_key(k, renamings, converters, self.model.base_model_prefix, meta)[0]
-                       for k in self.weight_map}
+        self.target = compat.in_model_names(self.model, self.weight_map, self.conversion, meta)
         self._check_complete(meta)
         sources = Counter(self.target.values())
         self._copied_by_loader = {t for t, n in sources.items() if n > 1}  # fused from several tensors: a new tensor
@@ -172,7 +162,8 @@ class ShardedCheckpoint:
         for name, ks in by_file.items():
             handle = safe_open(str(self.path / name), framework="pt")
             state.update({k: handle.get_slice(k) for k in ks})  # lazy: read inside the loader, cast to the skeleton dtype
-        info, _ = convert_and_load_state_dict_in_model(self.model, state, LoadStateDictConfig(weight_mapping=self.conversion))
+        with quiet_transformers():  # else the loader shows one progress bar per call, i.e. per layer
+            info = compat.load_converted(self.model, state, self.conversion)
         bad = sorted(set(info.unexpected_keys) | {k[0] if isinstance(k, tuple) else k for k in info.mismatched_keys})
         if bad or info.conversion_errors:
             detail = bad[0] if bad else next(iter(info.conversion_errors.values()))

@@ -1,9 +1,9 @@
 """Streaming output: one safetensors shard per decoder layer, in the checkpoint's original key layout.
 
 Each layer's in-memory (fused) tensors go back to on-disk names through transformers' own reverse
-conversion (`revert_weight_conversion`, what `save_pretrained` uses), so the output has the
-per-expert names stock transformers and vLLM load (`experts.N.gate_proj.weight`, or Mixtral's
-`block_sparse_moe.experts.N.w1.weight`), renumbered over the surviving experts. Tensors outside
+conversion (`revert_weight_conversion`, what `save_pretrained` uses; reached via `moeprune.compat`), so
+the output has the per-expert names stock transformers and vLLM load (`experts.N.gate_proj.weight`, or
+Mixtral's `block_sparse_moe.experts.N.w1.weight`), renumbered over the surviving experts. Tensors outside
 the decoder layers are copied raw with their on-disk names. `model.safetensors.index.json` is
 written last.
 """
@@ -16,8 +16,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 from torch import nn
-from transformers.core_model_loading import revert_weight_conversion
-
+from moeprune.compat import on_disk_names
 from moeprune.store.sharded import INDEX_FILE
 
 
@@ -54,4 +53,4 @@ class ShardWriter:
 def layer_on_disk(model: nn.Module, layer: nn.Module, prefix: str) -> dict[str, torch.Tensor]:
     """Decoder layer `layer` (dotted name `prefix`, e.g. `model.layers.3.`) as on-disk name -> tensor."""
     state = {prefix + k: v for k, v in layer.state_dict().items()}
-    return revert_weight_conversion(model, state)
+    return on_disk_names(model, state)

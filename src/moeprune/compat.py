@@ -1,0 +1,170 @@
+"""Every use of transformers internals, in one place, checked against the tested transformers version.
+
+moeprune leans on parts of transformers that are not public API: the checkpoint key conversion that
+`from_pretrained` and `save_pretrained` use, the grouped_mm experts kernel and its dispatch
+registry, the decoder-layer base class, and a few private attributes of the experts modules. They
+change between minor releases, so they are reached only through this module: when a new
+transformers moves one, this is the file to update, and the version check below says so at once.
+
+Public APIs (AutoConfig, AutoModelForCausalLM, PreTrainedModel, logging) are used where they are
+needed, not here.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import transformers
+
+# ---- version check (arch-compat) ------------------------------------------------------------------
+# The pin in pyproject.toml is `transformers>=5.23,<5.24`; tests/test_compat.py keeps the two equal.
+TESTED_TRANSFORMERS = (5, 23)
+
+
+def version_warning(installed: str | None = None) -> str | None:
+    """The one-line warning for an installed transformers outside the tested minor release, else None.
+
+    Only major.minor is compared: a patch release (5.23.4) or a pre-release of it is the tested line.
+    """
+    installed = installed or transformers.__version__
+    parts = installed.split(".")
+    try:
+        found = (int(parts[0]), int("".join(c for c in parts[1] if c.isdigit()) or "x"))
+    except (IndexError, ValueError):
+        found = None
+    if found == TESTED_TRANSFORMERS:
+        return None
+    tested = ".".join(map(str, TESTED_TRANSFORMERS))
+    return (f"moeprune: warning: transformers {installed} is installed, but moeprune is tested with "
+            f"transformers {tested}.x; its checkpoint conversion and expert kernels may not match "
+            f"(install 'transformers>={tested},<{TESTED_TRANSFORMERS[0]}.{TESTED_TRANSFORMERS[1] + 1}')")
+
+
+_warning = version_warning()
+if _warning is not None:  # a warning, not an error: a newer release may well still work
+    print(_warning, file=sys.stderr)
+
+
+# ---- decoder layers (arch-compat) -----------------------------------------------------------------
+from transformers.modeling_layers import GradientCheckpointingLayer  # noqa: E402
+
+
+def is_decoder_layer(module) -> bool:
+    """Whether `module` is one of transformers' decoder layers (they all derive this base class)."""
+    return isinstance(module, GradientCheckpointingLayer)
+
+
+# ---- checkpoint key conversion (arch-compat) ------------------------------------------------------
+# The functions `from_pretrained` / `save_pretrained` use (PEFT uses them too) to map on-disk
+# per-expert keys to the fused in-memory tensors and back.
+
+
+def conversion_mapping(model) -> list:
+    """The model's weight conversions (renamings and converters), as `from_pretrained` builds them."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+
+    return get_model_conversion_mapping(model)
+
+
+def in_model_names(model, keys, conversion: list, meta_state: dict) -> dict[str, str]:
+    """On-disk key -> the name of the model tensor it lands in, for every key of `keys`."""
+    from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+
+    renamings = [c for c in conversion if isinstance(c, WeightRenaming)]
+    converters = [c for c in conversion if isinstance(c, WeightConverter)]
+    prefix = model.base_model_prefix
+    return {k: rename_source_key(k, renamings, converters, prefix, meta_state)[0] for k in keys}
+
+
+def load_converted(model, state: dict, conversion: list):
+    """Load on-disk `state` into `model` through `conversion`; the loader's info (unexpected,
+    mismatched keys, conversion errors)."""
+    from transformers.core_model_loading import convert_and_load_state_dict_in_model
+    from transformers.modeling_utils import LoadStateDictConfig
+
+    config = LoadStateDictConfig(weight_mapping=conversion)
+    info, _ = convert_and_load_state_dict_in_model(model, state, config)
+    return info
+
+
+def on_disk_names(model, state: dict) -> dict:
+    """In-memory `state` of `model` back in its on-disk key layout (what `save_pretrained` writes)."""
+    from transformers.core_model_loading import revert_weight_conversion
+
+    return revert_weight_conversion(model, state)
+
+
+# ---- grouped_mm experts kernel (arch-compat) ------------------------------------------------------
+# The observer follows transformers' `grouped_mm_experts_forward` step for step; these are the
+# pieces of `transformers.integrations.moe` it needs, and the private attributes of the experts
+# modules that `use_experts_implementation` adds.
+
+try:
+    from transformers.integrations import moe as _moe
+except ImportError:  # pragma: no cover - other transformers layouts take the generic observer path
+    _moe = None
+
+_MOE_NAMES = ("ALL_EXPERTS_FUNCTIONS", "grouped_mm_experts_forward", "_grouped_linear",
+              "use_experts_implementation")
+HAS_GROUPED_MM = _moe is not None and all(hasattr(_moe, name) for name in _MOE_NAMES)
+# flags `use_experts_implementation` sets on every experts module it wraps
+_EXPERTS_FLAGS = ("has_gate", "has_bias", "has_post_expert_norm", "is_transposed", "num_experts")
+
+
+def experts_implementation(experts) -> str | None:
+    """The experts implementation an experts module dispatches to ("grouped_mm", "eager", ...), or None."""
+    return config_experts_implementation(getattr(experts, "config", None))
+
+
+def config_experts_implementation(config) -> str | None:
+    """The experts implementation a model config selects (the private `_experts_implementation`), or None."""
+    return getattr(config, "_experts_implementation", None)
+
+
+def set_config_experts_implementation(config, name: str) -> None:
+    """Select experts implementation `name` in a config before a model is built from it."""
+    config._experts_implementation = name
+
+
+def runs_builtin_grouped_mm(experts) -> bool:
+    """Whether `experts` runs exactly transformers' built-in grouped_mm forward.
+
+    That is: its class is wrapped by `use_experts_implementation` (and does not override the
+    dispatching forward), its config selects "grouped_mm", that name still maps to the built-in
+    function, and expert parallelism is off.
+    """
+    if not HAS_GROUPED_MM:
+        return False
+    if experts_implementation(experts) != "grouped_mm" or getattr(experts, "_is_expert_parallel", True):
+        return False
+    if _moe.ALL_EXPERTS_FUNCTIONS.get("grouped_mm") is not _moe.grouped_mm_experts_forward:
+        return False
+    if getattr(type(experts).forward, "__code__", None) is not _dispatching_forward_code():
+        return False
+    return all(hasattr(experts, f) for f in _EXPERTS_FLAGS)
+
+
+_dispatch_code = []  # the code object, found once
+
+
+def _dispatching_forward_code():
+    """The code object of the forward `use_experts_implementation` installs (shared by all classes)."""
+    if not _dispatch_code:
+        import torch
+
+        class _Stub(torch.nn.Module):  # only its wrapped forward's code object is read; it never runs
+            def forward(self, *args):  # pragma: no cover
+                return args
+
+        _dispatch_code.append(_moe.use_experts_implementation(_Stub).forward.__code__)
+    return _dispatch_code[0]
+
+
+def grouped_linear(x, weight, offsets, *, bias=None, is_transposed: bool = False):
+    """transformers' grouped linear: rows of x [S, in] sorted by expert, `offsets` [E] cumulative counts."""
+    return _moe._grouped_linear(x, weight, offsets, bias=bias, is_transposed=is_transposed)
+
+
+def apply_gate(experts, h):
+    """The experts module's gating of h [S, 2I] -> [S, I] (the private `_apply_gate` the wrapper adds)."""
+    return experts._apply_gate(h)
