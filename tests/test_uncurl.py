@@ -12,7 +12,8 @@ import transformers as tf
 from helpers import COUNT_FIELD, token_ids
 
 from moeprune import api, cli
-from moeprune.methods.alignment import align_members, match_hidden, permute_expert_hidden
+from moeprune.methods.alignment import align_members, match_hidden
+from moeprune.surgery.alignment import permute_expert_hidden
 from moeprune.arch import ExpertWeights, get_adapter
 from moeprune.arch.tiny import TINY_FAMILIES, tiny_model
 from moeprune.data import calibration_blocks, load_texts
