@@ -18,7 +18,7 @@ from moeprune.arch import ExpertWeights, get_adapter
 from moeprune.arch.tiny import TINY_FAMILIES, tiny_model
 from moeprune.data import calibration_blocks, load_texts
 from moeprune.errors import MoepruneError
-from moeprune.methods.access import ModelWeights
+from moeprune.pipeline.access import ModelWeights
 from moeprune.methods.naee import SubsetScorer
 from moeprune.methods.uncurl import fix_up_labels
 from moeprune.observe import model_description, observe

@@ -37,7 +37,7 @@ from moeprune.store.checkpoint import (
     save_checkpoint,
 )
 from moeprune.methods import PlanRequest, get_method, make_plan
-from moeprune.methods.access import ModelWeights
+from moeprune.pipeline.access import ModelWeights
 from moeprune.observe import LayerStats, Stats, check_same_model, model_description, observe
 from moeprune.outputs import atomic_directory, check_output_dir, check_output_file, check_separate
 from moeprune.plan import Plan, budget

@@ -11,8 +11,8 @@
 - `layer_plan` assembles a LayerPlan; `reconstruction_error` measures a LayerPlan on the probe.
 
 Learned coefficients run the family's *own* MoE block on a copy whose expert and router tensors are
-replaced by `M(alpha) @ W`, the very linear map surgery applies (`moeprune.surgery`), built from
-tensors that carry gradients. Routing, group limits, correction biases, renormalisation and shared
+replaced by `M(alpha) @ W`, the very linear map surgery applies, built from tensors that carry
+gradients; the copy is a capability of the weight access (`LayerWeights.merged_block`). Routing, group limits, correction biases, renormalisation and shared
 experts are therefore exactly what the merged model will compute; the top-k *selection* is
 piecewise constant in alpha (no gradient through it), the gate values and expert weights are
 differentiable. The parameters are softmax logits per group (Adam), started at the given
@@ -24,7 +24,6 @@ Shape letters: E experts in, R experts out, n probe tokens, H hidden.
 
 from __future__ import annotations
 
-import copy
 import time
 from collections.abc import Callable
 
@@ -34,7 +33,7 @@ from scipy.cluster.hierarchy import linkage as scipy_linkage
 from scipy.spatial.distance import squareform
 
 from moeprune.errors import MoepruneError
-from moeprune.plan import ROUTER_MERGES, Group, LayerPlan
+from moeprune.plan import Group, LayerPlan
 
 LINKAGES = ("average", "single", "complete")
 COEFFICIENTS = ("uniform", "frequency", "learned")
@@ -136,75 +135,13 @@ def merge_matrix_of(groups: list[list[int]], coeffs, num_experts: int) -> torch.
     return torch.stack(rows)
 
 
-class MergedBlock:
-    """A copy of one MoE block whose expert and router tensors are `M @ W` for a given merge matrix.
-
-    The original block is not modified and its large tensors are not duplicated: the copy is made
-    with them left out, and `set(M)` installs fresh (possibly gradient-carrying) merged tensors.
-    `aligned`, a LayerPlan whose groups carry `perms`, permutes the members' hidden units first,
-    exactly as surgery does for aligned merges (UNCURL, M-SMoE). Computation is float32.
-    """
-
-    def __init__(self, adapter, block: torch.nn.Module, num_out: int, router_merge: str = "average",
-                 aligned: LayerPlan | None = None):
-        if router_merge not in ROUTER_MERGES:
-            raise MoepruneError(f"router_merge {router_merge!r} is not one of {', '.join(ROUTER_MERGES)}")
-        self.adapter, self.router_merge = adapter, router_merge
-        expert_tensors = adapter.expert_parameters(block)
-        router_tensors = adapter.router_expert_tensors(block)
-        skip = [t for t in expert_tensors.values()] + [getattr(o, n) for o, n, _ in router_tensors]
-        memo = {id(t): torch.empty(0) for t in skip}  # deepcopy maps these to placeholders
-        self.block = copy.deepcopy(block, memo).float().requires_grad_(False)
-        sources = dict(expert_tensors)
-        if aligned is not None and any(g.perms is not None for g in aligned.groups):
-            from moeprune.methods.alignment import permute_members  # members' hidden units permuted, as surgery does
-
-            sources = permute_members(adapter, sources, aligned)
-        self._experts = [(name, t.detach()) for name, t in sources.items()]  # originals, expert axis 0
-        self._router = [(n, axis, getattr(o, n).detach(), self._path(block, o))
-                        for o, n, axis in router_tensors]
-        self.num_in = adapter.num_experts
-        for name, _ in self._experts:  # plain attributes from now on, so they can carry gradients
-            self.adapter.experts(self.block)._parameters.pop(name, None)
-        for name, _, _, path in self._router:
-            owner = self.block.get_submodule(path)
-            owner._parameters.pop(name, None)
-            owner._buffers.pop(name, None)
-        adapter.set_block_num_experts(self.block, self.num_in, num_out)
-
-    @staticmethod
-    def _path(block: torch.nn.Module, owner: torch.nn.Module) -> str:
-        for name, m in block.named_modules():
-            if m is owner:
-                return name
-        raise KeyError("router tensor owner is not inside the block")
-
-    def set(self, M: torch.Tensor) -> None:
-        """Install merged tensors for the merge matrix M [R, E] (float32, may require grad)."""
-        router_M = M if self.router_merge == "average" else (M.detach() != 0).float()
-        experts = self.adapter.experts(self.block)
-        for name, W in self._experts:
-            merged = torch.tensordot(M, W.float(), dims=([1], [0]))  # [R, ...]
-            setattr(experts, name, merged)
-        for name, axis, W, path in self._router:
-            moved = W.float().movedim(axis, 0)
-            merged = torch.tensordot(router_M, moved, dims=([1], [0])).movedim(0, axis)
-            setattr(self.block.get_submodule(path), name, merged)
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """[n, H] block output on x [n, H] with the installed tensors."""
-        out = self.block(x.float()[None])
-        out = out[0] if isinstance(out, tuple) else out
-        return out.reshape(x.shape[0], -1)
-
-
 def learn_coefficients(access, x: torch.Tensor, groups: list[list[int]], *, router_merge: str = "average",
                        init: list[list[float]] | None = None, steps: int = 50, lr: float = 0.1,
                        target: torch.Tensor | None = None,
                        perms: list[list[list[int]] | None] | None = None) -> tuple[list[list[float]], dict]:
     """Fit every multi-member group's coefficients on the simplex to reconstruct the MoE block.
 
-    access: a `methods.access.LayerAccess`; x [n, H] the probe tokens; groups: member ids per
+    access: a `methods.access.LayerWeights`; x [n, H] the probe tokens; groups: member ids per
     output expert. Minimises ||B_alpha(x) - B(x)||^2 / ||B(x)||^2, B the original block and
     B_alpha the merged one, with alpha_G = softmax(theta_G) and Adam on theta. `perms` (per group,
     None or one hidden-unit permutation per member, as `Group.perms`) fits an aligned merge.
@@ -221,7 +158,7 @@ def learn_coefficients(access, x: torch.Tensor, groups: list[list[int]], *, rout
     if perms is not None and any(q is not None for q in perms):
         aligned = LayerPlan(layer=access.layer, num_experts_in=access.num_experts,
                             groups=[Group(list(g), list(c), q) for g, c, q in zip(groups, init, perms)])
-    merged = MergedBlock(access.adapter, access.block, len(groups), router_merge, aligned)
+    merged = access.merged_block(len(groups), router_merge, aligned)  # a copy, differentiable in M
     free = [j for j, g in enumerate(groups) if len(g) > 1]
     thetas = [torch.tensor(init[j], dtype=torch.float32).clamp(min=1e-6).log().requires_grad_(True) for j in free]
 

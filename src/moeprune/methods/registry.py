@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from moeprune.errors import MoepruneError
+from moeprune.methods.access import WeightAccess
 from moeprune.observe.stats import Stats
 from moeprune.plan import Plan
 
@@ -22,7 +23,7 @@ class PlanRequest:
     stats: Stats
     keep: int  # experts to keep per MoE layer
     flatten_groups: bool = False
-    weights: object | None = None  # a methods.access.ModelWeights, for methods that read expert weights
+    weights: WeightAccess | None = None  # for methods that read expert weights
 
     @property
     def model(self) -> dict:

@@ -30,7 +30,7 @@ from moeprune.errors import MoepruneError
 from moeprune.pipeline.activations import HiddenStates, layer_call, run_layer, to_device
 from moeprune.store.sharded import ShardedCheckpoint, free
 from moeprune.store.writer import ShardWriter, layer_on_disk
-from moeprune.methods.access import LayerAccess
+from moeprune.pipeline.access import LayerAccess
 from moeprune.observe import LayerStats, Stats, model_description
 from moeprune.observe.observer import Observer, calibration_facts, probe_positions
 from moeprune.plan import LayerPlan, Plan

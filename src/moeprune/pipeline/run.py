@@ -37,7 +37,7 @@ class ShardedWeights:
 
     def layer(self, i: int):
         from moeprune.store.sharded import free
-        from moeprune.methods.access import LayerAccess
+        from moeprune.pipeline.access import LayerAccess
 
         if self._loaded != i:
             if self._loaded is not None:
