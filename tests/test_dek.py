@@ -15,21 +15,21 @@ from moeprune import api
 from moeprune.api import empty_stats, make_plan_for
 from moeprune.arch import get_adapter
 from moeprune.arch.tiny import tiny_model
-from moeprune.methods.cka import DegenerateRepresentationWarning, linear_cka, pairwise_cka, pairwise_vector_cka
 from moeprune.cli import main
 from moeprune.errors import MoepruneError
+from moeprune.methods.cka import DegenerateRepresentationWarning, linear_cka, pairwise_cka, pairwise_vector_cka
+from moeprune.methods.dek import weight_similarity
+from moeprune.methods.groups import within_routing_groups
+from moeprune.methods.hc_smoe import mean_outputs, output_distance
 from moeprune.methods.merging import (
     agglomerative_clusters,
     distance_clustering,
     layer_plan,
     merge_matrix_of,
     reconstruction_error,
-    within_routing_groups,
 )
-from moeprune.pipeline.access import ModelWeights
-from moeprune.methods.dek import weight_similarity
-from moeprune.methods.hc_smoe import mean_outputs, output_distance
 from moeprune.observe import Stats, observe
+from moeprune.pipeline.access import ModelWeights
 from moeprune.plan import Plan
 from moeprune.surgery import apply_plan
 

@@ -28,7 +28,8 @@ from pathlib import Path
 import torch
 
 from moeprune.errors import MoepruneError
-from moeprune.methods.merging import LINKAGES, distance_clustering, within_routing_groups
+from moeprune.methods.groups import within_routing_groups
+from moeprune.methods.merging import LINKAGES, distance_clustering
 from moeprune.methods.dek import REPRESENTATIONS, expert_similarity
 
 

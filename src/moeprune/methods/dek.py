@@ -45,8 +45,11 @@ from dataclasses import dataclass
 
 import torch
 
-from moeprune.methods.cka import pairwise_cka, pairwise_vector_cka
 from moeprune.errors import MoepruneError
+from moeprune.methods import options
+from moeprune.methods.access import LayerWeights
+from moeprune.methods.cka import pairwise_cka, pairwise_vector_cka
+from moeprune.methods.groups import within_routing_groups
 from moeprune.methods.merging import (
     COEFFICIENTS,
     LINKAGES,
@@ -55,10 +58,7 @@ from moeprune.methods.merging import (
     layer_plan,
     learn_coefficients,
     uniform_coefficients,
-    within_routing_groups,
 )
-from moeprune.methods import options
-from moeprune.methods.access import LayerWeights
 from moeprune.methods.registry import PlanRequest, register
 from moeprune.observe.stats import LayerStats
 from moeprune.plan import ROUTER_MERGES, Plan
@@ -210,7 +210,7 @@ def plan_merging(request: PlanRequest, method: str, cfg, distance_fn, coefficien
         coeffs = merge_coefficients(method, coefficients, access, ls, groups, router_merge=cfg.router_merge,
                                     learn_steps=cfg.learn_steps, learn_lr=cfg.learn_lr, notes=notes)
         layers.append(layer_plan(i, E, groups, coeffs, cfg.router_merge, notes))
-    return Plan(method=method, layers=layers, model=dict(request.model), calibration=dict(request.stats.calibration))
+    return request.plan(method, layers)
 
 
 def _mean_within(sim: torch.Tensor, groups: list[list[int]]) -> float | None:

@@ -27,10 +27,10 @@ from dataclasses import dataclass
 
 import torch
 
-from moeprune.methods.merging import COEFFICIENTS, LINKAGES
 from moeprune.methods import options
 from moeprune.methods.access import LayerWeights
 from moeprune.methods.dek import check_calibration, plan_merging, probe_inputs
+from moeprune.methods.merging import COEFFICIENTS, LINKAGES
 from moeprune.methods.registry import PlanRequest, register
 from moeprune.observe.stats import LayerStats
 from moeprune.plan import ROUTER_MERGES, Plan

@@ -1,10 +1,9 @@
 """Weight-space merging helpers shared by the merging methods (DEK, HC-SMoE, and any other).
 
 - Clustering to groups: `agglomerative_clusters` cuts an agglomerative tree over a distance
-  matrix at exactly k clusters; `within_routing_groups` runs any clustering inside each routing
-  group of a group-limited router (DeepSeek-V3, GLM-4 MoE), so every output expert draws from one
-  routing group and the output keeps `r / n_group` experts per group; `sort_groups` puts groups in
-  the order `Plan.validate` expects (by smallest member, hence by routing group).
+  matrix at exactly k clusters; `distance_clustering` makes it a `Clustering` for
+  `methods.groups.within_routing_groups`, which runs it inside each routing group of a
+  group-limited router (DeepSeek-V3, GLM-4 MoE).
 - Coefficients: `uniform_coefficients`, `frequency_coefficients` (proportional to routing counts,
   uniform where a group was never routed), and `learn_coefficients`, which fits each group's
   coefficients on the simplex to reconstruct the MoE block's output on the probe tokens.
@@ -12,10 +11,10 @@
 
 Learned coefficients run the family's *own* MoE block on a copy whose expert and router tensors are
 replaced by `M(alpha) @ W`, the very linear map surgery applies, built from tensors that carry
-gradients; the copy is a capability of the weight access (`LayerWeights.merged_block`). Routing, group limits, correction biases, renormalisation and shared
-experts are therefore exactly what the merged model will compute; the top-k *selection* is
-piecewise constant in alpha (no gradient through it), the gate values and expert weights are
-differentiable. The parameters are softmax logits per group (Adam), started at the given
+gradients; the copy is a capability of the weight access (`LayerWeights.merged_block`). Routing,
+group limits, correction biases, renormalisation and shared experts are therefore exactly what the
+merged model will compute; the top-k *selection* is piecewise constant in alpha (no gradient
+through it), the gate values and expert weights are differentiable. The parameters are softmax logits per group (Adam), started at the given
 coefficients (uniform by default); the best iterate is returned, so the result never reconstructs
 worse than the start on the probe.
 
@@ -25,7 +24,6 @@ Shape letters: E experts in, R experts out, n probe tokens, H hidden.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -33,12 +31,11 @@ from scipy.cluster.hierarchy import linkage as scipy_linkage
 from scipy.spatial.distance import squareform
 
 from moeprune.errors import MoepruneError
+from moeprune.methods.groups import Clustering
 from moeprune.plan import Group, LayerPlan
 
 LINKAGES = ("average", "single", "complete")
 COEFFICIENTS = ("uniform", "frequency", "learned")
-
-Clustering = Callable[[list[int], int], list[list[int]]]  # (expert ids, k) -> k lists of member ids
 
 
 # ---- clustering --------------------------------------------------------------------------------
@@ -67,28 +64,6 @@ def agglomerative_clusters(distance: torch.Tensor, k: int, linkage: str = "avera
     return [sorted(v) for v in members.values()]
 
 
-def within_routing_groups(num_experts: int, keep: int, n_group: int, cluster: Clustering) -> list[list[int]]:
-    """Cluster the experts into `keep` groups, `keep / n_group` inside each routing group.
-
-    `cluster(ids, k)` clusters the expert ids `ids` into k lists of ids; with n_group = 1 it sees
-    all experts at once. Routing groups are contiguous blocks of E / n_group experts, as in the
-    routers of DeepSeek-V3 and GLM-4 MoE. The result is sorted by `sort_groups`.
-    """
-    E = num_experts
-    if n_group < 1 or E % n_group or keep % n_group:
-        raise MoepruneError(f"{E} experts into {keep} groups cannot respect n_group={n_group}: both must be "
-                            f"multiples of {n_group} (or pass --flatten-groups)")
-    per_in, per_out = E // n_group, keep // n_group
-    groups = []
-    for g in range(n_group):
-        ids = list(range(g * per_in, (g + 1) * per_in))
-        found = cluster(ids, per_out)
-        if len(found) != per_out or sorted(m for c in found for m in c) != ids:
-            raise AssertionError(f"clustering returned {found} for ids {ids} and k={per_out}")
-        groups.extend(found)
-    return sort_groups(groups)
-
-
 def distance_clustering(distance: torch.Tensor, linkage: str = "average") -> Clustering:
     """A `Clustering` cutting the agglomerative tree of the sub-matrix of `distance` [E, E]."""
     def cluster(ids: list[int], k: int) -> list[list[int]]:
@@ -96,11 +71,6 @@ def distance_clustering(distance: torch.Tensor, linkage: str = "average") -> Clu
         return [[ids[i] for i in c] for c in agglomerative_clusters(sub, k, linkage)]
 
     return cluster
-
-
-def sort_groups(groups: list[list[int]]) -> list[list[int]]:
-    """Members ascending inside each group; groups ordered by their smallest member."""
-    return sorted((sorted(g) for g in groups), key=lambda g: g[0])
 
 
 # ---- coefficients ------------------------------------------------------------------------------
@@ -205,10 +175,15 @@ def reconstruction_error(access, x: torch.Tensor, lp: LayerPlan, target: torch.T
 
 
 def layer_plan(layer: int, num_experts: int, groups: list[list[int]], coeffs: list[list[float]],
-               router_merge: str = "average", notes: dict | None = None) -> LayerPlan:
-    """A LayerPlan merging `groups` with `coeffs` (singletons get coefficient exactly 1)."""
+               router_merge: str = "average", notes: dict | None = None,
+               perms: list[list[list[int]] | None] | None = None) -> LayerPlan:
+    """A LayerPlan merging `groups` with `coeffs` (singletons get coefficient exactly 1).
+
+    `perms`, per group None or one hidden-unit permutation per member (`Group.perms`), aligns merges.
+    """
     out = []
-    for g, c in zip(groups, coeffs):
-        out.append(Group(list(g), [1.0] if len(g) == 1 else [float(v) for v in c]))
+    for j, (g, c) in enumerate(zip(groups, coeffs)):
+        q = perms[j] if perms is not None and len(g) > 1 else None
+        out.append(Group(list(g), [1.0] if len(g) == 1 else [float(v) for v in c], q))
     return LayerPlan(layer=layer, num_experts_in=num_experts, groups=out, router_merge=router_merge,
                      notes=dict(notes or {}))

@@ -44,8 +44,8 @@ import torch
 from moeprune.errors import MoepruneError
 from moeprune.methods import options
 from moeprune.methods.access import NotExact
+from moeprune.methods.groups import routing_groups
 from moeprune.methods.registry import PlanRequest, register
-from moeprune.methods.uncurl import routing_groups
 from moeprune.plan import Group, LayerPlan, Plan
 
 
@@ -201,4 +201,4 @@ def naee_plan(request: PlanRequest, cfg: NaeeConfig) -> Plan:
             notes["fast_path_unused"] = scorer.reason
         layers.append(pruning_layer_plan(i, E, kept))
         layers[-1].notes = notes
-    return Plan(method="naee", layers=layers, model=dict(request.model), calibration=dict(request.stats.calibration))
+    return request.plan("naee", layers)

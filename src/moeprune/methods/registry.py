@@ -33,6 +33,10 @@ class PlanRequest:
     def n_group(self) -> int:
         return 1 if self.flatten_groups else int(self.model.get("n_group", 1))
 
+    def plan(self, method: str, layers: list) -> Plan:
+        """The Plan of `method` with these layer plans, recording the model and calibration it came from."""
+        return Plan(method=method, layers=layers, model=dict(self.model), calibration=dict(self.stats.calibration))
+
 
 @dataclass(frozen=True)
 class MethodSpec:
