@@ -15,22 +15,21 @@ from moeprune import api
 from moeprune.api import empty_stats, make_plan_for
 from moeprune.arch import get_adapter
 from moeprune.arch.tiny import tiny_model
-from moeprune.methods.cka import DegenerateRepresentationWarning, linear_cka, pairwise_cka, pairwise_vector_cka
 from moeprune.cli import main
 from moeprune.errors import MoepruneError
+from moeprune.methods.cka import DegenerateRepresentationWarning, linear_cka, pairwise_cka, pairwise_vector_cka
+from moeprune.methods.dek import weight_similarity
+from moeprune.methods.groups import within_routing_groups
+from moeprune.methods.hc_smoe import mean_outputs, output_distance
 from moeprune.methods.merging import (
-    MergedBlock,
     agglomerative_clusters,
     distance_clustering,
     layer_plan,
     merge_matrix_of,
     reconstruction_error,
-    within_routing_groups,
 )
-from moeprune.methods.access import ModelWeights
-from moeprune.methods.dek import weight_similarity
-from moeprune.methods.hc_smoe import mean_outputs, output_distance
 from moeprune.observe import Stats, observe
+from moeprune.pipeline.access import ModelWeights
 from moeprune.plan import Plan
 from moeprune.surgery import apply_plan
 
@@ -261,7 +260,7 @@ def test_merged_block_equals_surgery(aligned):
         width = acc.expert_weights(0).gate.shape[0]
         q = torch.randperm(width, generator=torch.Generator().manual_seed(1)).tolist()
         lp.groups[0].perms = [list(range(width)), q]
-    mb = MergedBlock(acc.adapter, acc.block, len(groups), aligned=lp)
+    mb = acc.merged_block(len(groups), aligned=lp)
     mb.set(merge_matrix_of(groups, coeffs, 8))
     x = _rand(40, model.config.hidden_size, seed=9).float()
     with torch.no_grad():

@@ -12,17 +12,18 @@ import transformers as tf
 from helpers import COUNT_FIELD, token_ids
 
 from moeprune import api, cli
-from moeprune.methods.alignment import align_members, match_hidden, permute_expert_hidden
 from moeprune.arch import ExpertWeights, get_adapter
 from moeprune.arch.tiny import TINY_FAMILIES, tiny_model
 from moeprune.data import calibration_blocks, load_texts
 from moeprune.errors import MoepruneError
-from moeprune.methods.access import ModelWeights
+from moeprune.methods.alignment import align_members, match_hidden
 from moeprune.methods.naee import SubsetScorer
 from moeprune.methods.uncurl import fix_up_labels
 from moeprune.observe import model_description, observe
+from moeprune.pipeline.access import ModelWeights
 from moeprune.plan import Group, LayerPlan, Plan
 from moeprune.surgery import apply_layer_plan, apply_plan
+from moeprune.surgery.alignment import permute_expert_hidden
 
 # fused [E, 2I, H], transposed [E, H, 2I] (Llama 4), transposed and interleaved gate/up with biases (GPT-OSS)
 LAYOUTS = pytest.mark.parametrize("family", ["mixtral", "llama4_text", "gpt_oss"])

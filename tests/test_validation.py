@@ -18,7 +18,7 @@ from moeprune.arch.tiny import tiny_model
 from moeprune.cli import main
 from moeprune.errors import MoepruneError
 from moeprune.methods import METHODS, PlanRequest, get_method, make_plan
-from moeprune.methods.access import ModelWeights
+from moeprune.pipeline.access import ModelWeights
 from moeprune.observe import observe
 from moeprune.observe.stats import ExpertStats, LayerStats, Probe, Stats
 from moeprune.plan import Group, LayerPlan, Plan

@@ -28,7 +28,8 @@ from pathlib import Path
 import torch
 
 from moeprune.errors import MoepruneError
-from moeprune.methods.merging import LINKAGES, distance_clustering, within_routing_groups
+from moeprune.methods.groups import within_routing_groups
+from moeprune.methods.merging import LINKAGES, distance_clustering
 from moeprune.methods.dek import REPRESENTATIONS, expert_similarity
 
 
@@ -123,7 +124,7 @@ def analyze(source: str | Path, out: str | Path, *, model: str | Path | None = N
     """Write per-layer CKA heatmaps and JSON to `out`; return the summary (also in summary.json)."""
     from moeprune.arch import get_adapter
     from moeprune.store.checkpoint import atomic_directory, check_output_dir, load_config, load_model
-    from moeprune.methods.access import ModelWeights
+    from moeprune.pipeline.access import ModelWeights
     from moeprune.observe import Stats, check_same_model
     from moeprune.plan import budget
     from moeprune.settings import check_settings

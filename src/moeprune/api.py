@@ -182,7 +182,7 @@ def model_weights(model_path: str | Path, layerwise: bool | None = None, notify=
 
     With `stats`, they must have been observed on a model of this shape (checked before any weight is read).
     """
-    from moeprune.methods.access import ModelWeights
+    from moeprune.pipeline.access import ModelWeights
     from moeprune.pipeline.run import ShardedWeights
 
     if stats is not None:
@@ -375,7 +375,7 @@ def prune_request(model_path, method: str, calib: CalibrationRequest, budget_req
         _tell(notify, source, why)
     weights = None
     if all_weights:
-        from moeprune.methods.access import ModelWeights
+        from moeprune.pipeline.access import ModelWeights
 
         weights = ModelWeights(source.model)
     with layer_progress("pruning", runtime.progress and ranks.is_main) as cb:

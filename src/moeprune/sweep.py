@@ -130,7 +130,7 @@ def sweep(
         save_checkpoint,
     )
     from moeprune.methods import get_method
-    from moeprune.methods.access import ModelWeights
+    from moeprune.pipeline.access import ModelWeights
     from moeprune.novice import refuse_novice_input
     from moeprune.plan import budget
     from moeprune.settings import check_ratio, check_seq_len, check_settings

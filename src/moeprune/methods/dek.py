@@ -45,8 +45,11 @@ from dataclasses import dataclass
 
 import torch
 
-from moeprune.methods.cka import pairwise_cka, pairwise_vector_cka
 from moeprune.errors import MoepruneError
+from moeprune.methods import options
+from moeprune.methods.access import LayerWeights
+from moeprune.methods.cka import pairwise_cka, pairwise_vector_cka
+from moeprune.methods.groups import within_routing_groups
 from moeprune.methods.merging import (
     COEFFICIENTS,
     LINKAGES,
@@ -55,10 +58,7 @@ from moeprune.methods.merging import (
     layer_plan,
     learn_coefficients,
     uniform_coefficients,
-    within_routing_groups,
 )
-from moeprune.methods import options
-from moeprune.methods.access import LayerAccess
 from moeprune.methods.registry import PlanRequest, register
 from moeprune.observe.stats import LayerStats
 from moeprune.plan import ROUTER_MERGES, Plan
@@ -112,7 +112,7 @@ def surrogate_inputs(tokens: int, hidden: int, seed: int) -> torch.Tensor:
     return torch.randn(tokens, hidden, generator=torch.Generator().manual_seed(seed))
 
 
-def weight_samples(access: LayerAccess, e: int) -> torch.Tensor:
+def weight_samples(access: LayerWeights, e: int) -> torch.Tensor:
     """[I, 2H(+2)] expert e's hidden units as rows: gate row, up row (and their biases)."""
     w = access.expert_weights(e)
     cols = [w.gate.float(), w.up.float()]
@@ -120,14 +120,14 @@ def weight_samples(access: LayerAccess, e: int) -> torch.Tensor:
     return torch.cat(cols, dim=1).detach()
 
 
-def weight_similarity(access: LayerAccess) -> torch.Tensor:
+def weight_similarity(access: LayerWeights) -> torch.Tensor:
     """[E, E] permutation-invariant CKA of the experts' hidden-unit distributions (see module doc)."""
     X = torch.stack([weight_samples(access, e) for e in range(access.num_experts)]).double()  # [E, I, 2H]
     Xc = X - X.mean(dim=1, keepdim=True)  # column-centred over the hidden units (the samples)
     return pairwise_cka(Xc.transpose(1, 2), centered=True)  # CKA of X_i^T: compares X_i^T X_i
 
 
-def flat_similarity(access: LayerAccess) -> torch.Tensor:
+def flat_similarity(access: LayerWeights) -> torch.Tensor:
     """[E, E] squared correlation of the flattened gate, up and down weights."""
     rows = []
     for e in range(access.num_experts):
@@ -136,7 +136,7 @@ def flat_similarity(access: LayerAccess) -> torch.Tensor:
     return pairwise_vector_cka(torch.stack(rows))
 
 
-def expert_similarity(access: LayerAccess, ls: LayerStats | None, representation: str, *,
+def expert_similarity(access: LayerWeights, ls: LayerStats | None, representation: str, *,
                       surrogate_tokens: int = 512, seed: int = 0, method: str = "dek") -> torch.Tensor:
     """[E, E] float64 linear CKA between the experts of one layer under `representation`."""
     options.one_of(method, "representation", representation, REPRESENTATIONS)
@@ -156,7 +156,7 @@ def expert_similarity(access: LayerAccess, ls: LayerStats | None, representation
 
 # ---- shared planning ---------------------------------------------------------------------------
 
-def merge_coefficients(method: str, coefficients: str, access: LayerAccess, ls: LayerStats,
+def merge_coefficients(method: str, coefficients: str, access: LayerWeights, ls: LayerStats,
                        groups: list[list[int]], *, router_merge: str, learn_steps: int, learn_lr: float,
                        notes: dict) -> list[list[float]]:
     """Coefficients for `groups` of one layer by the named rule; facts go into `notes`."""
@@ -210,7 +210,7 @@ def plan_merging(request: PlanRequest, method: str, cfg, distance_fn, coefficien
         coeffs = merge_coefficients(method, coefficients, access, ls, groups, router_merge=cfg.router_merge,
                                     learn_steps=cfg.learn_steps, learn_lr=cfg.learn_lr, notes=notes)
         layers.append(layer_plan(i, E, groups, coeffs, cfg.router_merge, notes))
-    return Plan(method=method, layers=layers, model=dict(request.model), calibration=dict(request.stats.calibration))
+    return request.plan(method, layers)
 
 
 def _mean_within(sim: torch.Tensor, groups: list[list[int]]) -> float | None:
@@ -226,7 +226,7 @@ def dek_plan(request: PlanRequest, cfg: DekConfig) -> Plan:
     check_calibration(request, "dek", cfg.coefficients,
                       "representation=data" if cfg.representation == "data" else None)
 
-    def distance(access: LayerAccess, ls: LayerStats) -> torch.Tensor:
+    def distance(access: LayerWeights, ls: LayerStats) -> torch.Tensor:
         return 1.0 - expert_similarity(access, ls, cfg.representation, surrogate_tokens=cfg.surrogate_tokens,
                                        seed=cfg.seed)
 

@@ -27,10 +27,10 @@ from dataclasses import dataclass
 
 import torch
 
-from moeprune.methods.merging import COEFFICIENTS, LINKAGES
 from moeprune.methods import options
-from moeprune.methods.access import LayerAccess
+from moeprune.methods.access import LayerWeights
 from moeprune.methods.dek import check_calibration, plan_merging, probe_inputs
+from moeprune.methods.merging import COEFFICIENTS, LINKAGES
 from moeprune.methods.registry import PlanRequest, register
 from moeprune.observe.stats import LayerStats
 from moeprune.plan import ROUTER_MERGES, Plan
@@ -56,7 +56,7 @@ class HcSmoeConfig:
         options.number("hc_smoe", "learn_lr", self.learn_lr, strict=True)
 
 
-def mean_outputs(access: LayerAccess, ls: LayerStats) -> torch.Tensor:
+def mean_outputs(access: LayerWeights, ls: LayerStats) -> torch.Tensor:
     """[E, H] every expert's raw output averaged over all the layer's probe tokens."""
     x = probe_inputs(ls, "hc_smoe", "(mean expert outputs)")
     return access.expert_outputs(x).double().mean(dim=1)
@@ -76,7 +76,7 @@ def output_distance(means: torch.Tensor, metric: str = "euclidean") -> torch.Ten
 def hc_smoe_plan(request: PlanRequest, cfg: HcSmoeConfig) -> Plan:
     check_calibration(request, "hc_smoe", cfg.coefficients, "(mean expert outputs)")
 
-    def distance(access: LayerAccess, ls: LayerStats) -> torch.Tensor:
+    def distance(access: LayerWeights, ls: LayerStats) -> torch.Tensor:
         return output_distance(mean_outputs(access, ls), cfg.metric)
 
     def notes(D: torch.Tensor, groups: list[list[int]]) -> dict:

@@ -1,21 +1,20 @@
 """Weight-space merging helpers shared by the merging methods (DEK, HC-SMoE, and any other).
 
 - Clustering to groups: `agglomerative_clusters` cuts an agglomerative tree over a distance
-  matrix at exactly k clusters; `within_routing_groups` runs any clustering inside each routing
-  group of a group-limited router (DeepSeek-V3, GLM-4 MoE), so every output expert draws from one
-  routing group and the output keeps `r / n_group` experts per group; `sort_groups` puts groups in
-  the order `Plan.validate` expects (by smallest member, hence by routing group).
+  matrix at exactly k clusters; `distance_clustering` makes it a `Clustering` for
+  `methods.groups.within_routing_groups`, which runs it inside each routing group of a
+  group-limited router (DeepSeek-V3, GLM-4 MoE).
 - Coefficients: `uniform_coefficients`, `frequency_coefficients` (proportional to routing counts,
   uniform where a group was never routed), and `learn_coefficients`, which fits each group's
   coefficients on the simplex to reconstruct the MoE block's output on the probe tokens.
 - `layer_plan` assembles a LayerPlan; `reconstruction_error` measures a LayerPlan on the probe.
 
 Learned coefficients run the family's *own* MoE block on a copy whose expert and router tensors are
-replaced by `M(alpha) @ W`, the very linear map surgery applies (`moeprune.surgery`), built from
-tensors that carry gradients. Routing, group limits, correction biases, renormalisation and shared
-experts are therefore exactly what the merged model will compute; the top-k *selection* is
-piecewise constant in alpha (no gradient through it), the gate values and expert weights are
-differentiable. The parameters are softmax logits per group (Adam), started at the given
+replaced by `M(alpha) @ W`, the very linear map surgery applies, built from tensors that carry
+gradients; the copy is a capability of the weight access (`LayerWeights.merged_block`). Routing,
+group limits, correction biases, renormalisation and shared experts are therefore exactly what the
+merged model will compute; the top-k *selection* is piecewise constant in alpha (no gradient
+through it), the gate values and expert weights are differentiable. The parameters are softmax logits per group (Adam), started at the given
 coefficients (uniform by default); the best iterate is returned, so the result never reconstructs
 worse than the start on the probe.
 
@@ -24,9 +23,7 @@ Shape letters: E experts in, R experts out, n probe tokens, H hidden.
 
 from __future__ import annotations
 
-import copy
 import time
-from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -34,12 +31,11 @@ from scipy.cluster.hierarchy import linkage as scipy_linkage
 from scipy.spatial.distance import squareform
 
 from moeprune.errors import MoepruneError
-from moeprune.plan import ROUTER_MERGES, Group, LayerPlan
+from moeprune.methods.groups import Clustering
+from moeprune.plan import Group, LayerPlan
 
 LINKAGES = ("average", "single", "complete")
 COEFFICIENTS = ("uniform", "frequency", "learned")
-
-Clustering = Callable[[list[int], int], list[list[int]]]  # (expert ids, k) -> k lists of member ids
 
 
 # ---- clustering --------------------------------------------------------------------------------
@@ -68,28 +64,6 @@ def agglomerative_clusters(distance: torch.Tensor, k: int, linkage: str = "avera
     return [sorted(v) for v in members.values()]
 
 
-def within_routing_groups(num_experts: int, keep: int, n_group: int, cluster: Clustering) -> list[list[int]]:
-    """Cluster the experts into `keep` groups, `keep / n_group` inside each routing group.
-
-    `cluster(ids, k)` clusters the expert ids `ids` into k lists of ids; with n_group = 1 it sees
-    all experts at once. Routing groups are contiguous blocks of E / n_group experts, as in the
-    routers of DeepSeek-V3 and GLM-4 MoE. The result is sorted by `sort_groups`.
-    """
-    E = num_experts
-    if n_group < 1 or E % n_group or keep % n_group:
-        raise MoepruneError(f"{E} experts into {keep} groups cannot respect n_group={n_group}: both must be "
-                            f"multiples of {n_group} (or pass --flatten-groups)")
-    per_in, per_out = E // n_group, keep // n_group
-    groups = []
-    for g in range(n_group):
-        ids = list(range(g * per_in, (g + 1) * per_in))
-        found = cluster(ids, per_out)
-        if len(found) != per_out or sorted(m for c in found for m in c) != ids:
-            raise AssertionError(f"clustering returned {found} for ids {ids} and k={per_out}")
-        groups.extend(found)
-    return sort_groups(groups)
-
-
 def distance_clustering(distance: torch.Tensor, linkage: str = "average") -> Clustering:
     """A `Clustering` cutting the agglomerative tree of the sub-matrix of `distance` [E, E]."""
     def cluster(ids: list[int], k: int) -> list[list[int]]:
@@ -97,11 +71,6 @@ def distance_clustering(distance: torch.Tensor, linkage: str = "average") -> Clu
         return [[ids[i] for i in c] for c in agglomerative_clusters(sub, k, linkage)]
 
     return cluster
-
-
-def sort_groups(groups: list[list[int]]) -> list[list[int]]:
-    """Members ascending inside each group; groups ordered by their smallest member."""
-    return sorted((sorted(g) for g in groups), key=lambda g: g[0])
 
 
 # ---- coefficients ------------------------------------------------------------------------------
@@ -136,75 +105,13 @@ def merge_matrix_of(groups: list[list[int]], coeffs, num_experts: int) -> torch.
     return torch.stack(rows)
 
 
-class MergedBlock:
-    """A copy of one MoE block whose expert and router tensors are `M @ W` for a given merge matrix.
-
-    The original block is not modified and its large tensors are not duplicated: the copy is made
-    with them left out, and `set(M)` installs fresh (possibly gradient-carrying) merged tensors.
-    `aligned`, a LayerPlan whose groups carry `perms`, permutes the members' hidden units first,
-    exactly as surgery does for aligned merges (UNCURL, M-SMoE). Computation is float32.
-    """
-
-    def __init__(self, adapter, block: torch.nn.Module, num_out: int, router_merge: str = "average",
-                 aligned: LayerPlan | None = None):
-        if router_merge not in ROUTER_MERGES:
-            raise MoepruneError(f"router_merge {router_merge!r} is not one of {', '.join(ROUTER_MERGES)}")
-        self.adapter, self.router_merge = adapter, router_merge
-        expert_tensors = adapter.expert_parameters(block)
-        router_tensors = adapter.router_expert_tensors(block)
-        skip = [t for t in expert_tensors.values()] + [getattr(o, n) for o, n, _ in router_tensors]
-        memo = {id(t): torch.empty(0) for t in skip}  # deepcopy maps these to placeholders
-        self.block = copy.deepcopy(block, memo).float().requires_grad_(False)
-        sources = dict(expert_tensors)
-        if aligned is not None and any(g.perms is not None for g in aligned.groups):
-            from moeprune.methods.alignment import permute_members  # members' hidden units permuted, as surgery does
-
-            sources = permute_members(adapter, sources, aligned)
-        self._experts = [(name, t.detach()) for name, t in sources.items()]  # originals, expert axis 0
-        self._router = [(n, axis, getattr(o, n).detach(), self._path(block, o))
-                        for o, n, axis in router_tensors]
-        self.num_in = adapter.num_experts
-        for name, _ in self._experts:  # plain attributes from now on, so they can carry gradients
-            self.adapter.experts(self.block)._parameters.pop(name, None)
-        for name, _, _, path in self._router:
-            owner = self.block.get_submodule(path)
-            owner._parameters.pop(name, None)
-            owner._buffers.pop(name, None)
-        adapter.set_block_num_experts(self.block, self.num_in, num_out)
-
-    @staticmethod
-    def _path(block: torch.nn.Module, owner: torch.nn.Module) -> str:
-        for name, m in block.named_modules():
-            if m is owner:
-                return name
-        raise KeyError("router tensor owner is not inside the block")
-
-    def set(self, M: torch.Tensor) -> None:
-        """Install merged tensors for the merge matrix M [R, E] (float32, may require grad)."""
-        router_M = M if self.router_merge == "average" else (M.detach() != 0).float()
-        experts = self.adapter.experts(self.block)
-        for name, W in self._experts:
-            merged = torch.tensordot(M, W.float(), dims=([1], [0]))  # [R, ...]
-            setattr(experts, name, merged)
-        for name, axis, W, path in self._router:
-            moved = W.float().movedim(axis, 0)
-            merged = torch.tensordot(router_M, moved, dims=([1], [0])).movedim(0, axis)
-            setattr(self.block.get_submodule(path), name, merged)
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """[n, H] block output on x [n, H] with the installed tensors."""
-        out = self.block(x.float()[None])
-        out = out[0] if isinstance(out, tuple) else out
-        return out.reshape(x.shape[0], -1)
-
-
 def learn_coefficients(access, x: torch.Tensor, groups: list[list[int]], *, router_merge: str = "average",
                        init: list[list[float]] | None = None, steps: int = 50, lr: float = 0.1,
                        target: torch.Tensor | None = None,
                        perms: list[list[list[int]] | None] | None = None) -> tuple[list[list[float]], dict]:
     """Fit every multi-member group's coefficients on the simplex to reconstruct the MoE block.
 
-    access: a `methods.access.LayerAccess`; x [n, H] the probe tokens; groups: member ids per
+    access: a `methods.access.LayerWeights`; x [n, H] the probe tokens; groups: member ids per
     output expert. Minimises ||B_alpha(x) - B(x)||^2 / ||B(x)||^2, B the original block and
     B_alpha the merged one, with alpha_G = softmax(theta_G) and Adam on theta. `perms` (per group,
     None or one hidden-unit permutation per member, as `Group.perms`) fits an aligned merge.
@@ -221,7 +128,7 @@ def learn_coefficients(access, x: torch.Tensor, groups: list[list[int]], *, rout
     if perms is not None and any(q is not None for q in perms):
         aligned = LayerPlan(layer=access.layer, num_experts_in=access.num_experts,
                             groups=[Group(list(g), list(c), q) for g, c, q in zip(groups, init, perms)])
-    merged = MergedBlock(access.adapter, access.block, len(groups), router_merge, aligned)
+    merged = access.merged_block(len(groups), router_merge, aligned)  # a copy, differentiable in M
     free = [j for j, g in enumerate(groups) if len(g) > 1]
     thetas = [torch.tensor(init[j], dtype=torch.float32).clamp(min=1e-6).log().requires_grad_(True) for j in free]
 
@@ -268,10 +175,15 @@ def reconstruction_error(access, x: torch.Tensor, lp: LayerPlan, target: torch.T
 
 
 def layer_plan(layer: int, num_experts: int, groups: list[list[int]], coeffs: list[list[float]],
-               router_merge: str = "average", notes: dict | None = None) -> LayerPlan:
-    """A LayerPlan merging `groups` with `coeffs` (singletons get coefficient exactly 1)."""
+               router_merge: str = "average", notes: dict | None = None,
+               perms: list[list[list[int]] | None] | None = None) -> LayerPlan:
+    """A LayerPlan merging `groups` with `coeffs` (singletons get coefficient exactly 1).
+
+    `perms`, per group None or one hidden-unit permutation per member (`Group.perms`), aligns merges.
+    """
     out = []
-    for g, c in zip(groups, coeffs):
-        out.append(Group(list(g), [1.0] if len(g) == 1 else [float(v) for v in c]))
+    for j, (g, c) in enumerate(zip(groups, coeffs)):
+        q = perms[j] if perms is not None and len(g) > 1 else None
+        out.append(Group(list(g), [1.0] if len(g) == 1 else [float(v) for v in c], q))
     return LayerPlan(layer=layer, num_experts_in=num_experts, groups=out, router_merge=router_merge,
                      notes=dict(notes or {}))

@@ -50,8 +50,8 @@ import torch
 
 from moeprune.errors import MoepruneError
 from moeprune.methods import options
+from moeprune.methods.groups import top_experts
 from moeprune.methods.registry import PlanRequest, register
-from moeprune.methods.scores import top_experts
 from moeprune.observe.stats import ExpertStats
 from moeprune.plan import Group, LayerPlan, Plan
 

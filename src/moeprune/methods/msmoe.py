@@ -25,8 +25,8 @@ from dataclasses import dataclass
 import torch
 
 from moeprune.methods import options
+from moeprune.methods.groups import top_experts
 from moeprune.methods.registry import PlanRequest, register
-from moeprune.methods.scores import top_experts
 from moeprune.methods.uncurl import cosine_matrix, logit_features, merge_plan
 from moeprune.observe.stats import LayerStats
 from moeprune.plan import Plan

@@ -8,7 +8,7 @@ with x the probe tokens entering the block:
 
 Ẑ_S is what surgery and the family's own router compute: the router restricted to the rows of S
 and top-k re-selected among the survivors, with the family's renormalisation, sigmoid and
-correction biases, group limits and shared experts (`LayerAccess.block_output` on a copy).
+correction biases, group limits and shared experts (`LayerWeights.block_output`, on a copy).
 
 Search (the plan's layer notes say which was used, `notes["search"]`):
 - `exhaustive` when the number of candidate subsets is at most `max_exhaustive` (5000, as in
@@ -34,19 +34,18 @@ against `block_output` on seeded candidate subsets; if it disagrees by more than
 
 from __future__ import annotations
 
-import copy
 import itertools
 import math
 import time
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
 from moeprune.errors import MoepruneError
 from moeprune.methods import options
+from moeprune.methods.access import NotExact
+from moeprune.methods.groups import routing_groups
 from moeprune.methods.registry import PlanRequest, register
-from moeprune.methods.uncurl import routing_groups
 from moeprune.plan import Group, LayerPlan, Plan
 
 
@@ -64,21 +63,6 @@ class NaeeConfig:
         options.seed("naee", "seed", self.seed)
 
 
-class _Captured(Exception):
-    """Raised by the lookup experts to hand the routed sum out of the block's forward."""
-
-    def __init__(self, value: torch.Tensor):
-        super().__init__()
-        self.value = value
-
-
-class _Zero(nn.Module):
-    """Stands in for shared experts on the scoring copy: their output cancels in Z − Ẑ."""
-
-    def forward(self, x, *args, **kwargs):
-        return x.new_zeros(())
-
-
 def pruning_layer_plan(layer: int, num_experts: int, subset) -> LayerPlan:
     return LayerPlan(layer=layer, num_experts_in=num_experts, groups=[Group([int(e)], [1.0]) for e in sorted(subset)])
 
@@ -86,7 +70,7 @@ def pruning_layer_plan(layer: int, num_experts: int, subset) -> LayerPlan:
 class SubsetScorer:
     """‖Z − Ẑ_S‖_F on the probe tokens for candidate subsets S of one layer's experts.
 
-    `access` is a `methods.access.LayerAccess`, `x` [n, H] the probe inputs.
+    `access` is a `methods.access.LayerWeights`, `x` [n, H] the probe inputs.
     """
 
     def __init__(self, access, x: torch.Tensor, *, fast: bool = True, tolerance: float = 1e-4,
@@ -107,23 +91,16 @@ class SubsetScorer:
 
     # ---- the fast evaluation --------------------------------------------------------------------
     def _try_fast(self, tolerance: float, check_subsets) -> None:
-        block, adapter = self.access.block, self.access.adapter
-        dtype = next(block.parameters()).dtype
-        self._xs = self.x.to(dtype)
-        n = self._xs.shape[0]
         try:
-            # [E, n, H] raw outputs, one expert at a time (no [E*n, H] copy of the inputs)
-            self._Y = torch.stack([adapter.expert_outputs(block, self._xs, torch.full((n,), e, dtype=torch.long))
-                                   for e in range(self.E)])
-            self._rows = torch.arange(n)[:, None]  # [n, 1]
+            self._routed = self.access.routed_lookup(self.x)  # subset -> [n, H] routed sum
             self._R = self._routed(list(range(self.E)))  # [n, H] routed sum with every expert
-            tol = max(tolerance, 4 * torch.finfo(dtype).eps) * max(self.z_norm, 1e-12)
+            tol = max(tolerance, 4 * torch.finfo(self.access.dtype).eps) * max(self.z_norm, 1e-12)
             for subset in check_subsets:
                 fast, slow = self.fast_error(subset), self.block_error(subset)
                 if abs(fast - slow) > tol:
                     self.reason = f"fast path differs from block_output ({fast:.6g} vs {slow:.6g})"
                     return
-        except _NotExact as e:
+        except NotExact as e:
             self.reason = str(e)
             return
         except Exception as e:  # noqa: BLE001  # any family the lookup cannot drive falls back, with the reason
@@ -131,47 +108,12 @@ class SubsetScorer:
             return
         self.mode = "fast"
 
-    def _routed(self, subset) -> torch.Tensor:
-        """[n, H] the routed sum Σ_k g_k(x) E_k(x) of the block pruned to `subset`, from the lookup."""
-        block, adapter = self.access.block, self.access.adapter
-        keep = torch.tensor(sorted(int(e) for e in subset))
-        shared = {id(t): t for t in itertools.chain(block.parameters(), block.buffers())}
-        shared.update({id(m.config): m.config for m in block.modules() if hasattr(m, "config")})  # read-only
-        shell = copy.deepcopy(block, shared)  # new modules, the very same weight tensors
-        for owner, name, axis in adapter.router_expert_tensors(shell):
-            t = getattr(owner, name).index_select(axis, keep.to(getattr(owner, name).device))
-            if name in owner._parameters:
-                owner._parameters[name] = nn.Parameter(t, requires_grad=False)
-            else:
-                owner._buffers[name] = t
-        adapter.set_block_num_experts(shell, self.E, len(keep))
-        for attr in adapter.shared_expert_modules(shell):
-            setattr(shell, attr, _Zero())
-        Y, rows, n = self._Y, self._rows, self._xs.shape[0]
-
-        def lookup(hidden, top_k_index, top_k_weights):
-            if hidden.shape[0] != n:
-                raise _NotExact(f"the experts saw {hidden.shape[0]} rows, not the {n} probe tokens")
-            y = Y[keep[top_k_index], rows]  # [n, K, H]
-            raise _Captured((y.float() * top_k_weights.float()[..., None]).sum(dim=1))
-
-        adapter.experts(shell).forward = lookup
-        try:
-            shell(self._xs[None])
-        except _Captured as c:
-            return c.value
-        raise _NotExact("the block returned without calling its experts")
-
     def fast_error(self, subset) -> float:
         return float((self._R - self._routed(subset)).double().norm())
 
     def __call__(self, subset) -> float:
         self.evaluations += 1
         return self.fast_error(subset) if self.mode == "fast" else self.block_error(subset)
-
-
-class _NotExact(Exception):
-    pass
 
 
 # ---- search -------------------------------------------------------------------------------------
@@ -259,4 +201,4 @@ def naee_plan(request: PlanRequest, cfg: NaeeConfig) -> Plan:
             notes["fast_path_unused"] = scorer.reason
         layers.append(pruning_layer_plan(i, E, kept))
         layers[-1].notes = notes
-    return Plan(method="naee", layers=layers, model=dict(request.model), calibration=dict(request.stats.calibration))
+    return request.plan("naee", layers)

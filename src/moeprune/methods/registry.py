@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from moeprune.errors import MoepruneError
+from moeprune.methods.access import WeightAccess
 from moeprune.observe.stats import Stats
 from moeprune.plan import Plan
 
@@ -22,7 +23,7 @@ class PlanRequest:
     stats: Stats
     keep: int  # experts to keep per MoE layer
     flatten_groups: bool = False
-    weights: object | None = None  # a methods.access.ModelWeights, for methods that read expert weights
+    weights: WeightAccess | None = None  # for methods that read expert weights
 
     @property
     def model(self) -> dict:
@@ -31,6 +32,10 @@ class PlanRequest:
     @property
     def n_group(self) -> int:
         return 1 if self.flatten_groups else int(self.model.get("n_group", 1))
+
+    def plan(self, method: str, layers: list) -> Plan:
+        """The Plan of `method` with these layer plans, recording the model and calibration it came from."""
+        return Plan(method=method, layers=layers, model=dict(self.model), calibration=dict(self.stats.calibration))
 
 
 @dataclass(frozen=True)

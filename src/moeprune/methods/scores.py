@@ -12,25 +12,10 @@ from dataclasses import dataclass
 import torch
 
 from moeprune.methods import options
+from moeprune.methods.groups import top_experts
 from moeprune.methods.registry import NoOptions, PlanRequest, register
 from moeprune.observe.stats import ExpertStats
 from moeprune.plan import Group, LayerPlan, Plan
-
-
-def top_experts(scores: torch.Tensor, keep: int, n_group: int = 1) -> list[int]:
-    """Ascending ids of the `keep` highest scores, `keep / n_group` per contiguous routing group.
-
-    Ties break towards the lower expert id, so plans are deterministic.
-    """
-    E = scores.shape[0]
-    per_in, per_out = E // n_group, keep // n_group
-    kept = []
-    for g in range(n_group):
-        s = scores[g * per_in : (g + 1) * per_in].double()
-        # stable sort on -score keeps lower ids first among equals
-        order = torch.sort(-s, stable=True).indices[:per_out]
-        kept.extend((order + g * per_in).tolist())
-    return sorted(kept)
 
 
 def plan_from_scores(request: PlanRequest, method: str, score_fn) -> Plan:
@@ -42,7 +27,7 @@ def plan_from_scores(request: PlanRequest, method: str, score_fn) -> Plan:
         layers.append(LayerPlan(layer=i, num_experts_in=ls.experts.num_experts,
                                 groups=[Group([e], [1.0]) for e in kept],
                                 notes={"scores": [round(float(v), 6) for v in scores]}))
-    return Plan(method=method, layers=layers, model=dict(request.model), calibration=dict(request.stats.calibration))
+    return request.plan(method, layers)
 
 
 @dataclass(frozen=True)

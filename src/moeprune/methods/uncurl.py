@@ -47,12 +47,14 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from moeprune.methods.alignment import align_members
 from moeprune.errors import MoepruneError
 from moeprune.methods import options
+from moeprune.methods.alignment import align_members
+from moeprune.methods.groups import routing_groups
+from moeprune.methods.merging import frequency_coefficients, layer_plan
 from moeprune.methods.registry import PlanRequest, register
 from moeprune.observe.stats import LayerStats
-from moeprune.plan import Group, LayerPlan, Plan
+from moeprune.plan import Plan
 
 CLUSTERINGS = ("spectral", "spectral-plain", "kmeans")
 
@@ -72,12 +74,6 @@ class UncurlConfig:
 
 
 # ---- helpers shared with M-SMoE ---------------------------------------------------------------
-
-def routing_groups(num_experts: int, keep: int, n_group: int) -> list[tuple[list[int], int]]:
-    """(expert ids, experts to keep) per contiguous routing group; one group without group limits."""
-    per_in, per_out = num_experts // n_group, keep // n_group
-    return [(list(range(g * per_in, (g + 1) * per_in)), per_out) for g in range(n_group)]
-
 
 def logit_features(ls: LayerStats, method: str) -> torch.Tensor:
     """[E, n] float64: row i is expert i's router logits over the probe tokens (z_i)."""
@@ -99,28 +95,9 @@ def cosine_matrix(z: torch.Tensor) -> torch.Tensor:
     return cos
 
 
-def frequency_coeffs(members: list[int], counts: torch.Tensor) -> list[float]:
-    """α_i = count_i / Σ count over the group; uniform when the group was never routed."""
-    c = counts[members].double()
-    total = float(c.sum())
-    if total <= 0:
-        return [1.0 / len(members)] * len(members)
-    return [float(v) / total for v in c]
-
-
 def most_used(members: list[int], counts: torch.Tensor) -> int:
     """The member with the highest count (ties: the lowest id)."""
     return min(members, key=lambda e: (-float(counts[e]), e))
-
-
-def aligned_group(access, members: list[int], counts: torch.Tensor, reference: int, align: bool) -> Group:
-    """A frequency-weighted merge of `members`, each aligned to `reference` when `align` is set."""
-    members = sorted(members)
-    coeffs = frequency_coeffs(members, counts)
-    if len(members) == 1:
-        return Group(members, [1.0])
-    perms = align_members(access, members, reference) if align else None
-    return Group(members, coeffs, perms)
 
 
 def merge_plan(request: PlanRequest, method: str, clusters_of, align: bool) -> Plan:
@@ -141,12 +118,14 @@ def merge_plan(request: PlanRequest, method: str, clusters_of, align: bool) -> P
             clusters, references, extra = clusters_of(i, ls, ids, k)
             per_group.append(extra)
             for members, ref in sorted(zip(clusters, references), key=lambda cr: min(cr[0])):
-                groups.append(aligned_group(access, members, counts, ref, align))
+                groups.append(sorted(members))
                 refs.append(ref)
+        coeffs, _ = frequency_coefficients(groups, counts)
+        perms = [align_members(access, g, ref) if align and len(g) > 1 else None for g, ref in zip(groups, refs)]
         notes = per_group[0] if len(per_group) == 1 else {k: [d[k] for d in per_group] for k in per_group[0]}
         notes = {**notes, "references": refs, "aligned": align}
-        layers.append(LayerPlan(layer=i, num_experts_in=E, groups=groups, router_merge="average", notes=notes))
-    return Plan(method=method, layers=layers, model=dict(request.model), calibration=dict(request.stats.calibration))
+        layers.append(layer_plan(i, E, groups, coeffs, "average", notes, perms))
+    return request.plan(method, layers)
 
 
 # ---- UNCURL clustering ------------------------------------------------------------------------

@@ -29,7 +29,7 @@ from moeprune.distributed import Ranks
 from moeprune.errors import MoepruneError
 from moeprune.pipeline.activations import HiddenStates, layer_call, run_layer, to_device
 from moeprune.store.writer import ShardWriter
-from moeprune.methods.access import LayerAccess
+from moeprune.pipeline.access import LayerAccess
 from moeprune.observe import LayerStats, Stats, model_description, reduce_layer_stats
 from moeprune.observe.observer import Observer, calibration_facts, probe_positions
 from moeprune.plan import LayerPlan, Plan

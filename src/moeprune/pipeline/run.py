@@ -42,8 +42,8 @@ class ShardedWeights:
         return sorted(self._blocks)
 
     def layer(self, i: int):
-        from moeprune.methods.access import LayerAccess
         from moeprune.store.sharded import free
+        from moeprune.pipeline.access import LayerAccess
 
         if self._loaded != i:
             if self._loaded is not None:

@@ -65,7 +65,7 @@ def apply_layer_plan(adapter: Adapter, block: nn.Module, lp: LayerPlan,
     router_M = M if lp.router_merge == "average" else (M != 0).double()
     params = adapter.expert_parameters(block)
     if any(g.perms is not None for g in lp.groups):  # aligned merge: permute members' hidden units first
-        from moeprune.methods.alignment import permute_members
+        from moeprune.surgery.alignment import permute_members
 
         params = permute_members(adapter, params, lp)
     for name, p in params.items():
