@@ -87,7 +87,8 @@ def inspect(model_path: str | Path) -> dict:
     and the parameter counts include the novice vectors.
     """
     from moeprune.store.sharded import skeleton
-    from moeprune.novice import describe, from_pretrained, is_novice_checkpoint, weights_bytes
+    from moeprune.store.checkpoint import from_pretrained, weights_bytes
+    from moeprune.store.novices import describe, is_novice_checkpoint
 
     model = from_pretrained(model_path) if is_novice_checkpoint(model_path) else skeleton(load_config(model_path))
     adapter = get_adapter(model.config)
@@ -140,7 +141,7 @@ def observe_checkpoint(
     return the same merged statistics; only the main process shows the progress bar. `layerwise`
     (default: when the weights exceed half the free memory) runs one decoder layer at a time.
     """
-    from moeprune.novice import refuse_novice_input
+    from moeprune.store.novices import refuse_novice_input
 
     check_settings(samples=samples, seq_len=seq_len, batch_size=batch_size, seed=seed, probe_size=probe_size,
                    hidden_memory=hidden_memory)
@@ -250,7 +251,7 @@ def check_offload_dir(offload_dir: str | Path | None, inputs: dict) -> None:
 
 def _expected_output_bytes(model_path: str | Path, keep: int, num_experts: int) -> int:
     """A lower bound of the pruned checkpoint's size (every weight scaled by keep/E): refusing below it is safe."""
-    from moeprune.novice import weights_bytes
+    from moeprune.store.files import weights_bytes
 
     return int((weights_bytes(model_path) or 0) * keep / max(num_experts, 1))
 
@@ -267,7 +268,9 @@ def apply_checkpoint(model_path: str | Path, plan: Plan, out: str | Path, *, for
     names the files the plan and stats came from (`{"plan": ..., "--stats": ...}`), which `out` must not touch.
     Every check (paths, plan against the model's shape, stats against both) runs before any weight is read.
     """
-    from moeprune.novice import check_novice_plan, novice_vectors, refuse_novice_input
+    from moeprune.methods.mone import novice_vectors
+    from moeprune.plan import check_novice_plan
+    from moeprune.store.novices import refuse_novice_input
 
     refuse_novice_input(model_path, model)
     device = check_device(device)
@@ -324,7 +327,7 @@ def _tell(notify, layerwise: bool, why: str) -> None:
 def choose_layerwise(model_path: str | Path, requested: bool | None) -> tuple[bool, str]:
     """Whether to work layer by layer, and why: as requested, else when the weights exceed half the free memory."""
     from moeprune.pipeline import available_memory
-    from moeprune.novice import weights_bytes
+    from moeprune.store.files import weights_bytes
 
     size = weights_bytes(model_path) or 0
     safetensors = any(Path(model_path).glob("*.safetensors"))
@@ -373,7 +376,7 @@ def prune(
     calibration batches beyond `hidden_memory` GiB go to files under `offload_dir`. `notify(message)` hears which
     way was chosen, once the inputs passed their checks.
     """
-    from moeprune.novice import refuse_novice_input
+    from moeprune.store.novices import refuse_novice_input
 
     check_settings(samples=samples, seq_len=seq_len, batch_size=batch_size, seed=seed, probe_size=probe_size,
                    hidden_memory=hidden_memory)

@@ -153,7 +153,7 @@ def _evaluation_mode(path, layerwise: bool | None, with_tasks: bool) -> tuple[bo
     """(layer by layer?, why) for one checkpoint, refusing what layer-by-layer evaluation cannot do."""
     from moeprune.api import choose_layerwise
     from moeprune.store.checkpoint import check_weight_files
-    from moeprune.novice import is_novice_checkpoint
+    from moeprune.store.novices import is_novice_checkpoint
 
     check_weight_files(path)
     if is_novice_checkpoint(path):
@@ -171,7 +171,7 @@ def _evaluation_mode(path, layerwise: bool | None, with_tasks: bool) -> tuple[bo
 def _layerwise_entry(path, texts, tok, seq_len, max_tokens, batch_size, device, progress) -> dict:
     """The report entry of one checkpoint whose perplexities are computed layer by layer."""
     from moeprune.pipeline import ShardedCheckpoint, perplexity_layerwise
-    from moeprune.novice import checkpoint_parameters
+    from moeprune.store.checkpoint import checkpoint_parameters
 
     model_type = ShardedCheckpoint(path).adapter.family
     entry = {"path": str(path), "name": Path(path).resolve().name, "model_type": model_type,

@@ -209,7 +209,7 @@ def walk(
 def _layer_tensors(ck: ShardedCheckpoint, i: int, layer: nn.Module, block: nn.Module | None,
                    novice_tensors: dict) -> dict[str, torch.Tensor]:
     """Layer i's on-disk tensors; a layer with novices gives its novice tensors to `novice_tensors`."""
-    from moeprune.novice import detach_novices, is_novice_experts
+    from moeprune.surgery.novices import detach_novices, is_novice_experts
 
     if block is not None and is_novice_experts(ck.adapter.experts(block)):
         tensors, _ = detach_novices(ck.adapter, block, i)  # the router keeps the kept rows only, as on disk

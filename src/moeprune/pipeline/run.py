@@ -129,7 +129,8 @@ def observe_layerwise(model_path: str | Path, input_ids: torch.Tensor, *, batch_
 
 def _finish(ck: ShardedCheckpoint, tmp: Path, plan: Plan, novice_tensors: dict, *, command: str | None) -> None:
     """config.json (and the novice file) of the written layers, then tokenizer files, plan and model card."""
-    from moeprune.novice import checkpoint_parameters, write_novice_file
+    from moeprune.store.checkpoint import checkpoint_parameters
+    from moeprune.store.novices import write_novice_file
 
     config = ck.model.config
     adapter = ck.adapter
@@ -181,7 +182,7 @@ def prune_layerwise(
     method_config = {}
 
     def plan_one_layer(i, layer_stats, access):
-        from moeprune.novice import novice_vectors
+        from moeprune.methods.mone import novice_vectors
 
         one = Stats(model={**desc, "moe_layers": [i]}, calibration=info,
                     layers={i: layer_stats or LayerStats.empty(i, E, H)})
@@ -197,7 +198,7 @@ def prune_layerwise(
         stats = walk(ck, **walk_args).stats
         whole = make_plan(method, PlanRequest(stats, keep, flatten_groups, None), **options)
         method_config.update(whole.method_config)
-        from moeprune.novice import novice_vectors
+        from moeprune.methods.mone import novice_vectors
 
         vectors = novice_vectors(whole, stats)
         walk_args.update(input_ids=None, plan_layer=lambda i, _s, _a: (whole.layer(i), vectors.get(i)))
@@ -225,7 +226,8 @@ def prune_layerwise(
 def apply_layerwise(model_path: str | Path, plan: Plan, out: str | Path, *, stats: Stats | None = None,
                     force: bool = False, command: str | None = None, device: str = "cpu", progress=None) -> Path:
     """Apply a ready plan one layer at a time (no calibration pass) and stream the checkpoint to `out`."""
-    from moeprune.novice import check_novice_plan, novice_vectors
+    from moeprune.methods.mone import novice_vectors
+    from moeprune.plan import check_novice_plan
 
     check_novice_plan(plan)
     vectors = novice_vectors(plan, stats)
