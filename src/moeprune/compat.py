@@ -15,7 +15,7 @@ from torch import nn
 
 
 def dispatches_experts(experts: nn.Module) -> bool:
-    """Whether `experts` runs through `ALL_EXPERTS_FUNCTIONS` (its class uses `use_experts_implementation`)."""
+    """Whether `experts` runs through `ALL_EXPERTS_FUNCTIONS` (its class is `use_experts_implementation`'s)."""
     return hasattr(type(experts).forward, "__wrapped__") and hasattr(experts, "config")
 
 

@@ -168,7 +168,7 @@ def novice_experts_forward(self, kernel, hidden_states: torch.Tensor, top_k_inde
 
 
 def _novice_instance_forward(self, *args, **kwargs):
-    """Instance forward for an experts class that transformers does not dispatch: the class forward is the kernel."""
+    """Instance forward for an experts class transformers does not dispatch: its class forward is the kernel."""
     return novice_experts_forward(self, type(self).forward, *args, **kwargs)
 
 

@@ -181,7 +181,8 @@ class Llama4Text(Adapter):
         """
         ex = self.experts(block)
         ex.forward = types.MethodType(_llama4_novice_forward, ex)
-        ex._moeprune_novice_hook = self.router(block).register_forward_hook(types.MethodType(_llama4_keep_scores, ex))
+        keep_scores = types.MethodType(_llama4_keep_scores, ex)
+        ex._moeprune_novice_hook = self.router(block).register_forward_hook(keep_scores)
 
     def remove_novice_runtime(self, block: nn.Module) -> None:
         ex = self.experts(block)

@@ -101,9 +101,11 @@ def novice_config(path: str | Path):
     return config_from_dict({**stock_config_dict(raw), section["count_field"]: int(section["num_experts"])})
 
 
-def refuse_novice_input(path: str | Path | None = None, model: nn.Module | None = None, action: str = "prune") -> None:
+def refuse_novice_input(path: str | Path | None = None, model: nn.Module | None = None,
+                        action: str = "prune") -> None:
     """Refuse to observe or prune a model that already has novices (its experts no longer match its router)."""
-    if (path is not None and Path(path).is_dir() and is_novice_checkpoint(path)) or (model is not None and has_novices(model)):
+    on_disk = path is not None and Path(path).is_dir() and is_novice_checkpoint(path)
+    if on_disk or (model is not None and has_novices(model)):
         raise novice_refusal(f"{path} is" if path is not None else "this model is", action)
 
 

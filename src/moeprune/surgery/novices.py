@@ -46,8 +46,9 @@ def has_novices(model: nn.Module) -> bool:
 
 def novice_refusal(where: str, action: str) -> MoepruneError:
     """The error for a model with novices given where moeprune needs experts that match their router."""
-    return MoepruneError(f"{where} a MoNE model with novices, which moeprune cannot {action}: start from the "
-                         "original model, or make a stock copy first with `moeprune export-stock PATH --out DIR`")
+    return MoepruneError(f"{where} a MoNE model with novices, which moeprune cannot {action}: start from "
+                         "the original model, or make a stock copy first with "
+                         "`moeprune export-stock PATH --out DIR`")
 
 
 def refuse_novice_model(model: nn.Module, action: str = "prune") -> None:
@@ -56,7 +57,8 @@ def refuse_novice_model(model: nn.Module, action: str = "prune") -> None:
         raise novice_refusal("this model is", action)
 
 
-def attach_novices(adapter: Adapter, block: nn.Module, expert_map: torch.Tensor, vectors: torch.Tensor) -> None:
+def attach_novices(adapter: Adapter, block: nn.Module, expert_map: torch.Tensor,
+                   vectors: torch.Tensor) -> None:
     """Give a block whose experts tensors already hold only the kept experts its routing map and novices.
 
     The router and every cached count outside the experts module stay at E; the experts' cached
