@@ -197,7 +197,7 @@ def test_ctrl_c_exits_non_zero_with_a_message(tmp_path, checkpoint, calib_file, 
 # A driver that stops inside the save (the weights file is being written) and says so on stdout.
 SLOW_SAVE = textwrap.dedent("""
     import sys, time
-    import moeprune.novice as novice
+    import moeprune.store.novices as novice
     real = novice.save_pretrained
     def slow(model, directory):
         real(model, directory)
@@ -358,7 +358,7 @@ def _tmpfs(path: Path, size: int, readonly: bool = False) -> None:
 
 
 def test_full_and_read_only_disks(tmp_path, checkpoint, calib_file, capsys):
-    from moeprune.novice import weights_bytes
+    from moeprune.store.files import weights_bytes
 
     model = checkpoint("mixtral")
     argv = ["prune", str(model), "--method", "frequency", "--ratio", "0.5", "--calib", str(calib_file), "--in-memory",

@@ -16,11 +16,14 @@ from moeprune.arch.families import Llama4Text
 from moeprune.arch.tiny import TINY_FAMILIES, save_tiny_checkpoint, tiny_model
 from moeprune.cli import _parse_options, main
 from moeprune.errors import MoepruneError
-from moeprune.store.checkpoint import load_config, load_model, parameter_counts, save_checkpoint
-from moeprune.novice import NOVICE_FILE, apply_novice_layer, novice_vectors, weights_bytes
+from moeprune.methods.mone import novice_vectors
 from moeprune.observe import ExpertStats, LayerStats, Probe, Stats, observe
 from moeprune.plan import Group, LayerPlan, Plan
+from moeprune.store.checkpoint import load_config, load_model, parameter_counts, save_checkpoint
+from moeprune.store.files import weights_bytes
+from moeprune.store.novices import NOVICE_FILE
 from moeprune.surgery import apply_plan
+from moeprune.surgery.novices import apply_novice_layer
 
 # DeepSeek-V3's tiny config routes with 2 groups; novices need ungrouped routing (Plan.validate refuses)
 OVERRIDES = {"deepseek_v3": {"n_group": 1, "topk_group": 1}}

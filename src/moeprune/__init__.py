@@ -18,7 +18,7 @@ _PUBLIC = {
     "SUPPORTED_MODEL_TYPES": "moeprune.arch", "get_adapter": "moeprune.arch",
     "MoepruneError": "moeprune.errors",
     "METHODS": "moeprune.methods", "make_plan": "moeprune.methods",
-    "export_stock": "moeprune.novice", "from_pretrained": "moeprune.novice",
+    "export_stock": "moeprune.store.checkpoint", "from_pretrained": "moeprune.store.checkpoint",
     "Stats": "moeprune.observe", "observe": "moeprune.observe",
     "Group": "moeprune.plan", "LayerPlan": "moeprune.plan", "Plan": "moeprune.plan", "budget": "moeprune.plan",
     "apply_plan": "moeprune.surgery",

@@ -62,7 +62,8 @@ def inspect(model_path: str | Path) -> dict:
     and the parameter counts include the novice vectors.
     """
     from moeprune.store.sharded import skeleton
-    from moeprune.novice import describe, from_pretrained, is_novice_checkpoint, weights_bytes
+    from moeprune.store.checkpoint import from_pretrained, weights_bytes
+    from moeprune.store.novices import describe, is_novice_checkpoint
 
     model = from_pretrained(model_path) if is_novice_checkpoint(model_path) else skeleton(load_config(model_path))
     adapter = get_adapter(model.config)
@@ -145,7 +146,7 @@ def observe_checkpoint(
 def observe_request(model_path, calib: CalibrationRequest, runtime: RuntimeRequest, *, model=None,
                     calibration: Calibration | None = None, ranks: Ranks | None = None, notify=None) -> Stats:
     """`observe_checkpoint` with its settings as requests (what the CLI and sweep call)."""
-    from moeprune.novice import refuse_novice_input
+    from moeprune.store.novices import refuse_novice_input
 
     refuse_novice_input(model_path, model, action="observe")
     device = check_device(runtime.device)
@@ -250,7 +251,9 @@ def apply_checkpoint(model_path: str | Path, plan: Plan, out: str | Path, *, for
     stats came from (`{"plan": ..., "--stats": ...}`), which `out` must not touch. Every check (paths,
     plan against the model's shape, stats against both) runs before any weight is read.
     """
-    from moeprune.novice import check_novice_plan, novice_vectors, refuse_novice_input
+    from moeprune.methods.mone import novice_vectors
+    from moeprune.plan import check_novice_plan
+    from moeprune.store.novices import refuse_novice_input
 
     refuse_novice_input(model_path, model)
     device = check_device(device)
@@ -320,7 +323,7 @@ def prune(
 def check_prune(model_path, method: str, calib: CalibrationRequest, budget_request: BudgetRequest,
                 output: OutputRequest, runtime: RuntimeRequest, options: dict | None = None, notify=None):
     """Every cheap check of a prune, before anything expensive; returns (config, adapter, keep)."""
-    from moeprune.novice import refuse_novice_input
+    from moeprune.store.novices import refuse_novice_input
 
     refuse_novice_input(model_path)
     config = load_config(model_path)

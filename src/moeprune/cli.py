@@ -305,7 +305,7 @@ def export_stock(
     force: Force = False,
 ):
     """Write the novice-free copy of a MoNE checkpoint (novices' router rows removed), for stock transformers."""
-    from moeprune.novice import export_stock as export
+    from moeprune.store.checkpoint import export_stock as export
 
     _quiet_libraries()
     path = export(model, out_dir, force=force, command=_command_line())

@@ -135,7 +135,7 @@ def run_demo(*, methods: Sequence[str] = (DEFAULT_METHOD,), ratio: float = 0.25,
     else:
         say("[3/3] reusing the evaluation of every model (--rebuild redoes pruning and evaluation)")
 
-    from moeprune.novice import weights_bytes
+    from moeprune.store.files import weights_bytes
 
     report = dict(entries[0]["common"])
     report["models"] = []

@@ -66,7 +66,8 @@ def evaluate_models(
     from moeprune.settings import RuntimeRequest
     from moeprune.arch import get_adapter
     from moeprune.evaluate.harness import run_tasks
-    from moeprune.novice import checkpoint_parameters, is_novice_checkpoint
+    from moeprune.store.checkpoint import checkpoint_parameters
+    from moeprune.store.novices import is_novice_checkpoint
     from moeprune.pipeline.run import perplexity
     from moeprune.runtime import check_device, layer_progress
     from moeprune.store.checkpoint import check_weight_files, load_config, load_tokenizer

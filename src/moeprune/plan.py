@@ -199,6 +199,7 @@ class Plan:
                                     "(lower --ratio or raise --experts)")
             if n_group > 1:
                 self._check_groups(lp, E, n_group, min_per_group)
+        check_novice_plan(self)
 
     def _check_coeffs(self, where: str, g: Group) -> None:
         if not all(math.isfinite(c) for c in g.coeffs):
@@ -268,6 +269,35 @@ LAYER_FIELDS = {"layer": True, "num_experts_in": True, "groups": True, "router_m
 GROUP_FIELDS = {"members": True, "coeffs": True, "perms": False}
 MODEL_INTS = {"num_experts": True, "top_k": True, "n_group": False, "min_experts_per_group": False,
               "hidden_size": False}  # facts validate() reads; other model fields are free-form description
+
+
+def check_novice_plan(plan: Plan) -> None:
+    """A plan with novices must be a pruning plan whose kept experts and novices cover every expert.
+
+    That is MoNE's shape: the router keeps all its rows, so every router id needs a kept expert or
+    a novice behind it. `Plan.validate` runs this last.
+    """
+    if not any(lp.novices for lp in plan.layers):
+        return
+    for lp in plan.layers:
+        where = f"layer {lp.layer}"
+        if not lp.is_pruning:
+            raise MoepruneError(f"{where}: novices combine only with pruning (singleton groups with coefficient 1); "
+                                "this plan also merges experts")
+        covered = set(lp.kept) | set(lp.novices)
+        missing = sorted(set(range(lp.num_experts_in)) - covered)
+        if missing:
+            raise MoepruneError(f"{where}: experts {missing} are neither kept nor novices; with novices the router "
+                                "keeps all its rows, so every expert must be one or the other")
+
+
+def check_same_calibration(plan: Plan, stats) -> None:
+    """Refuse statistics whose calibration facts differ from the ones the plan records."""
+    for key in ("sha256", "tokens", "seq_len", "seed", "source"):
+        a, b = plan.calibration.get(key), stats.calibration.get(key)
+        if a is not None and b is not None and a != b:
+            raise MoepruneError(f"the statistics do not match the plan: calibration {key} is {b!r} in the stats but "
+                                f"{a!r} in the plan; pass the stats directory the plan was made from")
 
 
 def _json_kind(v) -> str:

@@ -131,7 +131,7 @@ def sweep(
     )
     from moeprune.methods import get_method
     from moeprune.pipeline.access import ModelWeights
-    from moeprune.novice import refuse_novice_input
+    from moeprune.store.novices import refuse_novice_input
     from moeprune.plan import budget
     from moeprune.settings import check_ratio, check_seq_len, check_settings
     from moeprune.surgery import apply_plan

@@ -11,12 +11,15 @@ Shape letters: E experts, K top-k, H hidden, I expert width, T tokens, S routed 
 
 from __future__ import annotations
 
+import types
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from moeprune.compat import is_decoder_layer
+
+from moeprune import compat
 
 # Integer attributes that transformers modules cache from the config's expert count.
 EXPERT_COUNT_ATTRS = ("num_experts", "n_routed_experts", "num_local_experts", "moe_num_experts")
@@ -52,6 +55,56 @@ def decoder_layers(model: nn.Module) -> tuple[nn.ModuleList, str]:
 def _is_moe_block(module: nn.Module) -> bool:
     experts = getattr(module, "experts", None)
     return isinstance(experts, nn.Module) and isinstance(getattr(experts, "gate_up_proj", None), torch.Tensor)
+
+
+# ---- novices at run time ----------------------------------------------------------------------
+# A block with novices (MoNE; made by `moeprune.surgery.novices`) keeps its router at E rows while its
+# experts tensors hold only the E_kept kept experts; two non-persistent buffers on the experts module
+# carry the rest: `expert_map [E]` (router id -> slot; slot E_kept + n is novice n) and
+# `novice_vectors [n, H]`. Shape letters here also: P kept pairs, Q novice pairs.
+NOVICE_IMPLEMENTATION = "moeprune_novice"  # the tag of the experts implementations moeprune registers
+
+
+def is_novice_experts(experts: nn.Module) -> bool:
+    return "expert_map" in experts._buffers and "novice_vectors" in experts._buffers
+
+
+def novice_slots(experts: nn.Module) -> tuple[int, torch.Tensor, torch.Tensor]:
+    """(E_kept, kept router ids in slot order, novice router ids in novice order)."""
+    kept_count = experts.gate_up_proj.shape[0]
+    order = experts.expert_map.argsort()  # slots are a permutation of 0..E-1
+    return kept_count, order[:kept_count], order[kept_count:]
+
+
+def novice_experts_forward(self, kernel, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                           top_k_weights: torch.Tensor, **kwargs) -> torch.Tensor:
+    """Experts forward with novices: [T, H], [T, K] router ids, [T, K] gates -> [T, H].
+
+    `kernel` is the family's own experts forward (the implementation the model had before), which
+    runs the kept pairs, one pair per row with remapped ids; a novice pair adds `g * novice`.
+    Experts modules without novices (the config is shared by every layer) run `kernel` as is.
+    """
+    if not is_novice_experts(self):
+        return kernel(self, hidden_states, top_k_index, top_k_weights, **kwargs)
+    T, H = hidden_states.shape
+    kept_count = self.gate_up_proj.shape[0]
+    slots = self.expert_map[top_k_index]  # [T, K]
+    is_kept = slots < kept_count  # [T, K]
+    out = torch.zeros(T, H, dtype=torch.float32, device=hidden_states.device)
+    tok, k = is_kept.nonzero(as_tuple=True)  # [P]
+    if tok.numel():
+        y = kernel(self, hidden_states[tok], slots[tok, k][:, None], top_k_weights[tok, k][:, None], **kwargs)
+        out.index_add_(0, tok, y.float())  # [P, H] summed into the tokens
+    tok_n, k_n = (~is_kept).nonzero(as_tuple=True)  # [Q]
+    if tok_n.numel():
+        v = self.novice_vectors[slots[tok_n, k_n] - kept_count].float()  # [Q, H]
+        out.index_add_(0, tok_n, top_k_weights[tok_n, k_n, None].float() * v)
+    return out.to(hidden_states.dtype)
+
+
+def _novice_instance_forward(self, *args, **kwargs):
+    """Instance forward for an experts class transformers does not dispatch: its class forward is the kernel."""
+    return novice_experts_forward(self, type(self).forward, *args, **kwargs)
 
 
 class Adapter:
@@ -167,6 +220,30 @@ class Adapter:
         ex = self.experts(block)
         ones = torch.ones(x.shape[0], 1, dtype=x.dtype, device=x.device)  # [S, 1]
         return type(ex).forward(ex, x, expert_ids[:, None], ones)
+
+    def install_novice_runtime(self, block: nn.Module) -> None:
+        """Make the block's experts (which carry novice buffers) add their novices at run time.
+
+        Experts classes dispatched through transformers' `ALL_EXPERTS_FUNCTIONS` get there: this
+        sets their config's `_experts_implementation` (shared by every layer, and by the model) to
+        "moeprune_novice:<previous>", whose function runs the previous implementation for the kept
+        pairs and for every experts module without novices; `remove_novice_runtime` restores it.
+        Calling `set_experts_implementation` afterwards replaces it and so bypasses the novices.
+        Other experts classes get an instance forward.
+        """
+        ex = self.experts(block)
+        if compat.dispatches_experts(ex):
+            compat.route_experts_through(ex, NOVICE_IMPLEMENTATION, novice_experts_forward)
+        else:
+            ex.forward = types.MethodType(_novice_instance_forward, ex)
+
+    def remove_novice_runtime(self, block: nn.Module) -> None:
+        """Undo `install_novice_runtime` (the novice buffers stay)."""
+        ex = self.experts(block)
+        if compat.dispatches_experts(ex):
+            compat.restore_experts_implementation(ex, NOVICE_IMPLEMENTATION)
+        else:
+            ex.__dict__.pop("forward", None)
 
     # ---- counts -------------------------------------------------------------------------------
     def set_block_num_experts(self, block: nn.Module, old: int, new: int) -> None:

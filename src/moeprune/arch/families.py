@@ -6,10 +6,12 @@ expert-count fields and routing notes these facts come from.
 
 from __future__ import annotations
 
+import types
+
 import torch
 from torch import nn
 
-from moeprune.arch.base import Adapter
+from moeprune.arch.base import Adapter, novice_slots
 
 _SOFTMAX_NO_RENORM = (
     "gates are softmax probabilities over all E experts without renormalisation, so removing any "
@@ -143,6 +145,53 @@ class Llama4Text(Adapter):
             gate, up = gate_up.chunk(2, dim=-1)
             out[rows] = (up * ex.act_fn(gate)) @ ex.down_proj[e]
         return out
+
+    # Llama 4's experts class is not dispatched through transformers' ALL_EXPERTS_FUNCTIONS (no
+    # `use_experts_implementation`), so its novices run in an instance forward fed by a router hook.
+    def install_novice_runtime(self, block: nn.Module) -> None:
+        """The novice forward on the experts, and a router hook handing it each call's scores.
+
+        The hook's handle is kept on the experts module; `remove_novice_runtime` removes both.
+        """
+        ex = self.experts(block)
+        ex.forward = types.MethodType(_llama4_novice_forward, ex)
+        keep_scores = types.MethodType(_llama4_keep_scores, ex)
+        ex._moeprune_novice_hook = self.router(block).register_forward_hook(keep_scores)
+
+    def remove_novice_runtime(self, block: nn.Module) -> None:
+        ex = self.experts(block)
+        ex.__dict__.pop("forward", None)
+        handle = ex.__dict__.pop("_moeprune_novice_hook", None)
+        if handle is not None:
+            handle.remove()
+
+
+def _llama4_keep_scores(self, router: nn.Module, args, output) -> None:
+    """Router forward hook (bound to the experts module): hand this call's [T, E] scores to the experts."""
+    self.__dict__["_moeprune_scores"] = output[0]
+
+
+def _llama4_novice_forward(self, routed_in: torch.Tensor) -> torch.Tensor:
+    """Llama 4 experts forward with novices: [E*T, H] score-scaled inputs -> [E*T, H] outputs.
+
+    Llama 4 runs its experts densely on a score-scaled input (`E_i(g_i(x) x)`), and the observer
+    records that scaled output as the expert's output, so a novice contributes its mean as is: kept
+    experts run densely as usual; a novice's rows hold its vector for the tokens whose top-k holds it
+    (score > 0; the router sets the others to sigmoid(-inf) = 0) and zero elsewhere.
+    """
+    scores = self.__dict__.pop("_moeprune_scores", None)  # [T, E]
+    if scores is None:
+        raise RuntimeError("Llama 4 novice experts need the router's scores: run the whole MoE block")
+    T, E = scores.shape
+    H = routed_in.shape[-1]
+    kept_count, kept, novices = novice_slots(self)
+    x = routed_in.view(E, T, H)
+    out = routed_in.new_zeros(E, T, H)
+    if kept_count:
+        out[kept] = type(self).forward(self, x[kept].reshape(-1, H)).view(kept_count, T, H)
+    routed = (scores[:, novices].T > 0).to(out.dtype)  # [n, T]
+    out[novices] = routed[..., None] * self.novice_vectors.to(out.dtype)[:, None, :]
+    return out.view(-1, H)
 
 
 ADAPTERS: tuple[type[Adapter], ...] = (

@@ -24,10 +24,11 @@ Readings taken where the paper leaves room (METHODS.md, "Seed 3"):
   and `ranking=frequency` are the single-factor ablations;
 - the same number of experts is pruned in every layer; ties keep the lower expert id;
 - Llama 4 applies its gate to the expert *input*; the observer records `E_i(g_i(x) x)` as the
-  output, so there the novice is that mean and is added unscaled when routed (see `moeprune.novice`).
+  output, so there the novice is that mean and is added unscaled when routed (see
+  `moeprune.arch.families.Llama4Text`).
 
 Plans record the novice ids, not the vectors: `notes["novice_vectors"]` says `out_mean` or `zero`,
-and the vectors are recomputed from the stats the plan came from (`moeprune.novice.novice_vectors`),
+and the vectors are recomputed from the stats the plan came from (`novice_vectors` below),
 which keeps plans small and editable (a vector per novice is 7168 floats on DeepSeek-V3, hundreds
 of megabytes of JSON for a whole model). The written checkpoint stores the vectors themselves.
 
@@ -53,7 +54,7 @@ from moeprune.methods import options
 from moeprune.methods.groups import top_experts
 from moeprune.methods.registry import PlanRequest, register
 from moeprune.observe.stats import ExpertStats
-from moeprune.plan import Group, LayerPlan, Plan
+from moeprune.plan import Group, LayerPlan, Plan, check_same_calibration
 
 RANKINGS = ("product", "variance", "frequency")
 SCOPES = ("layer", "global")
@@ -131,3 +132,40 @@ def mone_plan(request: PlanRequest, cfg: MoneConfig) -> Plan:
         layers.append(LayerPlan(layer=i, num_experts_in=E, groups=[Group([e], [1.0]) for e in kept],
                                 novices=novices, notes=notes))
     return Plan(method="mone", layers=layers, model=dict(request.model), calibration=dict(stats.calibration))
+
+
+def novice_vectors(plan: Plan, stats=None) -> dict[int, torch.Tensor]:
+    """{layer: [n, H] float64} novice vectors of `plan`, in the order of each layer's `novices`.
+
+    Vectors are a pure function of the statistics: `out_mean` of each novice (the unweighted mean
+    of its raw output over the tokens routed to it), zero for an expert never routed, and zero for
+    every novice when the plan was made with `novice=false` (`notes["novice_vectors"] == "zero"`).
+    Plans record only the ids, so a plan with mean novices needs the stats it was made from.
+    """
+    layers = [lp for lp in plan.layers if lp.novices]
+    if not layers:
+        return {}
+    H = int(plan.model.get("hidden_size")
+            or (next(iter(stats.layers.values())).experts.mean.shape[1] if stats else 0))
+    needs_stats = [lp.layer for lp in layers if lp.notes.get("novice_vectors", "out_mean") != "zero"]
+    if needs_stats and stats is None:
+        raise MoepruneError("this plan replaces experts with novices (their mean output on the calibration data), "
+                            "which come from the statistics: pass the stats directory the plan was made from "
+                            "(--stats DIR)")
+    if stats is not None and needs_stats:
+        check_same_calibration(plan, stats)
+    out = {}
+    for lp in layers:
+        ids = torch.tensor(lp.novices, dtype=torch.long)
+        if lp.layer not in needs_stats:
+            out[lp.layer] = torch.zeros(len(lp.novices), H, dtype=torch.float64)
+            continue
+        if lp.layer not in stats.layers:
+            raise MoepruneError(f"the statistics have no layer {lp.layer}, which the plan gives novices")
+        st = stats.layers[lp.layer].experts
+        if st.num_experts != lp.num_experts_in:
+            raise MoepruneError(f"layer {lp.layer}: the statistics have {st.num_experts} experts, the plan "
+                                f"{lp.num_experts_in}")
+        routed = (st.count[ids] > 0)[:, None]  # [n, 1]; never-routed experts get a zero novice
+        out[lp.layer] = torch.where(routed, st.mean[ids], torch.zeros_like(st.mean[ids]))
+    return out

@@ -194,7 +194,7 @@ def walk(
 def _layer_tensors(source, i: int, layer: nn.Module, block: nn.Module | None,
                    novice_tensors: dict) -> dict[str, torch.Tensor]:
     """Layer i's on-disk tensors; a layer with novices gives its novice tensors to `novice_tensors`."""
-    from moeprune.novice import detach_novices, is_novice_experts
+    from moeprune.surgery.novices import detach_novices, is_novice_experts
 
     if block is not None and is_novice_experts(source.adapter.experts(block)):
         tensors, _ = detach_novices(source.adapter, block, i)  # the router keeps the kept rows only, as on disk

@@ -159,7 +159,7 @@ def empty_stats(model, source: str | None = None) -> Stats:
 
 
 def _parameters_before(source) -> dict:
-    from moeprune.novice import checkpoint_parameters
+    from moeprune.store.checkpoint import checkpoint_parameters
 
     if source.in_memory:
         return parameter_counts(source.model)
@@ -171,7 +171,8 @@ def _finish(source, tmp: Path, plan: Plan, novice_tensors: dict, *, before: dict
 
     The written config is a copy: the source's model (the caller's, in memory) keeps its own.
     """
-    from moeprune.novice import checkpoint_parameters, write_novice_file
+    from moeprune.store.checkpoint import checkpoint_parameters
+    from moeprune.store.novices import write_novice_file
 
     config = copy.deepcopy(source.model.config)
     adapter = get_adapter(config)
@@ -223,7 +224,7 @@ def prune(
     before = _parameters_before(source) if main else {}
 
     def plan_one_layer(i, layer_stats, access):
-        from moeprune.novice import novice_vectors
+        from moeprune.methods.mone import novice_vectors
 
         one = Stats(model={**desc, "moe_layers": [i]}, calibration=info,
                     layers={i: layer_stats or LayerStats.empty(i, E, H)})
@@ -242,7 +243,7 @@ def prune(
             stats = empty_stats(source.model, str(source.path))
         whole = make_plan(method, PlanRequest(stats, keep, flatten_groups, weights), **options)
         method_config.update(whole.method_config)
-        from moeprune.novice import novice_vectors
+        from moeprune.methods.mone import novice_vectors
 
         vectors = novice_vectors(whole, stats)
         walk_args.update(input_ids=None, plan_layer=lambda i, _s, _a: (whole.layer(i), vectors.get(i)))
@@ -270,7 +271,8 @@ def prune(
 def apply(source, plan: Plan, out: str | Path, *, stats: Stats | None = None, force: bool = False,
           command: str | None = None, progress=None) -> Path:
     """Apply a ready plan one layer at a time (no calibration pass) and write the checkpoint to `out`."""
-    from moeprune.novice import check_novice_plan, novice_vectors
+    from moeprune.methods.mone import novice_vectors
+    from moeprune.plan import check_novice_plan
 
     check_novice_plan(plan)
     vectors = novice_vectors(plan, stats)

@@ -20,8 +20,10 @@ from torch import nn
 from moeprune.arch import Adapter, get_adapter
 from moeprune.errors import MoepruneError
 from moeprune.outputs import atomic_directory, check_output_dir
+from moeprune.store.files import read_config_dict, weights_bytes
 
-__all__ = ["atomic_directory", "check_output_dir", "load_config", "load_model", "load_tokenizer", "save_checkpoint"]
+__all__ = ["atomic_directory", "check_output_dir", "checkpoint_parameters", "export_stock", "from_pretrained",
+           "load_config", "load_model", "load_tokenizer", "read_config_dict", "save_checkpoint", "weights_bytes"]
 
 # Files of a model directory that loaders read besides weights and config: carried over to the output.
 SIDE_FILES = ("tokenizer*", "vocab*", "merges.txt", "special_tokens_map.json", "added_tokens.json", "*.model",
@@ -44,7 +46,7 @@ def load_config(path: str | Path):
         raise MoepruneError(f"{p} is a file, not a model directory; give the directory that holds config.json")
     if not (p / "config.json").is_file():
         raise MoepruneError(f"{p} is not a model directory: it has no config.json")
-    from moeprune.novice import is_novice_checkpoint, novice_config
+    from moeprune.store.novices import is_novice_checkpoint, novice_config
 
     if is_novice_checkpoint(p):  # its config.json refuses stock loading on purpose
         return novice_config(p)
@@ -57,12 +59,12 @@ def load_config(path: str | Path):
 def load_model(path: str | Path, *, device: str = "cpu", dtype: str | torch.dtype = "auto") -> nn.Module:
     """Load a causal LM and refuse checkpoints with missing or mismatched weights.
 
-    MoNE checkpoints (with novices) load through `moeprune.novice.from_pretrained`.
+    MoNE checkpoints (with novices) load through `moeprune.store.novices.load_novice_model`.
     """
-    from moeprune.novice import from_pretrained, is_novice_checkpoint
+    from moeprune.store.novices import is_novice_checkpoint, load_novice_model
 
     if is_novice_checkpoint(path):
-        return from_pretrained(path, device=device, dtype=dtype)
+        return load_novice_model(path, device=device, dtype=dtype)
     config = load_config(path)
     get_adapter(config)  # unsupported families fail before any weight is read
     try:
@@ -261,9 +263,9 @@ def save_checkpoint(model: nn.Module, out: str | Path, *, source: str, plan, bef
                     force: bool = False, command: str | None = None) -> Path:
     """Write the pruned model, tokenizer files, plan and model card to `out`, atomically.
 
-    A model with novices (MoNE) is written in moeprune's novice format (`moeprune.novice.save_pretrained`).
+    A model with novices (MoNE) is written in moeprune's novice format (`moeprune.store.novices.save_pretrained`).
     """
-    from moeprune.novice import save_pretrained as save_weights
+    from moeprune.store.novices import save_pretrained as save_weights
 
     after = parameter_counts(model)
     with atomic_directory(out, force=force) as tmp:
@@ -275,11 +277,93 @@ def save_checkpoint(model: nn.Module, out: str | Path, *, source: str, plan, bef
 def describe_output(directory: Path, *, source: str, plan, before: dict, after: dict,
                     command: str | None = None) -> None:
     """Add the tokenizer files, the plan and the model card to a freshly written checkpoint directory."""
-    from moeprune.novice import weights_bytes
-
     before = {**before, "bytes": before.get("bytes", weights_bytes(source))}
     after = {**after, "bytes": weights_bytes(directory)}
     copy_side_files(source, directory)
     plan.save(directory / "moeprune_plan.json")
     (directory / "README.md").write_text(model_card(source=source, plan=plan, before=before, after=after,
                                                     command=command))
+
+
+# ---- novice (MoNE) checkpoints: loading either kind, counting, stock export ----
+def from_pretrained(path: str | Path, *, device: str = "cpu", dtype: str | torch.dtype = "auto") -> nn.Module:
+    """Load a moeprune output (novice checkpoint or stock) in eval mode.
+
+    A novice checkpoint loads its plain-pruned part through transformers, then puts the novices'
+    router rows back and attaches the novices, reproducing the in-memory pruned model exactly.
+    Any other checkpoint loads as `moeprune.store.checkpoint.load_model` does.
+    """
+    from moeprune.store.novices import CONFIG_KEY, load_novice_model
+
+    p = Path(path)
+    if not p.exists():
+        raise MoepruneError(f"model directory {p} does not exist")
+    raw = read_config_dict(p)
+    if CONFIG_KEY not in raw:
+        return load_model(p, device=device, dtype=dtype)
+    return load_novice_model(p, device=device, dtype=dtype)
+
+
+def checkpoint_parameters(path: str | Path) -> dict:
+    """Parameter counts of a checkpoint directory from its config alone (a meta-device model), novices included."""
+    from moeprune.store.novices import CONFIG_KEY, config_from_dict, novice_file_counts, stock_config_dict
+
+    p = Path(path)
+    raw = read_config_dict(p)
+    section = raw.get(CONFIG_KEY)
+    config = config_from_dict(stock_config_dict(raw) if section else raw)
+    with torch.device("meta"):
+        meta = tf.AutoModelForCausalLM.from_config(config)
+    counts = parameter_counts(meta)
+    counts["novices"] = 0
+    if section:
+        vectors, router = novice_file_counts(p, section)
+        counts["novices"] = vectors
+        counts["other"] += router
+        counts["total"] += vectors + router
+    return counts
+
+
+def export_stock(path: str | Path, out: str | Path, *, force: bool = False, command: str | None = None) -> Path:
+    """Write the novice-free variant of a novice checkpoint: plain pruning of the same experts.
+
+    The novices' router rows go, so their tokens route to the next-best kept experts. Nothing is
+    loaded: the stock part of the checkpoint is copied, config.json gets back an integer expert
+    count, and the plan and model card say what was exported.
+    """
+    from moeprune.plan import Plan
+    from moeprune.store.novices import CONFIG_KEY, NOVICE_FILE, stock_config_dict
+
+    src = Path(path)
+    if not src.is_dir():
+        raise MoepruneError(f"model directory {src} does not exist")
+    raw = read_config_dict(src)
+    if CONFIG_KEY not in raw:
+        raise MoepruneError(f"{src} has no novices: it is already a stock checkpoint")
+    check_output_dir(out, force, inputs=(src,))
+    section = raw[CONFIG_KEY]
+    stock = stock_config_dict(raw)
+    before = checkpoint_parameters(src)
+    before["bytes"] = weights_bytes(src)
+    skip = {section.get("file", NOVICE_FILE), "config.json", "README.md", "moeprune_plan.json"}
+    with atomic_directory(out, force=force) as tmp:
+        for f in sorted(src.iterdir()):
+            if f.is_file() and f.name not in skip:
+                shutil.copy2(f, tmp / f.name)
+        (tmp / "config.json").write_text(json.dumps(stock, indent=2, sort_keys=True) + "\n")
+        tf.AutoConfig.from_pretrained(str(tmp))  # the stock config must load as is
+        after = checkpoint_parameters(tmp)
+        after["bytes"] = weights_bytes(tmp)
+        if (src / "moeprune_plan.json").is_file():
+            plan = Plan.load(src / "moeprune_plan.json")
+            for lp in plan.layers:
+                if lp.novices:
+                    lp.notes["novices_exported_as_pruned"] = list(lp.novices)
+                    lp.notes.pop("novice_vectors", None)
+                    lp.novices = []
+            plan.save(tmp / "moeprune_plan.json")
+            card = model_card(source=str(src), plan=plan, before=before, after=after, command=command,
+                              notes=[(f"**Exported without novices** from the MoNE checkpoint `{src}`: the novices' "
+                                      "router rows are removed, so this is plain pruning of the same experts.")])
+            (tmp / "README.md").write_text(card)
+    return Path(out)

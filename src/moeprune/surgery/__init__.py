@@ -7,7 +7,7 @@ use the same matrix (`average`) or its 0/1 support (`sum`) along their expert ax
 plan takes the exact index-select path, so kept experts are bit-identical. Groups with
 permutations (`Group.perms`, UNCURL / M-SMoE alignment) have their members' hidden units permuted
 first (`moeprune.methods.alignment.permute_members`, layout-aware), so M @ W averages aligned units. Layers
-with novices (MoNE) keep their router whole and hand over to `moeprune.novice`.
+with novices (MoNE) keep their router whole and hand over to `moeprune.surgery.novices`.
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ from torch import nn
 from moeprune.arch import Adapter, get_adapter
 from moeprune.errors import MoepruneError
 from moeprune.plan import LayerPlan, Plan
+
+__all__ = ["apply_layer_plan", "apply_plan", "merge_matrix"]
 
 
 def merge_matrix(lp: LayerPlan) -> torch.Tensor:
@@ -53,10 +55,10 @@ def apply_layer_plan(adapter: Adapter, block: nn.Module, lp: LayerPlan,
     """Rewrite one MoE block's experts and router according to `lp`.
 
     A layer with novices (MoNE) keeps its router whole and gets its novices, `novice_vectors [n, H]`
-    in the order of `lp.novices`, from `moeprune.novice`.
+    in the order of `lp.novices`, from `moeprune.methods.mone.novice_vectors`.
     """
     if lp.novices:
-        from moeprune.novice import apply_novice_layer
+        from moeprune.surgery.novices import apply_novice_layer
 
         apply_novice_layer(adapter, block, lp, novice_vectors)
         return
@@ -82,20 +84,20 @@ def apply_plan(model: nn.Module, plan: Plan, *, stats=None) -> nn.Module:
     A plan with novices (MoNE) needs the Stats it was made from (`stats`) for the novice vectors,
     unless it was made with `novice=false`.
     """
-    from moeprune.novice import check_novice_plan, novice_vectors, refuse_novice_input
+    from moeprune.methods.mone import novice_vectors
+    from moeprune.surgery.novices import refuse_novice_model
 
-    refuse_novice_input(model=model)
+    refuse_novice_model(model)
     adapter = get_adapter(model.config)
     blocks = adapter.moe_blocks(model)
     facts = {
         "num_experts": adapter.num_experts, "top_k": adapter.top_k, "n_group": adapter.n_group,
         "min_experts_per_group": adapter.min_experts_per_group, "moe_layers": sorted(blocks),
     }
-    plan.validate(facts)
+    plan.validate(facts)  # the novice checks included
     missing = sorted(set(blocks) - {lp.layer for lp in plan.layers})
     if missing:
         raise MoepruneError(f"plan has no entry for MoE layers {missing}; every MoE layer needs one")
-    check_novice_plan(plan)
     vectors = novice_vectors(plan, stats)  # {} without novices
     E_in = adapter.num_experts
     for lp in plan.layers:
