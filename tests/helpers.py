@@ -80,3 +80,26 @@ def block_output(out) -> torch.Tensor:
 
 
 ALL_FAMILIES = pytest.mark.parametrize("family", TINY_FAMILIES)
+
+
+def saved_tensors(directory: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint directory's safetensors shards (one file or an index of shards)."""
+    from safetensors.torch import load_file
+
+    tensors: dict[str, torch.Tensor] = {}
+    for shard in sorted(Path(directory).glob("*.safetensors")):
+        if shard.name != "moeprune_novices.safetensors":
+            tensors.update(load_file(str(shard)))
+    return tensors
+
+
+def saved_shapes(directory: Path) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every stored tensor of a checkpoint directory, from the shard headers."""
+    from safetensors import safe_open
+
+    shapes = {}
+    for shard in sorted(Path(directory).glob("*.safetensors")):
+        if shard.name != "moeprune_novices.safetensors":
+            with safe_open(str(shard), "pt") as f:
+                shapes.update({k: tuple(f.get_slice(k).get_shape()) for k in f.keys()})
+    return shapes

@@ -8,16 +8,15 @@ from pathlib import Path
 import pytest
 import torch
 import transformers as tf
-from helpers import copy_checkpoint, tree_digest
-from safetensors.torch import load_file
+from helpers import copy_checkpoint, saved_tensors, tree_digest
 
 from moeprune import api
 from moeprune.arch.tiny import COMMON, tiny_tokenizer
 from moeprune.cli import main
 from moeprune.errors import MoepruneError
-from moeprune.store.checkpoint import parameter_counts
 from moeprune.observe import Stats
 from moeprune.plan import Plan
+from moeprune.store.checkpoint import parameter_counts
 
 SMALL = {"samples": 8, "seq_len": 32}
 SMALL_FLAGS = ["--samples", "8", "--seq-len", "32"]
@@ -195,7 +194,7 @@ def test_existing_output_needs_force_and_force_replaces_only_moeprune_outputs(tm
     # a moeprune output is replaced with --force
     assert main(argv[:-len(SMALL_FLAGS) - 2] + ["--ratio", "0.25", *SMALL_FLAGS, "--force"]) == 0
     names = sorted(p.name for p in out.iterdir())
-    assert {"config.json", "model.safetensors", "moeprune_plan.json"} <= set(names)
+    assert {"config.json", "model.safetensors.index.json", "moeprune_plan.json"} <= set(names)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"], "no temporary or backup directory left"
     assert json.loads((out / "config.json").read_text())["num_experts"] == 6
 
@@ -228,7 +227,7 @@ def test_cli_stepwise_equals_one_shot_prune(family, budget, tmp_path, checkpoint
                  "--save-stats", str(tmp_path / "stats2")]) == 0
     capsys.readouterr()
 
-    a, b = load_file(str(stepwise / "model.safetensors")), load_file(str(oneshot / "model.safetensors"))
+    a, b = saved_tensors(stepwise), saved_tensors(oneshot)
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
@@ -247,7 +246,7 @@ def test_cli_stepwise_equals_one_shot_prune(family, budget, tmp_path, checkpoint
 
     for out in (stepwise, oneshot):
         names = {p.name for p in out.iterdir()}
-        assert {"README.md", "moeprune_plan.json", "config.json", "model.safetensors", "tokenizer.json",
+        assert {"README.md", "moeprune_plan.json", "config.json", "model.safetensors.index.json", "tokenizer.json",
                 "tokenizer_config.json"} <= names
         assert not any(n.endswith(".tmp") or n.startswith(".") for n in names)
         tok = tf.AutoTokenizer.from_pretrained(out)

@@ -173,7 +173,7 @@ def test_stats_and_plans_of_another_model_are_refused(tmp_path, checkpoint, made
 ])
 def test_numeric_options_refused_before_work(flag, value, needle, tmp_path, checkpoint, calib_file, capsys,
                                              monkeypatch):
-    monkeypatch.setattr(api, "load_model", lambda *a, **k: pytest.fail("the model was loaded before the check"))
+    monkeypatch.setattr(api, "open_source", lambda *a, **k: pytest.fail("the model was loaded before the check"))
     argv = ["prune", str(checkpoint("mixtral")), "--method", "frequency", "--calib", str(calib_file), "--out",
             str(tmp_path / "o"), "--samples", "8", "--seq-len", "32", "--in-memory"]
     argv += [] if flag == "--ratio" else ["--ratio", "0.25"]
@@ -197,13 +197,13 @@ def test_ctrl_c_exits_non_zero_with_a_message(tmp_path, checkpoint, calib_file, 
 # A driver that stops inside the save (the weights file is being written) and says so on stdout.
 SLOW_SAVE = textwrap.dedent("""
     import sys, time
-    import moeprune.store.novices as novice
-    real = novice.save_pretrained
-    def slow(model, directory):
-        real(model, directory)
+    import moeprune.pipeline.run as run
+    real = run._finish
+    def slow(*args, **kwargs):
+        real(*args, **kwargs)
         print("SAVING", flush=True)
         time.sleep(120)
-    novice.save_pretrained = slow
+    run._finish = slow
     from moeprune.cli import main
     sys.exit(main(sys.argv[1:]))
 """)
@@ -336,7 +336,7 @@ def test_version_and_help_answer():
 
 def test_unwritable_output_locations_refused_before_work(tmp_path, checkpoint, calib_file, made, capsys,
                                                          monkeypatch):
-    monkeypatch.setattr(api, "load_model", lambda *a, **k: pytest.fail("the model was loaded before the check"))
+    monkeypatch.setattr(api, "open_source", lambda *a, **k: pytest.fail("the model was loaded before the check"))
     a_file = tmp_path / "a_file"
     a_file.write_text("x")
     argv = ["prune", str(checkpoint("mixtral")), "--method", "frequency", "--ratio", "0.25", "--calib",
@@ -448,7 +448,7 @@ def test_outputs_have_usual_permissions_and_progress_goes_to_stderr(tmp_path, ch
     finally:
         os.umask(old)
     captured = capsys.readouterr()
-    assert "calibrating" in captured.err and "calibrating" not in captured.out
+    assert "pruning" in captured.err and "pruning" not in captured.out
     assert (tmp_path / "o").stat().st_mode & 0o777 == 0o755
     assert all(f.stat().st_mode & 0o777 == 0o644 for f in (tmp_path / "o").iterdir())
 
@@ -456,7 +456,7 @@ def test_outputs_have_usual_permissions_and_progress_goes_to_stderr(tmp_path, ch
 # ---- 14. plan/model mismatches found before the model is loaded --------------------------------------------
 
 def test_plan_of_another_shape_is_refused_before_loading(tmp_path, checkpoint, made, capsys, monkeypatch):
-    monkeypatch.setattr(api, "load_model", lambda *a, **k: pytest.fail("the model was loaded before the check"))
+    monkeypatch.setattr(api, "open_source", lambda *a, **k: pytest.fail("the model was loaded before the check"))
     plan = json.loads((made / "reap.json").read_text())
     model = str(checkpoint("mixtral"))
     missing = {**plan, "layers": plan["layers"][:2]}

@@ -8,8 +8,7 @@ import re
 import pytest
 import torch
 import transformers as tf
-from helpers import ALL_FAMILIES, COUNT_FIELD, block_output, manual_plan, token_ids
-from safetensors import safe_open
+from helpers import ALL_FAMILIES, COUNT_FIELD, block_output, manual_plan, saved_shapes, token_ids
 
 from moeprune import api
 from moeprune.arch import get_adapter
@@ -48,9 +47,7 @@ def _is_moe_tensor(key: str) -> bool:
 
 
 def _disk_shapes(directory) -> dict[str, tuple[int, ...]]:
-    with safe_open(str(directory / "model.safetensors"), "pt") as f:
-        names = list(f.keys())
-        return {k: tuple(f.get_slice(k).get_shape()) for k in names}
+    return saved_shapes(directory)
 
 
 # ---- 1. identity --------------------------------------------------------------------------------

@@ -99,13 +99,13 @@ class ModelSource:
 
     def rest_tensors(self) -> dict[str, torch.Tensor]:
         """Everything outside the decoder layers in on-disk names; a tied weight is written once, as on disk."""
-        from moeprune.store.writer import revert_weight_conversion
+        from moeprune.compat import on_disk_names
 
         tied = set(getattr(self.model, "all_tied_weights_keys", None) or {})
         layer_prefix = self.layer_prefix
         state = {k: v for k, v in self.model.state_dict().items()
                  if not k.startswith(layer_prefix) and k not in tied}
-        return revert_weight_conversion(self.model, state)
+        return on_disk_names(self.model, state)
 
 
 def open_source(model_path: str | Path, runtime, *, model=None, device: str | None = None,
