@@ -45,7 +45,7 @@ CACHE = Path(os.environ.get("MOEPRUNE_BENCH_CACHE", "~/.cache/moeprune/bench")).
 GIB = 1024**3
 FORMAT = 1  # bump when the generated checkpoint changes, so stale caches are not reused
 
-# the shape of OUT_OF_CORE.md section 4; the layer count follows --size-gb
+# the shape of docs/out_of_core.md, "Memory figures"; the layer count follows --size-gb
 SHAPE = dict(hidden_size=1024, moe_intermediate_size=512, intermediate_size=3072, num_experts=64,
              num_experts_per_tok=8, num_attention_heads=16, num_key_value_heads=4, head_dim=64, vocab_size=1024)
 JOB_ENV = {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "0", "OMP_WAIT_POLICY": "PASSIVE"}

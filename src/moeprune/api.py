@@ -184,7 +184,7 @@ def model_weights(model_path: str | Path, layerwise: bool | None = None, notify=
     With `stats`, they must have been observed on a model of this shape (checked before any weight is read).
     """
     from moeprune.pipeline.access import ModelWeights
-    from moeprune.pipeline.run import ShardedWeights
+    from moeprune.pipeline.access import ShardedWeights
 
     if stats is not None:
         check_same_model(stats.model, model_facts(model_path), what="the statistics", model=str(model_path),
@@ -194,7 +194,7 @@ def model_weights(model_path: str | Path, layerwise: bool | None = None, notify=
     _tell(notify, source, why)
     if source.in_memory:
         return ModelWeights(source.model)
-    return ShardedWeights(source.ck)
+    return ShardedWeights(source)
 
 
 def resolve_device(device: str) -> str:
@@ -333,16 +333,9 @@ def check_prune(model_path, method: str, calib: CalibrationRequest, budget_reque
     keep = budget(adapter.num_experts, adapter.top_k, ratio=budget_request.ratio, experts=budget_request.experts,
                   n_group=adapter.n_group, min_per_group=adapter.min_experts_per_group,
                   flatten_groups=budget_request.flatten_groups)
-    if spec.kind == "novice" and adapter.n_group > 1 and not budget_request.flatten_groups:
-        raise MoepruneError(f"method {method} keeps every router row and routes to novices, which moeprune does not "
-                            f"support with group-limited routing (n_group={adapter.n_group}); pass "
-                            "--flatten-groups to route without groups")
     check_device(runtime.device)
-    # a method whose need depends on its options says why through `calibration_reason()` (e.g. dek)
-    reason = cfg.calibration_reason() if hasattr(cfg, "calibration_reason") else None
-    if (spec.needs_calibration or reason) and calib.text is None:
-        why = f" ({reason})" if reason else ""
-        raise MoepruneError(f"method {method} needs calibration text{why}: pass --calib PATH")
+    spec.check_use(cfg, n_group=adapter.n_group, flatten_groups=budget_request.flatten_groups,
+                   has_calibration=calib.text is not None)
     _check_calibration(calib, config)
     inputs = {"model": model_path, "--calib": calib.text, "--tokenizer": calib.tokenizer}
     check_separate(inputs, {"--out": output.path, "--save-stats": output.stats_path,

@@ -5,10 +5,11 @@
 
 This is how a user finds the threshold pruning factor the UNCURL paper (arXiv 2409.01483) reports:
 the ratio beyond which quality collapses, which depends on the model's expert count. The
-calibration pass runs once; each (method, ratio) is planned from the same statistics, applied to an
-in-memory copy of the model (so the sweep holds two copies at a time), and evaluated with
-`moeprune.evaluate`: perplexity on every `--text` file (same windows for every model) and, when
-asked, lm-eval tasks (`--tasks`, `--task-dir`, or local tasks built by `--task-text DOMAIN=FILE`).
+calibration pass runs once; each (method, ratio) is planned from the same statistics and scored by
+one walk over the model that prunes each MoE layer as it goes (layer by layer: about one layer in
+memory): perplexity on every `--text` file (same windows for every model) and, when asked, lm-eval
+tasks (`--tasks`, `--task-dir`, or local tasks built by `--task-text DOMAIN=FILE`), which need the
+whole model and a pruned copy of it in memory.
 
 **Where quality falls off (the knee).** Per method, ratios in ascending order, against the unpruned
 model:
@@ -43,18 +44,6 @@ from moeprune.errors import MoepruneError
 
 FORMAT = 1  # of sweep.json
 DEFAULT_RATIOS = (0.125, 0.25, 0.375, 0.5, 0.625, 0.75)
-
-
-def _evaluate(model, tok, texts, suite, *, seq_len, max_tokens, batch_size, limit) -> dict:
-    from moeprune.evaluate import perplexity, run_tasks
-
-    res = {"perplexity": {}, "tasks": {}}
-    for text in texts:
-        res["perplexity"][str(text)] = perplexity(model, tok, Path(text), seq_len=seq_len, max_tokens=max_tokens,
-                                                  batch_size=batch_size)
-    if suite is not None:
-        res["tasks"] = run_tasks(model, tok, suite, limit=limit, batch_size=batch_size)
-    return res
 
 
 def _mean_acc(tasks: dict) -> float | None:
@@ -108,37 +97,37 @@ def sweep(
     tokenizer: str | None = None, device: str = "cpu", flatten_groups: bool = False, eval_seq_len: int = 512,
     max_tokens: int | None = None, limit: float | None = None, knee_threshold: float = 0.25,
     save_checkpoints: bool = False, force: bool = False, progress: bool = True, command: str | None = None,
-    log=None,
+    log=None, layerwise: bool | None = None,
 ) -> dict:
-    """Observe once, then plan, apply (to a copy) and evaluate each method at each ratio; write `out`.
+    """Observe once, then plan and evaluate each method at each ratio; write `out`.
 
-    `options` maps a method name to its option dict. `log(str)` receives one line per finished point.
-    Returns the dict written to `out/sweep.json`.
+    Every point is scored by one walk over the model that prunes each MoE layer as it is reached
+    (`pipeline.run.perplexities`), so the checkpoint is read layer by layer and no pruned copy is
+    held, unless lm-eval tasks are asked for: they need the whole model, and the unpruned model plus
+    one pruned copy (checked against free memory before loading). `options` maps a method name to its
+    option dict. `log(str)` receives one line per finished point. Returns the dict written to
+    `out/sweep.json`.
     """
-    from moeprune.api import empty_stats, make_plan_for, observe_checkpoint, resolve_device
+    from moeprune.api import check_offload_dir, make_plan_for
     from moeprune.arch import get_adapter
     from moeprune.data import calibration_blocks
     from moeprune.distributed import Ranks
-    from moeprune.evaluate import load_tasks, write_tasks
-    from moeprune.store.checkpoint import (
-        atomic_directory,
-        check_output_dir,
-        load_config,
-        load_model,
-        load_tokenizer,
-        parameter_counts,
-        save_checkpoint,
-    )
+    from moeprune.evaluate import load_tasks, run_tasks, write_tasks
     from moeprune.methods import get_method
+    from moeprune.outputs import atomic_directory, check_output_dir
+    from moeprune.pipeline import run as pipeline
     from moeprune.pipeline.access import ModelWeights
-    from moeprune.store.novices import refuse_novice_input
+    from moeprune.pipeline.sources import open_source
     from moeprune.plan import budget
-    from moeprune.settings import check_ratio, check_seq_len, check_settings
+    from moeprune.runtime import check_device, layer_progress
+    from moeprune.settings import RuntimeRequest, check_ratio, check_seq_len, check_settings
+    from moeprune.store.checkpoint import check_weight_files, load_config, load_tokenizer, parameter_counts
+    from moeprune.store.novices import refuse_novice_input
     from moeprune.surgery import apply_plan
 
     log = log or (lambda line: None)
     options = dict(options or {})
-    # ---- everything cheap first --------------------------------------------------------------
+    # ---- every check first, for every method ------------------------------------------------
     refuse_novice_input(model_path, action="sweep")
     if not methods:
         raise MoepruneError("no method to sweep: pass --method NAME[,NAME...]")
@@ -158,16 +147,14 @@ def sweep(
                    task_items=task_items, max_tokens=max_tokens)
     for r in ratios:
         check_ratio(r)
-    specs = {}
-    for m in methods:
-        specs[m] = get_method(m)
-        cfg = specs[m].default_config(**options.get(m, {}))
-        # as `prune` does: a method whose need depends on its options says why (dek's data representation)
-        reason = cfg.calibration_reason() if hasattr(cfg, "calibration_reason") else None
-        if (specs[m].needs_calibration or reason) and calib is None:
-            raise MoepruneError(f"method {m} needs calibration text{f' ({reason})' if reason else ''}: pass --calib PATH")
     config = load_config(model_path)
     a = get_adapter(config)
+    specs, configs = {}, {}
+    for m in methods:
+        specs[m] = get_method(m)
+        configs[m] = specs[m].default_config(**options.get(m, {}))
+        specs[m].check_use(configs[m], n_group=a.n_group, flatten_groups=flatten_groups,
+                           has_calibration=calib is not None)
     if calib is not None:
         check_seq_len(seq_len, config)
     keeps = {}
@@ -182,12 +169,18 @@ def sweep(
     inputs = {"model": model_path, "--calib": calib, "--tokenizer": tokenizer, "--task-dir": task_dir,
               **{f"--text {t}": t for t in texts}, **{f"--task-text {t}": t for t in (task_texts or {}).values()}}
     check_output_dir(out, force, inputs)
-    device = resolve_device(device)
+    check_offload_dir(None, inputs)
+    check_weight_files(model_path)
+    device = check_device(device)
+    with_tasks = bool(tasks or task_texts)
+    if with_tasks and layerwise:
+        raise MoepruneError("lm-eval tasks need the whole model in memory; sweep perplexity alone (--text) layer "
+                            "by layer, or leave out --layerwise")
     tok = load_tokenizer(tokenizer or model_path)
     cal = None
     if calib is not None:
         cal = calibration_blocks(tok, calib, samples=samples, seq_len=seq_len, seed=seed, field=calib_field,
-                                 template=calib_template)
+                                 template=calib_template, vocab_size=getattr(config, "vocab_size", None))
 
     with ExitStack() as stack:
         suite, names = None, list(tasks)
@@ -197,26 +190,53 @@ def sweep(
             names, task_dir = names or built, built_dir
         if names:
             suite = load_tasks(names, task_dir)
-        evaluate = {"texts": texts, "suite": suite, "seq_len": eval_seq_len, "max_tokens": max_tokens,
-                    "batch_size": batch_size, "limit": limit}
+        runtime = RuntimeRequest(device=device, batch_size=batch_size,
+                                 in_memory=None if layerwise is None else not layerwise, progress=progress)
+        # lm-eval scores a model in memory: the unpruned one and, at each point, one pruned copy
+        source, _why = open_source(model_path, runtime, needs_whole_model="lm-eval tasks" if suite else None,
+                                   copies=2.0)
+
+        def evaluate(plan=None) -> tuple[dict, dict]:
+            res = {"perplexity": {}, "tasks": {}}
+            what = "evaluating" if plan is None else f"evaluating {plan.method} ({plan.num_experts_out} experts)"
+            change = {}
+            if texts:
+                with layer_progress(what, progress) as cb:
+                    ppl, change = pipeline.perplexities(source, tok, [Path(t) for t in texts], seq_len=eval_seq_len,
+                                                        max_tokens=max_tokens, batch_size=batch_size, plan=plan,
+                                                        stats=stats, progress=cb)
+                res["perplexity"] = {str(t): r for t, r in zip(texts, ppl)}
+            if suite is not None:
+                model = source.model if plan is None else apply_plan(copy.deepcopy(source.model), plan, stats=stats)
+                res["tasks"] = run_tasks(model, tok, suite, limit=limit, batch_size=batch_size)
+                if plan is not None and not texts:
+                    after = parameter_counts(model)
+                    change = {k: after[k] - before[k] for k in after}
+                del model
+                gc.collect()
+            return res, change
 
         # ---- observe once, evaluate the unpruned model -------------------------------------------
-        model = load_model(model_path, device=device)
         t0 = time.perf_counter()
         if cal is not None:
-            stats = observe_checkpoint(model_path, calib, batch_size=batch_size, seed=seed, probe_size=probe_size,
-                                       progress=progress, model=model, calibration=cal,
-                                       ranks=Ranks())  # one process: a sweep evaluates and writes everything itself
+            with layer_progress("calibrating", progress) as cb:
+                stats = pipeline.observe(source, cal.input_ids, batch_size=batch_size, probe_size=probe_size, seed=seed,
+                                         calibration=cal.provenance, ranks=Ranks(), progress=cb)
         else:
-            stats = empty_stats(model, str(model_path))
+            stats = pipeline.empty_stats(source.model, str(model_path))
         observe_seconds = time.perf_counter() - t0
-        before = parameter_counts(model)
+        before = pipeline.parameters_before(source)
         t0 = time.perf_counter()
-        base = {"method": None, "ratio": 0.0, "experts": a.num_experts, "parameters": before,
-                **_evaluate(model, tok, **evaluate)}
+        scores, _ = evaluate()
+        base = {"method": None, "ratio": 0.0, "experts": a.num_experts, "parameters": before, **scores}
         base["seconds"] = {"evaluate": time.perf_counter() - t0}
         log(_line(base, base))
-        weights = ModelWeights(model)
+        if source.in_memory:
+            weights = ModelWeights(source.model)
+        else:
+            from moeprune.pipeline.access import ShardedWeights
+
+            weights = ShardedWeights(source)
 
         with atomic_directory(out, force=force) as tmp:
             rows = []
@@ -226,24 +246,20 @@ def sweep(
                     plan = make_plan_for(stats, method, ratio=ratio, flatten_groups=flatten_groups, weights=weights,
                                          options=options.get(method))
                     t1 = time.perf_counter()
-                    pruned = apply_plan(copy.deepcopy(model), plan, stats=stats)
+                    scores, change = evaluate(plan)
                     t2 = time.perf_counter()
-                    row = {"method": method, "ratio": ratio, "experts": keep, "parameters": parameter_counts(pruned),
-                           **_evaluate(pruned, tok, **evaluate)}
-                    t3 = time.perf_counter()
+                    parameters = {k: v + change.get(k, 0) for k, v in before.items()}
+                    row = {"method": method, "ratio": ratio, "experts": keep, "parameters": parameters, **scores}
                     row.update(quality(row, base))
-                    row["seconds"] = {"plan": t1 - t0, "apply": t2 - t1, "evaluate": t3 - t2}
+                    row["seconds"] = {"plan": t1 - t0, "evaluate": t2 - t1}
                     row["checkpoint"] = None
                     if save_checkpoints:
                         ckpt = tmp / "checkpoints" / f"{method}-{keep}"
                         ckpt.parent.mkdir(exist_ok=True)
-                        save_checkpoint(pruned, ckpt, source=str(model_path), plan=plan, before=before,
-                                        command=command)
+                        pipeline.apply(source, plan, ckpt, stats=stats, command=command)
                         row["checkpoint"] = str(Path(out) / "checkpoints" / ckpt.name)
                     rows.append(row)
                     log(_line(row, base))
-                    del pruned
-                    gc.collect()
             base.update(quality(base, base))
             result = {
                 "format": FORMAT, "model": str(model_path), "model_type": a.family, "num_experts": a.num_experts,
@@ -252,7 +268,7 @@ def sweep(
                 "settings": {"eval_seq_len": eval_seq_len, "max_tokens": max_tokens, "batch_size": batch_size,
                              "limit": limit, "device": device, "flatten_groups": flatten_groups,
                              "knee_threshold": knee_threshold, "probe_size": probe_size, "samples": samples,
-                             "seq_len": seq_len, "seed": seed},
+                             "seq_len": seq_len, "seed": seed, "layerwise": not source.in_memory},
                 "texts": [str(t) for t in texts], "tasks": suite.names if suite else [],
                 "command": command, "baseline": base, "rows": rows,
                 "knee": {m: knee([r for r in rows if r["method"] == m], knee_threshold) for m in methods},

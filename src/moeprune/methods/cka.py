@@ -6,7 +6,7 @@ For representations X [n, d1] and Y [n, d2] of the same n samples, with columns 
               = <K, L>_F / (||K||_F * ||L||_F),   K = X X^T, L = Y Y^T   [n, n]
 
 The first line is the *feature form* (cost ~ n d^2), the second the *Gram form* (cost ~ n^2 d);
-both are exact. For one pair, `form="auto"` takes the Gram form when n < d, as METHODS.md asks;
+both are exact. For one pair, `form="auto"` takes the Gram form when n < d, as docs/methods.md ("DEK") says;
 for the [E, E] matrix of a layer it takes the cheaper in total, since each expert's Gram matrix
 serves all its pairs (`pairwise_form`). CKA lies in
 [0, 1], is symmetric, is 1 for identical representations and for isotropic scalings of them, and
@@ -16,7 +16,7 @@ A representation that is constant over the samples (zero after centring, e.g. a 
 leaves CKA undefined (0/0). Here it is *defined*: two constant representations have CKA 1 (they
 are indistinguishable), a constant and a non-constant one have CKA 0. A warning says so, once per
 call; the result is never NaN. The unbiased (minibatch) HSIC estimator, an open alternative in
-METHODS.md, is not implemented.
+docs/methods.md, is not implemented.
 
 All arithmetic is float64. Shape letters: E experts, n samples, d features.
 """

@@ -6,7 +6,7 @@ between every pair (`moeprune.methods.cka`), cluster the experts agglomeratively
 groups, and merge each group's gate, up and down weights (and biases) as sum_i alpha_i W_i, its
 router rows too. Every layer keeps the same `r`.
 
-Readings taken where METHODS.md ("Seed 1") marks a point open, each an option:
+Readings taken where docs/methods.md ("DEK") marks a point open, each an option:
 
 - `representation` (default `data`):
   - `data`: Y_i = E_i(X_probe), every expert's raw output on the *same* probe tokens of the layer

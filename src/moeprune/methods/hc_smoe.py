@@ -9,7 +9,7 @@ its members were routed. It shares DEK's machinery (`moeprune.methods.merging`, 
 Readings taken:
 - The representation is the mean of E_i(x) over *all* probe tokens of the layer (every expert on
   the same tokens, not only on the tokens routed to it): one vector [H] per expert. The paper's
-  calibration set is replaced by the probe reservoir (METHODS.md: "over all probe tokens").
+  calibration set is replaced by the probe reservoir (docs/methods.md, "HC-SMoE").
 - `metric`: `euclidean` (default) is the distance the reference implementation uses between the
   mean outputs; `cosine` (1 - cosine similarity) is offered as the alternative.
 - Linkage `average` is the paper's; `single` and `complete` are offered. The tree is cut at exactly

@@ -11,7 +11,7 @@ and prunes the experts with the lowest phi. Each pruned expert becomes a *novice
 vector `out_mean_i`. The router is unchanged, so a token routed to a novice receives
 `g_i(x) * out_mean_i`.
 
-Readings taken where the paper leaves room (METHODS.md, "Seed 3"):
+Readings taken where the paper leaves room (docs/methods.md, "MoNE"):
 - the frequency is gate-weighted and averaged over *all* N calibration tokens, as the reference code
   does (not over the routed tokens, not a raw count);
 - the variance is the unbiased per-dimension variance of the raw (ungated) expert output over the

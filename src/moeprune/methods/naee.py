@@ -12,7 +12,7 @@ correction biases, group limits and shared experts (`LayerWeights.block_output`,
 
 Search (the plan's layer notes say which was used, `notes["search"]`):
 - `exhaustive` when the number of candidate subsets is at most `max_exhaustive` (5000, as in
-  METHODS.md); ties keep the first subset in lexicographic order;
+  docs/methods.md); ties keep the first subset in lexicographic order;
 - `greedy` backward elimination otherwise: starting from all experts, drop one at a time the
   expert whose removal increases the error least (ties: the lowest id).
 

@@ -53,6 +53,18 @@ class MethodSpec:
         """Whether the plan of a layer depends only on that layer's statistics and weights (configs say otherwise)."""
         return bool(getattr(cfg, "layer_local", True))
 
+    def check_use(self, cfg, *, n_group: int, flatten_groups: bool, has_calibration: bool) -> None:
+        """Refuse, before any work, a use of this method that cannot run: one line saying what to change."""
+        if self.kind == "novice" and n_group > 1 and not flatten_groups:
+            raise MoepruneError(f"method {self.name} keeps every router row and routes to novices, which moeprune "
+                                f"does not support with group-limited routing (n_group={n_group}); pass "
+                                "--flatten-groups to route without groups")
+        # a method whose need depends on its options says why through `calibration_reason()` (e.g. dek)
+        reason = cfg.calibration_reason() if hasattr(cfg, "calibration_reason") else None
+        if (self.needs_calibration or reason) and not has_calibration:
+            why = f" ({reason})" if reason else ""
+            raise MoepruneError(f"method {self.name} needs calibration text{why}: pass --calib PATH")
+
     def default_config(self, **overrides):
         names = {f.name for f in dataclasses.fields(self.config)}
         unknown = set(overrides) - names

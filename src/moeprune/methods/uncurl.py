@@ -8,7 +8,7 @@ text (`--calib task.jsonl --calib-template "..."`). Per MoE layer:
    (`Stats.layers[i].probe.router_logits[:, i]`: the logits as the router outputs them, before
    softmax/sigmoid, with the router bias where the family has one).
 2. **Clustering** of the E experts into r clusters (option `clustering`; which one the paper uses is
-   **open** in METHODS.md, so both are offered):
+   **open** in docs/methods.md, so both are offered):
    - `spectral` (default): affinity = cosine similarity of the z_i rescaled to [0, 1], (cos + 1) / 2;
      the experts are embedded by the r leading eigenvectors of the normalised affinity and k-means
      (scikit-learn, seeded) clusters the rows. Reading taken where the paper is silent: each

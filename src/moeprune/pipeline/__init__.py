@@ -8,8 +8,8 @@ conversion.
 """
 
 from moeprune.pipeline.loop import walk
+from moeprune.pipeline.access import ShardedWeights
 from moeprune.pipeline.run import (
-    ShardedWeights,
     apply,
     forward,
     forward_layerwise,

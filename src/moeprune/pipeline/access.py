@@ -229,3 +229,32 @@ class RoutedLookup:
         except _Captured as c:
             return c.value
         raise NotExact("the block returned without calling its experts")
+
+
+class ShardedWeights:
+    """Weight access for every MoE layer of a checkpoint source, one layer in memory.
+
+    `layer(i)` reads layer i from the shards and frees the one read before, so a method that walks
+    the layers in order (they all do) plans a model of any size in the memory of one layer. A walk
+    over the same source in between frees (and may replace) layers, so the live ones are looked up.
+    """
+
+    def __init__(self, source):
+        self.source = source
+        self.adapter = source.adapter
+        self._loaded: int | None = None
+
+    def layers(self) -> list[int]:
+        return sorted(self.source.blocks)
+
+    def layer(self, i: int) -> LayerAccess:
+        from moeprune.store.sharded import free
+
+        ck = self.source.ck
+        freed = any(p.is_meta for p in ck.layers[i].parameters())
+        if self._loaded != i or freed:
+            if self._loaded is not None and self._loaded != i:
+                free(ck.layers[self._loaded])
+            ck.load_layer(i)
+            self._loaded = i
+        return LayerAccess(self.adapter, self.source.blocks[i], i)

@@ -82,6 +82,7 @@ class LayerwiseResult:
     plan: Plan | None
     seconds: float
     novice_tensors: dict  # novice-file tensors of the written layers (empty without novices)
+    parameter_change: dict  # what the plan changed in `store.checkpoint.parameter_counts` terms (after - before)
 
 
 def walk(
@@ -134,6 +135,7 @@ def walk(
     stats_layers: dict[int, LayerStats] = {}
     plans: list[LayerPlan] = []
     novice_tensors: dict[str, torch.Tensor] = {}  # for the novice file, gathered as layers are written
+    parameter_change: dict[str, int] = {}
     n_layers = len(source.layers)
     try:
         for i in range(n_layers):
@@ -161,7 +163,10 @@ def walk(
                 from moeprune.surgery import apply_layer_plan
 
                 lp, vectors = plan_layer(i, layer_stats, LayerAccess(adapter, block, i))
+                counted = _layer_counts(adapter, layer, block)
                 apply_layer_plan(adapter, block, lp, vectors)
+                for key, after in _layer_counts(adapter, layer, block).items():
+                    parameter_change[key] = parameter_change.get(key, 0) + after - counted[key]
                 if flatten_groups:
                     adapter.flatten_block_groups(block)
                 plans.append(lp)
@@ -188,7 +193,16 @@ def walk(
     plan = None
     if plans:
         plan = Plan(method="", layers=plans, model=desc, flatten_groups=flatten_groups)
-    return LayerwiseResult(stats, plan, seconds, novice_tensors)
+    return LayerwiseResult(stats, plan, seconds, novice_tensors, parameter_change)
+
+
+def _layer_counts(adapter, layer: nn.Module, block: nn.Module) -> dict[str, int]:
+    """`store.checkpoint.parameter_counts` of one decoder layer (novice vectors are buffers, counted too)."""
+    total = sum(p.numel() for p in layer.parameters())
+    routed = sum(p.numel() for p in adapter.expert_parameters(block).values())
+    vectors = adapter.experts(block)._buffers.get("novice_vectors")
+    novices = vectors.numel() if vectors is not None else 0
+    return {"total": total + novices, "routed_experts": routed, "novices": novices, "other": total - routed}
 
 
 def _layer_tensors(source, i: int, layer: nn.Module, block: nn.Module | None,

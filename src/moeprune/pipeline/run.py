@@ -22,35 +22,6 @@ from moeprune.pipeline.loop import DEFAULT_HIDDEN_BUDGET, walk
 from moeprune.pipeline.sources import CheckpointSource
 from moeprune.plan import Plan
 from moeprune.store.checkpoint import describe_output, parameter_counts
-from moeprune.store.sharded import ShardedCheckpoint
-
-
-class ShardedWeights:
-    """Weight access for every MoE layer, shaped like `methods.access.ModelWeights`, one layer in memory.
-
-    `layer(i)` reads layer i from the shards and frees the one read before, so a method that walks
-    the layers in order (they all do) plans a model of any size in the memory of one layer.
-    """
-
-    def __init__(self, ck: ShardedCheckpoint):
-        self.ck = ck
-        self.adapter = ck.adapter
-        self._blocks = ck.adapter.moe_blocks(ck.model)
-        self._loaded: int | None = None
-
-    def layers(self) -> list[int]:
-        return sorted(self._blocks)
-
-    def layer(self, i: int):
-        from moeprune.store.sharded import free
-        from moeprune.pipeline.access import LayerAccess
-
-        if self._loaded != i:
-            if self._loaded is not None:
-                free(self.ck.layers[self._loaded])
-            self.ck.load_layer(i)
-            self._loaded = i
-        return LayerAccess(self.adapter, self._blocks[i], i)
 
 
 class _OneLayerWeights:
@@ -96,29 +67,33 @@ def forward_layerwise(model_path: str | Path, input_ids: torch.Tensor, *, batch_
 
 
 @torch.no_grad()
-def perplexity(source, tokenizer, text_or_path, *, seq_len: int = 512, max_tokens: int | None = None,
-               batch_size: int = 8, progress=None, plan: Plan | None = None, stats: Stats | None = None,
-               hidden_budget: int = DEFAULT_HIDDEN_BUDGET, offload_dir: str | Path | None = None) -> dict:
-    """`moeprune.evaluate.perplexity` of the source's model (after `plan`, if given), one decoder layer at a time.
+def perplexities(source, tokenizer, texts, *, seq_len: int = 512, max_tokens: int | None = None,
+                 batch_size: int = 8, progress=None, plan: Plan | None = None, stats: Stats | None = None,
+                 hidden_budget: int = DEFAULT_HIDDEN_BUDGET, offload_dir: str | Path | None = None) -> tuple[list, dict]:
+    """([`moeprune.evaluate.perplexity` result per text], parameter change) of the source's model, in one walk.
 
-    The windows run through the layers as calibration batches do; the last layer's outputs go through
-    the model's own final norm and lm_head (`head_logits`). Same result dict, same numbers. With
-    `plan` (and the `stats` a novice plan needs) every MoE layer is pruned as it is reached, so a
-    sweep scores each point without writing or holding a pruned model.
+    The windows of every text run through the layers as calibration batches do; the last layer's
+    outputs go through the model's own final norm and lm_head (`head_logits`). With `plan` (and the
+    `stats` a novice plan needs) every MoE layer is pruned as it is reached, so a sweep scores each
+    point without writing or holding a pruned model; the parameter change is the plan's
+    (`parameter_counts` after minus before; empty without a plan).
     """
     from moeprune.evaluate.perplexity import _check_model_fits, logits_nll, perplexity_result, text_windows
     from moeprune.pipeline.activations import head_logits
 
     if batch_size < 1:
         raise MoepruneError(f"--batch-size must be at least 1 (got {batch_size})")
-    blocks, facts = text_windows(tokenizer, text_or_path, seq_len, max_tokens)  # [W, L]
+    windows = [text_windows(tokenizer, t, seq_len, max_tokens) for t in texts]  # ([W_t, L], facts) per text
+    blocks = torch.cat([w for w, _ in windows])  # [W, L]
     _check_model_fits(source.model, blocks, seq_len)
-    total = torch.zeros((), dtype=torch.float64)
+    nll = torch.zeros(blocks.shape[0], dtype=torch.float64)  # [W]
+    done = 0  # the walk hands the batches over in order (one process)
 
     def score(ids: torch.Tensor, last_hidden: torch.Tensor) -> None:
-        nonlocal total
+        nonlocal done
         logits = head_logits(source.model, source.layers, ids, last_hidden.to(source.device))  # [B, L, V]
-        total += logits_nll(logits, ids).sum().cpu()
+        nll[done : done + ids.shape[0]] = logits_nll(logits, ids).cpu()
+        done += ids.shape[0]
 
     plan_layer = None
     if plan is not None:
@@ -126,10 +101,20 @@ def perplexity(source, tokenizer, text_or_path, *, seq_len: int = 512, max_token
 
         vectors = novice_vectors(plan, stats)
         plan_layer = lambda i, _s, _a: (plan.layer(i), vectors.get(i))  # noqa: E731
-    walk(source, input_ids=blocks, batch_size=batch_size, observe=False, on_last=score, progress=progress,
-         hidden_budget=hidden_budget, offload_dir=offload_dir, plan_layer=plan_layer, sequential=plan is not None,
-         flatten_groups=plan is not None and plan.flatten_groups)
-    return perplexity_result(float(total), blocks, facts)
+    result = walk(source, input_ids=blocks, batch_size=batch_size, observe=False, on_last=score,
+                  progress=progress, hidden_budget=hidden_budget, offload_dir=offload_dir, plan_layer=plan_layer,
+                  sequential=plan is not None, flatten_groups=plan is not None and plan.flatten_groups)
+    out, start = [], 0
+    for w, facts in windows:
+        out.append(perplexity_result(float(nll[start : start + w.shape[0]].sum()), w, facts))
+        start += w.shape[0]
+    return out, result.parameter_change
+
+
+def perplexity(source, tokenizer, text_or_path, **kwargs) -> dict:
+    """`moeprune.evaluate.perplexity` of the source's model, one decoder layer at a time (see `perplexities`)."""
+    results, _ = perplexities(source, tokenizer, [text_or_path], **kwargs)
+    return results[0]
 
 
 def perplexity_layerwise(model_path: str | Path, tokenizer, text_or_path, *, device: str = "cpu", **kwargs) -> dict:
@@ -158,7 +143,8 @@ def empty_stats(model, source: str | None = None) -> Stats:
     return Stats(model=desc, calibration={}, layers=layers)
 
 
-def _parameters_before(source) -> dict:
+def parameters_before(source) -> dict:
+    """`parameter_counts` of the source's model, from the checkpoint's config when it is not in memory."""
     from moeprune.store.checkpoint import checkpoint_parameters
 
     if source.in_memory:
@@ -221,7 +207,7 @@ def prune(
     main = ranks is None or ranks.is_main
     E, H = desc["num_experts"], desc["hidden_size"]
     method_config = {}
-    before = _parameters_before(source) if main else {}
+    before = parameters_before(source) if main else {}
 
     def plan_one_layer(i, layer_stats, access):
         from moeprune.methods.mone import novice_vectors
@@ -280,7 +266,7 @@ def apply(source, plan: Plan, out: str | Path, *, stats: Stats | None = None, fo
     missing = sorted(set(moe_layers) - {lp.layer for lp in plan.layers})
     if missing:
         raise MoepruneError(f"plan has no entry for MoE layers {missing}; every MoE layer needs one")
-    before = _parameters_before(source)
+    before = parameters_before(source)
     with atomic_directory(out, force=force) as tmp:
         result = walk(source, plan_layer=lambda i, _s, _a: (plan.layer(i), vectors.get(i)), write_to=tmp,
                       flatten_groups=plan.flatten_groups, progress=progress)

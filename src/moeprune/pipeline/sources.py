@@ -46,18 +46,30 @@ class CheckpointSource:
         self.layers, self.layer_prefix = self.ck.layers, self.ck.layer_prefix
         self.blocks = self.adapter.moe_blocks(self.model)
         self._block_names = _block_names(self.model, self.layers, self.blocks)
+        self._pristine: dict[int, nn.Module] = {}
 
     def prepare(self) -> None:
         """Load what every layer's call needs (embeddings, final norm, lm_head)."""
         self.ck.load_rest()
 
     def layer(self, i: int, *, changes: bool = False) -> tuple[nn.Module, nn.Module | None]:
-        """(decoder layer i, its MoE block or None), in memory; freshly read, so changing it is safe."""
+        """(decoder layer i, its MoE block or None), read from the shards into the skeleton.
+
+        A layer about to be changed leaves a weightless copy of itself behind (free: it is on the meta
+        device), which `release` puts back, so the next walk over this source reads into the
+        checkpoint's own shapes, not the pruned ones.
+        """
+        if changes and i in self.blocks:
+            self._pristine[i] = copy.deepcopy(self.layers[i])
         layer = self.ck.load_layer(i)
         return layer, self.blocks.get(i)
 
     def release(self, i: int, layer: nn.Module) -> None:
         free(layer)
+        pristine = self._pristine.pop(i, None)
+        if pristine is not None:
+            self.layers[i] = pristine
+            self.blocks[i] = pristine.get_submodule(self._block_names[i])
 
     def layer_tensors(self, i: int, layer: nn.Module) -> dict[str, torch.Tensor]:
         return layer_on_disk(self.model, layer, f"{self.layer_prefix}{i}.")
