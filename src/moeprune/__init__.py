@@ -22,6 +22,9 @@ _PUBLIC = {
     "Stats": "moeprune.observe", "observe": "moeprune.observe",
     "Group": "moeprune.plan", "LayerPlan": "moeprune.plan", "Plan": "moeprune.plan", "budget": "moeprune.plan",
     "apply_plan": "moeprune.surgery",
+    # what the command line needs before (or without) importing torch
+    "Terminated": "moeprune.runtime", "quiet_transformers": "moeprune.runtime",
+    "return_freed_memory_to_the_system": "moeprune.runtime", "signals_as_exceptions": "moeprune.runtime",
 }
 
 __all__ = sorted(_PUBLIC)

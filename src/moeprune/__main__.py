@@ -1,5 +1,5 @@
 import sys
 
-from moeprune.cli import main
+from moeprune.cli import run
 
-sys.exit(main())
+sys.exit(run())

@@ -153,7 +153,7 @@ def analyze(source: str | Path, out: str | Path, *, model: str | Path | None = N
                             f"{st.model.get('num_experts')} experts, but {model_dir} is {adapter.family} with "
                             f"{adapter.num_experts}: observe this model")
     if st is not None:
-        from moeprune.api import model_facts
+        from moeprune.store.sharded import model_facts
 
         check_same_model(st.model, model_facts(model_dir), what=f"the statistics in {stats_dir}", model=str(model_dir),
                          fix="observe this model, or give the model they were observed on with --model")

@@ -13,14 +13,20 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from moeprune import __version__
+from moeprune.analyze import analyze
 from moeprune.arch import decoder_layers, get_adapter
 from moeprune.data import Calibration, calibration_blocks
 from moeprune.distributed import Ranks
 from moeprune.errors import MoepruneError
-from moeprune.methods import METHODS, PlanRequest, get_method, make_plan
+from moeprune.evaluate import parse_task_texts
+from moeprune.evaluate import render_table as render_report
+from moeprune.evaluation import evaluate_models
+from moeprune.methods import METHODS, get_method, make_plan_for
 from moeprune.observe import Stats, check_same_model, model_description
 from moeprune.outputs import (
     atomic_directory,
+    check_offload_dir,
     check_output_dir,
     check_output_file,
     check_separate,
@@ -34,6 +40,8 @@ from moeprune.runtime import (
     Terminated,
     check_device,
     layer_progress,
+    quiet_transformers,
+    return_freed_memory_to_the_system,
     signals_as_exceptions,
 )
 from moeprune.settings import (
@@ -41,17 +49,29 @@ from moeprune.settings import (
     CalibrationRequest,
     OutputRequest,
     RuntimeRequest,
-    check_ratio,
     check_seq_len,
     check_settings,
 )
-from moeprune.store.checkpoint import check_weight_files, load_config, load_tokenizer, parameter_counts
+from moeprune.store.checkpoint import (
+    check_weight_files,
+    export_stock,
+    load_config,
+    load_tokenizer,
+    parameter_counts,
+)
+from moeprune.store.sharded import model_facts
+from moeprune.sweep import knee_sentences, sweep
+from moeprune.sweep import render_table as render_sweep
 
+# what the command line (and a script) uses; the CLI imports nothing else of moeprune but the demo driver
 __all__ = ["METHODS", "BudgetRequest", "CalibrationRequest", "MoepruneError", "OutputRequest", "Plan", "Ranks",
-           "RuntimeRequest", "Stats", "Terminated", "apply_checkpoint", "check_output_dir", "check_output_file",
-           "check_separate", "empty_stats", "get_method", "inspect", "make_plan_for", "model_facts",
-           "model_weights", "observe_checkpoint", "open_source", "prune", "resolve_device",
-           "signals_as_exceptions", "write_file_atomically", "write_plan", "write_stats"]
+           "RuntimeRequest", "Stats", "Terminated", "__version__", "analyze", "apply_checkpoint",
+           "check_output_dir", "check_output_file", "check_separate", "check_settings", "empty_stats",
+           "evaluate_models", "export_stock", "get_method", "inspect", "knee_sentences", "make_plan_for",
+           "model_facts", "model_weights", "observe_checkpoint", "open_source", "parse_task_texts", "prune",
+           "quiet_transformers", "render_report", "render_sweep", "resolve_device",
+           "return_freed_memory_to_the_system", "signals_as_exceptions", "sweep", "write_file_atomically",
+           "write_plan", "write_stats"]
 
 
 def inspect(model_path: str | Path) -> dict:
@@ -61,9 +81,9 @@ def inspect(model_path: str | Path) -> dict:
     MoNE checkpoints load through `moeprune.from_pretrained`; `novices` then describes them (else None),
     and the parameter counts include the novice vectors.
     """
-    from moeprune.store.sharded import skeleton
     from moeprune.store.checkpoint import from_pretrained, weights_bytes
     from moeprune.store.novices import describe, is_novice_checkpoint
+    from moeprune.store.sharded import skeleton
 
     model = from_pretrained(model_path) if is_novice_checkpoint(model_path) else skeleton(load_config(model_path))
     adapter = get_adapter(model.config)
@@ -168,23 +188,12 @@ def observe_request(model_path, calib: CalibrationRequest, runtime: RuntimeReque
                                 offload_dir=runtime.offload_dir, hidden_budget=runtime.hidden_budget)
 
 
-def make_plan_for(stats: Stats, method: str, *, ratio: float | None = None, experts: int | None = None,
-                  flatten_groups: bool = False, weights=None, options: dict | None = None) -> Plan:
-    """Plan `method` on `stats` at the given budget."""
-    check_ratio(ratio)
-    m = stats.model
-    keep = budget(m["num_experts"], m["top_k"], ratio=ratio, experts=experts, n_group=m.get("n_group", 1),
-                  min_per_group=m.get("min_experts_per_group", 2), flatten_groups=flatten_groups)
-    return make_plan(method, PlanRequest(stats, keep, flatten_groups, weights), **(options or {}))
-
-
 def model_weights(model_path: str | Path, layerwise: bool | None = None, notify=None, stats: Stats | None = None):
     """Read access to the expert weights of a checkpoint for planning: one layer at a time, or the whole model.
 
     With `stats`, they must have been observed on a model of this shape (checked before any weight is read).
     """
-    from moeprune.pipeline.access import ModelWeights
-    from moeprune.pipeline.access import ShardedWeights
+    from moeprune.pipeline.access import ModelWeights, ShardedWeights
 
     if stats is not None:
         check_same_model(stats.model, model_facts(model_path), what="the statistics", model=str(model_path),
@@ -200,35 +209,6 @@ def model_weights(model_path: str | Path, layerwise: bool | None = None, notify=
 def resolve_device(device: str) -> str:
     """The torch device for `--device` (cpu, cuda, cuda:N, auto), or one line saying what to give."""
     return check_device(device)
-
-
-def model_facts(model_path: str | Path) -> dict:
-    """The fingerprint facts (`model_description`) of a checkpoint, from its config alone (model on meta)."""
-    from moeprune.store.sharded import skeleton
-
-    config = load_config(model_path)
-    get_adapter(config)
-    model = skeleton(config)
-    return model_description(model, get_adapter(model.config), str(model_path))
-
-
-def check_offload_dir(offload_dir: str | Path | None, inputs: dict) -> None:
-    """--offload-dir is a writable directory (or can be made) outside every input."""
-    if offload_dir is None:
-        return
-    import os
-
-    if not str(offload_dir).strip():
-        raise MoepruneError("--offload-dir is empty; give a directory for spilled hidden states, or leave it out")
-    check_separate(inputs, {"--offload-dir": offload_dir})
-    p = Path(offload_dir)
-    base = p
-    while not base.exists():
-        base = base.parent
-    if not base.is_dir():
-        raise MoepruneError(f"--offload-dir {offload_dir}: {base} is a file, not a directory; choose a directory")
-    if not os.access(base, os.W_OK | os.X_OK):
-        raise MoepruneError(f"--offload-dir {offload_dir}: {base} is not writable; choose a directory you can write to")
 
 
 def _expected_output_bytes(model_path: str | Path, keep: int, num_experts: int) -> int:
@@ -287,8 +267,6 @@ def write_stats(stats: Stats, out: str | Path, *, force: bool = False) -> Path:
 
 def write_plan(plan: Plan, out: str | Path) -> Path:
     """Save a plan to the file `out`, atomically (checked with `check_output_file` beforehand)."""
-    from moeprune.outputs import write_file_atomically
-
     write_file_atomically(out, plan.save)
     return Path(out)
 

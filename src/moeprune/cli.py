@@ -21,7 +21,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from moeprune.errors import MoepruneError
+from moeprune import MoepruneError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Make Mixture-of-Experts LLMs smaller without retraining.")
@@ -57,7 +57,7 @@ def _parse_options(method: str, pairs: list[str] | None) -> dict:
     """KEY=VALUE strings -> typed keyword arguments of the method's config dataclass (which checks the values)."""
     import math
 
-    from moeprune.methods import get_method
+    from moeprune.api import get_method
 
     spec = get_method(method)
     fields = {f.name: f for f in dataclasses.fields(spec.config)}
@@ -103,12 +103,16 @@ def _root(version: Annotated[bool | None, typer.Option("--version", metavar="", 
 def _quiet_libraries() -> None:
     """transformers' warnings and per-file progress bars are noise next to moeprune's own messages.
 
-    Called by the commands that load models; the CLI process owns its logging, so this is not undone.
+    Called by the commands that load models; the previous logging state comes back when the command
+    ends (the click context closes its resources), so `main` called from Python leaves none behind.
     """
-    import transformers
+    from moeprune.api import quiet_transformers
 
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
+    try:
+        from typer._click.globals import get_current_context  # typer 0.29 vendors click
+    except ImportError:  # older typer uses click itself
+        from click import get_current_context
+    get_current_context().with_resource(quiet_transformers(errors_only=True))
 
 
 @app.command()
@@ -150,7 +154,7 @@ def inspect(model: Annotated[str, typer.Argument(help="model directory")],
 @app.command()
 def methods():
     """List the registered methods: what each does, its paper, whether it needs --calib, and its options."""
-    from moeprune.methods import METHODS
+    from moeprune.api import METHODS
 
     _quiet_libraries()
     for name, spec in sorted(METHODS.items()):
@@ -187,7 +191,7 @@ def observe(
     between the processes, the statistics reduced exactly, and rank 0 writes them.
     """
     from moeprune.api import check_output_dir, check_separate, observe_checkpoint, write_stats
-    from moeprune.distributed import Ranks
+    from moeprune.api import Ranks
 
     _quiet_libraries()
     inputs = {"model": model, "--calib": calib, "--tokenizer": tokenizer}
@@ -216,7 +220,7 @@ def plan(
 ):
     """Turn statistics into a plan (JSON) without changing the model."""
     from moeprune.api import check_output_file, make_plan_for, model_weights, write_plan
-    from moeprune.observe import Stats
+    from moeprune.api import Stats
 
     _quiet_libraries()
     check_output_file(out_file, force, {"stats": stats, "--model": model})
@@ -241,8 +245,8 @@ def apply(
 ):
     """Apply a plan to a model and write a stock transformers checkpoint (a MoNE checkpoint for novice plans)."""
     from moeprune.api import apply_checkpoint, check_separate
-    from moeprune.observe import Stats
-    from moeprune.plan import Plan
+    from moeprune.api import Stats
+    from moeprune.api import Plan
 
     _quiet_libraries()
     inputs = {"model": model, "plan": plan_file, "--stats": stats}
@@ -282,8 +286,8 @@ def prune(
     are split between the processes, the statistics reduced exactly, and rank 0 writes the checkpoint.
     """
     from moeprune.api import prune as prune_model
-    from moeprune.distributed import Ranks
-    from moeprune.plan import Plan
+    from moeprune.api import Ranks
+    from moeprune.api import Plan
 
     _quiet_libraries()
     options = _parse_options(method, option)
@@ -305,7 +309,7 @@ def export_stock(
     force: Force = False,
 ):
     """Write the novice-free copy of a MoNE checkpoint (novices' router rows removed), for stock transformers."""
-    from moeprune.store.checkpoint import export_stock as export
+    from moeprune.api import export_stock as export
 
     _quiet_libraries()
     path = export(model, out_dir, force=force, command=_command_line())
@@ -342,10 +346,11 @@ def evaluate(
     decoder layer at a time; lm-eval tasks need the whole model.
     """
     from moeprune.api import check_output_file
-    from moeprune.evaluate import parse_task_texts, render_table
-    from moeprune.evaluation import evaluate_models
-    from moeprune.outputs import write_file_atomically
-    from moeprune.settings import check_settings
+    from moeprune.api import parse_task_texts
+    from moeprune.api import render_report as render_table
+    from moeprune.api import evaluate_models
+    from moeprune.api import write_file_atomically
+    from moeprune.api import check_settings
 
     _quiet_libraries()
     check_settings(task_items=task_items, seed=seed, seq_len=seq_len, max_tokens=max_tokens, limit=limit,
@@ -388,7 +393,7 @@ def analyze(
     flatten_groups: Flatten = False, force: Force = False,
 ):
     """Per MoE layer: the linear CKA similarity of the experts as heatmap PNG and JSON, and the groups for --experts."""
-    from moeprune.analyze import analyze as run_analyze
+    from moeprune.api import analyze as run_analyze
 
     _quiet_libraries()
     summary = run_analyze(source, out_dir, model=model, stats=stats, representation=representation,
@@ -428,7 +433,7 @@ def demo(
     if not 0 < ratio < 1:
         raise MoepruneError(f"--ratio must be between 0 and 1, e.g. 0.25 (got {ratio})")
     if json_out is not None:
-        from moeprune.outputs import check_output_file
+        from moeprune.api import check_output_file
 
         check_output_file(json_out, False, what="--json")
     try:
@@ -444,7 +449,7 @@ def demo(
         out.print(line, highlight=False, markup=False, soft_wrap=True)
     if json_out:
         from moeprune import __version__
-        from moeprune.outputs import write_file_atomically
+        from moeprune.api import write_file_atomically
 
         record = {"written_by": f"moeprune {__version__}", **report}
         write_file_atomically(json_out, lambda tmp: tmp.write_text(json.dumps(record, indent=1)))
@@ -454,7 +459,7 @@ def demo(
 
 def _sweep_options(methods: list[str], pairs: list[str] | None) -> dict[str, dict]:
     """`-o KEY=VALUE` goes to every swept method with that option; `-o METHOD:KEY=VALUE` to one."""
-    from moeprune.methods import get_method
+    from moeprune.api import get_method
 
     per: dict[str, list[str]] = {m: [] for m in methods}
     for pair in pairs or []:
@@ -508,9 +513,9 @@ def sweep(
     flatten_groups: Flatten = False, device: Device = "cpu", force: Force = False,
 ):
     """Observe once, then prune at every ratio with every method and evaluate: where does quality fall off?"""
-    from moeprune.evaluate import parse_task_texts
-    from moeprune.sweep import knee_sentences, render_table
-    from moeprune.sweep import sweep as run_sweep
+    from moeprune.api import knee_sentences, parse_task_texts
+    from moeprune.api import render_sweep as render_table
+    from moeprune.api import sweep as run_sweep
 
     _quiet_libraries()
     methods = [m.strip() for m in method.split(",") if m.strip()]
@@ -571,11 +576,8 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:  # older typer raises click's
         import click as _click
 
-    from moeprune.runtime import Terminated, signals_as_exceptions
+    from moeprune import Terminated, signals_as_exceptions
 
-    # oneDNN caches a primitive per matmul shape; MoE expert batches make new shapes at every layer, which
-    # grew RSS by ~0.4 GiB over a 24-layer layer-by-layer pass with no measured speed gain
-    os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "0")
     try:
         with signals_as_exceptions():
             status = app(args=argv, prog_name="moeprune", standalone_mode=False)
@@ -609,5 +611,20 @@ def main(argv: list[str] | None = None) -> int:
     return status if isinstance(status, int) else 0
 
 
+def run() -> int:
+    """The `moeprune` command: `main` in a process of its own, tuned for large layer-by-layer work.
+
+    These settings are process-wide and cannot all be undone, so they are made here, where the
+    process is moeprune's, and never by `main` (which tests and scripts call in their own process).
+    """
+    from moeprune import return_freed_memory_to_the_system
+
+    # oneDNN caches a primitive per matmul shape; MoE expert batches make new shapes at every layer, which
+    # grew RSS by ~0.4 GiB over a 24-layer layer-by-layer pass with no measured speed gain
+    os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "0")
+    return_freed_memory_to_the_system()
+    return main()
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run())

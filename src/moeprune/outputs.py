@@ -283,3 +283,22 @@ def _write_failure(e: BaseException, out: str | Path) -> MoepruneError | None:
     else:
         return None
     return MoepruneError(f"could not write {out} ({reason}); nothing was written: free space or choose another place")
+
+
+def check_offload_dir(offload_dir: str | Path | None, inputs: dict) -> None:
+    """--offload-dir is a writable directory (or can be made) outside every input."""
+    if offload_dir is None:
+        return
+    import os
+
+    if not str(offload_dir).strip():
+        raise MoepruneError("--offload-dir is empty; give a directory for spilled hidden states, or leave it out")
+    check_separate(inputs, {"--offload-dir": offload_dir})
+    p = Path(offload_dir)
+    base = p
+    while not base.exists():
+        base = base.parent
+    if not base.is_dir():
+        raise MoepruneError(f"--offload-dir {offload_dir}: {base} is a file, not a directory; choose a directory")
+    if not os.access(base, os.W_OK | os.X_OK):
+        raise MoepruneError(f"--offload-dir {offload_dir}: {base} is not writable; choose a directory you can write to")

@@ -108,7 +108,8 @@ def sweep(
     option dict. `log(str)` receives one line per finished point. Returns the dict written to
     `out/sweep.json`.
     """
-    from moeprune.api import check_offload_dir, make_plan_for
+    from moeprune.methods import make_plan_for
+    from moeprune.outputs import check_offload_dir
     from moeprune.arch import get_adapter
     from moeprune.data import calibration_blocks
     from moeprune.distributed import Ranks

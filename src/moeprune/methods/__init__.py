@@ -16,6 +16,14 @@ from moeprune.methods import (
     scores,  # noqa: F401  (registers the score-based pruning methods)
     uncurl,  # noqa: F401  (registers UNCURL, task-specific aligned merging)
 )
-from moeprune.methods.registry import METHODS, MethodSpec, PlanRequest, get_method, make_plan, register
+from moeprune.methods.registry import (
+    METHODS,
+    MethodSpec,
+    PlanRequest,
+    get_method,
+    make_plan,
+    make_plan_for,
+    register,
+)
 
-__all__ = ["METHODS", "MethodSpec", "PlanRequest", "get_method", "make_plan", "register"]
+__all__ = ["METHODS", "MethodSpec", "PlanRequest", "get_method", "make_plan", "make_plan_for", "register"]

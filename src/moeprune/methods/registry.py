@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from moeprune.errors import MoepruneError
 from moeprune.methods.access import WeightAccess
 from moeprune.observe.stats import Stats
-from moeprune.plan import Plan
+from moeprune.plan import Plan, budget
+from moeprune.settings import check_ratio
 
 
 @dataclass(frozen=True)
@@ -132,3 +133,13 @@ def check_weights_match(request: PlanRequest) -> None:
     if missing:
         raise MoepruneError(f"the statistics have MoE layer(s) {missing} that the model does not (its MoE "
                             f"layers: {sorted(layers)}); observe this model (`moeprune observe`)")
+
+
+def make_plan_for(stats: Stats, method: str, *, ratio: float | None = None, experts: int | None = None,
+                  flatten_groups: bool = False, weights=None, options: dict | None = None) -> Plan:
+    """Plan `method` on `stats` at the given budget."""
+    check_ratio(ratio)
+    m = stats.model
+    keep = budget(m["num_experts"], m["top_k"], ratio=ratio, experts=experts, n_group=m.get("n_group", 1),
+                  min_per_group=m.get("min_experts_per_group", 2), flatten_groups=flatten_groups)
+    return make_plan(method, PlanRequest(stats, keep, flatten_groups, weights), **(options or {}))

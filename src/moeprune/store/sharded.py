@@ -219,3 +219,14 @@ def free(module: nn.Module) -> None:
         for leaf, b in list(owner._buffers.items()):
             if b is not None and leaf not in owner._non_persistent_buffers_set:
                 owner._buffers[leaf] = b.to("meta")
+
+
+def model_facts(model_path: str | Path) -> dict:
+    """The fingerprint facts (`model_description`) of a checkpoint, from its config alone (model on meta)."""
+    from moeprune.observe import model_description
+    from moeprune.store.checkpoint import load_config
+
+    config = load_config(model_path)
+    get_adapter(config)
+    model = skeleton(config)
+    return model_description(model, get_adapter(model.config), str(model_path))

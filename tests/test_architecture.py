@@ -24,9 +24,9 @@ LAYERS: list[tuple[str, ...]] = [
     ("methods",),
     ("surgery",),
     ("store",),
-    ("pipeline",),
     ("evaluate",),
-    ("api", "sweep", "analyze"),
+    ("pipeline",),
+    ("api", "evaluation", "sweep", "analyze"),
     ("testbed",),
     ("demo",),
     ("cli", "__main__"),
@@ -155,3 +155,10 @@ def test_no_package_cycle():
             g.setdefault(top, set()).update(t.split(".")[0] for t in ts if t.split(".")[0] != top)
     cycles = find_cycles(g)
     assert not cycles, "import cycles between parts:\n" + "\n".join(" -> ".join(c) for c in cycles)
+
+
+def test_the_cli_talks_only_to_the_public_api():
+    """cli imports the package's public names, `moeprune.api`, and the demo driver; nothing deeper."""
+    allowed = {"api", "demo"}
+    deeper = sorted(t for t in graph()["cli"] if t and t not in allowed)
+    assert not deeper, f"cli imports {deeper}; reach them through moeprune.api"
