@@ -123,9 +123,12 @@ def analyze(source: str | Path, out: str | Path, *, model: str | Path | None = N
             flatten_groups: bool = False) -> dict:
     """Write per-layer CKA heatmaps and JSON to `out`; return the summary (also in summary.json)."""
     from moeprune.arch import get_adapter
-    from moeprune.store.checkpoint import atomic_directory, check_output_dir, load_config, load_model
-    from moeprune.pipeline.access import ModelWeights
     from moeprune.observe import Stats, check_same_model
+    from moeprune.outputs import atomic_directory, check_output_dir
+    from moeprune.pipeline.access import ModelWeights, ShardedWeights
+    from moeprune.pipeline.sources import open_source
+    from moeprune.settings import RuntimeRequest
+    from moeprune.store.checkpoint import check_weight_files, load_config
     from moeprune.plan import budget
     from moeprune.settings import check_settings
 
@@ -157,7 +160,9 @@ def analyze(source: str | Path, out: str | Path, *, model: str | Path | None = N
 
         check_same_model(st.model, model_facts(model_dir), what=f"the statistics in {stats_dir}", model=str(model_dir),
                          fix="observe this model, or give the model they were observed on with --model")
-    weights = ModelWeights(load_model(model_dir))
+    check_weight_files(model_dir)
+    source, _why = open_source(model_dir, RuntimeRequest())  # one layer in memory at a time, as everywhere
+    weights = ModelWeights(source.model) if source.in_memory else ShardedWeights(source)
     summary = {"model": str(model_dir), "stats": str(stats_dir) if st is not None else None,
                "representation": representation, "linkage": linkage, "experts_kept": keep,
                "num_experts": adapter.num_experts, "layers": {}}

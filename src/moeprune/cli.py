@@ -37,7 +37,7 @@ Device = Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:N or auto
 Layerwise = Annotated[bool | None, typer.Option(
     "--layerwise/--in-memory", metavar="",
     help="read, prune and write one decoder layer at a time in bounded memory, or load the whole model "
-         "[default: layer by layer when the weights exceed half the free memory]")]
+         "(checked against free memory first) [default: layer by layer]")]
 OffloadDir = Annotated[str | None, typer.Option(
     help="where hidden states beyond --hidden-memory go during layer-by-layer work [default: the temp directory]")]
 HiddenMemory = Annotated[float, typer.Option(
@@ -338,12 +338,12 @@ def evaluate(
     layerwise: Annotated[bool | None, typer.Option(
         "--layerwise/--in-memory", metavar="",
         help="score perplexity one decoder layer at a time in bounded memory, or load the whole model "
-             "[default: layer by layer when the weights exceed half the free memory]")] = None,
+             "[default: layer by layer; lm-eval tasks and MoNE checkpoints load whole]")] = None,
 ):
     """Perplexity and zero-shot task scores of one or more checkpoints, side by side.
 
-    Checkpoints larger than half the free memory (or all, with --layerwise) are scored for perplexity one
-    decoder layer at a time; lm-eval tasks need the whole model.
+    Perplexity is scored one decoder layer at a time (unless --in-memory); lm-eval tasks need the whole
+    model, which is loaded after its peak is checked against the free memory.
     """
     from moeprune.api import check_output_file
     from moeprune.api import parse_task_texts
@@ -510,7 +510,7 @@ def sweep(
     tokenizer: Annotated[str | None, typer.Option(help="tokenizer directory if not the model's")] = None,
     option: Annotated[list[str] | None, typer.Option(
         "--option", "-o", help="KEY=VALUE for every swept method that has KEY, or METHOD:KEY=VALUE")] = None,
-    flatten_groups: Flatten = False, device: Device = "cpu", force: Force = False,
+    flatten_groups: Flatten = False, device: Device = "cpu", force: Force = False, layerwise: Layerwise = None,
 ):
     """Observe once, then prune at every ratio with every method and evaluate: where does quality fall off?"""
     from moeprune.api import knee_sentences, parse_task_texts
@@ -531,7 +531,7 @@ def sweep(
         calib_field=calib_field, calib_template=calib_template, tokenizer=tokenizer, device=device,
         flatten_groups=flatten_groups, eval_seq_len=eval_seq_len, max_tokens=max_tokens, limit=limit,
         knee_threshold=knee_threshold, save_checkpoints=save_checkpoints, force=force, command=_command_line(),
-        log=lambda line: err.print(line, highlight=False),
+        log=lambda line: err.print(line, highlight=False), layerwise=layerwise,
     )
     out.print(render_table(result))
     for line in knee_sentences(result):
