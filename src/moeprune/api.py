@@ -232,7 +232,6 @@ def apply_checkpoint(model_path: str | Path, plan: Plan, out: str | Path, *, for
     plan against the model's shape, stats against both) runs before any weight is read.
     """
     from moeprune.methods.mone import novice_vectors
-    from moeprune.plan import check_novice_plan
     from moeprune.store.novices import refuse_novice_input
 
     refuse_novice_input(model_path, model)
@@ -247,7 +246,6 @@ def apply_checkpoint(model_path: str | Path, plan: Plan, out: str | Path, *, for
     if stats is not None:
         check_same_model(stats.model, facts, what="the statistics", model=str(model_path),
                          fix="give --stats observed on this model")
-    check_novice_plan(plan)
     novice_vectors(plan, stats)  # fails before loading the model when the stats are missing or do not match
     plan.validate(facts)
     if model is None:

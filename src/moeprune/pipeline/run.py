@@ -256,16 +256,13 @@ def prune(
 
 def apply(source, plan: Plan, out: str | Path, *, stats: Stats | None = None, force: bool = False,
           command: str | None = None, progress=None) -> Path:
-    """Apply a ready plan one layer at a time (no calibration pass) and write the checkpoint to `out`."""
-    from moeprune.methods.mone import novice_vectors
-    from moeprune.plan import check_novice_plan
+    """Apply a ready plan one layer at a time (no calibration pass) and write the checkpoint to `out`.
 
-    check_novice_plan(plan)
+    The plan was validated against this model by the driver (`Plan.validate` with `model_facts`).
+    """
+    from moeprune.methods.mone import novice_vectors
+
     vectors = novice_vectors(plan, stats)
-    moe_layers = sorted(source.blocks)
-    missing = sorted(set(moe_layers) - {lp.layer for lp in plan.layers})
-    if missing:
-        raise MoepruneError(f"plan has no entry for MoE layers {missing}; every MoE layer needs one")
     before = parameters_before(source)
     with atomic_directory(out, force=force) as tmp:
         result = walk(source, plan_layer=lambda i, _s, _a: (plan.layer(i), vectors.get(i)), write_to=tmp,

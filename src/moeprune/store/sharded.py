@@ -15,7 +15,6 @@ functions PEFT uses.
 from __future__ import annotations
 
 import json
-import os
 from collections import Counter
 from pathlib import Path
 
