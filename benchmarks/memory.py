@@ -9,6 +9,7 @@ time from spawn to exit (interpreter start and imports included). Jobs:
   baseline           moeprune.pipeline.forward_layerwise over the calibration tokens (no observation)
   layerwise reap     moeprune prune --layerwise --method reap --ratio 0.25
   layerwise mone     moeprune prune --layerwise --method mone --ratio 0.25
+  plain prune reap   moeprune prune --method reap --ratio 0.25 (no flag: what the default chooses)
   in-memory reap     moeprune prune --in-memory --method reap --ratio 0.25 (skipped if RAM is short)
 
 then, if a cgroup v1 memory controller is writable, the layerwise reap and the in-memory reap again
@@ -192,6 +193,9 @@ def w_baseline(a: dict) -> dict:
     from moeprune.data import calibration_blocks
     from moeprune.store.checkpoint import load_tokenizer
 
+    from moeprune import return_freed_memory_to_the_system
+
+    return_freed_memory_to_the_system()  # what the `moeprune` command does in its own process, as prune has
     forward_layerwise = importlib.import_module(a["module"]).forward_layerwise
     ids = calibration_blocks(load_tokenizer(a["model"]), a["calib"], samples=a["samples"], seq_len=a["seq_len"],
                              seed=0).input_ids
@@ -547,7 +551,8 @@ def main(argv: list[str] | None = None) -> None:
     in_mem_need = 2.5 * ck_bytes + GIB
     mem_avail = meminfo()["MemAvailable"]
     jobs = [("baseline: forward_layerwise", None, None), ("layerwise reap 25%", "reap", "layerwise"),
-            ("layerwise mone 25%", "mone", "layerwise"), ("in-memory reap 25%", "reap", "in-memory")]
+            ("layerwise mone 25%", "mone", "layerwise"), ("plain prune reap 25% (no flag)", "reap", "default"),
+            ("in-memory reap 25%", "reap", "in-memory")]
     rows: dict[str, list] = {j[0]: [] for j in jobs}
     skipped: dict[str, str] = {}
     if args.no_in_memory:
