@@ -108,6 +108,7 @@ def test_training_runs_every_step_whatever_the_clock(monkeypatch):
     assert _same_weights(slow, reference)  # the result does not depend on how long the steps took
 
 
+@pytest.mark.slow
 def test_interrupted_training_resumes_bit_identically(tmp_path, monkeypatch, capsys):
     spec = _spec(steps=8)
     streams = _streams()
@@ -178,6 +179,7 @@ def dataclasses_replace(obj, **kw):
 # Caching: only a model that passed its bar sits under the final key
 
 
+@pytest.mark.slow
 def test_rejected_model_is_kept_aside_and_the_next_run_retrains(tmp_path, corpus, capsys):
     spec = _spec(name="untrained", steps=2, lr=1e-9)  # stays at its random init: worse than the bigram
     with pytest.raises(TestbedQualityError) as e:
@@ -240,6 +242,7 @@ def test_ctrl_c_in_the_demo_says_how_to_go_on_and_does_not_exit_0(monkeypatch, c
 # The demo's screen
 
 
+@pytest.mark.slow
 def test_demo_compare_puts_every_method_in_one_table(tmp_path, corpus, monkeypatch):
     from rich.console import Console
     from rich.table import Table

@@ -10,6 +10,7 @@ from moeprune import cli
 from moeprune.errors import MoepruneError
 
 
+@pytest.mark.slow
 def test_sweep_cli_writes_the_table_json_and_plot(tmp_path, checkpoint, calib_file, capsys):
     src = checkpoint("mixtral")
     out = tmp_path / "sweep"

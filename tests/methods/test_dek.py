@@ -269,6 +269,7 @@ def test_merged_block_equals_surgery(aligned):
 
 # ---- checkpoints --------------------------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "deepseek_v3"])
 @pytest.mark.parametrize("method,options", [("dek", {"coefficients": "learned", "learn_steps": 5}),
                                             ("hc_smoe", {})])

@@ -16,6 +16,7 @@ from moeprune.pipeline.access import ModelWeights
 
 # ---- NAEE ---------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", TINY_FAMILIES)
 def test_naee_fast_path_matches_block_output(family):
     """The lookup evaluation equals surgery + the block's own forward, or the layer falls back."""

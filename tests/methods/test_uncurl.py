@@ -189,6 +189,7 @@ def test_plan_with_perms_round_trips_through_json_and_validate_rejects_bad_perms
 
 # ---- the methods on real (tiny) models -------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["uncurl", "msmoe"])
 @pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "gpt_oss"])
 def test_merged_checkpoints_reload_with_stock_transformers(method, family, checkpoint, calib_file, tmp_path):

@@ -59,6 +59,7 @@ def _assert_same_checkpoint(a, b):
         assert set(na) == set(nb) and all(torch.equal(na[k], nb[k]) for k in na)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "deepseek_v3", "gpt_oss", "llama4_text"])
 def test_layerwise_stats_equal_whole_model_stats(family, checkpoint):
     path = checkpoint(family)
@@ -99,6 +100,7 @@ def test_hidden_states_spilled_to_disk_give_the_same_stats(checkpoint, tmp_path)
     assert spill.is_dir() and not any(spill.iterdir())  # spill files are removed afterwards
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", sorted(TINY_FAMILIES))
 def test_streaming_save_equals_save_pretrained(family, checkpoint, calib_file, tmp_path):
     path = checkpoint(family)
@@ -112,6 +114,7 @@ def test_streaming_save_equals_save_pretrained(family, checkpoint, calib_file, t
     assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "gpt_oss", "llama4_text"])
 def test_streaming_novice_checkpoint_equals_in_memory(family, checkpoint, calib_file, tmp_path):
     path = checkpoint(family)
@@ -137,6 +140,7 @@ def _untimed(obj):
     return obj
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method,options", METHOD_CASES, ids=[f"{m}-{o}" if o else m for m, o in METHOD_CASES])
 def test_every_method_plans_the_same_layer_by_layer(method, options, checkpoint, calib_file, tmp_path):
     path = checkpoint("mixtral")
@@ -266,6 +270,7 @@ def test_cli_prune_layerwise_and_auto_choice(checkpoint, calib_file, tmp_path, c
     assert not (tmp_path / "f").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method,options", [("dek", {"coefficients": "learned"}), ("uncurl", {}), ("naee", {})])
 def test_planning_with_sharded_weights_equals_the_loaded_model(method, options, checkpoint, calib_file, tmp_path):
     path = checkpoint("mixtral")
@@ -279,6 +284,7 @@ def test_planning_with_sharded_weights_equals_the_loaded_model(method, options, 
     assert _untimed(whole) == _untimed(sharded)
 
 
+@pytest.mark.slow
 def test_hub_style_shards_spanning_layers(tmp_path, calib_file):
     """Hub checkpoints cut shards by size: a layer spread over several files, a file holding several layers."""
     from moeprune.arch.tiny import tiny_model, tiny_tokenizer
