@@ -215,6 +215,7 @@ def test_rejected_model_is_kept_aside_and_the_next_run_retrains(tmp_path, corpus
     assert (rejected / "model.safetensors").stat().st_mtime_ns == stamp
 
 
+@pytest.mark.slow
 def test_quality_error_is_one_line_from_the_cli(tmp_path, corpus, monkeypatch, capsys):
     monkeypatch.setitem(tb.TESTBEDS, "demo-mixtral", _spec(name="demo-mixtral", steps=2, lr=1e-9))
     monkeypatch.setattr(tb, "build_corpus", lambda cache_dir=None: corpus)
