@@ -12,7 +12,7 @@ import torch
 
 from moeprune.arch import get_adapter
 from moeprune.arch.tiny import TINY_FAMILIES
-from moeprune.observe import model_description
+from moeprune.observe import model_description, observe
 from moeprune.plan import Group, LayerPlan, Plan
 
 # The config field holding the routed-expert count, per family (DESIGN.md's table, written out here
@@ -103,3 +103,8 @@ def saved_shapes(directory: Path) -> dict[str, tuple[int, ...]]:
             with safe_open(str(shard), "pt") as f:
                 shapes.update({k: tuple(f.get_slice(k).get_shape()) for k in f.keys()})
     return shapes
+
+
+def observed(model, n_tokens: int = 128):
+    """Statistics of `model` over `n_tokens` random tokens (every token probed)."""
+    return observe(model, token_ids(4, n_tokens // 4), probe_size=n_tokens)

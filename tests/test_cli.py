@@ -213,6 +213,7 @@ def test_input_model_directory_is_unchanged(tmp_path, checkpoint, calib_file):
 
 # ---- happy path ---------------------------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family,budget", [("mixtral", ["--ratio", "0.5"]), ("deepseek_v3", ["--experts", "4"])])
 def test_cli_stepwise_equals_one_shot_prune(family, budget, tmp_path, checkpoint, calib_file, capsys):
     src = str(checkpoint(family))

@@ -108,6 +108,7 @@ def test_training_runs_every_step_whatever_the_clock(monkeypatch):
     assert _same_weights(slow, reference)  # the result does not depend on how long the steps took
 
 
+@pytest.mark.slow
 def test_interrupted_training_resumes_bit_identically(tmp_path, monkeypatch, capsys):
     spec = _spec(steps=8)
     streams = _streams()
@@ -178,6 +179,7 @@ def dataclasses_replace(obj, **kw):
 # Caching: only a model that passed its bar sits under the final key
 
 
+@pytest.mark.slow
 def test_rejected_model_is_kept_aside_and_the_next_run_retrains(tmp_path, corpus, capsys):
     spec = _spec(name="untrained", steps=2, lr=1e-9)  # stays at its random init: worse than the bigram
     with pytest.raises(TestbedQualityError) as e:
@@ -213,6 +215,7 @@ def test_rejected_model_is_kept_aside_and_the_next_run_retrains(tmp_path, corpus
     assert (rejected / "model.safetensors").stat().st_mtime_ns == stamp
 
 
+@pytest.mark.slow
 def test_quality_error_is_one_line_from_the_cli(tmp_path, corpus, monkeypatch, capsys):
     monkeypatch.setitem(tb.TESTBEDS, "demo-mixtral", _spec(name="demo-mixtral", steps=2, lr=1e-9))
     monkeypatch.setattr(tb, "build_corpus", lambda cache_dir=None: corpus)
@@ -240,6 +243,7 @@ def test_ctrl_c_in_the_demo_says_how_to_go_on_and_does_not_exit_0(monkeypatch, c
 # The demo's screen
 
 
+@pytest.mark.slow
 def test_demo_compare_puts_every_method_in_one_table(tmp_path, corpus, monkeypatch):
     from rich.console import Console
     from rich.table import Table
@@ -301,8 +305,8 @@ def test_mone_loading_is_quiet_and_the_stock_refusal_points_to_moeprune(tmp_path
     import moeprune
     from moeprune.api import make_plan_for
     from moeprune.arch.tiny import save_tiny_checkpoint
-    from moeprune.store.checkpoint import parameter_counts, save_checkpoint
     from moeprune.observe import observe
+    from moeprune.store.checkpoint import parameter_counts, save_checkpoint
     from moeprune.surgery import apply_plan
 
     save_tiny_checkpoint("mixtral", tmp_path / "src")
@@ -340,48 +344,3 @@ def test_mone_loading_is_quiet_and_the_stock_refusal_points_to_moeprune(tmp_path
     pointer = next(i for i, line in enumerate(lines) if "moeprune.from_pretrained(path)" in line)
     advice = next(i for i, line in enumerate(lines) if "pip install --upgrade transformers" in line)
     assert lines[pointer].strip().startswith("This is a MoNE checkpoint") and pointer < advice
-
-
-def test_lm_eval_noise_is_captured_and_replayed_on_failure(capfd):
-    import subprocess
-    import sys
-
-    from moeprune.evaluate.harness import _stderr_captured
-
-    with _stderr_captured():
-        print("a progress bar", file=sys.stderr)
-        subprocess.run(["sh", "-c", "echo 'fatal: not a git repository' >&2"], check=False)
-    print("after", file=sys.stderr)
-    err = capfd.readouterr().err
-    assert "progress bar" not in err and "fatal" not in err and "after" in err  # fd 2 is back
-    with pytest.raises(RuntimeError), _stderr_captured():
-        subprocess.run(["sh", "-c", "echo 'the real cause' >&2"], check=False)
-        raise RuntimeError("boom")
-    assert "the real cause" in capfd.readouterr().err
-
-
-def test_sweep_plot_marks_the_knees_and_counts_experts_in_whole_numbers(tmp_path, monkeypatch):
-    import matplotlib.figure
-
-    from moeprune.sweep import plot
-
-    def row(method, ratio, experts, ppl):
-        return {"method": method, "ratio": ratio, "experts": experts, "perplexity": {"t.txt": {"ppl": ppl}},
-                "acc_mean": None}
-
-    points = {"a": [(0.25, 6, 11), (0.5, 4, 20)], "b": [(0.25, 6, 10), (0.5, 4, 12)]}
-    rows = [row(m, r, e, p) for m, pts in points.items() for r, e, p in pts]
-    result = {"texts": ["t.txt"], "tasks": [], "baseline": row("unpruned", 0, 8, 10), "num_experts": 8,
-              "methods": ["a", "b"], "rows": rows, "model": "m",
-              "knee": {"a": {"ratio": 0.5}, "b": {"ratio": None}}}
-    figures = []
-    real_savefig = matplotlib.figure.Figure.savefig
-    monkeypatch.setattr(matplotlib.figure.Figure, "savefig",
-                        lambda self, *a, **k: (figures.append(self), real_savefig(self, *a, **k))[1])
-    plot(result, tmp_path / "p.png")
-    ax = figures[0].axes[0]
-    knees = [line for line in ax.get_lines() if line.get_marker() == "X"]
-    assert len(knees) == 1 and list(knees[0].get_xdata()) == [4]  # method a falls off at 4 experts
-    assert all(line.get_marker() != "o" for line in ax.get_lines())  # no other point looks like a knee
-    assert all(float(x).is_integer() for x in ax.get_xticks())
-    assert "X: where quality falls off" in figures[0]._suptitle.get_text()

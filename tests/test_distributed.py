@@ -96,6 +96,7 @@ def _single_process_env() -> dict:
     return env
 
 
+@pytest.mark.slow
 def test_torchrun_observe_equals_one_process(tmp_path):
     model_dir, calib = tmp_path / "model", tmp_path / "calib.txt"
     save_tiny_checkpoint("mixtral", model_dir, seed=SEED)
@@ -128,6 +129,7 @@ def test_torchrun_observe_equals_one_process(tmp_path):
     _assert_same_stats(two.layers, one.layers)
 
 
+@pytest.mark.slow
 def test_torchrun_layerwise_prune_equals_one_process(tmp_path):
     """2 processes, layer by layer: each layer's statistics are reduced before it is planned; rank 0 writes."""
     model_dir, calib = tmp_path / "model", tmp_path / "calib.txt"

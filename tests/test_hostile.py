@@ -229,6 +229,7 @@ def _temporaries(parent: Path, name: str) -> list[Path]:
     return sorted(parent.glob(f".{name}.tmp-*")) + sorted(parent.glob(f".{name}.old-*"))
 
 
+@pytest.mark.slow
 def test_sigterm_during_save_cleans_up_and_exits_non_zero(tmp_path, checkpoint, calib_file):
     work = tmp_path / "work"
     work.mkdir()
@@ -241,6 +242,7 @@ def test_sigterm_during_save_cleans_up_and_exits_non_zero(tmp_path, checkpoint, 
     assert list(work.iterdir()) == [], "the temporary directory must be removed"
 
 
+@pytest.mark.slow
 def test_sigkill_during_save_is_cleaned_by_the_next_run(tmp_path, checkpoint, calib_file, capsys):
     work = tmp_path / "work"
     work.mkdir()
@@ -357,6 +359,7 @@ def _tmpfs(path: Path, size: int, readonly: bool = False) -> None:
         pytest.skip(f"mounting a small tmpfs needs root (mount said: {done.stderr.strip()})")
 
 
+@pytest.mark.slow
 def test_full_and_read_only_disks(tmp_path, checkpoint, calib_file, capsys):
     from moeprune.store.files import weights_bytes
 

@@ -30,6 +30,7 @@ def _plain_and_observed(model, adapter, blocks, ids):
     return plain, observed, obs
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("top_k", [1, 2, 3])
 def test_observed_forward_equals_plain_forward(family, top_k):

@@ -213,6 +213,7 @@ def _reference(model, plan, vectors):
     return ref
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", TINY_FAMILIES)
 def test_novices_every_family(family, tmp_path):
     model, stats, plan, pruned = _mone(family)
@@ -260,6 +261,7 @@ def test_plan_that_pruned_nothing_gives_identical_logits(tmp_path):
 
 
 # ---- checkpoints ------------------------------------------------------------------------------
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "deepseek_v3", "llama4_text"])
 def test_checkpoint_round_trip_stock_refusal_and_export(family, tmp_path):
     overrides = OVERRIDES.get(family, {})

@@ -3,23 +3,21 @@
 from __future__ import annotations
 
 import copy
-import itertools
 import json
 
 import pytest
 import torch
 import transformers as tf
 from helpers import COUNT_FIELD, token_ids
+from helpers import observed as _observed
 
-from moeprune import api, cli
+from moeprune import api
 from moeprune.arch import ExpertWeights, get_adapter
 from moeprune.arch.tiny import TINY_FAMILIES, tiny_model
-from moeprune.data import calibration_blocks, load_texts
 from moeprune.errors import MoepruneError
 from moeprune.methods.alignment import align_members, match_hidden
-from moeprune.methods.naee import SubsetScorer
 from moeprune.methods.uncurl import fix_up_labels
-from moeprune.observe import model_description, observe
+from moeprune.observe import model_description
 from moeprune.pipeline.access import ModelWeights
 from moeprune.plan import Group, LayerPlan, Plan
 from moeprune.surgery import apply_layer_plan, apply_plan
@@ -191,6 +189,7 @@ def test_plan_with_perms_round_trips_through_json_and_validate_rejects_bad_perms
 
 # ---- the methods on real (tiny) models -------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["uncurl", "msmoe"])
 @pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "gpt_oss"])
 def test_merged_checkpoints_reload_with_stock_transformers(method, family, checkpoint, calib_file, tmp_path):
@@ -214,10 +213,6 @@ def test_merged_checkpoints_reload_with_stock_transformers(method, family, check
     ids = token_ids()
     with torch.no_grad():
         torch.testing.assert_close(reloaded.eval()(ids).logits, in_memory(ids).logits, rtol=1e-5, atol=1e-5)
-
-
-def _observed(model, n_tokens: int = 128):
-    return observe(model, token_ids(4, n_tokens // 4), probe_size=n_tokens)
 
 
 def test_msmoe_keeps_the_most_used_experts_as_dominants():
@@ -282,130 +277,6 @@ def test_spectral_clustering_merges_near_duplicate_logits_when_few_experts_go(se
     labels, created = cluster_logits(z, 28, "spectral", seed)
     merged = sorted(sorted(e for e in range(32) if labels[e] == c) for c in set(labels))
     assert [c for c in merged if len(c) > 1] == pairs and created == 0
-
-
-# ---- NAEE ---------------------------------------------------------------------------------------
-
-@pytest.mark.parametrize("family", TINY_FAMILIES)
-def test_naee_fast_path_matches_block_output(family):
-    """The lookup evaluation equals surgery + the block's own forward, or the layer falls back."""
-    model = tiny_model(family)
-    weights = ModelWeights(model)
-    layer = weights.layers()[0]
-    x = torch.randn(48, model.config.hidden_size, generator=torch.Generator().manual_seed(1))
-    scorer = SubsetScorer(weights.layer(layer), x, check_subsets=[])
-    if family == "llama4_text":  # experts take score-scaled inputs: no lookup possible
-        assert scorer.mode == "block_output" and "cannot run" in scorer.reason
-        return
-    assert scorer.mode == "fast", scorer.reason
-    # DeepSeek-V3's tiny config has two routing groups (0-3, 4-7): keep two of each
-    subsets = [s for s in itertools.combinations(range(8), 4) if family != "deepseek_v3" or sum(e < 4 for e in s) == 2]
-    for subset in subsets[::7]:
-        assert abs(scorer.fast_error(subset) - scorer.block_error(subset)) <= 1e-5 * scorer.z_norm
-
-
-@pytest.mark.parametrize("max_exhaustive,search", [(5000, "exhaustive"), (0, "greedy")])
-@pytest.mark.parametrize("family", ["gpt_oss", "deepseek_v3"])
-def test_naee_finds_the_planted_best_subset(family, max_exhaustive, search):
-    """Experts that the router can never pick cost nothing to remove; every other removal costs something."""
-    model = tiny_model(family)
-    adapter = get_adapter(model.config)
-    never = [5, 6, 7] if family == "gpt_oss" else [3, 7]  # one per routing group for DeepSeek-V3
-    with torch.no_grad():
-        for block in adapter.moe_blocks(model).values():
-            router = adapter.router(block)
-            bias = router.bias if family == "gpt_oss" else router.e_score_correction_bias
-            bias[never] = -100.0
-    stats = _observed(model)
-    keep = 8 - len(never)
-    plan = api.make_plan_for(stats, "naee", experts=keep, weights=ModelWeights(model),
-                             options={"max_exhaustive": max_exhaustive})
-    for lp in plan.layers:
-        assert lp.kept == [e for e in range(8) if e not in never]
-        assert lp.notes["search"] == search and lp.notes["evaluation"] == "fast"
-        assert lp.notes["error"] == pytest.approx(0, abs=1e-6)
-    # and it is not the trivial answer: dropping a routable expert instead costs something
-    scorer = SubsetScorer(ModelWeights(model).layer(plan.layers[0].layer), stats.layers[plan.layers[0].layer].probe.inputs)
-    alternative = [e for e in range(8) if e not in never and e != 0] + [never[0]]
-    assert scorer(sorted(alternative)) > 1e-3
-
-
-# ---- task-specific calibration and the sweep ------------------------------------------------------
-
-def test_calibration_template_joins_several_jsonl_fields(tmp_path, checkpoint):
-    rows = [{"question": f"what is {i} plus {i}?", "answer": str(2 * i), "id": i} for i in range(400)]
-    path = tmp_path / "task.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    texts = load_texts(str(path), template="Q: {question} A: {answer}")
-    assert texts[3] == "Q: what is 3 plus 3? A: 6"
-    assert load_texts(str(path), field="question")[1] == "what is 1 plus 1?"
-    with pytest.raises(MoepruneError, match="no field 'query' used by --calib-template"):
-        load_texts(str(path), template="{query}")
-    with pytest.raises(MoepruneError, match="plain text"):
-        load_texts(_txt(tmp_path), template="{question}")
-    tok = tf.AutoTokenizer.from_pretrained(str(checkpoint("mixtral")))
-    cal = calibration_blocks(tok, str(path), samples=4, seq_len=16, template="Q: {question} A: {answer}")
-    assert cal.provenance["template"] == "Q: {question} A: {answer}" and cal.input_ids.shape == (4, 16)
-
-
-def _txt(tmp_path):
-    p = tmp_path / "plain.txt"
-    p.write_text("some text")
-    return str(p)
-
-
-def test_sweep_cli_writes_the_table_json_and_plot(tmp_path, checkpoint, calib_file, capsys):
-    src = checkpoint("mixtral")
-    out = tmp_path / "sweep"
-    argv = ["sweep", str(src), "--method", "uncurl,frequency", "--ratios", "0.25,0.5", "--calib", str(calib_file),
-            "--text", str(calib_file), "--out", str(out), "--samples", "4", "--seq-len", "32",
-            "--eval-seq-len", "32", "--max-tokens", "256", "--probe-size", "64", "-o", "uncurl:clustering=kmeans"]
-    assert cli.main(argv) == 0
-    printed = capsys.readouterr().out
-    assert "quality against pruning ratio" in printed and "uncurl" in printed
-    result = json.loads((out / "sweep.json").read_text())
-    assert [(r["method"], r["experts"]) for r in result["rows"]] == [
-        ("uncurl", 6), ("uncurl", 4), ("frequency", 6), ("frequency", 4)]
-    assert result["options"] == {"uncurl": {"clustering": "kmeans"}}
-    assert result["baseline"]["experts"] == 8 and result["baseline"]["ppl_rel"] == 1.0
-    for row in result["rows"]:
-        assert row["ppl_rel"] > 0 and str(calib_file) in row["perplexity"]
-    assert set(result["knee"]) == {"uncurl", "frequency"}
-    assert (out / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "| method |" in (out / "sweep.md").read_text()
-    # one observation served every point: the stats' calibration is recorded once
-    assert result["calibration"]["samples"] == 4
-
-
-def test_sweep_knee_rule():
-    from moeprune.sweep import knee
-
-    def row(ratio, ppl_rel):
-        return {"ratio": ratio, "experts": round(8 * (1 - ratio)), "ppl_rel": ppl_rel, "acc_rel": None}
-
-    rows = [row(0.125, 1.02), row(0.25, 1.05), row(0.5, 1.10), row(0.625, 2.5), row(0.75, 4.0)]
-    k = knee(rows, threshold=0.25)
-    assert (k["ratio"], k["experts"]) == (0.625, 3)
-    assert k["steepest_ratio"] == 0.625  # log 2.5 - log 1.1 is the largest step
-    assert knee(rows[:3], threshold=0.25)["ratio"] is None
-    acc = [{"ratio": 0.25, "experts": 6, "ppl_rel": None, "acc_rel": 0.95},
-           {"ratio": 0.5, "experts": 4, "ppl_rel": None, "acc_rel": 0.6}]
-    assert knee(acc, threshold=0.25)["ratio"] == 0.5
-
-
-def test_sweep_refuses_bad_budgets_before_calibrating(tmp_path, checkpoint, calib_file, monkeypatch):
-    import moeprune.api as api_module
-
-    def boom(*a, **k):
-        raise AssertionError("calibrated before checking the budget")
-
-    monkeypatch.setattr(api_module, "observe_checkpoint", boom)
-    from moeprune.sweep import sweep
-
-    with pytest.raises(MoepruneError, match="top-k"):
-        sweep(checkpoint("mixtral"), ["uncurl"], [0.25, 0.9], str(calib_file), tmp_path / "s", texts=[calib_file])
-    with pytest.raises(MoepruneError, match="nothing to evaluate"):
-        sweep(checkpoint("mixtral"), ["uncurl"], [0.25], str(calib_file), tmp_path / "s")
 
 
 def test_spectral_plain_is_scikit_learns_reading():

@@ -223,6 +223,7 @@ def test_comparison_rows_show_deltas_against_the_first():
     assert "+2.50 (+25.0%)" in render_markdown(report)
 
 
+@pytest.mark.slow
 def test_cli_eval_compares_two_checkpoints_and_writes_json(files, tmp_path, capsys):
     out = tmp_path / "eval.json"
     rc = main(["eval", str(files["base"]), str(files["other"]), "--text", str(files["prose"]),

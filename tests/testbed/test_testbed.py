@@ -226,6 +226,7 @@ def _tiny_config(family: str, tok) -> transformers.PretrainedConfig:
                                        num_experts_per_tok=2, shared_expert_intermediate_size=32)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
 def test_train_few_steps_saves_and_reloads(family, tiny_tokenizer, tmp_path):
     tok = tiny_tokenizer
@@ -266,6 +267,7 @@ def test_lr_schedule_warms_up_then_decays():
     assert all(lr_factor(s, cfg) >= lr_factor(s + 1, cfg) for s in range(10, 100))
 
 
+@pytest.mark.slow
 def test_build_testbed_end_to_end_and_reuses_cache(tmp_path, fake_sources):
     archive, lib = fake_sources
     corpus = build_corpus(tmp_path, shakespeare_archive=archive, stdlib_root=lib)

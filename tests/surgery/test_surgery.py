@@ -70,6 +70,7 @@ def test_identity_plan_is_bit_identical(family):
 
 # ---- 2. prune, save, reload ---------------------------------------------------------------------
 
+@pytest.mark.slow
 @ALL_FAMILIES
 def test_pruned_checkpoint_reloads_with_stock_transformers(family, checkpoint, calib_file, tmp_path):
     src = checkpoint(family)
@@ -116,6 +117,7 @@ def test_pruned_checkpoint_reloads_with_stock_transformers(family, checkpoint, c
         torch.testing.assert_close(b.aux_loss, a.aux_loss)
 
 
+@pytest.mark.slow
 @ALL_FAMILIES
 def test_saved_key_layout_is_the_original_one(family, checkpoint, tmp_path):
     src = checkpoint(family)
