@@ -60,7 +60,9 @@ def check_device(device: str) -> str:
         return "cuda" if torch.cuda.is_available() else "cpu"
     if kind == "cuda":
         if not torch.cuda.is_available():
-            raise MoepruneError(f"--device {device} asked for, but torch sees no CUDA device; use --device cpu")
+            raise MoepruneError(
+                f"--device {device} asked for, but torch sees no CUDA device; use --device cpu"
+            )
         if index and int(index) >= torch.cuda.device_count():
             raise MoepruneError(f"--device {device}: torch sees {torch.cuda.device_count()} CUDA device(s)")
     return device
@@ -85,7 +87,9 @@ def available_memory() -> int | None:
     return min(found)
 
 
-def _cgroup_headroom(proc_cgroup: Path = Path("/proc/self/cgroup"), root: Path = Path("/sys/fs/cgroup")) -> list[int]:
+def _cgroup_headroom(
+    proc_cgroup: Path = Path("/proc/self/cgroup"), root: Path = Path("/sys/fs/cgroup")
+) -> list[int]:
     """limit − (usage − inactive file cache) of this process's memory cgroup(s), v1 or v2; [] when unlimited."""
     out = []
     try:
@@ -206,8 +210,16 @@ def _progress():
     )
 
     # progress goes to stderr, so that stdout holds only results (tables, JSON) a script may read
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    TextColumn("eta"), TimeRemainingColumn(), transient=False, console=Console(stderr=True))
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("eta"),
+        TimeRemainingColumn(),
+        transient=False,
+        console=Console(stderr=True),
+    )
 
 
 @contextlib.contextmanager

@@ -195,5 +195,15 @@ def _llama4_novice_forward(self, routed_in: torch.Tensor) -> torch.Tensor:
 
 
 ADAPTERS: tuple[type[Adapter], ...] = (
-    Mixtral, Qwen2Moe, Qwen3Moe, Olmoe, DeepseekV2, DeepseekV3, Glm4Moe, Phimoe, GptOss, Ernie45Moe, Llama4Text,
+    Mixtral,
+    Qwen2Moe,
+    Qwen3Moe,
+    Olmoe,
+    DeepseekV2,
+    DeepseekV3,
+    Glm4Moe,
+    Phimoe,
+    GptOss,
+    Ernie45Moe,
+    Llama4Text,
 )

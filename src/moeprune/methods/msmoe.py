@@ -50,9 +50,14 @@ def assign_to_dominant(z: torch.Tensor, dominant: list[int]) -> list[int]:
     return best
 
 
-@register("msmoe", config=MsmoeConfig, kind="merge", needs_weights=True,
-          paper="M-SMoE, Merge, Then Compress (arXiv 2310.01334), merging stage",
-          summary="keep the r most used experts; merge each other expert into its most router-similar one, aligned")
+@register(
+    "msmoe",
+    config=MsmoeConfig,
+    kind="merge",
+    needs_weights=True,
+    paper="M-SMoE, Merge, Then Compress (arXiv 2310.01334), merging stage",
+    summary="keep the r most used experts; merge each other expert into its most router-similar one, aligned",
+)
 def msmoe_plan(request: PlanRequest, cfg: MsmoeConfig) -> Plan:
     def clusters_of(layer: int, ls: LayerStats, ids: list[int], k: int):
         counts = ls.experts.count[ids]  # [m]

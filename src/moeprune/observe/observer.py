@@ -127,8 +127,17 @@ def model_description(model: nn.Module, adapter: Adapter, source: str | None = N
 
 
 # The facts that must agree between a model and the stats or plan used on it, in the order they are reported.
-FINGERPRINT_FIELDS = ("model_type", "hidden_size", "num_experts", "top_k", "n_group", "num_layers", "moe_layers",
-                      "expert_intermediate_size", "vocab_size")
+FINGERPRINT_FIELDS = (
+    "model_type",
+    "hidden_size",
+    "num_experts",
+    "top_k",
+    "n_group",
+    "num_layers",
+    "moe_layers",
+    "expert_intermediate_size",
+    "vocab_size",
+)
 
 
 def check_same_model(recorded: dict, actual: dict, *, what: str, model: str, fix: str) -> None:
@@ -141,8 +150,10 @@ def check_same_model(recorded: dict, actual: dict, *, what: str, model: str, fix
     for key in FINGERPRINT_FIELDS:
         if key in recorded and key in actual and recorded[key] is not None and actual[key] is not None:
             if recorded[key] != actual[key]:
-                raise MoepruneError(f"{what} was made on another model: its {key} is {recorded[key]}, but {model} "
-                                    f"has {actual[key]}; {fix}")
+                raise MoepruneError(
+                    f"{what} was made on another model: its {key} is {recorded[key]}, but {model} "
+                    f"has {actual[key]}; {fix}"
+                )
 
 
 def calibration_facts(calibration: dict | None, input_ids: torch.Tensor, probe: torch.Tensor, seed: int,

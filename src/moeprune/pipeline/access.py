@@ -124,7 +124,9 @@ class MergedBlock:
         self.block = copy.deepcopy(block, memo).float().requires_grad_(False)
         sources = dict(expert_tensors)
         if aligned is not None and any(g.perms is not None for g in aligned.groups):
-            from moeprune.surgery.alignment import permute_members  # members' hidden units permuted, as surgery does
+            from moeprune.surgery.alignment import (
+                permute_members,
+            )  # members' hidden units permuted, as surgery does
 
             sources = permute_members(adapter, sources, aligned)
         self._experts = [(name, t.detach()) for name, t in sources.items()]  # originals, expert axis 0

@@ -62,7 +62,9 @@ def head_logits(model: nn.Module, layers: nn.ModuleList, input_ids: torch.Tensor
     returning `last_hidden`, so the final norm, lm_head and any output processing are the family's own.
     """
     last = len(layers) - 1
-    forwards = {j: (lambda h, *a, **k: last_hidden) if j == last else (lambda h, *a, **k: h) for j in range(last + 1)}
+    forwards = {
+        j: (lambda h, *a, **k: last_hidden) if j == last else (lambda h, *a, **k: h) for j in range(last + 1)
+    }
     with _forwards_replaced(layers, forwards):
         return model(input_ids=input_ids, use_cache=False).logits
 

@@ -82,7 +82,9 @@ class LayerwiseResult:
     plan: Plan | None
     seconds: float
     novice_tensors: dict  # novice-file tensors of the written layers (empty without novices)
-    parameter_change: dict  # what the plan changed in `store.checkpoint.parameter_counts` terms (after - before)
+    parameter_change: (
+        dict  # what the plan changed in `store.checkpoint.parameter_counts` terms (after - before)
+    )
 
 
 def walk(
@@ -94,7 +96,8 @@ def walk(
     seed: int = 0,
     calibration: dict | None = None,
     ranks: Ranks | None = None,
-    plan_layer: Callable[[int, LayerStats | None, LayerAccess], tuple[LayerPlan, torch.Tensor | None]] | None = None,
+    plan_layer: Callable[[int, LayerStats | None, LayerAccess], tuple[LayerPlan, torch.Tensor | None]]
+    | None = None,
     sequential: bool = False,
     flatten_groups: bool = False,
     write_to: Path | None = None,
@@ -211,6 +214,8 @@ def _layer_tensors(source, i: int, layer: nn.Module, block: nn.Module | None,
     from moeprune.surgery.novices import detach_novices, is_novice_experts
 
     if block is not None and is_novice_experts(source.adapter.experts(block)):
-        tensors, _ = detach_novices(source.adapter, block, i)  # the router keeps the kept rows only, as on disk
+        tensors, _ = detach_novices(
+            source.adapter, block, i
+        )  # the router keeps the kept rows only, as on disk
         novice_tensors.update(tensors)
     return source.layer_tensors(i, layer)

@@ -22,8 +22,19 @@ from moeprune.errors import MoepruneError
 from moeprune.outputs import atomic_directory, check_output_dir
 from moeprune.store.files import read_config_dict, weights_bytes
 
-__all__ = ["atomic_directory", "check_output_dir", "checkpoint_parameters", "export_stock", "from_pretrained",
-           "load_config", "load_model", "load_tokenizer", "read_config_dict", "save_checkpoint", "weights_bytes"]
+__all__ = [
+    "atomic_directory",
+    "check_output_dir",
+    "checkpoint_parameters",
+    "export_stock",
+    "from_pretrained",
+    "load_config",
+    "load_model",
+    "load_tokenizer",
+    "read_config_dict",
+    "save_checkpoint",
+    "weights_bytes",
+]
 
 # Files of a model directory that loaders read besides weights and config: carried over to the output.
 SIDE_FILES = ("tokenizer*", "vocab*", "merges.txt", "special_tokens_map.json", "added_tokens.json", "*.model",
@@ -43,7 +54,9 @@ def load_config(path: str | Path):
     if not p.exists():
         raise MoepruneError(f"model directory {p} does not exist")
     if not p.is_dir():
-        raise MoepruneError(f"{p} is a file, not a model directory; give the directory that holds config.json")
+        raise MoepruneError(
+            f"{p} is a file, not a model directory; give the directory that holds config.json"
+        )
     if not (p / "config.json").is_file():
         raise MoepruneError(f"{p} is not a model directory: it has no config.json")
     from moeprune.store.novices import is_novice_checkpoint, novice_config
@@ -77,12 +90,18 @@ def load_model(path: str | Path, *, device: str = "cpu", dtype: str | torch.dtyp
         detail = _one_line(e)
         if "above report" in detail:  # a conversion error, whose report transformers logs at warning level
             detail = "a tensor does not fit the layout its config gives"
-        raise MoepruneError(f"could not load the weights of {path} ({detail}); is the checkpoint complete and "
-                            "does it match its config.json?")
-    bad = list(info.get("missing_keys", [])) + [k[0] if isinstance(k, tuple) else k for k in info.get("mismatched_keys", [])]
+        raise MoepruneError(
+            f"could not load the weights of {path} ({detail}); is the checkpoint complete and "
+            "does it match its config.json?"
+        )
+    bad = list(info.get("missing_keys", [])) + [
+        k[0] if isinstance(k, tuple) else k for k in info.get("mismatched_keys", [])
+    ]
     if bad:
-        raise MoepruneError(f"{path} is missing or has mis-shaped weights ({len(bad)}, e.g. {sorted(bad)[0]}); "
-                            "the checkpoint is incomplete or does not match its config")
+        raise MoepruneError(
+            f"{path} is missing or has mis-shaped weights ({len(bad)}, e.g. {sorted(bad)[0]}); "
+            "the checkpoint is incomplete or does not match its config"
+        )
     refuse_nonfinite(model.named_parameters(), path)
     return model.to(device).eval()
 
@@ -116,17 +135,23 @@ def check_weight_files(path: str | Path) -> None:
             for k, f in json.loads(index.read_text())["weight_map"].items():
                 named.setdefault(f, set()).add(k)
         except (ValueError, KeyError, TypeError, AttributeError) as e:
-            raise MoepruneError(f"{index} is not a valid safetensors index ({_one_line(e)}); is the download complete?")
+            raise MoepruneError(
+                f"{index} is not a valid safetensors index ({_one_line(e)}); is the download complete?"
+            )
         missing = sorted(f for f in named if not (p / f).is_file())
         if missing:
-            raise MoepruneError(f"{p} lacks shard {missing[0]} named in its index; the download is incomplete")
+            raise MoepruneError(
+                f"{p} lacks shard {missing[0]} named in its index; the download is incomplete"
+            )
     for f in sorted(p.glob("*.safetensors")):
         try:
             with safe_open(str(f), framework="pt") as handle:
                 keys = set(handle.keys())
         except Exception as e:  # noqa: BLE001  (safetensors raises its own error types)
-            raise MoepruneError(f"could not read the weights of {path}: {f.name} is damaged ({_one_line(e)}); "
-                                "is the checkpoint complete?")
+            raise MoepruneError(
+                f"could not read the weights of {path}: {f.name} is damaged ({_one_line(e)}); "
+                "is the checkpoint complete?"
+            )
         absent = sorted(named.get(f.name, set()) - keys)
         if absent:
             raise MoepruneError(f"{path}: shard {f.name} lacks {len(absent)} tensor(s) its index names (e.g. "
@@ -135,8 +160,10 @@ def check_weight_files(path: str | Path) -> None:
 
 def load_tokenizer(path: str | Path):
     if not Path(path).exists():  # else transformers answers with a Hub repo-id error
-        raise MoepruneError(f"tokenizer directory {path} does not exist; moeprune reads local tokenizers: pass "
-                            "--tokenizer PATH of a downloaded one")
+        raise MoepruneError(
+            f"tokenizer directory {path} does not exist; moeprune reads local tokenizers: pass "
+            "--tokenizer PATH of a downloaded one"
+        )
     try:
         return tf.AutoTokenizer.from_pretrained(str(path))
     except Exception as e:
@@ -214,8 +241,13 @@ def model_card(*, source: str, plan, before: dict, after: dict, command: str | N
         lines.append(
             f"- **Novices:** {n_novices} per MoE layer. The router keeps all {plan.num_experts_in} rows and its top-k; "
             "a token routed to a novice gets gate × novice vector, where the vector is "
-            + ("zero (the no-novice ablation)" if kinds == {"zero"} else "the expert's mean output on the calibration data")
-            + (f"; never routed on the calibration data, so zero: {never}" if never else ""))
+            + (
+                "zero (the no-novice ablation)"
+                if kinds == {"zero"}
+                else "the expert's mean output on the calibration data"
+            )
+            + (f"; never routed on the calibration data, so zero: {never}" if never else "")
+        )
     lines += [f"- {n}" for n in notes or []]
     if plan.flatten_groups:
         lines.append("- **Group-limited routing flattened:** n_group = topk_group = 1")
@@ -242,7 +274,11 @@ def model_card(*, source: str, plan, before: dict, after: dict, command: str | N
             continue
         change = f"{100 * (a - b) / b:+.1f}%" if b else "—"
         lines.append(f"| {label} | {b:,} | {a:,} | {change} |")
-    head = "| layer | kept / merged groups | novices | removed |" if n_novices else "| layer | kept / merged groups | removed |"
+    head = (
+        "| layer | kept / merged groups | novices | removed |"
+        if n_novices
+        else "| layer | kept / merged groups | removed |"
+    )
     lines += ["", "## Experts per layer", "", head, "|---:|---|---|---|" if n_novices else "|---:|---|---|"]
     for lp in plan.layers:
         groups = " ".join("+".join(map(str, g.members)) if len(g.members) > 1 else str(g.members[0])
@@ -251,11 +287,19 @@ def model_card(*, source: str, plan, before: dict, after: dict, command: str | N
         lines.append(f"| {lp.layer} | {groups} |{novice_cell} {' '.join(map(str, lp.dropped)) or '—'} |")
     lines += ["", "Expert ids are the input model's. The full plan is in `moeprune_plan.json`."]
     if n_novices:
-        lines += [("This checkpoint holds novices, which stock transformers cannot run (its config says so and "
-                   "refuses to load): load it with `moeprune.from_pretrained(path)`. "
-                   "`moeprune export-stock PATH --out DIR` writes a stock copy without novices (plain pruning)."), ""]
+        lines += [
+            (
+                "This checkpoint holds novices, which stock transformers cannot run (its config says so and "
+                "refuses to load): load it with `moeprune.from_pretrained(path)`. "
+                "`moeprune export-stock PATH --out DIR` writes a stock copy without novices (plain pruning)."
+            ),
+            "",
+        ]
     else:
-        lines += ["This checkpoint loads with `transformers.AutoModelForCausalLM.from_pretrained` and no extra code.", ""]
+        lines += [
+            "This checkpoint loads with `transformers.AutoModelForCausalLM.from_pretrained` and no extra code.",
+            "",
+        ]
     return "\n".join(lines)
 
 
@@ -324,7 +368,9 @@ def checkpoint_parameters(path: str | Path) -> dict:
     return counts
 
 
-def export_stock(path: str | Path, out: str | Path, *, force: bool = False, command: str | None = None) -> Path:
+def export_stock(
+    path: str | Path, out: str | Path, *, force: bool = False, command: str | None = None
+) -> Path:
     """Write the novice-free variant of a novice checkpoint: plain pruning of the same experts.
 
     The novices' router rows go, so their tokens route to the next-best kept experts. Nothing is
@@ -362,8 +408,18 @@ def export_stock(path: str | Path, out: str | Path, *, force: bool = False, comm
                     lp.notes.pop("novice_vectors", None)
                     lp.novices = []
             plan.save(tmp / "moeprune_plan.json")
-            card = model_card(source=str(src), plan=plan, before=before, after=after, command=command,
-                              notes=[(f"**Exported without novices** from the MoNE checkpoint `{src}`: the novices' "
-                                      "router rows are removed, so this is plain pruning of the same experts.")])
+            card = model_card(
+                source=str(src),
+                plan=plan,
+                before=before,
+                after=after,
+                command=command,
+                notes=[
+                    (
+                        f"**Exported without novices** from the MoNE checkpoint `{src}`: the novices' "
+                        "router rows are removed, so this is plain pruning of the same experts."
+                    )
+                ],
+            )
             (tmp / "README.md").write_text(card)
     return Path(out)

@@ -90,7 +90,9 @@ def apply_novice_layer(adapter: Adapter, block: nn.Module, lp, vectors: torch.Te
     if vectors is None:
         raise MoepruneError(f"layer {lp.layer}: no novice vectors given")
     if vectors.shape[0] != len(lp.novices):
-        raise MoepruneError(f"layer {lp.layer}: {vectors.shape[0]} novice vectors for {len(lp.novices)} novices")
+        raise MoepruneError(
+            f"layer {lp.layer}: {vectors.shape[0]} novice vectors for {len(lp.novices)} novices"
+        )
     ex = adapter.experts(block)
     keep = torch.tensor(kept, dtype=torch.long)
     for name, p in adapter.expert_parameters(block).items():
