@@ -1,4 +1,5 @@
-"""Out-of-core pruning: peak RSS and wall time of layer-by-layer pruning against a plain layer-by-layer forward.
+"""Out-of-core pruning: peak RSS and wall time of layer-by-layer pruning against a plain layer-by-layer
+forward.
 
 A synthetic random-weight Qwen3-MoE checkpoint (default 24 layers x 64 experts top-8, hidden 1024,
 moe_intermediate 512, bf16, one shard per layer: 4.63 GiB) is written shard by shard (never the whole
@@ -69,7 +70,8 @@ GOAL_RSS, GOAL_TIME = 0.35, 1.5
 # ---- the checkpoint's tensors (pure Python: the harness uses it for sizes) ------------------------------
 
 def tensor_specs(c: dict) -> tuple[list, list]:
-    """(non-layer tensors, [per-layer tensors]) as (on-disk name, shape), in save_pretrained's per-expert layout."""
+    """(non-layer tensors, [per-layer tensors]) as (on-disk name, shape), in save_pretrained's per-expert
+    layout."""
     H, inter, E = c["hidden_size"], c["moe_intermediate_size"], c["num_experts"]
     hd, nq, nkv, V = c["head_dim"], c["num_attention_heads"], c["num_key_value_heads"], c["vocab_size"]
     top = [("model.embed_tokens.weight", (V, H)), ("model.norm.weight", (H,)), ("lm_head.weight", (V, H))]
@@ -138,7 +140,8 @@ def _qwen3_config(c: dict):
 
 
 def check_keys() -> dict:
-    """tensor_specs against what Qwen3MoeForCausalLM(config).save_pretrained writes for a tiny 2-layer model."""
+    """tensor_specs against what Qwen3MoeForCausalLM(config).save_pretrained writes for a tiny 2-layer
+    model."""
     import torch
     import transformers as tf
     from safetensors import safe_open
@@ -247,7 +250,8 @@ def w_baseline(a: dict) -> dict:
 
 
 def w_verify(a: dict) -> dict:
-    """Load a pruned checkpoint for real and run a short forward; optionally compare it with another output."""
+    """Load a pruned checkpoint for real and run a short forward; optionally compare it with another
+    output."""
     import torch
     import transformers as tf
 
@@ -277,7 +281,8 @@ def w_verify(a: dict) -> dict:
 
 
 def w_compare(a: dict) -> dict:
-    """Tensor-by-tensor equality of two outputs, streamed one shard at a time; plus their plans' expert groups."""
+    """Tensor-by-tensor equality of two outputs, streamed one shard at a time; plus their plans' expert
+    groups."""
     import torch
     from safetensors import safe_open
 
@@ -405,7 +410,8 @@ def read_through(d: Path) -> None:
 
 
 def evict(d: Path) -> None:
-    """Drop a directory's clean pages from the page cache (so a cgroup run reads, and is charged for, them)."""
+    """Drop a directory's clean pages from the page cache (so a cgroup run reads, and is charged for,
+    them)."""
     for f in d.iterdir():
         if f.is_file():
             fd = os.open(f, os.O_RDONLY)
@@ -416,7 +422,8 @@ def evict(d: Path) -> None:
 
 
 def weight_map(d: Path) -> dict | None:
-    """{on-disk name: file} from the index; None without one (a single model.safetensors is reported as such)."""
+    """{on-disk name: file} from the index; None without one (a single model.safetensors is reported as
+    such)."""
     idx = d / "model.safetensors.index.json"
     return json.loads(idx.read_text())["weight_map"] if idx.is_file() else None
 
@@ -500,7 +507,8 @@ class MemCgroup:
 
 
 def calib_file(samples: int, seq_len: int) -> Path:
-    """Python standard-library source, concatenated in sorted order (the tiny tokenizer is near byte-level)."""
+    """Python standard-library source, concatenated in sorted order (the tiny tokenizer is near
+    byte-level)."""
     need = max(2_000_000, 16 * samples * seq_len)
     path = CACHE / f"calib-stdlib-{need}.txt"
     if not path.is_file():
@@ -554,11 +562,14 @@ def fmt_row(r: dict, ckpt: int, base_s: float | None, goals: bool) -> str:
     walls = r.get("wall_all", [])
     wall = f"{r['wall_s']:.1f}" + (f" ({min(walls):.1f}–{max(walls):.1f})" if len(walls) > 1 else "")
     cpu = f"{r['cpu_s']:.1f}"
-    return f"| {r['job']} | {gib:.2f} | {frac:.3f} | {wall} | {rel_s} | {cpu} | {rss_goal} / {time_goal} | {status} |"
+    return (
+        f"| {r['job']} | {gib:.2f} | {frac:.3f} | {wall} | {rel_s} | {cpu} | {rss_goal} / {time_goal} "
+        f"| {status} |"
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument(
         "--size-gb", type=float, default=4.6, help="checkpoint size in GiB (sets the layer count)"
     )
@@ -735,7 +746,8 @@ def main(argv: list[str] | None = None) -> None:
             cg["path"] = str(group.path)
             cg["limit_bytes"] = group.limit
             try:
-                # no mode flag: moeprune sees the cgroup limit and chooses layer by layer itself, as a new user runs it
+                # no mode flag: moeprune sees the cgroup limit and chooses layer by layer itself, as a new
+                # user runs it
                 for name, method, mode in [("reap 25%, no flag (auto), cgroup-limited", "reap", "default"),
                                            ("in-memory reap 25%, cgroup-limited", "reap", "in-memory")]:
                     if mode == "in-memory" and args.no_in_memory:
@@ -829,15 +841,17 @@ def render(rep: dict, ck_bytes: int, base_s: float | None) -> str:
     lines = [
         "# Out-of-core pruning: peak memory and time",
         "",
-        f"Checkpoint: synthetic random-weight Qwen3-MoE, {c['num_hidden_layers']} layers × {c['num_experts']} experts "
-        f"(top-{c['num_experts_per_tok']}), hidden {c['hidden_size']}, moe_intermediate {c['moe_intermediate_size']}, "
-        f"{c['num_attention_heads']}/{c['num_key_value_heads']} heads of {c['head_dim']}, vocab {c['vocab_size']}, bf16, "
+        f"Checkpoint: synthetic random-weight Qwen3-MoE, {c['num_hidden_layers']} layers × "
+        f"{c['num_experts']} experts (top-{c['num_experts_per_tok']}), hidden {c['hidden_size']}, "
+        f"moe_intermediate {c['moe_intermediate_size']}, {c['num_attention_heads']}/"
+        f"{c['num_key_value_heads']} heads of {c['head_dim']}, vocab {c['vocab_size']}, bf16, "
         f"{ck['files']} shards (one per layer), weights std {ck['std']}: **{ck['gib']:.2f} GiB**. "
-        f"Calibration: {cfg['samples']} × {cfg['seq_len']} tokens of Python standard-library source (seed 0), "
-        f"batch size {cfg['batch_size']}. Pruning removes {rep['config']['ratio']:.0%} of the experts of every layer.",
+        f"Calibration: {cfg['samples']} × {cfg['seq_len']} tokens of Python standard-library source "
+        f"(seed 0), batch size {cfg['batch_size']}. Pruning removes {rep['config']['ratio']:.0%} of the "
+        "experts of every layer.",
         "",
-        "Every job is a fresh subprocess. Peak RSS is `ru_maxrss` of exactly that child from `os.wait4`; time is its "
-        "wall time from spawn to exit, interpreter start and imports included"
+        "Every job is a fresh subprocess. Peak RSS is `ru_maxrss` of exactly that child from `os.wait4`; "
+        "time is its wall time from spawn to exit, interpreter start and imports included"
         + (
             f" (median of {cfg['repeats']} interleaved runs, min–max in brackets; peak is the max)"
             if cfg["repeats"] > 1
@@ -847,11 +861,13 @@ def render(rep: dict, ck_bytes: int, base_s: float | None) -> str:
         + ". Every job runs with `"
         + " ".join(f"{k}={v}" for k, v in rep["env"].items())
         + "` (the oneDNN primitive "
-        "cache otherwise adds ≈0.3–0.4 GiB over many layer forwards, see OUT_OF_CORE.md); the checkpoint is read through "
-        "the page cache before each job, so all start warm. "
-        f"Goals (layer-by-layer rows): peak RSS ≤ {GOAL_RSS} × checkpoint, time ≤ {GOAL_TIME} × the baseline.",
+        "cache otherwise adds ≈0.3–0.4 GiB over many layer forwards, see OUT_OF_CORE.md); the checkpoint "
+        "is read through the page cache before each job, so all start warm. "
+        f"Goals (layer-by-layer rows): peak RSS ≤ {GOAL_RSS} × checkpoint, "
+        f"time ≤ {GOAL_TIME} × the baseline.",
         "",
-        "| job | peak RSS (GiB) | peak / ckpt | wall (s) | time / baseline | CPU (s) | goals: RSS / time | result |",
+        "| job | peak RSS (GiB) | peak / ckpt | wall (s) | time / baseline | CPU (s) "
+        "| goals: RSS / time | result |",
         "|---|---:|---:|---:|---:|---:|---|---|",
     ]
     lines += [fmt_row(s, ck_bytes, base_s, s["job"].startswith("layerwise")) for s in rep["summary"]]
@@ -871,8 +887,8 @@ def render(rep: dict, ck_bytes: int, base_s: float | None) -> str:
     if v and "tensors" in v:
         lines += [
             "",
-            f"Layer-by-layer vs in-memory reap outputs: same plan: {v['same_plan']}; same keys: {v['same_keys']}; "
-            f"{v['equal']}/{v['tensors']} tensors bitwise equal"
+            f"Layer-by-layer vs in-memory reap outputs: same plan: {v['same_plan']}; "
+            f"same keys: {v['same_keys']}; {v['equal']}/{v['tensors']} tensors bitwise equal"
             + (f" (max |diff| {v['max_abs_diff']:.3g})" if v["equal"] != v["tensors"] else "")
             + ".",
         ]
@@ -886,15 +902,16 @@ def render(rep: dict, ck_bytes: int, base_s: float | None) -> str:
         lines.append(
             f"A memory cgroup with `memory.limit_in_bytes` = {cg['limit_bytes'] / GIB:.2f} GiB "
             f"({cfg['cgroup_fraction']} × the checkpoint), created under this process's own memory cgroup; "
-            "the checkpoint's pages were dropped from the page cache first (`posix_fadvise(DONTNEED)`), so each "
-            "job reads it cold and its page cache is charged to the group. The limit counts the group's anonymous "
-            "memory and the page cache charged to it (clean cache is reclaimed under the limit, which `failcnt` "
-            "counts); pages of shared libraries (libtorch) already cached by earlier processes are charged "
-            "elsewhere, so a job's RSS can exceed the group's usage."
+            "the checkpoint's pages were dropped from the page cache first (`posix_fadvise(DONTNEED)`), "
+            "so each job reads it cold and its page cache is charged to the group. The limit counts the "
+            "group's anonymous memory and the page cache charged to it (clean cache is reclaimed under the "
+            "limit, which `failcnt` counts); pages of shared libraries (libtorch) already cached by earlier "
+            "processes are charged elsewhere, so a job's RSS can exceed the group's usage."
         )
         lines += [
             "",
-            "| job | exit | peak RSS (GiB) | group max usage (GiB) | failcnt | OOM kills | wall (s) | result |",
+            "| job | exit | peak RSS (GiB) | group max usage (GiB) | failcnt | OOM kills | wall (s) "
+            "| result |",
             "|---|---|---:|---:|---:|---:|---:|---|",
         ]
         for r in cg.get("rows", []):
@@ -909,8 +926,9 @@ def render(rep: dict, ck_bytes: int, base_s: float | None) -> str:
             if r.get("mode"):
                 res += f"; moeprune chose: {r['mode']}"
             lines.append(
-                f"| {r['job']} | {r['rc']} | {r['peak_rss_kb'] / 2**20:.2f} | {s['max_usage_bytes'] / GIB:.2f} | "
-                f"{s['failcnt']} | {s['oom_kill']} | {r['wall_s']:.1f} | {res} |"
+                f"| {r['job']} | {r['rc']} | {r['peak_rss_kb'] / 2**20:.2f} | "
+                f"{s['max_usage_bytes'] / GIB:.2f} | {s['failcnt']} | {s['oom_kill']} | {r['wall_s']:.1f} "
+                f"| {res} |"
             )
     lines += ["", "## Checks", ""]
     for k, val in rep["verify"].items():
@@ -920,9 +938,10 @@ def render(rep: dict, ck_bytes: int, base_s: float | None) -> str:
         "",
         "## Machine",
         "",
-        f"{m['cpus_usable']} usable CPU cores ({m['cpus']} reported), {m['mem_total_gib']:.1f} GiB RAM, kernel "
-        f"{m['kernel']}, Python {m['python']}, torch {m['torch']}, transformers {m['transformers']}, safetensors "
-        f"{m['safetensors']}, accelerate {m['accelerate']}. Load average (1/5/15 min) at start "
+        f"{m['cpus_usable']} usable CPU cores ({m['cpus']} reported), {m['mem_total_gib']:.1f} GiB RAM, "
+        f"kernel {m['kernel']}, Python {m['python']}, torch {m['torch']}, "
+        f"transformers {m['transformers']}, safetensors {m['safetensors']}, accelerate {m['accelerate']}. "
+        "Load average (1/5/15 min) at start "
         f"{'/'.join(map(str, rep['start']['loadavg']))}, at end {'/'.join(map(str, rep['end']['loadavg']))}; "
         "before each job in memory.json. The cores are shared, so times carry noise from other work.",
         "",

@@ -181,7 +181,8 @@ def render(rows: list[dict], settings: str = "") -> str:
                 sel = [r for r in mrows if r["calibration"] == calib and r["ratio"] == ratio]
                 keep = sel[0]["experts"]
                 out += [
-                    f"### {model}, calibrated on {calib}, ratio {ratio} ({base['num_experts']}→{keep} experts)",
+                    f"### {model}, calibrated on {calib}, ratio {ratio} ({base['num_experts']}→{keep} "
+                    "experts)",
                     "",
                     "| variant | params | ppl prose | Δ | ppl code | Δ | "
                     + " | ".join(t.replace("moeprune_", "") for t in task_names)

@@ -252,7 +252,8 @@ def observe_request(model_path, calib: CalibrationRequest, runtime: RuntimeReque
 def model_weights(
     model_path: str | Path, layerwise: bool | None = None, notify=None, stats: Stats | None = None
 ):
-    """Read access to the expert weights of a checkpoint for planning: one layer at a time, or the whole model.
+    """Read access to the expert weights of a checkpoint for planning: one layer at a time, or the whole
+    model.
 
     With `stats`, they must have been observed on a model of this shape (checked before any weight is read).
     """
@@ -275,7 +276,8 @@ def resolve_device(device: str) -> str:
 
 
 def _expected_output_bytes(model_path: str | Path, keep: int, num_experts: int) -> int:
-    """A lower bound of the pruned checkpoint's size (every weight scaled by keep/E): refusing below it is safe."""
+    """A lower bound of the pruned checkpoint's size (every weight scaled by keep/E): refusing below it is
+    safe."""
     from moeprune.runtime import weights_on_disk
 
     return int(weights_on_disk(model_path) * keep / max(num_experts, 1))
@@ -422,7 +424,8 @@ def check_prune(model_path, method: str, calib: CalibrationRequest, budget_reque
 def prune_request(model_path, method: str, calib: CalibrationRequest, budget_request: BudgetRequest,
                   output: OutputRequest, runtime: RuntimeRequest, *, options: dict | None = None,
                   notify=None) -> Path:
-    """Check everything, tokenise, then one walk (two for methods that rank all layers) that writes `output`."""
+    """Check everything, tokenise, then one walk (two for methods that rank all layers) that writes
+    `output`."""
     options = dict(options or {})
     config, spec, cfg, keep = check_prune(model_path, method, calib, budget_request, output, runtime, options,
                                           notify)

@@ -50,13 +50,15 @@ Layerwise = Annotated[bool | None, typer.Option(
 OffloadDir = Annotated[
     str | None,
     typer.Option(
-        help="where hidden states beyond --hidden-memory go during layer-by-layer work [default: the temp directory]"
+        help="where hidden states beyond --hidden-memory go during layer-by-layer work "
+        "[default: the temp directory]"
     ),
 ]
 HiddenMemory = Annotated[
     float,
     typer.Option(
-        help="GiB of calibration hidden states kept in memory between layers (layer by layer); the rest go to files"
+        help="GiB of calibration hidden states kept in memory between layers (layer by layer); "
+        "the rest go to files"
     ),
 ]
 CalibTemplate = Annotated[
@@ -76,7 +78,8 @@ TRUE_WORDS, FALSE_WORDS = ("1", "true", "yes", "on"), ("0", "false", "no", "off"
 
 
 def _parse_options(method: str, pairs: list[str] | None) -> dict:
-    """KEY=VALUE strings -> typed keyword arguments of the method's config dataclass (which checks the values)."""
+    """KEY=VALUE strings -> typed keyword arguments of the method's config dataclass (which checks the
+    values)."""
     import math
 
     from moeprune.api import get_method
@@ -310,7 +313,8 @@ def apply(
                                                  "(needed by plans with novices, e.g. mone)")] = None,
     device: Device = "cpu", force: Force = False, layerwise: Layerwise = None,
 ):
-    """Apply a plan to a model and write a stock transformers checkpoint (a MoNE checkpoint for novice plans)."""
+    """Apply a plan to a model and write a stock transformers checkpoint (a MoNE checkpoint for novice
+    plans)."""
     from moeprune.api import apply_checkpoint, check_separate
     from moeprune.api import Stats
     from moeprune.api import Plan
@@ -411,7 +415,8 @@ def export_stock(
     out_dir: Annotated[str, typer.Option("--out", help="output model directory")],
     force: Force = False,
 ):
-    """Write the novice-free copy of a MoNE checkpoint (novices' router rows removed), for stock transformers."""
+    """Write the novice-free copy of a MoNE checkpoint (novices' router rows removed), for stock
+    transformers."""
     from moeprune.api import export_stock as export
 
     _quiet_libraries()
@@ -541,7 +546,8 @@ def analyze(
     flatten_groups: Flatten = False,
     force: Force = False,
 ):
-    """Per MoE layer: the linear CKA similarity of the experts as heatmap PNG and JSON, and the groups for --experts."""
+    """Per MoE layer: the linear CKA similarity of the experts as heatmap PNG and JSON, and the groups for
+    --experts."""
     from moeprune.api import analyze as run_analyze
 
     _quiet_libraries()

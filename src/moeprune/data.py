@@ -76,7 +76,8 @@ def _jsonl_texts(path: Path, field: str | None, template: str | None, max_bytes:
 
 
 def _read_capped(path: Path, max_bytes: int) -> bytes:
-    """At most `max_bytes` of a file (a device like /dev/zero, or a huge dump, would read until memory runs out)."""
+    """At most `max_bytes` of a file (a device like /dev/zero, or a huge dump, would read until memory runs
+    out)."""
     try:
         with path.open("rb") as f:
             data = f.read(max_bytes + 1)

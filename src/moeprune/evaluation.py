@@ -1,6 +1,7 @@
 """The eval driver: several checkpoints scored the same way, through the pipeline, as one dict.
 
-Each checkpoint is a weight source (`moeprune.pipeline.sources.open_source`): read one decoder layer at a time for
+Each checkpoint is a weight source (`moeprune.pipeline.sources.open_source`): read one decoder layer at a time
+for
 perplexity, loaded whole only for lm-eval tasks (after the estimate of its peak is checked) or when it
 has novices (MoNE checkpoints load through `moeprune.from_pretrained`). Perplexity is the pipeline's
 (`pipeline.run.perplexity`) for both, so the numbers do not depend on which way was taken. Everything

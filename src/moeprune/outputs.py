@@ -150,7 +150,8 @@ def _check_writable(p: Path, what: str, raw: str | Path, expected_bytes: int | N
 
 
 def remove_stale_temporaries(p: Path, notify: Notify = None) -> list[Path]:
-    """Remove `.NAME.tmp-*` / `.NAME.old-*` siblings of `p` left by a killed moeprune run (marker, dead pid)."""
+    """Remove `.NAME.tmp-*` / `.NAME.old-*` siblings of `p` left by a killed moeprune run (marker, dead
+    pid)."""
     removed = []
     if not p.parent.is_dir():
         return removed
@@ -311,7 +312,8 @@ def write_file_atomically(path: str | Path, write: Callable[[Path], None]) -> No
 
 
 def _write_failure(e: BaseException, out: str | Path) -> MoepruneError | None:
-    """The one-line error for a write that failed for lack of room or rights (the OS's or safetensors' error)."""
+    """The one-line error for a write that failed for lack of room or rights (the OS's or safetensors'
+    error)."""
     if isinstance(e, OSError) and e.errno is not None:
         reason = e.strerror or str(e)
     elif type(e).__name__ == "SafetensorError" and "I/O error" in str(e):  # safetensors wraps the OS error

@@ -70,7 +70,8 @@ def check_device(device: str) -> str:
 
 # ---- memory -----------------------------------------------------------------------------------------
 def available_memory() -> int | None:
-    """Bytes a new allocation can get: MemAvailable, or less under a cgroup memory limit (containers, batch jobs)."""
+    """Bytes a new allocation can get: MemAvailable, or less under a cgroup memory limit (containers, batch
+    jobs)."""
     found = []
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
@@ -90,7 +91,8 @@ def available_memory() -> int | None:
 def _cgroup_headroom(
     proc_cgroup: Path = Path("/proc/self/cgroup"), root: Path = Path("/sys/fs/cgroup")
 ) -> list[int]:
-    """limit − (usage − inactive file cache) of this process's memory cgroup(s), v1 or v2; [] when unlimited."""
+    """limit − (usage − inactive file cache) of this process's memory cgroup(s), v1 or v2; [] when
+    unlimited."""
     out = []
     try:
         lines = proc_cgroup.read_text().splitlines()
@@ -148,7 +150,8 @@ def choose_in_memory(model_path: str | Path, requested: bool | None) -> tuple[bo
 
 
 def check_fits(model_path: str | Path, copies: float, what: str) -> None:
-    """Refuse before loading when `copies` x the weights (plus a tenth for activations) exceed the free memory.
+    """Refuse before loading when `copies` x the weights (plus a tenth for activations) exceed the free
+    memory.
 
     The estimate is honest, not generous: a loaded model takes its weights' bytes, a copy as many again.
     """

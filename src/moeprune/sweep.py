@@ -52,7 +52,8 @@ def _mean_acc(tasks: dict) -> float | None:
 
 
 def quality(row: dict, base: dict) -> dict:
-    """`ppl_rel` (geometric mean of ppl ratios over texts) and `acc_mean` / `acc_rel` of a row against `base`."""
+    """`ppl_rel` (geometric mean of ppl ratios over texts) and `acc_mean` / `acc_rel` of a row against
+    `base`."""
     logs = [math.log(row["perplexity"][t]["ppl"] / base["perplexity"][t]["ppl"]) for t in base["perplexity"]]
     acc, base_acc = _mean_acc(row["tasks"]), _mean_acc(base["tasks"])
     return {"ppl_rel": math.exp(sum(logs) / len(logs)) if logs else None, "acc_mean": acc,
@@ -428,8 +429,8 @@ def render_table(result: dict):
 
     head, rows = table_rows(result)
     t = Table(
-        title=f"{Path(result['model']).name}: quality against pruning ratio ({result['num_experts']} experts, "
-        f"top-{result['top_k']})"
+        title=f"{Path(result['model']).name}: quality against pruning ratio "
+        f"({result['num_experts']} experts, top-{result['top_k']})"
     )
     for i, h in enumerate(head):
         t.add_column(h, justify="left" if i == 0 or h == "knee" else "right")

@@ -225,7 +225,8 @@ def _task_yaml(name: str, data: Path, cache: Path, kind: str, domain: str) -> di
 
 
 def _check_task_dir(out: Path, names: list[str]) -> None:
-    """Refuse to overwrite files in `out` that an earlier `write_tasks` did not write (its manifest says which)."""
+    """Refuse to overwrite files in `out` that an earlier `write_tasks` did not write (its manifest says
+    which)."""
     if out.exists() and not out.is_dir():
         raise MoepruneError(f"--task-dir {out} is a file; give a directory for the built tasks")
     manifest = out / "manifest.json"

@@ -94,7 +94,10 @@ class DekConfig:
     def calibration_reason(self) -> str | None:
         """Why this configuration needs calibration text, or None (read by `api.prune`)."""
         if self.representation == "data":
-            return "representation=data compares expert outputs on probe tokens; -o representation=weight needs none"
+            return (
+                "representation=data compares expert outputs on probe tokens; "
+                "-o representation=weight needs none"
+            )
         if self.coefficients in ("frequency", "learned"):
             return f"coefficients={self.coefficients} reads routing counts or probe tokens"
         return None

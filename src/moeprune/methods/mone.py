@@ -77,7 +77,8 @@ class MoneConfig:
 
     @property
     def layer_local(self) -> bool:
-        """Whether a layer's plan depends on that layer alone (layer-by-layer pruning plans it in one pass)."""
+        """Whether a layer's plan depends on that layer alone (layer-by-layer pruning plans it in one
+        pass)."""
         return self.scope == "layer"
 
 
@@ -104,7 +105,8 @@ def _global_keep(phi: dict[int, torch.Tensor], keep: int) -> dict[int, list[int]
     if len(set(counts.values())) > 1:
         detail = ", ".join(f"{i}: {c}" for i, c in counts.items())
         raise MoepruneError(
-            f"scope=global would keep different expert counts per MoE layer ({detail}; {keep} on average), but "
+            f"scope=global would keep different expert counts per MoE layer ({detail}; {keep} on average), "
+            "but "
             "plans and checkpoints hold one count for all layers, and with one count a global ranking is the "
             "per-layer one; use scope=layer (the default)"
         )

@@ -141,7 +141,8 @@ def exhaustive_search(score, num_experts: int, keep: int, n_group: int) -> tuple
 def greedy_search(
     score, num_experts: int, keep: int, n_group: int, counts: torch.Tensor
 ) -> tuple[list[int], float]:
-    """Backward elimination: each round drops, in every routing group, the expert whose removal hurts least."""
+    """Backward elimination: each round drops, in every routing group, the expert whose removal hurts
+    least."""
     groups = [list(ids) for ids, _ in routing_groups(num_experts, keep, n_group)]
     per_out = keep // n_group
     err = 0.0

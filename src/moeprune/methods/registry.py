@@ -53,7 +53,8 @@ class MethodSpec:
     needs_weights: bool = False  # reads expert weights (PlanRequest.weights), so planning needs the model
 
     def layer_local(self, cfg) -> bool:
-        """Whether the plan of a layer depends only on that layer's statistics and weights (configs say otherwise)."""
+        """Whether the plan of a layer depends only on that layer's statistics and weights (configs say
+        otherwise)."""
         return bool(getattr(cfg, "layer_local", True))
 
     def check_use(self, cfg, *, n_group: int, flatten_groups: bool, has_calibration: bool) -> None:

@@ -158,7 +158,8 @@ def check_same_model(recorded: dict, actual: dict, *, what: str, model: str, fix
 
 def calibration_facts(calibration: dict | None, input_ids: torch.Tensor, probe: torch.Tensor, seed: int,
                       seconds: float, ranks: Ranks) -> dict:
-    """The calibration record of a pass: provenance plus tokens, probe size, seed and the slowest rank's time."""
+    """The calibration record of a pass: provenance plus tokens, probe size, seed and the slowest rank's
+    time."""
     N, L = input_ids.shape
     calib = dict(calibration or {})
     calib.update(tokens=N * L, sequences=N, seq_len=L, probe_size=int(probe.numel()), seed=seed,

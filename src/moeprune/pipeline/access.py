@@ -77,11 +77,13 @@ class LayerAccess:
 
     def merged_block(self, num_out: int, router_merge: str = "average",
                      aligned: LayerPlan | None = None) -> MergedBlock:
-        """A differentiable copy of the block whose tensors `set(M)` replaces by `M @ W` (see `MergedBlock`)."""
+        """A differentiable copy of the block whose tensors `set(M)` replaces by `M @ W` (see
+        `MergedBlock`)."""
         return MergedBlock(self.adapter, self.block, num_out, router_merge, aligned)
 
     def routed_lookup(self, x: torch.Tensor) -> Callable[[list[int]], torch.Tensor]:
-        """A function of a subset S of the experts: [n, H] the routed sum of the block pruned to S on x [n, H].
+        """A function of a subset S of the experts: [n, H] the routed sum of the block pruned to S on x [n,
+        H].
 
         Every expert's output on x is computed once; a subset is scored by the block's own routing
         on a shell that shares the weights, with the experts replaced by a lookup (see `RoutedLookup`).

@@ -1,4 +1,5 @@
-"""Observe, plan, prune and save a checkpoint one decoder layer at a time, in memory bounded by about one layer.
+"""Observe, plan, prune and save a checkpoint one decoder layer at a time, in memory bounded by about one
+layer.
 
 For each decoder layer: its weights are read from the shards (`ShardedCheckpoint`), this rank's
 calibration batches run through it with the same `Observer` the whole-model path uses, its
@@ -51,7 +52,8 @@ class _Batches:
     @torch.no_grad()
     def run(self, i: int, layer: nn.Module, observer: Observer | None = None, keep: bool = True,
             sink: Callable[[torch.Tensor, torch.Tensor], None] | None = None) -> None:
-        """Run every local batch through decoder layer i; with `keep`, store the outputs as layer i+1's inputs.
+        """Run every local batch through decoder layer i; with `keep`, store the outputs as layer i+1's
+        inputs.
 
         `sink(input_ids [B, L], outputs [B, L, H])`, if given, receives each batch's outputs instead.
         """

@@ -43,7 +43,8 @@ class _OneLayerWeights:
 def _calibration_info(
     calibration: dict | None, input_ids: torch.Tensor | None, probe_size: int, seed: int
 ) -> dict:
-    """The calibration facts a plan records, known before the pass (the same keys the whole-model pass writes)."""
+    """The calibration facts a plan records, known before the pass (the same keys the whole-model pass
+    writes)."""
     if input_ids is None:
         return {}
     N, L = input_ids.shape
@@ -55,7 +56,8 @@ def _calibration_info(
 def forward(source, input_ids: torch.Tensor, *, batch_size: int = 8, progress=None) -> torch.Tensor:
     """[N, L, H] last decoder layer's outputs on `input_ids` [N, L], computed one layer at a time.
 
-    Nothing is observed or written: the reference the pruning time is compared against (`benchmarks/memory.py`).
+    Nothing is observed or written: the reference the pruning time is compared against
+    (`benchmarks/memory.py`).
     """
     outputs = []
     walk(
@@ -97,7 +99,8 @@ def perplexities(
     hidden_budget: int = DEFAULT_HIDDEN_BUDGET,
     offload_dir: str | Path | None = None,
 ) -> tuple[list, dict]:
-    """([`moeprune.evaluate.perplexity` result per text], parameter change) of the source's model, in one walk.
+    """([`moeprune.evaluate.perplexity` result per text], parameter change) of the source's model, in one
+    walk.
 
     The windows of every text run through the layers as calibration batches do; the last layer's
     outputs go through the model's own final norm and lm_head (`head_logits`). With `plan` (and the
@@ -149,7 +152,8 @@ def perplexities(
 
 
 def perplexity(source, tokenizer, text_or_path, **kwargs) -> dict:
-    """`moeprune.evaluate.perplexity` of the source's model, one decoder layer at a time (see `perplexities`)."""
+    """`moeprune.evaluate.perplexity` of the source's model, one decoder layer at a time (see
+    `perplexities`)."""
     results, _ = perplexities(source, tokenizer, [text_or_path], **kwargs)
     return results[0]
 

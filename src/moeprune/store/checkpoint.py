@@ -107,7 +107,8 @@ def load_model(path: str | Path, *, device: str = "cpu", dtype: str | torch.dtyp
 
 
 def refuse_nonfinite(named_parameters: Iterable[tuple[str, torch.Tensor]], path: str | Path) -> None:
-    """Refuse weights holding NaN or Inf: every score computed from them is NaN, so any kept set is arbitrary."""
+    """Refuse weights holding NaN or Inf: every score computed from them is NaN, so any kept set is
+    arbitrary."""
     for name, p in named_parameters:
         if p.is_meta or not p.is_floating_point():
             continue
@@ -239,7 +240,8 @@ def model_card(*, source: str, plan, before: dict, after: dict, command: str | N
         kinds = {lp.notes.get("novice_vectors", "out_mean") for lp in plan.layers if lp.novices}
         never = {lp.layer: lp.notes["never_routed"] for lp in plan.layers if lp.notes.get("never_routed")}
         lines.append(
-            f"- **Novices:** {n_novices} per MoE layer. The router keeps all {plan.num_experts_in} rows and its top-k; "
+            f"- **Novices:** {n_novices} per MoE layer. The router keeps all {plan.num_experts_in} rows and "
+            "its top-k; "
             "a token routed to a novice gets gate × novice vector, where the vector is "
             + (
                 "zero (the no-novice ablation)"
@@ -253,7 +255,8 @@ def model_card(*, source: str, plan, before: dict, after: dict, command: str | N
         lines.append("- **Group-limited routing flattened:** n_group = topk_group = 1")
     if cal:
         lines.append(
-            f"- **Calibration:** `{cal.get('source')}`, {cal.get('samples', cal.get('sequences'))} sequences × "
+            f"- **Calibration:** `{cal.get('source')}`, {cal.get('samples', cal.get('sequences'))} sequences "
+            "× "
             f"{cal.get('seq_len')} tokens = {cal.get('tokens')} tokens, seed {cal.get('seed')}, "
             f"sha256 `{str(cal.get('sha256', ''))[:16]}`"
         )
@@ -297,7 +300,8 @@ def model_card(*, source: str, plan, before: dict, after: dict, command: str | N
         ]
     else:
         lines += [
-            "This checkpoint loads with `transformers.AutoModelForCausalLM.from_pretrained` and no extra code.",
+            "This checkpoint loads with `transformers.AutoModelForCausalLM.from_pretrained` and no extra "
+            "code.",
             "",
         ]
     return "\n".join(lines)
@@ -307,7 +311,8 @@ def save_checkpoint(model: nn.Module, out: str | Path, *, source: str, plan, bef
                     force: bool = False, command: str | None = None) -> Path:
     """Write the pruned model, tokenizer files, plan and model card to `out`, atomically.
 
-    A model with novices (MoNE) is written in moeprune's novice format (`moeprune.store.novices.save_pretrained`).
+    A model with novices (MoNE) is written in moeprune's novice format
+    (`moeprune.store.novices.save_pretrained`).
     """
     from moeprune.store.novices import save_pretrained as save_weights
 
@@ -349,7 +354,8 @@ def from_pretrained(path: str | Path, *, device: str = "cpu", dtype: str | torch
 
 
 def checkpoint_parameters(path: str | Path) -> dict:
-    """Parameter counts of a checkpoint directory from its config alone (a meta-device model), novices included."""
+    """Parameter counts of a checkpoint directory from its config alone (a meta-device model), novices
+    included."""
     from moeprune.store.novices import CONFIG_KEY, config_from_dict, novice_file_counts, stock_config_dict
 
     p = Path(path)

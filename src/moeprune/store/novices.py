@@ -103,7 +103,8 @@ def novice_config(path: str | Path):
 
 def refuse_novice_input(path: str | Path | None = None, model: nn.Module | None = None,
                         action: str = "prune") -> None:
-    """Refuse to observe or prune a model that already has novices (its experts no longer match its router)."""
+    """Refuse to observe or prune a model that already has novices (its experts no longer match its
+    router)."""
     on_disk = path is not None and Path(path).is_dir() and is_novice_checkpoint(path)
     if on_disk or (model is not None and has_novices(model)):
         raise novice_refusal(f"{path} is" if path is not None else "this model is", action)
@@ -185,7 +186,8 @@ def write_novice_file(
     kept_count: int,
     layers: list[int],
 ) -> None:
-    """Write the novice file next to a stock checkpoint of the kept experts and turn its config.json into a novice one."""
+    """Write the novice file next to a stock checkpoint of the kept experts and turn its config.json into a
+    novice one."""
     d = Path(directory)
     save_file(
         tensors, str(d / NOVICE_FILE), metadata={"format": "moeprune-novices", "version": str(FORMAT_VERSION)}

@@ -56,7 +56,8 @@ SAFETENSORS_DTYPES = {
 
 
 def _dtype(config, dtype, path: Path | None = None) -> torch.dtype:
-    """What `from_pretrained(dtype="auto")` picks: the config's dtype, else the first float tensor's on disk."""
+    """What `from_pretrained(dtype="auto")` picks: the config's dtype, else the first float tensor's on
+    disk."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype != "auto":
@@ -108,7 +109,8 @@ class ShardedCheckpoint:
         self.layers, self.layer_prefix = decoder_layers(self.model)
         self.conversion = compat.conversion_mapping(self.model)
         meta = self.model.state_dict()
-        # on-disk key -> in-model name, e.g. model.layers.3.block_sparse_moe.experts.7.w1.weight -> ...experts.gate_up_proj
+        # on-disk key -> in-model name, e.g. model.layers.3.block_sparse_moe.experts.7.w1.weight ->
+        # ...experts.gate_up_proj
         self.target = compat.in_model_names(self.model, self.weight_map, self.conversion, meta)
         self._check_complete(meta)
         sources = Counter(self.target.values())
@@ -117,7 +119,8 @@ class ShardedCheckpoint:
         }  # fused from several tensors: a new tensor
 
     def _check_shards_hold_their_tensors(self) -> None:
-        """Every tensor the index names is in its shard (header reads only), so a damaged download fails now."""
+        """Every tensor the index names is in its shard (header reads only), so a damaged download fails
+        now."""
         by_file: dict[str, set[str]] = {}
         for k, f in self.weight_map.items():
             by_file.setdefault(f, set()).add(k)
@@ -171,7 +174,8 @@ class ShardedCheckpoint:
 
     # ---- loading and freeing -------------------------------------------------------------------
     def load(self, keys: list[str]) -> None:
-        """Materialise the parameters behind on-disk `keys` in the skeleton (all sources of a fused tensor at once)."""
+        """Materialise the parameters behind on-disk `keys` in the skeleton (all sources of a fused tensor at
+        once)."""
         by_file: dict[str, list[str]] = {}
         for k in keys:
             by_file.setdefault(self.weight_map[k], []).append(k)
@@ -195,7 +199,8 @@ class ShardedCheckpoint:
 
     def load_rest(self) -> None:
         self.load(self.rest_keys())
-        self.model.tie_weights()  # a tied lm_head is not on disk: share the embeddings, as from_pretrained does
+        # a tied lm_head is not on disk: share the embeddings, as from_pretrained does
+        self.model.tie_weights()
 
     def load_layer(self, i: int) -> nn.Module:
         """Materialise decoder layer i, holding no view of the shard files (so their pages leave memory).

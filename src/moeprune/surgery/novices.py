@@ -115,7 +115,8 @@ def _set(owner: nn.Module, name: str, value: torch.Tensor, like: torch.Tensor | 
 
 
 def _router_tensors(adapter: Adapter, block: nn.Module) -> list[tuple[str, nn.Module, str, int]]:
-    """(dotted name inside the router, owner, attribute, expert axis) of every router tensor indexed by expert."""
+    """(dotted name inside the router, owner, attribute, expert axis) of every router tensor indexed by
+    expert."""
     router = adapter.router(block)
     names = {id(m): n for n, m in router.named_modules()}
     return [((names[id(owner)] + "." if names[id(owner)] else "") + leaf, owner, leaf, axis)
