@@ -49,15 +49,8 @@ FORMAT = 1  # bump when the generated checkpoint changes, so stale caches are no
 
 # the shape of docs/out_of_core.md, "Memory figures"; the layer count follows --size-gb
 SHAPE = dict(
-    hidden_size=1024,
-    moe_intermediate_size=512,
-    intermediate_size=3072,
-    num_experts=64,
-    num_experts_per_tok=8,
-    num_attention_heads=16,
-    num_key_value_heads=4,
-    head_dim=64,
-    vocab_size=1024,
+    hidden_size=1024, moe_intermediate_size=512, intermediate_size=3072, num_experts=64,
+    num_experts_per_tok=8, num_attention_heads=16, num_key_value_heads=4, head_dim=64, vocab_size=1024,
 )
 JOB_ENV = {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "0", "OMP_WAIT_POLICY": "PASSIVE"}
 QUIET_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -128,14 +121,9 @@ def _qwen3_config(c: dict):
     import transformers as tf
 
     return tf.Qwen3MoeConfig(
-        **{k: v for k, v in c.items() if k != "num_hidden_layers"},
-        num_hidden_layers=c["num_hidden_layers"],
-        norm_topk_prob=True,
-        tie_word_embeddings=False,
-        decoder_sparse_step=1,
-        mlp_only_layers=[],
-        max_position_embeddings=4096,
-        dtype="bfloat16",
+        **{k: v for k, v in c.items() if k != "num_hidden_layers"}, num_hidden_layers=c["num_hidden_layers"],
+        norm_topk_prob=True, tie_word_embeddings=False, decoder_sparse_step=1, mlp_only_layers=[],
+        max_position_embeddings=4096, dtype="bfloat16",
     )
 
 
@@ -147,16 +135,8 @@ def check_keys() -> dict:
     from safetensors import safe_open
 
     tiny = dict(
-        hidden_size=64,
-        moe_intermediate_size=32,
-        intermediate_size=96,
-        num_experts=6,
-        num_experts_per_tok=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=24,
-        vocab_size=128,
-        num_hidden_layers=2,
+        hidden_size=64, moe_intermediate_size=32, intermediate_size=96, num_experts=6, num_experts_per_tok=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=24, vocab_size=128, num_hidden_layers=2,
     )
     tf.utils.logging.disable_progress_bar()
     with tempfile.TemporaryDirectory() as d:
@@ -373,14 +353,9 @@ def run(name: str, cmd: list[str], log: Path, prefix: list[str] | None = None) -
     text = log.read_text(errors="replace")
     result = next((json.loads(line.split(" ", 1)[1]) for line in reversed(text.splitlines())
                    if line.startswith("BENCH_RESULT ")), None)
-    mode = next(
-        (
-            ln.strip()
-            for ln in text.splitlines()
-            if ln.startswith(("layer by layer", "whole model in memory"))
-        ),
-        None,
-    )  # what `moeprune prune` said it chose, and why
+    # what `moeprune prune` said it chose, and why
+    mode = next((ln.strip() for ln in text.splitlines()
+                 if ln.startswith(("layer by layer", "whole model in memory"))), None)
     row = {"job": name, "rc": rc, "mode": mode,
            "peak_rss_kb": ru.ru_maxrss, "wall_s": wall, "user_s": ru.ru_utime, "sys_s": ru.ru_stime,
            "loadavg_before": load, "log": str(log), "result": result}
@@ -444,15 +419,9 @@ def check_output(out: Path, src_bytes: int, expect_ratio: float) -> dict:
     ok = not missing and abs(ratio - expect_ratio) < 0.03
     problem = f"missing {missing[:3]}" if missing else f"size ratio {ratio:.3f}, expected ~{expect_ratio:.3f}"
     return {
-        "ok": ok,
-        "index": "*" not in wm,
-        "weight_files": len(files),
-        "missing_files": missing,
-        "weights_bytes": mapped,
-        "all_safetensors_bytes": all_st,
-        "size_ratio": ratio,
-        "expected_ratio": expect_ratio,
-        **({} if ok else {"problem": problem}),
+        "ok": ok, "index": "*" not in wm, "weight_files": len(files), "missing_files": missing,
+        "weights_bytes": mapped, "all_safetensors_bytes": all_st, "size_ratio": ratio,
+        "expected_ratio": expect_ratio, **({} if ok else {"problem": problem}),
     }
 
 
@@ -647,19 +616,8 @@ def main(argv: list[str] | None = None) -> None:
 
     def prune_cmd(method, mode, out):
         return [
-            sys.executable,
-            "-m",
-            "moeprune",
-            "prune",
-            str(ckpt),
-            "--method",
-            method,
-            "--ratio",
-            str(RATIO),
-            *common,
-            "--out",
-            str(out),
-            *PRUNE_MODES[mode],
+            sys.executable, "-m", "moeprune", "prune", str(ckpt), "--method", method, "--ratio", str(RATIO),
+            *common, "--out", str(out), *PRUNE_MODES[mode],
         ]
 
     base_args = {"module": BASELINE_MODULE, "model": str(ckpt), "calib": str(calib), "samples": args.samples,
@@ -667,10 +625,8 @@ def main(argv: list[str] | None = None) -> None:
     in_mem_need = 2.5 * ck_bytes + GIB
     mem_avail = meminfo()["MemAvailable"]
     jobs = [
-        ("baseline: forward_layerwise", None, None),
-        ("layerwise reap 25%", "reap", "layerwise"),
-        ("layerwise mone 25%", "mone", "layerwise"),
-        ("plain prune reap 25% (no flag)", "reap", "default"),
+        ("baseline: forward_layerwise", None, None), ("layerwise reap 25%", "reap", "layerwise"),
+        ("layerwise mone 25%", "mone", "layerwise"), ("plain prune reap 25% (no flag)", "reap", "default"),
         ("in-memory reap 25%", "reap", "in-memory"),
     ]
     rows: dict[str, list] = {j[0]: [] for j in jobs}
@@ -706,9 +662,7 @@ def main(argv: list[str] | None = None) -> None:
                         loader = "transformers" if method == "reap" else "moeprune"
                         v = worker("verify", {"out": str(out), "loader": loader}, logs / f"verify-{tag}.log")
                         verify[vkey] = {
-                            "loader": loader,
-                            "rc": v["rc"],
-                            "peak_rss_gib": v["peak_rss_kb"] / 2**20,
+                            "loader": loader, "rc": v["rc"], "peak_rss_gib": v["peak_rss_kb"] / 2**20,
                             **(v["result"] or {"error": v.get("error")}),
                         }
                         r["verify"] = (
@@ -808,10 +762,7 @@ def main(argv: list[str] | None = None) -> None:
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
         | {"ratio": RATIO},
         "checkpoint": {
-            "path": str(ckpt),
-            "bytes": ck_bytes,
-            "gib": ck_bytes / GIB,
-            "safetensors_bytes": st_bytes,
+            "path": str(ckpt), "bytes": ck_bytes, "gib": ck_bytes / GIB, "safetensors_bytes": st_bytes,
             **info,
         },
         "calibration": {"file": str(calib), "samples": args.samples, "seq_len": args.seq_len, "seed": 0},

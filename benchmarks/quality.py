@@ -128,11 +128,8 @@ def run_model(name: str, args, done: dict, sink) -> None:
                         continue
                     if stats is None:
                         cal = calibration_blocks(
-                            tok,
-                            str(corpus.path(calib_name, "train")),
-                            samples=args.samples,
-                            seq_len=args.seq_len,
-                            seed=0,
+                            tok, str(corpus.path(calib_name, "train")), samples=args.samples,
+                            seq_len=args.seq_len, seed=0,
                         )
                         stats = observe(model, cal.input_ids, batch_size=8, probe_size=512, seed=0,
                                         calibration=cal.provenance, source=str(base_dir))

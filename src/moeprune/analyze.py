@@ -169,10 +169,7 @@ def analyze(source: str | Path, out: str | Path, *, model: str | Path | None = N
         from moeprune.store.sharded import model_facts
 
         check_same_model(
-            st.model,
-            model_facts(model_dir),
-            what=f"the statistics in {stats_dir}",
-            model=str(model_dir),
+            st.model, model_facts(model_dir), what=f"the statistics in {stats_dir}", model=str(model_dir),
             fix="observe this model, or give the model they were observed on with --model",
         )
     check_weight_files(model_dir)

@@ -65,46 +65,13 @@ from moeprune.sweep import render_table as render_sweep
 
 # what the command line (and a script) uses; the CLI imports nothing else of moeprune but the demo driver
 __all__ = [
-    "METHODS",
-    "BudgetRequest",
-    "CalibrationRequest",
-    "MoepruneError",
-    "OutputRequest",
-    "Plan",
-    "Ranks",
-    "RuntimeRequest",
-    "Stats",
-    "Terminated",
-    "__version__",
-    "analyze",
-    "apply_checkpoint",
-    "check_output_dir",
-    "check_output_file",
-    "check_separate",
-    "check_settings",
-    "empty_stats",
-    "evaluate_models",
-    "export_stock",
-    "get_method",
-    "inspect",
-    "knee_sentences",
-    "make_plan_for",
-    "model_facts",
-    "model_weights",
-    "observe_checkpoint",
-    "open_source",
-    "parse_task_texts",
-    "prune",
-    "quiet_transformers",
-    "render_report",
-    "render_sweep",
-    "resolve_device",
-    "return_freed_memory_to_the_system",
-    "signals_as_exceptions",
-    "sweep",
-    "write_file_atomically",
-    "write_plan",
-    "write_stats",
+    "METHODS", "BudgetRequest", "CalibrationRequest", "MoepruneError", "OutputRequest", "Plan", "Ranks",
+    "RuntimeRequest", "Stats", "Terminated", "__version__", "analyze", "apply_checkpoint", "check_output_dir",
+    "check_output_file", "check_separate", "check_settings", "empty_stats", "evaluate_models", "export_stock",
+    "get_method", "inspect", "knee_sentences", "make_plan_for", "model_facts", "model_weights",
+    "observe_checkpoint", "open_source", "parse_task_texts", "prune", "quiet_transformers", "render_report",
+    "render_sweep", "resolve_device", "return_freed_memory_to_the_system", "signals_as_exceptions", "sweep",
+    "write_file_atomically", "write_plan", "write_stats",
 ]
 
 
@@ -158,13 +125,8 @@ def _runtime(device, batch_size, layerwise, sequential=False, offload_dir=None, 
              progress=True) -> RuntimeRequest:
     """The runtime request of the keyword API (`layerwise=False` asks for the whole model in memory)."""
     return RuntimeRequest(
-        device=device,
-        batch_size=batch_size,
-        in_memory=None if layerwise is None else not layerwise,
-        sequential=sequential,
-        offload_dir=offload_dir,
-        hidden_memory=hidden_memory,
-        progress=progress,
+        device=device, batch_size=batch_size, in_memory=None if layerwise is None else not layerwise,
+        sequential=sequential, offload_dir=offload_dir, hidden_memory=hidden_memory, progress=progress,
     )
 
 
@@ -181,15 +143,9 @@ def _check_calibration(calib: CalibrationRequest, config) -> None:
 def _tokenise(calib: CalibrationRequest, model_path, config, notify) -> Calibration:
     """Tokenising is cheap next to the pass: done before any weight is read, so bad text fails fast."""
     return calibration_blocks(
-        load_tokenizer(calib.tokenizer or model_path),
-        calib.text,
-        samples=calib.samples,
-        seq_len=calib.seq_len,
-        seed=calib.seed,
-        field=calib.field,
-        template=calib.template,
-        vocab_size=getattr(config, "vocab_size", None),
-        notify=notify,
+        load_tokenizer(calib.tokenizer or model_path), calib.text, samples=calib.samples,
+        seq_len=calib.seq_len, seed=calib.seed, field=calib.field, template=calib.template,
+        vocab_size=getattr(config, "vocab_size", None), notify=notify,
     )
 
 
@@ -236,16 +192,9 @@ def observe_request(model_path, calib: CalibrationRequest, runtime: RuntimeReque
         _tell(notify, source, why)
     with layer_progress("calibrating", runtime.progress and ranks.is_main) as cb:
         return pipeline.observe(
-            source,
-            cal.input_ids,
-            batch_size=runtime.batch_size,
-            probe_size=calib.probe_size,
-            seed=calib.seed,
-            calibration=cal.provenance,
-            ranks=ranks,
-            progress=cb,
-            offload_dir=runtime.offload_dir,
-            hidden_budget=runtime.hidden_budget,
+            source, cal.input_ids, batch_size=runtime.batch_size, probe_size=calib.probe_size,
+            seed=calib.seed, calibration=cal.provenance, ranks=ranks, progress=cb,
+            offload_dir=runtime.offload_dir, hidden_budget=runtime.hidden_budget,
         )
 
 
@@ -392,12 +341,8 @@ def check_prune(model_path, method: str, calib: CalibrationRequest, budget_reque
     spec = get_method(method)
     cfg = spec.default_config(**dict(options or {}))
     keep = budget(
-        adapter.num_experts,
-        adapter.top_k,
-        ratio=budget_request.ratio,
-        experts=budget_request.experts,
-        n_group=adapter.n_group,
-        min_per_group=adapter.min_experts_per_group,
+        adapter.num_experts, adapter.top_k, ratio=budget_request.ratio, experts=budget_request.experts,
+        n_group=adapter.n_group, min_per_group=adapter.min_experts_per_group,
         flatten_groups=budget_request.flatten_groups,
     )
     check_device(runtime.device)
@@ -409,11 +354,8 @@ def check_prune(model_path, method: str, calib: CalibrationRequest, budget_reque
                             "--offload-dir": runtime.offload_dir})
     check_offload_dir(runtime.offload_dir, inputs)
     check_output_dir(
-        output.path,
-        output.force,
-        inputs,
-        expected_bytes=_expected_output_bytes(model_path, keep, adapter.num_experts),
-        notify=notify,
+        output.path, output.force, inputs,
+        expected_bytes=_expected_output_bytes(model_path, keep, adapter.num_experts), notify=notify,
     )
     if output.stats_path is not None:
         check_output_dir(output.stats_path, output.force, inputs, what="--save-stats", notify=notify)
@@ -440,9 +382,7 @@ def prune_request(model_path, method: str, calib: CalibrationRequest, budget_req
             "pruning does not hold; use --in-memory"
         )
     source, why = open_source(
-        model_path,
-        runtime,
-        device=ranks.device(device),
+        model_path, runtime, device=ranks.device(device),
         needs_whole_model=f"{method}'s cross-layer weight reads" if all_weights else None,
     )
     why = "--sequential works layer by layer" if runtime.sequential else why

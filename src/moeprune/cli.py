@@ -251,22 +251,10 @@ def observe(
     check_output_dir(out_dir, force, inputs, notify=err.print)
     ranks = Ranks.from_env(device)
     stats = observe_checkpoint(
-        model,
-        calib,
-        samples=samples,
-        seq_len=seq_len,
-        batch_size=batch_size,
-        seed=seed,
-        probe_size=probe_size,
-        device=device,
-        tokenizer=tokenizer,
-        calib_field=calib_field,
-        calib_template=calib_template,
-        ranks=ranks,
-        layerwise=layerwise,
-        offload_dir=offload_dir,
-        hidden_memory=hidden_memory,
-        notify=err.print,
+        model, calib, samples=samples, seq_len=seq_len, batch_size=batch_size, seed=seed,
+        probe_size=probe_size, device=device, tokenizer=tokenizer, calib_field=calib_field,
+        calib_template=calib_template, ranks=ranks, layerwise=layerwise, offload_dir=offload_dir,
+        hidden_memory=hidden_memory, notify=err.print,
     )
     if not ranks.is_main:
         return
@@ -379,31 +367,11 @@ def prune(
     _quiet_libraries()
     options = _parse_options(method, option)
     path = prune_model(
-        model,
-        method,
-        out_dir,
-        ratio=ratio,
-        experts=experts,
-        calib=calib,
-        samples=samples,
-        seq_len=seq_len,
-        batch_size=batch_size,
-        seed=seed,
-        probe_size=probe_size,
-        device=device,
-        flatten_groups=flatten_groups,
-        force=force,
-        tokenizer=tokenizer,
-        calib_field=calib_field,
-        calib_template=calib_template,
-        layerwise=layerwise,
-        sequential=sequential,
-        offload_dir=offload_dir,
-        hidden_memory=hidden_memory,
-        command=_command_line(),
-        stats_out=stats_out,
-        options=options,
-        notify=err.print,
+        model, method, out_dir, ratio=ratio, experts=experts, calib=calib, samples=samples, seq_len=seq_len,
+        batch_size=batch_size, seed=seed, probe_size=probe_size, device=device, flatten_groups=flatten_groups,
+        force=force, tokenizer=tokenizer, calib_field=calib_field, calib_template=calib_template,
+        layerwise=layerwise, sequential=sequential, offload_dir=offload_dir, hidden_memory=hidden_memory,
+        command=_command_line(), stats_out=stats_out, options=options, notify=err.print,
     )
     if Ranks.from_env(device).is_main:  # under torchrun only rank 0 writes
         _print_done(Plan.load(Path(path) / "moeprune_plan.json"), path)
@@ -809,9 +777,7 @@ def main(argv: list[str] | None = None) -> int:
     except _click.exceptions.UsageError as e:
         where = e.ctx.command_path if e.ctx is not None else "moeprune"
         err.print(
-            f"error: {_one_line(e.format_message())} (see `{where} --help`)",
-            highlight=False,
-            markup=False,
+            f"error: {_one_line(e.format_message())} (see `{where} --help`)", highlight=False, markup=False,
             soft_wrap=True,
         )
         return 2

@@ -1,8 +1,7 @@
 """The eval driver: several checkpoints scored the same way, through the pipeline, as one dict.
 
 Each checkpoint is a weight source (`moeprune.pipeline.sources.open_source`): read one decoder layer at a time
-for
-perplexity, loaded whole only for lm-eval tasks (after the estimate of its peak is checked) or when it
+for perplexity, loaded whole only for lm-eval tasks (after the estimate of its peak is checked) or when it
 has novices (MoNE checkpoints load through `moeprune.from_pretrained`). Perplexity is the pipeline's
 (`pipeline.run.perplexity`) for both, so the numbers do not depend on which way was taken. Everything
 that can be checked without weights (paths, families, text files, task names and task data) is
@@ -114,12 +113,8 @@ def evaluate_models(
             "format": FORMAT,
             "moeprune_version": __version__,
             "settings": {
-                "seq_len": seq_len,
-                "max_tokens": max_tokens,
-                "batch_size": batch_size,
-                "limit": limit,
-                "device": device,
-                "task_items": task_items if task_texts else None,
+                "seq_len": seq_len, "max_tokens": max_tokens, "batch_size": batch_size, "limit": limit,
+                "device": device, "task_items": task_items if task_texts else None,
                 "task_seed": task_seed if task_texts else None,
             },
             "texts": [str(t) for t in texts],
@@ -140,12 +135,8 @@ def evaluate_models(
             if notify is not None:
                 notify(f"{path}: {'whole model in memory' if source.in_memory else 'layer by layer'} ({why})")
             entry = {
-                "path": str(path),
-                "name": Path(path).resolve().name,
-                "model_type": source.adapter.family,
-                "parameters": checkpoint_parameters(path),
-                "perplexity": {},
-                "tasks": {},
+                "path": str(path), "name": Path(path).resolve().name, "model_type": source.adapter.family,
+                "parameters": checkpoint_parameters(path), "perplexity": {}, "tasks": {},
                 "seconds": {"load": time.perf_counter() - t0},
             }
             if not source.in_memory:

@@ -106,10 +106,7 @@ def _is_moeprune_file(path: Path) -> bool:
     if not isinstance(d, dict):
         return False
     return str(d.get("written_by", "")).startswith("moeprune") or {
-        "method",
-        "layers",
-        "version",
-        "model",
+        "method", "layers", "version", "model",
     } <= set(d)
 
 
@@ -184,13 +181,8 @@ def _alive(pid: int) -> bool:
 
 
 def check_output_dir(
-    out: str | Path | None,
-    force: bool,
-    inputs: Mapping[str, str | Path | None] | tuple = (),
-    *,
-    what: str = "--out",
-    expected_bytes: int | None = None,
-    notify: Notify = None,
+    out: str | Path | None, force: bool, inputs: Mapping[str, str | Path | None] | tuple = (), *,
+    what: str = "--out", expected_bytes: int | None = None, notify: Notify = None,
 ) -> Path:
     """All checks of an output directory, before any work; returns its absolute path.
 
@@ -285,9 +277,8 @@ def atomic_directory(out: str | Path, force: bool = False) -> Iterator[Path]:
             )
         old = o.parent / f".{o.name}.old-{os.getpid()}"
         o.rename(old)
-        (old / TEMP_MARKER).write_text(
-            json.dumps({"pid": os.getpid()})
-        )  # a kill now leaves a removable sibling
+        # a kill now leaves a removable sibling
+        (old / TEMP_MARKER).write_text(json.dumps({"pid": os.getpid()}))
     tmp.rename(o)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)

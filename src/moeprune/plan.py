@@ -118,12 +118,8 @@ class Plan:
             for lp in d["layers"]
         ]
         return cls(
-            method=d["method"],
-            layers=layers,
-            model=d["model"],
-            method_config=d.get("method_config", {}),
-            calibration=d.get("calibration", {}),
-            flatten_groups=d.get("flatten_groups", False),
+            method=d["method"], layers=layers, model=d["model"], method_config=d.get("method_config", {}),
+            calibration=d.get("calibration", {}), flatten_groups=d.get("flatten_groups", False),
             normalise=d.get("normalise", True),
         )
 

@@ -214,14 +214,8 @@ def _progress():
 
     # progress goes to stderr, so that stdout holds only results (tables, JSON) a script may read
     return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TextColumn("eta"),
-        TimeRemainingColumn(),
-        transient=False,
-        console=Console(stderr=True),
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        TextColumn("eta"), TimeRemainingColumn(), transient=False, console=Console(stderr=True),
     )
 
 

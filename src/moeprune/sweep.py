@@ -173,12 +173,8 @@ def sweep(
         log(f"ratio {r} keeps {keeps[r]} experts, as a smaller ratio does; skipped")
         keeps.pop(r)
     inputs = {
-        "model": model_path,
-        "--calib": calib,
-        "--tokenizer": tokenizer,
-        "--task-dir": task_dir,
-        **{f"--text {t}": t for t in texts},
-        **{f"--task-text {t}": t for t in (task_texts or {}).values()},
+        "model": model_path, "--calib": calib, "--tokenizer": tokenizer, "--task-dir": task_dir,
+        **{f"--text {t}": t for t in texts}, **{f"--task-text {t}": t for t in (task_texts or {}).values()},
     }
     check_output_dir(out, force, inputs)
     check_offload_dir(None, inputs)
@@ -219,15 +215,8 @@ def sweep(
             if texts:
                 with layer_progress(what, progress) as cb:
                     ppl, change = pipeline.perplexities(
-                        source,
-                        tok,
-                        [Path(t) for t in texts],
-                        seq_len=eval_seq_len,
-                        max_tokens=max_tokens,
-                        batch_size=batch_size,
-                        plan=plan,
-                        stats=stats,
-                        progress=cb,
+                        source, tok, [Path(t) for t in texts], seq_len=eval_seq_len, max_tokens=max_tokens,
+                        batch_size=batch_size, plan=plan, stats=stats, progress=cb,
                     )
                 res["perplexity"] = {str(t): r for t, r in zip(texts, ppl)}
             if suite is not None:
@@ -249,14 +238,8 @@ def sweep(
         if cal is not None:
             with layer_progress("calibrating", progress) as cb:
                 stats = pipeline.observe(
-                    source,
-                    cal.input_ids,
-                    batch_size=batch_size,
-                    probe_size=probe_size,
-                    seed=seed,
-                    calibration=cal.provenance,
-                    ranks=Ranks(),
-                    progress=cb,
+                    source, cal.input_ids, batch_size=batch_size, probe_size=probe_size, seed=seed,
+                    calibration=cal.provenance, ranks=Ranks(), progress=cb,
                 )
         else:
             stats = pipeline.empty_stats(source.model, str(model_path))
@@ -280,11 +263,7 @@ def sweep(
                 for ratio, keep in keeps.items():
                     t0 = time.perf_counter()
                     plan = make_plan_for(
-                        stats,
-                        method,
-                        ratio=ratio,
-                        flatten_groups=flatten_groups,
-                        weights=weights,
+                        stats, method, ratio=ratio, flatten_groups=flatten_groups, weights=weights,
                         options=options.get(method),
                     )
                     t1 = time.perf_counter()
@@ -292,11 +271,7 @@ def sweep(
                     t2 = time.perf_counter()
                     parameters = {k: v + change.get(k, 0) for k, v in before.items()}
                     row = {
-                        "method": method,
-                        "ratio": ratio,
-                        "experts": keep,
-                        "parameters": parameters,
-                        **scores,
+                        "method": method, "ratio": ratio, "experts": keep, "parameters": parameters, **scores,
                     }
                     row.update(quality(row, base))
                     row["seconds"] = {"plan": t1 - t0, "evaluate": t2 - t1}
@@ -321,18 +296,10 @@ def sweep(
                 "calibration": dict(stats.calibration),
                 "observe_seconds": observe_seconds,
                 "settings": {
-                    "eval_seq_len": eval_seq_len,
-                    "max_tokens": max_tokens,
-                    "batch_size": batch_size,
-                    "limit": limit,
-                    "device": device,
-                    "flatten_groups": flatten_groups,
-                    "knee_threshold": knee_threshold,
-                    "probe_size": probe_size,
-                    "samples": samples,
-                    "seq_len": seq_len,
-                    "seed": seed,
-                    "layerwise": not source.in_memory,
+                    "eval_seq_len": eval_seq_len, "max_tokens": max_tokens, "batch_size": batch_size,
+                    "limit": limit, "device": device, "flatten_groups": flatten_groups,
+                    "knee_threshold": knee_threshold, "probe_size": probe_size, "samples": samples,
+                    "seq_len": seq_len, "seed": seed, "layerwise": not source.in_memory,
                 },
                 "texts": [str(t) for t in texts],
                 "tasks": suite.names if suite else [],

@@ -1,8 +1,7 @@
 """The adapters of the 11 transformers families with routed experts (transformers 5.23).
 
 Each class states only what differs from the `Adapter` defaults; see docs/architecture.md ("Families") for the
-table of
-expert-count fields and routing notes these facts come from.
+table of expert-count fields and routing notes these facts come from.
 """
 
 from __future__ import annotations

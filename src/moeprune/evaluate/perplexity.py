@@ -104,10 +104,7 @@ def text_windows(tokenizer, text_or_path: str | Path | Sequence[str], seq_len: i
     blocks = windows(tokens, seq_len, max_tokens)  # [W, L]
     digest = hashlib.sha256("\x1e".join(docs).encode("utf-8", errors="replace")).hexdigest()
     return blocks, {
-        "text_tokens": int(tokens.numel()),
-        "max_tokens": max_tokens,
-        "source": source,
-        "sha256": digest,
+        "text_tokens": int(tokens.numel()), "max_tokens": max_tokens, "source": source, "sha256": digest,
     }
 
 

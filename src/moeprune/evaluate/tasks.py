@@ -271,11 +271,7 @@ def write_tasks(
     out.mkdir(parents=True, exist_ok=True)
     cache = out / ".datasets_cache"
     manifest = {
-        "format": FORMAT,
-        "seed": seed,
-        "n_items": n_items,
-        "context_chars": context_chars,
-        "tasks": {},
+        "format": FORMAT, "seed": seed, "n_items": n_items, "context_chars": context_chars, "tasks": {},
     }
     names = []
     for domain, path in sources.items():
@@ -296,9 +292,7 @@ def write_tasks(
             )
             (out / f"{name}.yaml").write_text(
                 yaml.dump(
-                    _task_yaml(name, data, cache, kind, domain),
-                    Dumper=_Dumper,
-                    sort_keys=False,
+                    _task_yaml(name, data, cache, kind, domain), Dumper=_Dumper, sort_keys=False,
                     allow_unicode=True,
                 )
             )

@@ -15,9 +15,8 @@ gradients; the copy is a capability of the weight access (`LayerWeights.merged_b
 group limits, correction biases, renormalisation and shared experts are therefore exactly what the
 merged model will compute; the top-k *selection* is piecewise constant in alpha (no gradient
 through it), the gate values and expert weights are differentiable. The parameters are softmax logits per
-group (Adam), started at the given
-coefficients (uniform by default); the best iterate is returned, so the result never reconstructs
-worse than the start on the probe.
+group (Adam), started at the given coefficients (uniform by default); the best iterate is returned, so
+the result never reconstructs worse than the start on the probe.
 
 Shape letters: E experts in, R experts out, n probe tokens, H hidden.
 """

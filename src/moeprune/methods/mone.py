@@ -93,9 +93,8 @@ def _global_keep(phi: dict[int, torch.Tensor], keep: int) -> dict[int, list[int]
     """Kept ids per layer when the lowest phi over all layers are pruned; refuses uneven counts."""
     layers = sorted(phi)
     E = phi[layers[0]].shape[0]
-    flat = torch.cat(
-        [phi[i].double() for i in layers]
-    )  # [L*E], layer-major, so ties prune earlier layers first
+    # [L*E], layer-major, so ties prune earlier layers first
+    flat = torch.cat([phi[i].double() for i in layers])
     order = torch.sort(flat, stable=True).indices[: (E - keep) * len(layers)]
     pruned: dict[int, set[int]] = {i: set() for i in layers}
     for j in order.tolist():

@@ -53,10 +53,7 @@ def assign_to_dominant(z: torch.Tensor, dominant: list[int]) -> list[int]:
 
 
 @register(
-    "msmoe",
-    config=MsmoeConfig,
-    kind="merge",
-    needs_weights=True,
+    "msmoe", config=MsmoeConfig, kind="merge", needs_weights=True,
     paper="M-SMoE, Merge, Then Compress (arXiv 2310.01334), merging stage",
     summary="keep the r most used experts; merge each other expert into its most router-similar one, aligned",
 )

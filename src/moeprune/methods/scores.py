@@ -48,8 +48,7 @@ def random_plan(request: PlanRequest, cfg: RandomConfig) -> Plan:
 
 
 @register(
-    "frequency",
-    config=NoOptions,
+    "frequency", config=NoOptions,
     paper="baseline: frequency trimming, as compared in DEK (arXiv 2407.09590)",
     summary="keep the most often routed experts (count_i)",
 )
@@ -58,8 +57,7 @@ def frequency_plan(request: PlanRequest, cfg) -> Plan:
 
 
 @register(
-    "routing_score",
-    config=NoOptions,
+    "routing_score", config=NoOptions,
     paper="routing-score pruning, the MoNE paper's baseline (arXiv 2507.00390)",
     summary="keep the experts with the largest summed gate weight (gate_sum_i)",
 )
@@ -68,8 +66,7 @@ def routing_score_plan(request: PlanRequest, cfg) -> Plan:
 
 
 @register(
-    "ean",
-    config=NoOptions,
+    "ean", config=NoOptions,
     paper="EAN, expert activation norm, a baseline in the REAP paper (arXiv 2510.13999)",
     summary="keep the experts with the largest summed output norm (ean_sum_i)",
 )
@@ -78,9 +75,7 @@ def ean_plan(request: PlanRequest, cfg) -> Plan:
 
 
 @register(
-    "reap",
-    config=NoOptions,
-    paper="REAP, router-weighted expert activation pruning (arXiv 2510.13999)",
+    "reap", config=NoOptions, paper="REAP, router-weighted expert activation pruning (arXiv 2510.13999)",
     summary="keep the experts with the largest mean gate-weighted output norm (reap_sum_i / n_i)",
 )
 def reap_plan(request: PlanRequest, cfg) -> Plan:

@@ -215,10 +215,7 @@ def cluster_logits(z: torch.Tensor, k: int, clustering: str, seed: int) -> tuple
 
 
 @register(
-    "uncurl",
-    config=UncurlConfig,
-    kind="merge",
-    needs_weights=True,
+    "uncurl", config=UncurlConfig, kind="merge", needs_weights=True,
     paper="UNCURL, task-specific expert pruning by router-logit clustering (arXiv 2409.01483)",
     summary="cluster experts by router logits on task text, align hidden units, frequency-weighted merge",
 )

@@ -128,15 +128,8 @@ def model_description(model: nn.Module, adapter: Adapter, source: str | None = N
 
 # The facts that must agree between a model and the stats or plan used on it, in the order they are reported.
 FINGERPRINT_FIELDS = (
-    "model_type",
-    "hidden_size",
-    "num_experts",
-    "top_k",
-    "n_group",
-    "num_layers",
-    "moe_layers",
-    "expert_intermediate_size",
-    "vocab_size",
+    "model_type", "hidden_size", "num_experts", "top_k", "n_group", "num_layers", "moe_layers",
+    "expert_intermediate_size", "vocab_size",
 )
 
 

@@ -74,13 +74,11 @@ class ExpertStats:
             and scratch.numel() == out.numel()
             and scratch.data_ptr() != out.data_ptr()
         )
-        dev = (
-            torch.index_select(mean_b, 0, ids, out=scratch.view_as(out)) if usable else mean_b[ids]
-        )  # [S, H]
+        # [S, H]
+        dev = torch.index_select(mean_b, 0, ids, out=scratch.view_as(out)) if usable else mean_b[ids]
         m2_b = torch.zeros_like(sum_b).index_add_(0, ids, dev.sub_(out).square_())  # [E, H]
-        per_expert = out.new_zeros(E, 3).index_add_(
-            0, ids, torch.stack((g, g * norms, norms), dim=1)
-        )  # [E, 3]
+        # [E, 3]
+        per_expert = out.new_zeros(E, 3).index_add_(0, ids, torch.stack((g, g * norms, norms), dim=1))
         # two device-to-host transfers per batch, not four: [E, 2H + 3] = mean | m2 | gate, reap, ean
         host = torch.cat((mean_b, m2_b, per_expert), dim=1).to("cpu", F64)
         H = out.shape[1]

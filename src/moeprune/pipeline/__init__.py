@@ -23,17 +23,7 @@ from moeprune.pipeline.sources import CheckpointSource, ModelSource
 from moeprune.store.sharded import ShardedCheckpoint
 
 __all__ = [
-    "CheckpointSource",
-    "ModelSource",
-    "ShardedCheckpoint",
-    "ShardedWeights",
-    "apply",
-    "forward",
-    "forward_layerwise",
-    "observe",
-    "observe_layerwise",
-    "perplexity",
-    "perplexity_layerwise",
-    "prune",
+    "CheckpointSource", "ModelSource", "ShardedCheckpoint", "ShardedWeights", "apply", "forward",
+    "forward_layerwise", "observe", "observe_layerwise", "perplexity", "perplexity_layerwise", "prune",
     "walk",
 ]

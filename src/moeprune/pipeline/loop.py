@@ -216,8 +216,7 @@ def _layer_tensors(source, i: int, layer: nn.Module, block: nn.Module | None,
     from moeprune.surgery.novices import detach_novices, is_novice_experts
 
     if block is not None and is_novice_experts(source.adapter.experts(block)):
-        tensors, _ = detach_novices(
-            source.adapter, block, i
-        )  # the router keeps the kept rows only, as on disk
+        # the router keeps the kept rows only, as on disk
+        tensors, _ = detach_novices(source.adapter, block, i)
         novice_tensors.update(tensors)
     return source.layer_tensors(i, layer)

@@ -61,22 +61,14 @@ def forward(source, input_ids: torch.Tensor, *, batch_size: int = 8, progress=No
     """
     outputs = []
     walk(
-        source,
-        input_ids=input_ids,
-        batch_size=batch_size,
-        observe=False,
-        on_last=lambda ids, h: outputs.append(h),
-        progress=progress,
+        source, input_ids=input_ids, batch_size=batch_size, observe=False,
+        on_last=lambda ids, h: outputs.append(h), progress=progress,
     )
     return torch.cat(outputs)
 
 
 def forward_layerwise(
-    model_path: str | Path,
-    input_ids: torch.Tensor,
-    *,
-    batch_size: int = 8,
-    device: str = "cpu",
+    model_path: str | Path, input_ids: torch.Tensor, *, batch_size: int = 8, device: str = "cpu",
     progress=None,
 ) -> torch.Tensor:
     return forward(
@@ -86,18 +78,9 @@ def forward_layerwise(
 
 @torch.no_grad()
 def perplexities(
-    source,
-    tokenizer,
-    texts,
-    *,
-    seq_len: int = 512,
-    max_tokens: int | None = None,
-    batch_size: int = 8,
-    progress=None,
-    plan: Plan | None = None,
-    stats: Stats | None = None,
-    hidden_budget: int = DEFAULT_HIDDEN_BUDGET,
-    offload_dir: str | Path | None = None,
+    source, tokenizer, texts, *, seq_len: int = 512, max_tokens: int | None = None, batch_size: int = 8,
+    progress=None, plan: Plan | None = None, stats: Stats | None = None,
+    hidden_budget: int = DEFAULT_HIDDEN_BUDGET, offload_dir: str | Path | None = None,
 ) -> tuple[list, dict]:
     """([`moeprune.evaluate.perplexity` result per text], parameter change) of the source's model, in one
     walk.
@@ -132,17 +115,9 @@ def perplexities(
         vectors = novice_vectors(plan, stats)
         plan_layer = lambda i, _s, _a: (plan.layer(i), vectors.get(i))  # noqa: E731
     result = walk(
-        source,
-        input_ids=blocks,
-        batch_size=batch_size,
-        observe=False,
-        on_last=score,
-        progress=progress,
-        hidden_budget=hidden_budget,
-        offload_dir=offload_dir,
-        plan_layer=plan_layer,
-        sequential=plan is not None,
-        flatten_groups=plan is not None and plan.flatten_groups,
+        source, input_ids=blocks, batch_size=batch_size, observe=False, on_last=score, progress=progress,
+        hidden_budget=hidden_budget, offload_dir=offload_dir, plan_layer=plan_layer,
+        sequential=plan is not None, flatten_groups=plan is not None and plan.flatten_groups,
     )
     out, start = [], 0
     for w, facts in windows:
@@ -165,16 +140,8 @@ def perplexity_layerwise(
 
 
 def observe(
-    source,
-    input_ids: torch.Tensor,
-    *,
-    batch_size: int = 8,
-    probe_size: int = 512,
-    seed: int = 0,
-    calibration: dict | None = None,
-    ranks=None,
-    progress=None,
-    hidden_budget: int = DEFAULT_HIDDEN_BUDGET,
+    source, input_ids: torch.Tensor, *, batch_size: int = 8, probe_size: int = 512, seed: int = 0,
+    calibration: dict | None = None, ranks=None, progress=None, hidden_budget: int = DEFAULT_HIDDEN_BUDGET,
     offload_dir: str | Path | None = None,
 ) -> Stats:
     """Statistics of the calibration pass over `input_ids` [N, L]."""
@@ -225,11 +192,7 @@ def _finish(
         setattr(adapter.config, adapter.count_field, E_out)
         config.save_pretrained(str(tmp))
         write_novice_file(
-            tmp,
-            novice_tensors,
-            count_field=adapter.count_field,
-            num_experts=E_in,
-            kept_count=E_out,
+            tmp, novice_tensors, count_field=adapter.count_field, num_experts=E_in, kept_count=E_out,
             layers=sorted(lp.layer for lp in plan.layers if lp.novices),
         )
     else:

@@ -23,17 +23,8 @@ from moeprune.outputs import atomic_directory, check_output_dir
 from moeprune.store.files import read_config_dict, weights_bytes
 
 __all__ = [
-    "atomic_directory",
-    "check_output_dir",
-    "checkpoint_parameters",
-    "export_stock",
-    "from_pretrained",
-    "load_config",
-    "load_model",
-    "load_tokenizer",
-    "read_config_dict",
-    "save_checkpoint",
-    "weights_bytes",
+    "atomic_directory", "check_output_dir", "checkpoint_parameters", "export_stock", "from_pretrained",
+    "load_config", "load_model", "load_tokenizer", "read_config_dict", "save_checkpoint", "weights_bytes",
 ]
 
 # Files of a model directory that loaders read besides weights and config: carried over to the output.
@@ -241,8 +232,7 @@ def model_card(*, source: str, plan, before: dict, after: dict, command: str | N
         never = {lp.layer: lp.notes["never_routed"] for lp in plan.layers if lp.notes.get("never_routed")}
         lines.append(
             f"- **Novices:** {n_novices} per MoE layer. The router keeps all {plan.num_experts_in} rows and "
-            "its top-k; "
-            "a token routed to a novice gets gate × novice vector, where the vector is "
+            "its top-k; a token routed to a novice gets gate × novice vector, where the vector is "
             + (
                 "zero (the no-novice ablation)"
                 if kinds == {"zero"}
@@ -255,9 +245,8 @@ def model_card(*, source: str, plan, before: dict, after: dict, command: str | N
         lines.append("- **Group-limited routing flattened:** n_group = topk_group = 1")
     if cal:
         lines.append(
-            f"- **Calibration:** `{cal.get('source')}`, {cal.get('samples', cal.get('sequences'))} sequences "
-            "× "
-            f"{cal.get('seq_len')} tokens = {cal.get('tokens')} tokens, seed {cal.get('seed')}, "
+            f"- **Calibration:** `{cal.get('source')}`, {cal.get('samples', cal.get('sequences'))} "
+            f"sequences × {cal.get('seq_len')} tokens = {cal.get('tokens')} tokens, seed {cal.get('seed')}, "
             f"sha256 `{str(cal.get('sha256', ''))[:16]}`"
         )
     else:

@@ -178,12 +178,7 @@ def save_pretrained(model: nn.Module, directory: str | Path) -> None:
 
 
 def write_novice_file(
-    directory: Path,
-    tensors: dict[str, torch.Tensor],
-    *,
-    count_field: str,
-    num_experts: int,
-    kept_count: int,
+    directory: Path, tensors: dict[str, torch.Tensor], *, count_field: str, num_experts: int, kept_count: int,
     layers: list[int],
 ) -> None:
     """Write the novice file next to a stock checkpoint of the kept experts and turn its config.json into a

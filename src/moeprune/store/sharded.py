@@ -48,10 +48,7 @@ def weight_map(path: Path) -> dict[str, str]:
 
 
 SAFETENSORS_DTYPES = {
-    "BF16": torch.bfloat16,
-    "F16": torch.float16,
-    "F32": torch.float32,
-    "F64": torch.float64,
+    "BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
 }
 
 
@@ -140,9 +137,8 @@ class ShardedCheckpoint:
     def _check_complete(self, meta: dict) -> None:
         """Every parameter of the skeleton must come from some on-disk tensor (tied ones appear once)."""
         targets = set(self.target.values())
-        tied = (
-            getattr(self.model, "all_tied_weights_keys", None) or {}
-        )  # e.g. lm_head.weight -> embed_tokens.weight
+        # e.g. lm_head.weight -> embed_tokens.weight
+        tied = getattr(self.model, "all_tied_weights_keys", None) or {}
         missing = [
             n for n, _ in self.model.named_parameters() if n not in targets and tied.get(n) not in targets
         ]
@@ -182,9 +178,8 @@ class ShardedCheckpoint:
         state = {}
         for name, ks in by_file.items():
             handle = safe_open(str(self.path / name), framework="pt")
-            state.update(
-                {k: handle.get_slice(k) for k in ks}
-            )  # lazy: read inside the loader, cast to the skeleton dtype
+            # lazy: read inside the loader, cast to the skeleton dtype
+            state.update({k: handle.get_slice(k) for k in ks})
         with quiet_transformers():  # else the loader shows one progress bar per call, i.e. per layer
             info = compat.load_converted(self.model, state, self.conversion)
         bad = sorted(
