@@ -66,7 +66,9 @@ def main():
     rows = [measure(f, args.repeats, args.samples, args.seq_len, args.batch_size, size)
             for f in args.families.split(",")]
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "observe_overhead.json").write_text(json.dumps({"config": vars(args) | size, "rows": rows}, indent=1))
+    (RESULTS / "observe_overhead.json").write_text(
+        json.dumps({"config": vars(args) | size, "rows": rows}, indent=1)
+    )
     lines = ["| family | tokens | observe / forward (median) | min | max |", "|---|---:|---:|---:|---:|"]
     lines += [f"| {r['family']} | {r['tokens']} | **{r['ratio_median']:.2f}×** | {r['ratio_min']:.2f}× | "
               f"{r['ratio_max']:.2f}× |" for r in rows]

@@ -80,7 +80,10 @@ def run_model(name: str, args, done: dict, sink) -> None:
     texts = {"prose": corpus.path("prose", "test"), "code": corpus.path("code", "test")}
     model = load_model(base_dir)
     tok = load_tokenizer(base_dir)
-    E, K = model.config.to_dict().get("num_local_experts") or model.config.num_experts, model.config.num_experts_per_tok
+    E, K = (
+        model.config.to_dict().get("num_local_experts") or model.config.num_experts,
+        model.config.num_experts_per_tok,
+    )
     eval_settings = {"max_tokens": args.max_tokens, "task_items": args.task_items, "testbed": base_dir.name}
     with tempfile.TemporaryDirectory(prefix="moeprune-quality-") as task_dir:
         names = write_tasks(texts, task_dir, n_items=args.task_items, seed=0)
@@ -101,9 +104,17 @@ def run_model(name: str, args, done: dict, sink) -> None:
                   "calibration": "-", "parameters": parameter_counts(model), **r,
                   "seconds": time.perf_counter() - t0})
         weights = ModelWeights(model)
-        for calib_name, variants in (("mixed", [v for v in VARIANTS if v[0] in args.variants]),
-                                     ("code", [v for v in VARIANTS if v[0] in TASK_SPECIFIC and v[0] in args.variants
-                                               and args.task_specific])):
+        for calib_name, variants in (
+            ("mixed", [v for v in VARIANTS if v[0] in args.variants]),
+            (
+                "code",
+                [
+                    v
+                    for v in VARIANTS
+                    if v[0] in TASK_SPECIFIC and v[0] in args.variants and args.task_specific
+                ],
+            ),
+        ):
             if not variants:
                 continue
             stats = None
@@ -116,8 +127,10 @@ def run_model(name: str, args, done: dict, sink) -> None:
                     if key in done:
                         continue
                     if stats is None:
-                        cal = calibration_blocks(tok, str(corpus.path(calib_name, "train")), samples=args.samples,
-                                                 seq_len=args.seq_len, seed=0)
+                        cal = calibration_blocks(
+                            tok, str(corpus.path(calib_name, "train")), samples=args.samples,
+                            seq_len=args.seq_len, seed=0,
+                        )
                         stats = observe(model, cal.input_ids, batch_size=8, probe_size=512, seed=0,
                                         calibration=cal.provenance, source=str(base_dir))
                     t0 = time.perf_counter()
@@ -164,15 +177,26 @@ def render(rows: list[dict], settings: str = "") -> str:
             for ratio in sorted({r["ratio"] for r in mrows if r["calibration"] == calib}):
                 sel = [r for r in mrows if r["calibration"] == calib and r["ratio"] == ratio]
                 keep = sel[0]["experts"]
-                out += [f"### {model}, calibrated on {calib}, ratio {ratio} ({base['num_experts']}→{keep} experts)", "",
-                        "| variant | params | ppl prose | Δ | ppl code | Δ | "
-                        + " | ".join(t.replace("moeprune_", "") for t in task_names) + " | mean acc |",
-                        "|---|---:|---:|---:|---:|---:|" + "---:|" * (len(task_names) + 1)]
+                out += [
+                    f"### {model}, calibrated on {calib}, ratio {ratio} ({base['num_experts']}→{keep} "
+                    "experts)",
+                    "",
+                    "| variant | params | ppl prose | Δ | ppl code | Δ | "
+                    + " | ".join(t.replace("moeprune_", "") for t in task_names)
+                    + " | mean acc |",
+                    "|---|---:|---:|---:|---:|---:|" + "---:|" * (len(task_names) + 1),
+                ]
                 for r in [base] + sorted(sel, key=lambda r: geo_ppl(r, base)):
                     cells = [r["variant"], f"{r['parameters']['total'] / 1e6:.2f}M"]
                     for d in ("prose", "code"):
-                        cells += [f"{r['ppl'][d]:.1f}", "" if r is base else f"{100 * (r['ppl'][d] / base['ppl'][d] - 1):+.1f}%"]
-                    cells += [f"{100 * r['tasks'][t]:.1f}" if r["tasks"].get(t) is not None else "—" for t in task_names]
+                        cells += [
+                            f"{r['ppl'][d]:.1f}",
+                            "" if r is base else f"{100 * (r['ppl'][d] / base['ppl'][d] - 1):+.1f}%",
+                        ]
+                    cells += [
+                        f"{100 * r['tasks'][t]:.1f}" if r["tasks"].get(t) is not None else "—"
+                        for t in task_names
+                    ]
                     cells.append(f"{100 * mean_acc(r):.1f}")
                     out.append("| " + " | ".join(cells) + " |")
                 out.append("")
@@ -201,9 +225,14 @@ def summary(rows: list[dict]) -> str:
                                             for r in ratios) + " |",
                 "|---|" + "---:|" * len(ratios)]
         variants = list(dict.fromkeys(r["variant"] for r in mrows))
-        variants.sort(key=lambda v: geo_ppl(next(r for r in mrows if r["variant"] == v and r["ratio"] == ratios[-1])
-                                            if any(r["variant"] == v and r["ratio"] == ratios[-1] for r in mrows)
-                                            else {"ppl": base["ppl"]}, base))
+        variants.sort(
+            key=lambda v: geo_ppl(
+                next(r for r in mrows if r["variant"] == v and r["ratio"] == ratios[-1])
+                if any(r["variant"] == v and r["ratio"] == ratios[-1] for r in mrows)
+                else {"ppl": base["ppl"]},
+                base,
+            )
+        )
         for v in variants:
             cells = []
             for ratio in ratios:

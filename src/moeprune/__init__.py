@@ -13,18 +13,31 @@ __version__ = "0.1.0"
 
 # public name -> module that defines it
 _PUBLIC = {
-    "apply_checkpoint": "moeprune.api", "empty_stats": "moeprune.api", "inspect": "moeprune.api",
-    "make_plan_for": "moeprune.api", "observe_checkpoint": "moeprune.api", "prune": "moeprune.api",
-    "SUPPORTED_MODEL_TYPES": "moeprune.arch", "get_adapter": "moeprune.arch",
+    "apply_checkpoint": "moeprune.api",
+    "empty_stats": "moeprune.api",
+    "inspect": "moeprune.api",
+    "make_plan_for": "moeprune.api",
+    "observe_checkpoint": "moeprune.api",
+    "prune": "moeprune.api",
+    "SUPPORTED_MODEL_TYPES": "moeprune.arch",
+    "get_adapter": "moeprune.arch",
     "MoepruneError": "moeprune.errors",
-    "METHODS": "moeprune.methods", "make_plan": "moeprune.methods",
-    "export_stock": "moeprune.store.checkpoint", "from_pretrained": "moeprune.store.checkpoint",
-    "Stats": "moeprune.observe", "observe": "moeprune.observe",
-    "Group": "moeprune.plan", "LayerPlan": "moeprune.plan", "Plan": "moeprune.plan", "budget": "moeprune.plan",
+    "METHODS": "moeprune.methods",
+    "make_plan": "moeprune.methods",
+    "export_stock": "moeprune.store.checkpoint",
+    "from_pretrained": "moeprune.store.checkpoint",
+    "Stats": "moeprune.observe",
+    "observe": "moeprune.observe",
+    "Group": "moeprune.plan",
+    "LayerPlan": "moeprune.plan",
+    "Plan": "moeprune.plan",
+    "budget": "moeprune.plan",
     "apply_plan": "moeprune.surgery",
     # what the command line needs before (or without) importing torch
-    "Terminated": "moeprune.runtime", "quiet_transformers": "moeprune.runtime",
-    "return_freed_memory_to_the_system": "moeprune.runtime", "signals_as_exceptions": "moeprune.runtime",
+    "Terminated": "moeprune.runtime",
+    "quiet_transformers": "moeprune.runtime",
+    "return_freed_memory_to_the_system": "moeprune.runtime",
+    "signals_as_exceptions": "moeprune.runtime",
 }
 
 __all__ = sorted(_PUBLIC)

@@ -51,12 +51,16 @@ def resolve_inputs(source: str | Path, model: str | Path | None = None,
         raise MoepruneError(f"{src} does not exist: give a model directory or a stats directory")
     if _is_stats_dir(src):
         if stats is not None:
-            raise MoepruneError(f"{src} is already a stats directory; --stats is for a model directory source")
+            raise MoepruneError(
+                f"{src} is already a stats directory; --stats is for a model directory source"
+            )
         if model is None:
             observed = json.loads((src / "stats.json").read_text()).get("model", {}).get("source")
             if not observed or not Path(observed).is_dir():
-                raise MoepruneError(f"the statistics in {src} need their model to run the experts: pass --model PATH "
-                                    f"(they were observed on {observed or 'an unrecorded path'})")
+                raise MoepruneError(
+                    f"the statistics in {src} need their model to run the experts: pass --model PATH "
+                    f"(they were observed on {observed or 'an unrecorded path'})"
+                )
             model = observed
         return Path(model), src
     if model is not None:
@@ -99,7 +103,9 @@ def heatmap(sim: torch.Tensor, path: Path, title: str, groups: list[list[int]] |
     ax.set_ylabel("expert")
     for start, n in boxes:
         if n > 1:
-            ax.add_patch(Rectangle((start - 0.5, start - 0.5), n, n, fill=False, edgecolor="red", linewidth=1.5))
+            ax.add_patch(
+                Rectangle((start - 0.5, start - 0.5), n, n, fill=False, edgecolor="red", linewidth=1.5)
+            )
     ax.set_title(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(str(path), dpi=100)
@@ -140,8 +146,10 @@ def analyze(source: str | Path, out: str | Path, *, model: str | Path | None = N
     if linkage not in LINKAGES:
         raise MoepruneError(f"--linkage {linkage!r} is not one of {', '.join(LINKAGES)}")
     if representation == "data" and stats_dir is None:
-        raise MoepruneError("representation data compares expert outputs on the probe tokens of a calibration pass: "
-                            "pass --stats STATS (from `moeprune observe`), or use --representation weight")
+        raise MoepruneError(
+            "representation data compares expert outputs on the probe tokens of a calibration pass: "
+            "pass --stats STATS (from `moeprune observe`), or use --representation weight"
+        )
     check_output_dir(out, force, inputs=tuple(p for p in (model_dir, stats_dir) if p is not None))
     adapter = get_adapter(load_config(model_dir))
     keep = None
@@ -152,14 +160,18 @@ def analyze(source: str | Path, out: str | Path, *, model: str | Path | None = N
     st = Stats.load(stats_dir) if stats_dir is not None and representation == "data" else None
     if st is not None and (st.model.get("model_type") != adapter.family
                            or int(st.model.get("num_experts", -1)) != adapter.num_experts):
-        raise MoepruneError(f"the statistics in {stats_dir} are of a {st.model.get('model_type')} model with "
-                            f"{st.model.get('num_experts')} experts, but {model_dir} is {adapter.family} with "
-                            f"{adapter.num_experts}: observe this model")
+        raise MoepruneError(
+            f"the statistics in {stats_dir} are of a {st.model.get('model_type')} model with "
+            f"{st.model.get('num_experts')} experts, but {model_dir} is {adapter.family} with "
+            f"{adapter.num_experts}: observe this model"
+        )
     if st is not None:
         from moeprune.store.sharded import model_facts
 
-        check_same_model(st.model, model_facts(model_dir), what=f"the statistics in {stats_dir}", model=str(model_dir),
-                         fix="observe this model, or give the model they were observed on with --model")
+        check_same_model(
+            st.model, model_facts(model_dir), what=f"the statistics in {stats_dir}", model=str(model_dir),
+            fix="observe this model, or give the model they were observed on with --model",
+        )
     check_weight_files(model_dir)
     source, _why = open_source(model_dir, RuntimeRequest())  # one layer in memory at a time, as everywhere
     weights = ModelWeights(source.model) if source.in_memory else ShardedWeights(source)
@@ -175,7 +187,9 @@ def analyze(source: str | Path, out: str | Path, *, model: str | Path | None = N
                                     seed=seed, method="analyze")
             groups = None
             if keep is not None:
-                groups = within_routing_groups(sim.shape[0], keep, n_group, distance_clustering(1.0 - sim, linkage))
+                groups = within_routing_groups(
+                    sim.shape[0], keep, n_group, distance_clustering(1.0 - sim, linkage)
+                )
             facts = {"layer": i, **_summary(sim), "groups": groups}
             title = f"layer {i}: linear CKA between experts ({representation})"
             if groups:

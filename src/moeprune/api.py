@@ -64,14 +64,15 @@ from moeprune.sweep import knee_sentences, sweep
 from moeprune.sweep import render_table as render_sweep
 
 # what the command line (and a script) uses; the CLI imports nothing else of moeprune but the demo driver
-__all__ = ["METHODS", "BudgetRequest", "CalibrationRequest", "MoepruneError", "OutputRequest", "Plan", "Ranks",
-           "RuntimeRequest", "Stats", "Terminated", "__version__", "analyze", "apply_checkpoint",
-           "check_output_dir", "check_output_file", "check_separate", "check_settings", "empty_stats",
-           "evaluate_models", "export_stock", "get_method", "inspect", "knee_sentences", "make_plan_for",
-           "model_facts", "model_weights", "observe_checkpoint", "open_source", "parse_task_texts", "prune",
-           "quiet_transformers", "render_report", "render_sweep", "resolve_device",
-           "return_freed_memory_to_the_system", "signals_as_exceptions", "sweep", "write_file_atomically",
-           "write_plan", "write_stats"]
+__all__ = [
+    "METHODS", "BudgetRequest", "CalibrationRequest", "MoepruneError", "OutputRequest", "Plan", "Ranks",
+    "RuntimeRequest", "Stats", "Terminated", "__version__", "analyze", "apply_checkpoint", "check_output_dir",
+    "check_output_file", "check_separate", "check_settings", "empty_stats", "evaluate_models", "export_stock",
+    "get_method", "inspect", "knee_sentences", "make_plan_for", "model_facts", "model_weights",
+    "observe_checkpoint", "open_source", "parse_task_texts", "prune", "quiet_transformers", "render_report",
+    "render_sweep", "resolve_device", "return_freed_memory_to_the_system", "signals_as_exceptions", "sweep",
+    "write_file_atomically", "write_plan", "write_stats",
+]
 
 
 def inspect(model_path: str | Path) -> dict:
@@ -85,12 +86,16 @@ def inspect(model_path: str | Path) -> dict:
     from moeprune.store.novices import describe, is_novice_checkpoint
     from moeprune.store.sharded import skeleton
 
-    model = from_pretrained(model_path) if is_novice_checkpoint(model_path) else skeleton(load_config(model_path))
+    model = (
+        from_pretrained(model_path) if is_novice_checkpoint(model_path) else skeleton(load_config(model_path))
+    )
     adapter = get_adapter(model.config)
     blocks = adapter.moe_blocks(model)
     if not blocks:
-        raise MoepruneError(f"{model_path}: no MoE block found in the {adapter.family} model (every decoder layer "
-                            "is dense), so there are no experts to prune")
+        raise MoepruneError(
+            f"{model_path}: no MoE block found in the {adapter.family} model (every decoder layer "
+            "is dense), so there are no experts to prune"
+        )
     first = next(iter(blocks.values()))
     counts = parameter_counts(model, adapter)
     layers, _ = decoder_layers(model)
@@ -119,9 +124,10 @@ def inspect(model_path: str | Path) -> dict:
 def _runtime(device, batch_size, layerwise, sequential=False, offload_dir=None, hidden_memory=2.0,
              progress=True) -> RuntimeRequest:
     """The runtime request of the keyword API (`layerwise=False` asks for the whole model in memory)."""
-    return RuntimeRequest(device=device, batch_size=batch_size, in_memory=None if layerwise is None else not layerwise,
-                          sequential=sequential, offload_dir=offload_dir, hidden_memory=hidden_memory,
-                          progress=progress)
+    return RuntimeRequest(
+        device=device, batch_size=batch_size, in_memory=None if layerwise is None else not layerwise,
+        sequential=sequential, offload_dir=offload_dir, hidden_memory=hidden_memory, progress=progress,
+    )
 
 
 def _tell(notify, source, why: str) -> None:
@@ -136,9 +142,11 @@ def _check_calibration(calib: CalibrationRequest, config) -> None:
 
 def _tokenise(calib: CalibrationRequest, model_path, config, notify) -> Calibration:
     """Tokenising is cheap next to the pass: done before any weight is read, so bad text fails fast."""
-    return calibration_blocks(load_tokenizer(calib.tokenizer or model_path), calib.text, samples=calib.samples,
-                              seq_len=calib.seq_len, seed=calib.seed, field=calib.field, template=calib.template,
-                              vocab_size=getattr(config, "vocab_size", None), notify=notify)
+    return calibration_blocks(
+        load_tokenizer(calib.tokenizer or model_path), calib.text, samples=calib.samples,
+        seq_len=calib.seq_len, seed=calib.seed, field=calib.field, template=calib.template,
+        vocab_size=getattr(config, "vocab_size", None), notify=notify,
+    )
 
 
 def observe_checkpoint(
@@ -183,13 +191,18 @@ def observe_request(model_path, calib: CalibrationRequest, runtime: RuntimeReque
     if ranks.is_main and calibration is None:
         _tell(notify, source, why)
     with layer_progress("calibrating", runtime.progress and ranks.is_main) as cb:
-        return pipeline.observe(source, cal.input_ids, batch_size=runtime.batch_size, probe_size=calib.probe_size,
-                                seed=calib.seed, calibration=cal.provenance, ranks=ranks, progress=cb,
-                                offload_dir=runtime.offload_dir, hidden_budget=runtime.hidden_budget)
+        return pipeline.observe(
+            source, cal.input_ids, batch_size=runtime.batch_size, probe_size=calib.probe_size,
+            seed=calib.seed, calibration=cal.provenance, ranks=ranks, progress=cb,
+            offload_dir=runtime.offload_dir, hidden_budget=runtime.hidden_budget,
+        )
 
 
-def model_weights(model_path: str | Path, layerwise: bool | None = None, notify=None, stats: Stats | None = None):
-    """Read access to the expert weights of a checkpoint for planning: one layer at a time, or the whole model.
+def model_weights(
+    model_path: str | Path, layerwise: bool | None = None, notify=None, stats: Stats | None = None
+):
+    """Read access to the expert weights of a checkpoint for planning: one layer at a time, or the whole
+    model.
 
     With `stats`, they must have been observed on a model of this shape (checked before any weight is read).
     """
@@ -212,7 +225,8 @@ def resolve_device(device: str) -> str:
 
 
 def _expected_output_bytes(model_path: str | Path, keep: int, num_experts: int) -> int:
-    """A lower bound of the pruned checkpoint's size (every weight scaled by keep/E): refusing below it is safe."""
+    """A lower bound of the pruned checkpoint's size (every weight scaled by keep/E): refusing below it is
+    safe."""
     from moeprune.runtime import weights_on_disk
 
     return int(weights_on_disk(model_path) * keep / max(num_experts, 1))
@@ -270,13 +284,33 @@ def write_plan(plan: Plan, out: str | Path) -> Path:
 
 
 def prune(
-    model_path: str | Path, method: str, out: str | Path, *, ratio: float | None = None, experts: int | None = None,
-    calib: str | None = None, samples: int = 128, seq_len: int = 512, batch_size: int = 8, seed: int = 0,
-    probe_size: int = 512, device: str = "cpu", flatten_groups: bool = False, force: bool = False,
-    tokenizer: str | None = None, calib_field: str | None = None, calib_template: str | None = None,
-    progress: bool = True, command: str | None = None, stats_out: str | Path | None = None,
-    options: dict | None = None, layerwise: bool | None = None, sequential: bool = False,
-    offload_dir: str | Path | None = None, hidden_memory: float = 2.0, notify=None,
+    model_path: str | Path,
+    method: str,
+    out: str | Path,
+    *,
+    ratio: float | None = None,
+    experts: int | None = None,
+    calib: str | None = None,
+    samples: int = 128,
+    seq_len: int = 512,
+    batch_size: int = 8,
+    seed: int = 0,
+    probe_size: int = 512,
+    device: str = "cpu",
+    flatten_groups: bool = False,
+    force: bool = False,
+    tokenizer: str | None = None,
+    calib_field: str | None = None,
+    calib_template: str | None = None,
+    progress: bool = True,
+    command: str | None = None,
+    stats_out: str | Path | None = None,
+    options: dict | None = None,
+    layerwise: bool | None = None,
+    sequential: bool = False,
+    offload_dir: str | Path | None = None,
+    hidden_memory: float = 2.0,
+    notify=None,
 ) -> Path:
     """The whole flow: check inputs, observe, plan, apply, save (the keyword form of `prune_request`).
 
@@ -306,9 +340,11 @@ def check_prune(model_path, method: str, calib: CalibrationRequest, budget_reque
     adapter = get_adapter(config)
     spec = get_method(method)
     cfg = spec.default_config(**dict(options or {}))
-    keep = budget(adapter.num_experts, adapter.top_k, ratio=budget_request.ratio, experts=budget_request.experts,
-                  n_group=adapter.n_group, min_per_group=adapter.min_experts_per_group,
-                  flatten_groups=budget_request.flatten_groups)
+    keep = budget(
+        adapter.num_experts, adapter.top_k, ratio=budget_request.ratio, experts=budget_request.experts,
+        n_group=adapter.n_group, min_per_group=adapter.min_experts_per_group,
+        flatten_groups=budget_request.flatten_groups,
+    )
     check_device(runtime.device)
     spec.check_use(cfg, n_group=adapter.n_group, flatten_groups=budget_request.flatten_groups,
                    has_calibration=calib.text is not None)
@@ -317,8 +353,10 @@ def check_prune(model_path, method: str, calib: CalibrationRequest, budget_reque
     check_separate(inputs, {"--out": output.path, "--save-stats": output.stats_path,
                             "--offload-dir": runtime.offload_dir})
     check_offload_dir(runtime.offload_dir, inputs)
-    check_output_dir(output.path, output.force, inputs,
-                     expected_bytes=_expected_output_bytes(model_path, keep, adapter.num_experts), notify=notify)
+    check_output_dir(
+        output.path, output.force, inputs,
+        expected_bytes=_expected_output_bytes(model_path, keep, adapter.num_experts), notify=notify,
+    )
     if output.stats_path is not None:
         check_output_dir(output.stats_path, output.force, inputs, what="--save-stats", notify=notify)
     check_weight_files(model_path)
@@ -328,7 +366,8 @@ def check_prune(model_path, method: str, calib: CalibrationRequest, budget_reque
 def prune_request(model_path, method: str, calib: CalibrationRequest, budget_request: BudgetRequest,
                   output: OutputRequest, runtime: RuntimeRequest, *, options: dict | None = None,
                   notify=None) -> Path:
-    """Check everything, tokenise, then one walk (two for methods that rank all layers) that writes `output`."""
+    """Check everything, tokenise, then one walk (two for methods that rank all layers) that writes
+    `output`."""
     options = dict(options or {})
     config, spec, cfg, keep = check_prune(model_path, method, calib, budget_request, output, runtime, options,
                                           notify)
@@ -338,10 +377,14 @@ def prune_request(model_path, method: str, calib: CalibrationRequest, budget_req
     # a method that reads every layer's weights at once to plan needs them all in memory
     all_weights = spec.needs_weights and not spec.layer_local(cfg)
     if all_weights and runtime.in_memory is False:
-        raise MoepruneError(f"{method} with these options needs every layer's weights at once, which layer-by-layer "
-                            "pruning does not hold; use --in-memory")
-    source, why = open_source(model_path, runtime, device=ranks.device(device),
-                              needs_whole_model=f"{method}'s cross-layer weight reads" if all_weights else None)
+        raise MoepruneError(
+            f"{method} with these options needs every layer's weights at once, which layer-by-layer "
+            "pruning does not hold; use --in-memory"
+        )
+    source, why = open_source(
+        model_path, runtime, device=ranks.device(device),
+        needs_whole_model=f"{method}'s cross-layer weight reads" if all_weights else None,
+    )
     why = "--sequential works layer by layer" if runtime.sequential else why
     if ranks.is_main:
         _tell(notify, source, why)

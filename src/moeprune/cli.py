@@ -28,22 +28,46 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 out = Console()
 err = Console(stderr=True)
 
-Ratio = Annotated[float | None, typer.Option("--ratio", help="fraction of routed experts to remove per layer")]
+Ratio = Annotated[
+    float | None, typer.Option("--ratio", help="fraction of routed experts to remove per layer")
+]
 Experts = Annotated[int | None, typer.Option("--experts", help="routed experts to keep per layer")]
-Options = Annotated[list[str] | None, typer.Option("--option", "-o", help="method option KEY=VALUE (repeatable)")]
-Flatten = Annotated[bool, typer.Option("--flatten-groups", metavar="", help="route without expert groups (n_group=topk_group=1)")]
-Force = Annotated[bool, typer.Option("--force", metavar="", help="replace an output directory moeprune wrote")]
+Options = Annotated[
+    list[str] | None, typer.Option("--option", "-o", help="method option KEY=VALUE (repeatable)")
+]
+Flatten = Annotated[
+    bool,
+    typer.Option("--flatten-groups", metavar="", help="route without expert groups (n_group=topk_group=1)"),
+]
+Force = Annotated[
+    bool, typer.Option("--force", metavar="", help="replace an output directory moeprune wrote")
+]
 Device = Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:N or auto")]
 Layerwise = Annotated[bool | None, typer.Option(
     "--layerwise/--in-memory", metavar="",
     help="read, prune and write one decoder layer at a time in bounded memory, or load the whole model "
          "(checked against free memory first) [default: layer by layer]")]
-OffloadDir = Annotated[str | None, typer.Option(
-    help="where hidden states beyond --hidden-memory go during layer-by-layer work [default: the temp directory]")]
-HiddenMemory = Annotated[float, typer.Option(
-    help="GiB of calibration hidden states kept in memory between layers (layer by layer); the rest go to files")]
-CalibTemplate = Annotated[str | None, typer.Option(
-    "--calib-template", help="build each .jsonl row's text from several fields, e.g. 'Q: {question} A: {answer}'")]
+OffloadDir = Annotated[
+    str | None,
+    typer.Option(
+        help="where hidden states beyond --hidden-memory go during layer-by-layer work "
+        "[default: the temp directory]"
+    ),
+]
+HiddenMemory = Annotated[
+    float,
+    typer.Option(
+        help="GiB of calibration hidden states kept in memory between layers (layer by layer); "
+        "the rest go to files"
+    ),
+]
+CalibTemplate = Annotated[
+    str | None,
+    typer.Option(
+        "--calib-template",
+        help="build each .jsonl row's text from several fields, e.g. 'Q: {question} A: {answer}'",
+    ),
+]
 
 
 def _command_line() -> str:
@@ -54,7 +78,8 @@ TRUE_WORDS, FALSE_WORDS = ("1", "true", "yes", "on"), ("0", "false", "no", "off"
 
 
 def _parse_options(method: str, pairs: list[str] | None) -> dict:
-    """KEY=VALUE strings -> typed keyword arguments of the method's config dataclass (which checks the values)."""
+    """KEY=VALUE strings -> typed keyword arguments of the method's config dataclass (which checks the
+    values)."""
     import math
 
     from moeprune.api import get_method
@@ -66,14 +91,18 @@ def _parse_options(method: str, pairs: list[str] | None) -> dict:
         key, sep, value = pair.partition("=")
         key = key.strip().replace("-", "_")
         if key not in fields:
-            raise MoepruneError(f"bad --option {pair!r}: method {method} has no option {key!r}; its options are "
-                                f"{', '.join(sorted(fields)) or 'none'}")
+            raise MoepruneError(
+                f"bad --option {pair!r}: method {method} has no option {key!r}; its options are "
+                f"{', '.join(sorted(fields)) or 'none'}"
+            )
         if not sep:
             raise MoepruneError(f"bad --option {pair!r}: give a value, as {key}=VALUE")
         kind = fields[key].type if isinstance(fields[key].type, type) else eval(str(fields[key].type))
         if kind is bool:
             if value.lower() not in TRUE_WORDS + FALSE_WORDS:
-                raise MoepruneError(f"bad --option {pair!r}: {key} is true or false (also 1/0, yes/no, on/off)")
+                raise MoepruneError(
+                    f"bad --option {pair!r}: {key} is true or false (also 1/0, yes/no, on/off)"
+                )
             options[key] = value.lower() in TRUE_WORDS
             continue
         try:
@@ -95,8 +124,14 @@ def _version(value: bool) -> None:
 
 
 @app.callback()
-def _root(version: Annotated[bool | None, typer.Option("--version", metavar="", callback=_version, is_eager=True,
-                                                        help="print the version and exit")] = None):
+def _root(
+    version: Annotated[
+        bool | None,
+        typer.Option(
+            "--version", metavar="", callback=_version, is_eager=True, help="print the version and exit"
+        ),
+    ] = None,
+):
     """Make Mixture-of-Experts LLMs smaller without retraining."""
 
 
@@ -131,20 +166,35 @@ def inspect(model: Annotated[str, typer.Argument(help="model directory")],
     rows = [
         ("family", f"{info['model_type']} ({info['architecture']})"),
         ("layers", f"{info['num_layers']}: MoE {info['moe_layers']}, dense {info['dense_layers'] or 'none'}"),
-        ("routed experts", f"{info['num_experts']} per MoE layer, top-{info['top_k']}"
-         + (f", {info['n_group']} routing groups" if info["n_group"] > 1 else "")),
+        (
+            "routed experts",
+            f"{info['num_experts']} per MoE layer, top-{info['top_k']}"
+            + (f", {info['n_group']} routing groups" if info["n_group"] > 1 else ""),
+        ),
         ("shared experts", ", ".join(info["shared_experts"]) or "none"),
         ("parameters", f"{p['total']:,} ({info['dtype']})"),
         ("  in routed experts", f"{p['routed_experts']:,} ({100 * p['routed_experts'] / p['total']:.1f}%)"),
         *([("  in novice vectors", f"{p['novices']:,}")] if p.get("novices") else []),
         ("  everything else", f"{p['other']:,}"),
         *([("bytes on disk (weights)", f"{info['bytes_on_disk']:,}")] if info.get("bytes_on_disk") else []),
-        *([("novices (MoNE)", (f"{info['novices']['experts_kept']} experts + "
-                               f"{max(info['novices']['novices_per_layer'].values())} novices per MoE layer behind "
-                               f"{info['novices']['router_experts']} router rows; load with moeprune.from_pretrained"))]
-          if info.get("novices") else []),
-        ("pruning keeps surviving routes exact", f"{info['pruning_keeps_surviving_routes_exact']}: "
-                                                 f"{info['routing_note']}"),
+        *(
+            [
+                (
+                    "novices (MoNE)",
+                    (
+                        f"{info['novices']['experts_kept']} experts + "
+                        f"{max(info['novices']['novices_per_layer'].values())} novices per MoE layer behind "
+                        f"{info['novices']['router_experts']} router rows; load with moeprune.from_pretrained"
+                    ),
+                )
+            ]
+            if info.get("novices")
+            else []
+        ),
+        (
+            "pruning keeps surviving routes exact",
+            f"{info['pruning_keeps_surviving_routes_exact']}: {info['routing_note']}",
+        ),
     ]
     for k, v in rows:
         t.add_row(k, v)
@@ -160,7 +210,9 @@ def methods():
     for name, spec in sorted(METHODS.items()):
         cfg = spec.default_config()
         reason = cfg.calibration_reason() if hasattr(cfg, "calibration_reason") else None
-        calib = "yes" if spec.needs_calibration else (f"with its default options ({reason})" if reason else "no")
+        calib = (
+            "yes" if spec.needs_calibration else (f"with its default options ({reason})" if reason else "no")
+        )
         out.print(f"[bold]{name}[/]  [dim]{spec.kind}[/]", highlight=False)
         out.print(f"  {escape(spec.summary)}", highlight=False)
         out.print(f"  paper: {escape(spec.paper)}", highlight=False)
@@ -198,14 +250,18 @@ def observe(
     check_separate(inputs, {"--out": out_dir, "--offload-dir": offload_dir})
     check_output_dir(out_dir, force, inputs, notify=err.print)
     ranks = Ranks.from_env(device)
-    stats = observe_checkpoint(model, calib, samples=samples, seq_len=seq_len, batch_size=batch_size, seed=seed,
-                               probe_size=probe_size, device=device, tokenizer=tokenizer, calib_field=calib_field,
-                               calib_template=calib_template, ranks=ranks, layerwise=layerwise,
-                               offload_dir=offload_dir, hidden_memory=hidden_memory, notify=err.print)
+    stats = observe_checkpoint(
+        model, calib, samples=samples, seq_len=seq_len, batch_size=batch_size, seed=seed,
+        probe_size=probe_size, device=device, tokenizer=tokenizer, calib_field=calib_field,
+        calib_template=calib_template, ranks=ranks, layerwise=layerwise, offload_dir=offload_dir,
+        hidden_memory=hidden_memory, notify=err.print,
+    )
     if not ranks.is_main:
         return
     write_stats(stats, out_dir, force=force)
-    out.print(f"stats of {len(stats.layers)} MoE layers over {stats.num_tokens:,} tokens written to {out_dir}")
+    out.print(
+        f"stats of {len(stats.layers)} MoE layers over {stats.num_tokens:,} tokens written to {out_dir}"
+    )
 
 
 @app.command()
@@ -226,7 +282,9 @@ def plan(
     check_output_file(out_file, force, {"stats": stats, "--model": model})
     options = _parse_options(method, option)
     statistics = Stats.load(stats)
-    weights = model_weights(model, layerwise, notify=err.print, stats=statistics) if model is not None else None
+    weights = (
+        model_weights(model, layerwise, notify=err.print, stats=statistics) if model is not None else None
+    )
     p = make_plan_for(statistics, method, ratio=ratio, experts=experts, flatten_groups=flatten_groups,
                       weights=weights, options=options)
     write_plan(p, out_file)
@@ -243,7 +301,8 @@ def apply(
                                                  "(needed by plans with novices, e.g. mone)")] = None,
     device: Device = "cpu", force: Force = False, layerwise: Layerwise = None,
 ):
-    """Apply a plan to a model and write a stock transformers checkpoint (a MoNE checkpoint for novice plans)."""
+    """Apply a plan to a model and write a stock transformers checkpoint (a MoNE checkpoint for novice
+    plans)."""
     from moeprune.api import apply_checkpoint, check_separate
     from moeprune.api import Stats
     from moeprune.api import Plan
@@ -263,22 +322,38 @@ def prune(
     model: Annotated[str, typer.Argument(help="model directory")],
     method: Annotated[str, typer.Option("--method", help="see `moeprune methods`")],
     out_dir: Annotated[str, typer.Option("--out", help="output model directory")],
-    ratio: Ratio = None, experts: Experts = None,
-    calib: Annotated[str | None, typer.Option("--calib", help=".txt, directory, .jsonl, or hf:NAME[:CONFIG]:SPLIT")] = None,
+    ratio: Ratio = None,
+    experts: Experts = None,
+    calib: Annotated[
+        str | None, typer.Option("--calib", help=".txt, directory, .jsonl, or hf:NAME[:CONFIG]:SPLIT")
+    ] = None,
     samples: Annotated[int, typer.Option(help="calibration sequences")] = 128,
     seq_len: Annotated[int, typer.Option(help="tokens per calibration sequence")] = 512,
-    batch_size: int = 8, seed: int = 0,
+    batch_size: int = 8,
+    seed: int = 0,
     probe_size: Annotated[int, typer.Option(help="probe tokens kept per layer")] = 512,
     calib_field: Annotated[str | None, typer.Option(help="text field of a .jsonl calibration file")] = None,
     calib_template: CalibTemplate = None,
     tokenizer: Annotated[str | None, typer.Option(help="tokenizer directory if not the model's")] = None,
-    stats_out: Annotated[str | None, typer.Option("--save-stats", help="also keep the statistics here")] = None,
-    option: Options = None, flatten_groups: Flatten = False, device: Device = "cpu", force: Force = False,
+    stats_out: Annotated[
+        str | None, typer.Option("--save-stats", help="also keep the statistics here")
+    ] = None,
+    option: Options = None,
+    flatten_groups: Flatten = False,
+    device: Device = "cpu",
+    force: Force = False,
     layerwise: Layerwise = None,
-    sequential: Annotated[bool, typer.Option(
-        "--sequential", metavar="", help="layer by layer, apply each layer's plan before its outputs feed the next layer, "
-                             "so later statistics see the pruned model")] = False,
-    offload_dir: OffloadDir = None, hidden_memory: HiddenMemory = 2.0,
+    sequential: Annotated[
+        bool,
+        typer.Option(
+            "--sequential",
+            metavar="",
+            help="layer by layer, apply each layer's plan before its outputs feed the next layer, "
+            "so later statistics see the pruned model",
+        ),
+    ] = False,
+    offload_dir: OffloadDir = None,
+    hidden_memory: HiddenMemory = 2.0,
 ):
     """Observe, plan, apply and save in one command.
 
@@ -291,13 +366,13 @@ def prune(
 
     _quiet_libraries()
     options = _parse_options(method, option)
-    path = prune_model(model, method, out_dir, ratio=ratio, experts=experts, calib=calib, samples=samples,
-                       seq_len=seq_len, batch_size=batch_size, seed=seed, probe_size=probe_size, device=device,
-                       flatten_groups=flatten_groups, force=force, tokenizer=tokenizer, calib_field=calib_field,
-                       calib_template=calib_template, layerwise=layerwise, sequential=sequential,
-                       offload_dir=offload_dir, hidden_memory=hidden_memory, command=_command_line(),
-                       stats_out=stats_out, options=options,
-                       notify=err.print)
+    path = prune_model(
+        model, method, out_dir, ratio=ratio, experts=experts, calib=calib, samples=samples, seq_len=seq_len,
+        batch_size=batch_size, seed=seed, probe_size=probe_size, device=device, flatten_groups=flatten_groups,
+        force=force, tokenizer=tokenizer, calib_field=calib_field, calib_template=calib_template,
+        layerwise=layerwise, sequential=sequential, offload_dir=offload_dir, hidden_memory=hidden_memory,
+        command=_command_line(), stats_out=stats_out, options=options, notify=err.print,
+    )
     if Ranks.from_env(device).is_main:  # under torchrun only rank 0 writes
         _print_done(Plan.load(Path(path) / "moeprune_plan.json"), path)
 
@@ -308,37 +383,60 @@ def export_stock(
     out_dir: Annotated[str, typer.Option("--out", help="output model directory")],
     force: Force = False,
 ):
-    """Write the novice-free copy of a MoNE checkpoint (novices' router rows removed), for stock transformers."""
+    """Write the novice-free copy of a MoNE checkpoint (novices' router rows removed), for stock
+    transformers."""
     from moeprune.api import export_stock as export
 
     _quiet_libraries()
     path = export(model, out_dir, force=force, command=_command_line())
-    out.print(f"[bold green]stock checkpoint written to {path}[/] (loads with AutoModelForCausalLM.from_pretrained)")
+    out.print(
+        f"[bold green]stock checkpoint written to {path}[/] (loads with AutoModelForCausalLM.from_pretrained)"
+    )
 
 
 @app.command("eval")
 def evaluate(
     models: Annotated[list[str], typer.Argument(help="model directories; deltas are against the first")],
-    text: Annotated[list[str] | None, typer.Option("--text", help="text file for perplexity (repeatable)")] = None,
+    text: Annotated[
+        list[str] | None, typer.Option("--text", help="text file for perplexity (repeatable)")
+    ] = None,
     tasks: Annotated[str | None, typer.Option("--tasks", help="comma-separated lm-eval task names")] = None,
-    task_dir: Annotated[str | None, typer.Option(
-        "--task-dir", help="directory of local lm-eval task YAMLs; with --task-text, built tasks are kept here")] = None,
-    task_text: Annotated[list[str] | None, typer.Option(
-        "--task-text", help="DOMAIN=FILE.txt: build moeprune_DOMAIN_mc and _cloze from it (repeatable)")] = None,
+    task_dir: Annotated[
+        str | None,
+        typer.Option(
+            "--task-dir",
+            help="directory of local lm-eval task YAMLs; with --task-text, built tasks are kept here",
+        ),
+    ] = None,
+    task_text: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--task-text", help="DOMAIN=FILE.txt: build moeprune_DOMAIN_mc and _cloze from it (repeatable)"
+        ),
+    ] = None,
     task_items: Annotated[int, typer.Option(help="items per task built by --task-text")] = 300,
     seed: Annotated[int, typer.Option(help="seed of the tasks built by --task-text")] = 0,
-    json_out: Annotated[str | None, typer.Option("--json", help="also write the results as JSON here")] = None,
+    json_out: Annotated[
+        str | None, typer.Option("--json", help="also write the results as JSON here")
+    ] = None,
     seq_len: Annotated[int, typer.Option(help="tokens per perplexity window")] = 512,
     max_tokens: Annotated[int | None, typer.Option(help="score only the first N tokens of each text")] = None,
     limit: Annotated[int | None, typer.Option(help="first N items of each task")] = None,
     batch_size: int = 8,
     tokenizer: Annotated[str | None, typer.Option(help="tokenizer directory if not each model's")] = None,
     device: Device = "cpu",
-    force: Annotated[bool, typer.Option("--force", metavar="", help="replace an existing --json file moeprune wrote")] = False,
-    layerwise: Annotated[bool | None, typer.Option(
-        "--layerwise/--in-memory", metavar="",
-        help="score perplexity one decoder layer at a time in bounded memory, or load the whole model "
-             "[default: layer by layer; lm-eval tasks and MoNE checkpoints load whole]")] = None,
+    force: Annotated[
+        bool, typer.Option("--force", metavar="", help="replace an existing --json file moeprune wrote")
+    ] = False,
+    layerwise: Annotated[
+        bool | None,
+        typer.Option(
+            "--layerwise/--in-memory",
+            metavar="",
+            help="score perplexity one decoder layer at a time in bounded memory, or load the whole model "
+            "[default: layer by layer; lm-eval tasks and MoNE checkpoints load whole]",
+        ),
+    ] = None,
 ):
     """Perplexity and zero-shot task scores of one or more checkpoints, side by side.
 
@@ -376,23 +474,48 @@ def evaluate(
 
 @app.command()
 def analyze(
-    source: Annotated[str, typer.Argument(help="model directory, or stats directory from `moeprune observe`")],
-    out_dir: Annotated[str, typer.Option("--out", help="directory for the heatmaps (PNG) and matrices (JSON)")],
-    model: Annotated[str | None, typer.Option("--model", help="with a stats SOURCE: the model to run the experts "
-                                                 "(default: the one the stats were observed on)")] = None,
-    stats: Annotated[str | None, typer.Option("--stats", help="with a model SOURCE: stats directory, for "
-                                                 "--representation data")] = None,
-    representation: Annotated[str | None, typer.Option(
-        "--representation", help="data (outputs on probe tokens; needs stats), weight, flat or surrogate; "
-                                 "default: data with stats, else weight")] = None,
-    experts: Annotated[int | None, typer.Option("--experts", help="also find the groups DEK would merge "
-                                                   "when keeping this many experts per layer")] = None,
+    source: Annotated[
+        str, typer.Argument(help="model directory, or stats directory from `moeprune observe`")
+    ],
+    out_dir: Annotated[
+        str, typer.Option("--out", help="directory for the heatmaps (PNG) and matrices (JSON)")
+    ],
+    model: Annotated[
+        str | None,
+        typer.Option(
+            "--model",
+            help="with a stats SOURCE: the model to run the experts "
+            "(default: the one the stats were observed on)",
+        ),
+    ] = None,
+    stats: Annotated[
+        str | None,
+        typer.Option("--stats", help="with a model SOURCE: stats directory, for --representation data"),
+    ] = None,
+    representation: Annotated[
+        str | None,
+        typer.Option(
+            "--representation",
+            help="data (outputs on probe tokens; needs stats), weight, flat or surrogate; "
+            "default: data with stats, else weight",
+        ),
+    ] = None,
+    experts: Annotated[
+        int | None,
+        typer.Option(
+            "--experts", help="also find the groups DEK would merge when keeping this many experts per layer"
+        ),
+    ] = None,
     linkage: Annotated[str, typer.Option("--linkage", help="average, single or complete")] = "average",
-    surrogate_tokens: Annotated[int, typer.Option(help="Gaussian input rows for --representation surrogate")] = 512,
+    surrogate_tokens: Annotated[
+        int, typer.Option(help="Gaussian input rows for --representation surrogate")
+    ] = 512,
     seed: Annotated[int, typer.Option(help="seed of the surrogate input")] = 0,
-    flatten_groups: Flatten = False, force: Force = False,
+    flatten_groups: Flatten = False,
+    force: Force = False,
 ):
-    """Per MoE layer: the linear CKA similarity of the experts as heatmap PNG and JSON, and the groups for --experts."""
+    """Per MoE layer: the linear CKA similarity of the experts as heatmap PNG and JSON, and the groups for
+    --experts."""
     from moeprune.api import analyze as run_analyze
 
     _quiet_libraries()
@@ -404,7 +527,11 @@ def analyze(
         t.add_column(col)
     for i, f in summary["layers"].items():
         pair = f["most_similar_pair"]
-        cells = [i, f"{f['mean_offdiagonal_cka']:.3f}", f"{pair[0]}, {pair[1]} ({f['max_offdiagonal_cka']:.3f})"]
+        cells = [
+            i,
+            f"{f['mean_offdiagonal_cka']:.3f}",
+            f"{pair[0]}, {pair[1]} ({f['max_offdiagonal_cka']:.3f})",
+        ]
         if experts is not None:
             cells.append(" ".join("+".join(map(str, g)) for g in f["groups"]))
         t.add_row(*cells)
@@ -467,14 +594,18 @@ def _sweep_options(methods: list[str], pairs: list[str] | None) -> dict[str, dic
         target, colon, key = head.rpartition(":")
         if colon:
             if target not in per:
-                raise MoepruneError(f"bad --option {pair!r}: {target} is not a swept method ({', '.join(methods)})")
+                raise MoepruneError(
+                    f"bad --option {pair!r}: {target} is not a swept method ({', '.join(methods)})"
+                )
             per[target].append(pair[len(target) + 1:])
             continue
         takers = [m for m in methods if key.replace("-", "_") in {f.name for f in
                                                                   dataclasses.fields(get_method(m).config)}]
         if not sep or not takers:
-            raise MoepruneError(f"bad --option {pair!r}: no swept method ({', '.join(methods)}) has an option "
-                                f"{key!r}; see `moeprune methods`")
+            raise MoepruneError(
+                f"bad --option {pair!r}: no swept method ({', '.join(methods)}) has an option "
+                f"{key!r}; see `moeprune methods`"
+            )
         for m in takers:
             per[m].append(pair)
     return {m: _parse_options(m, p) for m, p in per.items() if p}
@@ -483,34 +614,63 @@ def _sweep_options(methods: list[str], pairs: list[str] | None) -> dict[str, dic
 @app.command()
 def sweep(
     model: Annotated[str, typer.Argument(help="model directory")],
-    method: Annotated[str, typer.Option("--method", help="method or comma-separated methods (see `moeprune methods`)")],
+    method: Annotated[
+        str, typer.Option("--method", help="method or comma-separated methods (see `moeprune methods`)")
+    ],
     out_dir: Annotated[str, typer.Option("--out", help="directory for sweep.json, sweep.md, sweep.png")],
-    ratios: Annotated[str, typer.Option("--ratios", help="comma-separated fractions of experts to remove")] = (
-        "0.125,0.25,0.375,0.5,0.625,0.75"),
-    calib: Annotated[str | None, typer.Option("--calib", help=".txt, directory, .jsonl, or hf:NAME[:CONFIG]:SPLIT")] = None,
-    text: Annotated[list[str] | None, typer.Option("--text", help="text file for perplexity (repeatable)")] = None,
+    ratios: Annotated[
+        str, typer.Option("--ratios", help="comma-separated fractions of experts to remove")
+    ] = ("0.125,0.25,0.375,0.5,0.625,0.75"),
+    calib: Annotated[
+        str | None, typer.Option("--calib", help=".txt, directory, .jsonl, or hf:NAME[:CONFIG]:SPLIT")
+    ] = None,
+    text: Annotated[
+        list[str] | None, typer.Option("--text", help="text file for perplexity (repeatable)")
+    ] = None,
     tasks: Annotated[str | None, typer.Option("--tasks", help="comma-separated lm-eval task names")] = None,
-    task_dir: Annotated[str | None, typer.Option("--task-dir", help="directory of local lm-eval task YAMLs")] = None,
-    task_text: Annotated[list[str] | None, typer.Option(
-        "--task-text", help="DOMAIN=FILE.txt: build moeprune_DOMAIN_mc and _cloze from it (repeatable)")] = None,
+    task_dir: Annotated[
+        str | None, typer.Option("--task-dir", help="directory of local lm-eval task YAMLs")
+    ] = None,
+    task_text: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--task-text", help="DOMAIN=FILE.txt: build moeprune_DOMAIN_mc and _cloze from it (repeatable)"
+        ),
+    ] = None,
     task_items: Annotated[int, typer.Option(help="items per task built by --task-text")] = 300,
     limit: Annotated[int | None, typer.Option(help="first N items of each task")] = None,
     eval_seq_len: Annotated[int, typer.Option(help="tokens per perplexity window")] = 512,
     max_tokens: Annotated[int | None, typer.Option(help="score only the first N tokens of each text")] = None,
-    knee_threshold: Annotated[float, typer.Option(
-        help="quality falls off at the first ratio more than this much worse (ppl x(1+t), acc x(1-t))")] = 0.25,
-    save_checkpoints: Annotated[bool, typer.Option("--save-checkpoints", metavar="", help="also write every pruned "
-                                                   "checkpoint under OUT/checkpoints/")] = False,
+    knee_threshold: Annotated[
+        float,
+        typer.Option(
+            help="quality falls off at the first ratio more than this much worse (ppl x(1+t), acc x(1-t))"
+        ),
+    ] = 0.25,
+    save_checkpoints: Annotated[
+        bool,
+        typer.Option(
+            "--save-checkpoints", metavar="", help="also write every pruned checkpoint under OUT/checkpoints/"
+        ),
+    ] = False,
     samples: Annotated[int, typer.Option(help="calibration sequences")] = 128,
     seq_len: Annotated[int, typer.Option(help="tokens per calibration sequence")] = 512,
-    batch_size: int = 8, seed: int = 0,
+    batch_size: int = 8,
+    seed: int = 0,
     probe_size: Annotated[int, typer.Option(help="probe tokens kept per layer")] = 512,
     calib_field: Annotated[str | None, typer.Option(help="text field of a .jsonl calibration file")] = None,
     calib_template: CalibTemplate = None,
     tokenizer: Annotated[str | None, typer.Option(help="tokenizer directory if not the model's")] = None,
-    option: Annotated[list[str] | None, typer.Option(
-        "--option", "-o", help="KEY=VALUE for every swept method that has KEY, or METHOD:KEY=VALUE")] = None,
-    flatten_groups: Flatten = False, device: Device = "cpu", force: Force = False, layerwise: Layerwise = None,
+    option: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--option", "-o", help="KEY=VALUE for every swept method that has KEY, or METHOD:KEY=VALUE"
+        ),
+    ] = None,
+    flatten_groups: Flatten = False,
+    device: Device = "cpu",
+    force: Force = False,
+    layerwise: Layerwise = None,
 ):
     """Observe once, then prune at every ratio with every method and evaluate: where does quality fall off?"""
     from moeprune.api import knee_sentences, parse_task_texts
@@ -524,14 +684,36 @@ def sweep(
     except ValueError:
         raise MoepruneError(f"bad --ratios {ratios!r}: give comma-separated fractions, e.g. 0.125,0.25,0.5")
     result = run_sweep(
-        model, methods, ratio_list, calib, out_dir, texts=text or [],
-        tasks=[t.strip() for t in (tasks or "").split(",") if t.strip()], task_dir=task_dir,
-        task_texts=parse_task_texts(task_text), task_items=task_items, options=_sweep_options(methods, option),
-        samples=samples, seq_len=seq_len, batch_size=batch_size, seed=seed, probe_size=probe_size,
-        calib_field=calib_field, calib_template=calib_template, tokenizer=tokenizer, device=device,
-        flatten_groups=flatten_groups, eval_seq_len=eval_seq_len, max_tokens=max_tokens, limit=limit,
-        knee_threshold=knee_threshold, save_checkpoints=save_checkpoints, force=force, command=_command_line(),
-        log=lambda line: err.print(line, highlight=False), layerwise=layerwise,
+        model,
+        methods,
+        ratio_list,
+        calib,
+        out_dir,
+        texts=text or [],
+        tasks=[t.strip() for t in (tasks or "").split(",") if t.strip()],
+        task_dir=task_dir,
+        task_texts=parse_task_texts(task_text),
+        task_items=task_items,
+        options=_sweep_options(methods, option),
+        samples=samples,
+        seq_len=seq_len,
+        batch_size=batch_size,
+        seed=seed,
+        probe_size=probe_size,
+        calib_field=calib_field,
+        calib_template=calib_template,
+        tokenizer=tokenizer,
+        device=device,
+        flatten_groups=flatten_groups,
+        eval_seq_len=eval_seq_len,
+        max_tokens=max_tokens,
+        limit=limit,
+        knee_threshold=knee_threshold,
+        save_checkpoints=save_checkpoints,
+        force=force,
+        command=_command_line(),
+        log=lambda line: err.print(line, highlight=False),
+        layerwise=layerwise,
     )
     out.print(render_table(result))
     for line in knee_sentences(result):
@@ -562,7 +744,9 @@ def _print_done(p, path) -> None:
         out.print(f"\n[bold green]MoNE checkpoint written to {path}[/] (load with moeprune.from_pretrained; "
                   "`moeprune export-stock` makes a stock copy)")
     else:
-        out.print(f"\n[bold green]checkpoint written to {path}[/] (loads with AutoModelForCausalLM.from_pretrained)")
+        out.print(
+            f"\n[bold green]checkpoint written to {path}[/] (loads with AutoModelForCausalLM.from_pretrained)"
+        )
 
 
 def _one_line(text: str) -> str:
@@ -592,8 +776,10 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except _click.exceptions.UsageError as e:
         where = e.ctx.command_path if e.ctx is not None else "moeprune"
-        err.print(f"error: {_one_line(e.format_message())} (see `{where} --help`)", highlight=False, markup=False,
-                  soft_wrap=True)
+        err.print(
+            f"error: {_one_line(e.format_message())} (see `{where} --help`)", highlight=False, markup=False,
+            soft_wrap=True,
+        )
         return 2
     except _click.exceptions.ClickException as e:
         err.print(f"error: {_one_line(e.format_message())}", highlight=False, markup=False, soft_wrap=True)

@@ -178,7 +178,8 @@ def apply_gate(experts, h):
 
 
 def dispatches_experts(experts) -> bool:
-    """Whether `experts` runs through `ALL_EXPERTS_FUNCTIONS` (its class is `use_experts_implementation`'s)."""
+    """Whether `experts` runs through `ALL_EXPERTS_FUNCTIONS` (its class is
+    `use_experts_implementation`'s)."""
     return hasattr(type(experts).forward, "__wrapped__") and hasattr(experts, "config")
 
 

@@ -43,10 +43,14 @@ def _row_text(row: dict, field: str | None, template: str | None, where: str) ->
     try:
         return template.format(**row)
     except KeyError as e:
-        raise MoepruneError(f"{where} has no field {e} used by --calib-template (fields: {', '.join(map(str, row))})")
+        raise MoepruneError(
+            f"{where} has no field {e} used by --calib-template (fields: {', '.join(map(str, row))})"
+        )
     except (IndexError, ValueError, TypeError, AttributeError) as e:
-        raise MoepruneError(f"bad --calib-template {template!r} ({e}); name fields in braces, e.g. "
-                            "'Q: {question} A: {answer}'")
+        raise MoepruneError(
+            f"bad --calib-template {template!r} ({e}); name fields in braces, e.g. "
+            "'Q: {question} A: {answer}'"
+        )
 
 
 def _jsonl_texts(path: Path, field: str | None, template: str | None, max_bytes: int) -> list[str]:
@@ -55,20 +59,25 @@ def _jsonl_texts(path: Path, field: str | None, template: str | None, max_bytes:
         try:
             line = raw.decode("utf-8")
         except UnicodeDecodeError as e:
-            raise MoepruneError(f"{path}:{n} is not UTF-8 text (byte {e.start}); --calib .jsonl must be UTF-8: "
-                                "re-encode the file")
+            raise MoepruneError(
+                f"{path}:{n} is not UTF-8 text (byte {e.start}); --calib .jsonl must be UTF-8: "
+                "re-encode the file"
+            )
         if not line.strip():
             continue
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:
-            raise MoepruneError(f"{path}:{n} is not valid JSON ({e.msg}); --calib .jsonl needs one object per line")
+            raise MoepruneError(
+                f"{path}:{n} is not valid JSON ({e.msg}); --calib .jsonl needs one object per line"
+            )
         texts.append(_row_text(row, field, template, f"{path}:{n}"))
     return texts
 
 
 def _read_capped(path: Path, max_bytes: int) -> bytes:
-    """At most `max_bytes` of a file (a device like /dev/zero, or a huge dump, would read until memory runs out)."""
+    """At most `max_bytes` of a file (a device like /dev/zero, or a huge dump, would read until memory runs
+    out)."""
     try:
         with path.open("rb") as f:
             data = f.read(max_bytes + 1)
@@ -88,8 +97,10 @@ def _decode_text(path: Path, data: bytes, notify) -> str:
     text = data.decode("utf-8", errors="replace")
     replaced = text.count("\ufffd") - data.decode("utf-8", errors="ignore").count("\ufffd")
     if nul > len(data) // 100 or replaced > len(text) // 10:
-        raise MoepruneError(f"calibration file {path} is binary, not text ({nul} NUL bytes, {replaced} undecodable "
-                            "in the first part read); give UTF-8 text")
+        raise MoepruneError(
+            f"calibration file {path} is binary, not text ({nul} NUL bytes, {replaced} undecodable "
+            "in the first part read); give UTF-8 text"
+        )
     if replaced and notify is not None:
         notify(f"calibration file {path}: {replaced} invalid UTF-8 sequences were replaced by U+FFFD")
     return text.replace("\r\n", "\n").replace("\r", "\n")  # universal newlines, as text-mode reading gives
@@ -126,16 +137,21 @@ def load_texts(spec: str, field: str | None = None, template: str | None = None,
     endless device or a huge dump cannot exhaust memory while ordinary corpora are read whole.
     """
     if field and template:
-        raise MoepruneError("give --calib-field (one text field) or --calib-template (several fields), not both")
+        raise MoepruneError(
+            "give --calib-field (one text field) or --calib-template (several fields), not both"
+        )
     if spec.startswith("hf:"):
         return _hf_texts(spec, field, template, max_chars)
     path = Path(spec)
     if not spec.strip() or not path.exists():
-        raise MoepruneError(f"calibration source {spec!r} does not exist (give a .txt, .jsonl, a directory, or "
-                            "hf:NAME:SPLIT)")
+        raise MoepruneError(
+            f"calibration source {spec!r} does not exist (give a .txt, .jsonl, a directory, or hf:NAME:SPLIT)"
+        )
     if (field or template) and path.suffix != ".jsonl":
-        raise MoepruneError(f"--calib-field and --calib-template read the fields of .jsonl rows (or hf: datasets); "
-                            f"{spec} is plain text, so drop them or give a .jsonl file")
+        raise MoepruneError(
+            f"--calib-field and --calib-template read the fields of .jsonl rows (or hf: datasets); "
+            f"{spec} is plain text, so drop them or give a .jsonl file"
+        )
     cap = max(max_chars, FILE_CAP)
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES)
@@ -181,8 +197,10 @@ def calibration_blocks(
     texts = load_texts(spec, field, template, max_chars=max(64 * samples * seq_len, 1_000_000), notify=notify)
     tokens = pack_tokens(tokenizer, texts)
     if vocab_size is not None and tokens.numel() and int(tokens.max()) >= vocab_size:
-        raise MoepruneError(f"the tokenizer gives token id {int(tokens.max())}, beyond the model's vocabulary of "
-                            f"{vocab_size}; --tokenizer must be the model's own tokenizer")
+        raise MoepruneError(
+            f"the tokenizer gives token id {int(tokens.max())}, beyond the model's vocabulary of "
+            f"{vocab_size}; --tokenizer must be the model's own tokenizer"
+        )
     available = tokens.numel() // seq_len
     if available == 0:
         raise MoepruneError(

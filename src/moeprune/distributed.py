@@ -44,7 +44,8 @@ class Ranks:
         return self.rank == 0
 
     def device(self, device: str) -> str:
-        """Under torchrun, "cuda" becomes this process's GPU, "cuda:LOCAL_RANK"; anything else is unchanged."""
+        """Under torchrun, "cuda" becomes this process's GPU, "cuda:LOCAL_RANK"; anything else is
+        unchanged."""
         if self.world > 1 and device == "cuda":
             return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
         return device

@@ -1,7 +1,7 @@
 """The eval driver: several checkpoints scored the same way, through the pipeline, as one dict.
 
-Each checkpoint is a weight source (`moeprune.pipeline.sources.open_source`): read one decoder layer at a time for
-perplexity, loaded whole only for lm-eval tasks (after the estimate of its peak is checked) or when it
+Each checkpoint is a weight source (`moeprune.pipeline.sources.open_source`): read one decoder layer at a time
+for perplexity, loaded whole only for lm-eval tasks (after the estimate of its peak is checked) or when it
 has novices (MoNE checkpoints load through `moeprune.from_pretrained`). Perplexity is the pipeline's
 (`pipeline.run.perplexity`) for both, so the numbers do not depend on which way was taken. Everything
 that can be checked without weights (paths, families, text files, task names and task data) is
@@ -75,7 +75,9 @@ def evaluate_models(
     if not paths:
         raise MoepruneError("no model to evaluate")
     if not texts and not tasks and not task_texts:
-        raise MoepruneError("nothing to evaluate: give text files (--text) and/or tasks (--tasks, --task-text)")
+        raise MoepruneError(
+            "nothing to evaluate: give text files (--text) and/or tasks (--tasks, --task-text)"
+        )
     if seq_len < 2 or batch_size < 1 or (max_tokens is not None and max_tokens < seq_len):
         raise MoepruneError(f"need --seq-len >= 2, --batch-size >= 1 and --max-tokens >= --seq-len "
                             f"(got {seq_len}, {batch_size}, {max_tokens})")
@@ -92,35 +94,51 @@ def evaluate_models(
             raise MoepruneError(f"{p} has novices (MoNE), which layer-by-layer evaluation does not run; "
                                 "use --in-memory")
         if with_tasks and layerwise:
-            raise MoepruneError(f"lm-eval tasks need {p} whole in memory (as asked); evaluate perplexity alone "
-                                "(--text) layer by layer, or pass --in-memory")
+            raise MoepruneError(
+                f"lm-eval tasks need {p} whole in memory (as asked); evaluate perplexity alone "
+                "(--text) layer by layer, or pass --in-memory"
+            )
     for t in texts:
         if not Path(t).exists():
             raise MoepruneError(f"text file {t} does not exist")
     device = check_device(device)
-    runtime = RuntimeRequest(device=device, batch_size=batch_size, in_memory=None if layerwise is None else not layerwise)
+    runtime = RuntimeRequest(
+        device=device, batch_size=batch_size, in_memory=None if layerwise is None else not layerwise
+    )
     tokenizers = [load_tokenizer(tokenizer or p) for p in paths]
 
     with ExitStack() as stack:
         suite, manifest = _task_setup(stack, tasks, task_dir, task_texts, task_items, task_seed)
         report = {
-            "format": FORMAT, "moeprune_version": __version__,
-            "settings": {"seq_len": seq_len, "max_tokens": max_tokens, "batch_size": batch_size, "limit": limit,
-                         "device": device, "task_items": task_items if task_texts else None,
-                         "task_seed": task_seed if task_texts else None},
-            "texts": [str(t) for t in texts], "tasks": suite.names if suite else [],
-            "task_manifest": manifest, "models": [],
+            "format": FORMAT,
+            "moeprune_version": __version__,
+            "settings": {
+                "seq_len": seq_len, "max_tokens": max_tokens, "batch_size": batch_size, "limit": limit,
+                "device": device, "task_items": task_items if task_texts else None,
+                "task_seed": task_seed if task_texts else None,
+            },
+            "texts": [str(t) for t in texts],
+            "tasks": suite.names if suite else [],
+            "task_manifest": manifest,
+            "models": [],
         }
         for path, tok in zip(paths, tokenizers):
             t0 = time.perf_counter()
-            needs = "lm-eval tasks" if suite is not None else "MoNE checkpoints" if is_novice_checkpoint(path) \
+            needs = (
+                "lm-eval tasks"
+                if suite is not None
+                else "MoNE checkpoints"
+                if is_novice_checkpoint(path)
                 else None
+            )
             source, why = open_source(path, runtime, needs_whole_model=needs)
             if notify is not None:
                 notify(f"{path}: {'whole model in memory' if source.in_memory else 'layer by layer'} ({why})")
-            entry = {"path": str(path), "name": Path(path).resolve().name, "model_type": source.adapter.family,
-                     "parameters": checkpoint_parameters(path), "perplexity": {}, "tasks": {},
-                     "seconds": {"load": time.perf_counter() - t0}}
+            entry = {
+                "path": str(path), "name": Path(path).resolve().name, "model_type": source.adapter.family,
+                "parameters": checkpoint_parameters(path), "perplexity": {}, "tasks": {},
+                "seconds": {"load": time.perf_counter() - t0},
+            }
             if not source.in_memory:
                 entry["layerwise"] = True
             t0 = time.perf_counter()

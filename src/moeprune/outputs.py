@@ -44,11 +44,15 @@ def _resolved(path: str | Path) -> Path:
 
 def _check_named(path: str | Path | None, what: str) -> Path:
     if path is None or not str(path).strip():
-        raise MoepruneError(f"{what} is empty; give the path to write (an unset shell variable gives an empty one)")
+        raise MoepruneError(
+            f"{what} is empty; give the path to write (an unset shell variable gives an empty one)"
+        )
     p = _resolved(path)
     cwd = _resolved(os.getcwd())
     if cwd == p or cwd.is_relative_to(p):
-        raise MoepruneError(f"{what} {path} is the current directory or one of its parents; give a new directory")
+        raise MoepruneError(
+            f"{what} {path} is the current directory or one of its parents; give a new directory"
+        )
     if p.parent == p:
         raise MoepruneError(f"{what} {path} is the root directory; give a new directory")
     return p
@@ -67,12 +71,16 @@ def check_separate(inputs: Mapping[str, str | Path | None], outputs: Mapping[str
     for o_name, o_raw, o in outs:
         for i_name, i_raw, i in ins:
             if o == i or o.is_relative_to(i) or i.is_relative_to(o):
-                raise MoepruneError(f"{o_name} {o_raw} overlaps the input {i_name} {i_raw}: an output may not be, "
-                                    f"contain or sit inside an input; choose another {o_name}")
+                raise MoepruneError(
+                    f"{o_name} {o_raw} overlaps the input {i_name} {i_raw}: an output may not be, "
+                    f"contain or sit inside an input; choose another {o_name}"
+                )
     for n, (a_name, a_raw, a) in enumerate(outs):
         for b_name, b_raw, b in outs[n + 1:]:
             if a == b or a.is_relative_to(b) or b.is_relative_to(a):
-                raise MoepruneError(f"{a_name} {a_raw} and {b_name} {b_raw} overlap; give them separate paths")
+                raise MoepruneError(
+                    f"{a_name} {a_raw} and {b_name} {b_raw} overlap; give them separate paths"
+                )
 
 
 def is_moeprune_directory(path: Path) -> bool:
@@ -97,7 +105,9 @@ def _is_moeprune_file(path: Path) -> bool:
         return False
     if not isinstance(d, dict):
         return False
-    return str(d.get("written_by", "")).startswith("moeprune") or {"method", "layers", "version", "model"} <= set(d)
+    return str(d.get("written_by", "")).startswith("moeprune") or {
+        "method", "layers", "version", "model",
+    } <= set(d)
 
 
 def _existing_ancestor(p: Path) -> Path:
@@ -123,17 +133,22 @@ def _check_writable(p: Path, what: str, raw: str | Path, expected_bytes: int | N
             probe = Path(tempfile.mkdtemp(prefix=f".{p.name}.tmp-", dir=base))
             probe.rmdir()
         except OSError as e:
-            raise MoepruneError(f"{what} {raw}: cannot create files in {base} ({e.strerror}); choose another {what}")
+            raise MoepruneError(
+                f"{what} {raw}: cannot create files in {base} ({e.strerror}); choose another {what}"
+            )
     if expected_bytes:
         free = shutil.disk_usage(base).free
         if free < expected_bytes:
             gib = 1024**3
-            raise MoepruneError(f"{what} {raw}: {base} has {free / gib:.2f} GiB free but the output needs at least "
-                                f"{expected_bytes / gib:.2f} GiB; free space or choose another {what}")
+            raise MoepruneError(
+                f"{what} {raw}: {base} has {free / gib:.2f} GiB free but the output needs at least "
+                f"{expected_bytes / gib:.2f} GiB; free space or choose another {what}"
+            )
 
 
 def remove_stale_temporaries(p: Path, notify: Notify = None) -> list[Path]:
-    """Remove `.NAME.tmp-*` / `.NAME.old-*` siblings of `p` left by a killed moeprune run (marker, dead pid)."""
+    """Remove `.NAME.tmp-*` / `.NAME.old-*` siblings of `p` left by a killed moeprune run (marker, dead
+    pid)."""
     removed = []
     if not p.parent.is_dir():
         return removed
@@ -165,8 +180,10 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def check_output_dir(out: str | Path | None, force: bool, inputs: Mapping[str, str | Path | None] | tuple = (),
-                     *, what: str = "--out", expected_bytes: int | None = None, notify: Notify = None) -> Path:
+def check_output_dir(
+    out: str | Path | None, force: bool, inputs: Mapping[str, str | Path | None] | tuple = (), *,
+    what: str = "--out", expected_bytes: int | None = None, notify: Notify = None,
+) -> Path:
     """All checks of an output directory, before any work; returns its absolute path.
 
     `inputs` maps option names to input paths (a tuple of paths is read as model inputs).
@@ -177,16 +194,20 @@ def check_output_dir(out: str | Path | None, force: bool, inputs: Mapping[str, s
     check_separate(inputs, {what: out})
     if p.exists() or p.is_symlink():
         if p.is_symlink() or not p.is_dir():
-            raise MoepruneError(f"{what} {out} exists and is not a directory; moeprune replaces only directories "
-                                f"it wrote: choose another {what}")
+            raise MoepruneError(
+                f"{what} {out} exists and is not a directory; moeprune replaces only directories "
+                f"it wrote: choose another {what}"
+            )
         entries = sorted(e.name for e in p.iterdir())
         if entries and not force:
             raise MoepruneError(f"{what} {out} already exists and is not empty; pass --force to replace it "
                                 "(only a directory moeprune wrote is replaced)")
         if entries and not is_moeprune_directory(p):
             shown = ", ".join(entries[:3]) + (f" and {len(entries) - 3} more" if len(entries) > 3 else "")
-            raise MoepruneError(f"{what} {out} holds files moeprune did not write ({shown}); --force replaces only "
-                                f"a moeprune output or an empty directory: choose another {what}")
+            raise MoepruneError(
+                f"{what} {out} holds files moeprune did not write ({shown}); --force replaces only "
+                f"a moeprune output or an empty directory: choose another {what}"
+            )
     _check_writable(p, what, out, expected_bytes)
     remove_stale_temporaries(p, notify)
     return p
@@ -200,13 +221,17 @@ def check_output_file(out: str | Path | None, force: bool, inputs: Mapping[str, 
     if p.is_dir():
         raise MoepruneError(f"{what} {out} is a directory; give a file name, e.g. {Path(out) / 'out.json'}")
     if not p.parent.is_dir():
-        raise MoepruneError(f"{what} {out}: its directory {p.parent} does not exist; create it or choose another path")
+        raise MoepruneError(
+            f"{what} {out}: its directory {p.parent} does not exist; create it or choose another path"
+        )
     if p.exists() or p.is_symlink():
         if not force:
             raise MoepruneError(f"{what} {out} already exists; pass --force to replace it")
         if p.is_symlink() or not _is_moeprune_file(p):
-            raise MoepruneError(f"{what} {out} is not a file moeprune wrote; --force replaces only moeprune's own "
-                                f"plans and reports: choose another {what}")
+            raise MoepruneError(
+                f"{what} {out} is not a file moeprune wrote; --force replaces only moeprune's own "
+                f"plans and reports: choose another {what}"
+            )
     _check_writable(p, what, out, None)
     return p
 
@@ -246,11 +271,14 @@ def atomic_directory(out: str | Path, force: bool = False) -> Iterator[Path]:
         entries = o.is_dir() and any(o.iterdir())
         if not o.is_dir() or (entries and not (force and is_moeprune_directory(o))):
             shutil.rmtree(tmp, ignore_errors=True)
-            raise MoepruneError(f"output {out} appeared while working and is not a moeprune output to replace; "
-                                "the result was not kept: choose another --out")
+            raise MoepruneError(
+                f"output {out} appeared while working and is not a moeprune output to replace; "
+                "the result was not kept: choose another --out"
+            )
         old = o.parent / f".{o.name}.old-{os.getpid()}"
         o.rename(old)
-        (old / TEMP_MARKER).write_text(json.dumps({"pid": os.getpid()}))  # a kill now leaves a removable sibling
+        # a kill now leaves a removable sibling
+        (old / TEMP_MARKER).write_text(json.dumps({"pid": os.getpid()}))
     tmp.rename(o)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
@@ -275,14 +303,17 @@ def write_file_atomically(path: str | Path, write: Callable[[Path], None]) -> No
 
 
 def _write_failure(e: BaseException, out: str | Path) -> MoepruneError | None:
-    """The one-line error for a write that failed for lack of room or rights (the OS's or safetensors' error)."""
+    """The one-line error for a write that failed for lack of room or rights (the OS's or safetensors'
+    error)."""
     if isinstance(e, OSError) and e.errno is not None:
         reason = e.strerror or str(e)
     elif type(e).__name__ == "SafetensorError" and "I/O error" in str(e):  # safetensors wraps the OS error
         reason = str(e).split("I/O error:", 1)[-1].strip()
     else:
         return None
-    return MoepruneError(f"could not write {out} ({reason}); nothing was written: free space or choose another place")
+    return MoepruneError(
+        f"could not write {out} ({reason}); nothing was written: free space or choose another place"
+    )
 
 
 def check_offload_dir(offload_dir: str | Path | None, inputs: dict) -> None:
@@ -292,13 +323,19 @@ def check_offload_dir(offload_dir: str | Path | None, inputs: dict) -> None:
     import os
 
     if not str(offload_dir).strip():
-        raise MoepruneError("--offload-dir is empty; give a directory for spilled hidden states, or leave it out")
+        raise MoepruneError(
+            "--offload-dir is empty; give a directory for spilled hidden states, or leave it out"
+        )
     check_separate(inputs, {"--offload-dir": offload_dir})
     p = Path(offload_dir)
     base = p
     while not base.exists():
         base = base.parent
     if not base.is_dir():
-        raise MoepruneError(f"--offload-dir {offload_dir}: {base} is a file, not a directory; choose a directory")
+        raise MoepruneError(
+            f"--offload-dir {offload_dir}: {base} is a file, not a directory; choose a directory"
+        )
     if not os.access(base, os.W_OK | os.X_OK):
-        raise MoepruneError(f"--offload-dir {offload_dir}: {base} is not writable; choose a directory you can write to")
+        raise MoepruneError(
+            f"--offload-dir {offload_dir}: {base} is not writable; choose a directory you can write to"
+        )

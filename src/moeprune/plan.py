@@ -29,7 +29,8 @@ class Group:
     members: list[int]  # input expert ids merged into this output expert
     coeffs: list[float]  # merge coefficients, one per member (sum to 1 for a weighted average)
     # Optional permutation alignment (UNCURL, M-SMoE): per member, a permutation of its I hidden units
-    # applied before the weighted sum (new unit j = old unit perm[j]; see moeprune.methods.alignment). None: no alignment.
+    # applied before the weighted sum (new unit j = old unit perm[j]; see moeprune.methods.alignment). None:
+    # no alignment.
     perms: list[list[int]] | None = None
 
 
@@ -116,9 +117,11 @@ class Plan:
                       notes=lp.get("notes", {}))
             for lp in d["layers"]
         ]
-        return cls(method=d["method"], layers=layers, model=d["model"], method_config=d.get("method_config", {}),
-                   calibration=d.get("calibration", {}), flatten_groups=d.get("flatten_groups", False),
-                   normalise=d.get("normalise", True))
+        return cls(
+            method=d["method"], layers=layers, model=d["model"], method_config=d.get("method_config", {}),
+            calibration=d.get("calibration", {}), flatten_groups=d.get("flatten_groups", False),
+            normalise=d.get("normalise", True),
+        )
 
     @classmethod
     def load(cls, path: str | Path) -> Plan:
@@ -165,12 +168,16 @@ class Plan:
                                     "model shape; re-plan on this model's statistics")
         counts = {lp.num_experts_out for lp in self.layers}
         if len(counts) != 1:
-            raise MoepruneError(f"plan keeps different expert counts per layer {sorted(counts)}; a stock config "
-                                "holds one count, so every MoE layer must keep the same number")
+            raise MoepruneError(
+                f"plan keeps different expert counts per layer {sorted(counts)}; a stock config "
+                "holds one count, so every MoE layer must keep the same number"
+            )
         for lp in self.layers:
             where = f"layer {lp.layer}"
             if lp.layer not in moe_layers:
-                raise MoepruneError(f"{where} is not an MoE layer of this model (MoE layers: {sorted(moe_layers)})")
+                raise MoepruneError(
+                    f"{where} is not an MoE layer of this model (MoE layers: {sorted(moe_layers)})"
+                )
             if lp.num_experts_in != E:
                 if given:
                     raise MoepruneError(f"{where}: the plan was made for {lp.num_experts_in} experts per "
@@ -178,7 +185,9 @@ class Plan:
                 raise MoepruneError(f"{where}: the plan says num_experts_in={lp.num_experts_in}, but its "
                                     f"model facts say num_experts={E}; the plan is inconsistent, re-plan")
             if lp.router_merge not in ROUTER_MERGES:
-                raise MoepruneError(f"{where}: router_merge {lp.router_merge!r} is not one of {ROUTER_MERGES}")
+                raise MoepruneError(
+                    f"{where}: router_merge {lp.router_merge!r} is not one of {ROUTER_MERGES}"
+                )
             seen: set[int] = set()
             widths: set[int] = set() if width is None else {int(width)}  # one hidden width I per layer
             for j, g in enumerate(lp.groups):
@@ -224,7 +233,9 @@ class Plan:
     @staticmethod
     def _check_perms(where: str, g: Group, widths: set[int], width: int | None = None) -> None:
         if len(g.perms) != len(g.members):
-            raise MoepruneError(f"{where}: group {g.members} has {len(g.perms)} permutations, one per member needed")
+            raise MoepruneError(
+                f"{where}: group {g.members} has {len(g.perms)} permutations, one per member needed"
+            )
         for e, q in zip(g.members, g.perms):
             if width is not None and len(q) != width:
                 raise MoepruneError(f"{where}: the permutation of expert {e} (group {g.members}) has "
@@ -235,8 +246,10 @@ class Plan:
                 raise MoepruneError(f"{where}: the permutation of expert {e} (group {g.members}) is not a "
                                     f"permutation of its {len(q)} hidden units 0..{len(q) - 1}")
         if len(widths) > 1:
-            raise MoepruneError(f"{where}: permutations of different lengths {sorted(widths)}; every expert of a "
-                                "layer has the same hidden width I")
+            raise MoepruneError(
+                f"{where}: permutations of different lengths {sorted(widths)}; every expert of a "
+                "layer has the same hidden width I"
+            )
 
     def _check_groups(self, lp: LayerPlan, E: int, n_group: int, min_per_group: int) -> None:
         where, r = f"layer {lp.layer}", lp.num_experts_out
@@ -248,13 +261,17 @@ class Plan:
                                 f"keep a multiple of {n_group} experts {hint}")
         per_in, per_out = E // n_group, r // n_group
         if per_out < min_per_group:
-            raise MoepruneError(f"{where}: each of the {n_group} routing groups would keep {per_out} experts, "
-                                f"fewer than {min_per_group}; keep at least {min_per_group * n_group} {hint}")
+            raise MoepruneError(
+                f"{where}: each of the {n_group} routing groups would keep {per_out} experts, "
+                f"fewer than {min_per_group}; keep at least {min_per_group * n_group} {hint}"
+            )
         for j, g in enumerate(lp.groups):
             routing_groups = {m // per_in for m in g.members}
             if routing_groups != {j // per_out}:
-                raise MoepruneError(f"{where}: output expert {j} (members {g.members}) must come from routing "
-                                    f"group {j // per_out} only; order groups by routing group {hint}")
+                raise MoepruneError(
+                    f"{where}: output expert {j} (members {g.members}) must come from routing "
+                    f"group {j // per_out} only; order groups by routing group {hint}"
+                )
 
 
 # ---- the JSON schema of a plan -------------------------------------------------------------------
@@ -282,13 +299,17 @@ def check_novice_plan(plan: Plan) -> None:
     for lp in plan.layers:
         where = f"layer {lp.layer}"
         if not lp.is_pruning:
-            raise MoepruneError(f"{where}: novices combine only with pruning (singleton groups with coefficient 1); "
-                                "this plan also merges experts")
+            raise MoepruneError(
+                f"{where}: novices combine only with pruning (singleton groups with coefficient 1); "
+                "this plan also merges experts"
+            )
         covered = set(lp.kept) | set(lp.novices)
         missing = sorted(set(range(lp.num_experts_in)) - covered)
         if missing:
-            raise MoepruneError(f"{where}: experts {missing} are neither kept nor novices; with novices the router "
-                                "keeps all its rows, so every expert must be one or the other")
+            raise MoepruneError(
+                f"{where}: experts {missing} are neither kept nor novices; with novices the router "
+                "keeps all its rows, so every expert must be one or the other"
+            )
 
 
 def check_same_calibration(plan: Plan, stats) -> None:
@@ -296,8 +317,10 @@ def check_same_calibration(plan: Plan, stats) -> None:
     for key in ("sha256", "tokens", "seq_len", "seed", "source"):
         a, b = plan.calibration.get(key), stats.calibration.get(key)
         if a is not None and b is not None and a != b:
-            raise MoepruneError(f"the statistics do not match the plan: calibration {key} is {b!r} in the stats but "
-                                f"{a!r} in the plan; pass the stats directory the plan was made from")
+            raise MoepruneError(
+                f"the statistics do not match the plan: calibration {key} is {b!r} in the stats but "
+                f"{a!r} in the plan; pass the stats directory the plan was made from"
+            )
 
 
 def _json_kind(v) -> str:
@@ -410,7 +433,9 @@ def budget(num_experts: int, top_k: int, ratio: float | None = None, experts: in
     """The number of experts to keep per layer, checked before any expensive work."""
     E = num_experts
     if (ratio is None) == (experts is None):
-        raise MoepruneError("give exactly one of --ratio R (fraction of experts to remove) or --experts N (to keep)")
+        raise MoepruneError(
+            "give exactly one of --ratio R (fraction of experts to remove) or --experts N (to keep)"
+        )
     if ratio is not None:
         if not 0 <= ratio < 1:
             raise MoepruneError(f"--ratio {ratio} is outside [0, 1): it is the fraction of experts to remove")
@@ -420,14 +445,18 @@ def budget(num_experts: int, top_k: int, ratio: float | None = None, experts: in
         if not 1 <= r <= E:
             raise MoepruneError(f"--experts {r} is outside [1, {E}]: the model has {E} experts per layer")
     if top_k > E:
-        raise MoepruneError(f"the model routes each token to top-k={top_k} experts but has only {E}; its config is "
-                            "inconsistent (check num_experts_per_tok and the expert count in config.json)")
+        raise MoepruneError(
+            f"the model routes each token to top-k={top_k} experts but has only {E}; its config is "
+            "inconsistent (check num_experts_per_tok and the expert count in config.json)"
+        )
     if r < top_k:
         raise MoepruneError(f"keeping {r} of {E} experts is fewer than top-k={top_k}; keep at least {top_k} "
                             f"(--experts {top_k} or --ratio <= {(E - top_k) / E:.3f})")
     if n_group > 1 and not flatten_groups:
         ok = [n for n in range(n_group * min_per_group, E + 1, n_group)]
         if r % n_group or r // n_group < min_per_group:
-            raise MoepruneError(f"keeping {r} experts breaks group-limited routing (n_group={n_group}, at least "
-                                f"{min_per_group} per group): use --experts in {ok} or --flatten-groups")
+            raise MoepruneError(
+                f"keeping {r} experts breaks group-limited routing (n_group={n_group}, at least "
+                f"{min_per_group} per group): use --experts in {ok} or --flatten-groups"
+            )
     return r

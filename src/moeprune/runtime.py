@@ -60,7 +60,9 @@ def check_device(device: str) -> str:
         return "cuda" if torch.cuda.is_available() else "cpu"
     if kind == "cuda":
         if not torch.cuda.is_available():
-            raise MoepruneError(f"--device {device} asked for, but torch sees no CUDA device; use --device cpu")
+            raise MoepruneError(
+                f"--device {device} asked for, but torch sees no CUDA device; use --device cpu"
+            )
         if index and int(index) >= torch.cuda.device_count():
             raise MoepruneError(f"--device {device}: torch sees {torch.cuda.device_count()} CUDA device(s)")
     return device
@@ -68,7 +70,8 @@ def check_device(device: str) -> str:
 
 # ---- memory -----------------------------------------------------------------------------------------
 def available_memory() -> int | None:
-    """Bytes a new allocation can get: MemAvailable, or less under a cgroup memory limit (containers, batch jobs)."""
+    """Bytes a new allocation can get: MemAvailable, or less under a cgroup memory limit (containers, batch
+    jobs)."""
     found = []
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
@@ -85,8 +88,11 @@ def available_memory() -> int | None:
     return min(found)
 
 
-def _cgroup_headroom(proc_cgroup: Path = Path("/proc/self/cgroup"), root: Path = Path("/sys/fs/cgroup")) -> list[int]:
-    """limit − (usage − inactive file cache) of this process's memory cgroup(s), v1 or v2; [] when unlimited."""
+def _cgroup_headroom(
+    proc_cgroup: Path = Path("/proc/self/cgroup"), root: Path = Path("/sys/fs/cgroup")
+) -> list[int]:
+    """limit − (usage − inactive file cache) of this process's memory cgroup(s), v1 or v2; [] when
+    unlimited."""
     out = []
     try:
         lines = proc_cgroup.read_text().splitlines()
@@ -144,7 +150,8 @@ def choose_in_memory(model_path: str | Path, requested: bool | None) -> tuple[bo
 
 
 def check_fits(model_path: str | Path, copies: float, what: str) -> None:
-    """Refuse before loading when `copies` x the weights (plus a tenth for activations) exceed the free memory.
+    """Refuse before loading when `copies` x the weights (plus a tenth for activations) exceed the free
+    memory.
 
     The estimate is honest, not generous: a loaded model takes its weights' bytes, a copy as many again.
     """
@@ -206,8 +213,10 @@ def _progress():
     )
 
     # progress goes to stderr, so that stdout holds only results (tables, JSON) a script may read
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    TextColumn("eta"), TimeRemainingColumn(), transient=False, console=Console(stderr=True))
+    return Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        TextColumn("eta"), TimeRemainingColumn(), transient=False, console=Console(stderr=True),
+    )
 
 
 @contextlib.contextmanager

@@ -67,7 +67,9 @@ def check_ratio(ratio: float | None) -> None:
 class CalibrationRequest:
     """Which text calibrates, how it is cut into sequences, and how many probe tokens each layer keeps."""
 
-    text: str | None = None  # a file (.txt/.jsonl/.json), a directory of them, or None for weight-only methods
+    text: str | None = (
+        None  # a file (.txt/.jsonl/.json), a directory of them, or None for weight-only methods
+    )
     samples: int = 128
     seq_len: int = 512
     seed: int = 0

@@ -52,7 +52,8 @@ def _mean_acc(tasks: dict) -> float | None:
 
 
 def quality(row: dict, base: dict) -> dict:
-    """`ppl_rel` (geometric mean of ppl ratios over texts) and `acc_mean` / `acc_rel` of a row against `base`."""
+    """`ppl_rel` (geometric mean of ppl ratios over texts) and `acc_mean` / `acc_rel` of a row against
+    `base`."""
     logs = [math.log(row["perplexity"][t]["ppl"] / base["perplexity"][t]["ppl"]) for t in base["perplexity"]]
     acc, base_acc = _mean_acc(row["tasks"]), _mean_acc(base["tasks"])
     return {"ppl_rel": math.exp(sum(logs) / len(logs)) if logs else None, "acc_mean": acc,
@@ -135,7 +136,9 @@ def sweep(
     if not ratios:
         raise MoepruneError("no ratio to sweep: pass --ratios R1,R2,... (fractions of experts to remove)")
     if not texts and not tasks and not task_texts:
-        raise MoepruneError("nothing to evaluate: give text files (--text) and/or tasks (--tasks, --task-text)")
+        raise MoepruneError(
+            "nothing to evaluate: give text files (--text) and/or tasks (--tasks, --task-text)"
+        )
     for t in texts:
         if not Path(t).is_file():
             raise MoepruneError(f"text file {t} does not exist")
@@ -143,7 +146,9 @@ def sweep(
         raise MoepruneError(f"--knee-threshold must be positive (got {knee_threshold})")
     unknown = set(options) - set(methods)
     if unknown:
-        raise MoepruneError(f"options given for {sorted(unknown)}, which are not among the swept methods {methods}")
+        raise MoepruneError(
+            f"options given for {sorted(unknown)}, which are not among the swept methods {methods}"
+        )
     check_settings(samples=samples, seq_len=seq_len, batch_size=batch_size, seed=seed, probe_size=probe_size,
                    task_items=task_items, max_tokens=max_tokens)
     for r in ratios:
@@ -167,16 +172,20 @@ def sweep(
     for r in duplicates:  # same expert count as a smaller ratio: the same model, evaluated once
         log(f"ratio {r} keeps {keeps[r]} experts, as a smaller ratio does; skipped")
         keeps.pop(r)
-    inputs = {"model": model_path, "--calib": calib, "--tokenizer": tokenizer, "--task-dir": task_dir,
-              **{f"--text {t}": t for t in texts}, **{f"--task-text {t}": t for t in (task_texts or {}).values()}}
+    inputs = {
+        "model": model_path, "--calib": calib, "--tokenizer": tokenizer, "--task-dir": task_dir,
+        **{f"--text {t}": t for t in texts}, **{f"--task-text {t}": t for t in (task_texts or {}).values()},
+    }
     check_output_dir(out, force, inputs)
     check_offload_dir(None, inputs)
     check_weight_files(model_path)
     device = check_device(device)
     with_tasks = bool(tasks or task_texts)
     if with_tasks and layerwise:
-        raise MoepruneError("lm-eval tasks need the whole model in memory; sweep perplexity alone (--text) layer "
-                            "by layer, or leave out --layerwise")
+        raise MoepruneError(
+            "lm-eval tasks need the whole model in memory; sweep perplexity alone (--text) layer "
+            "by layer, or leave out --layerwise"
+        )
     tok = load_tokenizer(tokenizer or model_path)
     cal = None
     if calib is not None:
@@ -199,16 +208,23 @@ def sweep(
 
         def evaluate(plan=None) -> tuple[dict, dict]:
             res = {"perplexity": {}, "tasks": {}}
-            what = "evaluating" if plan is None else f"evaluating {plan.method} ({plan.num_experts_out} experts)"
+            what = (
+                "evaluating" if plan is None else f"evaluating {plan.method} ({plan.num_experts_out} experts)"
+            )
             change = {}
             if texts:
                 with layer_progress(what, progress) as cb:
-                    ppl, change = pipeline.perplexities(source, tok, [Path(t) for t in texts], seq_len=eval_seq_len,
-                                                        max_tokens=max_tokens, batch_size=batch_size, plan=plan,
-                                                        stats=stats, progress=cb)
+                    ppl, change = pipeline.perplexities(
+                        source, tok, [Path(t) for t in texts], seq_len=eval_seq_len, max_tokens=max_tokens,
+                        batch_size=batch_size, plan=plan, stats=stats, progress=cb,
+                    )
                 res["perplexity"] = {str(t): r for t, r in zip(texts, ppl)}
             if suite is not None:
-                model = source.model if plan is None else apply_plan(copy.deepcopy(source.model), plan, stats=stats)
+                model = (
+                    source.model
+                    if plan is None
+                    else apply_plan(copy.deepcopy(source.model), plan, stats=stats)
+                )
                 res["tasks"] = run_tasks(model, tok, suite, limit=limit, batch_size=batch_size)
                 if plan is not None and not texts:
                     after = parameter_counts(model)
@@ -221,8 +237,10 @@ def sweep(
         t0 = time.perf_counter()
         if cal is not None:
             with layer_progress("calibrating", progress) as cb:
-                stats = pipeline.observe(source, cal.input_ids, batch_size=batch_size, probe_size=probe_size, seed=seed,
-                                         calibration=cal.provenance, ranks=Ranks(), progress=cb)
+                stats = pipeline.observe(
+                    source, cal.input_ids, batch_size=batch_size, probe_size=probe_size, seed=seed,
+                    calibration=cal.provenance, ranks=Ranks(), progress=cb,
+                )
         else:
             stats = pipeline.empty_stats(source.model, str(model_path))
         observe_seconds = time.perf_counter() - t0
@@ -244,13 +262,17 @@ def sweep(
             for method in methods:
                 for ratio, keep in keeps.items():
                     t0 = time.perf_counter()
-                    plan = make_plan_for(stats, method, ratio=ratio, flatten_groups=flatten_groups, weights=weights,
-                                         options=options.get(method))
+                    plan = make_plan_for(
+                        stats, method, ratio=ratio, flatten_groups=flatten_groups, weights=weights,
+                        options=options.get(method),
+                    )
                     t1 = time.perf_counter()
                     scores, change = evaluate(plan)
                     t2 = time.perf_counter()
                     parameters = {k: v + change.get(k, 0) for k, v in before.items()}
-                    row = {"method": method, "ratio": ratio, "experts": keep, "parameters": parameters, **scores}
+                    row = {
+                        "method": method, "ratio": ratio, "experts": keep, "parameters": parameters, **scores,
+                    }
                     row.update(quality(row, base))
                     row["seconds"] = {"plan": t1 - t0, "evaluate": t2 - t1}
                     row["checkpoint"] = None
@@ -263,15 +285,27 @@ def sweep(
                     log(_line(row, base))
             base.update(quality(base, base))
             result = {
-                "format": FORMAT, "model": str(model_path), "model_type": a.family, "num_experts": a.num_experts,
-                "top_k": a.top_k, "methods": list(methods), "ratios": list(keeps), "options": options,
-                "calibration": dict(stats.calibration), "observe_seconds": observe_seconds,
-                "settings": {"eval_seq_len": eval_seq_len, "max_tokens": max_tokens, "batch_size": batch_size,
-                             "limit": limit, "device": device, "flatten_groups": flatten_groups,
-                             "knee_threshold": knee_threshold, "probe_size": probe_size, "samples": samples,
-                             "seq_len": seq_len, "seed": seed, "layerwise": not source.in_memory},
-                "texts": [str(t) for t in texts], "tasks": suite.names if suite else [],
-                "command": command, "baseline": base, "rows": rows,
+                "format": FORMAT,
+                "model": str(model_path),
+                "model_type": a.family,
+                "num_experts": a.num_experts,
+                "top_k": a.top_k,
+                "methods": list(methods),
+                "ratios": list(keeps),
+                "options": options,
+                "calibration": dict(stats.calibration),
+                "observe_seconds": observe_seconds,
+                "settings": {
+                    "eval_seq_len": eval_seq_len, "max_tokens": max_tokens, "batch_size": batch_size,
+                    "limit": limit, "device": device, "flatten_groups": flatten_groups,
+                    "knee_threshold": knee_threshold, "probe_size": probe_size, "samples": samples,
+                    "seq_len": seq_len, "seed": seed, "layerwise": not source.in_memory,
+                },
+                "texts": [str(t) for t in texts],
+                "tasks": suite.names if suite else [],
+                "command": command,
+                "baseline": base,
+                "rows": rows,
                 "knee": {m: knee([r for r in rows if r["method"] == m], knee_threshold) for m in methods},
             }
             (tmp / "sweep.json").write_text(json.dumps(result, indent=1))
@@ -322,11 +356,15 @@ def knee_sentences(result: dict) -> list[str]:
         steep = f"; steepest step at ratio {k['steepest_ratio']:g} ({k['steepest_experts']} experts kept)" \
             if k["steepest_ratio"] is not None else ""
         if k["ratio"] is None:
-            lines.append(f"{m}: quality stays within {k['threshold']:.0%} of the unpruned model up to the largest "
-                         f"ratio tried{steep}")
+            lines.append(
+                f"{m}: quality stays within {k['threshold']:.0%} of the unpruned model up to the largest "
+                f"ratio tried{steep}"
+            )
         else:
-            lines.append(f"{m}: quality falls off at ratio {k['ratio']:g} ({k['experts']} of "
-                         f"{result['num_experts']} experts kept; more than {k['threshold']:.0%} worse){steep}")
+            lines.append(
+                f"{m}: quality falls off at ratio {k['ratio']:g} ({k['experts']} of "
+                f"{result['num_experts']} experts kept; more than {k['threshold']:.0%} worse){steep}"
+            )
     return lines
 
 
@@ -357,8 +395,10 @@ def render_table(result: dict):
     from rich.table import Table
 
     head, rows = table_rows(result)
-    t = Table(title=f"{Path(result['model']).name}: quality against pruning ratio ({result['num_experts']} experts, "
-                    f"top-{result['top_k']})")
+    t = Table(
+        title=f"{Path(result['model']).name}: quality against pruning ratio "
+        f"({result['num_experts']} experts, top-{result['top_k']})"
+    )
     for i, h in enumerate(head):
         t.add_column(h, justify="left" if i == 0 or h == "knee" else "right")
     for r in rows:

@@ -103,7 +103,8 @@ def novice_experts_forward(self, kernel, hidden_states: torch.Tensor, top_k_inde
 
 
 def _novice_instance_forward(self, *args, **kwargs):
-    """Instance forward for an experts class transformers does not dispatch: its class forward is the kernel."""
+    """Instance forward for an experts class transformers does not dispatch: its class forward is the
+    kernel."""
     return novice_experts_forward(self, type(self).forward, *args, **kwargs)
 
 

@@ -1,7 +1,7 @@
 """The adapters of the 11 transformers families with routed experts (transformers 5.23).
 
-Each class states only what differs from the `Adapter` defaults; see docs/architecture.md ("Families") for the table of
-expert-count fields and routing notes these facts come from.
+Each class states only what differs from the `Adapter` defaults; see docs/architecture.md ("Families") for the
+table of expert-count fields and routing notes these facts come from.
 """
 
 from __future__ import annotations
@@ -195,5 +195,15 @@ def _llama4_novice_forward(self, routed_in: torch.Tensor) -> torch.Tensor:
 
 
 ADAPTERS: tuple[type[Adapter], ...] = (
-    Mixtral, Qwen2Moe, Qwen3Moe, Olmoe, DeepseekV2, DeepseekV3, Glm4Moe, Phimoe, GptOss, Ernie45Moe, Llama4Text,
+    Mixtral,
+    Qwen2Moe,
+    Qwen3Moe,
+    Olmoe,
+    DeepseekV2,
+    DeepseekV3,
+    Glm4Moe,
+    Phimoe,
+    GptOss,
+    Ernie45Moe,
+    Llama4Text,
 )

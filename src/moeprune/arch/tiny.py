@@ -27,49 +27,69 @@ def tiny_config(family: str, num_experts: int = 8, top_k: int = 2, **overrides) 
     """The config of a tiny `family` model with `num_experts` routed experts and top-`top_k`."""
     E, k = num_experts, top_k
     specs = {
-        "mixtral": (tf.MixtralConfig, dict(intermediate_size=128, num_local_experts=E, num_experts_per_tok=k)),
+        "mixtral": (
+            tf.MixtralConfig,
+            dict(intermediate_size=128, num_local_experts=E, num_experts_per_tok=k),
+        ),
         "qwen2_moe": (
             tf.Qwen2MoeConfig,
-            dict(intermediate_size=128, moe_intermediate_size=64, shared_expert_intermediate_size=128,
-                 num_experts=E, num_experts_per_tok=k, norm_topk_prob=False, mlp_only_layers=[0]),
+            dict(
+                intermediate_size=128, moe_intermediate_size=64, shared_expert_intermediate_size=128,
+                num_experts=E, num_experts_per_tok=k, norm_topk_prob=False, mlp_only_layers=[0],
+            ),
         ),
         "qwen3_moe": (
             tf.Qwen3MoeConfig,
-            dict(intermediate_size=128, moe_intermediate_size=64, head_dim=16, num_experts=E,
-                 num_experts_per_tok=k, norm_topk_prob=True),
+            dict(
+                intermediate_size=128, moe_intermediate_size=64, head_dim=16, num_experts=E,
+                num_experts_per_tok=k, norm_topk_prob=True,
+            ),
         ),
         "olmoe": (tf.OlmoeConfig, dict(intermediate_size=128, num_experts=E, num_experts_per_tok=k)),
         "deepseek_v2": (
             tf.DeepseekV2Config,
-            dict(intermediate_size=128, moe_intermediate_size=64, n_routed_experts=E, num_experts_per_tok=k,
-                 n_shared_experts=1, first_k_dense_replace=1, q_lora_rank=None, topk_method="greedy",
-                 **_DEEPSEEK_MLA),
+            dict(
+                intermediate_size=128, moe_intermediate_size=64, n_routed_experts=E, num_experts_per_tok=k,
+                n_shared_experts=1, first_k_dense_replace=1, q_lora_rank=None, topk_method="greedy",
+                **_DEEPSEEK_MLA,
+            ),
         ),
         "deepseek_v3": (
             tf.DeepseekV3Config,
-            dict(intermediate_size=128, moe_intermediate_size=64, n_routed_experts=E, num_experts_per_tok=k,
-                 n_shared_experts=1, first_k_dense_replace=1, q_lora_rank=32, n_group=2, topk_group=1,
-                 routed_scaling_factor=2.5, **_DEEPSEEK_MLA),
+            dict(
+                intermediate_size=128, moe_intermediate_size=64, n_routed_experts=E, num_experts_per_tok=k,
+                n_shared_experts=1, first_k_dense_replace=1, q_lora_rank=32, n_group=2, topk_group=1,
+                routed_scaling_factor=2.5, **_DEEPSEEK_MLA,
+            ),
         ),
         "glm4_moe": (
             tf.Glm4MoeConfig,
-            dict(intermediate_size=128, moe_intermediate_size=64, n_routed_experts=E, num_experts_per_tok=k,
-                 n_shared_experts=1, first_k_dense_replace=1, n_group=1, topk_group=1, head_dim=16),
+            dict(
+                intermediate_size=128, moe_intermediate_size=64, n_routed_experts=E, num_experts_per_tok=k,
+                n_shared_experts=1, first_k_dense_replace=1, n_group=1, topk_group=1, head_dim=16,
+            ),
         ),
         "phimoe": (tf.PhimoeConfig, dict(intermediate_size=128, num_local_experts=E, num_experts_per_tok=k)),
         "gpt_oss": (
             tf.GptOssConfig,
-            dict(intermediate_size=128, num_local_experts=E, num_experts_per_tok=k, head_dim=16, sliding_window=64),
+            dict(
+                intermediate_size=128, num_local_experts=E, num_experts_per_tok=k, head_dim=16,
+                sliding_window=64,
+            ),
         ),
         "ernie4_5_moe": (
             tf.Ernie4_5_MoeConfig,
-            dict(intermediate_size=128, moe_intermediate_size=64, moe_num_experts=E, moe_k=k,
-                 moe_num_shared_experts=1, moe_layer_start_index=1, moe_layer_end_index=2, head_dim=16),
+            dict(
+                intermediate_size=128, moe_intermediate_size=64, moe_num_experts=E, moe_k=k,
+                moe_num_shared_experts=1, moe_layer_start_index=1, moe_layer_end_index=2, head_dim=16,
+            ),
         ),
         "llama4_text": (
             tf.Llama4TextConfig,
-            dict(intermediate_size=128, intermediate_size_mlp=128, num_local_experts=E, num_experts_per_tok=k,
-                 head_dim=16, interleave_moe_layer_step=1, attention_chunk_size=64),
+            dict(
+                intermediate_size=128, intermediate_size_mlp=128, num_local_experts=E, num_experts_per_tok=k,
+                head_dim=16, interleave_moe_layer_step=1, attention_chunk_size=64,
+            ),
         ),
     }
     if family not in specs:

@@ -18,6 +18,16 @@ from moeprune.evaluate.report import comparison_rows, render_markdown, render_ta
 from moeprune.evaluate.tasks import cloze_items, mc_items, parse_task_texts, task_name, write_tasks
 
 __all__ = [
-    "TaskSuite", "cloze_items", "comparison_rows", "load_tasks", "mc_items",
-    "parse_task_texts", "perplexity", "render_markdown", "render_table", "run_tasks", "task_name", "write_tasks",
+    "TaskSuite",
+    "cloze_items",
+    "comparison_rows",
+    "load_tasks",
+    "mc_items",
+    "parse_task_texts",
+    "perplexity",
+    "render_markdown",
+    "render_table",
+    "run_tasks",
+    "task_name",
+    "write_tasks",
 ]

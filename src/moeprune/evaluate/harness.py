@@ -162,8 +162,10 @@ def load_tasks(tasks: Sequence[str], task_dir: str | Path | None = None, *,
                     offline = any(os.environ.get(v, "0") not in ("", "0") for v in ("HF_DATASETS_OFFLINE",
                                                                                     "HF_HUB_OFFLINE"))
                     hint = "" if offline else " (HF_DATASETS_OFFLINE=1 fails at once instead of retrying)"
-                    raise MoepruneError(f"the data of lm-eval task {name!r} could not be fetched ({_one_line(e)}); "
-                                        f"it needs the Hugging Face Hub or a local datasets cache{hint}")
+                    raise MoepruneError(
+                        f"the data of lm-eval task {name!r} could not be fetched ({_one_line(e)}); "
+                        f"it needs the Hugging Face Hub or a local datasets cache{hint}"
+                    )
                 raise MoepruneError(f"could not load lm-eval task {name!r} ({_one_line(e)})")
     return TaskSuite(names, tm, Path(include) if include else None)
 
@@ -211,7 +213,9 @@ def run_tasks(
             )
         except Exception as e:
             if _is_fetch_error(e):
-                raise MoepruneError(f"the data of lm-eval tasks {', '.join(suite.names)} could not be fetched "
-                                    f"({_one_line(e)}); it needs the Hugging Face Hub or a local datasets cache")
+                raise MoepruneError(
+                    f"the data of lm-eval tasks {', '.join(suite.names)} could not be fetched "
+                    f"({_one_line(e)}); it needs the Hugging Face Hub or a local datasets cache"
+                )
             raise
     return _flatten(res["results"], res.get("n-samples", {}))

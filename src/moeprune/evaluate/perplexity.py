@@ -70,8 +70,10 @@ def windows(tokens: torch.Tensor, seq_len: int, max_tokens: int | None = None) -
     used = tokens[:max_tokens] if max_tokens is not None else tokens
     W = used.numel() // seq_len
     if W == 0:
-        raise MoepruneError(f"the text has {used.numel()} tokens, fewer than one window of --seq-len {seq_len}; "
-                            "give more text or lower --seq-len")
+        raise MoepruneError(
+            f"the text has {used.numel()} tokens, fewer than one window of --seq-len {seq_len}; "
+            "give more text or lower --seq-len"
+        )
     return used[: W * seq_len].view(W, seq_len)
 
 
@@ -101,7 +103,9 @@ def text_windows(tokenizer, text_or_path: str | Path | Sequence[str], seq_len: i
     tokens = token_stream(tokenizer, docs)
     blocks = windows(tokens, seq_len, max_tokens)  # [W, L]
     digest = hashlib.sha256("\x1e".join(docs).encode("utf-8", errors="replace")).hexdigest()
-    return blocks, {"text_tokens": int(tokens.numel()), "max_tokens": max_tokens, "source": source, "sha256": digest}
+    return blocks, {
+        "text_tokens": int(tokens.numel()), "max_tokens": max_tokens, "source": source, "sha256": digest,
+    }
 
 
 def perplexity_result(total_nll: float, blocks: torch.Tensor, facts: dict) -> dict:

@@ -77,7 +77,11 @@ def _point_cells(values: list[float | None], stderrs: list[float | None]) -> lis
             cells.append(Cell(text))
             continue
         d = 100 * (v - base)
-        cells.append(Cell(text, "same") if v == base else Cell(text, f"{d:+.1f} pt", "", None if abs(d) < 0.05 else d > 0))
+        cells.append(
+            Cell(text, "same")
+            if v == base
+            else Cell(text, f"{d:+.1f} pt", "", None if abs(d) < 0.05 else d > 0)
+        )
     return cells
 
 
@@ -97,7 +101,9 @@ def comparison_rows(report: dict) -> list[tuple[str, list[Cell]]]:
         rows.append((f"ppl {short(text)}", _relative_cells(ppl, lambda x: f"{x:,.2f}", True)))
     tasks = sorted({t for m in models for t in m["tasks"]})
     for task in tasks:
-        metrics = [k for k in models[0]["tasks"].get(task, {}) if not k.endswith("_stderr") and k != "samples"]
+        metrics = [
+            k for k in models[0]["tasks"].get(task, {}) if not k.endswith("_stderr") and k != "samples"
+        ]
         for metric in metrics:
             values = [m["tasks"].get(task, {}).get(metric) for m in models]
             label = f"{task} {metric}"

@@ -138,7 +138,9 @@ def mc_items(
                 out.append(cand[3])
         return out
 
-    usable = [(i, j, c, s) for i, j, c in anchors if (s := _context_start(lines, i, context_chars)) is not None]
+    usable = [
+        (i, j, c, s) for i, j, c in anchors if (s := _context_start(lines, i, context_chars)) is not None
+    ]
     rng = random.Random(f"{seed}:{domain}:mc")
     items = []
     for i, j, gold_text, start in _sample(rng, usable, n):
@@ -204,11 +206,17 @@ def _task_yaml(name: str, data: Path, cache: Path, kind: str, domain: str) -> di
         "doc_to_text": "context",
     }
     if kind == "mc":
-        return {**common, "output_type": "multiple_choice", "doc_to_choice": "choices", "doc_to_target": "gold",
-                "target_delimiter": "\n",
-                "metric_list": [{"metric": m, "aggregation": "mean", "higher_is_better": True}
-                                for m in ("acc", "acc_norm")],
-                "metadata": {"version": FORMAT}}
+        return {
+            **common,
+            "output_type": "multiple_choice",
+            "doc_to_choice": "choices",
+            "doc_to_target": "gold",
+            "target_delimiter": "\n",
+            "metric_list": [
+                {"metric": m, "aggregation": "mean", "higher_is_better": True} for m in ("acc", "acc_norm")
+            ],
+            "metadata": {"version": FORMAT},
+        }
     # no `perplexity` metric: lm-eval bootstraps its stderr in a process pool, which costs more
     # than the whole task on a small CPU model
     return {**common, "output_type": "loglikelihood", "doc_to_target": "target", "target_delimiter": "",
@@ -217,7 +225,8 @@ def _task_yaml(name: str, data: Path, cache: Path, kind: str, domain: str) -> di
 
 
 def _check_task_dir(out: Path, names: list[str]) -> None:
-    """Refuse to overwrite files in `out` that an earlier `write_tasks` did not write (its manifest says which)."""
+    """Refuse to overwrite files in `out` that an earlier `write_tasks` did not write (its manifest says
+    which)."""
     if out.exists() and not out.is_dir():
         raise MoepruneError(f"--task-dir {out} is a file; give a directory for the built tasks")
     manifest = out / "manifest.json"
@@ -231,8 +240,10 @@ def _check_task_dir(out: Path, names: list[str]) -> None:
             pass
     for name in ["manifest.json"] + [f"{n}.{ext}" for n in names for ext in ("jsonl", "yaml")]:
         if (out / name).exists() and name not in ours:
-            raise MoepruneError(f"--task-dir {out} already holds {name}, which moeprune did not build; choose an "
-                                "empty or new --task-dir")
+            raise MoepruneError(
+                f"--task-dir {out} already holds {name}, which moeprune did not build; choose an "
+                "empty or new --task-dir"
+            )
 
 
 def write_tasks(
@@ -259,7 +270,9 @@ def write_tasks(
     _check_task_dir(out, [task_name(d, k) for d in sources for k in ("mc", "cloze")])
     out.mkdir(parents=True, exist_ok=True)
     cache = out / ".datasets_cache"
-    manifest = {"format": FORMAT, "seed": seed, "n_items": n_items, "context_chars": context_chars, "tasks": {}}
+    manifest = {
+        "format": FORMAT, "seed": seed, "n_items": n_items, "context_chars": context_chars, "tasks": {},
+    }
     names = []
     for domain, path in sources.items():
         text = path.read_text(encoding="utf-8", errors="replace")
@@ -274,9 +287,15 @@ def write_tasks(
                 raise MoepruneError(f"{path} gives only {len(items)} {kind} items for {name}; "
                                     f"it needs at least {MIN_ITEMS}: give a longer text")
             data = out / f"{name}.jsonl"
-            data.write_text("".join(json.dumps(it, ensure_ascii=False) + "\n" for it in items), encoding="utf-8")
-            (out / f"{name}.yaml").write_text(yaml.dump(_task_yaml(name, data, cache, kind, domain), Dumper=_Dumper,
-                                                        sort_keys=False, allow_unicode=True))
+            data.write_text(
+                "".join(json.dumps(it, ensure_ascii=False) + "\n" for it in items), encoding="utf-8"
+            )
+            (out / f"{name}.yaml").write_text(
+                yaml.dump(
+                    _task_yaml(name, data, cache, kind, domain), Dumper=_Dumper, sort_keys=False,
+                    allow_unicode=True,
+                )
+            )
             manifest["tasks"][name] = {"domain": domain, "kind": kind, "source": str(path), "sha256": digest,
                                        "items": len(items)}
             names.append(name)

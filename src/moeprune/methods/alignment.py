@@ -66,4 +66,6 @@ def align_members(access, members: list[int], reference: int) -> list[list[int]]
     """
     ref = access.expert_weights(reference)
     I = ref.gate.shape[0]
-    return [list(range(I)) if e == reference else match_hidden(ref, access.expert_weights(e)) for e in members]
+    return [
+        list(range(I)) if e == reference else match_hidden(ref, access.expert_weights(e)) for e in members
+    ]

@@ -54,9 +54,12 @@ def is_degenerate(X: torch.Tensor, Xc: torch.Tensor) -> torch.Tensor:
 
 
 def _warn(count: int, what: str) -> None:
-    warnings.warn(f"linear CKA: {count} {what} constant over the samples (zero after centring); CKA is set to "
-                  "1 between two constant representations and 0 between a constant and a varying one",
-                  DegenerateRepresentationWarning, stacklevel=3)
+    warnings.warn(
+        f"linear CKA: {count} {what} constant over the samples (zero after centring); CKA is set to "
+        "1 between two constant representations and 0 between a constant and a varying one",
+        DegenerateRepresentationWarning,
+        stacklevel=3,
+    )
 
 
 def linear_cka(X: torch.Tensor, Y: torch.Tensor, *, centered: bool = False, form: str = "auto") -> float:
@@ -68,7 +71,9 @@ def linear_cka(X: torch.Tensor, Y: torch.Tensor, *, centered: bool = False, form
     """
     _check_form(form)
     if X.ndim != 2 or Y.ndim != 2 or X.shape[0] != Y.shape[0]:
-        raise ValueError(f"linear_cka needs [n, d] matrices with the same n, got {tuple(X.shape)}, {tuple(Y.shape)}")
+        raise ValueError(
+            f"linear_cka needs [n, d] matrices with the same n, got {tuple(X.shape)}, {tuple(Y.shape)}"
+        )
     Xc = X.double() if centered else center(X)
     Yc = Y.double() if centered else center(Y)
     dx, dy = bool(is_degenerate(X, Xc)), bool(is_degenerate(Y, Yc))
@@ -134,7 +139,9 @@ def pairwise_cka(reps: torch.Tensor, *, centered: bool = False, form: str = "aut
     inner = (inner + inner.T) / 2  # exact symmetry despite rounding
     norms = inner.diagonal().clamp(min=0).sqrt()  # [E] ||K_i||_F
     denom = norms[:, None] * norms[None, :]
-    sim = torch.where(denom > 0, inner / denom.clamp(min=torch.finfo(torch.float64).tiny), torch.zeros_like(inner))
+    sim = torch.where(
+        denom > 0, inner / denom.clamp(min=torch.finfo(torch.float64).tiny), torch.zeros_like(inner)
+    )
     sim = sim.clamp(0.0, 1.0)
     if degenerate.any():
         _warn(int(degenerate.sum()), "of the representations are")
@@ -165,7 +172,9 @@ def pairwise_vector_cka(V: torch.Tensor, *, chunk: int = 1 << 20) -> torch.Tenso
     var = C.diagonal().clamp(min=0)
     degenerate = var.sqrt() <= DEGENERATE_RTOL * raw.sqrt()
     denom = var[:, None] * var[None, :]
-    sim = torch.where(denom > 0, C.square() / denom.clamp(min=torch.finfo(torch.float64).tiny), torch.zeros_like(C))
+    sim = torch.where(
+        denom > 0, C.square() / denom.clamp(min=torch.finfo(torch.float64).tiny), torch.zeros_like(C)
+    )
     sim = sim.clamp(0.0, 1.0)
     if degenerate.any():
         _warn(int(degenerate.sum()), "of the representations are")

@@ -68,9 +68,13 @@ REPRESENTATIONS = ("data", "weight", "flat", "surrogate")
 
 @dataclass(frozen=True)
 class DekConfig:
-    representation: str = "data"  # data (outputs on the probe; needs --calib) | weight | flat | surrogate (no calib)
+    representation: str = (
+        "data"  # data (outputs on the probe; needs --calib) | weight | flat | surrogate (no calib)
+    )
     linkage: str = "average"  # agglomerative linkage on 1 - CKA: average | single | complete
-    coefficients: str = "uniform"  # merge weights in a group: uniform | frequency (count_i) | learned (fit on probe)
+    coefficients: str = (
+        "uniform"  # merge weights in a group: uniform | frequency (count_i) | learned (fit on probe)
+    )
     router_merge: str = "average"  # merged router row: average (coefficient-weighted) | sum
     surrogate_tokens: int = 512  # rows of the Gaussian input Z for representation=surrogate
     seed: int = 0  # seed of the surrogate input Z
@@ -90,7 +94,10 @@ class DekConfig:
     def calibration_reason(self) -> str | None:
         """Why this configuration needs calibration text, or None (read by `api.prune`)."""
         if self.representation == "data":
-            return "representation=data compares expert outputs on probe tokens; -o representation=weight needs none"
+            return (
+                "representation=data compares expert outputs on probe tokens; "
+                "-o representation=weight needs none"
+            )
         if self.coefficients in ("frequency", "learned"):
             return f"coefficients={self.coefficients} reads routing counts or probe tokens"
         return None
@@ -102,8 +109,10 @@ def probe_inputs(ls: LayerStats, method: str, what: str) -> torch.Tensor:
     """[n, H] the layer's probe tokens, or a clear error when the stats have none."""
     x = ls.probe.inputs
     if x.shape[0] == 0:
-        raise MoepruneError(f"{method} {what} needs the probe tokens of a calibration pass, and layer {ls.layer} "
-                            "has none: pass --calib PATH (or plan from stats written by `moeprune observe`)")
+        raise MoepruneError(
+            f"{method} {what} needs the probe tokens of a calibration pass, and layer {ls.layer} "
+            "has none: pass --calib PATH (or plan from stats written by `moeprune observe`)"
+        )
     return x
 
 
@@ -149,7 +158,9 @@ def expert_similarity(access: LayerWeights, ls: LayerStats | None, representatio
         x = surrogate_inputs(surrogate_tokens, H, seed)
     else:
         if ls is None:
-            raise MoepruneError(f"{method} representation=data needs calibration statistics with probe tokens")
+            raise MoepruneError(
+                f"{method} representation=data needs calibration statistics with probe tokens"
+            )
         x = probe_inputs(ls, method, "representation=data")
     return pairwise_cka(access.expert_outputs(x))  # [E, n, H] -> [E, E]
 
@@ -192,7 +203,9 @@ def check_calibration(request: PlanRequest, method: str, coefficients: str, prob
                                 "(or use coefficients=uniform)")
 
 
-def plan_merging(request: PlanRequest, method: str, cfg, distance_fn, coefficients: str, notes_fn=None) -> Plan:
+def plan_merging(
+    request: PlanRequest, method: str, cfg, distance_fn, coefficients: str, notes_fn=None
+) -> Plan:
     """A merging plan: per layer, cluster on `distance_fn(access, layer_stats)` [E, E], then merge.
 
     `cfg` carries `linkage`, `router_merge`, `learn_steps` and `learn_lr`. `notes_fn(distance,

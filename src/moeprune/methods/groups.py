@@ -27,8 +27,10 @@ def routing_groups(num_experts: int, keep: int, n_group: int) -> list[tuple[list
 def check_divisible(num_experts: int, keep: int, n_group: int) -> None:
     """Both counts must split evenly over the routing groups."""
     if n_group < 1 or num_experts % n_group or keep % n_group:
-        raise MoepruneError(f"{num_experts} experts into {keep} groups cannot respect n_group={n_group}: both must "
-                            f"be multiples of {n_group} (or pass --flatten-groups)")
+        raise MoepruneError(
+            f"{num_experts} experts into {keep} groups cannot respect n_group={n_group}: both must "
+            f"be multiples of {n_group} (or pass --flatten-groups)"
+        )
 
 
 def top_experts(scores: torch.Tensor, keep: int, n_group: int = 1) -> list[int]:

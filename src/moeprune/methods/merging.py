@@ -14,9 +14,9 @@ replaced by `M(alpha) @ W`, the very linear map surgery applies, built from tens
 gradients; the copy is a capability of the weight access (`LayerWeights.merged_block`). Routing,
 group limits, correction biases, renormalisation and shared experts are therefore exactly what the
 merged model will compute; the top-k *selection* is piecewise constant in alpha (no gradient
-through it), the gate values and expert weights are differentiable. The parameters are softmax logits per group (Adam), started at the given
-coefficients (uniform by default); the best iterate is returned, so the result never reconstructs
-worse than the start on the probe.
+through it), the gate values and expert weights are differentiable. The parameters are softmax logits per
+group (Adam), started at the given coefficients (uniform by default); the best iterate is returned, so
+the result never reconstructs worse than the start on the probe.
 
 Shape letters: E experts in, R experts out, n probe tokens, H hidden.
 """
@@ -79,7 +79,9 @@ def uniform_coefficients(groups: list[list[int]]) -> list[list[float]]:
     return [[1.0 / len(g)] * len(g) for g in groups]
 
 
-def frequency_coefficients(groups: list[list[int]], counts: torch.Tensor) -> tuple[list[list[float]], list[int]]:
+def frequency_coefficients(
+    groups: list[list[int]], counts: torch.Tensor
+) -> tuple[list[list[float]], list[int]]:
     """alpha_i = count_i / sum of the group's counts; uniform for a group never routed.
 
     Returns the coefficients and the indices of the groups that fell back to uniform.
@@ -130,7 +132,9 @@ def learn_coefficients(access, x: torch.Tensor, groups: list[list[int]], *, rout
                             groups=[Group(list(g), list(c), q) for g, c, q in zip(groups, init, perms)])
     merged = access.merged_block(len(groups), router_merge, aligned)  # a copy, differentiable in M
     free = [j for j, g in enumerate(groups) if len(g) > 1]
-    thetas = [torch.tensor(init[j], dtype=torch.float32).clamp(min=1e-6).log().requires_grad_(True) for j in free]
+    thetas = [
+        torch.tensor(init[j], dtype=torch.float32).clamp(min=1e-6).log().requires_grad_(True) for j in free
+    ]
 
     def coefficients() -> list[torch.Tensor]:
         out = [torch.tensor(c, dtype=torch.float32) for c in init]

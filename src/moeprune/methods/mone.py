@@ -62,9 +62,13 @@ SCOPES = ("layer", "global")
 
 @dataclass(frozen=True)
 class MoneConfig:
-    novice: bool = True  # replace pruned experts by their mean output; false: zero vectors (the paper's ablation)
+    novice: bool = (
+        True  # replace pruned experts by their mean output; false: zero vectors (the paper's ablation)
+    )
     ranking: str = "product"  # product = variance x frequency (MoNE); variance or frequency alone (ablations)
-    scope: str = "layer"  # layer: prune the lowest phi in each layer; global: rank all layers together (see docs)
+    scope: str = (
+        "layer"  # layer: prune the lowest phi in each layer; global: rank all layers together (see docs)
+    )
 
     def __post_init__(self):
         options.flag("mone", "novice", self.novice)
@@ -73,7 +77,8 @@ class MoneConfig:
 
     @property
     def layer_local(self) -> bool:
-        """Whether a layer's plan depends on that layer alone (layer-by-layer pruning plans it in one pass)."""
+        """Whether a layer's plan depends on that layer alone (layer-by-layer pruning plans it in one
+        pass)."""
         return self.scope == "layer"
 
 
@@ -88,7 +93,8 @@ def _global_keep(phi: dict[int, torch.Tensor], keep: int) -> dict[int, list[int]
     """Kept ids per layer when the lowest phi over all layers are pruned; refuses uneven counts."""
     layers = sorted(phi)
     E = phi[layers[0]].shape[0]
-    flat = torch.cat([phi[i].double() for i in layers])  # [L*E], layer-major, so ties prune earlier layers first
+    # [L*E], layer-major, so ties prune earlier layers first
+    flat = torch.cat([phi[i].double() for i in layers])
     order = torch.sort(flat, stable=True).indices[: (E - keep) * len(layers)]
     pruned: dict[int, set[int]] = {i: set() for i in layers}
     for j in order.tolist():
@@ -98,9 +104,11 @@ def _global_keep(phi: dict[int, torch.Tensor], keep: int) -> dict[int, list[int]
     if len(set(counts.values())) > 1:
         detail = ", ".join(f"{i}: {c}" for i, c in counts.items())
         raise MoepruneError(
-            f"scope=global would keep different expert counts per MoE layer ({detail}; {keep} on average), but "
+            f"scope=global would keep different expert counts per MoE layer ({detail}; {keep} on average), "
+            "but "
             "plans and checkpoints hold one count for all layers, and with one count a global ranking is the "
-            "per-layer one; use scope=layer (the default)")
+            "per-layer one; use scope=layer (the default)"
+        )
     return kept
 
 
@@ -149,9 +157,11 @@ def novice_vectors(plan: Plan, stats=None) -> dict[int, torch.Tensor]:
             or (next(iter(stats.layers.values())).experts.mean.shape[1] if stats else 0))
     needs_stats = [lp.layer for lp in layers if lp.notes.get("novice_vectors", "out_mean") != "zero"]
     if needs_stats and stats is None:
-        raise MoepruneError("this plan replaces experts with novices (their mean output on the calibration data), "
-                            "which come from the statistics: pass the stats directory the plan was made from "
-                            "(--stats DIR)")
+        raise MoepruneError(
+            "this plan replaces experts with novices (their mean output on the calibration data), "
+            "which come from the statistics: pass the stats directory the plan was made from "
+            "(--stats DIR)"
+        )
     if stats is not None and needs_stats:
         check_same_calibration(plan, stats)
     out = {}

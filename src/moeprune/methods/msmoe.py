@@ -10,7 +10,8 @@ part of it here). Per MoE layer:
    paper's default similarity is router logits; an expert whose logit column is all zero has
    cosine 0 to every dominant and joins the lowest-id one.
 3. **Alignment:** each non-dominant member's hidden units are permuted to match its dominant expert
-   (Hungarian assignment, `moeprune.methods.alignment`, as in UNCURL step 3); the permutations go into the plan.
+   (Hungarian assignment, `moeprune.methods.alignment`, as in UNCURL step 3); the permutations go into the
+   plan.
 4. **Merging:** frequency weights α_i = count_i / Σ_{j∈G} count_j (uniform when no member was routed),
    for the experts and, with the same α, the router rows (`router_merge="average"`).
 
@@ -41,7 +42,8 @@ class MsmoeConfig:
 
 
 def assign_to_dominant(z: torch.Tensor, dominant: list[int]) -> list[int]:
-    """For each row of z [m, n], the position in `dominant` (row ids) of the most cosine-similar dominant row."""
+    """For each row of z [m, n], the position in `dominant` (row ids) of the most cosine-similar dominant
+    row."""
     cos = cosine_matrix(z)[:, dominant]  # [m, d]
     # argmax returns the first maximum, i.e. the lowest dominant id since `dominant` is ascending
     best = cos.argmax(dim=1).tolist()
@@ -50,9 +52,11 @@ def assign_to_dominant(z: torch.Tensor, dominant: list[int]) -> list[int]:
     return best
 
 
-@register("msmoe", config=MsmoeConfig, kind="merge", needs_weights=True,
-          paper="M-SMoE, Merge, Then Compress (arXiv 2310.01334), merging stage",
-          summary="keep the r most used experts; merge each other expert into its most router-similar one, aligned")
+@register(
+    "msmoe", config=MsmoeConfig, kind="merge", needs_weights=True,
+    paper="M-SMoE, Merge, Then Compress (arXiv 2310.01334), merging stage",
+    summary="keep the r most used experts; merge each other expert into its most router-similar one, aligned",
+)
 def msmoe_plan(request: PlanRequest, cfg: MsmoeConfig) -> Plan:
     def clusters_of(layer: int, ls: LayerStats, ids: list[int], k: int):
         counts = ls.experts.count[ids]  # [m]

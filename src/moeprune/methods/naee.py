@@ -53,7 +53,9 @@ from moeprune.plan import Group, LayerPlan, Plan
 class NaeeConfig:
     max_exhaustive: int = 5000  # try every subset when there are at most this many, else greedy elimination
     fast: bool = True  # score subsets from precomputed expert outputs (checked against the block per layer)
-    tolerance: float = 1e-4  # fast and block errors may differ by this times ‖Z‖ (at least 4 eps of the dtype)
+    tolerance: float = (
+        1e-4  # fast and block errors may differ by this times ‖Z‖ (at least 4 eps of the dtype)
+    )
     seed: int = 0  # seed of the subsets used to check the fast path
 
     def __post_init__(self):
@@ -64,7 +66,9 @@ class NaeeConfig:
 
 
 def pruning_layer_plan(layer: int, num_experts: int, subset) -> LayerPlan:
-    return LayerPlan(layer=layer, num_experts_in=num_experts, groups=[Group([int(e)], [1.0]) for e in sorted(subset)])
+    return LayerPlan(
+        layer=layer, num_experts_in=num_experts, groups=[Group([int(e)], [1.0]) for e in sorted(subset)]
+    )
 
 
 class SubsetScorer:
@@ -134,8 +138,11 @@ def exhaustive_search(score, num_experts: int, keep: int, n_group: int) -> tuple
     return best, best_err
 
 
-def greedy_search(score, num_experts: int, keep: int, n_group: int, counts: torch.Tensor) -> tuple[list[int], float]:
-    """Backward elimination: each round drops, in every routing group, the expert whose removal hurts least."""
+def greedy_search(
+    score, num_experts: int, keep: int, n_group: int, counts: torch.Tensor
+) -> tuple[list[int], float]:
+    """Backward elimination: each round drops, in every routing group, the expert whose removal hurts
+    least."""
     groups = [list(ids) for ids, _ in routing_groups(num_experts, keep, n_group)]
     per_out = keep // n_group
     err = 0.0

@@ -36,7 +36,9 @@ class PlanRequest:
 
     def plan(self, method: str, layers: list) -> Plan:
         """The Plan of `method` with these layer plans, recording the model and calibration it came from."""
-        return Plan(method=method, layers=layers, model=dict(self.model), calibration=dict(self.stats.calibration))
+        return Plan(
+            method=method, layers=layers, model=dict(self.model), calibration=dict(self.stats.calibration)
+        )
 
 
 @dataclass(frozen=True)
@@ -51,15 +53,18 @@ class MethodSpec:
     needs_weights: bool = False  # reads expert weights (PlanRequest.weights), so planning needs the model
 
     def layer_local(self, cfg) -> bool:
-        """Whether the plan of a layer depends only on that layer's statistics and weights (configs say otherwise)."""
+        """Whether the plan of a layer depends only on that layer's statistics and weights (configs say
+        otherwise)."""
         return bool(getattr(cfg, "layer_local", True))
 
     def check_use(self, cfg, *, n_group: int, flatten_groups: bool, has_calibration: bool) -> None:
         """Refuse, before any work, a use of this method that cannot run: one line saying what to change."""
         if self.kind == "novice" and n_group > 1 and not flatten_groups:
-            raise MoepruneError(f"method {self.name} keeps every router row and routes to novices, which moeprune "
-                                f"does not support with group-limited routing (n_group={n_group}); pass "
-                                "--flatten-groups to route without groups")
+            raise MoepruneError(
+                f"method {self.name} keeps every router row and routes to novices, which moeprune "
+                f"does not support with group-limited routing (n_group={n_group}); pass "
+                "--flatten-groups to route without groups"
+            )
         # a method whose need depends on its options says why through `calibration_reason()` (e.g. dek)
         reason = cfg.calibration_reason() if hasattr(cfg, "calibration_reason") else None
         if (self.needs_calibration or reason) and not has_calibration:
@@ -70,7 +75,9 @@ class MethodSpec:
         names = {f.name for f in dataclasses.fields(self.config)}
         unknown = set(overrides) - names
         if unknown:
-            raise MoepruneError(f"method {self.name} has no option(s) {sorted(unknown)}; options: {sorted(names)}")
+            raise MoepruneError(
+                f"method {self.name} has no option(s) {sorted(unknown)}; options: {sorted(names)}"
+            )
         return self.config(**overrides)
 
 

@@ -47,26 +47,37 @@ def random_plan(request: PlanRequest, cfg: RandomConfig) -> Plan:
     return plan_from_scores(request, "random", score)
 
 
-@register("frequency", config=NoOptions, paper="baseline: frequency trimming, as compared in DEK (arXiv 2407.09590)",
-          summary="keep the most often routed experts (count_i)")
+@register(
+    "frequency", config=NoOptions,
+    paper="baseline: frequency trimming, as compared in DEK (arXiv 2407.09590)",
+    summary="keep the most often routed experts (count_i)",
+)
 def frequency_plan(request: PlanRequest, cfg) -> Plan:
     return plan_from_scores(request, "frequency", lambda st, i: st.count)
 
 
-@register("routing_score", config=NoOptions, paper="routing-score pruning, the MoNE paper's baseline (arXiv 2507.00390)",
-          summary="keep the experts with the largest summed gate weight (gate_sum_i)")
+@register(
+    "routing_score", config=NoOptions,
+    paper="routing-score pruning, the MoNE paper's baseline (arXiv 2507.00390)",
+    summary="keep the experts with the largest summed gate weight (gate_sum_i)",
+)
 def routing_score_plan(request: PlanRequest, cfg) -> Plan:
     return plan_from_scores(request, "routing_score", lambda st, i: st.gate_sum)
 
 
-@register("ean", config=NoOptions, paper="EAN, expert activation norm, a baseline in the REAP paper (arXiv 2510.13999)",
-          summary="keep the experts with the largest summed output norm (ean_sum_i)")
+@register(
+    "ean", config=NoOptions,
+    paper="EAN, expert activation norm, a baseline in the REAP paper (arXiv 2510.13999)",
+    summary="keep the experts with the largest summed output norm (ean_sum_i)",
+)
 def ean_plan(request: PlanRequest, cfg) -> Plan:
     return plan_from_scores(request, "ean", lambda st, i: st.ean_sum)
 
 
-@register("reap", config=NoOptions, paper="REAP, router-weighted expert activation pruning (arXiv 2510.13999)",
-          summary="keep the experts with the largest mean gate-weighted output norm (reap_sum_i / n_i)")
+@register(
+    "reap", config=NoOptions, paper="REAP, router-weighted expert activation pruning (arXiv 2510.13999)",
+    summary="keep the experts with the largest mean gate-weighted output norm (reap_sum_i / n_i)",
+)
 def reap_plan(request: PlanRequest, cfg) -> Plan:
     # never-routed experts score 0 rather than NaN
     return plan_from_scores(request, "reap", lambda st, i: st.reap_sum / st.count.clamp(min=1))

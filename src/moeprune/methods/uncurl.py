@@ -79,8 +79,10 @@ def logit_features(ls: LayerStats, method: str) -> torch.Tensor:
     """[E, n] float64: row i is expert i's router logits over the probe tokens (z_i)."""
     logits = ls.probe.router_logits  # [n, E]
     if logits.shape[0] < 2:
-        raise MoepruneError(f"{method} clusters experts by their router logits on the probe, but layer {ls.layer} "
-                            f"has {logits.shape[0]} probe tokens; calibrate with --calib and --probe-size >= 2")
+        raise MoepruneError(
+            f"{method} clusters experts by their router logits on the probe, but layer {ls.layer} "
+            f"has {logits.shape[0]} probe tokens; calibrate with --calib and --probe-size >= 2"
+        )
     return logits.double().T.contiguous()
 
 
@@ -121,7 +123,9 @@ def merge_plan(request: PlanRequest, method: str, clusters_of, align: bool) -> P
                 groups.append(sorted(members))
                 refs.append(ref)
         coeffs, _ = frequency_coefficients(groups, counts)
-        perms = [align_members(access, g, ref) if align and len(g) > 1 else None for g, ref in zip(groups, refs)]
+        perms = [
+            align_members(access, g, ref) if align and len(g) > 1 else None for g, ref in zip(groups, refs)
+        ]
         notes = per_group[0] if len(per_group) == 1 else {k: [d[k] for d in per_group] for k in per_group[0]}
         notes = {**notes, "references": refs, "aligned": align}
         layers.append(layer_plan(i, E, groups, coeffs, "average", notes, perms))
@@ -191,7 +195,9 @@ def cluster_logits(z: torch.Tensor, k: int, clustering: str, seed: int) -> tuple
         if clustering == "spectral":
             from sklearn.cluster import KMeans
 
-            labels = KMeans(n_clusters=k, n_init=10, random_state=seed).fit_predict(spectral_embedding(affinity, k))
+            labels = KMeans(n_clusters=k, n_init=10, random_state=seed).fit_predict(
+                spectral_embedding(affinity, k)
+            )
         elif clustering == "spectral-plain":
             from sklearn.cluster import SpectralClustering
 
@@ -208,9 +214,11 @@ def cluster_logits(z: torch.Tensor, k: int, clustering: str, seed: int) -> tuple
     return fix_up_labels(list(labels), k, affinity)
 
 
-@register("uncurl", config=UncurlConfig, kind="merge", needs_weights=True,
-          paper="UNCURL, task-specific expert pruning by router-logit clustering (arXiv 2409.01483)",
-          summary="cluster experts by router logits on task text, align hidden units, frequency-weighted merge")
+@register(
+    "uncurl", config=UncurlConfig, kind="merge", needs_weights=True,
+    paper="UNCURL, task-specific expert pruning by router-logit clustering (arXiv 2409.01483)",
+    summary="cluster experts by router logits on task text, align hidden units, frequency-weighted merge",
+)
 def uncurl_plan(request: PlanRequest, cfg: UncurlConfig) -> Plan:
     def clusters_of(layer: int, ls: LayerStats, ids: list[int], k: int):
         z = logit_features(ls, "uncurl")[ids]  # [m, n]

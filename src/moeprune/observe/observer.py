@@ -127,8 +127,10 @@ def model_description(model: nn.Module, adapter: Adapter, source: str | None = N
 
 
 # The facts that must agree between a model and the stats or plan used on it, in the order they are reported.
-FINGERPRINT_FIELDS = ("model_type", "hidden_size", "num_experts", "top_k", "n_group", "num_layers", "moe_layers",
-                      "expert_intermediate_size", "vocab_size")
+FINGERPRINT_FIELDS = (
+    "model_type", "hidden_size", "num_experts", "top_k", "n_group", "num_layers", "moe_layers",
+    "expert_intermediate_size", "vocab_size",
+)
 
 
 def check_same_model(recorded: dict, actual: dict, *, what: str, model: str, fix: str) -> None:
@@ -141,13 +143,16 @@ def check_same_model(recorded: dict, actual: dict, *, what: str, model: str, fix
     for key in FINGERPRINT_FIELDS:
         if key in recorded and key in actual and recorded[key] is not None and actual[key] is not None:
             if recorded[key] != actual[key]:
-                raise MoepruneError(f"{what} was made on another model: its {key} is {recorded[key]}, but {model} "
-                                    f"has {actual[key]}; {fix}")
+                raise MoepruneError(
+                    f"{what} was made on another model: its {key} is {recorded[key]}, but {model} "
+                    f"has {actual[key]}; {fix}"
+                )
 
 
 def calibration_facts(calibration: dict | None, input_ids: torch.Tensor, probe: torch.Tensor, seed: int,
                       seconds: float, ranks: Ranks) -> dict:
-    """The calibration record of a pass: provenance plus tokens, probe size, seed and the slowest rank's time."""
+    """The calibration record of a pass: provenance plus tokens, probe size, seed and the slowest rank's
+    time."""
     N, L = input_ids.shape
     calib = dict(calibration or {})
     calib.update(tokens=N * L, sequences=N, seq_len=L, probe_size=int(probe.numel()), seed=seed,

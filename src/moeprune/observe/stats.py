@@ -66,11 +66,19 @@ class ExpertStats:
         mean_b = sum_b.div_(n_b.clamp(min=1)[:, None])
         # (mean - x)^2 == (x - mean)^2 bit for bit (IEEE subtraction is antisymmetric), so the
         # deviations are formed in one [S, H] buffer: the batch means gathered per row, minus x.
-        usable = (scratch is not None and scratch.dtype == out.dtype and scratch.device == out.device
-                  and scratch.is_contiguous() and scratch.numel() == out.numel() and scratch.data_ptr() != out.data_ptr())
-        dev = torch.index_select(mean_b, 0, ids, out=scratch.view_as(out)) if usable else mean_b[ids]  # [S, H]
+        usable = (
+            scratch is not None
+            and scratch.dtype == out.dtype
+            and scratch.device == out.device
+            and scratch.is_contiguous()
+            and scratch.numel() == out.numel()
+            and scratch.data_ptr() != out.data_ptr()
+        )
+        # [S, H]
+        dev = torch.index_select(mean_b, 0, ids, out=scratch.view_as(out)) if usable else mean_b[ids]
         m2_b = torch.zeros_like(sum_b).index_add_(0, ids, dev.sub_(out).square_())  # [E, H]
-        per_expert = out.new_zeros(E, 3).index_add_(0, ids, torch.stack((g, g * norms, norms), dim=1))  # [E, 3]
+        # [E, 3]
+        per_expert = out.new_zeros(E, 3).index_add_(0, ids, torch.stack((g, g * norms, norms), dim=1))
         # two device-to-host transfers per batch, not four: [E, 2H + 3] = mean | m2 | gate, reap, ean
         host = torch.cat((mean_b, m2_b, per_expert), dim=1).to("cpu", F64)
         H = out.shape[1]
@@ -147,7 +155,9 @@ class ProbeCollector:
 
     def result(self, hidden: int, num_experts: int) -> Probe:
         if not self._positions:
-            return Probe(torch.zeros(0, dtype=torch.long), torch.zeros(0, hidden), torch.zeros(0, num_experts))
+            return Probe(
+                torch.zeros(0, dtype=torch.long), torch.zeros(0, hidden), torch.zeros(0, num_experts)
+            )
         pos = torch.cat(self._positions)
         order = pos.argsort()
         return Probe(pos[order], torch.cat(self._inputs)[order], torch.cat(self._logits)[order])
@@ -163,7 +173,11 @@ class LayerStats:
     def empty(cls, layer: int, num_experts: int, hidden: int) -> LayerStats:
         """No calibration: zero counts and an empty probe, for methods that read only the weights."""
         E, H = num_experts, hidden
-        return cls(layer, ExpertStats(E, H), Probe(torch.zeros(0, dtype=torch.long), torch.zeros(0, H), torch.zeros(0, E)))
+        return cls(
+            layer,
+            ExpertStats(E, H),
+            Probe(torch.zeros(0, dtype=torch.long), torch.zeros(0, H), torch.zeros(0, E)),
+        )
 
 
 @dataclass
@@ -210,7 +224,9 @@ class Stats:
         layers = {}
         for i in meta["layers"]:
             layers[i] = _layer_from(d, i, tensors, meta["model"])
-        return cls(model=meta["model"], calibration=meta["calibration"], layers=layers, version=meta["version"])
+        return cls(
+            model=meta["model"], calibration=meta["calibration"], layers=layers, version=meta["version"]
+        )
 
 
 # ---- checks of a stats directory -----------------------------------------------------------------

@@ -22,5 +22,8 @@ from moeprune.pipeline.run import (
 from moeprune.pipeline.sources import CheckpointSource, ModelSource
 from moeprune.store.sharded import ShardedCheckpoint
 
-__all__ = ["CheckpointSource", "ModelSource", "ShardedCheckpoint", "ShardedWeights", "apply", "forward",
-           "forward_layerwise", "observe", "observe_layerwise", "perplexity", "perplexity_layerwise", "prune", "walk"]
+__all__ = [
+    "CheckpointSource", "ModelSource", "ShardedCheckpoint", "ShardedWeights", "apply", "forward",
+    "forward_layerwise", "observe", "observe_layerwise", "perplexity", "perplexity_layerwise", "prune",
+    "walk",
+]

@@ -77,11 +77,13 @@ class LayerAccess:
 
     def merged_block(self, num_out: int, router_merge: str = "average",
                      aligned: LayerPlan | None = None) -> MergedBlock:
-        """A differentiable copy of the block whose tensors `set(M)` replaces by `M @ W` (see `MergedBlock`)."""
+        """A differentiable copy of the block whose tensors `set(M)` replaces by `M @ W` (see
+        `MergedBlock`)."""
         return MergedBlock(self.adapter, self.block, num_out, router_merge, aligned)
 
     def routed_lookup(self, x: torch.Tensor) -> Callable[[list[int]], torch.Tensor]:
-        """A function of a subset S of the experts: [n, H] the routed sum of the block pruned to S on x [n, H].
+        """A function of a subset S of the experts: [n, H] the routed sum of the block pruned to S on
+        x [n, H].
 
         Every expert's output on x is computed once; a subset is scored by the block's own routing
         on a shell that shares the weights, with the experts replaced by a lookup (see `RoutedLookup`).
@@ -124,7 +126,8 @@ class MergedBlock:
         self.block = copy.deepcopy(block, memo).float().requires_grad_(False)
         sources = dict(expert_tensors)
         if aligned is not None and any(g.perms is not None for g in aligned.groups):
-            from moeprune.surgery.alignment import permute_members  # members' hidden units permuted, as surgery does
+            # members' hidden units permuted, as surgery does
+            from moeprune.surgery.alignment import permute_members
 
             sources = permute_members(adapter, sources, aligned)
         self._experts = [(name, t.detach()) for name, t in sources.items()]  # originals, expert axis 0

@@ -30,7 +30,8 @@ class _Reached(Exception):
 
 @torch.no_grad()
 def layer_call(model: nn.Module, layers: nn.ModuleList, input_ids: torch.Tensor, i: int):
-    """(h0 [B, L, H], args, kwargs): the embeddings and the call decoder layer i gets for `input_ids` [B, L]."""
+    """(h0 [B, L, H], args, kwargs): the embeddings and the call decoder layer i gets for `input_ids` [B,
+    L]."""
     got: dict = {}
 
     def recorder(j):
@@ -56,13 +57,16 @@ def layer_call(model: nn.Module, layers: nn.ModuleList, input_ids: torch.Tensor,
 
 @torch.no_grad()
 def head_logits(model: nn.Module, layers: nn.ModuleList, input_ids: torch.Tensor, last_hidden: torch.Tensor):
-    """[B, L, V] the model's logits for `input_ids` [B, L] when its last decoder layer outputs `last_hidden` [B, L, H].
+    """[B, L, V] the model's logits for `input_ids` [B, L] when its last decoder layer outputs `last_hidden`
+    [B, L, H].
 
     The model's own forward runs with every decoder layer passing its input through and the last one
     returning `last_hidden`, so the final norm, lm_head and any output processing are the family's own.
     """
     last = len(layers) - 1
-    forwards = {j: (lambda h, *a, **k: last_hidden) if j == last else (lambda h, *a, **k: h) for j in range(last + 1)}
+    forwards = {
+        j: (lambda h, *a, **k: last_hidden) if j == last else (lambda h, *a, **k: h) for j in range(last + 1)
+    }
     with _forwards_replaced(layers, forwards):
         return model(input_ids=input_ids, use_cache=False).logits
 
@@ -107,7 +111,8 @@ def run_layer(layer: nn.Module, hidden: torch.Tensor, args: tuple, kwargs: dict)
 
 
 class HiddenStates:
-    """Hidden states per batch between two layers: in memory up to `budget` bytes (both layers' worth), then in files.
+    """Hidden states per batch between two layers: in memory up to `budget` bytes (both layers' worth), then
+    in files.
 
     `put(b, h)` stores the next layer's input of batch b; `advance()` makes those the current inputs.
     Files go to a temporary directory under `offload_dir` (default: the system's), removed on close.

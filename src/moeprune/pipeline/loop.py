@@ -1,4 +1,5 @@
-"""Observe, plan, prune and save a checkpoint one decoder layer at a time, in memory bounded by about one layer.
+"""Observe, plan, prune and save a checkpoint one decoder layer at a time, in memory bounded by about one
+layer.
 
 For each decoder layer: its weights are read from the shards (`ShardedCheckpoint`), this rank's
 calibration batches run through it with the same `Observer` the whole-model path uses, its
@@ -51,7 +52,8 @@ class _Batches:
     @torch.no_grad()
     def run(self, i: int, layer: nn.Module, observer: Observer | None = None, keep: bool = True,
             sink: Callable[[torch.Tensor, torch.Tensor], None] | None = None) -> None:
-        """Run every local batch through decoder layer i; with `keep`, store the outputs as layer i+1's inputs.
+        """Run every local batch through decoder layer i; with `keep`, store the outputs as layer i+1's
+        inputs.
 
         `sink(input_ids [B, L], outputs [B, L, H])`, if given, receives each batch's outputs instead.
         """
@@ -82,7 +84,9 @@ class LayerwiseResult:
     plan: Plan | None
     seconds: float
     novice_tensors: dict  # novice-file tensors of the written layers (empty without novices)
-    parameter_change: dict  # what the plan changed in `store.checkpoint.parameter_counts` terms (after - before)
+    parameter_change: (
+        dict  # what the plan changed in `store.checkpoint.parameter_counts` terms (after - before)
+    )
 
 
 def walk(
@@ -94,7 +98,8 @@ def walk(
     seed: int = 0,
     calibration: dict | None = None,
     ranks: Ranks | None = None,
-    plan_layer: Callable[[int, LayerStats | None, LayerAccess], tuple[LayerPlan, torch.Tensor | None]] | None = None,
+    plan_layer: Callable[[int, LayerStats | None, LayerAccess], tuple[LayerPlan, torch.Tensor | None]]
+    | None = None,
     sequential: bool = False,
     flatten_groups: bool = False,
     write_to: Path | None = None,
@@ -211,6 +216,7 @@ def _layer_tensors(source, i: int, layer: nn.Module, block: nn.Module | None,
     from moeprune.surgery.novices import detach_novices, is_novice_experts
 
     if block is not None and is_novice_experts(source.adapter.experts(block)):
-        tensors, _ = detach_novices(source.adapter, block, i)  # the router keeps the kept rows only, as on disk
+        # the router keeps the kept rows only, as on disk
+        tensors, _ = detach_novices(source.adapter, block, i)
         novice_tensors.update(tensors)
     return source.layer_tensors(i, layer)

@@ -40,8 +40,11 @@ class _OneLayerWeights:
         return self._access
 
 
-def _calibration_info(calibration: dict | None, input_ids: torch.Tensor | None, probe_size: int, seed: int) -> dict:
-    """The calibration facts a plan records, known before the pass (the same keys the whole-model pass writes)."""
+def _calibration_info(
+    calibration: dict | None, input_ids: torch.Tensor | None, probe_size: int, seed: int
+) -> dict:
+    """The calibration facts a plan records, known before the pass (the same keys the whole-model pass
+    writes)."""
     if input_ids is None:
         return {}
     N, L = input_ids.shape
@@ -53,24 +56,34 @@ def _calibration_info(calibration: dict | None, input_ids: torch.Tensor | None, 
 def forward(source, input_ids: torch.Tensor, *, batch_size: int = 8, progress=None) -> torch.Tensor:
     """[N, L, H] last decoder layer's outputs on `input_ids` [N, L], computed one layer at a time.
 
-    Nothing is observed or written: the reference the pruning time is compared against (`benchmarks/memory.py`).
+    Nothing is observed or written: the reference the pruning time is compared against
+    (`benchmarks/memory.py`).
     """
     outputs = []
-    walk(source, input_ids=input_ids, batch_size=batch_size, observe=False, on_last=lambda ids, h: outputs.append(h),
-         progress=progress)
+    walk(
+        source, input_ids=input_ids, batch_size=batch_size, observe=False,
+        on_last=lambda ids, h: outputs.append(h), progress=progress,
+    )
     return torch.cat(outputs)
 
 
-def forward_layerwise(model_path: str | Path, input_ids: torch.Tensor, *, batch_size: int = 8, device: str = "cpu",
-                      progress=None) -> torch.Tensor:
-    return forward(CheckpointSource(model_path, device=device), input_ids, batch_size=batch_size, progress=progress)
+def forward_layerwise(
+    model_path: str | Path, input_ids: torch.Tensor, *, batch_size: int = 8, device: str = "cpu",
+    progress=None,
+) -> torch.Tensor:
+    return forward(
+        CheckpointSource(model_path, device=device), input_ids, batch_size=batch_size, progress=progress
+    )
 
 
 @torch.no_grad()
-def perplexities(source, tokenizer, texts, *, seq_len: int = 512, max_tokens: int | None = None,
-                 batch_size: int = 8, progress=None, plan: Plan | None = None, stats: Stats | None = None,
-                 hidden_budget: int = DEFAULT_HIDDEN_BUDGET, offload_dir: str | Path | None = None) -> tuple[list, dict]:
-    """([`moeprune.evaluate.perplexity` result per text], parameter change) of the source's model, in one walk.
+def perplexities(
+    source, tokenizer, texts, *, seq_len: int = 512, max_tokens: int | None = None, batch_size: int = 8,
+    progress=None, plan: Plan | None = None, stats: Stats | None = None,
+    hidden_budget: int = DEFAULT_HIDDEN_BUDGET, offload_dir: str | Path | None = None,
+) -> tuple[list, dict]:
+    """([`moeprune.evaluate.perplexity` result per text], parameter change) of the source's model, in one
+    walk.
 
     The windows of every text run through the layers as calibration batches do; the last layer's
     outputs go through the model's own final norm and lm_head (`head_logits`). With `plan` (and the
@@ -101,9 +114,11 @@ def perplexities(source, tokenizer, texts, *, seq_len: int = 512, max_tokens: in
 
         vectors = novice_vectors(plan, stats)
         plan_layer = lambda i, _s, _a: (plan.layer(i), vectors.get(i))  # noqa: E731
-    result = walk(source, input_ids=blocks, batch_size=batch_size, observe=False, on_last=score,
-                  progress=progress, hidden_budget=hidden_budget, offload_dir=offload_dir, plan_layer=plan_layer,
-                  sequential=plan is not None, flatten_groups=plan is not None and plan.flatten_groups)
+    result = walk(
+        source, input_ids=blocks, batch_size=batch_size, observe=False, on_last=score, progress=progress,
+        hidden_budget=hidden_budget, offload_dir=offload_dir, plan_layer=plan_layer,
+        sequential=plan is not None, flatten_groups=plan is not None and plan.flatten_groups,
+    )
     out, start = [], 0
     for w, facts in windows:
         out.append(perplexity_result(float(nll[start : start + w.shape[0]].sum()), w, facts))
@@ -112,18 +127,23 @@ def perplexities(source, tokenizer, texts, *, seq_len: int = 512, max_tokens: in
 
 
 def perplexity(source, tokenizer, text_or_path, **kwargs) -> dict:
-    """`moeprune.evaluate.perplexity` of the source's model, one decoder layer at a time (see `perplexities`)."""
+    """`moeprune.evaluate.perplexity` of the source's model, one decoder layer at a time (see
+    `perplexities`)."""
     results, _ = perplexities(source, tokenizer, [text_or_path], **kwargs)
     return results[0]
 
 
-def perplexity_layerwise(model_path: str | Path, tokenizer, text_or_path, *, device: str = "cpu", **kwargs) -> dict:
+def perplexity_layerwise(
+    model_path: str | Path, tokenizer, text_or_path, *, device: str = "cpu", **kwargs
+) -> dict:
     return perplexity(CheckpointSource(model_path, device=device), tokenizer, text_or_path, **kwargs)
 
 
-def observe(source, input_ids: torch.Tensor, *, batch_size: int = 8, probe_size: int = 512, seed: int = 0,
-            calibration: dict | None = None, ranks=None, progress=None, hidden_budget: int = DEFAULT_HIDDEN_BUDGET,
-            offload_dir: str | Path | None = None) -> Stats:
+def observe(
+    source, input_ids: torch.Tensor, *, batch_size: int = 8, probe_size: int = 512, seed: int = 0,
+    calibration: dict | None = None, ranks=None, progress=None, hidden_budget: int = DEFAULT_HIDDEN_BUDGET,
+    offload_dir: str | Path | None = None,
+) -> Stats:
     """Statistics of the calibration pass over `input_ids` [N, L]."""
     result = walk(source, input_ids=input_ids, batch_size=batch_size, probe_size=probe_size, seed=seed,
                   calibration=calibration, ranks=ranks, progress=progress, hidden_budget=hidden_budget,
@@ -131,7 +151,9 @@ def observe(source, input_ids: torch.Tensor, *, batch_size: int = 8, probe_size:
     return result.stats
 
 
-def observe_layerwise(model_path: str | Path, input_ids: torch.Tensor, *, device: str = "cpu", **kwargs) -> Stats:
+def observe_layerwise(
+    model_path: str | Path, input_ids: torch.Tensor, *, device: str = "cpu", **kwargs
+) -> Stats:
     return observe(CheckpointSource(model_path, device=device), input_ids, **kwargs)
 
 
@@ -152,7 +174,9 @@ def parameters_before(source) -> dict:
     return checkpoint_parameters(source.path)
 
 
-def _finish(source, tmp: Path, plan: Plan, novice_tensors: dict, *, before: dict, command: str | None) -> None:
+def _finish(
+    source, tmp: Path, plan: Plan, novice_tensors: dict, *, before: dict, command: str | None
+) -> None:
     """config.json (and the novice file) of the written layers, then tokenizer files, plan and model card.
 
     The written config is a copy: the source's model (the caller's, in memory) keeps its own.
@@ -167,8 +191,10 @@ def _finish(source, tmp: Path, plan: Plan, novice_tensors: dict, *, before: dict
     if novice_tensors:  # the router keeps E rows: the stock part has E_out experts, the novice file the rest
         setattr(adapter.config, adapter.count_field, E_out)
         config.save_pretrained(str(tmp))
-        write_novice_file(tmp, novice_tensors, count_field=adapter.count_field, num_experts=E_in, kept_count=E_out,
-                          layers=sorted(lp.layer for lp in plan.layers if lp.novices))
+        write_novice_file(
+            tmp, novice_tensors, count_field=adapter.count_field, num_experts=E_in, kept_count=E_out,
+            layers=sorted(lp.layer for lp in plan.layers if lp.novices),
+        )
     else:
         setattr(adapter.config, adapter.count_field, E_out)
         if plan.flatten_groups:
@@ -197,11 +223,15 @@ def prune(
     cfg = spec.default_config(**options)
     local = spec.layer_local(cfg)
     if sequential and not local:
-        raise MoepruneError(f"--sequential plans each layer as it goes, but {method} with these options ranks all "
-                            "layers together; drop --sequential or use a per-layer setting")
+        raise MoepruneError(
+            f"--sequential plans each layer as it goes, but {method} with these options ranks all "
+            "layers together; drop --sequential or use a per-layer setting"
+        )
     if spec.needs_weights and not local and weights is None:
-        raise MoepruneError(f"{method} with these options needs every layer's weights at once, which layer-by-layer "
-                            "pruning does not hold; use --in-memory")
+        raise MoepruneError(
+            f"{method} with these options needs every layer's weights at once, which layer-by-layer "
+            "pruning does not hold; use --in-memory"
+        )
     desc = model_description(source.model, source.adapter, str(source.path))
     info = _calibration_info(calibration, input_ids, probe_size, seed)
     main = ranks is None or ranks.is_main

@@ -110,7 +110,8 @@ class ModelSource:
         return layer_on_disk(self.model, layer, f"{self.layer_prefix}{i}.")
 
     def rest_tensors(self) -> dict[str, torch.Tensor]:
-        """Everything outside the decoder layers in on-disk names; a tied weight is written once, as on disk."""
+        """Everything outside the decoder layers in on-disk names; a tied weight is written once, as on
+        disk."""
         from moeprune.compat import on_disk_names
 
         tied = set(getattr(self.model, "all_tied_weights_keys", None) or {})

@@ -22,8 +22,10 @@ from moeprune.errors import MoepruneError
 from moeprune.outputs import atomic_directory, check_output_dir
 from moeprune.store.files import read_config_dict, weights_bytes
 
-__all__ = ["atomic_directory", "check_output_dir", "checkpoint_parameters", "export_stock", "from_pretrained",
-           "load_config", "load_model", "load_tokenizer", "read_config_dict", "save_checkpoint", "weights_bytes"]
+__all__ = [
+    "atomic_directory", "check_output_dir", "checkpoint_parameters", "export_stock", "from_pretrained",
+    "load_config", "load_model", "load_tokenizer", "read_config_dict", "save_checkpoint", "weights_bytes",
+]
 
 # Files of a model directory that loaders read besides weights and config: carried over to the output.
 SIDE_FILES = ("tokenizer*", "vocab*", "merges.txt", "special_tokens_map.json", "added_tokens.json", "*.model",
@@ -43,7 +45,9 @@ def load_config(path: str | Path):
     if not p.exists():
         raise MoepruneError(f"model directory {p} does not exist")
     if not p.is_dir():
-        raise MoepruneError(f"{p} is a file, not a model directory; give the directory that holds config.json")
+        raise MoepruneError(
+            f"{p} is a file, not a model directory; give the directory that holds config.json"
+        )
     if not (p / "config.json").is_file():
         raise MoepruneError(f"{p} is not a model directory: it has no config.json")
     from moeprune.store.novices import is_novice_checkpoint, novice_config
@@ -77,18 +81,25 @@ def load_model(path: str | Path, *, device: str = "cpu", dtype: str | torch.dtyp
         detail = _one_line(e)
         if "above report" in detail:  # a conversion error, whose report transformers logs at warning level
             detail = "a tensor does not fit the layout its config gives"
-        raise MoepruneError(f"could not load the weights of {path} ({detail}); is the checkpoint complete and "
-                            "does it match its config.json?")
-    bad = list(info.get("missing_keys", [])) + [k[0] if isinstance(k, tuple) else k for k in info.get("mismatched_keys", [])]
+        raise MoepruneError(
+            f"could not load the weights of {path} ({detail}); is the checkpoint complete and "
+            "does it match its config.json?"
+        )
+    bad = list(info.get("missing_keys", [])) + [
+        k[0] if isinstance(k, tuple) else k for k in info.get("mismatched_keys", [])
+    ]
     if bad:
-        raise MoepruneError(f"{path} is missing or has mis-shaped weights ({len(bad)}, e.g. {sorted(bad)[0]}); "
-                            "the checkpoint is incomplete or does not match its config")
+        raise MoepruneError(
+            f"{path} is missing or has mis-shaped weights ({len(bad)}, e.g. {sorted(bad)[0]}); "
+            "the checkpoint is incomplete or does not match its config"
+        )
     refuse_nonfinite(model.named_parameters(), path)
     return model.to(device).eval()
 
 
 def refuse_nonfinite(named_parameters: Iterable[tuple[str, torch.Tensor]], path: str | Path) -> None:
-    """Refuse weights holding NaN or Inf: every score computed from them is NaN, so any kept set is arbitrary."""
+    """Refuse weights holding NaN or Inf: every score computed from them is NaN, so any kept set is
+    arbitrary."""
     for name, p in named_parameters:
         if p.is_meta or not p.is_floating_point():
             continue
@@ -116,17 +127,23 @@ def check_weight_files(path: str | Path) -> None:
             for k, f in json.loads(index.read_text())["weight_map"].items():
                 named.setdefault(f, set()).add(k)
         except (ValueError, KeyError, TypeError, AttributeError) as e:
-            raise MoepruneError(f"{index} is not a valid safetensors index ({_one_line(e)}); is the download complete?")
+            raise MoepruneError(
+                f"{index} is not a valid safetensors index ({_one_line(e)}); is the download complete?"
+            )
         missing = sorted(f for f in named if not (p / f).is_file())
         if missing:
-            raise MoepruneError(f"{p} lacks shard {missing[0]} named in its index; the download is incomplete")
+            raise MoepruneError(
+                f"{p} lacks shard {missing[0]} named in its index; the download is incomplete"
+            )
     for f in sorted(p.glob("*.safetensors")):
         try:
             with safe_open(str(f), framework="pt") as handle:
                 keys = set(handle.keys())
         except Exception as e:  # noqa: BLE001  (safetensors raises its own error types)
-            raise MoepruneError(f"could not read the weights of {path}: {f.name} is damaged ({_one_line(e)}); "
-                                "is the checkpoint complete?")
+            raise MoepruneError(
+                f"could not read the weights of {path}: {f.name} is damaged ({_one_line(e)}); "
+                "is the checkpoint complete?"
+            )
         absent = sorted(named.get(f.name, set()) - keys)
         if absent:
             raise MoepruneError(f"{path}: shard {f.name} lacks {len(absent)} tensor(s) its index names (e.g. "
@@ -135,8 +152,10 @@ def check_weight_files(path: str | Path) -> None:
 
 def load_tokenizer(path: str | Path):
     if not Path(path).exists():  # else transformers answers with a Hub repo-id error
-        raise MoepruneError(f"tokenizer directory {path} does not exist; moeprune reads local tokenizers: pass "
-                            "--tokenizer PATH of a downloaded one")
+        raise MoepruneError(
+            f"tokenizer directory {path} does not exist; moeprune reads local tokenizers: pass "
+            "--tokenizer PATH of a downloaded one"
+        )
     try:
         return tf.AutoTokenizer.from_pretrained(str(path))
     except Exception as e:
@@ -212,17 +231,22 @@ def model_card(*, source: str, plan, before: dict, after: dict, command: str | N
         kinds = {lp.notes.get("novice_vectors", "out_mean") for lp in plan.layers if lp.novices}
         never = {lp.layer: lp.notes["never_routed"] for lp in plan.layers if lp.notes.get("never_routed")}
         lines.append(
-            f"- **Novices:** {n_novices} per MoE layer. The router keeps all {plan.num_experts_in} rows and its top-k; "
-            "a token routed to a novice gets gate × novice vector, where the vector is "
-            + ("zero (the no-novice ablation)" if kinds == {"zero"} else "the expert's mean output on the calibration data")
-            + (f"; never routed on the calibration data, so zero: {never}" if never else ""))
+            f"- **Novices:** {n_novices} per MoE layer. The router keeps all {plan.num_experts_in} rows and "
+            "its top-k; a token routed to a novice gets gate × novice vector, where the vector is "
+            + (
+                "zero (the no-novice ablation)"
+                if kinds == {"zero"}
+                else "the expert's mean output on the calibration data"
+            )
+            + (f"; never routed on the calibration data, so zero: {never}" if never else "")
+        )
     lines += [f"- {n}" for n in notes or []]
     if plan.flatten_groups:
         lines.append("- **Group-limited routing flattened:** n_group = topk_group = 1")
     if cal:
         lines.append(
-            f"- **Calibration:** `{cal.get('source')}`, {cal.get('samples', cal.get('sequences'))} sequences × "
-            f"{cal.get('seq_len')} tokens = {cal.get('tokens')} tokens, seed {cal.get('seed')}, "
+            f"- **Calibration:** `{cal.get('source')}`, {cal.get('samples', cal.get('sequences'))} "
+            f"sequences × {cal.get('seq_len')} tokens = {cal.get('tokens')} tokens, seed {cal.get('seed')}, "
             f"sha256 `{str(cal.get('sha256', ''))[:16]}`"
         )
     else:
@@ -242,7 +266,11 @@ def model_card(*, source: str, plan, before: dict, after: dict, command: str | N
             continue
         change = f"{100 * (a - b) / b:+.1f}%" if b else "—"
         lines.append(f"| {label} | {b:,} | {a:,} | {change} |")
-    head = "| layer | kept / merged groups | novices | removed |" if n_novices else "| layer | kept / merged groups | removed |"
+    head = (
+        "| layer | kept / merged groups | novices | removed |"
+        if n_novices
+        else "| layer | kept / merged groups | removed |"
+    )
     lines += ["", "## Experts per layer", "", head, "|---:|---|---|---|" if n_novices else "|---:|---|---|"]
     for lp in plan.layers:
         groups = " ".join("+".join(map(str, g.members)) if len(g.members) > 1 else str(g.members[0])
@@ -251,11 +279,20 @@ def model_card(*, source: str, plan, before: dict, after: dict, command: str | N
         lines.append(f"| {lp.layer} | {groups} |{novice_cell} {' '.join(map(str, lp.dropped)) or '—'} |")
     lines += ["", "Expert ids are the input model's. The full plan is in `moeprune_plan.json`."]
     if n_novices:
-        lines += [("This checkpoint holds novices, which stock transformers cannot run (its config says so and "
-                   "refuses to load): load it with `moeprune.from_pretrained(path)`. "
-                   "`moeprune export-stock PATH --out DIR` writes a stock copy without novices (plain pruning)."), ""]
+        lines += [
+            (
+                "This checkpoint holds novices, which stock transformers cannot run (its config says so and "
+                "refuses to load): load it with `moeprune.from_pretrained(path)`. "
+                "`moeprune export-stock PATH --out DIR` writes a stock copy without novices (plain pruning)."
+            ),
+            "",
+        ]
     else:
-        lines += ["This checkpoint loads with `transformers.AutoModelForCausalLM.from_pretrained` and no extra code.", ""]
+        lines += [
+            "This checkpoint loads with `transformers.AutoModelForCausalLM.from_pretrained` and no extra "
+            "code.",
+            "",
+        ]
     return "\n".join(lines)
 
 
@@ -263,7 +300,8 @@ def save_checkpoint(model: nn.Module, out: str | Path, *, source: str, plan, bef
                     force: bool = False, command: str | None = None) -> Path:
     """Write the pruned model, tokenizer files, plan and model card to `out`, atomically.
 
-    A model with novices (MoNE) is written in moeprune's novice format (`moeprune.store.novices.save_pretrained`).
+    A model with novices (MoNE) is written in moeprune's novice format
+    (`moeprune.store.novices.save_pretrained`).
     """
     from moeprune.store.novices import save_pretrained as save_weights
 
@@ -305,7 +343,8 @@ def from_pretrained(path: str | Path, *, device: str = "cpu", dtype: str | torch
 
 
 def checkpoint_parameters(path: str | Path) -> dict:
-    """Parameter counts of a checkpoint directory from its config alone (a meta-device model), novices included."""
+    """Parameter counts of a checkpoint directory from its config alone (a meta-device model), novices
+    included."""
     from moeprune.store.novices import CONFIG_KEY, config_from_dict, novice_file_counts, stock_config_dict
 
     p = Path(path)
@@ -324,7 +363,9 @@ def checkpoint_parameters(path: str | Path) -> dict:
     return counts
 
 
-def export_stock(path: str | Path, out: str | Path, *, force: bool = False, command: str | None = None) -> Path:
+def export_stock(
+    path: str | Path, out: str | Path, *, force: bool = False, command: str | None = None
+) -> Path:
     """Write the novice-free variant of a novice checkpoint: plain pruning of the same experts.
 
     The novices' router rows go, so their tokens route to the next-best kept experts. Nothing is
@@ -362,8 +403,18 @@ def export_stock(path: str | Path, out: str | Path, *, force: bool = False, comm
                     lp.notes.pop("novice_vectors", None)
                     lp.novices = []
             plan.save(tmp / "moeprune_plan.json")
-            card = model_card(source=str(src), plan=plan, before=before, after=after, command=command,
-                              notes=[(f"**Exported without novices** from the MoNE checkpoint `{src}`: the novices' "
-                                      "router rows are removed, so this is plain pruning of the same experts.")])
+            card = model_card(
+                source=str(src),
+                plan=plan,
+                before=before,
+                after=after,
+                command=command,
+                notes=[
+                    (
+                        f"**Exported without novices** from the MoNE checkpoint `{src}`: the novices' "
+                        "router rows are removed, so this is plain pruning of the same experts."
+                    )
+                ],
+            )
             (tmp / "README.md").write_text(card)
     return Path(out)

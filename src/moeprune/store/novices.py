@@ -103,7 +103,8 @@ def novice_config(path: str | Path):
 
 def refuse_novice_input(path: str | Path | None = None, model: nn.Module | None = None,
                         action: str = "prune") -> None:
-    """Refuse to observe or prune a model that already has novices (its experts no longer match its router)."""
+    """Refuse to observe or prune a model that already has novices (its experts no longer match its
+    router)."""
     on_disk = path is not None and Path(path).is_dir() and is_novice_checkpoint(path)
     if on_disk or (model is not None and has_novices(model)):
         raise novice_refusal(f"{path} is" if path is not None else "this model is", action)
@@ -150,10 +151,14 @@ def save_pretrained(model: nn.Module, directory: str | Path) -> None:
     E = adapter.num_experts
     kept_counts = {int(adapter.experts(b).gate_up_proj.shape[0]) for b in blocks.values()}
     if len(kept_counts) != 1:
-        raise MoepruneError(f"MoE layers keep different expert counts {sorted(kept_counts)}; a checkpoint holds one")
+        raise MoepruneError(
+            f"MoE layers keep different expert counts {sorted(kept_counts)}; a checkpoint holds one"
+        )
     kept_count = kept_counts.pop()
     if len(blocks) != len(adapter.moe_blocks(model)):
-        raise MoepruneError("some MoE layers have novices and others not; a checkpoint holds one expert count")
+        raise MoepruneError(
+            "some MoE layers have novices and others not; a checkpoint holds one expert count"
+        )
     tensors: dict[str, torch.Tensor] = {}
     restore = []
     count_field = adapter.count_field
@@ -172,11 +177,16 @@ def save_pretrained(model: nn.Module, directory: str | Path) -> None:
                       layers=sorted(blocks))
 
 
-def write_novice_file(directory: Path, tensors: dict[str, torch.Tensor], *, count_field: str, num_experts: int,
-                      kept_count: int, layers: list[int]) -> None:
-    """Write the novice file next to a stock checkpoint of the kept experts and turn its config.json into a novice one."""
+def write_novice_file(
+    directory: Path, tensors: dict[str, torch.Tensor], *, count_field: str, num_experts: int, kept_count: int,
+    layers: list[int],
+) -> None:
+    """Write the novice file next to a stock checkpoint of the kept experts and turn its config.json into a
+    novice one."""
     d = Path(directory)
-    save_file(tensors, str(d / NOVICE_FILE), metadata={"format": "moeprune-novices", "version": str(FORMAT_VERSION)})
+    save_file(
+        tensors, str(d / NOVICE_FILE), metadata={"format": "moeprune-novices", "version": str(FORMAT_VERSION)}
+    )
     cfg = json.loads((d / "config.json").read_text())
     cfg[CONFIG_KEY] = {
         "format": FORMAT_VERSION,
@@ -216,7 +226,9 @@ def _install_from_file(model: nn.Module, path: Path, section: dict) -> None:
     adapter.set_config_num_experts(model, kept_count, E)
 
 
-def load_novice_model(path: str | Path, *, device: str = "cpu", dtype: str | torch.dtype = "auto") -> nn.Module:
+def load_novice_model(
+    path: str | Path, *, device: str = "cpu", dtype: str | torch.dtype = "auto"
+) -> nn.Module:
     """Load a novice checkpoint in eval mode, reproducing the in-memory pruned model exactly.
 
     Its plain-pruned part loads through transformers; then the novices' router rows go back and the
@@ -234,7 +246,9 @@ def load_novice_model(path: str | Path, *, device: str = "cpu", dtype: str | tor
             model, info = tf.AutoModelForCausalLM.from_pretrained(str(p), config=config, dtype=dtype,
                                                                   output_loading_info=True, device_map=None)
     except Exception as e:  # noqa: BLE001  (transformers raises many kinds; one line says which)
-        raise MoepruneError(f"could not load the weights of {p} ({type(e).__name__}: {str(e).splitlines()[0]})")
+        raise MoepruneError(
+            f"could not load the weights of {p} ({type(e).__name__}: {str(e).splitlines()[0]})"
+        )
     bad = list(info.get("missing_keys", [])) + [k[0] if isinstance(k, tuple) else k
                                                 for k in info.get("mismatched_keys", [])]
     if bad:

@@ -47,11 +47,14 @@ def weight_map(path: Path) -> dict[str, str]:
                         "loading reads safetensors only: convert the checkpoint, or use --in-memory")
 
 
-SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64}
+SAFETENSORS_DTYPES = {
+    "BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
+}
 
 
 def _dtype(config, dtype, path: Path | None = None) -> torch.dtype:
-    """What `from_pretrained(dtype="auto")` picks: the config's dtype, else the first float tensor's on disk."""
+    """What `from_pretrained(dtype="auto")` picks: the config's dtype, else the first float tensor's on
+    disk."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype != "auto":
@@ -94,22 +97,27 @@ class ShardedCheckpoint:
         self.weight_map = weight_map(self.path)
         missing_files = sorted({f for f in self.weight_map.values() if not (self.path / f).is_file()})
         if missing_files:
-            raise MoepruneError(f"{self.path} lacks shard {missing_files[0]} named in its index; the download is "
-                                "incomplete")
+            raise MoepruneError(
+                f"{self.path} lacks shard {missing_files[0]} named in its index; the download is incomplete"
+            )
         self._check_shards_hold_their_tensors()
         self.model = skeleton(config, dtype, self.path)
         self.adapter = get_adapter(self.model.config)
         self.layers, self.layer_prefix = decoder_layers(self.model)
         self.conversion = compat.conversion_mapping(self.model)
         meta = self.model.state_dict()
-        # on-disk key -> in-model name, e.g. model.layers.3.block_sparse_moe.experts.7.w1.weight -> ...experts.gate_up_proj
+        # on-disk key -> in-model name, e.g. model.layers.3.block_sparse_moe.experts.7.w1.weight ->
+        # ...experts.gate_up_proj
         self.target = compat.in_model_names(self.model, self.weight_map, self.conversion, meta)
         self._check_complete(meta)
         sources = Counter(self.target.values())
-        self._copied_by_loader = {t for t, n in sources.items() if n > 1}  # fused from several tensors: a new tensor
+        self._copied_by_loader = {
+            t for t, n in sources.items() if n > 1
+        }  # fused from several tensors: a new tensor
 
     def _check_shards_hold_their_tensors(self) -> None:
-        """Every tensor the index names is in its shard (header reads only), so a damaged download fails now."""
+        """Every tensor the index names is in its shard (header reads only), so a damaged download fails
+        now."""
         by_file: dict[str, set[str]] = {}
         for k, f in self.weight_map.items():
             by_file.setdefault(f, set()).add(k)
@@ -121,21 +129,30 @@ class ShardedCheckpoint:
                 raise MoepruneError(f"{self.path}: shard {f} is damaged ({type(e).__name__}: "
                                     f"{str(e).splitlines()[0] if str(e) else ''}); is the download complete?")
             if absent:
-                raise MoepruneError(f"{self.path}: shard {f} lacks {len(absent)} tensor(s) its index names (e.g. "
-                                    f"{absent[0]}); the download is incomplete or the index is wrong")
+                raise MoepruneError(
+                    f"{self.path}: shard {f} lacks {len(absent)} tensor(s) its index names (e.g. "
+                    f"{absent[0]}); the download is incomplete or the index is wrong"
+                )
 
     def _check_complete(self, meta: dict) -> None:
         """Every parameter of the skeleton must come from some on-disk tensor (tied ones appear once)."""
         targets = set(self.target.values())
-        tied = getattr(self.model, "all_tied_weights_keys", None) or {}  # e.g. lm_head.weight -> embed_tokens.weight
-        missing = [n for n, _ in self.model.named_parameters() if n not in targets and tied.get(n) not in targets]
+        # e.g. lm_head.weight -> embed_tokens.weight
+        tied = getattr(self.model, "all_tied_weights_keys", None) or {}
+        missing = [
+            n for n, _ in self.model.named_parameters() if n not in targets and tied.get(n) not in targets
+        ]
         if missing:
-            raise MoepruneError(f"{self.path} has no weights for {len(missing)} parameters (e.g. {missing[0]}); the "
-                                "checkpoint is incomplete or does not match its config")
+            raise MoepruneError(
+                f"{self.path} has no weights for {len(missing)} parameters (e.g. {missing[0]}); the "
+                "checkpoint is incomplete or does not match its config"
+            )
         unknown = sorted(k for k, t in self.target.items() if t not in meta)
         if unknown:
-            raise MoepruneError(f"{self.path} holds tensors the {type(self.model).__name__} model has no place for "
-                                f"({len(unknown)}, e.g. {unknown[0]}); the checkpoint does not match its config")
+            raise MoepruneError(
+                f"{self.path} holds tensors the {type(self.model).__name__} model has no place for "
+                f"({len(unknown)}, e.g. {unknown[0]}); the checkpoint does not match its config"
+            )
 
     # ---- which keys ---------------------------------------------------------------------------
     def layer_keys(self, i: int) -> list[str]:
@@ -153,25 +170,32 @@ class ShardedCheckpoint:
 
     # ---- loading and freeing -------------------------------------------------------------------
     def load(self, keys: list[str]) -> None:
-        """Materialise the parameters behind on-disk `keys` in the skeleton (all sources of a fused tensor at once)."""
+        """Materialise the parameters behind on-disk `keys` in the skeleton (all sources of a fused tensor at
+        once)."""
         by_file: dict[str, list[str]] = {}
         for k in keys:
             by_file.setdefault(self.weight_map[k], []).append(k)
         state = {}
         for name, ks in by_file.items():
             handle = safe_open(str(self.path / name), framework="pt")
-            state.update({k: handle.get_slice(k) for k in ks})  # lazy: read inside the loader, cast to the skeleton dtype
+            # lazy: read inside the loader, cast to the skeleton dtype
+            state.update({k: handle.get_slice(k) for k in ks})
         with quiet_transformers():  # else the loader shows one progress bar per call, i.e. per layer
             info = compat.load_converted(self.model, state, self.conversion)
-        bad = sorted(set(info.unexpected_keys) | {k[0] if isinstance(k, tuple) else k for k in info.mismatched_keys})
+        bad = sorted(
+            set(info.unexpected_keys) | {k[0] if isinstance(k, tuple) else k for k in info.mismatched_keys}
+        )
         if bad or info.conversion_errors:
             detail = bad[0] if bad else next(iter(info.conversion_errors.values()))
-            raise MoepruneError(f"{self.path}: could not load {detail} into the model; the checkpoint does not match "
-                                "its config")
+            raise MoepruneError(
+                f"{self.path}: could not load {detail} into the model; the checkpoint does not match "
+                "its config"
+            )
 
     def load_rest(self) -> None:
         self.load(self.rest_keys())
-        self.model.tie_weights()  # a tied lm_head is not on disk: share the embeddings, as from_pretrained does
+        # a tied lm_head is not on disk: share the embeddings, as from_pretrained does
+        self.model.tie_weights()
 
     def load_layer(self, i: int) -> nn.Module:
         """Materialise decoder layer i, holding no view of the shard files (so their pages leave memory).
@@ -194,7 +218,9 @@ class ShardedCheckpoint:
             # a renamed-only tensor is a zero-copy view of the mmap'd shard, which keeps every page of the
             # shard the loader touched (the per-expert sources too) resident until the view dies: copy it
             owner, _, leaf = name.rpartition(".")
-            layer.get_submodule(owner)._parameters[leaf] = nn.Parameter(p.detach().clone(), requires_grad=False)
+            layer.get_submodule(owner)._parameters[leaf] = nn.Parameter(
+                p.detach().clone(), requires_grad=False
+            )
         from moeprune.store.checkpoint import refuse_nonfinite
 
         refuse_nonfinite(layer.named_parameters(prefix=prefix.rstrip(".")), self.path)

@@ -46,7 +46,10 @@ class ShardWriter:
     def finish(self) -> None:
         if self._written != self.num_shards:
             raise RuntimeError(f"wrote {self._written} of {self.num_shards} shards")
-        index = {"metadata": {"total_size": self.total_size}, "weight_map": dict(sorted(self.weight_map.items()))}
+        index = {
+            "metadata": {"total_size": self.total_size},
+            "weight_map": dict(sorted(self.weight_map.items())),
+        }
         (self.directory / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
 
 

@@ -33,8 +33,10 @@ def gate_up_index(perm: torch.Tensor, interleaved: bool) -> torch.Tensor:
 def _check_perm(perm, I: int) -> torch.Tensor:
     p = torch.as_tensor(perm, dtype=torch.long)
     if p.ndim != 1 or p.numel() != I or not torch.equal(p.sort().values, torch.arange(I)):
-        raise MoepruneError(f"a hidden-unit permutation must reorder the expert's {I} hidden units 0..{I - 1} "
-                            f"(got {p.numel()} entries)")
+        raise MoepruneError(
+            f"a hidden-unit permutation must reorder the expert's {I} hidden units 0..{I - 1} "
+            f"(got {p.numel()} entries)"
+        )
     return p
 
 
@@ -55,8 +57,10 @@ def permute_expert_hidden(adapter: Adapter, tensors: dict[str, torch.Tensor], e:
     """
     unknown = set(tensors) - {GATE_UP, DOWN, GATE_UP_BIAS, DOWN_BIAS}
     if unknown:
-        raise MoepruneError(f"{adapter.family}: cannot permute hidden units of expert tensors {sorted(unknown)}; "
-                            "alignment knows gate_up_proj, down_proj and their biases")
+        raise MoepruneError(
+            f"{adapter.family}: cannot permute hidden units of expert tensors {sorted(unknown)}; "
+            "alignment knows gate_up_proj, down_proj and their biases"
+        )
     p = _check_perm(perm, expert_width(adapter, tensors))
     gu = gate_up_index(p, adapter.interleaved)  # [2I]
     t = tensors[GATE_UP]
@@ -81,8 +85,10 @@ def permute_members(adapter: Adapter, params: dict[str, torch.Tensor], lp) -> di
     for g in lp.groups:
         for e, q in zip(g.members, g.perms or []):
             if len(q) != I:
-                raise MoepruneError(f"layer {lp.layer}: the permutation of expert {e} has {len(q)} entries but "
-                                    f"the experts have {I} hidden units; the plan was made for another model")
+                raise MoepruneError(
+                    f"layer {lp.layer}: the permutation of expert {e} has {len(q)} entries but "
+                    f"the experts have {I} hidden units; the plan was made for another model"
+                )
             if list(q) != list(range(I)):
                 permute_expert_hidden(adapter, out, e, q)
     return out

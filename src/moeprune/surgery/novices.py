@@ -90,7 +90,9 @@ def apply_novice_layer(adapter: Adapter, block: nn.Module, lp, vectors: torch.Te
     if vectors is None:
         raise MoepruneError(f"layer {lp.layer}: no novice vectors given")
     if vectors.shape[0] != len(lp.novices):
-        raise MoepruneError(f"layer {lp.layer}: {vectors.shape[0]} novice vectors for {len(lp.novices)} novices")
+        raise MoepruneError(
+            f"layer {lp.layer}: {vectors.shape[0]} novice vectors for {len(lp.novices)} novices"
+        )
     ex = adapter.experts(block)
     keep = torch.tensor(kept, dtype=torch.long)
     for name, p in adapter.expert_parameters(block).items():
@@ -113,7 +115,8 @@ def _set(owner: nn.Module, name: str, value: torch.Tensor, like: torch.Tensor | 
 
 
 def _router_tensors(adapter: Adapter, block: nn.Module) -> list[tuple[str, nn.Module, str, int]]:
-    """(dotted name inside the router, owner, attribute, expert axis) of every router tensor indexed by expert."""
+    """(dotted name inside the router, owner, attribute, expert axis) of every router tensor indexed by
+    expert."""
     router = adapter.router(block)
     names = {id(m): n for n, m in router.named_modules()}
     return [((names[id(owner)] + "." if names[id(owner)] else "") + leaf, owner, leaf, axis)

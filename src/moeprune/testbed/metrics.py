@@ -101,7 +101,9 @@ class BigramModel:
     tokens. Counts are kept sparse (sorted pair keys), since most of the V*V pairs never occur.
     """
 
-    def __init__(self, train_ids: np.ndarray | torch.Tensor | Sequence[np.ndarray | torch.Tensor], vocab_size: int):
+    def __init__(
+        self, train_ids: np.ndarray | torch.Tensor | Sequence[np.ndarray | torch.Tensor], vocab_size: int
+    ):
         """Count pairs in `train_ids`: one 1-D stream, or several whose ends are not joined."""
         if isinstance(train_ids, (np.ndarray, torch.Tensor)) and train_ids.ndim == 1:
             train_ids = [train_ids]

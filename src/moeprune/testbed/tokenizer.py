@@ -48,7 +48,9 @@ def train_tokenizer(
     )
 
 
-def tokenizer_dir(corpus: Corpus, vocab_size: int = DEFAULT_VOCAB_SIZE, cache_dir: str | Path | None = None) -> Path:
+def tokenizer_dir(
+    corpus: Corpus, vocab_size: int = DEFAULT_VOCAB_SIZE, cache_dir: str | Path | None = None
+) -> Path:
     """Where the tokenizer for `corpus` and `vocab_size` is (or will be) cached."""
     key = stable_hash({"format": FORMAT, "corpus": corpus.version, "vocab_size": vocab_size})
     return cache_root(cache_dir) / "tokenizer" / f"bpe{vocab_size}-{key}"

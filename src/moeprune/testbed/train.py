@@ -172,7 +172,9 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def sample_batch(streams: list[torch.Tensor], batch_size: int, seq_len: int, gen: torch.Generator) -> torch.Tensor:
+def sample_batch(
+    streams: list[torch.Tensor], batch_size: int, seq_len: int, gen: torch.Generator
+) -> torch.Tensor:
     """`batch_size` random windows of `seq_len` tokens, split evenly over `streams`: [B, T]."""
     rows = []
     for i in range(batch_size):
@@ -546,7 +548,10 @@ def _train_and_save(spec, corpus, tokenizer, final: Path, work: Path, *, progres
     say = _say(progress)
     cfg = spec.train
     train_ids = [encode_file(tokenizer, corpus.path(d, "train")) for d in TRAIN_DOMAINS]
-    say(f"[{spec.name}] training tokens: " + ", ".join(f"{d} {len(t):,}" for d, t in zip(TRAIN_DOMAINS, train_ids)))
+    say(
+        f"[{spec.name}] training tokens: "
+        + ", ".join(f"{d} {len(t):,}" for d, t in zip(TRAIN_DOMAINS, train_ids))
+    )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         model = transformers.AutoModelForCausalLM.from_config(spec.make_config(tokenizer))
@@ -609,12 +614,18 @@ def _train_and_save(spec, corpus, tokenizer, final: Path, work: Path, *, progres
 def summarise_report(report: dict) -> str:
     """A few human-readable lines from a `testbed_report.json` dict."""
     ev, tr = report["evaluation"], report["training"]
-    lines = [(f"{report['name']}: {report['parameters']['total']:,} parameters "
-             f"({report['parameters']['active_per_token']:,} active), {tr['steps_done']} steps in "
-             f"{tr['seconds']:.0f}s at {tr['tokens_per_s']:,.0f} tokens/s, final loss {tr['final_loss']:.3f}")]
+    lines = [
+        (
+            f"{report['name']}: {report['parameters']['total']:,} parameters "
+            f"({report['parameters']['active_per_token']:,} active), {tr['steps_done']} steps in "
+            f"{tr['seconds']:.0f}s at {tr['tokens_per_s']:,.0f} tokens/s, final loss {tr['final_loss']:.3f}"
+        )
+    ]
     for d, v in ev["domains"].items():
-        lines.append(f"  {d:6s} validation ppl {v['perplexity']:8.2f}   bigram {v['bigram_perplexity']:8.2f}   "
-                     f"usage entropy/layer {v['usage_entropy']}")
+        lines.append(
+            f"  {d:6s} validation ppl {v['perplexity']:8.2f}   bigram {v['bigram_perplexity']:8.2f}   "
+            f"usage entropy/layer {v['usage_entropy']}"
+        )
     lines.append(f"  routing entropy per layer (both domains): {ev['usage_entropy']}")
     if not report["beats_bigram"]:
         lines.append("  FAILED: does not beat the bigram baseline on every domain")
@@ -649,7 +660,9 @@ def get_testbed(
                          strict=strict, threads=threads)
 
 
-def load_testbed(path: str | Path) -> tuple[transformers.PreTrainedModel, transformers.PreTrainedTokenizerBase]:
+def load_testbed(
+    path: str | Path,
+) -> tuple[transformers.PreTrainedModel, transformers.PreTrainedTokenizerBase]:
     """Load a testbed directory as (model in eval mode with eager experts, tokenizer)."""
     model = transformers.AutoModelForCausalLM.from_pretrained(path)
     model.set_experts_implementation("eager")
