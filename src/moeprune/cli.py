@@ -43,6 +43,12 @@ Force = Annotated[
     bool, typer.Option("--force", metavar="", help="replace an output directory moeprune wrote")
 ]
 Device = Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:N or auto")]
+# the calibration options prune, observe and sweep share
+Samples = Annotated[int, typer.Option(help="calibration sequences")]
+SeqLen = Annotated[int, typer.Option(help="tokens per calibration sequence")]
+ProbeSize = Annotated[int, typer.Option(help="probe tokens kept per layer")]
+CalibField = Annotated[str | None, typer.Option(help="text field of a .jsonl calibration file")]
+Tokenizer = Annotated[str | None, typer.Option(help="tokenizer directory if not the model's")]
 Layerwise = Annotated[bool | None, typer.Option(
     "--layerwise/--in-memory", metavar="",
     help="read, prune and write one decoder layer at a time in bounded memory, or load the whole model "
@@ -230,10 +236,10 @@ def observe(
     calib: Annotated[str, typer.Option("--calib", help=".txt, directory, .jsonl, or hf:NAME[:CONFIG]:SPLIT")],
     out_dir: Annotated[str, typer.Option("--out", help="stats directory to write")],
     samples: int = 128, seq_len: int = 512, batch_size: int = 8, seed: int = 0,
-    probe_size: Annotated[int, typer.Option(help="probe tokens kept per layer")] = 512,
-    calib_field: Annotated[str | None, typer.Option(help="text field of a .jsonl calibration file")] = None,
+    probe_size: ProbeSize = 512,
+    calib_field: CalibField = None,
     calib_template: CalibTemplate = None,
-    tokenizer: Annotated[str | None, typer.Option(help="tokenizer directory if not the model's")] = None,
+    tokenizer: Tokenizer = None,
     device: Device = "cpu", force: Force = False, layerwise: Layerwise = None,
     offload_dir: OffloadDir = None, hidden_memory: HiddenMemory = 2.0,
 ):
@@ -327,14 +333,14 @@ def prune(
     calib: Annotated[
         str | None, typer.Option("--calib", help=".txt, directory, .jsonl, or hf:NAME[:CONFIG]:SPLIT")
     ] = None,
-    samples: Annotated[int, typer.Option(help="calibration sequences")] = 128,
-    seq_len: Annotated[int, typer.Option(help="tokens per calibration sequence")] = 512,
+    samples: Samples = 128,
+    seq_len: SeqLen = 512,
     batch_size: int = 8,
     seed: int = 0,
-    probe_size: Annotated[int, typer.Option(help="probe tokens kept per layer")] = 512,
-    calib_field: Annotated[str | None, typer.Option(help="text field of a .jsonl calibration file")] = None,
+    probe_size: ProbeSize = 512,
+    calib_field: CalibField = None,
     calib_template: CalibTemplate = None,
-    tokenizer: Annotated[str | None, typer.Option(help="tokenizer directory if not the model's")] = None,
+    tokenizer: Tokenizer = None,
     stats_out: Annotated[
         str | None, typer.Option("--save-stats", help="also keep the statistics here")
     ] = None,
@@ -653,14 +659,14 @@ def sweep(
             "--save-checkpoints", metavar="", help="also write every pruned checkpoint under OUT/checkpoints/"
         ),
     ] = False,
-    samples: Annotated[int, typer.Option(help="calibration sequences")] = 128,
-    seq_len: Annotated[int, typer.Option(help="tokens per calibration sequence")] = 512,
+    samples: Samples = 128,
+    seq_len: SeqLen = 512,
     batch_size: int = 8,
     seed: int = 0,
-    probe_size: Annotated[int, typer.Option(help="probe tokens kept per layer")] = 512,
-    calib_field: Annotated[str | None, typer.Option(help="text field of a .jsonl calibration file")] = None,
+    probe_size: ProbeSize = 512,
+    calib_field: CalibField = None,
     calib_template: CalibTemplate = None,
-    tokenizer: Annotated[str | None, typer.Option(help="tokenizer directory if not the model's")] = None,
+    tokenizer: Tokenizer = None,
     option: Annotated[
         list[str] | None,
         typer.Option(

@@ -201,7 +201,11 @@ def _vanish_on_failure(bar):
         raise
 
 
-def _progress():
+def _progress(*fields: str, enabled: bool = True):
+    """moeprune's progress bar on stderr: description, bar, done/total, `fields` (rich templates), times.
+
+    Progress goes to stderr, so that stdout holds only results (tables, JSON) a script may read.
+    """
     from rich.console import Console
     from rich.progress import (
         BarColumn,
@@ -212,11 +216,16 @@ def _progress():
         TimeRemainingColumn,
     )
 
-    # progress goes to stderr, so that stdout holds only results (tables, JSON) a script may read
     return Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        TextColumn("eta"), TimeRemainingColumn(), transient=False, console=Console(stderr=True),
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), *map(TextColumn, fields),
+        TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), transient=False,
+        console=Console(stderr=True), disable=not enabled,
     )
+
+
+def progress_display(*fields: str, enabled: bool = True):
+    """The rich `Progress` every moeprune bar uses, for callers that drive it themselves (the testbed)."""
+    return _progress(*fields, enabled=enabled)
 
 
 @contextlib.contextmanager

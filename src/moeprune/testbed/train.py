@@ -362,21 +362,9 @@ def train_model(
 
 
 def _progress_bar(enabled: bool):
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
+    from moeprune.runtime import progress_display
 
-    return Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]:.3f}"), TimeElapsedColumn(), TextColumn("ETA"),
-        TimeRemainingColumn(), console=Console(stderr=True), disable=not enabled,
-    )
+    return progress_display("loss {task.fields[loss]:.3f}", enabled=enabled)
 
 
 # ---------------------------------------------------------------------------------------------
