@@ -56,8 +56,8 @@ def tree_digest(path: Path) -> dict[str, str]:
     return out
 
 
-def manual_plan(model, keep: list[int] | None = None, groups: list[tuple[list[int], list[float]]] | None = None,
-                method: str = "manual") -> Plan:
+def manual_plan(model, keep: list[int] | None = None,
+                groups: list[tuple[list[int], list[float]]] | None = None, method: str = "manual") -> Plan:
     """A plan applying the same `keep` list (singletons) or `groups` to every MoE layer of `model`."""
     adapter = get_adapter(model.config)
     desc = model_description(model, adapter)

@@ -22,13 +22,15 @@ def test_analyze_writes_heatmaps_and_json(checkpoint, calib_file, tmp_path, caps
         rec = json.loads((out / f"layer_{i:03d}.json").read_text())
         S = torch.tensor(rec["cka"])
         assert S.shape == (8, 8) and torch.allclose(S, S.T) and torch.all(S.diagonal() == 1)
-        assert len(rec["groups"]) == 4 and all({m // 4 for m in g} == {j // 2} for j, g in enumerate(rec["groups"]))
+        assert len(rec["groups"]) == 4 and all({m // 4 for m in g} == {j // 2}
+                                               for j, g in enumerate(rec["groups"]))
 
     stats_dir = tmp_path / "stats"
     assert main(["observe", str(src), "--calib", str(calib_file), "--out", str(stats_dir), "--samples", "4",
                  "--seq-len", "32", "--probe-size", "32"]) == 0
     data = tmp_path / "data"
-    assert main(["analyze", str(stats_dir), "--out", str(data)]) == 0  # model: the one the stats were observed on
+    # model: the one the stats were observed on
+    assert main(["analyze", str(stats_dir), "--out", str(data)]) == 0
     summary = json.loads((data / "summary.json").read_text())
     assert summary["representation"] == "data" and summary["experts_kept"] is None
     assert (data / "layer_001.png").is_file()

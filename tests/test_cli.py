@@ -110,7 +110,8 @@ def test_bad_input_fails_cleanly_via_cli(case, tmp_path, checkpoint, calib_file,
                                                               llama_checkpoint)
     work = tmp_path / "work"
     work.mkdir()
-    argv = ["prune", str(model), "--method", method, "--out", str(work / "out"), "--calib", str(calib), *SMALL_FLAGS]
+    argv = ["prune", str(model), "--method", method, "--out", str(work / "out"), "--calib", str(calib),
+            *SMALL_FLAGS]
     argv += ["--ratio", str(ratio)] if ratio is not None else ["--experts", str(experts)]
     capsys.readouterr()
     assert main(argv) != 0
@@ -161,8 +162,8 @@ def test_cheap_checks_happen_before_any_expensive_work(tmp_path, checkpoint, cal
         with pytest.raises(MoepruneError):  # an AssertionError here means the check came too late
             api.prune(model, method, out, calib=calib, progress=False, **SMALL, **kwargs)
     capsys.readouterr()
-    assert main(["prune", deepseek, "--method", "reap", "--out", str(tmp_path / "out"), "--calib", str(calib_file),
-                 "--experts", "3"]) == 2
+    assert main(["prune", deepseek, "--method", "reap", "--out", str(tmp_path / "out"), "--calib",
+                 str(calib_file), "--experts", "3"]) == 2
     assert "flatten-groups" in _one_error_line(capsys)
     assert main(["observe", mixtral, "--calib", str(calib_file), "--out", str(existing)]) == 2
     _one_error_line(capsys)
@@ -170,8 +171,8 @@ def test_cheap_checks_happen_before_any_expensive_work(tmp_path, checkpoint, cal
     assert (existing / "keep.txt").read_text() == "precious"
 
 
-def test_existing_output_needs_force_and_force_replaces_only_moeprune_outputs(tmp_path, checkpoint, calib_file,
-                                                                             capsys):
+def test_existing_output_needs_force_and_force_replaces_only_moeprune_outputs(tmp_path, checkpoint,
+                                                                             calib_file, capsys):
     src = checkpoint("olmoe")
     out = tmp_path / "out"
     out.mkdir()
@@ -214,10 +215,12 @@ def test_input_model_directory_is_unchanged(tmp_path, checkpoint, calib_file):
 # ---- happy path ---------------------------------------------------------------------------------
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family,budget", [("mixtral", ["--ratio", "0.5"]), ("deepseek_v3", ["--experts", "4"])])
+@pytest.mark.parametrize("family,budget", [("mixtral", ["--ratio", "0.5"]),
+                                           ("deepseek_v3", ["--experts", "4"])])
 def test_cli_stepwise_equals_one_shot_prune(family, budget, tmp_path, checkpoint, calib_file, capsys):
     src = str(checkpoint(family))
-    calib = ["--calib", str(calib_file), *SMALL_FLAGS, "--batch-size", "3", "--seed", "1", "--probe-size", "64"]
+    calib = ["--calib", str(calib_file), *SMALL_FLAGS, "--batch-size", "3", "--seed", "1",
+             "--probe-size", "64"]
     stats, plan_file = tmp_path / "stats", tmp_path / "plan.json"
     stepwise, oneshot = tmp_path / "stepwise", tmp_path / "oneshot"
 
@@ -232,7 +235,8 @@ def test_cli_stepwise_equals_one_shot_prune(family, budget, tmp_path, checkpoint
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
-    assert json.loads((stepwise / "config.json").read_text()) == json.loads((oneshot / "config.json").read_text())
+    assert (json.loads((stepwise / "config.json").read_text())
+            == json.loads((oneshot / "config.json").read_text()))
 
     s1, s2 = Stats.load(stats), Stats.load(tmp_path / "stats2")
     for i in s1.layers:
@@ -247,8 +251,8 @@ def test_cli_stepwise_equals_one_shot_prune(family, budget, tmp_path, checkpoint
 
     for out in (stepwise, oneshot):
         names = {p.name for p in out.iterdir()}
-        assert {"README.md", "moeprune_plan.json", "config.json", "model.safetensors.index.json", "tokenizer.json",
-                "tokenizer_config.json"} <= names
+        assert {"README.md", "moeprune_plan.json", "config.json", "model.safetensors.index.json",
+                "tokenizer.json", "tokenizer_config.json"} <= names
         assert not any(n.endswith(".tmp") or n.startswith(".") for n in names)
         tok = tf.AutoTokenizer.from_pretrained(out)
         assert tok("def f(x): return x")["input_ids"]

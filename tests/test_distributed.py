@@ -1,4 +1,5 @@
-"""Calibration on several processes: the batch split, the exact reduction, and `torchrun -m moeprune observe`."""
+"""Calibration on several processes: the batch split, the exact reduction, and
+`torchrun -m moeprune observe`."""
 
 from __future__ import annotations
 
@@ -26,7 +27,8 @@ class _Share(Ranks):
 
 
 def _assert_same_stats(got: dict[int, LayerStats], want: dict[int, LayerStats]) -> float:
-    """Counts and probe identical, float64 statistics within 1e-12 of each tensor's scale; the largest relative gap."""
+    """Counts and probe identical, float64 statistics within 1e-12 of each tensor's scale; the largest
+    relative gap."""
     assert sorted(got) == sorted(want)
     worst = 0.0
     for i, w in want.items():
@@ -73,7 +75,8 @@ def test_shares_merged_equal_one_pass(world):
               for r in range(world)]
     for share in shares:  # every rank reports the global calibration
         assert share.num_tokens == N * L and share.calibration["sequences"] == N
-    assert sum(int(s.layers[1].experts.count.sum()) for s in shares) == int(whole.layers[1].experts.count.sum())
+    assert (sum(int(s.layers[1].experts.count.sum()) for s in shares)
+            == int(whole.layers[1].experts.count.sum()))
     parts = [s.layers for s in shares]
     before = [{i: ls.experts.tensors() | {"probe": ls.probe.positions} for i, ls in p.items()} for p in parts]
     before = [{i: {k: v.clone() for k, v in t.items()} for i, t in b.items()} for b in before]
@@ -106,16 +109,18 @@ def test_torchrun_observe_equals_one_process(tmp_path):
             "--batch-size", str(BATCH), "--probe-size", str(PROBE), "--seed", "3"]
     (tmp_path / "one").mkdir()
     (tmp_path / "two").mkdir()
-    single = subprocess.run([sys.executable, "-m", "moeprune", *args, "--out", str(tmp_path / "one" / "stats")],
+    single = subprocess.run([sys.executable, "-m", "moeprune", *args, "--out",
+                             str(tmp_path / "one" / "stats")],
                             env=env, capture_output=True, text=True, timeout=180)
     assert single.returncode == 0, single.stderr
-    multi = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                            "-m", "moeprune", *args, "--out", str(tmp_path / "two" / "stats")],
+    multi = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+                            "2", "-m", "moeprune", *args, "--out", str(tmp_path / "two" / "stats")],
                            env=env, capture_output=True, text=True, timeout=180)
     assert multi.returncode == 0, multi.stderr
     assert multi.stdout.count("written to") == 1, multi.stdout  # only rank 0 reports
     assert [p.name for p in (tmp_path / "two").iterdir()] == ["stats"]  # one stats directory, no leftovers
-    assert sorted(p.name for p in (tmp_path / "two" / "stats").iterdir()) == ["stats.json", "stats.safetensors"]
+    assert (sorted(p.name for p in (tmp_path / "two" / "stats").iterdir())
+            == ["stats.json", "stats.safetensors"])
 
     one, two = Stats.load(tmp_path / "one" / "stats"), Stats.load(tmp_path / "two" / "stats")
     assert two.model == one.model
@@ -131,21 +136,22 @@ def test_torchrun_observe_equals_one_process(tmp_path):
 
 @pytest.mark.slow
 def test_torchrun_layerwise_prune_equals_one_process(tmp_path):
-    """2 processes, layer by layer: each layer's statistics are reduced before it is planned; rank 0 writes."""
+    """2 processes, layer by layer: each layer's statistics are reduced before it is planned; rank 0
+    writes."""
     model_dir, calib = tmp_path / "model", tmp_path / "calib.txt"
     save_tiny_checkpoint("qwen3_moe", model_dir, seed=SEED)
     calib.write_text(calibration_text(), encoding="utf-8")
     env = _single_process_env()
-    args = ["prune", str(model_dir), "--method", "reap", "--ratio", "0.25", "--calib", str(calib), "--samples",
-            str(N), "--seq-len", str(L), "--batch-size", str(BATCH), "--probe-size", str(PROBE)]
+    args = ["prune", str(model_dir), "--method", "reap", "--ratio", "0.25", "--calib", str(calib),
+            "--samples", str(N), "--seq-len", str(L), "--batch-size", str(BATCH), "--probe-size", str(PROBE)]
     (tmp_path / "one").mkdir()
     (tmp_path / "two").mkdir()
-    single = subprocess.run([sys.executable, "-m", "moeprune", *args, "--in-memory", "--out", str(tmp_path / "one" / "m"),
-                             "--save-stats", str(tmp_path / "one" / "stats")],
+    single = subprocess.run([sys.executable, "-m", "moeprune", *args, "--in-memory", "--out",
+                             str(tmp_path / "one" / "m"), "--save-stats", str(tmp_path / "one" / "stats")],
                             env=env, capture_output=True, text=True, timeout=180)
     assert single.returncode == 0, single.stderr
-    multi = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                            "-m", "moeprune", *args, "--layerwise", "--out", str(tmp_path / "two" / "m"),
+    multi = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+                            "2", "-m", "moeprune", *args, "--layerwise", "--out", str(tmp_path / "two" / "m"),
                             "--save-stats", str(tmp_path / "two" / "stats")],
                            env=env, capture_output=True, text=True, timeout=180)
     assert multi.returncode == 0, multi.stderr

@@ -68,7 +68,8 @@ def made(tmp_path_factory, checkpoint, calib_file):
     mixtral, qwen = checkpoint("mixtral"), checkpoint("qwen2_moe")
     narrow = checkpoint("mixtral", hidden_size=32)
     for name, model in (("st_mixtral", mixtral), ("st_qwen", qwen), ("st_narrow", narrow)):
-        assert main(["observe", str(model), "--calib", str(calib_file), "--out", str(root / name), *SMALL_FLAGS]) == 0
+        assert main(["observe", str(model), "--calib", str(calib_file), "--out", str(root / name),
+                     *SMALL_FLAGS]) == 0
     assert main(["plan", str(root / "st_narrow"), "--method", "mone", "--ratio", "0.5", "--out",
                  str(root / "mone_narrow.json")]) == 0
     assert main(["plan", str(root / "st_mixtral"), "--method", "reap", "--ratio", "0.5", "--out",
@@ -79,11 +80,12 @@ def made(tmp_path_factory, checkpoint, calib_file):
 # ---- 1. empty or current-directory outputs ----------------------------------------------------------------
 
 @pytest.mark.parametrize("out", ["", " ", "."])
-def test_empty_or_cwd_out_is_refused_and_cwd_untouched(out, user_dir, checkpoint, calib_file, capsys, monkeypatch):
+def test_empty_or_cwd_out_is_refused_and_cwd_untouched(out, user_dir, checkpoint, calib_file, capsys,
+                                                       monkeypatch):
     monkeypatch.chdir(user_dir)
     before = tree_digest(user_dir)
-    refused(capsys, ["prune", str(checkpoint("mixtral")), "--method", "frequency", "--ratio", "0.25", "--calib",
-                     str(calib_file), "--out", out, "--force", *SMALL_FLAGS], "--out")
+    refused(capsys, ["prune", str(checkpoint("mixtral")), "--method", "frequency", "--ratio", "0.25",
+                     "--calib", str(calib_file), "--out", out, "--force", *SMALL_FLAGS], "--out")
     refused(capsys, ["plan", "st", "--method", "reap", "--ratio", "0.25", "--out", out, "--force"], "--out")
     assert tree_digest(user_dir) == before
 
@@ -108,14 +110,15 @@ def test_outputs_never_overlap_inputs(tmp_path, checkpoint, calib_file, made, ca
     shutil.copy(calib_file, corpus / "a.txt")
     model = str(checkpoint("mixtral"))
     before = tree_digest(corpus)
-    refused(capsys, ["prune", model, "--method", "frequency", "--ratio", "0.25", "--calib", str(corpus), "--out",
-                     str(corpus), "--force", *SMALL_FLAGS], "--calib")
-    refused(capsys, ["prune", model, "--method", "frequency", "--ratio", "0.25", "--calib", str(corpus), "--out",
-                     str(corpus / "inside"), *SMALL_FLAGS], "--calib")
-    refused(capsys, ["observe", model, "--calib", str(calib_file), "--out", str(tmp_path / "st"), "--offload-dir",
-                     str(tmp_path / "st" / "spill"), *SMALL_FLAGS], "overlap")
-    refused(capsys, ["prune", model, "--method", "frequency", "--ratio", "0.25", "--calib", str(calib_file), "--out",
-                     str(tmp_path / "o"), "--save-stats", str(tmp_path / "o"), *SMALL_FLAGS], "--save-stats")
+    refused(capsys, ["prune", model, "--method", "frequency", "--ratio", "0.25", "--calib", str(corpus),
+                     "--out", str(corpus), "--force", *SMALL_FLAGS], "--calib")
+    refused(capsys, ["prune", model, "--method", "frequency", "--ratio", "0.25", "--calib", str(corpus),
+                     "--out", str(corpus / "inside"), *SMALL_FLAGS], "--calib")
+    refused(capsys, ["observe", model, "--calib", str(calib_file), "--out", str(tmp_path / "st"),
+                     "--offload-dir", str(tmp_path / "st" / "spill"), *SMALL_FLAGS], "overlap")
+    refused(capsys, ["prune", model, "--method", "frequency", "--ratio", "0.25", "--calib", str(calib_file),
+                     "--out", str(tmp_path / "o"), "--save-stats", str(tmp_path / "o"), *SMALL_FLAGS],
+            "--save-stats")
     assert tree_digest(corpus) == before
     stats = tmp_path / "st2"
     shutil.copytree(made / "st_mixtral", stats)
@@ -132,21 +135,21 @@ def test_outputs_never_overlap_inputs(tmp_path, checkpoint, calib_file, made, ca
 def test_file_outputs_never_replace_input_files(tmp_path, checkpoint, made, capsys):
     model = copy_checkpoint(checkpoint("mixtral"), tmp_path / "m")
     before = tree_digest(model)
-    refused(capsys, ["plan", str(made / "st_mixtral"), "--method", "reap", "--ratio", "0.25", "--model", str(model),
-                     "--out", str(model / "config.json"), "--force"], "--model")
+    refused(capsys, ["plan", str(made / "st_mixtral"), "--method", "reap", "--ratio", "0.25", "--model",
+                     str(model), "--out", str(model / "config.json"), "--force"], "--model")
     refused(capsys, ["eval", str(model), "--text", str(model / "tokenizer.json"), "--json",
                      str(model / "model.safetensors"), "--force"], "model 1")
     assert tree_digest(model) == before
     # --force replaces a plan moeprune wrote, but never a user's file
     mine = tmp_path / "mine.json"
     mine.write_text('{"my": "data"}')
-    refused(capsys, ["plan", str(made / "st_mixtral"), "--method", "reap", "--ratio", "0.25", "--out", str(mine),
-                     "--force"], "not a file moeprune wrote")
+    refused(capsys, ["plan", str(made / "st_mixtral"), "--method", "reap", "--ratio", "0.25", "--out",
+                     str(mine), "--force"], "not a file moeprune wrote")
     assert mine.read_text() == '{"my": "data"}'
     ours = tmp_path / "ours.json"
     shutil.copy(made / "reap.json", ours)
-    assert main(["plan", str(made / "st_mixtral"), "--method", "frequency", "--ratio", "0.25", "--out", str(ours),
-                 "--force"]) == 0
+    assert main(["plan", str(made / "st_mixtral"), "--method", "frequency", "--ratio", "0.25", "--out",
+                 str(ours), "--force"]) == 0
     assert json.loads(ours.read_text())["method"] == "frequency"
 
 
@@ -154,10 +157,11 @@ def test_file_outputs_never_replace_input_files(tmp_path, checkpoint, made, caps
 
 def test_stats_and_plans_of_another_model_are_refused(tmp_path, checkpoint, made, capsys):
     mixtral, qwen = str(checkpoint("mixtral")), str(checkpoint("qwen2_moe"))
-    refused(capsys, ["apply", mixtral, str(made / "mone_narrow.json"), "--stats", str(made / "st_narrow"), "--out",
-                     str(tmp_path / "o1")], "hidden_size")
+    refused(capsys, ["apply", mixtral, str(made / "mone_narrow.json"), "--stats", str(made / "st_narrow"),
+                     "--out", str(tmp_path / "o1")], "hidden_size")
     refused(capsys, ["plan", str(made / "st_qwen"), "--method", "dek", "--ratio", "0.25", "-o",
-                     "representation=weight", "--model", mixtral, "--out", str(tmp_path / "p.json")], "model_type")
+                     "representation=weight", "--model", mixtral, "--out", str(tmp_path / "p.json")],
+            "model_type")
     refused(capsys, ["apply", qwen, str(made / "reap.json"), "--out", str(tmp_path / "o2")], "model_type")
     stats = json.loads((made / "st_mixtral" / "stats.json").read_text())["model"]
     assert {"fingerprint", "num_layers", "hidden_size", "expert_intermediate_size"} <= set(stats)
@@ -169,11 +173,13 @@ def test_stats_and_plans_of_another_model_are_refused(tmp_path, checkpoint, made
 @pytest.mark.parametrize("flag,value,needle", [
     ("--batch-size", "-1", "--batch-size"), ("--batch-size", "0", "--batch-size"),
     ("--probe-size", "-1", "--probe-size"), ("--seq-len", "4096", "max_position_embeddings"),
-    ("--hidden-memory", "nan", "--hidden-memory"), ("--samples", "0", "--samples"), ("--ratio", "nan", "--ratio"),
+    ("--hidden-memory", "nan", "--hidden-memory"), ("--samples", "0", "--samples"),
+    ("--ratio", "nan", "--ratio"),
 ])
 def test_numeric_options_refused_before_work(flag, value, needle, tmp_path, checkpoint, calib_file, capsys,
                                              monkeypatch):
-    monkeypatch.setattr(api, "open_source", lambda *a, **k: pytest.fail("the model was loaded before the check"))
+    monkeypatch.setattr(api, "open_source",
+                        lambda *a, **k: pytest.fail("the model was loaded before the check"))
     argv = ["prune", str(checkpoint("mixtral")), "--method", "frequency", "--calib", str(calib_file), "--out",
             str(tmp_path / "o"), "--samples", "8", "--seq-len", "32", "--in-memory"]
     argv += [] if flag == "--ratio" else ["--ratio", "0.25"]
@@ -213,7 +219,8 @@ def _start_slow_prune(tmp_path: Path, model: Path, calib: Path, out: Path) -> su
     env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", "")}
     proc = subprocess.Popen([sys.executable, "-c", SLOW_SAVE, "prune", str(model), "--method", "frequency",
                              "--ratio", "0.25", "--calib", str(calib), "--out", str(out), "--in-memory",
-                             *SMALL_FLAGS], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                             *SMALL_FLAGS],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline:
         line = proc.stdout.readline()
@@ -272,8 +279,9 @@ def test_nan_weights_are_refused(tmp_path, checkpoint, calib_file, capsys):
     tensors[key][0, 0] = float("nan")
     save_file(tensors, str(model / "model.safetensors"), metadata={"format": "pt"})
     for mode in ("--in-memory", "--layerwise"):
-        refused(capsys, ["prune", str(model), "--method", "frequency", "--ratio", "0.25", "--calib", str(calib_file),
-                         "--out", str(tmp_path / "o"), mode, *SMALL_FLAGS], "NaN or Inf", "layers.1")
+        refused(capsys, ["prune", str(model), "--method", "frequency", "--ratio", "0.25", "--calib",
+                         str(calib_file), "--out", str(tmp_path / "o"), mode, *SMALL_FLAGS],
+                "NaN or Inf", "layers.1")
     assert not (tmp_path / "o").exists()
 
 
@@ -288,7 +296,8 @@ def test_binary_and_endless_calibration_is_refused(tmp_path, checkpoint, capsys)
     model = str(checkpoint("mixtral"))
     binary = tmp_path / "weights.bin.txt"
     binary.write_bytes(bytes(range(256)) * 400)
-    argv = ["prune", model, "--method", "frequency", "--ratio", "0.25", "--out", str(tmp_path / "o"), *SMALL_FLAGS]
+    argv = ["prune", model, "--method", "frequency", "--ratio", "0.25", "--out", str(tmp_path / "o"),
+            *SMALL_FLAGS]
     refused(capsys, [*argv, "--calib", str(binary)], "binary")
     if Path("/dev/zero").exists():
         started = time.monotonic()
@@ -323,7 +332,8 @@ def test_usage_errors_are_one_line(argv, needle, capsys):
 
 def test_version_and_help_answer():
     env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    done = subprocess.run([sys.executable, "-m", "moeprune", "--version"], capture_output=True, text=True, env=env)
+    done = subprocess.run([sys.executable, "-m", "moeprune", "--version"], capture_output=True, text=True,
+                          env=env)
     assert done.returncode == 0 and done.stdout.startswith("moeprune ")
     # --help must not import torch or transformers (that is what made it take seconds)
     probe = ("import sys; from moeprune.cli import main; code = main(['--help']); "
@@ -338,7 +348,8 @@ def test_version_and_help_answer():
 
 def test_unwritable_output_locations_refused_before_work(tmp_path, checkpoint, calib_file, made, capsys,
                                                          monkeypatch):
-    monkeypatch.setattr(api, "open_source", lambda *a, **k: pytest.fail("the model was loaded before the check"))
+    monkeypatch.setattr(api, "open_source",
+                        lambda *a, **k: pytest.fail("the model was loaded before the check"))
     a_file = tmp_path / "a_file"
     a_file.write_text("x")
     argv = ["prune", str(checkpoint("mixtral")), "--method", "frequency", "--ratio", "0.25", "--calib",
@@ -354,7 +365,8 @@ def test_unwritable_output_locations_refused_before_work(tmp_path, checkpoint, c
 def _tmpfs(path: Path, size: int, readonly: bool = False) -> None:
     path.mkdir()
     opts = f"size={size}" + (",ro" if readonly else "")
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(path)], capture_output=True, text=True)
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(path)], capture_output=True,
+                          text=True)
     if done.returncode != 0:
         pytest.skip(f"mounting a small tmpfs needs root (mount said: {done.stderr.strip()})")
 
@@ -364,8 +376,8 @@ def test_full_and_read_only_disks(tmp_path, checkpoint, calib_file, capsys):
     from moeprune.store.files import weights_bytes
 
     model = checkpoint("mixtral")
-    argv = ["prune", str(model), "--method", "frequency", "--ratio", "0.5", "--calib", str(calib_file), "--in-memory",
-            *SMALL_FLAGS, "--out"]
+    argv = ["prune", str(model), "--method", "frequency", "--ratio", "0.5", "--calib", str(calib_file),
+            "--in-memory", *SMALL_FLAGS, "--out"]
     mounts = []
     try:
         tiny = tmp_path / "tiny"
@@ -400,16 +412,17 @@ def test_other_bad_inputs_are_one_line(tmp_path, checkpoint, calib_file, capsys)
     refused(capsys, [*base, "--calib", str(rows), "--calib-template", "{text[x]}"], "--calib-template")
     refused(capsys, [*base, "--calib", str(calib_file), "--device", "tpu"], "--device")
     refused(capsys, [*base, "--calib", str(calib_file), "--device", "meta"], "--device")
-    refused(capsys, [*base, "--calib", str(calib_file), "--tokenizer", str(tmp_path / "no_tok")], "does not exist")
+    refused(capsys, [*base, "--calib", str(calib_file), "--tokenizer", str(tmp_path / "no_tok")],
+            "does not exist")
     small_vocab = str(checkpoint("mixtral", vocab_size=300))
-    refused(capsys, ["prune", small_vocab, "--method", "frequency", "--ratio", "0.25", "--calib", str(calib_file),
-                     *SMALL_FLAGS, *out], "vocabulary")
+    refused(capsys, ["prune", small_vocab, "--method", "frequency", "--ratio", "0.25", "--calib",
+                     str(calib_file), *SMALL_FLAGS, *out], "vocabulary")
     a_file = tmp_path / "a_file"
     a_file.write_text("x")
     refused(capsys, [*base, "--calib", str(calib_file), "--offload-dir", str(a_file)], "--offload-dir")
     assert a_file.read_text() == "x"
-    refused(capsys, ["prune", model, "--method", "dek", "--ratio", "0.25", "-o", "representation=weight", "-o",
-                     "learn_lr=nan", *out], "learn_lr")
+    refused(capsys, ["prune", model, "--method", "dek", "--ratio", "0.25", "-o", "representation=weight",
+                     "-o", "learn_lr=nan", *out], "learn_lr")
     assert not (tmp_path / "o").exists()
 
 
@@ -424,8 +437,9 @@ def test_tensor_missing_from_its_shard_is_one_line(tmp_path, checkpoint, calib_f
     index = {"metadata": {}, "weight_map": {k: "a.safetensors" if n < half else "b.safetensors"
                                             for n, k in enumerate(keys)}}
     (model / "model.safetensors.index.json").write_text(json.dumps(index))
-    refused(capsys, ["prune", str(model), "--method", "frequency", "--ratio", "0.25", "--calib", str(calib_file),
-                     "--layerwise", "--out", str(tmp_path / "o"), *SMALL_FLAGS], "lacks", keys[-1])
+    refused(capsys, ["prune", str(model), "--method", "frequency", "--ratio", "0.25", "--calib",
+                     str(calib_file), "--layerwise", "--out", str(tmp_path / "o"), *SMALL_FLAGS],
+            "lacks", keys[-1])
 
 
 # ---- 15. messages that said the wrong thing ----------------------------------------------------------------
@@ -434,10 +448,11 @@ def test_messages_name_the_real_problem(tmp_path, checkpoint, calib_file, made, 
     model = checkpoint("mixtral")
     line = refused(capsys, ["inspect", str(model / "config.json")], "is a file")
     assert "no config.json" not in line
-    refused(capsys, ["prune", str(model), "--method", "mone", "--ratio", "0.25", "-o", "novice", "--out", "o"],
-            "give a value")
-    refused(capsys, ["prune", str(model), "--method", "frequency", "--ratio", "0.25", "--calib", str(calib_file),
-                     "--out", str(tmp_path / "o"), "--save-stats", str(tmp_path / "o")], "--save-stats", "--out")
+    refused(capsys, ["prune", str(model), "--method", "mone", "--ratio", "0.25", "-o", "novice", "--out",
+                     "o"], "give a value")
+    refused(capsys, ["prune", str(model), "--method", "frequency", "--ratio", "0.25", "--calib",
+                     str(calib_file), "--out", str(tmp_path / "o"), "--save-stats", str(tmp_path / "o")],
+            "--save-stats", "--out")
 
 
 # ---- 16. and 17. permissions and where output goes ---------------------------------------------------------
@@ -446,8 +461,8 @@ def test_outputs_have_usual_permissions_and_progress_goes_to_stderr(tmp_path, ch
     capsys.readouterr()
     old = os.umask(0o022)
     try:
-        assert main(["prune", str(checkpoint("mixtral")), "--method", "frequency", "--ratio", "0.25", "--calib",
-                     str(calib_file), "--out", str(tmp_path / "o"), *SMALL_FLAGS]) == 0
+        assert main(["prune", str(checkpoint("mixtral")), "--method", "frequency", "--ratio", "0.25",
+                     "--calib", str(calib_file), "--out", str(tmp_path / "o"), *SMALL_FLAGS]) == 0
     finally:
         os.umask(old)
     captured = capsys.readouterr()
@@ -459,7 +474,8 @@ def test_outputs_have_usual_permissions_and_progress_goes_to_stderr(tmp_path, ch
 # ---- 14. plan/model mismatches found before the model is loaded --------------------------------------------
 
 def test_plan_of_another_shape_is_refused_before_loading(tmp_path, checkpoint, made, capsys, monkeypatch):
-    monkeypatch.setattr(api, "open_source", lambda *a, **k: pytest.fail("the model was loaded before the check"))
+    monkeypatch.setattr(api, "open_source",
+                        lambda *a, **k: pytest.fail("the model was loaded before the check"))
     plan = json.loads((made / "reap.json").read_text())
     model = str(checkpoint("mixtral"))
     missing = {**plan, "layers": plan["layers"][:2]}
@@ -467,11 +483,13 @@ def test_plan_of_another_shape_is_refused_before_loading(tmp_path, checkpoint, m
     refused(capsys, ["apply", model, str(tmp_path / "missing.json"), "--out", str(tmp_path / "o")], "layer")
     twice = {**plan, "layers": plan["layers"] + plan["layers"][:1]}
     (tmp_path / "twice.json").write_text(json.dumps(twice))
-    refused(capsys, ["apply", model, str(tmp_path / "twice.json"), "--out", str(tmp_path / "o")], "more than once")
+    refused(capsys, ["apply", model, str(tmp_path / "twice.json"), "--out", str(tmp_path / "o")],
+            "more than once")
     wide = json.loads(json.dumps(plan))
     wide["layers"][0]["groups"][0]["perms"] = [list(range(7))]
     (tmp_path / "wide.json").write_text(json.dumps(wide))
-    refused(capsys, ["apply", model, str(tmp_path / "wide.json"), "--out", str(tmp_path / "o")], "permutation")
+    refused(capsys, ["apply", model, str(tmp_path / "wide.json"), "--out", str(tmp_path / "o")],
+            "permutation")
     assert not (tmp_path / "o").exists()
 
 

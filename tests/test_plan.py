@@ -22,8 +22,8 @@ from moeprune.surgery import apply_plan
 E = 8
 MIXTRAL = {"model_type": "mixtral", "num_experts": E, "top_k": 2, "n_group": 1, "min_experts_per_group": 2,
            "hidden_size": 64, "moe_layers": [0, 1, 2]}
-DEEPSEEK = {"model_type": "deepseek_v3", "num_experts": E, "top_k": 2, "n_group": 2, "min_experts_per_group": 2,
-            "hidden_size": 64, "moe_layers": [1, 2]}
+DEEPSEEK = {"model_type": "deepseek_v3", "num_experts": E, "top_k": 2, "n_group": 2,
+            "min_experts_per_group": 2, "hidden_size": 64, "moe_layers": [1, 2]}
 
 
 def plan_of(model: dict, groups_per_layer, **kw) -> Plan:
@@ -45,8 +45,9 @@ def test_plan_json_round_trip(tmp_path):
     plan = Plan(
         method="manual",
         layers=[
-            LayerPlan(1, E, [Group([0, 1], [0.25, 0.75]), Group([2], [1.0]), Group([4, 5, 6], [0.2, 0.3, 0.5]),
-                             Group([7], [1.0])], router_merge="sum", notes={"why": "test", "scores": [1.5, 2]}),
+            LayerPlan(1, E, [Group([0, 1], [0.25, 0.75]), Group([2], [1.0]),
+                             Group([4, 5, 6], [0.2, 0.3, 0.5]), Group([7], [1.0])],
+                      router_merge="sum", notes={"why": "test", "scores": [1.5, 2]}),
             LayerPlan(2, E, [Group([e], [1.0]) for e in (0, 3, 4, 7)]),
         ],
         model=dict(DEEPSEEK), method_config={"seed": 3, "linkage": "average"},
@@ -189,11 +190,11 @@ def test_deepseek_v3_plan_that_breaks_groups_is_refused_by_surgery():
 def test_flatten_groups_allows_any_budget_and_still_runs(checkpoint, calib_file, tmp_path):
     src = checkpoint("deepseek_v3")
     with pytest.raises(MoepruneError, match="flatten-groups"):
-        api.prune(src, "frequency", tmp_path / "refused", experts=3, calib=str(calib_file), samples=4, seq_len=32,
-                  progress=False)
+        api.prune(src, "frequency", tmp_path / "refused", experts=3, calib=str(calib_file), samples=4,
+                  seq_len=32, progress=False)
     assert not (tmp_path / "refused").exists()
-    out = api.prune(src, "frequency", tmp_path / "flat", experts=3, flatten_groups=True, calib=str(calib_file),
-                    samples=4, seq_len=32, progress=False)
+    out = api.prune(src, "frequency", tmp_path / "flat", experts=3, flatten_groups=True,
+                    calib=str(calib_file), samples=4, seq_len=32, progress=False)
     config = json.loads((out / "config.json").read_text())
     assert config["n_group"] == 1 and config["topk_group"] == 1 and config["n_routed_experts"] == 3
     assert Plan.load(out / "moeprune_plan.json").flatten_groups
@@ -237,6 +238,7 @@ def test_flatten_groups_merging_across_groups_in_memory():
     model = tiny_model("deepseek_v3")
     plan = plan_of(DEEPSEEK, [[[0, 4], [1, 5], [2]]] * 2, flatten_groups=True)
     pruned = apply_plan(copy.deepcopy(model), plan)
-    assert pruned.config.n_group == 1 and pruned.config.topk_group == 1 and pruned.config.n_routed_experts == 3
+    assert (pruned.config.n_group == 1 and pruned.config.topk_group == 1
+            and pruned.config.n_routed_experts == 3)
     with torch.no_grad():
         assert torch.isfinite(pruned(token_ids()).logits).all()

@@ -14,9 +14,10 @@ from moeprune.errors import MoepruneError
 def test_sweep_cli_writes_the_table_json_and_plot(tmp_path, checkpoint, calib_file, capsys):
     src = checkpoint("mixtral")
     out = tmp_path / "sweep"
-    argv = ["sweep", str(src), "--method", "uncurl,frequency", "--ratios", "0.25,0.5", "--calib", str(calib_file),
-            "--text", str(calib_file), "--out", str(out), "--samples", "4", "--seq-len", "32",
-            "--eval-seq-len", "32", "--max-tokens", "256", "--probe-size", "64", "-o", "uncurl:clustering=kmeans"]
+    argv = ["sweep", str(src), "--method", "uncurl,frequency", "--ratios", "0.25,0.5", "--calib",
+            str(calib_file), "--text", str(calib_file), "--out", str(out), "--samples", "4", "--seq-len",
+            "32", "--eval-seq-len", "32", "--max-tokens", "256", "--probe-size", "64",
+            "-o", "uncurl:clustering=kmeans"]
     assert cli.main(argv) == 0
     printed = capsys.readouterr().out
     assert "quality against pruning ratio" in printed and "uncurl" in printed
@@ -60,7 +61,8 @@ def test_sweep_refuses_bad_budgets_before_calibrating(tmp_path, checkpoint, cali
     from moeprune.sweep import sweep
 
     with pytest.raises(MoepruneError, match="top-k"):
-        sweep(checkpoint("mixtral"), ["uncurl"], [0.25, 0.9], str(calib_file), tmp_path / "s", texts=[calib_file])
+        sweep(checkpoint("mixtral"), ["uncurl"], [0.25, 0.9], str(calib_file), tmp_path / "s",
+              texts=[calib_file])
     with pytest.raises(MoepruneError, match="nothing to evaluate"):
         sweep(checkpoint("mixtral"), ["uncurl"], [0.25], str(calib_file), tmp_path / "s")
 

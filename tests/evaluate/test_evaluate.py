@@ -70,7 +70,8 @@ def test_perplexity_uses_consecutive_non_overlapping_windows(tiny, files):
     model, tok = tiny
     L = 16
     seen = []
-    hook = model.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["input_ids"].clone()), with_kwargs=True)
+    hook = model.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["input_ids"].clone()),
+                                           with_kwargs=True)
     try:
         res = perplexity(model, tok, files["prose"], seq_len=L, max_tokens=200, batch_size=3)
     finally:
@@ -211,7 +212,8 @@ def test_lm_eval_bridge_fails_in_one_line(files, tmp_path, monkeypatch):
 
 def test_comparison_rows_show_deltas_against_the_first():
     def model(ppl, acc, total):
-        return {"name": f"m{total}", "path": f"/x/m{total}", "parameters": {"total": total, "routed_experts": total // 2},
+        return {"name": f"m{total}", "path": f"/x/m{total}",
+                "parameters": {"total": total, "routed_experts": total // 2},
                 "perplexity": {"t.txt": {"ppl": ppl}}, "tasks": {"task_mc": {"acc": acc, "acc_stderr": 0.02}}}
 
     report = {"texts": ["t.txt"], "models": [model(10.0, 0.50, 1000), model(12.5, 0.45, 750)]}
@@ -243,5 +245,6 @@ def test_cli_eval_compares_two_checkpoints_and_writes_json(files, tmp_path, caps
         assert ppl["windows"] == 8 and ppl["tokens"] == 8 * 31 and ppl["ppl"] > 1
         assert m["tasks"]["moeprune_prose_mc"]["samples"] == 3
         assert m["parameters"]["total"] > m["parameters"]["routed_experts"] > 0
-    assert main(["eval", str(files["base"]), "--text", str(files["prose"]), "--json", str(out)]) == 2  # exists
+    # exists
+    assert main(["eval", str(files["base"]), "--text", str(files["prose"]), "--json", str(out)]) == 2
     assert "--force" in capsys.readouterr().err

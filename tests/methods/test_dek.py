@@ -16,7 +16,8 @@ from moeprune.arch import get_adapter
 from moeprune.arch.tiny import tiny_model
 from moeprune.cli import main
 from moeprune.errors import MoepruneError
-from moeprune.methods.cka import DegenerateRepresentationWarning, linear_cka, pairwise_cka, pairwise_vector_cka
+from moeprune.methods.cka import (DegenerateRepresentationWarning, linear_cka, pairwise_cka,
+                                  pairwise_vector_cka)
 from moeprune.methods.dek import weight_similarity
 from moeprune.methods.groups import within_routing_groups
 from moeprune.methods.hc_smoe import mean_outputs, output_distance
@@ -80,7 +81,8 @@ def test_cka_is_symmetric_and_matches_the_direct_formula(n, d1, d2):
 def test_pairwise_cka_matches_pairs_on_both_paths(n, d):
     reps = _rand(5, n, d, seed=3)
     reps[3] = reps[1] * 2 + _rand(n, d, seed=4) * 0.1
-    for form, max_bytes in (("auto", 1 << 30), ("gram", 1 << 30), ("gram", 8 * n * n * 2), ("feature", 1 << 30)):
+    for form, max_bytes in (("auto", 1 << 30), ("gram", 1 << 30), ("gram", 8 * n * n * 2),
+                            ("feature", 1 << 30)):
         S = pairwise_cka(reps, form=form, max_bytes=max_bytes)  # 8 n^2 * 2: Grams in blocks of two experts
         assert torch.equal(S, S.T) and torch.all(S.diagonal() == 1)
         for i in range(5):
@@ -124,7 +126,8 @@ def test_constant_or_zero_representations_give_a_defined_value_and_a_warning():
 
 # ---- representations ----------------------------------------------------------------------------
 
-@pytest.mark.parametrize("family", ["mixtral", "gpt_oss", "llama4_text"])  # plain, interleaved + biases, transposed
+# plain, interleaved + biases, transposed
+@pytest.mark.parametrize("family", ["mixtral", "gpt_oss", "llama4_text"])
 def test_weight_cka_is_invariant_to_permuting_hidden_units(family):
     model = tiny_model(family)
     weights = ModelWeights(model)
@@ -220,8 +223,8 @@ def test_merging_groups_of_identical_experts_leaves_the_layer_output_unchanged()
             assert [[1, 2], [5, 6]] == [g.members for g in lp.groups if len(g.members) > 1]
             x = stats.layers[lp.layer].probe.inputs
             assert reconstruction_error(w.layer(lp.layer), x, lp) < 1e-10
-            torch.testing.assert_close(w.layer(lp.layer).block_output(x, lp), w.layer(lp.layer).block_output(x),
-                                       rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(w.layer(lp.layer).block_output(x, lp),
+                                       w.layer(lp.layer).block_output(x), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("family", ["mixtral", "deepseek_v3"])
@@ -230,7 +233,8 @@ def test_learned_coefficients_reconstruct_at_least_as_well_as_uniform(family):
     stats = observe(model, _ids(), batch_size=2, probe_size=96)
     w = ModelWeights(model)
     uniform = make_plan_for(stats, "dek", experts=4, weights=w)
-    learned = make_plan_for(stats, "dek", experts=4, weights=w, options={"coefficients": "learned", "learn_steps": 25})
+    learned = make_plan_for(stats, "dek", experts=4, weights=w,
+                            options={"coefficients": "learned", "learn_steps": 25})
     improved = 0
     for lu, ll in zip(uniform.layers, learned.layers):
         assert [g.members for g in lu.groups] == [g.members for g in ll.groups]
@@ -273,7 +277,8 @@ def test_merged_block_equals_surgery(aligned):
 @pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "deepseek_v3"])
 @pytest.mark.parametrize("method,options", [("dek", {"coefficients": "learned", "learn_steps": 5}),
                                             ("hc_smoe", {})])
-def test_merged_checkpoints_reload_with_stock_transformers(family, method, options, checkpoint, calib_file, tmp_path):
+def test_merged_checkpoints_reload_with_stock_transformers(family, method, options, checkpoint, calib_file,
+                                                           tmp_path):
     src = checkpoint(family)
     out = api.prune(src, method, tmp_path / "out", experts=4, calib=str(calib_file), samples=4, seq_len=32,
                     probe_size=64, progress=False, options=options)

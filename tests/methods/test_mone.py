@@ -82,7 +82,8 @@ def _synthetic_stats(layers=(0, 1), N=100) -> Stats:
         st.gate_sum = gate_sum.double()
         st.mean = torch.arange(E * H, dtype=torch.float64).view(E, H) + 1  # nonzero everywhere
         st.m2 = ((std**2)[:, None] * (count - 1).clamp(min=0)[:, None]).expand(E, H).double().clone()
-        out[i] = LayerStats(i, st, Probe(torch.zeros(0, dtype=torch.long), torch.zeros(0, H), torch.zeros(0, E)))
+        out[i] = LayerStats(i, st, Probe(torch.zeros(0, dtype=torch.long), torch.zeros(0, H),
+                                         torch.zeros(0, E)))
     model = {"model_type": "mixtral", "num_experts": E, "top_k": 2, "n_group": 1, "min_experts_per_group": 2,
              "hidden_size": H, "moe_layers": list(layers)}
     return Stats(model=model, calibration={"tokens": N, "sha256": "abc"}, layers=out)
@@ -98,9 +99,12 @@ def test_phi_ranking_picks_expected_experts():
     phi = torch.tensor(lp.notes["scores"])
     torch.testing.assert_close(phi, torch.tensor([0.08, 0.1, 0.4, 0.8, 0.3, 0.0], dtype=phi.dtype))
     # the ablations rank by one factor only; frequency ties (2 = 3) are both kept here
-    assert make_plan_for(stats, "mone", experts=3, options={"ranking": "variance"}).layers[0].kept == [1, 3, 4]
-    assert make_plan_for(stats, "mone", experts=3, options={"ranking": "frequency"}).layers[0].kept == [0, 2, 3]
-    assert make_plan_for(stats, "mone", experts=2, options={"ranking": "frequency"}).layers[0].kept == [0, 2]  # tie: lower id
+    assert make_plan_for(stats, "mone", experts=3,
+                         options={"ranking": "variance"}).layers[0].kept == [1, 3, 4]
+    assert make_plan_for(stats, "mone", experts=3,
+                         options={"ranking": "frequency"}).layers[0].kept == [0, 2, 3]
+    assert make_plan_for(stats, "mone", experts=2,
+                         options={"ranking": "frequency"}).layers[0].kept == [0, 2]  # tie: lower id
     vectors = novice_vectors(plan, stats)[0]
     assert torch.equal(vectors[:2], stats.layers[0].experts.mean[[0, 1]])
     assert torch.all(vectors[2] == 0)  # never routed -> zero novice
@@ -132,9 +136,12 @@ def test_bad_options_and_mismatched_stats_are_refused():
 
 def test_global_scope_ranks_across_layers():
     stats = _synthetic_stats()
-    even = make_plan_for(stats, "mone", experts=3, options={"scope": "global"})  # identical layers: same counts everywhere
-    assert [lp.kept for lp in even.layers] == [lp.kept for lp in make_plan_for(stats, "mone", experts=3).layers]
-    stats.layers[1].experts.gate_sum *= 10  # layer 1 is far less redundant: a global ranking prunes layer 0 more
+    # identical layers: same counts everywhere
+    even = make_plan_for(stats, "mone", experts=3, options={"scope": "global"})
+    assert ([lp.kept for lp in even.layers]
+            == [lp.kept for lp in make_plan_for(stats, "mone", experts=3).layers])
+    # layer 1 is far less redundant: a global ranking prunes layer 0 more
+    stats.layers[1].experts.gate_sum *= 10
     with pytest.raises(MoepruneError, match=r"scope=global would keep different expert counts .*0: 1, 1: 5"):
         make_plan_for(stats, "mone", experts=3, options={"scope": "global"})
 
@@ -176,7 +183,8 @@ def test_novice_output_is_gate_times_mean_at_block_level():
             if e in by_id:
                 expected[t] += w[t, k] * by_id[e]
             else:
-                expected[t] += w[t, k] * adapter.expert_outputs(original, x[0, t : t + 1], idx[t, k : k + 1])[0]
+                expected[t] += w[t, k] * adapter.expert_outputs(original, x[0, t : t + 1],
+                                                                idx[t, k : k + 1])[0]
     only_novices = torch.tensor([all(int(e) in by_id for e in row) for row in idx])
     assert only_novices.sum() >= 5
     torch.testing.assert_close(out[only_novices], expected[only_novices], rtol=1e-6, atol=1e-6)
@@ -205,7 +213,8 @@ def _reference(model, plan, vectors):
             def forward(hidden, top_k_index, top_k_weights, block=block, by_id=by_id, adapter=adapter):
                 T, K = top_k_index.shape
                 flat = top_k_index.reshape(-1)
-                raw = adapter.expert_outputs(block, hidden.repeat_interleave(K, dim=0), flat).clone()  # [T*K, H]
+                # [T*K, H]
+                raw = adapter.expert_outputs(block, hidden.repeat_interleave(K, dim=0), flat).clone()
                 for e, v in by_id.items():
                     raw[flat == e] = v
                 return (raw.view(T, K, -1) * top_k_weights[..., None].float()).sum(1).to(hidden.dtype)
@@ -238,7 +247,8 @@ def test_novices_every_family(family, tmp_path):
     assert counts["novices"] == len(plan.layers) * 2 * 64
     assert counts["routed_experts"] == parameter_counts(model)["routed_experts"] * 6 // 8
     # the checkpoint round trip is exact, and stock transformers refuses the checkpoint
-    out = save_checkpoint(pruned, tmp_path / "mone", source=f"tiny-{family}", plan=plan, before=parameter_counts(model))
+    out = save_checkpoint(pruned, tmp_path / "mone", source=f"tiny-{family}", plan=plan,
+                          before=parameter_counts(model))
     with torch.no_grad():
         assert torch.equal(moeprune.from_pretrained(out)(ids).logits, got)
     with pytest.raises(ValueError, match=r"load it with moeprune\.from_pretrained"):
@@ -253,7 +263,8 @@ def test_plan_that_pruned_nothing_gives_identical_logits(tmp_path):
         assert torch.equal(model(ids).logits, pruned(ids).logits)
     src = tmp_path / "src"
     save_tiny_checkpoint("qwen2_moe", src)
-    out = save_checkpoint(pruned, tmp_path / "out", source=str(src), plan=plan, before=parameter_counts(model))
+    out = save_checkpoint(pruned, tmp_path / "out", source=str(src), plan=plan,
+                          before=parameter_counts(model))
     assert not (out / NOVICE_FILE).exists()  # nothing to store: a plain stock checkpoint
     with torch.no_grad():
         assert torch.equal(moeprune.from_pretrained(out)(ids).logits, model(ids).logits)
@@ -271,7 +282,8 @@ def test_checkpoint_round_trip_stock_refusal_and_export(family, tmp_path):
     stats = observe(model, _ids(), batch_size=2, probe_size=16)
     plan = make_plan_for(stats, "mone", ratio=0.25)
     pruned = apply_plan(copy.deepcopy(model), plan, stats=stats)
-    out = save_checkpoint(pruned, tmp_path / "mone", source=str(src), plan=plan, before=parameter_counts(model))
+    out = save_checkpoint(pruned, tmp_path / "mone", source=str(src), plan=plan,
+                          before=parameter_counts(model))
     ids = _ids(2)
 
     loaded = moeprune.from_pretrained(out)
@@ -322,7 +334,8 @@ def test_cli_prune_novice_false_inspect_apply_and_export(tmp_path, capsys):
     src = tmp_path / "src"
     save_tiny_checkpoint("olmoe", src)
     calib = tmp_path / "calib.txt"
-    calib.write_text(" ".join(f"the quick brown fox {i} jumps over the lazy dog {i * 7}." for i in range(400)))
+    calib.write_text(" ".join(f"the quick brown fox {i} jumps over the lazy dog {i * 7}."
+                              for i in range(400)))
     common = ["--calib", str(calib), "--samples", "4", "--seq-len", "32", "--ratio", "0.25"]
     assert main(["prune", str(src), "--method", "mone", "--out", str(tmp_path / "zero"), *common,
                  "--option", "novice=false"]) == 0

@@ -30,7 +30,8 @@ def test_naee_fast_path_matches_block_output(family):
         return
     assert scorer.mode == "fast", scorer.reason
     # DeepSeek-V3's tiny config has two routing groups (0-3, 4-7): keep two of each
-    subsets = [s for s in itertools.combinations(range(8), 4) if family != "deepseek_v3" or sum(e < 4 for e in s) == 2]
+    subsets = [s for s in itertools.combinations(range(8), 4)
+               if family != "deepseek_v3" or sum(e < 4 for e in s) == 2]
     for subset in subsets[::7]:
         assert abs(scorer.fast_error(subset) - scorer.block_error(subset)) <= 1e-5 * scorer.z_norm
 
@@ -56,6 +57,7 @@ def test_naee_finds_the_planted_best_subset(family, max_exhaustive, search):
         assert lp.notes["search"] == search and lp.notes["evaluation"] == "fast"
         assert lp.notes["error"] == pytest.approx(0, abs=1e-6)
     # and it is not the trivial answer: dropping a routable expert instead costs something
-    scorer = SubsetScorer(ModelWeights(model).layer(plan.layers[0].layer), stats.layers[plan.layers[0].layer].probe.inputs)
+    scorer = SubsetScorer(ModelWeights(model).layer(plan.layers[0].layer),
+                          stats.layers[plan.layers[0].layer].probe.inputs)
     alternative = [e for e in range(8) if e not in never and e != 0] + [never[0]]
     assert scorer(sorted(alternative)) > 1e-3

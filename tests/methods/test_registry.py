@@ -109,7 +109,8 @@ def test_random_is_seeded_and_deterministic():
     assert [lp.kept for lp in first.layers] == [lp.kept for lp in make_plan_for(b, "random", experts=4,
                                                                                  options={"seed": 3}).layers]
     assert first.method_config == {"seed": 3}
-    seeds = {tuple(make_plan_for(a, "random", experts=4, options={"seed": s}).layer(0).kept) for s in range(6)}
+    seeds = {tuple(make_plan_for(a, "random", experts=4, options={"seed": s}).layer(0).kept)
+             for s in range(6)}
     assert len(seeds) > 1
     assert len({tuple(lp.kept) for lp in first.layers}) > 1  # per-layer seeds differ
     for lp in first.layers:

@@ -120,8 +120,8 @@ def test_plan_permutations_leave_every_expert_and_the_block_unchanged(family):
     assert not torch.equal(adapter.expert_weights(permuted, 0).gate, adapter.expert_weights(block, 0).gate)
     for e in range(E):
         ids = torch.full((x.shape[0],), e)
-        torch.testing.assert_close(adapter.expert_outputs(permuted, x, ids), adapter.expert_outputs(block, x, ids),
-                                   rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(adapter.expert_outputs(permuted, x, ids),
+                                   adapter.expert_outputs(block, x, ids), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(access.block_output(x, lp), access.block_output(x), rtol=1e-5, atol=1e-6)
 
 
@@ -160,7 +160,8 @@ def test_plan_with_perms_round_trips_through_json_and_validate_rejects_bad_perms
     desc = model_description(model, get_adapter(model.config))
     I = 128
     perm = _random_perm(I).tolist()
-    layers = [LayerPlan(layer=i, num_experts_in=8, groups=[Group([0, 1], [0.25, 0.75], [list(range(I)), perm])]
+    layers = [LayerPlan(layer=i, num_experts_in=8,
+                        groups=[Group([0, 1], [0.25, 0.75], [list(range(I)), perm])]
                         + [Group([e], [1.0]) for e in range(2, 8)]) for i in desc["moe_layers"]]
     plan = Plan(method="uncurl", layers=layers, model=desc)
     plan.validate()
@@ -243,7 +244,8 @@ def test_uncurl_kmeans_and_label_fix_up_are_deterministic():
     a = api.make_plan_for(stats, "uncurl", experts=3, weights=weights, options={"clustering": "kmeans"})
     b = api.make_plan_for(stats, "uncurl", experts=3, weights=weights, options={"clustering": "kmeans"})
     assert a.to_dict() == b.to_dict() and a.layers[0].notes["clustering"] == "kmeans"
-    affinity = torch.tensor([[1, .9, .2, .5], [.9, 1, .3, .5], [.2, .3, 1, .5], [.5, .5, .5, 1]], dtype=torch.float64)
+    affinity = torch.tensor([[1, .9, .2, .5], [.9, 1, .3, .5], [.2, .3, 1, .5], [.5, .5, .5, 1]],
+                            dtype=torch.float64)
     # spectral clustering may return fewer labels than asked: the worst-fitting member splits off
     assert fix_up_labels([0, 0, 0, 1], 3, affinity) == ([0, 0, 1, 2], 1)
     with pytest.raises(MoepruneError, match="clustering"):

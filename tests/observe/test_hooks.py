@@ -61,7 +61,8 @@ def test_update_with_scratch_is_bit_identical():
     S, H, E = 300, 16, 5
     ids = torch.randint(0, E, (S,), generator=g)
     gates = torch.rand(S, generator=g)
-    outs = torch.randn(S, H, generator=g) * 3 + 100  # a large mean: deviations must be taken, not sums of squares
+    # a large mean: deviations must be taken, not sums of squares
+    outs = torch.randn(S, H, generator=g) * 3 + 100
     a, b = ExpertStats(E, H), ExpertStats(E, H)
     for chunk in (slice(0, 120), slice(120, S)):
         n = chunk.stop - chunk.start

@@ -80,10 +80,10 @@ def _reference(model, input_ids: torch.Tensor) -> dict[int, dict]:
         count = torch.tensor([len(outputs[e]) for e in range(E)], dtype=torch.float64)
         mean = torch.stack([torch.stack(o).mean(0) if o else torch.zeros(H, dtype=torch.float64)
                             for o in outputs.values()])
-        var = torch.stack([torch.stack(o).var(0, unbiased=True) if len(o) > 1 else torch.zeros(H, dtype=torch.float64)
-                           for o in outputs.values()])
-        result[i] = {"count": count, "gate_sum": gate_sum, "reap_sum": reap_sum, "ean_sum": ean_sum, "mean": mean, "var": var,
-                         "inputs": x, "T": x.shape[0]}
+        var = torch.stack([torch.stack(o).var(0, unbiased=True) if len(o) > 1
+                           else torch.zeros(H, dtype=torch.float64) for o in outputs.values()])
+        result[i] = {"count": count, "gate_sum": gate_sum, "reap_sum": reap_sum, "ean_sum": ean_sum,
+                     "mean": mean, "var": var, "inputs": x, "T": x.shape[0]}
     return result
 
 

@@ -70,7 +70,8 @@ def test_layerwise_stats_equal_whole_model_stats(family, checkpoint):
     assert layerwise.calibration["tokens"] == whole.calibration["tokens"]
 
 
-@pytest.mark.parametrize("family", ["gpt_oss", "deepseek_v2"])  # per-layer sliding masks; MLA with complex rotary
+# per-layer sliding masks; MLA with complex rotary
+@pytest.mark.parametrize("family", ["gpt_oss", "deepseek_v2"])
 def test_layerwise_forward_equals_the_model(family, checkpoint):
     path = checkpoint(family)
     ids = _ids()
@@ -79,7 +80,8 @@ def test_layerwise_forward_equals_the_model(family, checkpoint):
 
     layers, _ = decoder_layers(model)
     got = []
-    handle = layers[-1].register_forward_hook(lambda m, a, out: got.append(out[0] if isinstance(out, tuple) else out))
+    handle = layers[-1].register_forward_hook(
+        lambda m, a, out: got.append(out[0] if isinstance(out, tuple) else out))
     with torch.no_grad():
         model(input_ids=ids[:2], use_cache=False)
         model(input_ids=ids[2:4], use_cache=False)
@@ -105,11 +107,13 @@ def test_hidden_states_spilled_to_disk_give_the_same_stats(checkpoint, tmp_path)
 def test_streaming_save_equals_save_pretrained(family, checkpoint, calib_file, tmp_path):
     path = checkpoint(family)
     whole = moeprune.prune(path, "reap", tmp_path / "whole", calib=str(calib_file), layerwise=False, **PRUNE)
-    streamed = moeprune.prune(path, "reap", tmp_path / "streamed", calib=str(calib_file), layerwise=True, **PRUNE)
+    streamed = moeprune.prune(path, "reap", tmp_path / "streamed", calib=str(calib_file), layerwise=True,
+                              **PRUNE)
     _assert_same_checkpoint(whole, streamed)
     index = json.loads((streamed / "model.safetensors.index.json").read_text())
     layers = tf.AutoConfig.from_pretrained(path).num_hidden_layers
-    assert len(set(index["weight_map"].values())) == layers + 1  # one shard per decoder layer, one for the rest
+    # one shard per decoder layer, one for the rest
+    assert len(set(index["weight_map"].values())) == layers + 1
     model, info = tf.AutoModelForCausalLM.from_pretrained(streamed, output_loading_info=True)
     assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs"))
 
@@ -119,7 +123,8 @@ def test_streaming_save_equals_save_pretrained(family, checkpoint, calib_file, t
 def test_streaming_novice_checkpoint_equals_in_memory(family, checkpoint, calib_file, tmp_path):
     path = checkpoint(family)
     whole = moeprune.prune(path, "mone", tmp_path / "whole", calib=str(calib_file), layerwise=False, **PRUNE)
-    streamed = moeprune.prune(path, "mone", tmp_path / "streamed", calib=str(calib_file), layerwise=True, **PRUNE)
+    streamed = moeprune.prune(path, "mone", tmp_path / "streamed", calib=str(calib_file), layerwise=True,
+                              **PRUNE)
     _assert_same_checkpoint(whole, streamed)
     ids = _ids(2, 16)
     a, b = moeprune.from_pretrained(whole), moeprune.from_pretrained(streamed)
@@ -141,7 +146,8 @@ def _untimed(obj):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method,options", METHOD_CASES, ids=[f"{m}-{o}" if o else m for m, o in METHOD_CASES])
+@pytest.mark.parametrize("method,options", METHOD_CASES,
+                         ids=[f"{m}-{o}" if o else m for m, o in METHOD_CASES])
 def test_every_method_plans_the_same_layer_by_layer(method, options, checkpoint, calib_file, tmp_path):
     path = checkpoint("mixtral")
     args = dict(calib=str(calib_file), options=options, **PRUNE)
@@ -218,7 +224,8 @@ def test_sequential_stats_see_the_pruned_earlier_layers(checkpoint, calib_file, 
                 blocks[j]._pruned = True
         ref = observe(model, cal.input_ids, batch_size=4, probe_size=64, seed=0)
         for name in ("count", "gate_sum"):
-            assert torch.equal(ref.layers[k].experts.tensors()[name], seq_stats.layers[k].experts.tensors()[name])
+            assert torch.equal(ref.layers[k].experts.tensors()[name],
+                               seq_stats.layers[k].experts.tensors()[name])
         assert torch.allclose(ref.layers[k].experts.mean, seq_stats.layers[k].experts.mean, atol=1e-6)
 
 
@@ -252,7 +259,8 @@ def test_cli_prune_layerwise_and_auto_choice(checkpoint, calib_file, tmp_path, c
     assert main([*argv, "--out", str(tmp_path / "c"), "--in-memory"]) == 0
     assert "whole model in memory (as asked)" in capsys.readouterr().err
     _assert_same_checkpoint(tmp_path / "a", tmp_path / "c")
-    monkeypatch.setattr(rt, "available_memory", lambda: 1000)  # the whole model would not fit: refused up front
+    # the whole model would not fit: refused up front
+    monkeypatch.setattr(rt, "available_memory", lambda: 1000)
     assert main([*argv, "--out", str(tmp_path / "g"), "--in-memory"]) == 2
     assert "needs the whole model in memory" in capsys.readouterr().err
     assert not (tmp_path / "g").exists()
@@ -271,22 +279,27 @@ def test_cli_prune_layerwise_and_auto_choice(checkpoint, calib_file, tmp_path, c
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method,options", [("dek", {"coefficients": "learned"}), ("uncurl", {}), ("naee", {})])
-def test_planning_with_sharded_weights_equals_the_loaded_model(method, options, checkpoint, calib_file, tmp_path):
+@pytest.mark.parametrize("method,options", [("dek", {"coefficients": "learned"}), ("uncurl", {}),
+                                            ("naee", {})])
+def test_planning_with_sharded_weights_equals_the_loaded_model(method, options, checkpoint, calib_file,
+                                                               tmp_path):
     path = checkpoint("mixtral")
     stats_dir = tmp_path / "stats"
     moeprune.prune(path, "frequency", tmp_path / "out", calib=str(calib_file), stats_out=stats_dir, **PRUNE)
     stats = Stats.load(stats_dir)
     from moeprune.api import model_weights
 
-    whole = moeprune.make_plan_for(stats, method, ratio=0.25, weights=model_weights(path, False), options=options)
-    sharded = moeprune.make_plan_for(stats, method, ratio=0.25, weights=model_weights(path, True), options=options)
+    whole = moeprune.make_plan_for(stats, method, ratio=0.25, weights=model_weights(path, False),
+                                   options=options)
+    sharded = moeprune.make_plan_for(stats, method, ratio=0.25, weights=model_weights(path, True),
+                                     options=options)
     assert _untimed(whole) == _untimed(sharded)
 
 
 @pytest.mark.slow
 def test_hub_style_shards_spanning_layers(tmp_path, calib_file):
-    """Hub checkpoints cut shards by size: a layer spread over several files, a file holding several layers."""
+    """Hub checkpoints cut shards by size: a layer spread over several files, a file holding several
+    layers."""
     from moeprune.arch.tiny import tiny_model, tiny_tokenizer
 
     src = tmp_path / "src"
@@ -296,11 +309,13 @@ def test_hub_style_shards_spanning_layers(tmp_path, calib_file):
     files_of_layer0 = {f for k, f in index.items() if ".layers.0." in k}
     assert len(files_of_layer0) > 1 and len(set(index.values())) > 4
     whole = moeprune.prune(src, "reap", tmp_path / "whole", calib=str(calib_file), layerwise=False, **PRUNE)
-    streamed = moeprune.prune(src, "reap", tmp_path / "streamed", calib=str(calib_file), layerwise=True, **PRUNE)
+    streamed = moeprune.prune(src, "reap", tmp_path / "streamed", calib=str(calib_file), layerwise=True,
+                              **PRUNE)
     _assert_same_checkpoint(whole, streamed)
 
 
-@pytest.mark.parametrize("family", ["mixtral", "gpt_oss", "ernie4_5_moe"])  # plain; sliding masks + sinks; tied lm_head
+# plain; sliding masks + sinks; tied lm_head
+@pytest.mark.parametrize("family", ["mixtral", "gpt_oss", "ernie4_5_moe"])
 def test_layerwise_perplexity_equals_in_memory(family, checkpoint, calib_file):
     from moeprune.evaluate.perplexity import perplexity
     from moeprune.pipeline import perplexity_layerwise

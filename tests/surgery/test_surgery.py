@@ -132,7 +132,8 @@ def test_saved_key_layout_is_the_original_one(family, checkpoint, tmp_path):
         assert pattern.format(L=layer, e=3) in after
         assert pattern.format(L=layer, e=4) not in after
         assert pattern.format(L=layer, e=7) in before
-        assert not any(re.search(r"experts\.(gate_up_proj|down_proj)$", k) for k in after), "fused keys written"
+        assert not any(re.search(r"experts\.(gate_up_proj|down_proj)$", k)
+                       for k in after), "fused keys written"
         # exactly the keys of experts 4..7 disappeared
         assert set(after) == {k for k in before if not re.search(r"\.experts\.[4-7]\.", k)}
     else:
@@ -238,7 +239,8 @@ def test_merging_two_experts_averages_weights_and_router_rows(family):
     model = tiny_model(family)
     adapter = get_adapter(model.config)
     # inputs 1+2 averaged, 5+6 merged 1:3; ordered by routing group so deepseek_v3 (n_group=2) accepts it
-    groups = [([0], [1.0]), ([1, 2], [0.5, 0.5]), ([3], [1.0]), ([4], [1.0]), ([5, 6], [0.25, 0.75]), ([7], [1.0])]
+    groups = [([0], [1.0]), ([1, 2], [0.5, 0.5]), ([3], [1.0]), ([4], [1.0]), ([5, 6], [0.25, 0.75]),
+              ([7], [1.0])]
     plan = manual_plan(model, groups=groups)
     blocks = adapter.moe_blocks(model)
     originals = {i: _expert_axis_tensors(adapter, b) for i, b in blocks.items()}
@@ -281,7 +283,8 @@ def test_merging_identical_experts_reproduces_them(family):
                         t.select(axis, 2).copy_(t.select(axis, 1))
                         t.select(axis, 6).copy_(t.select(axis, 5))
     originals = {i: _expert_axis_tensors(adapter, b) for i, b in blocks.items()}
-    groups = [([0], [1.0]), ([1, 2], [0.5, 0.5]), ([3], [1.0]), ([4], [1.0]), ([5, 6], [0.5, 0.5]), ([7], [1.0])]
+    groups = [([0], [1.0]), ([1, 2], [0.5, 0.5]), ([3], [1.0]), ([4], [1.0]), ([5, 6], [0.5, 0.5]),
+              ([7], [1.0])]
     merged = apply_plan(copy.deepcopy(model), manual_plan(model, groups=groups))
     for i, block in adapter.moe_blocks(merged).items():
         new = dict(list(block.named_parameters()) + list(block.named_buffers()))

