@@ -28,9 +28,9 @@ from pathlib import Path
 import torch
 
 from moeprune.errors import MoepruneError
+from moeprune.methods.dek import REPRESENTATIONS, expert_similarity
 from moeprune.methods.groups import within_routing_groups
 from moeprune.methods.merging import LINKAGES, distance_clustering
-from moeprune.methods.dek import REPRESENTATIONS, expert_similarity
 
 
 def dumps(obj) -> str:
@@ -133,10 +133,9 @@ def analyze(source: str | Path, out: str | Path, *, model: str | Path | None = N
     from moeprune.outputs import atomic_directory, check_output_dir
     from moeprune.pipeline.access import ModelWeights, ShardedWeights
     from moeprune.pipeline.sources import open_source
-    from moeprune.settings import RuntimeRequest
-    from moeprune.store.checkpoint import check_weight_files, load_config
     from moeprune.plan import budget
-    from moeprune.settings import check_settings
+    from moeprune.settings import RuntimeRequest, check_settings
+    from moeprune.store.checkpoint import check_weight_files, load_config
 
     check_settings(surrogate_tokens=surrogate_tokens, seed=seed)
     model_dir, stats_dir = resolve_inputs(source, model, stats)

@@ -248,8 +248,7 @@ def observe(
     Runs under torchrun too (`torchrun --nproc-per-node P -m moeprune observe ...`): the batches are split
     between the processes, the statistics reduced exactly, and rank 0 writes them.
     """
-    from moeprune.api import check_output_dir, check_separate, observe_checkpoint, write_stats
-    from moeprune.api import Ranks
+    from moeprune.api import Ranks, check_output_dir, check_separate, observe_checkpoint, write_stats
 
     _quiet_libraries()
     inputs = {"model": model, "--calib": calib, "--tokenizer": tokenizer}
@@ -281,8 +280,7 @@ def plan(
     force: Force = False, layerwise: Layerwise = None,
 ):
     """Turn statistics into a plan (JSON) without changing the model."""
-    from moeprune.api import check_output_file, make_plan_for, model_weights, write_plan
-    from moeprune.api import Stats
+    from moeprune.api import Stats, check_output_file, make_plan_for, model_weights, write_plan
 
     _quiet_libraries()
     check_output_file(out_file, force, {"stats": stats, "--model": model})
@@ -309,9 +307,7 @@ def apply(
 ):
     """Apply a plan to a model and write a stock transformers checkpoint (a MoNE checkpoint for novice
     plans)."""
-    from moeprune.api import apply_checkpoint, check_separate
-    from moeprune.api import Stats
-    from moeprune.api import Plan
+    from moeprune.api import Plan, Stats, apply_checkpoint, check_separate
 
     _quiet_libraries()
     inputs = {"model": model, "plan": plan_file, "--stats": stats}
@@ -366,9 +362,8 @@ def prune(
     Runs under torchrun too (`torchrun --nproc-per-node P -m moeprune prune ...`): the calibration batches
     are split between the processes, the statistics reduced exactly, and rank 0 writes the checkpoint.
     """
+    from moeprune.api import Plan, Ranks
     from moeprune.api import prune as prune_model
-    from moeprune.api import Ranks
-    from moeprune.api import Plan
 
     _quiet_libraries()
     options = _parse_options(method, option)
@@ -449,12 +444,14 @@ def evaluate(
     Perplexity is scored one decoder layer at a time (unless --in-memory); lm-eval tasks need the whole
     model, which is loaded after its peak is checked against the free memory.
     """
-    from moeprune.api import check_output_file
-    from moeprune.api import parse_task_texts
+    from moeprune.api import (
+        check_output_file,
+        check_settings,
+        evaluate_models,
+        parse_task_texts,
+        write_file_atomically,
+    )
     from moeprune.api import render_report as render_table
-    from moeprune.api import evaluate_models
-    from moeprune.api import write_file_atomically
-    from moeprune.api import check_settings
 
     _quiet_libraries()
     check_settings(task_items=task_items, seed=seed, seq_len=seq_len, max_tokens=max_tokens, limit=limit,

@@ -62,15 +62,19 @@ def evaluate_models(
     {metric: value}}, "seconds": {...}}]}.
     """
     from moeprune import __version__
-    from moeprune.pipeline.sources import open_source
-    from moeprune.settings import RuntimeRequest
     from moeprune.arch import get_adapter
     from moeprune.evaluate.harness import run_tasks
-    from moeprune.store.checkpoint import checkpoint_parameters
-    from moeprune.store.novices import is_novice_checkpoint
     from moeprune.pipeline.run import perplexity
+    from moeprune.pipeline.sources import open_source
     from moeprune.runtime import check_device, layer_progress
-    from moeprune.store.checkpoint import check_weight_files, load_config, load_tokenizer
+    from moeprune.settings import RuntimeRequest
+    from moeprune.store.checkpoint import (
+        check_weight_files,
+        checkpoint_parameters,
+        load_config,
+        load_tokenizer,
+    )
+    from moeprune.store.novices import is_novice_checkpoint
 
     if not paths:
         raise MoepruneError("no model to evaluate")

@@ -109,14 +109,12 @@ def sweep(
     option dict. `log(str)` receives one line per finished point. Returns the dict written to
     `out/sweep.json`.
     """
-    from moeprune.methods import make_plan_for
-    from moeprune.outputs import check_offload_dir
     from moeprune.arch import get_adapter
     from moeprune.data import calibration_blocks
     from moeprune.distributed import Ranks
     from moeprune.evaluate import load_tasks, run_tasks, write_tasks
-    from moeprune.methods import get_method
-    from moeprune.outputs import atomic_directory, check_output_dir
+    from moeprune.methods import get_method, make_plan_for
+    from moeprune.outputs import atomic_directory, check_offload_dir, check_output_dir
     from moeprune.pipeline import run as pipeline
     from moeprune.pipeline.access import ModelWeights
     from moeprune.pipeline.sources import open_source

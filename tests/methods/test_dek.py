@@ -16,8 +16,12 @@ from moeprune.arch import get_adapter
 from moeprune.arch.tiny import tiny_model
 from moeprune.cli import main
 from moeprune.errors import MoepruneError
-from moeprune.methods.cka import (DegenerateRepresentationWarning, linear_cka, pairwise_cka,
-                                  pairwise_vector_cka)
+from moeprune.methods.cka import (
+    DegenerateRepresentationWarning,
+    linear_cka,
+    pairwise_cka,
+    pairwise_vector_cka,
+)
 from moeprune.methods.dek import weight_similarity
 from moeprune.methods.groups import within_routing_groups
 from moeprune.methods.hc_smoe import mean_outputs, output_distance

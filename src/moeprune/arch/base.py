@@ -17,9 +17,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from moeprune.compat import is_decoder_layer
-
 from moeprune import compat
+from moeprune.compat import is_decoder_layer
 
 # Integer attributes that transformers modules cache from the config's expert count.
 EXPERT_COUNT_ATTRS = ("num_experts", "n_routed_experts", "num_local_experts", "moe_num_experts")

@@ -11,7 +11,6 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-
 # --------------------------------------------------------------------------------------------
 # Side-by-side comparison
 

@@ -7,8 +7,8 @@ and carried between layers. `moeprune.store.sharded` reads a layer through trans
 conversion.
 """
 
-from moeprune.pipeline.loop import walk
 from moeprune.pipeline.access import ShardedWeights
+from moeprune.pipeline.loop import walk
 from moeprune.pipeline.run import (
     apply,
     forward,

@@ -28,12 +28,12 @@ from torch import nn
 
 from moeprune.distributed import Ranks
 from moeprune.errors import MoepruneError
-from moeprune.pipeline.activations import HiddenStates, layer_call, run_layer, to_device
-from moeprune.store.writer import ShardWriter
-from moeprune.pipeline.access import LayerAccess
 from moeprune.observe import LayerStats, Stats, model_description, reduce_layer_stats
 from moeprune.observe.observer import Observer, calibration_facts, probe_positions
+from moeprune.pipeline.access import LayerAccess
+from moeprune.pipeline.activations import HiddenStates, layer_call, run_layer, to_device
 from moeprune.plan import LayerPlan, Plan
+from moeprune.store.writer import ShardWriter
 
 DEFAULT_HIDDEN_BUDGET = 2 * 1024**3  # bytes of hidden states kept in memory before spilling to disk
 

@@ -33,7 +33,12 @@ from moeprune.arch import get_adapter
 from moeprune.errors import MoepruneError
 from moeprune.store.files import read_config_dict
 from moeprune.surgery.novices import (
-    detach_novices, has_novices, novice_blocks, novice_refusal, novice_router_names, reattach_novices,
+    detach_novices,
+    has_novices,
+    novice_blocks,
+    novice_refusal,
+    novice_router_names,
+    reattach_novices,
 )
 
 NOVICE_FILE = "moeprune_novices.safetensors"

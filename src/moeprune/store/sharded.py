@@ -23,6 +23,7 @@ import transformers as tf
 from accelerate import init_empty_weights
 from safetensors import safe_open
 from torch import nn
+
 from moeprune import compat
 from moeprune.arch import decoder_layers, get_adapter
 from moeprune.errors import MoepruneError

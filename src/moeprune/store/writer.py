@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 from torch import nn
+
 from moeprune.compat import on_disk_names
 from moeprune.store.sharded import INDEX_FILE
 
