@@ -210,10 +210,9 @@ def w_baseline(a: dict) -> dict:
 
     import torch
 
+    from moeprune import return_freed_memory_to_the_system
     from moeprune.data import calibration_blocks
     from moeprune.store.checkpoint import load_tokenizer
-
-    from moeprune import return_freed_memory_to_the_system
 
     return_freed_memory_to_the_system()  # what the `moeprune` command does in its own process, as prune has
     forward_layerwise = importlib.import_module(a["module"]).forward_layerwise

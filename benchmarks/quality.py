@@ -68,10 +68,10 @@ def run_model(name: str, args, done: dict, sink) -> None:
     from moeprune.api import make_plan_for
     from moeprune.data import calibration_blocks
     from moeprune.evaluate import load_tasks, write_tasks
-    from moeprune.store.checkpoint import load_model, load_tokenizer, parameter_counts
     from moeprune.methods.access import ModelWeights
     from moeprune.observe import observe
     from moeprune.plan import budget
+    from moeprune.store.checkpoint import load_model, load_tokenizer, parameter_counts
     from moeprune.surgery import apply_plan
     from moeprune.testbed import build_corpus, get_testbed
 
