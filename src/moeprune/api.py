@@ -191,11 +191,8 @@ def observe_request(model_path, calib: CalibrationRequest, runtime: RuntimeReque
     if ranks.is_main and calibration is None:
         _tell(notify, source, why)
     with layer_progress("calibrating", runtime.progress and ranks.is_main) as cb:
-        return pipeline.observe(
-            source, cal.input_ids, batch_size=runtime.batch_size, probe_size=calib.probe_size,
-            seed=calib.seed, calibration=cal.provenance, ranks=ranks, progress=cb,
-            offload_dir=runtime.offload_dir, hidden_budget=runtime.hidden_budget,
-        )
+        return pipeline.observe(source, cal.input_ids, calib=calib, runtime=runtime,
+                                calibration=cal.provenance, ranks=ranks, progress=cb)
 
 
 def model_weights(
@@ -267,7 +264,8 @@ def apply_checkpoint(model_path: str | Path, plan: Plan, out: str | Path, *, for
     source, why = open_source(model_path, _runtime(device, 8, layerwise), model=model)
     _tell(notify, source, why)
     with layer_progress("applying", progress) as cb:
-        return pipeline.apply(source, plan, out, stats=stats, force=force, command=command, progress=cb)
+        return pipeline.apply(source, plan, OutputRequest(out, force=force, command=command), stats=stats,
+                              progress=cb)
 
 
 def write_stats(stats: Stats, out: str | Path, *, force: bool = False) -> Path:
@@ -395,12 +393,10 @@ def prune_request(model_path, method: str, calib: CalibrationRequest, budget_req
         weights = ModelWeights(source.model)
     with layer_progress("pruning", runtime.progress and ranks.is_main) as cb:
         path, stats, _ = pipeline.prune(
-            source, method, output.path, keep=keep, input_ids=None if cal is None else cal.input_ids,
-            calibration=None if cal is None else cal.provenance, batch_size=runtime.batch_size,
-            probe_size=calib.probe_size, seed=calib.seed, flatten_groups=budget_request.flatten_groups,
-            options=options, sequential=runtime.sequential, force=output.force, command=output.command,
-            ranks=ranks, progress=cb, weights=weights, offload_dir=runtime.offload_dir,
-            hidden_budget=runtime.hidden_budget)
+            source, method, keep, output, input_ids=None if cal is None else cal.input_ids,
+            calibration=None if cal is None else cal.provenance, calib=calib, runtime=runtime,
+            flatten_groups=budget_request.flatten_groups, options=options, ranks=ranks, progress=cb,
+            weights=weights)
     if output.stats_path is not None and stats is not None and ranks.is_main:
         write_stats(stats, output.stats_path, force=output.force)
     return path

@@ -149,7 +149,7 @@ def evaluate_models(
             for text in texts:
                 with layer_progress(f"{entry['name']}: perplexity on {Path(text).name}", progress) as cb:
                     entry["perplexity"][str(text)] = perplexity(source, tok, Path(text), seq_len=seq_len,
-                                                                max_tokens=max_tokens, batch_size=batch_size,
+                                                                max_tokens=max_tokens, runtime=runtime,
                                                                 progress=cb)
             entry["seconds"]["perplexity"] = time.perf_counter() - t0
             if suite is not None:

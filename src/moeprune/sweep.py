@@ -120,7 +120,14 @@ def sweep(
     from moeprune.pipeline.sources import open_source
     from moeprune.plan import budget
     from moeprune.runtime import check_device, layer_progress
-    from moeprune.settings import RuntimeRequest, check_ratio, check_seq_len, check_settings
+    from moeprune.settings import (
+        CalibrationRequest,
+        OutputRequest,
+        RuntimeRequest,
+        check_ratio,
+        check_seq_len,
+        check_settings,
+    )
     from moeprune.store.checkpoint import check_weight_files, load_config, load_tokenizer, parameter_counts
     from moeprune.store.novices import refuse_novice_input
     from moeprune.surgery import apply_plan
@@ -214,7 +221,7 @@ def sweep(
                 with layer_progress(what, progress) as cb:
                     ppl, change = pipeline.perplexities(
                         source, tok, [Path(t) for t in texts], seq_len=eval_seq_len, max_tokens=max_tokens,
-                        batch_size=batch_size, plan=plan, stats=stats, progress=cb,
+                        runtime=runtime, plan=plan, stats=stats, progress=cb,
                     )
                 res["perplexity"] = {str(t): r for t, r in zip(texts, ppl)}
             if suite is not None:
@@ -236,8 +243,9 @@ def sweep(
         if cal is not None:
             with layer_progress("calibrating", progress) as cb:
                 stats = pipeline.observe(
-                    source, cal.input_ids, batch_size=batch_size, probe_size=probe_size, seed=seed,
-                    calibration=cal.provenance, ranks=Ranks(), progress=cb,
+                    source, cal.input_ids, calib=CalibrationRequest(calib, samples=samples, seq_len=seq_len,
+                                                                   seed=seed, probe_size=probe_size),
+                    runtime=runtime, calibration=cal.provenance, ranks=Ranks(), progress=cb,
                 )
         else:
             stats = pipeline.empty_stats(source.model, str(model_path))
@@ -277,7 +285,7 @@ def sweep(
                     if save_checkpoints:
                         ckpt = tmp / "checkpoints" / f"{method}-{keep}"
                         ckpt.parent.mkdir(exist_ok=True)
-                        pipeline.apply(source, plan, ckpt, stats=stats, command=command)
+                        pipeline.apply(source, plan, OutputRequest(ckpt, command=command), stats=stats)
                         row["checkpoint"] = str(Path(out) / "checkpoints" / ckpt.name)
                     rows.append(row)
                     log(_line(row, base))

@@ -33,9 +33,8 @@ from moeprune.observe.observer import Observer, calibration_facts, probe_positio
 from moeprune.pipeline.access import LayerAccess
 from moeprune.pipeline.activations import HiddenStates, layer_call, run_layer, to_device
 from moeprune.plan import LayerPlan, Plan
+from moeprune.settings import CalibrationRequest, RuntimeRequest
 from moeprune.store.writer import ShardWriter
-
-DEFAULT_HIDDEN_BUDGET = 2 * 1024**3  # bytes of hidden states kept in memory before spilling to disk
 
 
 class _Batches:
@@ -93,9 +92,8 @@ def walk(
     source,
     *,
     input_ids: torch.Tensor | None = None,
-    batch_size: int = 8,
-    probe_size: int = 512,
-    seed: int = 0,
+    calib: CalibrationRequest | None = None,
+    runtime: RuntimeRequest | None = None,
     calibration: dict | None = None,
     ranks: Ranks | None = None,
     plan_layer: Callable[[int, LayerStats | None, LayerAccess], tuple[LayerPlan, torch.Tensor | None]]
@@ -104,14 +102,15 @@ def walk(
     flatten_groups: bool = False,
     write_to: Path | None = None,
     observe: bool = True,
-    hidden_budget: int = DEFAULT_HIDDEN_BUDGET,
-    offload_dir: str | Path | None = None,
     on_last: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
     progress=None,
 ) -> LayerwiseResult:
     """One pass over the decoder layers of `source` (a `pipeline.sources` CheckpointSource or ModelSource).
 
-    With `input_ids` [N, L] the layers run on the calibration batches, observed when `observe`.
+    With `input_ids` [N, L] the layers run on the calibration batches (`runtime.batch_size` per forward,
+    hidden states beyond `runtime.hidden_budget` spilled to `runtime.offload_dir`), observed when
+    `observe` (`calib.probe_size` probe tokens per layer, drawn with `calib.seed`; `calibration` is the
+    text's provenance for the statistics).
     `plan_layer(i, stats_i, access)` returns layer i's plan and its novice vectors (or None); it is
     applied before the layer is written (to `write_to`) or, with `sequential`, before its outputs
     move on. `on_last(input_ids [B, L], outputs [B, L, H])` receives the last decoder layer's outputs
@@ -121,6 +120,8 @@ def walk(
     if on_last is not None and input_ids is None:
         raise ValueError("on_last needs input_ids")
     ranks = ranks or Ranks()
+    calib = calib or CalibrationRequest()
+    runtime = runtime or RuntimeRequest()
     adapter = source.adapter
     blocks = source.blocks
     desc = model_description(source.model, adapter, None if source.path is None else str(source.path))
@@ -129,8 +130,9 @@ def walk(
     wanted = None
     if input_ids is not None:
         N, L = input_ids.shape
-        wanted = probe_positions(N * L, probe_size, seed)
-        batches = _Batches(source, input_ids, batch_size, ranks, hidden_budget, offload_dir)
+        wanted = probe_positions(N * L, calib.probe_size, calib.seed)
+        batches = _Batches(source, input_ids, runtime.batch_size, ranks, runtime.hidden_budget,
+                           runtime.offload_dir)
     if plan_layer is None and sequential:
         raise MoepruneError("sequential pruning needs a plan for each layer as it goes")
     writer = None
@@ -193,8 +195,8 @@ def walk(
     seconds = time.perf_counter() - started
     stats = None
     if batches is not None and observe:
-        calib = calibration_facts(calibration, input_ids, wanted, seed, seconds, ranks)
-        stats = Stats(model=desc, calibration={**calib, "layerwise": True}, layers=stats_layers)
+        facts = calibration_facts(calibration, input_ids, wanted, calib.seed, seconds, ranks)
+        stats = Stats(model=desc, calibration={**facts, "layerwise": True}, layers=stats_layers)
     plan = None
     if plans:
         plan = Plan(method="", layers=plans, model=desc, flatten_groups=flatten_groups)

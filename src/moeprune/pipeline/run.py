@@ -18,9 +18,10 @@ from moeprune.errors import MoepruneError
 from moeprune.methods import PlanRequest, get_method, make_plan
 from moeprune.observe import LayerStats, Stats, model_description
 from moeprune.outputs import atomic_directory
-from moeprune.pipeline.loop import DEFAULT_HIDDEN_BUDGET, walk
+from moeprune.pipeline.loop import walk
 from moeprune.pipeline.sources import CheckpointSource
 from moeprune.plan import Plan
+from moeprune.settings import CalibrationRequest, OutputRequest, RuntimeRequest
 from moeprune.store.checkpoint import describe_output, parameter_counts
 
 
@@ -53,7 +54,8 @@ def _calibration_info(
 
 
 @torch.no_grad()
-def forward(source, input_ids: torch.Tensor, *, batch_size: int = 8, progress=None) -> torch.Tensor:
+def forward(source, input_ids: torch.Tensor, *, runtime: RuntimeRequest | None = None,
+            progress=None) -> torch.Tensor:
     """[N, L, H] last decoder layer's outputs on `input_ids` [N, L], computed one layer at a time.
 
     Nothing is observed or written: the reference the pruning time is compared against
@@ -61,7 +63,7 @@ def forward(source, input_ids: torch.Tensor, *, batch_size: int = 8, progress=No
     """
     outputs = []
     walk(
-        source, input_ids=input_ids, batch_size=batch_size, observe=False,
+        source, input_ids=input_ids, runtime=runtime, observe=False,
         on_last=lambda ids, h: outputs.append(h), progress=progress,
     )
     return torch.cat(outputs)
@@ -71,16 +73,15 @@ def forward_layerwise(
     model_path: str | Path, input_ids: torch.Tensor, *, batch_size: int = 8, device: str = "cpu",
     progress=None,
 ) -> torch.Tensor:
-    return forward(
-        CheckpointSource(model_path, device=device), input_ids, batch_size=batch_size, progress=progress
-    )
+    return forward(CheckpointSource(model_path, device=device), input_ids,
+                   runtime=RuntimeRequest(batch_size=batch_size), progress=progress)
 
 
 @torch.no_grad()
 def perplexities(
-    source, tokenizer, texts, *, seq_len: int = 512, max_tokens: int | None = None, batch_size: int = 8,
-    progress=None, plan: Plan | None = None, stats: Stats | None = None,
-    hidden_budget: int = DEFAULT_HIDDEN_BUDGET, offload_dir: str | Path | None = None,
+    source, tokenizer, texts, *, seq_len: int = 512, max_tokens: int | None = None,
+    runtime: RuntimeRequest | None = None, progress=None, plan: Plan | None = None,
+    stats: Stats | None = None,
 ) -> tuple[list, dict]:
     """([`moeprune.evaluate.perplexity` result per text], parameter change) of the source's model, in one
     walk.
@@ -94,8 +95,6 @@ def perplexities(
     from moeprune.evaluate.perplexity import _check_model_fits, logits_nll, perplexity_result, text_windows
     from moeprune.pipeline.activations import head_logits
 
-    if batch_size < 1:
-        raise MoepruneError(f"--batch-size must be at least 1 (got {batch_size})")
     windows = [text_windows(tokenizer, t, seq_len, max_tokens) for t in texts]  # ([W_t, L], facts) per text
     blocks = torch.cat([w for w, _ in windows])  # [W, L]
     _check_model_fits(source.model, blocks, seq_len)
@@ -115,8 +114,8 @@ def perplexities(
         vectors = novice_vectors(plan, stats)
         plan_layer = lambda i, _s, _a: (plan.layer(i), vectors.get(i))  # noqa: E731
     result = walk(
-        source, input_ids=blocks, batch_size=batch_size, observe=False, on_last=score, progress=progress,
-        hidden_budget=hidden_budget, offload_dir=offload_dir, plan_layer=plan_layer,
+        source, input_ids=blocks, runtime=runtime, observe=False, on_last=score, progress=progress,
+        plan_layer=plan_layer,
         sequential=plan is not None, flatten_groups=plan is not None and plan.flatten_groups,
     )
     out, start = [], 0
@@ -134,27 +133,32 @@ def perplexity(source, tokenizer, text_or_path, **kwargs) -> dict:
 
 
 def perplexity_layerwise(
-    model_path: str | Path, tokenizer, text_or_path, *, device: str = "cpu", **kwargs
+    model_path: str | Path, tokenizer, text_or_path, *, device: str = "cpu", seq_len: int = 512,
+    max_tokens: int | None = None, batch_size: int = 8, progress=None,
 ) -> dict:
-    return perplexity(CheckpointSource(model_path, device=device), tokenizer, text_or_path, **kwargs)
+    return perplexity(CheckpointSource(model_path, device=device), tokenizer, text_or_path, seq_len=seq_len,
+                      max_tokens=max_tokens, runtime=RuntimeRequest(batch_size=batch_size), progress=progress)
 
 
 def observe(
-    source, input_ids: torch.Tensor, *, batch_size: int = 8, probe_size: int = 512, seed: int = 0,
-    calibration: dict | None = None, ranks=None, progress=None, hidden_budget: int = DEFAULT_HIDDEN_BUDGET,
-    offload_dir: str | Path | None = None,
+    source, input_ids: torch.Tensor, *, calib: CalibrationRequest | None = None,
+    runtime: RuntimeRequest | None = None, calibration: dict | None = None, ranks=None, progress=None,
 ) -> Stats:
-    """Statistics of the calibration pass over `input_ids` [N, L]."""
-    result = walk(source, input_ids=input_ids, batch_size=batch_size, probe_size=probe_size, seed=seed,
-                  calibration=calibration, ranks=ranks, progress=progress, hidden_budget=hidden_budget,
-                  offload_dir=offload_dir)
+    """Statistics of the calibration pass over `input_ids` [N, L] (`calibration`: the text's provenance)."""
+    result = walk(source, input_ids=input_ids, calib=calib, runtime=runtime, calibration=calibration,
+                  ranks=ranks, progress=progress)
     return result.stats
 
 
 def observe_layerwise(
-    model_path: str | Path, input_ids: torch.Tensor, *, device: str = "cpu", **kwargs
+    model_path: str | Path, input_ids: torch.Tensor, *, device: str = "cpu", batch_size: int = 8,
+    probe_size: int = 512, seed: int = 0, hidden_budget: int | None = None, offload_dir=None,
 ) -> Stats:
-    return observe(CheckpointSource(model_path, device=device), input_ids, **kwargs)
+    """`observe` on the checkpoint at `model_path`, with the requests' fields as keywords."""
+    runtime = RuntimeRequest(batch_size=batch_size, offload_dir=offload_dir,
+                             **({} if hidden_budget is None else {"hidden_memory": hidden_budget / 1024**3}))
+    return observe(CheckpointSource(model_path, device=device), input_ids, runtime=runtime,
+                   calib=CalibrationRequest(probe_size=probe_size, seed=seed))
 
 
 def empty_stats(model, source: str | None = None) -> Stats:
@@ -206,11 +210,10 @@ def _finish(
 
 
 def prune(
-    source, method: str, out: str | Path, *, keep: int, input_ids: torch.Tensor | None = None,
-    calibration: dict | None = None, batch_size: int = 8, probe_size: int = 512, seed: int = 0,
-    flatten_groups: bool = False, options: dict | None = None, sequential: bool = False, force: bool = False,
-    command: str | None = None, ranks=None, progress=None, weights=None,
-    hidden_budget: int = DEFAULT_HIDDEN_BUDGET, offload_dir: str | Path | None = None,
+    source, method: str, keep: int, output: OutputRequest, *, input_ids: torch.Tensor | None = None,
+    calibration: dict | None = None, calib: CalibrationRequest | None = None,
+    runtime: RuntimeRequest | None = None, flatten_groups: bool = False, options: dict | None = None,
+    ranks=None, progress=None, weights=None,
 ) -> tuple[Path, Stats | None, Plan]:
     """Observe, plan, apply and save one layer at a time; returns (out, stats, plan).
 
@@ -218,6 +221,9 @@ def prune(
     (two walks), then plan on all of them (with `weights`, every layer's weight access, for those
     that read weights across layers). Only the main rank writes.
     """
+    calib = calib or CalibrationRequest()
+    runtime = runtime or RuntimeRequest()
+    sequential, out = runtime.sequential, output.path
     spec = get_method(method)
     options = dict(options or {})
     cfg = spec.default_config(**options)
@@ -233,7 +239,7 @@ def prune(
             "pruning does not hold; use --in-memory"
         )
     desc = model_description(source.model, source.adapter, str(source.path))
-    info = _calibration_info(calibration, input_ids, probe_size, seed)
+    info = _calibration_info(calibration, input_ids, calib.probe_size, calib.seed)
     main = ranks is None or ranks.is_main
     E, H = desc["num_experts"], desc["hidden_size"]
     method_config = {}
@@ -248,9 +254,8 @@ def prune(
         method_config.update(p.method_config)
         return p.layers[0], novice_vectors(p, one).get(i)
 
-    walk_args = dict(input_ids=input_ids, batch_size=batch_size, probe_size=probe_size, seed=seed,
-                     calibration=calibration, ranks=ranks, progress=progress, hidden_budget=hidden_budget,
-                     offload_dir=offload_dir, flatten_groups=flatten_groups)
+    walk_args = dict(input_ids=input_ids, calib=calib, runtime=runtime, calibration=calibration, ranks=ranks,
+                     progress=progress, flatten_groups=flatten_groups)
     stats = None
     if not local:  # pass 1: observe every layer, then plan on all of them
         if input_ids is not None:
@@ -278,14 +283,13 @@ def prune(
     if not main:
         result, plan = run(None)
         return Path(out), stats if stats is not None else result.stats, plan
-    with atomic_directory(out, force=force) as tmp:
+    with atomic_directory(out, force=output.force) as tmp:
         result, plan = run(tmp)
-        _finish(source, tmp, plan, result.novice_tensors, before=before, command=command)
+        _finish(source, tmp, plan, result.novice_tensors, before=before, command=output.command)
     return Path(out), stats if stats is not None else result.stats, plan
 
 
-def apply(source, plan: Plan, out: str | Path, *, stats: Stats | None = None, force: bool = False,
-          command: str | None = None, progress=None) -> Path:
+def apply(source, plan: Plan, output: OutputRequest, *, stats: Stats | None = None, progress=None) -> Path:
     """Apply a ready plan one layer at a time (no calibration pass) and write the checkpoint to `out`.
 
     The plan was validated against this model by the driver (`Plan.validate` with `model_facts`).
@@ -294,8 +298,8 @@ def apply(source, plan: Plan, out: str | Path, *, stats: Stats | None = None, fo
 
     vectors = novice_vectors(plan, stats)
     before = parameters_before(source)
-    with atomic_directory(out, force=force) as tmp:
+    with atomic_directory(output.path, force=output.force) as tmp:
         result = walk(source, plan_layer=lambda i, _s, _a: (plan.layer(i), vectors.get(i)), write_to=tmp,
                       flatten_groups=plan.flatten_groups, progress=progress)
-        _finish(source, tmp, plan, result.novice_tensors, before=before, command=command)
-    return Path(out)
+        _finish(source, tmp, plan, result.novice_tensors, before=before, command=output.command)
+    return Path(output.path)
