@@ -64,7 +64,7 @@ def evaluate_models(
     from moeprune import __version__
     from moeprune.arch import get_adapter
     from moeprune.evaluate.harness import run_tasks
-    from moeprune.pipeline.run import perplexity
+    from moeprune.pipeline.run import perplexities
     from moeprune.pipeline.sources import open_source
     from moeprune.runtime import check_device, layer_progress
     from moeprune.settings import RuntimeRequest
@@ -146,11 +146,12 @@ def evaluate_models(
             if not source.in_memory:
                 entry["layerwise"] = True
             t0 = time.perf_counter()
-            for text in texts:
-                with layer_progress(f"{entry['name']}: perplexity on {Path(text).name}", progress) as cb:
-                    entry["perplexity"][str(text)] = perplexity(source, tok, Path(text), seq_len=seq_len,
-                                                                max_tokens=max_tokens, runtime=runtime,
-                                                                progress=cb)
+            if texts:  # every text in one walk: each layer is read once per checkpoint
+                names = ", ".join(Path(t).name for t in texts)
+                with layer_progress(f"{entry['name']}: perplexity on {names}", progress) as cb:
+                    results, _ = perplexities(source, tok, [Path(t) for t in texts], seq_len=seq_len,
+                                              max_tokens=max_tokens, runtime=runtime, progress=cb)
+                entry["perplexity"] = {str(t): r for t, r in zip(texts, results)}
             entry["seconds"]["perplexity"] = time.perf_counter() - t0
             if suite is not None:
                 t0 = time.perf_counter()
