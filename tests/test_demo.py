@@ -322,14 +322,14 @@ def test_mone_loading_is_quiet_and_the_stock_refusal_points_to_moeprune(tmp_path
     logging.set_verbosity_warning()
     logging.enable_progress_bar()
     seen = []
-    real = transformers.AutoModelForCausalLM.from_pretrained
+    real = type(model).from_pretrained  # the checkpoint's own class, which moeprune loads it as
 
     def spy(*args, **kw):
         seen.append((logging.get_verbosity(), logging.is_progress_bar_enabled()))
         return real(*args, **kw)
 
     try:
-        monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", spy)
+        monkeypatch.setattr(type(model), "from_pretrained", spy)
         moeprune.from_pretrained(out)
         assert seen == [(logging.ERROR, False)]  # quiet while transformers loads the stock part
         restored = (logging.get_verbosity(), logging.is_progress_bar_enabled())

@@ -57,6 +57,7 @@ from moeprune.store.checkpoint import (
     export_stock,
     load_config,
     load_tokenizer,
+    loader_name,
     parameter_counts,
 )
 from moeprune.store.sharded import model_facts
@@ -68,7 +69,7 @@ __all__ = [
     "METHODS", "BudgetRequest", "CalibrationRequest", "MoepruneError", "OutputRequest", "Plan", "Ranks",
     "RuntimeRequest", "Stats", "Terminated", "__version__", "analyze", "apply_checkpoint", "check_output_dir",
     "check_output_file", "check_separate", "check_settings", "empty_stats", "evaluate_models", "export_stock",
-    "get_method", "inspect", "knee_sentences", "make_plan_for", "model_facts", "model_weights",
+    "get_method", "inspect", "knee_sentences", "loader_name", "make_plan_for", "model_facts", "model_weights",
     "observe_checkpoint", "open_source", "parse_task_texts", "prune", "quiet_transformers", "render_report",
     "render_sweep", "resolve_device", "return_freed_memory_to_the_system", "signals_as_exceptions", "sweep",
     "write_file_atomically", "write_plan", "write_stats",

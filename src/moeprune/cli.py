@@ -387,11 +387,12 @@ def export_stock(
     """Write the novice-free copy of a MoNE checkpoint (novices' router rows removed), for stock
     transformers."""
     from moeprune.api import export_stock as export
+    from moeprune.api import loader_name
 
     _quiet_libraries()
     path = export(model, out_dir, force=force, command=_command_line())
     out.print(
-        f"[bold green]stock checkpoint written to {path}[/] (loads with AutoModelForCausalLM.from_pretrained)"
+        f"[bold green]stock checkpoint written to {path}[/] (loads with {loader_name(path)}.from_pretrained)"
     )
 
 
@@ -740,6 +741,8 @@ def _print_plan(p) -> None:
 
 
 def _print_done(p, path) -> None:
+    from moeprune.api import loader_name
+
     _print_plan(p)
     card = (Path(path) / "README.md").read_text().split("## Parameters", 1)[1].split("## Experts", 1)[0]
     out.print(card.strip())
@@ -748,7 +751,7 @@ def _print_done(p, path) -> None:
                   "`moeprune export-stock` makes a stock copy)")
     else:
         out.print(
-            f"\n[bold green]checkpoint written to {path}[/] (loads with AutoModelForCausalLM.from_pretrained)"
+            f"\n[bold green]checkpoint written to {path}[/] (loads with {loader_name(path)}.from_pretrained)"
         )
 
 

@@ -12,6 +12,7 @@ needed, not here.
 
 from __future__ import annotations
 
+import functools
 import sys
 
 import transformers
@@ -227,3 +228,84 @@ def config_class(model_type: str):
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
     return CONFIG_MAPPING[model_type] if model_type in CONFIG_MAPPING else None
+
+
+# ---- which class a checkpoint loads as ----------------------------------------------------------
+# A checkpoint is written as the class it was read as: a vision-language checkpoint stays a
+# `...ForConditionalGeneration` (loaded by `AutoModelForImageTextToText`), a text one a `...ForCausalLM`.
+# The Auto mappings, tried in this order, name the class and the Auto class users load it with.
+_AUTO_MAPPINGS = (
+    ("AutoModelForCausalLM", "MODEL_FOR_CAUSAL_LM_MAPPING"),
+    ("AutoModelForImageTextToText", "MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING"),
+    ("AutoModelForMultimodalLM", "MODEL_FOR_MULTIMODAL_LM_MAPPING"),
+)
+
+
+def auto_classes(config) -> list[tuple[str, type]]:
+    """(Auto class name, model class) pairs that can build `config`, in `_AUTO_MAPPINGS` order."""
+    from transformers.models.auto import modeling_auto
+
+    found = []
+    for auto_name, mapping_name in _AUTO_MAPPINGS:
+        mapping = getattr(modeling_auto, mapping_name, None)
+        if mapping is None:
+            continue
+        try:
+            found.append((auto_name, mapping[type(config)]))
+        except (KeyError, ValueError):
+            continue
+    return found
+
+
+def model_class(config) -> tuple[str, type]:
+    """(Auto class name, model class) that `config` loads as.
+
+    The class named in `config.architectures` wins when an Auto mapping offers it (so a checkpoint
+    saved as `Qwen3VLMoeForConditionalGeneration` is rebuilt as that, not as its text-only causal LM);
+    otherwise the first Auto mapping that knows the config.
+    """
+    import transformers
+
+    candidates = auto_classes(config)
+    for arch in getattr(config, "architectures", None) or ():
+        cls = getattr(transformers, arch, None)
+        for auto_name, mapped in candidates:
+            if cls is mapped:
+                return auto_name, cls
+        if isinstance(cls, type) and candidates:  # e.g. a ...ForCausalLM of a multimodal config
+            return candidates[0][0], cls
+    if not candidates:
+        raise LookupError(f"transformers {transformers.__version__} has no causal or image-text-to-text "
+                          f"model class for model_type {getattr(config, 'model_type', None)!r}")
+    return candidates[0]
+
+
+def experts_layout(experts) -> dict | None:
+    """The layout flags `use_experts_implementation` puts on a dispatched experts module, or None."""
+    if not all(hasattr(experts, f) for f in ("has_gate", "is_transposed", "is_concatenated")):
+        return None
+    return {f: bool(getattr(experts, f, False)) for f in
+            ("has_gate", "has_bias", "is_transposed", "is_concatenated", "has_post_expert_norm")}
+
+
+def recorded_routers(config) -> dict[type, int]:
+    """Router class -> index of its logits, from `_can_record_outputs["router_logits"]` of every model
+    class in the modeling module `config` loads with (the text sub-model declares it for VLMs)."""
+    try:
+        _, cls = model_class(config)
+    except LookupError:
+        return {}
+    return _recorded_routers_of(sys.modules[cls.__module__])
+
+
+@functools.cache
+def _recorded_routers_of(module) -> dict[type, int]:
+    found: dict[type, int] = {}
+    for value in vars(module).values():
+        recorders = getattr(value, "_can_record_outputs", None) if isinstance(value, type) else None
+        declared = (recorders or {}).get("router_logits") if isinstance(recorders, dict) else None
+        for recorder in declared if isinstance(declared, (list, tuple)) else [declared]:
+            target = getattr(recorder, "target_class", recorder)
+            if isinstance(target, type):
+                found.setdefault(target, int(getattr(recorder, "index", 0) or 0))
+    return found

@@ -1,28 +1,48 @@
 """One adapter per model family, behind one registry.
 
-`get_adapter(config)` returns the adapter for a transformers config, or raises a one-line error that
-lists the supported `model_type`s. Everything family-specific lives in these adapters; the observer,
-the methods and the surgery only talk to the adapter interface in `base.py`.
+`get_adapter(config)` returns the adapter for a transformers config (a vision-language config is read
+through its text config), or raises a one-line error that says what is missing. The adapter derives
+what transformers declares (`arch.base.Adapter`); `arch.facts.FAMILIES` holds the rest, as data.
 """
 
 from __future__ import annotations
 
-from moeprune.arch.base import Adapter, ExpertWeights, decoder_layers
-from moeprune.arch.families import ADAPTERS
+from moeprune.arch.base import COUNT_FIELDS, Adapter, ExpertWeights, decoder_layers, text_config
+from moeprune.arch.facts import BY_MODEL_TYPE, FAMILIES, Family
 from moeprune.errors import MoepruneError
 
-SUPPORTED_MODEL_TYPES = tuple(sorted(mt for cls in ADAPTERS for mt in cls.model_types))
+SUPPORTED_MODEL_TYPES = tuple(sorted(BY_MODEL_TYPE))
+
+
+def family_of(config) -> Family | None:
+    """The facts row for `config`: by its own model_type, else by its text config's."""
+    for candidate in (config, text_config(config)):
+        found = BY_MODEL_TYPE.get(getattr(candidate, "model_type", None))
+        if found is not None:
+            return found
+    return None
 
 
 def get_adapter(config) -> Adapter:
     """The adapter for `config` (a transformers PretrainedConfig)."""
+    row = family_of(config)
+    if row is None:
+        raise MoepruneError(_unsupported(config))
+    return (row.adapter or Adapter)(config, row)
+
+
+def _unsupported(config) -> str:
+    """One line: which model_type, and what it lacks to be supported."""
     model_type = getattr(config, "model_type", None)
-    for cls in ADAPTERS:
-        if model_type in cls.model_types:
-            return cls(config)
-    raise MoepruneError(
-        f"unsupported model_type {model_type!r}: moeprune supports {', '.join(SUPPORTED_MODEL_TYPES)}"
-    )
+    text = text_config(config)
+    has_count = any(isinstance(getattr(text, f, None), int) for f in COUNT_FIELDS)
+    if not has_count:
+        return (f"unsupported model_type {model_type!r}: its config has no routed-expert count "
+                f"({', '.join(COUNT_FIELDS)}), so it is not a Mixture-of-Experts model moeprune can prune")
+    return (f"unsupported model_type {model_type!r}: it has routed experts but no row in moeprune's family "
+            f"table (moeprune/arch/facts.py) saying how its router forms gates; supported: "
+            f"{', '.join(SUPPORTED_MODEL_TYPES)}")
 
 
-__all__ = ["SUPPORTED_MODEL_TYPES", "Adapter", "ExpertWeights", "decoder_layers", "get_adapter"]
+__all__ = ["FAMILIES", "SUPPORTED_MODEL_TYPES", "Adapter", "ExpertWeights", "Family", "decoder_layers",
+           "family_of", "get_adapter", "text_config"]

@@ -19,16 +19,23 @@ from torch import nn
 
 from moeprune import compat
 from moeprune.compat import is_decoder_layer
+from moeprune.errors import MoepruneError
 
 # Integer attributes that transformers modules cache from the config's expert count.
 EXPERT_COUNT_ATTRS = ("num_experts", "n_routed_experts", "num_local_experts", "moe_num_experts")
+# Config fields that hold the routed-expert count and the top-k, in the order they are tried when a
+# family's facts name none (several configs alias one to another through `attribute_map`).
+COUNT_FIELDS = (
+    "num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts", "num_routed_experts",
+)
+TOP_K_FIELDS = ("num_experts_per_tok", "moe_k", "moe_topk", "num_experts_per_token", "top_k", "moe_top_k")
 
 
 @dataclass
 class ExpertWeights:
     """One expert's weights in the canonical (out, in) orientation, views where the layout allows."""
 
-    gate: torch.Tensor  # [I, H]
+    gate: torch.Tensor | None  # [I, H]; None for non-gated experts (up -> act -> down)
     up: torch.Tensor  # [I, H]
     down: torch.Tensor  # [H, I]
     gate_bias: torch.Tensor | None = None  # [I]
@@ -36,24 +43,64 @@ class ExpertWeights:
     down_bias: torch.Tensor | None = None  # [H]
 
 
-def decoder_layers(model: nn.Module) -> tuple[nn.ModuleList, str]:
-    """The decoder layer list and its dotted prefix (e.g. `model.layers.`).
+def _is_moe_block(module: nn.Module) -> bool:
+    """A module holding fused experts: `experts.gate_up_proj [E, ...]` (gated) or `experts.up_proj` (not)."""
+    experts = getattr(module, "experts", None)
+    return isinstance(experts, nn.Module) and any(
+        isinstance(getattr(experts, name, None), torch.Tensor) and getattr(experts, name).dim() == 3
+        for name in ("gate_up_proj", "up_proj")
+    )
 
+
+def text_config(config):
+    """The language model's config: `config` itself, or its `text_config` (vision-language models)."""
+    get = getattr(config, "get_text_config", None)
+    return get(decoder=True) if callable(get) else config
+
+
+def _language_model(model: nn.Module) -> tuple[nn.Module, str]:
+    """The text decoder of `model` and its dotted prefix, through transformers' own `get_decoder`.
+
+    A vision-language model holds decoder-layer lists in its vision tower too; `get_decoder` names the
+    language model (`model.language_model`), so the layers found below are the text ones.
+    """
+    root = model
+    get_decoder = getattr(model, "get_decoder", None)
+    if callable(get_decoder):
+        try:
+            root = get_decoder() or model
+        except (AttributeError, NotImplementedError, ValueError):  # the few models without a rule
+            root = model
+    if root is model:
+        return model, ""
+    for name, module in model.named_modules():
+        if module is root:
+            return root, name + "."
+    return model, ""
+
+
+def _layer_lists(module: nn.Module):
+    for name, child in module.named_modules():
+        if isinstance(child, nn.ModuleList) and len(child) and all(is_decoder_layer(c) for c in child):
+            yield name, child
+
+
+def decoder_layers(model: nn.Module) -> tuple[nn.ModuleList, str]:
+    """The language model's decoder layer list and its dotted prefix (e.g. `model.layers.`).
+
+    Searched inside the text decoder (`_language_model`), and among its layer lists the first that holds
+    routed experts, so a vision tower's blocks or an MTP/draft stack are never taken for the decoder.
     Found structurally rather than via `base_model_prefix`, which Llama 4's text model breaks.
     """
-    for name, module in model.named_modules():
-        if (
-            isinstance(module, nn.ModuleList)
-            and len(module)
-            and all(is_decoder_layer(child) for child in module)
-        ):
-            return module, name + "."
-    raise ValueError(f"{type(model).__name__} has no list of decoder layers")
-
-
-def _is_moe_block(module: nn.Module) -> bool:
-    experts = getattr(module, "experts", None)
-    return isinstance(experts, nn.Module) and isinstance(getattr(experts, "gate_up_proj", None), torch.Tensor)
+    root, root_prefix = _language_model(model)
+    lists = list(_layer_lists(root))
+    if not lists:
+        root_prefix, lists = "", list(_layer_lists(model))
+    if not lists:
+        raise MoepruneError(f"{type(model).__name__} has no list of decoder layers")
+    with_experts = [(n, lst) for n, lst in lists if any(_is_moe_block(m) for m in lst.modules())]
+    name, layers = (with_experts or lists)[0]
+    return layers, root_prefix + name + "."
 
 
 # ---- novices at run time ----------------------------------------------------------------------
@@ -107,19 +154,51 @@ def _novice_instance_forward(self, *args, **kwargs):
     return novice_experts_forward(self, type(self).forward, *args, **kwargs)
 
 
+def _first_int_field(config, names: tuple[str, ...], what: str) -> str:
+    """The first of `names` that `config` holds as a positive int itself (not through `attribute_map`, so
+    writing it writes the field that is saved)."""
+    aliases = getattr(type(config), "attribute_map", {}) or {}
+    for name in sorted(names, key=lambda n: n in aliases):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return name
+    raise MoepruneError(
+        f"{type(config).__name__} ({config.model_type}) has no {what} field (looked for {', '.join(names)}); "
+        "is this a Mixture-of-Experts model?"
+    )
+
+
+def _own_tensors(module: nn.Module) -> list[str]:
+    """Names of the parameters and buffers held by `module` itself (not its children)."""
+    own = list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False))
+    return [n for n, _ in own]
+
+
 class Adapter:
-    """Facts about one family; subclasses override the class attributes and, rarely, a method."""
+    """Facts about one family; most are derived from the model, the rest come from `facts.FAMILIES`.
+
+    Derived from transformers' own declarations (so a family needs no code of its own):
+    - the expert count and top-k from the first of `COUNT_FIELDS` / `TOP_K_FIELDS` the text config has;
+    - the router, and the index of its logits, from the model's `_can_record_outputs["router_logits"]`;
+    - the experts layout (transposed, interleaved, gated, biased) from the flags
+      `use_experts_implementation` puts on the experts module;
+    - every tensor along the expert axis: the router's own tensors (weights, biases, correction biases,
+      `moe_statics`), the block's direct tensors (`e_score_correction_bias`, `expert_bias`) and every
+      experts parameter (per-expert scales included) with an axis of size E.
+    A class attribute set to something other than None overrides the derived value.
+    """
 
     model_types: tuple[str, ...] = ()
-    count_field: str = "num_experts"  # config field holding E (aliases do not work for every family)
-    top_k_field: str = "num_experts_per_tok"
-    router_attr: str = "gate"  # attribute of the MoE block holding the router
-    router_logits_index: int = 0  # position of the logits in the router's output tuple
-    # Router tensors that run along the expert axis: (dotted name inside the router, axis of E).
-    router_tensors: tuple[tuple[str, int], ...] = (("weight", 0), ("bias", 0), ("e_score_correction_bias", 0))
-    shared_attrs: tuple[str, ...] = ("shared_expert", "shared_experts", "shared_expert_gate")
-    transposed: bool = False  # experts stored [E, H, 2I] / [E, I, H] instead of [E, 2I, H] / [E, H, I]
-    interleaved: bool = False  # gate and up interleaved along 2I (GPT-OSS) instead of concatenated
+    count_field: str | None = None  # config field holding E (None: the first of COUNT_FIELDS present)
+    top_k_field: str | None = None  # config field holding k (None: the first of TOP_K_FIELDS present)
+    router_attr: str | None = None  # attribute of the MoE block holding the router (None: recorded class)
+    router_logits_index: int | None = None  # position of the logits in the router's output tuple
+    # Router tensors that run along the expert axis, (dotted name inside the router, axis of E); None:
+    # every router and block tensor with an axis of size E.
+    router_tensors: tuple[tuple[str, int], ...] | None = None
+    shared_attrs: tuple[str, ...] = ("shared_expert", "shared_experts", "shared_expert_gate", "shared_mlp")
+    transposed: bool | None = None  # experts [E, H, 2I] / [E, I, H] (None: the experts' is_transposed)
+    interleaved: bool | None = None  # gate/up interleaved along 2I (None: not the experts' is_concatenated)
     group_limited: bool = False  # routing first picks `topk_group` of `n_group` contiguous expert groups
     min_experts_per_group: int = 2  # DeepSeek-V3 scores a group by the sum of its top-2 experts
     # The experts run every (expert, token) row on router-score-scaled inputs, take only that input
@@ -128,8 +207,25 @@ class Adapter:
     dense_experts: bool = False
     router_scores_index: int = 0
 
-    def __init__(self, config):
-        self.config = config
+    def __init__(self, config, facts=None):
+        """`facts`: the family's `arch.facts.Family` row (routing rule, group rule, field overrides)."""
+        self.full_config = config  # the checkpoint's config (a vision-language one for VLMs)
+        self.config = text_config(config)  # the language model's, which holds the expert count
+        self.facts = facts
+        self._layout: dict | None = None
+        if facts is not None:
+            self.count_field = facts.count_field or self.count_field
+            self.top_k_field = facts.top_k_field or self.top_k_field
+            if facts.groups == "max":  # DeepSeek-V2: a group's best expert, and only with this method
+                self.min_experts_per_group = 1
+                self.group_limited = getattr(self.config, "topk_method", "greedy") == "group_limited_greedy"
+            elif facts.groups == "top2":  # DeepSeek-V3: the sum of a group's two best
+                self.min_experts_per_group = 2
+                self.group_limited = True
+        if self.count_field is None:
+            self.count_field = _first_int_field(self.config, COUNT_FIELDS, "expert count")
+        if self.top_k_field is None:
+            self.top_k_field = _first_int_field(self.config, TOP_K_FIELDS, "top-k")
 
     # ---- config facts -------------------------------------------------------------------------
     @property
@@ -153,7 +249,9 @@ class Adapter:
 
     def survivors_exact(self) -> tuple[bool, str]:
         """Whether a token whose top-k all survive pruning gets exactly the same MoE output, and why."""
-        return True, "top-k weights are renormalised over the selected experts"
+        if self.facts is not None:
+            return self.facts.rule(self)
+        return False, "not established for this family (no routing rule in moeprune.arch.facts)"
 
     # ---- module access ------------------------------------------------------------------------
     def moe_blocks(self, model: nn.Module) -> dict[int, nn.Module]:
@@ -166,40 +264,99 @@ class Adapter:
                 blocks[i] = found[0]
         return blocks
 
+    def _recorded_routers(self) -> dict[type, int]:
+        return compat.recorded_routers(self.full_config)
+
     def router(self, block: nn.Module) -> nn.Module:
-        return getattr(block, self.router_attr)
+        """The block's router: the child whose class the model records router logits from."""
+        if self.router_attr is not None:
+            return getattr(block, self.router_attr)
+        recorded = tuple(self._recorded_routers())
+        for child in block.children():
+            if recorded and isinstance(child, recorded):
+                return child
+        for name in ("gate", "router"):  # models that record no router class
+            if isinstance(getattr(block, name, None), nn.Module):
+                return getattr(block, name)
+        raise MoepruneError(f"{type(block).__name__} has no router the model declares "
+                            "(_can_record_outputs['router_logits']) and no `gate`/`router` child")
 
     def experts(self, block: nn.Module) -> nn.Module:
-        return block.experts
+        """The block's experts module; the first call also reads its layout flags into the adapter."""
+        ex = block.experts
+        if self._layout is None:
+            self._layout = compat.experts_layout(ex) or {}
+            if self.transposed is None:
+                self.transposed = self._layout.get("is_transposed", False)
+            if self.interleaved is None:
+                self.interleaved = not self._layout.get("is_concatenated", True)
+        return ex
 
-    def router_logits(self, router_output) -> torch.Tensor:
+    @property
+    def gated(self) -> bool:
+        return self._layout.get("has_gate", True) if self._layout else True
+
+    def logits_index(self, router: nn.Module) -> int:
+        if self.router_logits_index is not None:
+            return self.router_logits_index
+        for cls, index in self._recorded_routers().items():
+            if isinstance(router, cls):
+                return index
+        return 0
+
+    def router_logits(self, router_output, router: nn.Module | None = None) -> torch.Tensor:
         """[T, E] logits from whatever the router module returns."""
         if isinstance(router_output, tuple):
-            return router_output[self.router_logits_index]
+            index = self.router_logits_index if router is None else self.logits_index(router)
+            return router_output[index or 0]
         return router_output
 
     def router_expert_tensors(self, block: nn.Module) -> list[tuple[nn.Module, str, int]]:
-        """(owner module, attribute name, expert axis) for every router tensor indexed by expert."""
+        """(owner module, attribute name, expert axis) for every router tensor indexed by expert.
+
+        Without declared `router_tensors`: every tensor of the router (recursively, so `moe_statics`
+        is found) and every direct tensor of the block with an axis of size E, at the first such axis.
+        """
         router = self.router(block)
-        found = []
-        for dotted, axis in self.router_tensors:
-            owner_path, _, leaf = dotted.rpartition(".")
-            owner = router.get_submodule(owner_path) if owner_path else router
-            if isinstance(getattr(owner, leaf, None), torch.Tensor):
-                found.append((owner, leaf, axis))
+        if self.router_tensors is not None:
+            found = []
+            for dotted, axis in self.router_tensors:
+                owner_path, _, leaf = dotted.rpartition(".")
+                owner = router.get_submodule(owner_path) if owner_path else router
+                if isinstance(getattr(owner, leaf, None), torch.Tensor):
+                    found.append((owner, leaf, axis))
+            return found
+        E = self.num_experts
+        found, seen = [], set()
+        owners = [(m, t) for m in router.modules() for t in _own_tensors(m)]
+        owners += [(block, t) for t in _own_tensors(block)]
+        for owner, leaf in owners:
+            tensor = getattr(owner, leaf)
+            if id(tensor) in seen or E not in tensor.shape:
+                continue
+            seen.add(id(tensor))
+            found.append((owner, leaf, list(tensor.shape).index(E)))
         return found
 
     # ---- expert weights ----------------------------------------------------------------------
     def expert_weights(self, block: nn.Module, e: int) -> ExpertWeights:
         """Expert `e`'s weights as (gate [I,H], up [I,H], down [H,I], biases), whatever the layout."""
         ex = self.experts(block)
-        gate_up = ex.gate_up_proj[e]  # [2I, H], or [H, 2I] when transposed
         down = ex.down_proj[e]  # [H, I], or [I, H] when transposed
-        if self.transposed:
-            gate_up, down = gate_up.T, down.T
-        gate, up = (gate_up[0::2], gate_up[1::2]) if self.interleaved else gate_up.chunk(2, dim=0)
         gate_bias = up_bias = down_bias = None
-        if isinstance(getattr(ex, "gate_up_proj_bias", None), torch.Tensor):
+        if not self.gated:  # up -> act -> down: `up_proj [E, I, H]`
+            up = ex.up_proj[e].T if self.transposed else ex.up_proj[e]  # [I, H]
+            gate = None
+            if isinstance(getattr(ex, "up_proj_bias", None), torch.Tensor):
+                up_bias = ex.up_proj_bias[e]
+        else:
+            gate_up = ex.gate_up_proj[e]  # [2I, H], or [H, 2I] when transposed
+            if self.transposed:
+                gate_up = gate_up.T
+            gate, up = (gate_up[0::2], gate_up[1::2]) if self.interleaved else gate_up.chunk(2, dim=0)
+        if self.transposed:
+            down = down.T
+        if self.gated and isinstance(getattr(ex, "gate_up_proj_bias", None), torch.Tensor):
             gub = ex.gate_up_proj_bias[e]  # [2I]
             gate_bias, up_bias = (gub[0::2], gub[1::2]) if self.interleaved else gub.chunk(2)
         if isinstance(getattr(ex, "down_proj_bias", None), torch.Tensor):
@@ -263,8 +420,9 @@ class Adapter:
     def set_config_num_experts(self, model: nn.Module, old: int, new: int) -> None:
         """Set the config's expert count and the copies cached on the top-level model at init."""
         setattr(self.config, self.count_field, new)
-        if model.config is not self.config:
-            setattr(model.config, self.count_field, new)
+        model_text_config = text_config(model.config)
+        if model_text_config is not self.config:
+            setattr(model_text_config, self.count_field, new)
         for module in (model, getattr(model, "model", None)):
             if module is None:
                 continue

@@ -1,7 +1,6 @@
-"""The adapters of the 11 transformers families with routed experts (transformers 5.23).
+"""Adapter subclasses for the families whose computation no transformers declaration describes.
 
-Each class states only what differs from the `Adapter` defaults; see docs/architecture.md ("Families") for the
-table of expert-count fields and routing notes these facts come from.
+Every other family is a row of `arch.facts.FAMILIES` over the derived `Adapter`.
 """
 
 from __future__ import annotations
@@ -13,108 +12,6 @@ from torch import nn
 
 from moeprune.arch.base import Adapter, novice_slots
 
-_SOFTMAX_NO_RENORM = (
-    "gates are softmax probabilities over all E experts without renormalisation, so removing any "
-    "expert enlarges every surviving gate"
-)
-
-
-class _SoftmaxTopK(Adapter):
-    """Softmax over all experts, top-k, optional renormalisation (`norm_topk_prob`)."""
-
-    def survivors_exact(self):
-        if getattr(self.config, "norm_topk_prob", False):
-            return super().survivors_exact()
-        return False, _SOFTMAX_NO_RENORM
-
-
-class Mixtral(Adapter):
-    model_types = ("mixtral",)
-    count_field = "num_local_experts"
-
-
-class Qwen2Moe(_SoftmaxTopK):
-    model_types = ("qwen2_moe",)
-    count_field = "num_experts"
-
-
-class Qwen3Moe(_SoftmaxTopK):
-    model_types = ("qwen3_moe",)
-    count_field = "num_local_experts"
-
-
-class Olmoe(_SoftmaxTopK):
-    model_types = ("olmoe",)
-    count_field = "num_experts"
-
-
-class DeepseekV2(Adapter):
-    model_types = ("deepseek_v2",)
-    count_field = "n_routed_experts"
-    min_experts_per_group = 1  # a group is scored by its best expert
-
-    @property
-    def group_limited(self) -> bool:
-        return getattr(self.config, "topk_method", "greedy") == "group_limited_greedy"
-
-    def survivors_exact(self):
-        return False, "DeepSeek-V2 ignores norm_topk_prob: " + _SOFTMAX_NO_RENORM
-
-
-class DeepseekV3(Adapter):
-    model_types = ("deepseek_v3",)
-    count_field = "n_routed_experts"
-    group_limited = True
-
-    def survivors_exact(self):
-        topk_group = int(getattr(self.config, "topk_group", 1) or 1)
-        if self.n_group > 1 and not (topk_group == 1 and self.top_k >= 2):
-            return False, (
-                "a group's score is the sum of its top-2 experts, so pruning a selected group's second "
-                "expert can change which groups are eligible; exact when n_group == 1, or topk_group == 1 "
-                "with top-k >= 2"
-            )
-        if not getattr(self.config, "norm_topk_prob", True):
-            return True, "sigmoid gates do not depend on the other experts"
-        return super().survivors_exact()
-
-
-class Glm4Moe(DeepseekV3):
-    model_types = ("glm4_moe",)
-
-
-class Phimoe(Adapter):
-    model_types = ("phimoe",)
-    count_field = "num_local_experts"
-    router_attr = "router"
-
-    def survivors_exact(self):
-        return False, (
-            "sparsemixer masks each pick by its distance to the running maximum relative to all "
-            "logits, and its second pick is a softmax over the remaining experts"
-        )
-
-
-class GptOss(Adapter):
-    model_types = ("gpt_oss",)
-    count_field = "num_local_experts"
-    router_attr = "router"
-    transposed = True
-    interleaved = True
-
-
-class Ernie45Moe(Adapter):
-    model_types = ("ernie4_5_moe",)
-    count_field = "moe_num_experts"
-    top_k_field = "moe_k"
-    router_tensors = (("weight", 0), ("moe_statics.e_score_correction_bias", 1))
-
-    def survivors_exact(self):
-        return False, (
-            "selection ranks softmax probabilities plus e_score_correction_bias; with fewer experts the "
-            "probabilities grow but the bias does not, so the choice among survivors can change"
-        )
-
 
 class Llama4Text(Adapter):
     """Llama 4 runs every expert densely on a score-scaled input: routed_in = sigmoid(score) * x.
@@ -124,16 +21,9 @@ class Llama4Text(Adapter):
     operations on the weights regardless.
     """
 
-    model_types = ("llama4_text",)
-    count_field = "num_local_experts"
-    router_attr = "router"
-    router_logits_index = 1  # Llama4Router returns (scores, logits)
-    router_scores_index = 0
-    transposed = True
+    router_scores_index = 0  # Llama4Router returns (scores, logits); the logits index is recorded
+    transposed = True  # its experts class is not dispatched, so it carries no layout flags
     dense_experts = True
-
-    def survivors_exact(self):
-        return True, "gates are sigmoids of each selected expert's own logit"
 
     @torch.no_grad()
     def expert_outputs(self, block: nn.Module, x: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
@@ -192,18 +82,3 @@ def _llama4_novice_forward(self, routed_in: torch.Tensor) -> torch.Tensor:
     routed = (scores[:, novices].T > 0).to(out.dtype)  # [n, T]
     out[novices] = routed[..., None] * self.novice_vectors.to(out.dtype)[:, None, :]
     return out.view(-1, H)
-
-
-ADAPTERS: tuple[type[Adapter], ...] = (
-    Mixtral,
-    Qwen2Moe,
-    Qwen3Moe,
-    Olmoe,
-    DeepseekV2,
-    DeepseekV3,
-    Glm4Moe,
-    Phimoe,
-    GptOss,
-    Ernie45Moe,
-    Llama4Text,
-)

@@ -92,10 +92,77 @@ def tiny_config(family: str, num_experts: int = 8, top_k: int = 2, **overrides) 
             ),
         ),
     }
-    if family not in specs:
-        raise KeyError(f"no tiny config for {family!r}; known: {', '.join(specs)}")
-    cls, extra = specs[family]
-    return cls(**{**COMMON, **extra, **overrides})
+    if family in specs:
+        cls, extra = specs[family]
+        return cls(**{**COMMON, **extra, **overrides})
+    return shrunk_config(family, num_experts=E, top_k=k, **overrides)
+
+
+# ---- every other family: its config class's defaults, shrunk ---------------------------------------
+# A field is set only where the default config has it (so one table serves every family); sub-configs
+# (text, vision, audio) are shrunk recursively. `TINY_OVERRIDES` holds what a family needs beyond this.
+SHRUNK_TEXT = dict(
+    vocab_size=1024, hidden_size=64, intermediate_size=128, moe_intermediate_size=64,
+    shared_expert_intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+    head_dim=16, max_position_embeddings=512, kv_lora_rank=32, q_lora_rank=32, qk_nope_head_dim=16,
+    qk_rope_head_dim=8, v_head_dim=16, first_k_dense_replace=1, n_group=2, topk_group=1,
+)
+SHRUNK_VISION = dict(
+    hidden_size=32, intermediate_size=64, num_hidden_layers=1, depth=1, num_attention_heads=2, num_heads=2,
+    out_hidden_size=64, embed_dim=32,
+)
+SUB_CONFIGS = {"text_config": SHRUNK_TEXT, "thinker_config": SHRUNK_TEXT, "talker_config": SHRUNK_TEXT,
+               "vision_config": SHRUNK_VISION, "audio_config": SHRUNK_VISION}
+
+# model_type -> fields set after the shrinking (a nested dict for a sub-config)
+TINY_OVERRIDES: dict[str, dict] = {
+}
+
+
+def _shrunk_kwargs(cls, sizes: dict, num_experts: int, top_k: int, overrides: dict) -> dict:
+    from moeprune.arch.base import COUNT_FIELDS, TOP_K_FIELDS
+
+    default = cls()
+    fields = default.to_dict()
+    kw = {k: v for k, v in sizes.items() if fields.get(k) is not None or (k == "q_lora_rank" and k in fields)}
+    if sizes is SHRUNK_TEXT:
+        kw.update({f: num_experts for f in COUNT_FIELDS if isinstance(fields.get(f), int)})
+        kw.update({f: top_k for f in TOP_K_FIELDS if isinstance(fields.get(f), int)})
+        if isinstance(fields.get("layer_types"), list):
+            kw["layer_types"] = fields["layer_types"][: kw.get("num_hidden_layers", 3)]
+    for sub, sub_sizes in SUB_CONFIGS.items():
+        if isinstance(fields.get(sub), dict):
+            sub_cls = type(getattr(default, sub))
+            sub_over = overrides.get(sub, {})
+            kw[sub] = sub_cls(**_shrunk_kwargs(sub_cls, sub_sizes, num_experts, top_k, sub_over)).to_dict()
+    kw.update({k: v for k, v in overrides.items() if k not in SUB_CONFIGS})
+    return kw
+
+
+def shrunk_config(model_type: str, num_experts: int = 8, top_k: int = 2, **overrides):
+    """The config class of `model_type` at its defaults, shrunk to a tiny model (`SHRUNK_TEXT`), then
+    `TINY_OVERRIDES[model_type]` and `overrides`."""
+    from moeprune.compat import config_class
+
+    cls = config_class(model_type)
+    if cls is None:
+        raise KeyError(f"transformers has no config class for model_type {model_type!r}")
+    wanted = {**TINY_OVERRIDES.get(model_type, {}), **overrides}
+    config = cls(**_shrunk_kwargs(cls, SHRUNK_TEXT, num_experts, top_k, wanted))
+    if not getattr(config, "architectures", None):
+        config.architectures = [_preferred_class(config).__name__]
+    return config
+
+
+def _preferred_class(config):
+    """A multimodal config's full class (vision tower included), else its causal LM."""
+    from moeprune import compat
+
+    pairs = compat.auto_classes(config)
+    for auto_name, cls in pairs:
+        if auto_name != "AutoModelForCausalLM" and hasattr(config, "vision_config"):
+            return cls
+    return pairs[0][1]
 
 
 TINY_FAMILIES = (
@@ -109,8 +176,11 @@ def tiny_model(family: str, seed: int = 0, **kwargs) -> torch.nn.Module:
 
     Correction biases are zero at init; they are randomised here so that slicing them is checked.
     """
+    from moeprune.compat import model_class
+
+    config = tiny_config(family, **kwargs)
     torch.manual_seed(seed)
-    model = tf.AutoModelForCausalLM.from_config(tiny_config(family, **kwargs), dtype=torch.float32).eval()
+    model = model_class(config)[1]._from_config(config, dtype=torch.float32).eval()
     with torch.no_grad():
         for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
             if name.endswith("e_score_correction_bias"):

@@ -86,7 +86,7 @@ class Observer(contextlib.AbstractContextManager):
             if self._positions is None or not self._probe_rows.numel():
                 return
             x = args[0].reshape(-1, H)  # [T, H]
-            logits = self.adapter.router_logits(output).reshape(x.shape[0], -1)  # [T, E]
+            logits = self.adapter.router_logits(output, module).reshape(x.shape[0], -1)  # [T, E]
             rows = self._rows_on.get(x.device)
             if rows is None:
                 rows = self._rows_on[x.device] = self._probe_rows.to(x.device)

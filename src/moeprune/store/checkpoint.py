@@ -17,6 +17,7 @@ import torch
 import transformers as tf
 from torch import nn
 
+from moeprune import compat
 from moeprune.arch import Adapter, get_adapter
 from moeprune.errors import MoepruneError
 from moeprune.outputs import atomic_directory, check_output_dir
@@ -29,7 +30,9 @@ __all__ = [
 
 # Files of a model directory that loaders read besides weights and config: carried over to the output.
 SIDE_FILES = ("tokenizer*", "vocab*", "merges.txt", "special_tokens_map.json", "added_tokens.json", "*.model",
-              "*.tiktoken", "chat_template*", "generation_config.json", "preprocessor_config.json")
+              "*.tiktoken", "chat_template*", "generation_config.json", "preprocessor_config.json",
+              "processor_config.json", "video_preprocessor_config.json", "audio_preprocessor_config.json",
+              "feature_extractor_config.json", "image_processor_config.json", "speech_*.json")
 
 
 def _one_line(e: BaseException) -> str:
@@ -74,8 +77,9 @@ def load_model(path: str | Path, *, device: str = "cpu", dtype: str | torch.dtyp
     try:
         # mismatched shapes come back in `info` (reported below by name) instead of as an error that points
         # to a loading report transformers does not show at moeprune's log level
-        model, info = tf.AutoModelForCausalLM.from_pretrained(
-            str(path), dtype=dtype, output_loading_info=True, device_map=None, ignore_mismatched_sizes=True
+        model, info = compat.model_class(config)[1].from_pretrained(
+            str(path), config=config, dtype=dtype, output_loading_info=True, device_map=None,
+            ignore_mismatched_sizes=True,
         )
     except Exception as e:
         detail = _one_line(e)
@@ -205,7 +209,7 @@ def parameter_counts(model: nn.Module, adapter: Adapter | None = None) -> dict:
 
 
 def model_card(*, source: str, plan, before: dict, after: dict, command: str | None = None,
-               notes: list[str] | None = None) -> str:
+               notes: list[str] | None = None, loads_with: str = "AutoModelForCausalLM") -> str:
     """README.md for a pruned checkpoint: what was removed, how, on what data, and sizes.
 
     `before`/`after` hold parameter counts (`parameter_counts`) and optionally `bytes` (weight files
@@ -289,8 +293,7 @@ def model_card(*, source: str, plan, before: dict, after: dict, command: str | N
         ]
     else:
         lines += [
-            "This checkpoint loads with `transformers.AutoModelForCausalLM.from_pretrained` and no extra "
-            "code.",
+            f"This checkpoint loads with `transformers.{loads_with}.from_pretrained` and no extra code.",
             "",
         ]
     return "\n".join(lines)
@@ -319,8 +322,17 @@ def describe_output(directory: Path, *, source: str, plan, before: dict, after: 
     after = {**after, "bytes": weights_bytes(directory)}
     copy_side_files(source, directory)
     plan.save(directory / "moeprune_plan.json")
+    loads_with = loader_name(directory)
     (directory / "README.md").write_text(model_card(source=source, plan=plan, before=before, after=after,
-                                                    command=command))
+                                                    command=command, loads_with=loads_with))
+
+
+def loader_name(path: str | Path) -> str:
+    """The transformers Auto class a checkpoint directory loads with (`AutoModelForImageTextToText`, ...)."""
+    try:
+        return compat.model_class(load_config(path))[0]
+    except (LookupError, MoepruneError):
+        return "AutoModelForCausalLM"
 
 
 # ---- novice (MoNE) checkpoints: loading either kind, counting, stock export ----
@@ -352,7 +364,7 @@ def checkpoint_parameters(path: str | Path) -> dict:
     section = raw.get(CONFIG_KEY)
     config = config_from_dict(stock_config_dict(raw) if section else raw)
     with torch.device("meta"):
-        meta = tf.AutoModelForCausalLM.from_config(config)
+        meta = compat.model_class(config)[1]._from_config(config)
     counts = parameter_counts(meta)
     counts["novices"] = 0
     if section:
@@ -409,6 +421,7 @@ def export_stock(
                 before=before,
                 after=after,
                 command=command,
+                loads_with=loader_name(src),
                 notes=[
                     (
                         f"**Exported without novices** from the MoNE checkpoint `{src}`: the novices' "

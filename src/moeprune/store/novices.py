@@ -248,7 +248,7 @@ def load_novice_model(
     get_adapter(config)
     try:
         with _transformers_quiet():
-            model, info = tf.AutoModelForCausalLM.from_pretrained(str(p), config=config, dtype=dtype,
+            model, info = compat.model_class(config)[1].from_pretrained(str(p), config=config, dtype=dtype,
                                                                   output_loading_info=True, device_map=None)
     except Exception as e:  # noqa: BLE001  (transformers raises many kinds; one line says which)
         raise MoepruneError(

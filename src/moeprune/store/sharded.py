@@ -19,7 +19,6 @@ from collections import Counter
 from pathlib import Path
 
 import torch
-import transformers as tf
 from accelerate import init_empty_weights
 from safetensors import safe_open
 from torch import nn
@@ -79,7 +78,7 @@ def _dtype(config, dtype, path: Path | None = None) -> torch.dtype:
 def skeleton(config, dtype: str | torch.dtype = "auto", path: Path | None = None) -> nn.Module:
     """The family's model with parameters on the meta device (no memory) and real buffers (RoPE inv_freq)."""
     with init_empty_weights():
-        return tf.AutoModelForCausalLM.from_config(config, dtype=_dtype(config, dtype, path)).eval()
+        return compat.model_class(config)[1]._from_config(config, dtype=_dtype(config, dtype, path)).eval()
 
 
 class ShardedCheckpoint:
