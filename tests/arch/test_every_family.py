@@ -16,8 +16,8 @@ import re
 import pytest
 import torch
 import transformers as tf
-
 from helpers import manual_plan, saved_tensors, token_ids
+
 from moeprune import api, compat
 from moeprune.arch import SUPPORTED_MODEL_TYPES, get_adapter
 from moeprune.arch.facts import BY_MODEL_TYPE
@@ -119,7 +119,8 @@ def test_pruned_checkpoint_reloads_with_its_own_auto_class(model_type, saved, tm
     mem = in_memory.state_dict()
     for name, tensor in reloaded.eval().state_dict().items():
         assert torch.equal(tensor, mem[name]), name
-    torch.testing.assert_close(_logits(reloaded, **_inputs(original)), _logits(in_memory, **_inputs(original)),
+    ids = _inputs(original)
+    torch.testing.assert_close(_logits(reloaded, **ids), _logits(in_memory, **ids),
                                rtol=0, atol=1e-6)
 
     # every tensor outside the routed experts and routers (vision and audio towers, attention, embeddings,

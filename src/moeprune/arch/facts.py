@@ -92,7 +92,8 @@ class Family:
 
     def __post_init__(self):
         if self.routing not in ROUTING or self.groups not in (None, "max", "top2"):
-            raise ValueError(f"{self.model_types}: unknown routing {self.routing!r} or groups {self.groups!r}")
+            raise ValueError(f"{self.model_types}: unknown routing {self.routing!r} or groups "
+                             f"{self.groups!r}")
 
     def rule(self, adapter) -> tuple[bool, str]:
         """(surviving routes exact?, why) for `adapter`'s config."""
@@ -112,5 +113,9 @@ FAMILIES: tuple[Family, ...] = (
     Family(("gpt_oss",), "softmax_topk", count_field="num_local_experts"),
     Family(("ernie4_5_moe",), "softmax_plus_bias", count_field="moe_num_experts", top_k_field="moe_k"),
     Family(("llama4_text", "llama4"), "sigmoid_each", adapter=Llama4Text, count_field="num_local_experts"),
+    # text decoders with standard fused experts (A)
+    # text decoders with standard fused experts (B)
+    # hybrids: linear attention / Mamba layers (C)
+    # vision-language and omni checkpoints (D)
 )
 BY_MODEL_TYPE: dict[str, Family] = {mt: f for f in FAMILIES for mt in f.model_types}

@@ -116,6 +116,10 @@ SUB_CONFIGS = {"text_config": SHRUNK_TEXT, "thinker_config": SHRUNK_TEXT, "talke
 
 # model_type -> fields set after the shrinking (a nested dict for a sub-config)
 TINY_OVERRIDES: dict[str, dict] = {
+    # text decoders with standard fused experts (A)
+    # text decoders with standard fused experts (B)
+    # hybrids: linear attention / Mamba layers (C)
+    # vision-language and omni checkpoints (D)
 }
 
 
