@@ -337,6 +337,9 @@ def check_prune(model_path, method: str, calib: CalibrationRequest, budget_reque
     refuse_novice_input(model_path)
     config = load_config(model_path)
     adapter = get_adapter(config)
+    if not model_facts(model_path)["moe_layers"]:  # a meta-device skeleton: no weights read
+        raise MoepruneError(f"{model_path}: no MoE block found in the {adapter.family} model (every decoder "
+                            "layer is dense), so there are no experts to prune")
     spec = get_method(method)
     cfg = spec.default_config(**dict(options or {}))
     keep = budget(

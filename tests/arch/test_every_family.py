@@ -173,3 +173,30 @@ def test_surviving_routes_are_exact_where_the_family_says_so(model_type):
         assert survived.sum() >= 4, "too few surviving tokens to check anything"
         diff = (after[survived] - before[survived]).abs().max().item()
         assert diff <= 1e-5, f"{model_type} layer {layer}: claimed exact ({why}) but changed by {diff:.2e}"
+
+
+@pytest.mark.parametrize("config,says", [
+    (tf.LlamaConfig(), "not a Mixture-of-Experts model"),
+    (tf.DbrxConfig(), "ffn_config.moe_num_experts"),
+    (tf.JetMoeConfig(), "no row in moeprune's family table"),
+])
+def test_an_unsupported_model_is_told_what_is_missing(config, says):
+    from moeprune.errors import MoepruneError
+
+    with pytest.raises(MoepruneError, match=says) as e:
+        get_adapter(config)
+    assert "\n" not in str(e.value) and repr(config.model_type) in str(e.value)
+
+
+def test_a_moe_config_whose_layers_are_all_dense_is_refused_in_one_line(tmp_path):
+    save_tiny_checkpoint("qwen2_moe", tmp_path / "dense", mlp_only_layers=[0, 1, 2])
+    from moeprune.errors import MoepruneError
+
+    with pytest.raises(MoepruneError, match="no MoE block found") as e:
+        api.inspect(tmp_path / "dense")
+    assert "\n" not in str(e.value)
+    calib = tmp_path / "calib.txt"
+    calib.write_text("some text " * 200)
+    with pytest.raises(MoepruneError, match="no MoE block found"):
+        api.prune(tmp_path / "dense", "frequency", tmp_path / "out", experts=4, calib=str(calib), progress=False)
+    assert not (tmp_path / "out").exists()

@@ -37,11 +37,27 @@ def _unsupported(config) -> str:
     text = text_config(config)
     has_count = any(isinstance(getattr(text, f, None), int) for f in COUNT_FIELDS)
     if not has_count:
+        nested = _nested_count_field(config.to_dict() if hasattr(config, "to_dict") else {})
+        if nested:
+            return (f"unsupported model_type {model_type!r}: its expert count sits in the nested config field "
+                    f"{nested}, which moeprune does not read; it needs a row in moeprune/arch/facts.py")
         return (f"unsupported model_type {model_type!r}: its config has no routed-expert count "
                 f"({', '.join(COUNT_FIELDS)}), so it is not a Mixture-of-Experts model moeprune can prune")
     return (f"unsupported model_type {model_type!r}: it has routed experts but no row in moeprune's family "
             f"table (moeprune/arch/facts.py) saying how its router forms gates; supported: "
             f"{', '.join(SUPPORTED_MODEL_TYPES)}")
+
+
+def _nested_count_field(d: dict, prefix: str = "") -> str | None:
+    for key, value in d.items():
+        if isinstance(value, dict):
+            for field in COUNT_FIELDS + ("moe_num_experts", "num_local_experts"):
+                if isinstance(value.get(field), int):
+                    return f"{prefix}{key}.{field}"
+            found = _nested_count_field(value, f"{prefix}{key}.")
+            if found:
+                return found
+    return None
 
 
 __all__ = ["FAMILIES", "SUPPORTED_MODEL_TYPES", "Adapter", "ExpertWeights", "Family", "decoder_layers",
