@@ -198,5 +198,6 @@ def test_a_moe_config_whose_layers_are_all_dense_is_refused_in_one_line(tmp_path
     calib = tmp_path / "calib.txt"
     calib.write_text("some text " * 200)
     with pytest.raises(MoepruneError, match="no MoE block found"):
-        api.prune(tmp_path / "dense", "frequency", tmp_path / "out", experts=4, calib=str(calib), progress=False)
+        api.prune(tmp_path / "dense", "frequency", tmp_path / "out", experts=4, calib=str(calib),
+                  progress=False)
     assert not (tmp_path / "out").exists()

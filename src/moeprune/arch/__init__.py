@@ -39,8 +39,8 @@ def _unsupported(config) -> str:
     if not has_count:
         nested = _nested_count_field(config.to_dict() if hasattr(config, "to_dict") else {})
         if nested:
-            return (f"unsupported model_type {model_type!r}: its expert count sits in the nested config field "
-                    f"{nested}, which moeprune does not read; it needs a row in moeprune/arch/facts.py")
+            return (f"unsupported model_type {model_type!r}: its expert count sits in the nested config "
+                    f"field {nested}, which moeprune does not read; it needs a row in moeprune/arch/facts.py")
         return (f"unsupported model_type {model_type!r}: its config has no routed-expert count "
                 f"({', '.join(COUNT_FIELDS)}), so it is not a Mixture-of-Experts model moeprune can prune")
     return (f"unsupported model_type {model_type!r}: it has routed experts but no row in moeprune's family "
