@@ -114,8 +114,19 @@ FAMILIES: tuple[Family, ...] = (
     Family(("ernie4_5_moe",), "softmax_plus_bias", count_field="moe_num_experts", top_k_field="moe_k"),
     Family(("llama4_text", "llama4"), "sigmoid_each", adapter=Llama4Text, count_field="num_local_experts"),
     # text decoders with standard fused experts (A)
+    Family(("aria_text", "aria"), "softmax_topk"),
+    Family(("cohere2_moe",), "softmax_topk"),  # softmax, or sigmoid (+ renorm), over the top-k logits
+    Family(("exaone_moe",), "sigmoid_bias", "top2"),
+    Family(("flint",), "sigmoid_bias"),  # sigmoid of the top-k, renormalised iff norm_topk_prob
+    Family(("granitemoe",), "softmax_topk"),
+    Family(("granitemoe_swa",), "softmax_topk"),
+    Family(("granitemoeshared",), "softmax_topk"),
+    Family(("mellum",), "softmax_norm_topk_prob"),
+    Family(("minimax",), "softmax_topk"),  # softmax over all, top-k, always renormalised
+    Family(("minimax_m2",), "sigmoid_bias"),  # sigmoid + block correction bias, always renormalised
     # text decoders with standard fused experts (B)
     # hybrids: linear attention / Mamba layers (C)
     # vision-language and omni checkpoints (D)
+    Family(("qwen3_vl_moe",), "softmax_topk"),  # softmax, top-k, always renormalised
 )
 BY_MODEL_TYPE: dict[str, Family] = {mt: f for f in FAMILIES for mt in f.model_types}
