@@ -166,10 +166,15 @@ def test_surviving_routes_are_exact_where_the_family_says_so(model_type):
     for layer, block in adapter.moe_blocks(model).items():
         x = torch.randn(2, 64, adapter.config.hidden_size)
         before, ids = _experts_routes(adapter, block, x)
+        # keep the two most used experts of each half (each routing group when n_group = 2), so that
+        # enough tokens keep their whole top-k even where a correction bias concentrates the routing
+        counts = torch.bincount(ids.reshape(-1), minlength=E)
+        halves = counts.view(2, E // 2)  # [2, E/2]
+        keep = sorted(int(h * E // 2 + i) for h in (0, 1) for i in halves[h].topk(2).indices)
         pruned = copy.deepcopy(block)
-        apply_layer_plan(adapter, pruned, LayerPlan(layer, E, [Group([e], [1.0]) for e in KEEP]))
+        apply_layer_plan(adapter, pruned, LayerPlan(layer, E, [Group([e], [1.0]) for e in keep]))
         after, _ = _experts_routes(adapter, pruned, x)
-        survived = torch.isin(ids, torch.tensor(KEEP)).all(dim=-1)  # [T]
+        survived = torch.isin(ids, torch.tensor(keep)).all(dim=-1)  # [T]
         assert survived.sum() >= 4, "too few surviving tokens to check anything"
         diff = (after[survived] - before[survived]).abs().max().item()
         assert diff <= 1e-5, f"{model_type} layer {layer}: claimed exact ({why}) but changed by {diff:.2e}"

@@ -114,6 +114,7 @@ FAMILIES: tuple[Family, ...] = (
     Family(("ernie4_5_moe",), "softmax_plus_bias", count_field="moe_num_experts", top_k_field="moe_k"),
     Family(("llama4_text", "llama4"), "sigmoid_each", adapter=Llama4Text, count_field="num_local_experts"),
     # text decoders with standard fused experts (A)
+    Family(("afmoe",), "sigmoid_bias"),  # sigmoid + block expert_bias for selection, renormalised
     Family(("aria_text", "aria"), "softmax_topk"),
     Family(("cohere2_moe",), "softmax_topk"),  # softmax, or sigmoid (+ renorm), over the top-k logits
     Family(("exaone_moe",), "sigmoid_bias", "top2"),
@@ -123,7 +124,12 @@ FAMILIES: tuple[Family, ...] = (
     Family(("granitemoeshared",), "softmax_topk"),
     Family(("mellum",), "softmax_norm_topk_prob"),
     Family(("minimax",), "softmax_topk"),  # softmax over all, top-k, always renormalised
-    Family(("minimax_m2",), "sigmoid_bias"),  # sigmoid + block correction bias, always renormalised
+    Family(("minimax_m2",), "sigmoid_bias"),
+    Family(("solar_open",), "sigmoid_bias", "top2"),
+    Family(("mimo_v2_flash",), "sigmoid_bias", "top2"),
+    Family(("laguna",), "sigmoid_bias"),  # softcapped logits, sigmoid, bias for selection, renormalised
+    Family(("hy_v3",), "sigmoid_bias"),
+    Family(("kolibri1",), "sigmoid_bias"),  # selection on logits + bias, sigmoid gates of the selected
     # text decoders with standard fused experts (B)
     # hybrids: linear attention / Mamba layers (C)
     # vision-language and omni checkpoints (D)
