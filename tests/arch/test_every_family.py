@@ -206,3 +206,12 @@ def test_a_moe_config_whose_layers_are_all_dense_is_refused_in_one_line(tmp_path
         api.prune(tmp_path / "dense", "frequency", tmp_path / "out", experts=4, calib=str(calib),
                   progress=False)
     assert not (tmp_path / "out").exists()
+
+
+def test_the_readme_lists_every_supported_model_type():
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    table = readme.split("| model_type |", 1)[1].split("\n\n", 1)[0]
+    assert all(f"`{mt}`" in table for mt in SUPPORTED_MODEL_TYPES), [
+        mt for mt in SUPPORTED_MODEL_TYPES if f"`{mt}`" not in table]
