@@ -131,7 +131,10 @@ FAMILIES: tuple[Family, ...] = (
     Family(("hy_v3",), "sigmoid_bias"),
     Family(("kolibri1",), "sigmoid_bias"),  # selection on logits + bias, sigmoid gates of the selected
     # text decoders with standard fused experts (B)
+    Family(("dots1",), "sigmoid_bias", "top2"),
     # hybrids: linear attention / Mamba layers (C)
+    Family(("qwen3_next",), "softmax_norm_topk_prob"),
+    Family(("qwen3_5_moe_text", "qwen3_5_moe"), "softmax_topk"),  # softmax, top-k, always renormalised
     # vision-language and omni checkpoints (D)
     Family(("qwen3_vl_moe",), "softmax_topk"),  # softmax, top-k, always renormalised
 )
