@@ -132,6 +132,9 @@ FAMILIES: tuple[Family, ...] = (
     Family(("kolibri1",), "sigmoid_bias"),  # selection on logits + bias, sigmoid gates of the selected
     # text decoders with standard fused experts (B)
     Family(("dots1",), "sigmoid_bias", "top2"),
+    Family(("deepseek_v32",), "sigmoid_bias", "top2"),
+    Family(("glm4_moe_lite",), "sigmoid_bias", "top2"),
+    Family(("glm_moe_dsa",), "sigmoid_bias", "top2"),  # GLM-5: DeepSeek-V3 router, DSA attention
     # hybrids: linear attention / Mamba layers (C)
     Family(("qwen3_next",), "softmax_norm_topk_prob"),
     Family(("qwen3_5_moe_text", "qwen3_5_moe"), "softmax_topk"),  # softmax, top-k, always renormalised

@@ -118,6 +118,9 @@ SUB_CONFIGS = {"text_config": SHRUNK_TEXT, "thinker_config": SHRUNK_TEXT, "talke
 TINY_OVERRIDES: dict[str, dict] = {
     # text decoders with standard fused experts (A)
     # text decoders with standard fused experts (B)
+    "deepseek_v32": dict(num_key_value_heads=4),  # MLA: one key/value head per query head
+    "glm4_moe_lite": dict(num_key_value_heads=4),
+    "glm_moe_dsa": dict(num_key_value_heads=4),
     "dots1": dict(n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1, n_group=2, topk_group=1),
     # hybrids: linear attention / Mamba layers (C)
     # vision-language and omni checkpoints (D)
