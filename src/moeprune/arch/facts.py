@@ -126,6 +126,7 @@ FAMILIES: tuple[Family, ...] = (
     Family(("minimax",), "softmax_topk"),  # softmax over all, top-k, always renormalised
     Family(("minimax_m2",), "sigmoid_bias"),
     Family(("solar_open",), "sigmoid_bias", "top2"),
+    Family(("beam",), "sigmoid_bias", "top2"),
     Family(("mimo_v2_flash",), "sigmoid_bias", "top2"),
     Family(("laguna",), "sigmoid_bias"),  # softcapped logits, sigmoid, bias for selection, renormalised
     Family(("hy_v3",), "sigmoid_bias"),

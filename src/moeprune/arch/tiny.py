@@ -136,8 +136,12 @@ def _shrunk_kwargs(cls, sizes: dict, num_experts: int, top_k: int, overrides: di
     if sizes is SHRUNK_TEXT:
         kw.update({f: num_experts for f in COUNT_FIELDS if isinstance(fields.get(f), int)})
         kw.update({f: top_k for f in TOP_K_FIELDS if isinstance(fields.get(f), int)})
+        n = kw.get("num_hidden_layers", 3)
         if isinstance(fields.get("layer_types"), list):
-            kw["layer_types"] = fields["layer_types"][: kw.get("num_hidden_layers", 3)]
+            kw["layer_types"] = fields["layer_types"][:n]
+        if isinstance(fields.get("mlp_layer_types"), list) and len(fields["mlp_layer_types"]) > n:
+            # the first layer's kind, then the last layers' (dense layers come first, MoE ones last)
+            kw["mlp_layer_types"] = fields["mlp_layer_types"][:1] + fields["mlp_layer_types"][-(n - 1):]
     for sub, sub_sizes in SUB_CONFIGS.items():
         if isinstance(fields.get(sub), dict):
             sub_cls = type(getattr(default, sub))
