@@ -141,5 +141,23 @@ FAMILIES: tuple[Family, ...] = (
     Family(("qwen3_5_moe_text", "qwen3_5_moe"), "softmax_topk"),  # softmax, top-k, always renormalised
     # vision-language and omni checkpoints (D)
     Family(("qwen3_vl_moe",), "softmax_topk"),  # softmax, top-k, always renormalised
+
+    # [text] plain text decoders and their wrappers
+    # [/text]
+
+    # [vlm] vision-language / omni checkpoints
+    # [/vlm]
+
+    # [gemma] gemma4 and OCR/speech wrappers
+    # [/gemma]
+
+    # [hybrid] hybrids: Mamba / linear attention
+    # [/hybrid]
+
+    # [logic1] new logic: dbrx, jetmoe, doge, zaya
+    # [/logic1]
+
+    # [logic2] new logic: longcat_flash, deepseek_v4, inkling, muse_spark
+    # [/logic2]
 )
 BY_MODEL_TYPE: dict[str, Family] = {mt: f for f in FAMILIES for mt in f.model_types}

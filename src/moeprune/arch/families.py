@@ -82,3 +82,27 @@ def _llama4_novice_forward(self, routed_in: torch.Tensor) -> torch.Tensor:
     routed = (scores[:, novices].T > 0).to(out.dtype)  # [n, T]
     out[novices] = routed[..., None] * self.novice_vectors.to(out.dtype)[:, None, :]
     return out.view(-1, H)
+
+
+# [text] plain text decoders and their wrappers
+# [/text]
+
+
+# [vlm] vision-language / omni checkpoints
+# [/vlm]
+
+
+# [gemma] gemma4 and OCR/speech wrappers
+# [/gemma]
+
+
+# [hybrid] hybrids: Mamba / linear attention
+# [/hybrid]
+
+
+# [logic1] new logic: dbrx, jetmoe, doge, zaya
+# [/logic1]
+
+
+# [logic2] new logic: longcat_flash, deepseek_v4, inkling, muse_spark
+# [/logic2]

@@ -124,6 +124,24 @@ TINY_OVERRIDES: dict[str, dict] = {
     "dots1": dict(n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1, n_group=2, topk_group=1),
     # hybrids: linear attention / Mamba layers (C)
     # vision-language and omni checkpoints (D)
+
+    # [text] plain text decoders and their wrappers
+    # [/text]
+
+    # [vlm] vision-language / omni checkpoints
+    # [/vlm]
+
+    # [gemma] gemma4 and OCR/speech wrappers
+    # [/gemma]
+
+    # [hybrid] hybrids: Mamba / linear attention
+    # [/hybrid]
+
+    # [logic1] new logic: dbrx, jetmoe, doge, zaya
+    # [/logic1]
+
+    # [logic2] new logic: longcat_flash, deepseek_v4, inkling, muse_spark
+    # [/logic2]
 }
 
 
