@@ -87,9 +87,12 @@ def inspect(model_path: str | Path) -> dict:
     from moeprune.store.novices import describe, is_novice_checkpoint
     from moeprune.store.sharded import skeleton
 
-    model = (
-        from_pretrained(model_path) if is_novice_checkpoint(model_path) else skeleton(load_config(model_path))
-    )
+    if is_novice_checkpoint(model_path):
+        model = from_pretrained(model_path)
+    else:
+        config = load_config(model_path)
+        get_adapter(config)  # an unsupported model is told what it lacks before a skeleton is built
+        model = skeleton(config)
     adapter = get_adapter(model.config)
     blocks = adapter.moe_blocks(model)
     if not blocks:

@@ -7,6 +7,7 @@ what transformers declares (`arch.base.Adapter`); `arch.facts.FAMILIES` holds th
 
 from __future__ import annotations
 
+from moeprune import compat
 from moeprune.arch.base import COUNT_FIELDS, Adapter, ExpertWeights, decoder_layers, text_config
 from moeprune.arch.facts import BY_MODEL_TYPE, FAMILIES, Family
 from moeprune.errors import MoepruneError
@@ -34,6 +35,14 @@ def get_adapter(config) -> Adapter:
 def _unsupported(config) -> str:
     """One line: which model_type, and what it lacks to be supported."""
     model_type = getattr(config, "model_type", None)
+    if not compat.auto_classes(config):
+        others = compat.every_model_class(config)
+        owner = compat.defining_model_type(model_type)
+        hint = (f"; it is part of transformers' {owner!r} model, whose checkpoints moeprune prunes"
+                if owner in BY_MODEL_TYPE else "")
+        return (f"unsupported model_type {model_type!r}: transformers has no causal-LM or image-text-to-text "
+                f"class for it ({'only ' + ', '.join(others) if others else 'no model class at all'}), so "
+                f"moeprune cannot load it as a generator or write it back as one{hint}")
     text = text_config(config)
     has_count = any(isinstance(getattr(text, f, None), int) for f in COUNT_FIELDS)
     if not has_count:

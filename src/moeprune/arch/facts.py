@@ -20,7 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from moeprune.arch.base import Adapter
-from moeprune.arch.families import Llama4Text
+from moeprune.arch.families import HunYuanMoEV1, Llama4Text
 
 _RENORM = "top-k weights are renormalised over the selected experts"
 _NO_RENORM = ("gates are softmax probabilities over all E experts without renormalisation, so removing any "
@@ -69,6 +69,15 @@ def _sigmoid_each(adapter) -> tuple[bool, str]:
     return True, "gates are sigmoids of each selected expert's own logit"
 
 
+def _softmax_groups(adapter) -> tuple[bool, str]:
+    """Softmax over all E, groups scored by their top-2 probabilities, top-k, renormalised iff
+    `norm_topk_prob` (Mistral 4). Removing experts scales every surviving probability of a token by one
+    factor, so rankings hold; the group rule is DeepSeek-V3's."""
+    if not getattr(adapter.config, "norm_topk_prob", True):
+        return False, _NO_RENORM
+    return _sigmoid_bias(adapter)  # renormalised here, so only the group rule can break exactness
+
+
 # How a family forms its gates -> (surviving routes exact?, why).
 ROUTING = {
     "softmax_topk": _softmax_topk,  # softmax over the top-k logits only (Mixtral)
@@ -78,6 +87,7 @@ ROUTING = {
     "softmax_plus_bias": _softmax_plus_bias,  # softmax + correction bias for selection (ERNIE 4.5)
     "sparsemixer": _sparsemixer,  # Phi-MoE
     "sigmoid_each": _sigmoid_each,  # each selected expert's own sigmoid (Llama 4)
+    "softmax_groups": _softmax_groups,  # softmax, top-2 group scores, top-k, renorm (Mistral 4)
 }
 
 
@@ -143,6 +153,17 @@ FAMILIES: tuple[Family, ...] = (
     Family(("qwen3_vl_moe",), "softmax_topk"),  # softmax, top-k, always renormalised
 
     # [text] plain text decoders and their wrappers
+    Family(("axk1",), "sigmoid_bias", "top2"),  # DeepSeek-V3 router; post-MoE norm on the block output
+    Family(("axk2",), "sigmoid_bias", "top2"),  # DeepSeek-V3 router, groups optional (n_group None: none)
+    Family(("flex_olmo",), "softmax_norm_topk_prob"),
+    Family(("hunyuan_v1_moe",), "softmax_topk", adapter=HunYuanMoEV1),  # softmax, top-k, always renormalised
+    Family(("hy_v4",), "sigmoid_bias", "top2"),  # GLM-4.7-Flash router (n_group 1 in the releases)
+    Family(("lfm2_moe",), "sigmoid_bias"),  # sigmoid, block expert_bias for selection, renorm iff flag
+    Family(("step3p7",), "sigmoid_bias"),  # sigmoid, correction bias for selection, always renormalised
+    Family(("qwen4_exp_text", "qwen4_exp"), "softmax_norm_topk_prob"),
+    Family(("minimax_m3_vl_text", "minimax_m3_vl"), "sigmoid_bias"),  # as step3p7
+    Family(("mistral4", "mistral3"), "softmax_groups", "top2"),  # mistral3: Mistral Small 4 (text mistral4)
+    Family(("mistral_large4",), "softmax_groups", "top2"),  # the text model has no causal-LM class
     # [/text]
 
     # [vlm] vision-language / omni checkpoints

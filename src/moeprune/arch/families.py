@@ -85,6 +85,21 @@ def _llama4_novice_forward(self, routed_in: torch.Tensor) -> torch.Tensor:
 
 
 # [text] plain text decoders and their wrappers
+class HunYuanMoEV1(Adapter):
+    """Hunyuan-A13B: `moe_topk` may be a per-layer list (each router reads its layer's entry).
+
+    Pruning is the standard one (its router and experts are the usual softmax top-k and fused experts);
+    the expert count is one int for every layer (its config type says so), and the top-k this adapter
+    reports is the largest layer's, so an expert budget is checked against the layer that routes to the
+    most experts.
+    """
+
+    top_k_field = "moe_topk"
+
+    @property
+    def top_k(self) -> int:
+        value = getattr(self.config, self.top_k_field)
+        return max(value) if isinstance(value, (list, tuple)) else int(value)
 # [/text]
 
 

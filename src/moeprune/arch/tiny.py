@@ -126,6 +126,22 @@ TINY_OVERRIDES: dict[str, dict] = {
     # vision-language and omni checkpoints (D)
 
     # [text] plain text decoders and their wrappers
+    # MLA: one key/value head per query head; head_dim is the rotary slice (qk_rope_head_dim), which a
+    # shrunk head_dim kwarg would overwrite after the config's own __post_init__ set it
+    "axk1": dict(num_key_value_heads=4, head_dim=8),
+    "axk2": dict(num_key_value_heads=4, head_dim=8),
+    "mistral_large4": dict(text_config=dict(num_key_value_heads=4, head_dim=8)),
+    "flex_olmo": dict(pad_token_id=0),  # the default pad id lies past the tiny vocabulary
+    "hy_v4": dict(pad_token_id=0),
+    "hunyuan_v1_moe": dict(head_dim=16),  # its default None reaches `head_dim ** -0.5`
+    # short-conv and attention layers, both with MoE blocks (layer 0 is the dense one)
+    "lfm2_moe": dict(layer_types=["conv", "full_attention", "conv"], num_dense_layers=1),
+    # the rotary share is qk_rope / (qk_nope + qk_rope); YaRN needs it to give an even rotary width
+    "mistral4": dict(qk_nope_head_dim=8, qk_rope_head_dim=8),
+    "mistral3": dict(text_config=dict(model_type="mistral4", qk_nope_head_dim=8, qk_rope_head_dim=8)),
+    # the text model always builds a sliding-window mask
+    "step3p7": dict(text_config=dict(
+        sliding_window=64, layer_types=["sliding_attention", "full_attention", "sliding_attention"])),
     # [/text]
 
     # [vlm] vision-language / omni checkpoints
@@ -147,6 +163,7 @@ TINY_OVERRIDES: dict[str, dict] = {
 
 def _shrunk_kwargs(cls, sizes: dict, num_experts: int, top_k: int, overrides: dict) -> dict:
     from moeprune.arch.base import COUNT_FIELDS, TOP_K_FIELDS
+    from moeprune.compat import config_class
 
     default = cls()
     fields = default.to_dict()
@@ -162,8 +179,10 @@ def _shrunk_kwargs(cls, sizes: dict, num_experts: int, top_k: int, overrides: di
             kw["mlp_layer_types"] = fields["mlp_layer_types"][:1] + fields["mlp_layer_types"][-(n - 1):]
     for sub, sub_sizes in SUB_CONFIGS.items():
         if isinstance(fields.get(sub), dict):
-            sub_cls = type(getattr(default, sub))
-            sub_over = overrides.get(sub, {})
+            sub_over = dict(overrides.get(sub, {}))
+            # a sub-config of another model type than the default's (Mistral 3 holding a Mistral 4)
+            sub_cls = config_class(sub_over.pop("model_type")) if "model_type" in sub_over else type(
+                getattr(default, sub))
             kw[sub] = sub_cls(**_shrunk_kwargs(sub_cls, sub_sizes, num_experts, top_k, sub_over)).to_dict()
     kw.update({k: v for k, v in overrides.items() if k not in SUB_CONFIGS})
     return kw
