@@ -114,6 +114,19 @@ SHRUNK_VISION = dict(
 SUB_CONFIGS = {"text_config": SHRUNK_TEXT, "thinker_config": SHRUNK_TEXT, "talker_config": SHRUNK_TEXT,
                "vision_config": SHRUNK_VISION, "audio_config": SHRUNK_VISION}
 
+# [text] sizes the shrinking does not reach
+_MINIMAX_M3 = dict(dense_intermediate_size=128, shared_intermediate_size=64)
+# linear-attention and attention layers, a per-layer n-gram embedding (PLE, needs an eos id) on the last
+# (one-based ids), a small hashed n-gram vocabulary
+_QWEN4_EXP = dict(
+    linear_key_head_dim=16, linear_value_head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4,
+    hc_lowrank=16, layer_types=["linear_attention", "full_attention", "linear_attention"], ple_layer_ids=[3],
+    ngram_vocab_size_base=1000, split_ngram_parts=1, eos_token_id=2,
+    # every attention layer has a QSA token indexer (budget 32 tokens, in blocks of 4)
+    indexer_n_heads=2, indexer_kv_heads=1, indexer_head_dim=16, indexer_budget=32, indexer_compress_ratio=4,
+)
+# [/text]
+
 # model_type -> fields set after the shrinking (a nested dict for a sub-config)
 TINY_OVERRIDES: dict[str, dict] = {
     # text decoders with standard fused experts (A)
@@ -141,7 +154,12 @@ TINY_OVERRIDES: dict[str, dict] = {
     "mistral3": dict(text_config=dict(model_type="mistral4", qk_nope_head_dim=8, qk_rope_head_dim=8)),
     # the text model always builds a sliding-window mask
     "step3p7": dict(text_config=dict(
-        sliding_window=64, layer_types=["sliding_attention", "full_attention", "sliding_attention"])),
+        sliding_window=64, layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+        share_expert_dim=64)),
+    "minimax_m3_vl_text": _MINIMAX_M3,
+    "minimax_m3_vl": dict(text_config=_MINIMAX_M3, projector_hidden_size=64),
+    "qwen4_exp_text": _QWEN4_EXP,
+    "qwen4_exp": dict(text_config=_QWEN4_EXP),
     # [/text]
 
     # [vlm] vision-language / omni checkpoints
