@@ -31,8 +31,11 @@ def _ids(n=5, length=24, seed=0):
 
 # ---- hybrids, layer by layer ---------------------------------------------------------------------
 @pytest.mark.slow
-@pytest.mark.parametrize("family", ["lfm2_moe", "qwen4_exp_text"])
-def test_hybrid_layerwise_stats_and_forward_equal_the_whole_model(family, checkpoint):
+# short-conv and Gated DeltaNet hybrids, hyper-connection streams, sliding layers, DSA layers that hand their
+# top-k token indices to the next layer
+@pytest.mark.parametrize("family", ["lfm2_moe", "qwen4_exp_text", "qwen4_exp", "hy_v4", "step3p7",
+                                    "minimax_m3_vl", "mistral_large4", "glm_moe_dsa"])
+def test_layerwise_stats_and_forward_equal_the_whole_model(family, checkpoint):
     path = checkpoint(family)
     model = load_model(path)
     ids = _ids()
@@ -42,10 +45,15 @@ def test_hybrid_layerwise_stats_and_forward_equal_the_whole_model(family, checkp
     whole = observe(model, ids, batch_size=2, probe_size=40, seed=0)
     layerwise = observe_layerwise(path, ids, batch_size=2, probe_size=40, seed=0)
     assert sorted(whole.layers) == sorted(layerwise.layers) and whole.layers
+    # the same routes; float sums may differ in the last bits where hidden-state streams are re-laid out
+    # between layers (Hy4's hyper-connections)
     for i in whole.layers:
-        for k, v in whole.layers[i].experts.tensors().items():
-            assert torch.equal(v, layerwise.layers[i].experts.tensors()[k]), (i, k)
-        assert torch.equal(whole.layers[i].probe.router_logits, layerwise.layers[i].probe.router_logits)
+        a, b = whole.layers[i].experts.tensors(), layerwise.layers[i].experts.tensors()
+        assert torch.equal(a["count"], b["count"])
+        for k, v in a.items():
+            torch.testing.assert_close(v, b[k], rtol=1e-6, atol=1e-9)
+        torch.testing.assert_close(whole.layers[i].probe.router_logits,
+                                   layerwise.layers[i].probe.router_logits, rtol=1e-6, atol=1e-7)
 
     from moeprune.arch import decoder_layers
 
@@ -57,7 +65,7 @@ def test_hybrid_layerwise_stats_and_forward_equal_the_whole_model(family, checkp
         for b in range(0, len(ids), 2):
             model(input_ids=ids[b:b + 2], use_cache=False)
     handle.remove()
-    assert torch.equal(forward_layerwise(path, ids, batch_size=2), torch.cat(got))
+    torch.testing.assert_close(forward_layerwise(path, ids, batch_size=2), torch.cat(got), rtol=0, atol=1e-6)
 
 
 @pytest.mark.slow

@@ -29,9 +29,15 @@ class _Reached(Exception):
 
 
 @torch.no_grad()
-def layer_call(model: nn.Module, layers: nn.ModuleList, input_ids: torch.Tensor, i: int):
+def layer_call(model: nn.Module, layers: nn.ModuleList, input_ids: torch.Tensor, i: int,
+               carried: tuple = ()):
     """(h0 [B, L, H], args, kwargs): the embeddings and the call decoder layer i gets for `input_ids` [B,
-    L]."""
+    L].
+
+    `carried`: what layer i-1 returned for this batch besides its hidden states (DSA decoders hand their
+    top-k token indices to the next layer, which the model passes on as a keyword); the stand-ins return
+    it with their input, so the model unpacks what the real layers return and layer i gets it.
+    """
     got: dict = {}
 
     def recorder(j):
@@ -41,7 +47,8 @@ def layer_call(model: nn.Module, layers: nn.ModuleList, input_ids: torch.Tensor,
             if j == i:
                 got["call"] = (args, kwargs)
                 raise _Reached
-            return hidden_states  # pass-through, so the model's own code reaches layer i
+            # pass-through, so the model's own code reaches layer i
+            return (hidden_states, *carried) if carried else hidden_states
 
         return forward
 
@@ -56,17 +63,24 @@ def layer_call(model: nn.Module, layers: nn.ModuleList, input_ids: torch.Tensor,
 
 
 @torch.no_grad()
-def head_logits(model: nn.Module, layers: nn.ModuleList, input_ids: torch.Tensor, last_hidden: torch.Tensor):
+def head_logits(model: nn.Module, layers: nn.ModuleList, input_ids: torch.Tensor, last_hidden: torch.Tensor,
+                carried: tuple = ()):
     """[B, L, V] the model's logits for `input_ids` [B, L] when its last decoder layer outputs `last_hidden`
-    [B, L, H].
+    [B, L, H] (and `carried`, what it returns besides, as in `layer_call`).
 
     The model's own forward runs with every decoder layer passing its input through and the last one
     returning `last_hidden`, so the final norm, lm_head and any output processing are the family's own.
     """
     last = len(layers) - 1
-    forwards = {
-        j: (lambda h, *a, **k: last_hidden) if j == last else (lambda h, *a, **k: h) for j in range(last + 1)
-    }
+
+    def stand_in(j):
+        def forward(h, *a, **k):
+            h = last_hidden if j == last else h
+            return (h, *carried) if carried else h
+
+        return forward
+
+    forwards = {j: stand_in(j) for j in range(last + 1)}
     with _forwards_replaced(layers, forwards):
         return model(input_ids=input_ids, use_cache=False).logits
 
@@ -104,10 +118,11 @@ def to_device(obj, device):
 
 
 @torch.no_grad()
-def run_layer(layer: nn.Module, hidden: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
-    """[B, L, H] output of one decoder layer."""
+def run_layer(layer: nn.Module, hidden: torch.Tensor, args: tuple,
+              kwargs: dict) -> tuple[torch.Tensor, tuple]:
+    """([B, L, H] output of one decoder layer, what else it returned: the `carried` of `layer_call`)."""
     out = layer(hidden, *args, **kwargs)
-    return out[0] if isinstance(out, tuple) else out
+    return (out[0], tuple(out[1:])) if isinstance(out, tuple) else (out, ())
 
 
 class HiddenStates:

@@ -47,28 +47,34 @@ class _Batches:
         N = input_ids.shape[0]
         self.starts = ranks.batch_starts(list(range(0, N, batch_size)))
         self.hidden = HiddenStates(budget, offload_dir)
+        # per batch, what the last layer run returned besides its hidden states (DSA top-k indices); small
+        # beside the hidden states, so kept in memory
+        self.carried: dict[int, tuple] = {}
 
     @torch.no_grad()
     def run(self, i: int, layer: nn.Module, observer: Observer | None = None, keep: bool = True,
-            sink: Callable[[torch.Tensor, torch.Tensor], None] | None = None) -> None:
+            sink: Callable[[torch.Tensor, torch.Tensor, tuple], None] | None = None) -> None:
         """Run every local batch through decoder layer i; with `keep`, store the outputs as layer i+1's
         inputs.
 
-        `sink(input_ids [B, L], outputs [B, L, H])`, if given, receives each batch's outputs instead.
+        `sink(input_ids [B, L], outputs [B, L, H], carried)`, if given, receives each batch's outputs
+        instead (with what the layer returned besides them).
         """
         L = self.input_ids.shape[1]
         device = self.source.device
         for b, s in enumerate(self.starts):
             batch = self.input_ids[s : s + self.batch_size]  # [B, L]
-            h0, args, kwargs = layer_call(self.source.model, self.source.layers, batch, i)
+            carried = self.carried.get(b, ()) if i else ()
+            h0, args, kwargs = layer_call(self.source.model, self.source.layers, batch, i, carried)
             h = h0 if i == 0 else self.hidden.get(b)  # [B, L, H]
             if observer is not None:
                 observer.begin_batch(torch.arange(s * L, (s + batch.shape[0]) * L))
-            out = run_layer(layer, h.to(device), to_device(args, device), to_device(kwargs, device))
+            out, carried = run_layer(layer, h.to(device), to_device(args, device), to_device(kwargs, device))
             if sink is not None:
-                sink(batch, out)
+                sink(batch, out, carried)
             elif keep:
                 self.hidden.put(b, out)
+                self.carried[b] = carried
 
     def advance(self) -> None:
         self.hidden.advance()
@@ -102,7 +108,7 @@ def walk(
     flatten_groups: bool = False,
     write_to: Path | None = None,
     observe: bool = True,
-    on_last: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
+    on_last: Callable[[torch.Tensor, torch.Tensor, tuple], None] | None = None,
     progress=None,
 ) -> LayerwiseResult:
     """One pass over the decoder layers of `source` (a `pipeline.sources` CheckpointSource or ModelSource).
@@ -113,7 +119,7 @@ def walk(
     text's provenance for the statistics).
     `plan_layer(i, stats_i, access)` returns layer i's plan and its novice vectors (or None); it is
     applied before the layer is written (to `write_to`) or, with `sequential`, before its outputs
-    move on. `on_last(input_ids [B, L], outputs [B, L, H])` receives the last decoder layer's outputs
+    move on. `on_last(input_ids [B, L], outputs [B, L, H], carried)` receives the last decoder layer's outputs
     (before the final norm) batch by batch. `progress(description, done, total)` is called as work
     advances.
     """

@@ -64,7 +64,7 @@ def forward(source, input_ids: torch.Tensor, *, runtime: RuntimeRequest | None =
     outputs = []
     walk(
         source, input_ids=input_ids, runtime=runtime, observe=False,
-        on_last=lambda ids, h: outputs.append(h), progress=progress,
+        on_last=lambda ids, h, _carried: outputs.append(h), progress=progress,
     )
     return torch.cat(outputs)
 
@@ -101,9 +101,10 @@ def perplexities(
     nll = torch.zeros(blocks.shape[0], dtype=torch.float64)  # [W]
     done = 0  # the walk hands the batches over in order (one process)
 
-    def score(ids: torch.Tensor, last_hidden: torch.Tensor) -> None:
+    def score(ids: torch.Tensor, last_hidden: torch.Tensor, carried: tuple) -> None:
         nonlocal done
-        logits = head_logits(source.model, source.layers, ids, last_hidden.to(source.device))  # [B, L, V]
+        logits = head_logits(source.model, source.layers, ids, last_hidden.to(source.device),
+                             carried)  # [B, L, V]
         nll[done : done + ids.shape[0]] = logits_nll(logits, ids).cpu()
         done += ids.shape[0]
 
