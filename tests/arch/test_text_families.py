@@ -175,3 +175,20 @@ def test_types_without_a_generator_class_are_refused_in_one_line(model_type, say
     config.save_pretrained(tmp_path / "m")  # a checkpoint's config is enough to be told, before any weights
     with pytest.raises(MoepruneError, match=says):
         api.inspect(tmp_path / "m")
+
+
+@pytest.mark.slow
+def test_dsa_perplexity_through_the_layer_walk_equals_the_model(checkpoint, calib_file):
+    """Hy4's third layer reuses the second's top-k token indices: the walk hands them on, up to the head."""
+    from moeprune.evaluate.perplexity import perplexity
+    from moeprune.pipeline.run import perplexities
+    from moeprune.pipeline.sources import CheckpointSource
+    from moeprune.store.checkpoint import load_tokenizer
+
+    path = checkpoint("hy_v4")
+    model, tok = load_model(path), load_tokenizer(path)
+    assert model.config.indexer_types[-1] == "shared"
+    whole = perplexity(model, tok, calib_file, seq_len=32, max_tokens=256, batch_size=4)
+    (walked,), _ = perplexities(CheckpointSource(path), tok, [calib_file], seq_len=32, max_tokens=256)
+    assert walked["windows"] == whole["windows"] == 8
+    assert walked["nll"] == pytest.approx(whole["nll"], rel=1e-6)
