@@ -18,7 +18,7 @@ from moeprune.compat import config_class
 from moeprune.errors import MoepruneError
 from moeprune.observe import observe
 from moeprune.pipeline import forward_layerwise, observe_layerwise
-from moeprune.plan import Group, LayerPlan
+from moeprune.plan import Group, LayerPlan, budget
 from moeprune.store.checkpoint import load_model
 from moeprune.surgery import apply_layer_plan, apply_plan
 
@@ -82,15 +82,8 @@ def test_lfm2_prune_layer_by_layer_equals_in_memory(checkpoint, calib_file, tmp_
     assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
-# ---- LFM2's expert bias (a block buffer, not a router tensor) -----------------------------------------
-def test_lfm2_block_expert_bias_is_sliced_and_surviving_routes_stay_exact():
-    model = tiny_model("lfm2_moe")
-    adapter = get_adapter(model.config)
-    layer, block = next(iter(adapter.moe_blocks(model).items()))
-    torch.manual_seed(1)
-    with torch.no_grad():
-        block.expert_bias.copy_(torch.randn(8) * 0.05)
-    assert any(leaf == "expert_bias" for _, leaf, _ in adapter.router_expert_tensors(block))
+def _routes_survive(adapter, layer, block, keep):
+    """Prune `block` to `keep`; the tokens whose top-k all survive get the same block output."""
     x = torch.randn(2, 64, adapter.config.hidden_size)
     ids = {}
 
@@ -101,16 +94,45 @@ def test_lfm2_block_expert_bias_is_sliced_and_surviving_routes_stay_exact():
     with torch.no_grad():
         before = block(x)
     handle.remove()
-    bias = block.expert_bias.clone()
     pruned = copy.deepcopy(block)
-    apply_layer_plan(adapter, pruned, LayerPlan(layer, 8, [Group([e], [1.0]) for e in KEEP]))
-    assert torch.equal(pruned.expert_bias, bias[KEEP])
+    apply_layer_plan(adapter, pruned, LayerPlan(layer, 8, [Group([e], [1.0]) for e in keep]))
     with torch.no_grad():
         after = pruned(x)
-    survived = torch.isin(ids["k"], torch.tensor(KEEP)).all(-1)
+    survived = torch.isin(ids["k"], torch.tensor(keep)).all(-1)
     assert survived.sum() >= 4
     flat = lambda t: t.reshape(-1, t.shape[-1])  # noqa: E731
     torch.testing.assert_close(flat(after)[survived], flat(before)[survived], rtol=0, atol=1e-6)
+    return pruned
+
+
+# ---- LFM2's expert bias (a block buffer, not a router tensor) -----------------------------------------
+def test_lfm2_block_expert_bias_is_sliced_and_surviving_routes_stay_exact():
+    model = tiny_model("lfm2_moe")
+    adapter = get_adapter(model.config)
+    layer, block = next(iter(adapter.moe_blocks(model).items()))
+    torch.manual_seed(1)
+    with torch.no_grad():
+        block.expert_bias.copy_(torch.randn(8) * 0.05)
+    assert any(leaf == "expert_bias" for _, leaf, _ in adapter.router_expert_tensors(block))
+    bias = block.expert_bias.clone()
+    pruned = _routes_survive(adapter, layer, block, KEEP)
+    assert torch.equal(pruned.expert_bias, bias[KEEP])
+
+
+# ---- A.X-K2: expert groups are optional ----------------------------------------------------------
+def test_axk2_routes_with_or_without_expert_groups():
+    plain = get_adapter(tiny_model("axk2").config)
+    assert plain.config.n_group is None and plain.n_group == 1 and plain.survivors_exact()[0]
+    model = tiny_model("axk2", n_group=2, topk_group=1)  # the larger releases' grouped routing
+    adapter = get_adapter(model.config)
+    assert adapter.n_group == 2 and adapter.survivors_exact()[0]
+    torch.manual_seed(2)
+    for layer, block in adapter.moe_blocks(model).items():
+        _routes_survive(adapter, layer, block, KEEP)  # two experts of each group
+    # an odd count would leave a group short of the two experts its score needs
+    with pytest.raises(MoepruneError, match="group-limited routing"):
+        budget(8, 2, experts=5, n_group=adapter.n_group, min_per_group=adapter.min_experts_per_group)
+    assert budget(8, 2, experts=5, n_group=plain.n_group, min_per_group=plain.min_experts_per_group) == 5
 
 
 # ---- Hunyuan: per-layer top-k ---------------------------------------------------------------------
