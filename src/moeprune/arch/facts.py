@@ -20,7 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from moeprune.arch.base import Adapter
-from moeprune.arch.families import Llama4Text
+from moeprune.arch.families import Llama4Text, NemotronH
 
 _RENORM = "top-k weights are renormalised over the selected experts"
 _NO_RENORM = ("gates are softmax probabilities over all E experts without renormalisation, so removing any "
@@ -152,6 +152,11 @@ FAMILIES: tuple[Family, ...] = (
     # [/gemma]
 
     # [hybrid] hybrids: Mamba / linear attention
+    Family(("jamba",), "softmax_no_renorm"),  # softmax over all, top-k, never renormalised
+    Family(("granitemoehybrid",), "softmax_topk"),  # softmax over the top-k logits
+    Family(("kimi_linear",), "sigmoid_bias", "top2"),
+    Family(("bailing_hybrid",), "sigmoid_bias", "top2"),
+    Family(("nemotron_h",), "sigmoid_bias", "top2", adapter=NemotronH),
     # [/hybrid]
 
     # [logic1] new logic: dbrx, jetmoe, doge, zaya

@@ -97,6 +97,26 @@ def _llama4_novice_forward(self, routed_in: torch.Tensor) -> torch.Tensor:
 
 
 # [hybrid] hybrids: Mamba / linear attention
+class NemotronH(Adapter):
+    """Nemotron-H: non-gated relu² experts (`up_proj` -> act -> `down_proj`), optionally in a latent space.
+
+    With `moe_latent_size` set, the block computes `fc2_latent_proj(experts(fc1_latent_proj(x)))`: one pair
+    of projections [H -> D] and [D -> H] shared by every expert of the layer, around experts of width D.
+    Pruning and merging act on the routed experts only, in that space; the projections, the router's
+    surviving rows and the shared expert are kept as they are. Because fc2 is linear, the block's routed
+    output is `fc2(sum_k g_k E_k(fc1 x))`, so pruned or merged experts compose with the projections exactly
+    as the originals did. Statistics (expert outputs, their means, novice vectors) are in the experts'
+    D-dimensional space; the probe keeps the router's H-dimensional inputs, mapped through fc1 when
+    experts run on them.
+    """
+
+    @property
+    def expert_dim(self) -> int:
+        return int(getattr(self.config, "moe_latent_size", None) or self.config.hidden_size)
+
+    def expert_inputs(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """[n, H] block inputs -> [n, D] what the experts receive (the shared fc1 projection, or x)."""
+        return block.fc1_latent_proj(x)
 # [/hybrid]
 
 

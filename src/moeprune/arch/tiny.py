@@ -135,6 +135,22 @@ TINY_OVERRIDES: dict[str, dict] = {
     # [/gemma]
 
     # [hybrid] hybrids: Mamba / linear attention
+    # Mamba/linear and attention layers side by side, and MoE in both kinds; the mixers shrunk to a few heads
+    "jamba": dict(num_hidden_layers=4, attn_layer_period=3, attn_layer_offset=1, expert_layer_period=2,
+                  expert_layer_offset=1, mamba_d_state=8, mamba_dt_rank=8),  # M A M M; MoE on 1 (A), 3 (M)
+    "granitemoehybrid": dict(layer_types=["linear_attention", "full_attention", "linear_attention"],
+                             mamba_n_heads=8, mamba_d_head=16, mamba_d_state=16, mamba_chunk_size=16,
+                             shared_intermediate_size=64),
+    "nemotron_h": dict(layers_block_type=["linear_attention", "moe", "full_attention", "moe"],
+                       mamba_num_heads=8, mamba_head_dim=16, ssm_state_size=16, n_groups=2, chunk_size=16,
+                       moe_shared_expert_intermediate_size=64),
+    # their configs' token ids lie in a 160k vocabulary: the embeddings' padding row must exist
+    "kimi_linear": dict(layer_types=["linear_attention", "full_attention", "linear_attention"],
+                        num_key_value_heads=4, linear_num_heads=4, linear_head_dim=16,
+                        pad_token_id=0, bos_token_id=1, eos_token_id=2),
+    "bailing_hybrid": dict(layer_types=["linear_attention", "full_attention", "linear_attention"],
+                           num_key_value_heads=4, n_group=2, topk_group=1, num_mtp_layers=0,
+                           pad_token_id=0, bos_token_id=1, eos_token_id=2),
     # [/hybrid]
 
     # [logic1] new logic: dbrx, jetmoe, doge, zaya

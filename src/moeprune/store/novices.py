@@ -135,7 +135,7 @@ def config_from_dict(d: dict):
     if cls is None:
         raise MoepruneError(f"unknown model_type {model_type!r} in config.json")
     try:
-        return cls.from_dict(d)
+        return cls.from_dict(compat.decode_config_floats(d))
     except Exception as e:  # noqa: BLE001  (transformers raises many kinds; one line says which)
         raise MoepruneError(f"could not build the {model_type} config ({type(e).__name__}: {e})")
 
