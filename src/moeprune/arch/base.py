@@ -117,7 +117,7 @@ def is_novice_experts(experts: nn.Module) -> bool:
 
 def novice_slots(experts: nn.Module) -> tuple[int, torch.Tensor, torch.Tensor]:
     """(E_kept, kept router ids in slot order, novice router ids in novice order)."""
-    kept_count = experts.gate_up_proj.shape[0]
+    kept_count = experts.down_proj.shape[0]
     order = experts.expert_map.argsort()  # slots are a permutation of 0..E-1
     return kept_count, order[:kept_count], order[kept_count:]
 
@@ -132,8 +132,8 @@ def novice_experts_forward(self, kernel, hidden_states: torch.Tensor, top_k_inde
     """
     if not is_novice_experts(self):
         return kernel(self, hidden_states, top_k_index, top_k_weights, **kwargs)
-    T, H = hidden_states.shape
-    kept_count = self.gate_up_proj.shape[0]
+    T, H = hidden_states.shape  # H: the experts' width D
+    kept_count = self.down_proj.shape[0]
     slots = self.expert_map[top_k_index]  # [T, K]
     is_kept = slots < kept_count  # [T, K]
     out = torch.zeros(T, H, dtype=torch.float32, device=hidden_states.device)
@@ -239,6 +239,15 @@ class Adapter:
     @property
     def top_k(self) -> int:
         return int(getattr(self.config, self.top_k_field))
+
+    @property
+    def expert_dim(self) -> int:
+        """D: the width the experts read and write (H, unless they run in a projected space)."""
+        return int(self.config.hidden_size)
+
+    def expert_inputs(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """[n, H] MoE-block inputs (what the router and the probe see) -> [n, D] what the experts receive."""
+        return x
 
     @property
     def n_group(self) -> int:

@@ -103,9 +103,9 @@ class NemotronH(Adapter):
     With `moe_latent_size` set, the block computes `fc2_latent_proj(experts(fc1_latent_proj(x)))`: one pair
     of projections [H -> D] and [D -> H] shared by every expert of the layer, around experts of width D.
     Pruning and merging act on the routed experts only, in that space; the projections, the router's
-    surviving rows and the shared expert are kept as they are. Because fc2 is linear, the block's routed
-    output is `fc2(sum_k g_k E_k(fc1 x))`, so pruned or merged experts compose with the projections exactly
-    as the originals did. Statistics (expert outputs, their means, novice vectors) are in the experts'
+    surviving rows and the shared expert are kept as they are. fc2 is linear, so the routed output
+    `fc2(sum_k g_k E_k(fc1 x))` of pruned or merged experts goes through the projections exactly as the
+    originals' did. Statistics (expert outputs, their means, novice vectors) are in the experts'
     D-dimensional space; the probe keeps the router's H-dimensional inputs, mapped through fc1 when
     experts run on them.
     """
@@ -115,8 +115,10 @@ class NemotronH(Adapter):
         return int(getattr(self.config, "moe_latent_size", None) or self.config.hidden_size)
 
     def expert_inputs(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """[n, H] block inputs -> [n, D] what the experts receive (the shared fc1 projection, or x)."""
+        """[n, H] block inputs -> [n, D]: the shared fc1 projection (an identity without a latent space)."""
         return block.fc1_latent_proj(x)
+
+
 # [/hybrid]
 
 

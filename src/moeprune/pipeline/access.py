@@ -52,12 +52,12 @@ class LayerAccess:
 
     @torch.no_grad()
     def expert_outputs(self, x: torch.Tensor, experts: list[int] | None = None) -> torch.Tensor:
-        """[E', n, H] raw (ungated) outputs of `experts` (default all) on tokens x [n, H]."""
+        """[E', n, D] raw (ungated) outputs of `experts` (default all) on block inputs x [n, H]."""
         ids = list(range(self.num_experts)) if experts is None else list(experts)
         dtype = next(self.block.parameters()).dtype
-        x = x.to(dtype)
+        x = self.adapter.expert_inputs(self.block, x.to(dtype))  # [n, D]
         n = x.shape[0]
-        rep = x.repeat(len(ids), 1)  # [E'*n, H]
+        rep = x.repeat(len(ids), 1)  # [E'*n, D]
         which = torch.tensor(ids).repeat_interleave(n)  # [E'*n]
         return self.adapter.expert_outputs(self.block, rep, which).view(len(ids), n, -1).float()
 
@@ -198,8 +198,9 @@ class RoutedLookup:
         self.E = adapter.num_experts
         self._xs = x.to(next(block.parameters()).dtype)
         n = self._xs.shape[0]
-        self._Y = torch.stack([adapter.expert_outputs(block, self._xs, torch.full((n,), e, dtype=torch.long))
-                               for e in range(self.E)])  # [E, n, H]
+        x_in = adapter.expert_inputs(block, self._xs)  # [n, D]
+        self._Y = torch.stack([adapter.expert_outputs(block, x_in, torch.full((n,), e, dtype=torch.long))
+                               for e in range(self.E)])  # [E, n, D]
         self._rows = torch.arange(n)[:, None]  # [n, 1]
 
     def __call__(self, subset) -> torch.Tensor:

@@ -165,7 +165,7 @@ def empty_stats(model, source: str | None = None) -> Stats:
     """Statistics with no calibration, for methods that read only the weights."""
     desc = model_description(model, get_adapter(model.config), source)
     E, H = desc["num_experts"], desc["hidden_size"]
-    layers = {i: LayerStats.empty(i, E, H) for i in desc["moe_layers"]}
+    layers = {i: LayerStats.empty(i, E, H, desc.get("expert_dim")) for i in desc["moe_layers"]}
     return Stats(model=desc, calibration={}, layers=layers)
 
 
@@ -249,7 +249,7 @@ def prune(
         from moeprune.methods.mone import novice_vectors
 
         one = Stats(model={**desc, "moe_layers": [i]}, calibration=info,
-                    layers={i: layer_stats or LayerStats.empty(i, E, H)})
+                    layers={i: layer_stats or LayerStats.empty(i, E, H, desc.get("expert_dim"))})
         p = make_plan(method, PlanRequest(one, keep, flatten_groups, _OneLayerWeights(access)), **options)
         method_config.update(p.method_config)
         return p.layers[0], novice_vectors(p, one).get(i)

@@ -68,11 +68,11 @@ def attach_novices(adapter: Adapter, block: nn.Module, expert_map: torch.Tensor,
     ex = adapter.experts(block)
     if is_novice_experts(ex):
         raise MoepruneError("this MoE block already has novices")
-    kept_count = ex.gate_up_proj.shape[0]
+    kept_count = ex.down_proj.shape[0]
     E = expert_map.numel()
     if vectors.shape[0] != E - kept_count:
         raise MoepruneError(f"{vectors.shape[0]} novice vectors for {E - kept_count} novice slots")
-    device, dtype = ex.gate_up_proj.device, ex.gate_up_proj.dtype
+    device, dtype = ex.down_proj.device, ex.down_proj.dtype
     ex.register_buffer("expert_map", expert_map.to(device=device, dtype=torch.long), persistent=False)
     ex.register_buffer("novice_vectors", vectors.to(device=device, dtype=dtype), persistent=False)
     for attr in EXPERT_COUNT_ATTRS:
@@ -165,7 +165,7 @@ def reattach_novices(adapter: Adapter, block: nn.Module, expert_map: torch.Tenso
     `detach_novices` wrote them.
     """
     E = expert_map.numel()
-    kept_count = adapter.experts(block).gate_up_proj.shape[0]
+    kept_count = adapter.experts(block).down_proj.shape[0]
     order = expert_map.argsort()
     kept, novices = order[:kept_count], order[kept_count:]
     for dotted, owner, leaf, axis in _router_tensors(adapter, block):
