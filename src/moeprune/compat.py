@@ -231,6 +231,12 @@ def decode_config_floats(d: dict) -> dict:
     return PreTrainedConfig._decode_special_floats(d)
 
 
+def ignored_on_load(model) -> list[str]:
+    """Regexes of on-disk keys `from_pretrained` drops silently for this model class (an MTP stack it does not
+    build): its `_keys_to_ignore_on_load_unexpected`."""
+    return list(getattr(model, "_keys_to_ignore_on_load_unexpected", None) or [])
+
+
 def config_class(model_type: str):
     """The transformers config class registered for `model_type`, or None."""
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING

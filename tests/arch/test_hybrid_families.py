@@ -17,7 +17,9 @@ from moeprune import api
 from moeprune.arch import decoder_layers, get_adapter
 from moeprune.arch.tiny import save_tiny_checkpoint, tiny_model
 from moeprune.observe import observe
+from moeprune.pipeline import forward_layerwise, observe_layerwise
 from moeprune.plan import Group, LayerPlan, Plan
+from moeprune.store.checkpoint import load_model
 from moeprune.surgery import apply_layer_plan, apply_plan
 from moeprune.surgery.alignment import permute_expert_hidden
 
@@ -40,6 +42,33 @@ def test_tiny_hybrids_have_both_layer_kinds_and_several_moe_layers(model_type):
     assert len(blocks) >= 2 and len(decoder_layers(model)[0]) <= 4
     if model_type != "nemotron_h":  # Nemotron-H layers are one mixer each: MoE layers are their own kind
         assert {kinds[i] for i in blocks} == {"linear_attention", "full_attention"}, (kinds, sorted(blocks))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model_type,overrides", [(mt, {}) for mt in HYBRIDS]
+                         + [("nemotron_h", {"moe_latent_size": LATENT})])
+def test_layer_by_layer_statistics_and_hidden_states_equal_the_whole_model(model_type, overrides, checkpoint):
+    """Mamba / linear-attention layers get their own masks and arguments from the model's forward."""
+    path = checkpoint(model_type, **overrides)
+    ids = torch.randint(3, 500, (4, 24), generator=torch.Generator().manual_seed(0))
+    model = load_model(path)
+    whole = observe(model, ids, batch_size=2, probe_size=40, seed=0)
+    layerwise = observe_layerwise(path, ids, batch_size=2, probe_size=40, seed=0)
+    assert sorted(whole.layers) == sorted(layerwise.layers)
+    for i, ls in whole.layers.items():
+        for k, v in ls.experts.tensors().items():
+            assert torch.equal(v, layerwise.layers[i].experts.tensors()[k]), (i, k)
+        assert torch.equal(ls.probe.inputs, layerwise.layers[i].probe.inputs)
+        assert torch.equal(ls.probe.router_logits, layerwise.layers[i].probe.router_logits)
+    layers, _ = decoder_layers(model)
+    got = []
+    handle = layers[-1].register_forward_hook(lambda m, a, out: got.append(out[0] if isinstance(out, tuple)
+                                                                            else out))
+    with torch.no_grad():
+        model(input_ids=ids[:2], use_cache=False)
+        model(input_ids=ids[2:], use_cache=False)
+    handle.remove()
+    assert torch.equal(forward_layerwise(path, ids, batch_size=2), torch.cat(got))
 
 
 def test_nemotron_h_experts_are_non_gated_and_latent_ones_live_in_the_latent_space():
@@ -161,9 +190,27 @@ def test_nemotron_h_merged_or_novice_checkpoints_run(method, options, latent, ca
         assert any(len(g.members) > 1 for lp in plan.layers for g in lp.groups), "a merge, not a pruning"
         model = tf.AutoModelForCausalLM.from_pretrained(out).eval()
     else:
-        from moeprune.store.checkpoint import load_model
-
         model = load_model(out)  # the stock part plus the novice file
     assert get_adapter(model.config).num_experts in (4, 8)
     logits = _logits(model, token_ids())
     assert logits.shape == (2, 16, 1024) and torch.isfinite(logits).all()
+
+
+def test_a_checkpoint_with_weights_the_model_class_ignores_on_load_prunes_layer_by_layer(tmp_path):
+    """Nemotron-H checkpoints carry an MTP stack (`mtp.*`) the model class does not build and
+    `from_pretrained` ignores; layer by layer it is not carried either, instead of refusing the checkpoint."""
+    from safetensors.torch import load_file, save_file
+
+    src = tmp_path / "src"
+    original = save_tiny_checkpoint("nemotron_h", src)
+    weights = src / "model.safetensors"
+    tensors = load_file(weights)
+    tensors["mtp.layers.0.norm.weight"] = torch.ones(64)
+    save_file(tensors, weights, metadata={"format": "pt"})
+    plan = manual_plan(original, keep=KEEP)
+    out = api.apply_checkpoint(src, plan, tmp_path / "out", layerwise=True, progress=False)
+    assert not any(k.startswith("mtp.") for k in saved_tensors(out))
+    reloaded, info = tf.AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    ids, in_memory = token_ids(), apply_plan(copy.deepcopy(original), plan)
+    torch.testing.assert_close(_logits(reloaded.eval(), ids), _logits(in_memory, ids), rtol=0, atol=1e-6)

@@ -149,7 +149,7 @@ TINY_OVERRIDES: dict[str, dict] = {
                         num_key_value_heads=4, linear_num_heads=4, linear_head_dim=16,
                         pad_token_id=0, bos_token_id=1, eos_token_id=2),
     "bailing_hybrid": dict(layer_types=["linear_attention", "full_attention", "linear_attention"],
-                           num_key_value_heads=4, n_group=2, topk_group=1, num_mtp_layers=0,
+                           num_key_value_heads=4, n_group=2, topk_group=1,
                            pad_token_id=0, bos_token_id=1, eos_token_id=2),
     # [/hybrid]
 

@@ -15,6 +15,7 @@ functions PEFT uses.
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -109,6 +110,11 @@ class ShardedCheckpoint:
         # on-disk key -> in-model name, e.g. model.layers.3.block_sparse_moe.experts.7.w1.weight ->
         # ...experts.gate_up_proj
         self.target = compat.in_model_names(self.model, self.weight_map, self.conversion, meta)
+        # tensors `from_pretrained` drops by the model class's own rule (an MTP stack it does not build,
+        # e.g. Nemotron-H's `mtp.*`) have no place in the model: not read, not carried, as in memory
+        ignored = compat.ignored_on_load(self.model)
+        self.target = {k: t for k, t in self.target.items()
+                       if t in meta or not any(re.search(p, k) for p in ignored)}
         self._check_complete(meta)
         sources = Counter(self.target.values())
         self._copied_by_loader = {
