@@ -214,3 +214,20 @@ def test_a_checkpoint_with_weights_the_model_class_ignores_on_load_prunes_layer_
     assert not info["missing_keys"] and not info["unexpected_keys"], info
     ids, in_memory = token_ids(), apply_plan(copy.deepcopy(original), plan)
     torch.testing.assert_close(_logits(reloaded.eval(), ids), _logits(in_memory, ids), rtol=0, atol=1e-6)
+
+
+def test_latent_routed_sums_are_in_the_blocks_space_so_naees_fast_path_is_exact():
+    from moeprune.methods.naee import pruning_layer_plan
+    from moeprune.pipeline.access import LayerAccess
+
+    model = tiny_model("nemotron_h", moe_latent_size=LATENT)
+    adapter = get_adapter(model.config)
+    layer, block = next(iter(adapter.moe_blocks(model).items()))
+    access = LayerAccess(adapter, block, layer)
+    x = torch.randn(48, 64, generator=torch.Generator().manual_seed(2))
+    lookup = access.routed_lookup(x)
+    full = access.block_output(x)  # [n, H]
+    for subset in ([0, 1, 4, 5], [2, 3, 6, 7]):
+        want = full - access.block_output(x, pruning_layer_plan(layer, 8, subset))
+        got = lookup(list(range(8))) - lookup(subset)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)

@@ -249,6 +249,11 @@ class Adapter:
         """[n, H] MoE-block inputs (what the router and the probe see) -> [n, D] what the experts receive."""
         return x
 
+    def expert_outputs_to_block(self, block: nn.Module, y: torch.Tensor) -> torch.Tensor:
+        """[..., D] routed expert outputs -> [..., H] their part of the block's output: the linear map after
+        the experts (without its bias, which does not depend on the routing); the identity when D is H."""
+        return y
+
     @property
     def n_group(self) -> int:
         """Number of routing groups the expert count must stay divisible by (1 when not grouped)."""

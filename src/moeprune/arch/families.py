@@ -118,6 +118,11 @@ class NemotronH(Adapter):
         """[n, H] block inputs -> [n, D]: the shared fc1 projection (an identity without a latent space)."""
         return block.fc1_latent_proj(x)
 
+    def expert_outputs_to_block(self, block: nn.Module, y: torch.Tensor) -> torch.Tensor:
+        """[..., D] -> [..., H]: fc2's weight alone (its bias is added whatever the routing)."""
+        fc2 = block.fc2_latent_proj
+        return y @ fc2.weight.T.to(y.dtype) if isinstance(fc2, nn.Linear) else y
+
 
 # [/hybrid]
 

@@ -199,8 +199,9 @@ class RoutedLookup:
         self._xs = x.to(next(block.parameters()).dtype)
         n = self._xs.shape[0]
         x_in = adapter.expert_inputs(block, self._xs)  # [n, D]
-        self._Y = torch.stack([adapter.expert_outputs(block, x_in, torch.full((n,), e, dtype=torch.long))
-                               for e in range(self.E)])  # [E, n, D]
+        self._Y = torch.stack([adapter.expert_outputs_to_block(
+            block, adapter.expert_outputs(block, x_in, torch.full((n,), e, dtype=torch.long)))
+            for e in range(self.E)])  # [E, n, H]
         self._rows = torch.arange(n)[:, None]  # [n, 1]
 
     def __call__(self, subset) -> torch.Tensor:
