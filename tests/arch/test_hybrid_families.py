@@ -196,6 +196,7 @@ def test_nemotron_h_merged_or_novice_checkpoints_run(method, options, latent, ca
     assert logits.shape == (2, 16, 1024) and torch.isfinite(logits).all()
 
 
+@pytest.mark.slow
 def test_a_checkpoint_with_weights_the_model_class_ignores_on_load_prunes_layer_by_layer(tmp_path):
     """Nemotron-H checkpoints carry an MTP stack (`mtp.*`) the model class does not build and
     `from_pretrained` ignores; layer by layer it is not carried either, instead of refusing the checkpoint."""
