@@ -78,6 +78,10 @@ class CheckpointSource:
         """Embeddings, norm and lm_head as stored (a tied lm_head is not on disk, so it is not written)."""
         return {k: self.ck.raw_tensor(k) for k in self.ck.rest_keys()}
 
+    def mtp_carrier(self):
+        """The writer of the checkpoint's MTP layers (`store.mtp.MtpCarrier`), or None without any."""
+        return self.ck.mtp_carrier()
+
 
 class ModelSource:
     """A model already in memory: every layer is loaded, nothing is freed, a changed layer is a copy."""
@@ -119,6 +123,18 @@ class ModelSource:
         state = {k: v for k, v in self.model.state_dict().items()
                  if not k.startswith(layer_prefix) and k not in tied}
         return on_disk_names(self.model, state)
+
+    def mtp_carrier(self):
+        """The writer of the MTP layers in the checkpoint at `path` (`store.mtp.MtpCarrier`), which the
+        loaded model dropped, or None without any (or without a checkpoint to read them from)."""
+        from moeprune.store.mtp import carrier_for
+        from moeprune.store.sharded import skeleton
+
+        if not self.blocks:
+            return None
+        config = copy.deepcopy(self.model.config)
+        dtype = next(iter(self.adapter.expert_parameters(next(iter(self.blocks.values()))).values())).dtype
+        return carrier_for(self.path, self.model, lambda: skeleton(config, dtype))
 
 
 def open_source(model_path: str | Path, runtime, *, model=None, device: str | None = None,

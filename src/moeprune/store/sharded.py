@@ -14,6 +14,7 @@ functions PEFT uses.
 
 from __future__ import annotations
 
+import copy
 import json
 from collections import Counter
 from pathlib import Path
@@ -27,6 +28,7 @@ from moeprune import compat
 from moeprune.arch import decoder_layers, get_adapter
 from moeprune.errors import MoepruneError
 from moeprune.runtime import quiet_transformers
+from moeprune.store.mtp import MtpCarrier, find_mtp
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -109,6 +111,10 @@ class ShardedCheckpoint:
         # on-disk key -> in-model name, e.g. model.layers.3.block_sparse_moe.experts.7.w1.weight ->
         # ...experts.gate_up_proj
         self.target = compat.in_model_names(self.model, self.weight_map, self.conversion, meta)
+        # MTP layers have no place in the model (transformers drops them): kept aside for the writer
+        self.mtp = find_mtp(self.target, meta, self.layer_prefix, len(self.layers))
+        mtp_keys = self.mtp.keys
+        self.target = {k: t for k, t in self.target.items() if k not in mtp_keys}
         self._check_complete(meta)
         sources = Counter(self.target.values())
         self._copied_by_loader = {
@@ -227,6 +233,13 @@ class ShardedCheckpoint:
         if self.device != "cpu":
             layer.to(self.device)
         return layer
+
+    def mtp_carrier(self) -> MtpCarrier | None:
+        """The writer of this checkpoint's MTP layers (`store.mtp`), or None without any."""
+        if not self.mtp:
+            return None
+        config, dtype = copy.deepcopy(self.model.config), next(self.model.parameters()).dtype
+        return MtpCarrier(self.path, self.weight_map, self.mtp, self.model, lambda: skeleton(config, dtype))
 
     def raw_tensor(self, key: str) -> torch.Tensor:
         """One on-disk tensor as stored (no renaming, no cast)."""
