@@ -239,3 +239,35 @@ def test_a_layer_plan_of_another_layer_is_not_taken(checkpoints):
         "model.layers.3."]}
     with pytest.raises(ValueError, match="layer 2"):
         next(carrier.shards(LayerPlan(1, E, [Group([e], [1.0]) for e in KEEP])))
+
+
+def test_find_mtp_reads_both_layouts_and_leaves_model_tensors_and_other_keys_alone():
+    from moeprune.store.mtp import find_mtp
+
+    model_keys = ["model.layers.0.mlp.gate.weight", "model.layers.1.mlp.experts.gate_up_proj",
+                  "lm_head.weight"]
+    on_disk = {
+        "model.layers.0.mlp.gate.weight": "model.layers.0.mlp.gate.weight",
+        "model.layers.1.mlp.experts.3.up_proj.weight": "model.layers.1.mlp.experts.gate_up_proj",
+        "lm_head.weight": "lm_head.weight",
+        "model.layers.2.eh_proj.weight": "model.layers.2.eh_proj.weight",  # appended layer (n >= 2)
+        "model.layers.2.mlp.experts.0.up_proj.weight": "model.layers.2.mlp.experts.gate_up_proj",
+        "mtp.layers.0.mlp.gate.weight": "mtp.layers.0.mlp.gate.weight",
+        "model.mtp.layers.1.input_layernorm.weight": "model.mtp.layers.1.input_layernorm.weight",
+        "mtp.0.mlp.gate.weight": "mtp.0.mlp.gate.weight",
+        "mtp.fc.weight": "mtp.fc.weight",
+        "model.vision.extra": "model.vision.extra",  # neither: left for the caller to refuse
+    }
+    layout = find_mtp(on_disk, set(model_keys), "model.layers.", 2)
+    assert layout.decoder_prefix == "model.layers."
+    assert layout.layers == {
+        "model.layers.2.": ["model.layers.2.eh_proj.weight", "model.layers.2.mlp.experts.0.up_proj.weight"],
+        "mtp.layers.0.": ["mtp.layers.0.mlp.gate.weight"],
+        "model.mtp.layers.1.": ["model.mtp.layers.1.input_layernorm.weight"],
+        "mtp.0.": ["mtp.0.mlp.gate.weight"],
+    }
+    assert layout.other == ["mtp.fc.weight"] and layout.num_shards == 5
+    assert "model.vision.extra" not in layout.keys and not find_mtp(
+        {k: k for k in model_keys}, set(model_keys), "model.layers.", 2)
+    with pytest.raises(MoepruneError, match="outside an MTP layer"):
+        find_mtp({**on_disk, "mtp.experts.0.w1.weight": "x"}, set(model_keys), "model.layers.", 2)

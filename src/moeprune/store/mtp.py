@@ -50,8 +50,8 @@ from moeprune.errors import MoepruneError
 from moeprune.plan import LayerPlan
 from moeprune.runtime import quiet_transformers
 
-# a path component `mtp` (`mtp.`, `model.mtp.`), then optionally the layer: `layers.{m}.`
-_MTP_MODULE = re.compile(r"^((?:[^.]+\.)*?mtp\.)(layers\.\d+\.)?")
+# a path component `mtp` (`mtp.`, `model.mtp.`), then optionally the layer: `layers.{m}.` or `{m}.`
+_MTP_MODULE = re.compile(r"^((?:[^.]+\.)*?mtp\.)((?:layers\.)?\d+\.)?")
 HOW = ("transformers does not run MTP layers, so their routing cannot be observed: each takes the plan "
        "of the last MoE decoder layer (whose outputs it reads), with the same kept experts or merge "
        "groups; novices, if any, are pruned there")
@@ -118,6 +118,12 @@ def find_mtp(targets: dict[str, str], known, layer_prefix: str, num_layers: int)
             prefix = m.group(1) + m.group(2)
         if prefix is not None:
             layout.layers.setdefault(prefix, []).append(key)
+    experts = [k for k in layout.other if ".experts." in k]
+    if experts:  # routed experts outside a layer would be written unreduced, against the config's count
+        raise MoepruneError(
+            f"the checkpoint's MTP tensor {experts[0]} holds routed experts outside an MTP layer "
+            "(mtp.layers.N.), a layout moeprune cannot reduce; it is not supported yet"
+        )
     if layout.layers and not layout.decoder_prefix:
         raise MoepruneError(
             f"the checkpoint holds MTP layers ({next(iter(layout.layers))}...) but its decoder layers' "
@@ -242,7 +248,6 @@ class MtpCarrier:
         """The MTP layer's expert-axis tensors after `lp`, in its on-disk names: loaded into the skeleton's
         layer `lp.layer` under that layer's names, changed by the surgery, named back."""
         from moeprune.arch import decoder_layers, get_adapter
-        from moeprune.store.sharded import free
         from moeprune.surgery import apply_layer_plan
 
         adapter = get_adapter(model.config)
@@ -278,8 +283,7 @@ class MtpCarrier:
                                         f"{self.template}, so the MTP layer {prefix} cannot be written")
                 out[prefix + key[len(self.template):]] = tensor.detach().clone()
         finally:
-            free(layers[L])
-            layers[L] = pristine
+            layers[L] = pristine  # the loaded layer goes with its last reference
         return out
 
 
@@ -287,7 +291,7 @@ def carrier_for(path: str | Path | None, model: nn.Module, skeleton) -> MtpCarri
     """The MTP carrier of the checkpoint at `path` for the loaded `model`, or None without MTP tensors (or
     without safetensors files to read them from)."""
     from moeprune.arch import decoder_layers
-    from moeprune.store.sharded import weight_map
+    from moeprune.store.files import weight_map
 
     if path is None or not Path(path).is_dir():
         return None

@@ -15,7 +15,6 @@ functions PEFT uses.
 from __future__ import annotations
 
 import copy
-import json
 from collections import Counter
 from pathlib import Path
 
@@ -28,26 +27,8 @@ from moeprune import compat
 from moeprune.arch import decoder_layers, get_adapter
 from moeprune.errors import MoepruneError
 from moeprune.runtime import quiet_transformers
+from moeprune.store.files import weight_map
 from moeprune.store.mtp import MtpCarrier, find_mtp
-
-INDEX_FILE = "model.safetensors.index.json"
-SINGLE_FILE = "model.safetensors"
-
-
-def weight_map(path: Path) -> dict[str, str]:
-    """On-disk tensor name -> shard file name, from the index or the single safetensors file."""
-    index = path / INDEX_FILE
-    if index.is_file():
-        try:
-            return dict(json.loads(index.read_text())["weight_map"])
-        except (json.JSONDecodeError, KeyError) as e:
-            raise MoepruneError(f"{index} is not a valid safetensors index ({type(e).__name__}: {e})")
-    if (path / SINGLE_FILE).is_file():
-        with safe_open(str(path / SINGLE_FILE), framework="pt") as f:
-            return dict.fromkeys(f.keys(), SINGLE_FILE)
-    raise MoepruneError(f"{path} has no safetensors weights ({INDEX_FILE} or {SINGLE_FILE}); layer-by-layer "
-                        "loading reads safetensors only: convert the checkpoint, or use --in-memory")
-
 
 SAFETENSORS_DTYPES = {
     "BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
