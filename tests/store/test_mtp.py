@@ -213,11 +213,13 @@ def test_mtp_experts_that_do_not_fit_the_decoders_are_refused_before_any_weight_
     state = load_file(bad / "model.safetensors")
     state["model.layers.3.mlp.experts.5.up_proj.weight"] = torch.zeros(32, H)  # another width
     save_file(state, bad / "model.safetensors", metadata={"format": "pt"})
-    with pytest.raises(MoepruneError, match="MTP layer's model.layers.3.mlp.experts.5.up_proj.weight has "
-                                            "shape") as e:
+    says = "MTP layer's model.layers.3.mlp.experts.5.up_proj.weight has shape"
+    with pytest.raises(MoepruneError, match=says) as e:
         api.apply_checkpoint(bad, manual_plan(model, keep=KEEP), tmp_path / "out", layerwise=True,
                              progress=False)
     assert "\n" not in str(e.value)
+    with pytest.raises(MoepruneError, match=says):
+        api.prune(bad, "random", tmp_path / "out", experts=4, progress=False, layerwise=True)
     assert not (tmp_path / "out").exists()
 
 

@@ -245,6 +245,8 @@ def prune(
     E, H = desc["num_experts"], desc["hidden_size"]
     method_config = {}
     before = parameters_before(source) if main else {}
+    if main:
+        source.mtp_carrier()  # MTP layers that do not fit the decoder's experts fail before the first pass
 
     def plan_one_layer(i, layer_stats, access):
         from moeprune.methods.mone import novice_vectors

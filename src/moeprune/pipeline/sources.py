@@ -79,8 +79,11 @@ class CheckpointSource:
         return {k: self.ck.raw_tensor(k) for k in self.ck.rest_keys()}
 
     def mtp_carrier(self):
-        """The writer of the checkpoint's MTP layers (`store.mtp.MtpCarrier`), or None without any."""
-        return self.ck.mtp_carrier()
+        """The writer of the checkpoint's MTP layers (`store.mtp.MtpCarrier`), or None without any; made
+        (and checked against the decoder, header reads only) on the first call."""
+        if not hasattr(self, "_mtp"):
+            self._mtp = self.ck.mtp_carrier()
+        return self._mtp
 
 
 class ModelSource:
@@ -126,15 +129,20 @@ class ModelSource:
 
     def mtp_carrier(self):
         """The writer of the MTP layers in the checkpoint at `path` (`store.mtp.MtpCarrier`), which the
-        loaded model dropped, or None without any (or without a checkpoint to read them from)."""
+        loaded model dropped, or None without any (or without a checkpoint to read them from); made on
+        the first call."""
         from moeprune.store.mtp import carrier_for
         from moeprune.store.sharded import skeleton
 
-        if not self.blocks:
-            return None
-        config = copy.deepcopy(self.model.config)
-        dtype = next(iter(self.adapter.expert_parameters(next(iter(self.blocks.values()))).values())).dtype
-        return carrier_for(self.path, self.model, lambda: skeleton(config, dtype))
+        if hasattr(self, "_mtp"):
+            return self._mtp
+        self._mtp = None
+        if self.blocks:
+            config = copy.deepcopy(self.model.config)
+            first = next(iter(self.blocks.values()))
+            dtype = next(iter(self.adapter.expert_parameters(first).values())).dtype
+            self._mtp = carrier_for(self.path, self.model, lambda: skeleton(config, dtype))
+        return self._mtp
 
 
 def open_source(model_path: str | Path, runtime, *, model=None, device: str | None = None,
