@@ -45,6 +45,10 @@ SPECS = {
                    {"mtp.fc.weight": (H, 2 * H), "mtp.norm.weight": (H,)}),
     "qwen3_5_moe": ("model.language_model.layers.", "mtp.layers.0.", "mtp_num_hidden_layers", {},
                     {"mtp.fc.weight": (H, 2 * H), "mtp.norm.weight": (H,)}),
+    "glm4_moe": ("model.layers.", "model.layers.3.", "num_nextn_predict_layers",
+                 {"enorm.weight": (H,), "hnorm.weight": (H,), "eh_proj.weight": (H, 2 * H)}, {}),
+    "mimo_v2_flash": ("model.layers.", "model.mtp.layers.0.", "num_nextn_predict_layers",
+                      {"enorm.weight": (H,), "eh_proj.weight": (H, 2 * H)}, {}),
 }
 FAST = {"deepseek_v3", "qwen3_next"}
 EXPERT_KEY = re.compile(r"\.experts\.(\d+)\.")
@@ -273,3 +277,20 @@ def test_find_mtp_reads_both_layouts_and_leaves_model_tensors_and_other_keys_alo
         {k: k for k in model_keys}, set(model_keys), "model.layers.", 2)
     with pytest.raises(MoepruneError, match="outside an MTP layer"):
         find_mtp({**on_disk, "mtp.experts.0.w1.weight": "x"}, set(model_keys), "model.layers.", 2)
+
+
+@pytest.mark.parametrize("layerwise", [True, False])
+def test_mtp_tensors_do_not_change_what_the_calibration_pass_sees(checkpoints, tmp_path, layerwise):
+    from helpers import calibration_text
+
+    src, _, _ = checkpoints("qwen3_next")
+    calib = tmp_path / "calib.txt"
+    calib.write_text(calibration_text()[:4000])
+    kw = dict(samples=2, seq_len=16, batch_size=2, probe_size=8, progress=False, layerwise=layerwise)
+    with_mtp = api.observe_checkpoint(src, str(calib), **kw)
+    plain = api.observe_checkpoint(src.parent / "qwen3_next-plain", str(calib), **kw)
+    assert sorted(with_mtp.layers) == sorted(plain.layers)
+    for i, ls in with_mtp.layers.items():
+        assert ls.experts.count.sum() > 0
+        assert torch.equal(ls.experts.count, plain.layers[i].experts.count)
+        assert torch.equal(ls.experts.mean, plain.layers[i].experts.mean)
