@@ -294,3 +294,13 @@ def test_mtp_tensors_do_not_change_what_the_calibration_pass_sees(checkpoints, t
         assert ls.experts.count.sum() > 0
         assert torch.equal(ls.experts.count, plain.layers[i].experts.count)
         assert torch.equal(ls.experts.mean, plain.layers[i].experts.mean)
+
+
+def test_the_plans_mtp_record_survives_json_and_is_type_checked(checkpoints):
+    _, _, model = checkpoints("deepseek_v3")
+    plan = manual_plan(model, keep=KEEP)
+    assert "mtp" not in plan.to_dict()  # plans of models without MTP layers keep their JSON
+    plan.mtp = {"layers": ["model.layers.3."], "plan_from_layer": 2}
+    assert Plan.from_dict(json.loads(json.dumps(plan.to_dict()))) == plan
+    with pytest.raises(MoepruneError, match="mtp must be an object"):
+        Plan.from_dict({**plan.to_dict(), "mtp": []})

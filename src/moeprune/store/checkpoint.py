@@ -245,7 +245,7 @@ def model_card(*, source: str, plan, before: dict, after: dict, command: str | N
             + (f"; never routed on the calibration data, so zero: {never}" if never else "")
         )
     lines += [f"- {n}" for n in notes or []]
-    mtp = getattr(plan, "mtp", None) or {}
+    mtp = plan.mtp
     if mtp.get("layers"):
         names = ", ".join(f"`{p.rstrip('.')}`" for p in mtp["layers"])
         how = (f"routed experts reduced with layer {mtp['plan_from_layer']}'s plan (the last MoE decoder "

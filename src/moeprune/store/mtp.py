@@ -1,28 +1,29 @@
 """Multi-token-prediction (MTP) layers: carried to the output, routed experts reduced like the decoder's.
 
-DeepSeek-V3 (and V3.2), GLM-4.5 and GLM-5, Qwen3-Next, Qwen3.5-MoE, EXAONE-MoE, Mellum, Bailing and
-others ship one or more MTP layers next to the decoder, which vLLM runs as a speculative-decoding
-draft. transformers builds no module for them and drops their weights on load
-(`_keys_to_ignore_on_load_unexpected`), while the config still announces them
-(`num_nextn_predict_layers`, `mtp_num_hidden_layers`, ...). On disk they take one of two forms:
+DeepSeek-V3 (and V3.2), GLM-4.5 and GLM-5, Qwen3-Next, Qwen3.5-MoE, EXAONE-MoE, Mellum, MiMo-V2 and
+others (Bailing's hybrid, once that family is supported) ship one or more MTP layers next to the
+decoder, which vLLM runs as a speculative-decoding draft. transformers builds no module for them
+and drops their weights on load (`_keys_to_ignore_on_load_unexpected`), while the config still
+announces them (`num_nextn_predict_layers`, `mtp_num_hidden_layers`, ...). On disk they take one of two forms:
 
 - appended decoder layers, `{layers}{n}.` with n >= num_hidden_layers (DeepSeek-V3's
   `model.layers.61.*`, GLM-4.5's `model.layers.92.*`): a decoder layer (attention, routed and shared
   experts, router) plus `eh_proj`, `enorm`, `hnorm`, `shared_head.*` and sometimes `embed_tokens`;
-- an `mtp` module, `mtp.layers.{m}.` or `model.mtp.layers.{m}.` (Qwen3-Next, Qwen3.5, EXAONE-MoE,
-  Mellum), with its own tensors outside the layers beside it (`mtp.fc`, `mtp.pre_fc_norm_*`,
-  `mtp.norm`).
+- an `mtp` module, `mtp.layers.{m}.`, `mtp.{m}.` or `model.mtp.layers.{m}.` (Qwen3-Next, Qwen3.5,
+  EXAONE-MoE, Mellum, MiMo-V2), with its own tensors outside the layers beside it (`mtp.fc`,
+  `mtp.pre_fc_norm_*`, `mtp.norm`), copied as stored; routed experts there, outside a layer, are
+  refused (they would stay unreduced against the config's count).
 
 Only on-disk keys that land in no tensor of the model are taken for MTP keys, so a model tensor is
-never one.
+never one; any other such key is still refused by the checkpoint reader.
 
 How an MTP layer's plan is chosen: transformers never runs an MTP layer, so its routing cannot be
-observed on calibration data. Each MTP layer takes the plan of the last MoE decoder layer, the one
-whose outputs it reads: the same kept experts, or the same merge groups with the same coefficients
-(and alignment permutations), so its expert count matches the one the config now gives. A plan with
-novices (MoNE) reduces the MTP layer by plain pruning of the same kept experts: novice vectors are
-mean outputs of the decoder layer's experts, meaningless for the MTP layer's, and the stock config
-counts the kept experts only.
+observed on calibration data. The one rule implemented (no weight-only criterion for MTP layers yet):
+each MTP layer takes the plan of the last MoE decoder layer, the one whose outputs it reads: the same
+kept experts, or the same merge groups with the same coefficients (and alignment permutations), so
+its expert count matches the one the config now gives. A plan with novices (MoNE) reduces the MTP
+layer by plain pruning of the same kept experts: novice vectors are mean outputs of the decoder
+layer's experts, meaningless for the MTP layer's, and the stock config counts the kept experts only.
 
 How it is applied: the MTP layer's routed-expert and router tensors are renamed to the last MoE
 decoder layer's on-disk names, loaded through transformers' own conversion into a weightless copy of
@@ -30,7 +31,8 @@ the model (`store.sharded.skeleton`), changed by the same `surgery.apply_layer_p
 layers go through, turned back into on-disk names (`compat.on_disk_names`) and renamed back to the
 MTP layer. Every other MTP tensor (eh_proj, norms, attention, shared experts, embed/head copies,
 `mtp.fc`) is copied as stored, bit-identical. The layer-by-layer and in-memory paths both call this
-on the checkpoint's files, so they write the same tensors.
+on the checkpoint's files, so they write the same tensors; the output plan's `mtp` field and the model
+card record which layers were carried and whose plan they took.
 """
 
 from __future__ import annotations
