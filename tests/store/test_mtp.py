@@ -45,6 +45,8 @@ SPECS = {
                    {"mtp.fc.weight": (H, 2 * H), "mtp.norm.weight": (H,)}),
     "qwen3_5_moe": ("model.language_model.layers.", "mtp.layers.0.", "mtp_num_hidden_layers", {},
                     {"mtp.fc.weight": (H, 2 * H), "mtp.norm.weight": (H,)}),
+    "qwen3_5_moe_text": ("model.layers.", "mtp.layers.0.", "mtp_num_hidden_layers", {},
+                         {"mtp.fc.weight": (H, 2 * H), "mtp.norm.weight": (H,)}),
     "glm4_moe": ("model.layers.", "model.layers.3.", "num_nextn_predict_layers",
                  {"enorm.weight": (H,), "hnorm.weight": (H,), "eh_proj.weight": (H, 2 * H)}, {}),
     "mimo_v2_flash": ("model.layers.", "model.mtp.layers.0.", "num_nextn_predict_layers",

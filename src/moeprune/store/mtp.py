@@ -280,10 +280,13 @@ class MtpCarrier:
             apply_layer_plan(adapter, block, plain)
             changed = {n: t for n, t in model.state_dict().items() if n in self.wanted}
             for key, tensor in compat.on_disk_names(model, changed).items():
-                if not key.startswith(self.template):
-                    raise MoepruneError(f"{self.path}: decoder layer {L}'s tensor {key} is saved outside "
-                                        f"{self.template}, so the MTP layer {prefix} cannot be written")
-                out[prefix + key[len(self.template):]] = tensor.detach().clone()
+                # the layer's own part of the saved name, after its index (the saved prefix may differ
+                # from the read one where the conversion moves prefixes)
+                m = re.match(rf"^((?:[^.]+\.)*?){L}\.", key)
+                if m is None or any(part.isdigit() for part in m.group(1).split(".")):
+                    raise MoepruneError(f"{self.path}: decoder layer {L}'s tensor is saved as {key}, without "
+                                        f"its layer index, so the MTP layer {prefix} cannot be written")
+                out[prefix + key[m.end():]] = tensor.detach().clone()
         finally:
             layers[L] = pristine  # the loaded layer goes with its last reference
         return out
