@@ -23,6 +23,8 @@ from moeprune.runtime import check_fits, choose_in_memory
 from moeprune.store.sharded import ShardedCheckpoint, free
 from moeprune.store.writer import layer_on_disk
 
+_UNSET = object()  # an MTP carrier not looked for yet (None: looked for, none found)
+
 
 def _block_names(model: nn.Module, layers: nn.ModuleList, blocks: dict[int, nn.Module]) -> dict[int, str]:
     """Layer index -> the MoE block's name inside its decoder layer (e.g. `mlp`), to find it in a copy."""
@@ -47,6 +49,7 @@ class CheckpointSource:
         self.blocks = self.adapter.moe_blocks(self.model)
         self._block_names = _block_names(self.model, self.layers, self.blocks)
         self._pristine: dict[int, nn.Module] = {}
+        self._mtp = _UNSET
 
     def prepare(self) -> None:
         """Load what every layer's call needs (embeddings, final norm, lm_head)."""
@@ -81,7 +84,7 @@ class CheckpointSource:
     def mtp_carrier(self):
         """The writer of the checkpoint's MTP layers (`store.mtp.MtpCarrier`), or None without any; made
         (and checked against the decoder, header reads only) on the first call."""
-        if not hasattr(self, "_mtp"):
+        if self._mtp is _UNSET:
             self._mtp = self.ck.mtp_carrier()
         return self._mtp
 
@@ -99,6 +102,7 @@ class ModelSource:
         self.layers, self.layer_prefix = decoder_layers(model)
         self.blocks = self.adapter.moe_blocks(model)
         self._block_names = _block_names(model, self.layers, self.blocks)
+        self._mtp = _UNSET
 
     def prepare(self) -> None:
         pass
@@ -134,7 +138,7 @@ class ModelSource:
         from moeprune.store.mtp import carrier_for
         from moeprune.store.sharded import skeleton
 
-        if hasattr(self, "_mtp"):
+        if self._mtp is not _UNSET:
             return self._mtp
         self._mtp = None
         if self.blocks:
