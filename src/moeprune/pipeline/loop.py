@@ -86,6 +86,7 @@ class LayerwiseResult:
     parameter_change: (
         dict  # what the plan changed in `store.checkpoint.parameter_counts` terms (after - before)
     )
+    mtp: dict = dataclasses.field(default_factory=dict)  # MTP layers written and their plan (`store.mtp`)
 
 
 def walk(
@@ -135,14 +136,17 @@ def walk(
                            runtime.offload_dir)
     if plan_layer is None and sequential:
         raise MoepruneError("sequential pruning needs a plan for each layer as it goes")
-    writer = None
+    writer = mtp = None
     if write_to is not None:
-        writer = ShardWriter(write_to, num_shards=len(source.layers) + 1)
+        mtp = source.mtp_carrier()  # MTP layers the model does not hold, written after the rest
+        extra = mtp.layout.num_shards if mtp is not None else 0
+        writer = ShardWriter(write_to, num_shards=len(source.layers) + 1 + extra)
     source.prepare()
     stats_layers: dict[int, LayerStats] = {}
     plans: list[LayerPlan] = []
     novice_tensors: dict[str, torch.Tensor] = {}  # for the novice file, gathered as layers are written
     parameter_change: dict[str, int] = {}
+    mtp_record: dict = {}
     n_layers = len(source.layers)
     try:
         for i in range(n_layers):
@@ -186,6 +190,11 @@ def walk(
                 batches.advance()
         if writer is not None:
             writer.write(source.rest_tensors())  # embeddings, norm, lm_head
+            if mtp is not None:  # with the plan of the last MoE decoder layer (`store.mtp`)
+                last_plan = max(plans, key=lambda lp: lp.layer) if plans else None
+                for tensors in mtp.shards(last_plan):
+                    writer.write(tensors)
+                mtp_record = mtp.record(last_plan)
             writer.finish()
     finally:
         if batches is not None:
@@ -200,7 +209,7 @@ def walk(
     plan = None
     if plans:
         plan = Plan(method="", layers=plans, model=desc, flatten_groups=flatten_groups)
-    return LayerwiseResult(stats, plan, seconds, novice_tensors, parameter_change)
+    return LayerwiseResult(stats, plan, seconds, novice_tensors, parameter_change, mtp_record)
 
 
 def _layer_counts(adapter, layer: nn.Module, block: nn.Module) -> dict[str, int]:

@@ -9,6 +9,7 @@ checkpoint at `path` as the source.
 from __future__ import annotations
 
 import copy
+import dataclasses
 from pathlib import Path
 
 import torch
@@ -244,6 +245,8 @@ def prune(
     E, H = desc["num_experts"], desc["hidden_size"]
     method_config = {}
     before = parameters_before(source) if main else {}
+    if main:
+        source.mtp_carrier()  # MTP layers that do not fit the decoder's experts fail before the first pass
 
     def plan_one_layer(i, layer_stats, access):
         from moeprune.methods.mone import novice_vectors
@@ -274,7 +277,7 @@ def prune(
     def run(write_to):
         result = walk(source, write_to=write_to, **walk_args)
         plan = Plan(method=method, layers=result.plan.layers, model=desc, method_config=dict(method_config),
-                    calibration=info, flatten_groups=flatten_groups)
+                    calibration=info, flatten_groups=flatten_groups, mtp=result.mtp)
         if sequential:
             plan.calibration = {**info, "sequential": True}
         plan.validate()
@@ -301,5 +304,6 @@ def apply(source, plan: Plan, output: OutputRequest, *, stats: Stats | None = No
     with atomic_directory(output.path, force=output.force) as tmp:
         result = walk(source, plan_layer=lambda i, _s, _a: (plan.layer(i), vectors.get(i)), write_to=tmp,
                       flatten_groups=plan.flatten_groups, progress=progress)
-        _finish(source, tmp, plan, result.novice_tensors, before=before, command=output.command)
+        written = dataclasses.replace(plan, mtp=result.mtp)  # the caller's plan is not changed
+        _finish(source, tmp, written, result.novice_tensors, before=before, command=output.command)
     return Path(output.path)
