@@ -182,8 +182,8 @@ def test_surviving_routes_are_exact_where_the_family_says_so(model_type):
 
 @pytest.mark.parametrize("config,says", [
     (tf.LlamaConfig(), "not a Mixture-of-Experts model"),
-    (tf.DbrxConfig(), "ffn_config.moe_num_experts"),
-    (tf.JetMoeConfig(), "no row in moeprune's family table"),
+    (tf.SwitchTransformersConfig(), "encoder-decoder model; moeprune prunes the routed experts of decoder"),
+    (tf.NllbMoeConfig(), "encoder-decoder model"),
 ])
 def test_an_unsupported_model_is_told_what_is_missing(config, says):
     from moeprune.errors import MoepruneError

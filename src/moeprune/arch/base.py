@@ -168,6 +168,13 @@ def _first_int_field(config, names: tuple[str, ...], what: str) -> str:
     )
 
 
+def _field(config, dotted: str):
+    """A config field by its dotted name (`ffn_config.moe_num_experts`: DBRX nests its expert count)."""
+    for name in dotted.split("."):
+        config = getattr(config, name)
+    return config
+
+
 def _own_tensors(module: nn.Module) -> list[str]:
     """Names of the parameters and buffers held by `module` itself (not its children)."""
     own = list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False))
@@ -234,11 +241,16 @@ class Adapter:
 
     @property
     def num_experts(self) -> int:
-        return int(getattr(self.config, self.count_field))
+        return int(_field(self.config, self.count_field))
 
     @property
     def top_k(self) -> int:
-        return int(getattr(self.config, self.top_k_field))
+        return int(_field(self.config, self.top_k_field))
+
+    def write_num_experts(self, config, value: int) -> None:
+        """Set the expert count in `config` (a text config), at its field, nested ones (DBRX) included."""
+        owner_path, _, leaf = self.count_field.rpartition(".")
+        setattr(_field(config, owner_path) if owner_path else config, leaf, value)
 
     @property
     def n_group(self) -> int:
@@ -367,6 +379,25 @@ class Adapter:
         """Every experts tensor whose first axis is the expert axis."""
         return dict(self.experts(block).named_parameters(recurse=False))
 
+    def expert_tensor_owner(self, block: nn.Module, name: str) -> tuple[nn.Module, str]:
+        """(module, attribute) holding the experts tensor `name` of `expert_parameters` (may be dotted)."""
+        owner_path, _, leaf = name.rpartition(".")
+        ex = self.experts(block)
+        return (ex.get_submodule(owner_path) if owner_path else ex), leaf
+
+    def set_expert_tensor(self, block: nn.Module, name: str, value: torch.Tensor, *,
+                          parameter: bool = True) -> None:
+        """Put `value` [E', ...], in the form `expert_parameters` gives (expert axis first), in place of the
+        experts tensor `name`: as a parameter (its grad flag kept), or with `parameter=False` as a plain
+        attribute, which may carry gradients."""
+        owner, leaf = self.expert_tensor_owner(block, name)
+        old = owner._parameters.pop(leaf, None)
+        if parameter:
+            grad = old.requires_grad if old is not None else False
+            owner._parameters[leaf] = nn.Parameter(value.contiguous(), requires_grad=grad)
+        else:
+            setattr(owner, leaf, value)
+
     @torch.no_grad()
     def expert_outputs(self, block: nn.Module, x: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
         """Raw outputs E_e(x) before gating: row s is expert `expert_ids[s]` applied to `x[s]`.
@@ -419,10 +450,10 @@ class Adapter:
 
     def set_config_num_experts(self, model: nn.Module, old: int, new: int) -> None:
         """Set the config's expert count and the copies cached on the top-level model at init."""
-        setattr(self.config, self.count_field, new)
+        self.write_num_experts(self.config, new)
         model_text_config = text_config(model.config)
         if model_text_config is not self.config:
-            setattr(model_text_config, self.count_field, new)
+            self.write_num_experts(model_text_config, new)
         for module in (model, getattr(model, "model", None)):
             if module is None:
                 continue
@@ -446,6 +477,9 @@ class Adapter:
                 setattr(router, attr, 1)
         if hasattr(router, "topk_group"):
             router.topk_group = 1
+
+    def check_method(self, method: str, options) -> None:
+        """Refuse, in one line and before any work, a method (with its options) this family cannot run."""
 
     # ---- descriptions -------------------------------------------------------------------------
     def shared_expert_modules(self, block: nn.Module) -> list[str]:

@@ -10,7 +10,8 @@ import types
 import torch
 from torch import nn
 
-from moeprune.arch.base import Adapter, novice_slots
+from moeprune.arch.base import Adapter, ExpertWeights, decoder_layers, novice_slots
+from moeprune.errors import MoepruneError
 
 
 class Llama4Text(Adapter):
@@ -101,6 +102,59 @@ def _llama4_novice_forward(self, routed_in: torch.Tensor) -> torch.Tensor:
 
 
 # [logic1] new logic: dbrx, jetmoe, doge, zaya
+class Dbrx(Adapter):
+    """DBRX keeps its experts flat: `experts.mlp.w1`, `v1`, `w2` are [E*I, H] (gate, up, and down
+    transposed), and its expert count and top-k sit in the nested `ffn_config`.
+
+    Pruning and merging work on the [E, I, H] views of the three tensors and store the result flat
+    again ([E'*I, H]); `ffn_config.moe_num_experts` becomes E' (the facts row names the nested fields),
+    and the router's `layer.weight [E, H]` keeps the surviving rows. Its experts take the block's
+    [B, L, H] input and return that shape, which the observer and the experts probe allow for.
+    """
+
+    transposed = False  # DbrxExperts is not dispatched, so it carries no layout flags
+    interleaved = False
+    FLAT = ("w1", "v1", "w2")  # tensors of `experts.mlp`, each [E*I, H]
+
+    def moe_blocks(self, model: nn.Module) -> dict[int, nn.Module]:
+        layers, _ = decoder_layers(model)
+        return {i: layer.ffn for i, layer in enumerate(layers)}
+
+    def expert_parameters(self, block: nn.Module) -> dict[str, torch.Tensor]:
+        """`mlp.w1`, `mlp.v1`, `mlp.w2` as [E, I, H] views of the flat parameters."""
+        mlp = self.experts(block).mlp
+        E = self.num_experts
+        return {f"mlp.{n}": getattr(mlp, n).view(E, -1, getattr(mlp, n).shape[-1]) for n in self.FLAT}
+
+    def set_expert_tensor(self, block: nn.Module, name: str, value: torch.Tensor, *,
+                          parameter: bool = True) -> None:
+        flat = value.reshape(-1, value.shape[-1])  # [E'*I, H]
+        super().set_expert_tensor(block, name, flat, parameter=parameter)
+
+    def expert_weights(self, block: nn.Module, e: int) -> ExpertWeights:
+        t = self.expert_parameters(block)
+        return ExpertWeights(gate=t["mlp.w1"][e], up=t["mlp.v1"][e], down=t["mlp.w2"][e].T)  # down [H, I]
+
+    @torch.no_grad()
+    def expert_outputs(self, block: nn.Module, x: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
+        ex = self.experts(block)
+        ones = torch.ones(x.shape[0], 1, dtype=x.dtype, device=x.device)  # [S, 1]
+        return type(ex).forward(ex, x, expert_ids[:, None], ones).reshape(x.shape)  # [S, 1, H] -> [S, H]
+
+    def check_method(self, method: str, options) -> None:
+        """Hidden-unit alignment and novices (MoNE) know only fused `gate_up_proj`/`down_proj` experts."""
+        if method == "mone":
+            raise MoepruneError("mone: novices need fused gate_up_proj/down_proj experts, and DBRX keeps its "
+                                "experts flat (w1, v1, w2); use another method")
+        if getattr(options, "align", False):
+            raise MoepruneError(f"{method}: aligning hidden units needs fused gate_up_proj/down_proj "
+                                "experts, and DBRX keeps them flat (w1, v1, w2); run it with align=false")
+
+    def set_block_num_experts(self, block: nn.Module, old: int, new: int) -> None:
+        super().set_block_num_experts(block, old, new)
+        self.router(block).layer.out_features = new  # its Linear [E, H], as transformers builds it for E'
+
+
 # [/logic1]
 
 

@@ -135,7 +135,8 @@ class MergedBlock:
                         for o, n, axis in router_tensors]
         self.num_in = adapter.num_experts
         for name, _ in self._experts:  # plain attributes from now on, so they can carry gradients
-            self.adapter.experts(self.block)._parameters.pop(name, None)
+            owner, leaf = adapter.expert_tensor_owner(self.block, name)
+            owner._parameters.pop(leaf, None)
         for name, _, _, path in self._router:
             owner = self.block.get_submodule(path)
             owner._parameters.pop(name, None)
@@ -152,10 +153,9 @@ class MergedBlock:
     def set(self, M: torch.Tensor) -> None:
         """Install merged tensors for the merge matrix M [R, E] (float32, may require grad)."""
         router_M = M if self.router_merge == "average" else (M.detach() != 0).float()
-        experts = self.adapter.experts(self.block)
         for name, W in self._experts:
             merged = torch.tensordot(M, W.float(), dims=([1], [0]))  # [R, ...]
-            setattr(experts, name, merged)
+            self.adapter.set_expert_tensor(self.block, name, merged, parameter=False)
         for name, axis, W, path in self._router:
             moved = W.float().movedim(axis, 0)
             merged = torch.tensordot(router_M, moved, dims=([1], [0])).movedim(0, axis)
@@ -221,8 +221,9 @@ class RoutedLookup:
         Y, rows, n = self._Y, self._rows, self._xs.shape[0]
 
         def lookup(hidden, top_k_index, top_k_weights):
-            if hidden.shape[0] != n:
-                raise NotExact(f"the experts saw {hidden.shape[0]} rows, not the {n} probe tokens")
+            rows_seen = hidden.reshape(-1, hidden.shape[-1]).shape[0]  # [B, L, H] for DBRX's experts
+            if rows_seen != n:
+                raise NotExact(f"the experts saw {rows_seen} rows, not the {n} probe tokens")
             y = Y[keep[top_k_index], rows]  # [n, K, H]
             raise _Captured((y.float() * top_k_weights.float()[..., None]).sum(dim=1))
 

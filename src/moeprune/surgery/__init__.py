@@ -70,7 +70,7 @@ def apply_layer_plan(adapter: Adapter, block: nn.Module, lp: LayerPlan,
 
         params = permute_members(adapter, params, lp)
     for name, p in params.items():
-        _replace(adapter.experts(block), name, _combine(p, M, 0, keep))
+        adapter.set_expert_tensor(block, name, _combine(p, M, 0, keep))
     for owner, name, axis in adapter.router_expert_tensors(block):
         _replace(owner, name, _combine(getattr(owner, name), router_M, axis, keep))
     adapter.set_block_num_experts(block, lp.num_experts_in, lp.num_experts_out)
