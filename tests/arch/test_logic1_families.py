@@ -94,6 +94,102 @@ def test_dbrx_prunes_with_a_calibrated_method(tmp_path, layerwise):
         assert torch.isfinite(reloaded(input_ids=token_ids(), use_cache=False).logits).all()
 
 
+# ---- ZAYA ---------------------------------------------------------------------------------------
+def _zaya_with_biases():
+    """A tiny ZAYA whose balancing biases differ per class, so that slicing them is checked."""
+    model = tiny_model("zaya")
+    torch.manual_seed(5)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.mlp.gate.balancing_biases.copy_(torch.rand(9) * 0.01)
+            layer.mlp.gate.balancing_biases[-1] = -1.0
+    return model
+
+
+def test_zaya_pruning_keeps_the_skip_class_after_the_kept_experts(tmp_path):
+    model = _zaya_with_biases()
+    before = {n: t.clone() for n, t in model.state_dict().items()}
+    model.save_pretrained(tmp_path / "zaya")
+    out = api.apply_checkpoint(tmp_path / "zaya", manual_plan(model, keep=KEEP), tmp_path / "out",
+                               progress=False)
+    reloaded = tf.AutoModelForCausalLM.from_pretrained(out)
+    assert reloaded.config.num_experts == len(KEEP)
+    rows = KEEP + [8]  # the kept experts' rows, then the skip class's
+    for i, layer in enumerate(reloaded.model.layers):
+        gate = layer.mlp.gate
+        prefix = f"model.layers.{i}.mlp.gate."
+        assert torch.equal(gate.balancing_biases, before[prefix + "balancing_biases"][rows])
+        w = prefix + "router_mlp.out_proj.weight"
+        assert torch.equal(gate.router_mlp.out_proj.weight, before[w][rows])
+        assert gate.num_router_classes == len(KEEP) + 1
+
+
+def test_zaya_tokens_sent_to_the_skip_class_still_skip_after_pruning():
+    model = _zaya_with_biases()
+    block = model.model.layers[1].mlp
+    with torch.no_grad():
+        block.gate.balancing_biases[-1] = 2.0  # every token picks the skip class
+    x = torch.randn(2, 8, 64)
+    with torch.no_grad():
+        assert torch.count_nonzero(block(x)[0]) == 0
+        pruned = apply_plan(copy.deepcopy(model), manual_plan(model, keep=KEEP))
+        assert torch.count_nonzero(pruned.model.layers[1].mlp(x)[0]) == 0
+        pruned.model.layers[1].mlp.gate.balancing_biases[-1] = -1.0  # and routed tokens do reach experts
+        assert torch.count_nonzero(pruned.model.layers[1].mlp(x)[0]) > 0
+
+
+def test_zaya_a_block_pruned_alone_finds_its_own_skip_class():
+    """One config serves every layer: a block pruned alone must not look for its skip class at E."""
+    model = _zaya_with_biases()
+    block = copy.deepcopy(model.model.layers[1].mlp)
+    from moeprune.plan import Group, LayerPlan
+    from moeprune.surgery import apply_layer_plan
+
+    adapter = get_adapter(model.config)
+    apply_layer_plan(adapter, block, LayerPlan(1, 8, [Group([e], [1.0]) for e in KEEP]))
+    assert model.config.num_experts == 8 and block.gate.config.num_experts == len(KEEP)
+    with torch.no_grad():
+        block.gate.balancing_biases[-1] = 2.0
+        assert torch.count_nonzero(block(torch.randn(2, 8, 64))[0]) == 0
+
+
+def test_zaya_observer_counts_skip_picks_for_no_expert():
+    model = _zaya_with_biases()
+    with torch.no_grad():
+        model.model.layers[2].mlp.gate.balancing_biases[-1] = 2.0  # layer 2 skips every token
+    ids = token_ids(n=2, length=16)
+    stats = observe(model, ids, batch_size=2, probe_size=8)
+    assert int(stats.layers[2].experts.count.sum()) == 0  # not 32 picks of expert 0
+    assert int(stats.layers[0].experts.count.sum()) == ids.numel()  # top-1, none skipped
+    assert stats.layers[0].probe.router_logits.shape[-1] == 8  # the experts' logits, not the skip class's
+
+
+def test_zaya_calibration_is_refused_in_one_line_before_any_work(tmp_path, monkeypatch):
+    save_tiny_checkpoint("zaya", tmp_path / "zaya")
+    calib = tmp_path / "calib.txt"
+    calib.write_text("some text " * 200)
+
+    def no_tokenizer(*a, **k):
+        raise AssertionError("calibration work started")
+
+    monkeypatch.setattr(tf.AutoTokenizer, "from_pretrained", no_tokenizer)
+    with pytest.raises(MoepruneError, match="router states to the next layer") as e:
+        api.prune(tmp_path / "zaya", "frequency", tmp_path / "out", experts=4, calib=str(calib),
+                  progress=False)
+    assert "\n" not in str(e.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_zaya_prunes_with_a_weight_only_method(tmp_path):
+    save_tiny_checkpoint("zaya", tmp_path / "zaya")
+    out = api.prune(tmp_path / "zaya", "dek", tmp_path / "out", experts=4, progress=False,
+                    options={"representation": "weight"})
+    reloaded = tf.AutoModelForCausalLM.from_pretrained(out)
+    assert reloaded.config.num_experts == 4
+    with torch.no_grad():
+        assert torch.isfinite(reloaded(input_ids=token_ids(), use_cache=False).logits).all()
+
+
 # ---- refused in one line ----------------------------------------------------------------------
 @pytest.mark.parametrize("config,says", [
     (tf.JetMoeConfig(), "share one count \\(num_local_experts\\)"),

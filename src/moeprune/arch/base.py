@@ -154,6 +154,24 @@ def _novice_instance_forward(self, *args, **kwargs):
     return novice_experts_forward(self, type(self).forward, *args, **kwargs)
 
 
+# ---- router classes after the experts --------------------------------------------------------------
+# A router may score classes beyond its E experts (ZAYA's skip class: a token routed there skips the MoE).
+# Its tensors then run along E + extra rows; pruning and merging keep those trailing rows as they are.
+def router_keep(keep: torch.Tensor, num_experts: int, size: int) -> torch.Tensor:
+    """Rows to keep of a router tensor with `size` rows: the kept experts', then every row after the E
+    experts' (a skip class), in order."""
+    return torch.cat([keep, torch.arange(num_experts, size, dtype=keep.dtype, device=keep.device)])
+
+
+def router_matrix(M: torch.Tensor, size: int) -> torch.Tensor:
+    """The merge matrix [E_out, E_in] for a router tensor with `size` >= E_in rows: the rows after the
+    experts' map to themselves ([E_out + extra, E_in + extra])."""
+    extra = size - M.shape[1]
+    if extra == 0:
+        return M
+    return torch.block_diag(M, torch.eye(extra, dtype=M.dtype, device=M.device))
+
+
 def _first_int_field(config, names: tuple[str, ...], what: str) -> str:
     """The first of `names` that `config` holds as a positive int itself (not through `attribute_map`, so
     writing it writes the field that is saved)."""
@@ -213,6 +231,12 @@ class Adapter:
     # top-k, at `router_scores_index` of the router's output.
     dense_experts: bool = False
     router_scores_index: int = 0
+    # The router hands a token it sends to its skip class (ZAYA) to the experts as expert 0 with gate 0;
+    # the observer drops such pairs, so they count for no expert.
+    skip_class: bool = False
+    # Why the decoder layers cannot run one at a time, where they hand state to the next layer besides the
+    # hidden states (ZAYA's router states); calibration, which walks the layers, is then refused.
+    layer_state: str | None = None
 
     def __init__(self, config, facts=None):
         """`facts`: the family's `arch.facts.Family` row (routing rule, group rule, field overrides)."""
@@ -477,6 +501,11 @@ class Adapter:
                 setattr(router, attr, 1)
         if hasattr(router, "topk_group"):
             router.topk_group = 1
+
+    def check_layer_walk(self) -> None:
+        """Refuse, in one line, to run this family's decoder layers one at a time (calibration does)."""
+        if self.layer_state is not None:
+            raise MoepruneError(f"{self.family}: {self.layer_state}")
 
     def check_method(self, method: str, options) -> None:
         """Refuse, in one line and before any work, a method (with its options) this family cannot run."""

@@ -22,7 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from moeprune.arch.base import Adapter
-from moeprune.arch.families import Dbrx, Llama4Text
+from moeprune.arch.families import Dbrx, Llama4Text, Zaya
 
 _RENORM = "top-k weights are renormalised over the selected experts"
 _NO_RENORM = ("gates are softmax probabilities over all E experts without renormalisation, so removing any "
@@ -170,6 +170,7 @@ FAMILIES: tuple[Family, ...] = (
     # [logic1] new logic: dbrx, jetmoe, doge, zaya
     Family(("dbrx",), "softmax_pnorm", adapter=Dbrx, count_field="ffn_config.moe_num_experts",
            top_k_field="ffn_config.moe_top_k"),
+    Family(("zaya",), "softmax_no_renorm", adapter=Zaya),  # top-1 of softmax(E experts + skip) + bias
     Family(("jetmoe",), refused=(
         "its MLP experts and its mixture-of-attention experts share one count (num_local_experts), so a "
         "checkpoint with fewer MLP experts but all attention experts does not load; moeprune prunes MLP "

@@ -5,6 +5,7 @@ Every other family is a row of `arch.facts.FAMILIES` over the derived `Adapter`.
 
 from __future__ import annotations
 
+import copy
 import types
 
 import torch
@@ -155,6 +156,38 @@ class Dbrx(Adapter):
         self.router(block).layer.out_features = new  # its Linear [E, H], as transformers builds it for E'
 
 
+
+
+class Zaya(Adapter):
+    """ZAYA's router scores E experts plus one skip class after them (a token routed there skips the MoE);
+    it picks top-1 on softmax probabilities plus `balancing_biases` and masks a skip pick to expert 0 with
+    gate 0.
+
+    Pruning keeps the kept experts' rows of the router's `router_mlp.out_proj.weight [E+1, R]` and
+    `balancing_biases [E+1]` and the skip class's last row as it is, so the skip class stays the class
+    after the experts; `num_experts` becomes E'. The observer counts skip picks for no expert.
+    """
+
+    router_tensors = (("router_mlp.out_proj.weight", 0), ("balancing_biases", 0))
+    skip_class = True
+    layer_state = ("its decoder layers hand router states to the next layer, which moeprune's layer-by-layer "
+                   "calibration does not carry; prune it with a weight-only method (random, or dek with "
+                   "representation=weight) or apply a plan")
+
+    def set_block_num_experts(self, block: nn.Module, old: int, new: int) -> None:
+        super().set_block_num_experts(block, old, new)
+        router = self.router(block)
+        router.num_router_classes = new + 1
+        router.router_mlp.out_proj.out_features = new + 1  # its Linear [E'+1, R], as transformers builds it
+        # The router finds its skip class at `config.num_experts`, and one config serves every layer: a
+        # block pruned alone (layer by layer, or a candidate copy) gets its own config with its own count.
+        router.config = copy.copy(router.config)
+        router.config.num_experts = new
+
+    def router_logits(self, router_output, router: nn.Module | None = None) -> torch.Tensor:
+        """[T, E]: the experts' logits, without the skip class's."""
+        logits = super().router_logits(router_output, router)  # [T, E+1]
+        return logits[..., :-1]
 # [/logic1]
 
 

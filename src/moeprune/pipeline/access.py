@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from moeprune.arch import Adapter, ExpertWeights, get_adapter
+from moeprune.arch.base import router_keep, router_matrix
 from moeprune.errors import MoepruneError
 from moeprune.methods.access import NotExact
 from moeprune.plan import ROUTER_MERGES, LayerPlan
@@ -158,7 +159,8 @@ class MergedBlock:
             self.adapter.set_expert_tensor(self.block, name, merged, parameter=False)
         for name, axis, W, path in self._router:
             moved = W.float().movedim(axis, 0)
-            merged = torch.tensordot(router_M, moved, dims=([1], [0])).movedim(0, axis)
+            merged = torch.tensordot(router_matrix(router_M, moved.shape[0]), moved, dims=([1], [0]))
+            merged = merged.movedim(0, axis)  # the rows after the experts' (a skip class) unchanged
             setattr(self.block.get_submodule(path), name, merged)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -210,7 +212,9 @@ class RoutedLookup:
         shared.update({id(m.config): m.config for m in block.modules() if hasattr(m, "config")})  # read-only
         shell = copy.deepcopy(block, shared)  # new modules, the very same weight tensors
         for owner, name, axis in adapter.router_expert_tensors(shell):
-            t = getattr(owner, name).index_select(axis, keep.to(getattr(owner, name).device))
+            full = getattr(owner, name)
+            rows = router_keep(keep, self.E, full.shape[axis])  # a skip class's row (ZAYA) stays
+            t = full.index_select(axis, rows.to(full.device))
             if name in owner._parameters:
                 owner._parameters[name] = nn.Parameter(t, requires_grad=False)
             else:

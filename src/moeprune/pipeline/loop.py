@@ -123,6 +123,8 @@ def walk(
     calib = calib or CalibrationRequest()
     runtime = runtime or RuntimeRequest()
     adapter = source.adapter
+    if input_ids is not None:  # the API refuses this before any work; callers of walk itself get it here
+        adapter.check_layer_walk()
     blocks = source.blocks
     desc = model_description(source.model, adapter, None if source.path is None else str(source.path))
     started = time.perf_counter()
