@@ -138,7 +138,6 @@ def _tell(notify, source, why: str) -> None:
 
 def _check_calibration(calib: CalibrationRequest, config) -> None:
     if calib.text is not None:
-        get_adapter(config).check_layer_walk()
         check_seq_len(calib.seq_len, config)
 
 

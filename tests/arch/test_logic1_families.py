@@ -164,20 +164,42 @@ def test_zaya_observer_counts_skip_picks_for_no_expert():
     assert stats.layers[0].probe.router_logits.shape[-1] == 8  # the experts' logits, not the skip class's
 
 
-def test_zaya_calibration_is_refused_in_one_line_before_any_work(tmp_path, monkeypatch):
+def test_zaya_layer_walk_carries_router_states_and_matches_the_whole_forward():
+    """Calibration runs the layers one at a time; each ZAYA layer needs the previous one's router states."""
+    from moeprune import pipeline
+    from moeprune.pipeline.sources import ModelSource
+    from moeprune.settings import CalibrationRequest, RuntimeRequest
+
+    model = _zaya_with_biases()
+    ids = token_ids(n=4, length=16)
+    whole = observe(model, ids, batch_size=2, probe_size=8)
+    walked = pipeline.observe(ModelSource(model), ids, calib=CalibrationRequest(probe_size=8),
+                              runtime=RuntimeRequest(batch_size=2))
+    for i in (1, 2):  # layer 0 gets no router states, the others must get the previous layer's
+        a, b = whole.layers[i].experts, walked.layers[i].experts
+        assert torch.equal(a.count, b.count), i
+        torch.testing.assert_close(a.mean, b.mean, rtol=1e-5, atol=1e-6)
+    # the walk's last hidden states through the model's own head (perplexity does this) give its logits
+    from moeprune.pipeline.activations import head_logits
+
+    last = pipeline.forward(ModelSource(model), ids, runtime=RuntimeRequest(batch_size=2))  # [N, L, H]
+    with torch.no_grad():
+        logits = head_logits(model, model.model.layers, ids, last)
+        torch.testing.assert_close(logits, model(input_ids=ids, use_cache=False).logits, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layerwise", [True, False])
+def test_zaya_prunes_with_a_calibrated_method(tmp_path, layerwise):
     save_tiny_checkpoint("zaya", tmp_path / "zaya")
     calib = tmp_path / "calib.txt"
-    calib.write_text("some text " * 200)
-
-    def no_tokenizer(*a, **k):
-        raise AssertionError("calibration work started")
-
-    monkeypatch.setattr(tf.AutoTokenizer, "from_pretrained", no_tokenizer)
-    with pytest.raises(MoepruneError, match="router states to the next layer") as e:
-        api.prune(tmp_path / "zaya", "frequency", tmp_path / "out", experts=4, calib=str(calib),
-                  progress=False)
-    assert "\n" not in str(e.value)
-    assert not (tmp_path / "out").exists()
+    calib.write_text("the quick brown fox jumps over the lazy dog " * 300)
+    out = api.prune(tmp_path / "zaya", "reap", tmp_path / "out", experts=4, calib=str(calib), samples=4,
+                    seq_len=32, progress=False, layerwise=layerwise)
+    reloaded = tf.AutoModelForCausalLM.from_pretrained(out)
+    assert reloaded.config.num_experts == 4
+    with torch.no_grad():
+        assert torch.isfinite(reloaded(input_ids=token_ids(), use_cache=False).logits).all()
 
 
 def test_zaya_prunes_with_a_weight_only_method(tmp_path):

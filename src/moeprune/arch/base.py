@@ -234,9 +234,6 @@ class Adapter:
     # The router hands a token it sends to its skip class (ZAYA) to the experts as expert 0 with gate 0;
     # the observer drops such pairs, so they count for no expert.
     skip_class: bool = False
-    # Why the decoder layers cannot run one at a time, where they hand state to the next layer besides the
-    # hidden states (ZAYA's router states); calibration, which walks the layers, is then refused.
-    layer_state: str | None = None
 
     def __init__(self, config, facts=None):
         """`facts`: the family's `arch.facts.Family` row (routing rule, group rule, field overrides)."""
@@ -502,10 +499,20 @@ class Adapter:
         if hasattr(router, "topk_group"):
             router.topk_group = 1
 
-    def check_layer_walk(self) -> None:
-        """Refuse, in one line, to run this family's decoder layers one at a time (calibration does)."""
-        if self.layer_state is not None:
-            raise MoepruneError(f"{self.family}: {self.layer_state}")
+    # ---- the layer walk: decoder layers run one at a time ---------------------------------------------
+    # A family whose layers hand the next one more than its hidden states (ZAYA: router states) says how:
+    # what a layer the walk passes over returns, how its output splits, and where the next layer takes it.
+    def layer_passthrough(self, hidden_states: torch.Tensor, args: tuple, kwargs: dict):
+        """What a decoder layer the walk passes over returns: its input hidden states."""
+        return hidden_states
+
+    def split_layer_output(self, out) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(hidden states [B, L, H], state handed to the next layer or None) of a decoder layer's output."""
+        return (out[0] if isinstance(out, tuple) else out), None
+
+    def with_layer_state(self, args: tuple, kwargs: dict, state: torch.Tensor) -> tuple[tuple, dict]:
+        """A decoder layer's call (`args`, `kwargs`) with the state the previous layer handed on."""
+        return args, kwargs
 
     def check_method(self, method: str, options) -> None:
         """Refuse, in one line and before any work, a method (with its options) this family cannot run."""

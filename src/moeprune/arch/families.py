@@ -170,9 +170,19 @@ class Zaya(Adapter):
 
     router_tensors = (("router_mlp.out_proj.weight", 0), ("balancing_biases", 0))
     skip_class = True
-    layer_state = ("its decoder layers hand router states to the next layer, which moeprune's layer-by-layer "
-                   "calibration does not carry; prune it with a weight-only method (random, or dek with "
-                   "representation=weight) or apply a plan")
+
+    # A ZAYA decoder layer takes the previous layer's router states [B, L, R] as its second argument and
+    # returns (hidden states, its own router states); the layer walk carries them from layer to layer.
+    def layer_passthrough(self, hidden_states: torch.Tensor, args: tuple, kwargs: dict):
+        return hidden_states, args[0] if args else kwargs.get("prev_router_hidden_states")
+
+    def split_layer_output(self, out) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return out[0], out[1]
+
+    def with_layer_state(self, args: tuple, kwargs: dict, state: torch.Tensor) -> tuple[tuple, dict]:
+        if args:
+            return (state, *args[1:]), kwargs
+        return args, {**kwargs, "prev_router_hidden_states": state}
 
     def set_block_num_experts(self, block: nn.Module, old: int, new: int) -> None:
         super().set_block_num_experts(block, old, new)
