@@ -267,3 +267,27 @@ def test_dbrx_refuses_alignment_and_novices_before_calibration(tmp_path, method,
                   options=options)
     assert "\n" not in str(e.value)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_zaya_novices_keep_the_skip_class_on_disk_and_back(tmp_path):
+    """MoNE keeps the router whole: the stock part holds the kept experts' rows and the skip class's; the
+    novice file the novices' rows; loading puts all E + 1 back in order."""
+    import moeprune
+    from moeprune.store.checkpoint import export_stock
+
+    src = tmp_path / "zaya"
+    original = save_tiny_checkpoint("zaya", src)
+    calib = tmp_path / "calib.txt"
+    calib.write_text("the quick brown fox jumps over the lazy dog " * 300)
+    out = api.prune(src, "mone", tmp_path / "out", experts=4, calib=str(calib), samples=4, seq_len=32,
+                    progress=False)
+    loaded = moeprune.from_pretrained(out)
+    for a, b in zip(loaded.model.layers, original.model.layers):
+        assert torch.equal(a.mlp.gate.router_mlp.out_proj.weight, b.mlp.gate.router_mlp.out_proj.weight)
+        assert torch.equal(a.mlp.gate.balancing_biases, b.mlp.gate.balancing_biases)
+    stock = tf.AutoModelForCausalLM.from_pretrained(export_stock(out, tmp_path / "stock"))
+    assert stock.config.num_experts == 4
+    for a, b in zip(stock.model.layers, original.model.layers):
+        skip_a, skip_b = a.mlp.gate.router_mlp.out_proj.weight[-1], b.mlp.gate.router_mlp.out_proj.weight[-1]
+        assert torch.equal(skip_a, skip_b)  # the skip class's row, still last
