@@ -12,7 +12,9 @@ Columns:
   only when `topk_method == "group_limited_greedy"`) or "top2" (by the sum of its two best:
   DeepSeek-V3 and its descendants, whenever `n_group > 1`);
 - `adapter`: an `Adapter` subclass for the few families whose computation differs (Llama 4);
-- `count_field` / `top_k_field`: only where the derived field is wrong (an alias that does not set).
+- `count_field` / `top_k_field`: only where the derived field is wrong (an alias that does not set);
+- `refused`: for a family moeprune cannot keep valid after pruning, the one line saying why (it is then
+  not supported, and `get_adapter` raises it before any work).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from moeprune.arch.base import Adapter
-from moeprune.arch.families import Llama4Text, NemotronH
+from moeprune.arch.families import Dbrx, Llama4Text, NemotronH, Zaya
 
 _RENORM = "top-k weights are renormalised over the selected experts"
 _NO_RENORM = ("gates are softmax probabilities over all E experts without renormalisation, so removing any "
@@ -69,6 +71,14 @@ def _sigmoid_each(adapter) -> tuple[bool, str]:
     return True, "gates are sigmoids of each selected expert's own logit"
 
 
+def _softmax_pnorm(adapter) -> tuple[bool, str]:
+    """DBRX: softmax over all, top-k, divided by the selected p-norm (p = moe_normalize_expert_weights)."""
+    if getattr(adapter.config.ffn_config, "moe_normalize_expert_weights", None) is None:
+        return False, _NO_RENORM
+    return True, ("top-k weights are divided by their p-norm (moe_normalize_expert_weights), in which the "
+                  "softmax normaliser over all experts cancels")
+
+
 # How a family forms its gates -> (surviving routes exact?, why).
 ROUTING = {
     "softmax_topk": _softmax_topk,  # softmax over the top-k logits only (Mixtral)
@@ -78,20 +88,23 @@ ROUTING = {
     "softmax_plus_bias": _softmax_plus_bias,  # softmax + correction bias for selection (ERNIE 4.5)
     "sparsemixer": _sparsemixer,  # Phi-MoE
     "sigmoid_each": _sigmoid_each,  # each selected expert's own sigmoid (Llama 4)
+    "softmax_pnorm": _softmax_pnorm,  # softmax, top-k, divided by the top-k's p-norm (DBRX)
 }
 
 
 @dataclass(frozen=True)
 class Family:
     model_types: tuple[str, ...]
-    routing: str
+    routing: str | None = None
     groups: str | None = None
     adapter: type[Adapter] | None = None
     count_field: str | None = None
     top_k_field: str | None = None
+    refused: str | None = None
 
     def __post_init__(self):
-        if self.routing not in ROUTING or self.groups not in (None, "max", "top2"):
+        known = self.routing in ROUTING or (self.refused is not None and self.routing is None)
+        if not known or self.groups not in (None, "max", "top2"):
             raise ValueError(f"{self.model_types}: unknown routing {self.routing!r} or groups "
                              f"{self.groups!r}")
 
@@ -160,6 +173,18 @@ FAMILIES: tuple[Family, ...] = (
     # [/hybrid]
 
     # [logic1] new logic: dbrx, jetmoe, doge, zaya
+    Family(("dbrx",), "softmax_pnorm", adapter=Dbrx, count_field="ffn_config.moe_num_experts",
+           top_k_field="ffn_config.moe_top_k"),
+    Family(("zaya",), "softmax_no_renorm", adapter=Zaya),  # top-1 of softmax(E experts + skip) + bias
+    Family(("jetmoe",), refused=(
+        "its MLP experts and its mixture-of-attention experts share one count (num_local_experts), so a "
+        "checkpoint with fewer MLP experts but all attention experts does not load; moeprune prunes MLP "
+        "experts only")),
+    Family(("doge",), refused=(
+        "its routed experts are product keys (expert x*num_keys + y is scored by key x plus key y, "
+        "num_experts = num_keys**2), so dropping single experts leaves cells the router still picks; only "
+        "whole keys could go, which per-expert plans cannot express (with is_moe=false it has no routed "
+        "experts at all)")),
     # [/logic1]
 
     # [logic2] new logic: longcat_flash, deepseek_v4, inkling, muse_spark

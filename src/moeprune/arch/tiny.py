@@ -154,6 +154,13 @@ TINY_OVERRIDES: dict[str, dict] = {
     # [/hybrid]
 
     # [logic1] new logic: dbrx, jetmoe, doge, zaya
+    # DBRX nests attention and experts in sub-configs; its attention reads `attn_config.rope_theta`, which
+    # DbrxAttentionConfig does not declare but real DBRX checkpoints carry (as they carry clip_qkv = 8,
+    # without which its attention fails)
+    "dbrx": dict(d_model=64, n_heads=4, n_layers=3, max_seq_len=512,
+                 attn_config=dict(kv_n_heads=2, rope_theta=10000.0, clip_qkv=8.0),
+                 ffn_config=dict(ffn_hidden_size=128, moe_num_experts=8, moe_top_k=2)),
+    "zaya": dict(num_experts_per_tok=1, router_hidden_size=32),  # ZAYA routes top-1 only
     # [/logic1]
 
     # [logic2] new logic: longcat_flash, deepseek_v4, inkling, muse_spark

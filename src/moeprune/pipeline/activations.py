@@ -23,6 +23,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from moeprune.arch import get_adapter
+
 
 class _Reached(Exception):
     """Raised by the recorder at the wanted layer to stop the model's forward."""
@@ -33,6 +35,7 @@ def layer_call(model: nn.Module, layers: nn.ModuleList, input_ids: torch.Tensor,
     """(h0 [B, L, H], args, kwargs): the embeddings and the call decoder layer i gets for `input_ids` [B,
     L]."""
     got: dict = {}
+    passthrough = get_adapter(model.config).layer_passthrough
 
     def recorder(j):
         def forward(hidden_states, *args, **kwargs):
@@ -41,7 +44,7 @@ def layer_call(model: nn.Module, layers: nn.ModuleList, input_ids: torch.Tensor,
             if j == i:
                 got["call"] = (args, kwargs)
                 raise _Reached
-            return hidden_states  # pass-through, so the model's own code reaches layer i
+            return passthrough(hidden_states, args, kwargs)  # so the model's own code reaches layer i
 
         return forward
 
@@ -64,8 +67,10 @@ def head_logits(model: nn.Module, layers: nn.ModuleList, input_ids: torch.Tensor
     returning `last_hidden`, so the final norm, lm_head and any output processing are the family's own.
     """
     last = len(layers) - 1
+    passthrough = get_adapter(model.config).layer_passthrough
     forwards = {
-        j: (lambda h, *a, **k: last_hidden) if j == last else (lambda h, *a, **k: h) for j in range(last + 1)
+        j: (lambda h, *a, **k: passthrough(last_hidden, a, k)) if j == last
+        else (lambda h, *a, **k: passthrough(h, a, k)) for j in range(last + 1)
     }
     with _forwards_replaced(layers, forwards):
         return model(input_ids=input_ids, use_cache=False).logits
@@ -104,10 +109,10 @@ def to_device(obj, device):
 
 
 @torch.no_grad()
-def run_layer(layer: nn.Module, hidden: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
-    """[B, L, H] output of one decoder layer."""
-    out = layer(hidden, *args, **kwargs)
-    return out[0] if isinstance(out, tuple) else out
+def run_layer(adapter, layer: nn.Module, hidden: torch.Tensor, args: tuple,
+              kwargs: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """([B, L, H] output of one decoder layer, the state it hands the next layer besides, or None)."""
+    return adapter.split_layer_output(layer(hidden, *args, **kwargs))
 
 
 class HiddenStates:
@@ -153,6 +158,10 @@ class HiddenStates:
         save_file({"h": hidden.detach().cpu().contiguous()}, str(path))
         self._next[b] = path
         self.spilled_bytes += size
+
+    def __contains__(self, b: int) -> bool:
+        """Whether batch b has a current tensor."""
+        return b in self._current
 
     def get(self, b: int) -> torch.Tensor:
         h = self._current[b]

@@ -47,6 +47,7 @@ class _Batches:
         N = input_ids.shape[0]
         self.starts = ranks.batch_starts(list(range(0, N, batch_size)))
         self.hidden = HiddenStates(budget, offload_dir)
+        self.state = HiddenStates(budget, offload_dir)  # what a layer hands the next besides (ZAYA)
 
     @torch.no_grad()
     def run(self, i: int, layer: nn.Module, observer: Observer | None = None, keep: bool = True,
@@ -64,17 +65,25 @@ class _Batches:
             h = h0 if i == 0 else self.hidden.get(b)  # [B, L, H]
             if observer is not None:
                 observer.begin_batch(torch.arange(s * L, (s + batch.shape[0]) * L))
-            out = run_layer(layer, h.to(device), to_device(args, device), to_device(kwargs, device))
+            adapter = self.source.adapter
+            if i > 0 and b in self.state:
+                args, kwargs = adapter.with_layer_state(args, kwargs, self.state.get(b))
+            out, state = run_layer(adapter, layer, h.to(device), to_device(args, device),
+                                   to_device(kwargs, device))
             if sink is not None:
                 sink(batch, out)
             elif keep:
                 self.hidden.put(b, out)
+                if state is not None:
+                    self.state.put(b, state)
 
     def advance(self) -> None:
         self.hidden.advance()
+        self.state.advance()
 
     def close(self) -> None:
         self.hidden.close()
+        self.state.close()
 
 
 @dataclasses.dataclass

@@ -194,14 +194,14 @@ def _finish(
     E_in, E_out = plan.num_experts_in, plan.num_experts_out
     config.architectures = [type(source.model).__name__]  # what save_pretrained records
     if novice_tensors:  # the router keeps E rows: the stock part has E_out experts, the novice file the rest
-        setattr(adapter.config, adapter.count_field, E_out)
+        adapter.write_num_experts(adapter.config, E_out)
         config.save_pretrained(str(tmp))
         write_novice_file(
             tmp, novice_tensors, count_field=adapter.count_field, num_experts=E_in, kept_count=E_out,
             layers=sorted(lp.layer for lp in plan.layers if lp.novices),
         )
     else:
-        setattr(adapter.config, adapter.count_field, E_out)
+        adapter.write_num_experts(adapter.config, E_out)
         if plan.flatten_groups:
             adapter.config.n_group = 1
             adapter.config.topk_group = 1
