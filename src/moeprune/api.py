@@ -353,6 +353,7 @@ def check_prune(model_path, method: str, calib: CalibrationRequest, budget_reque
     check_device(runtime.device)
     spec.check_use(cfg, n_group=adapter.n_group, flatten_groups=budget_request.flatten_groups,
                    has_calibration=calib.text is not None)
+    adapter.check_method(method, cfg)
     _check_calibration(calib, config)
     inputs = {"model": model_path, "--calib": calib.text, "--tokenizer": calib.tokenizer}
     check_separate(inputs, {"--out": output.path, "--save-stats": output.stats_path,

@@ -237,6 +237,20 @@ def restore_experts_implementation(experts, tag: str) -> None:
         experts.config._experts_implementation_internal = None if base == "None" else base
 
 
+def decode_config_floats(d: dict) -> dict:
+    """A config.json dict with transformers' tagged floats (`{"__float__": "Infinity"}`, written for Mamba
+    `time_step_limit`) turned back into floats, as `from_pretrained` does before building the config."""
+    from transformers import PreTrainedConfig
+
+    return PreTrainedConfig._decode_special_floats(d)
+
+
+def ignored_on_load(model) -> list[str]:
+    """Regexes of on-disk keys `from_pretrained` drops silently for this model class (an MTP stack it does not
+    build): its `_keys_to_ignore_on_load_unexpected`."""
+    return list(getattr(model, "_keys_to_ignore_on_load_unexpected", None) or [])
+
+
 def config_class(model_type: str):
     """The transformers config class registered for `model_type`, or None."""
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING

@@ -72,6 +72,9 @@ class Plan:
     # Each group's coefficients are a weighted average (>= 0, sum 1). A plan that means other sums
     # (e.g. hand-made extrapolation) says so with false; plans saved before this field default to True.
     normalise: bool = True
+    # MTP layers carried to the output and the plan they took (`moeprune.store.mtp`); written by the
+    # pipeline, descriptive only (empty: none in the checkpoint)
+    mtp: dict = field(default_factory=dict)
     version: int = PLAN_VERSION
 
     @property
@@ -96,6 +99,8 @@ class Plan:
                 if g.get("perms") is None:
                     g.pop("perms", None)
         d["num_experts_out"] = self.num_experts_out
+        if not d["mtp"]:  # plans of models without MTP layers keep their JSON
+            d.pop("mtp")
         return d
 
     def save(self, path: str | Path) -> None:
@@ -120,7 +125,7 @@ class Plan:
         return cls(
             method=d["method"], layers=layers, model=d["model"], method_config=d.get("method_config", {}),
             calibration=d.get("calibration", {}), flatten_groups=d.get("flatten_groups", False),
-            normalise=d.get("normalise", True),
+            normalise=d.get("normalise", True), mtp=d.get("mtp", {}),
         )
 
     @classmethod
@@ -280,7 +285,8 @@ class Plan:
 # integers and numbers exclude them explicitly, and booleans must be real JSON booleans.
 
 PLAN_FIELDS = {"version": True, "method": True, "layers": True, "model": True, "method_config": False,
-               "calibration": False, "flatten_groups": False, "normalise": False, "num_experts_out": False}
+               "calibration": False, "flatten_groups": False, "normalise": False, "num_experts_out": False,
+               "mtp": False}
 LAYER_FIELDS = {"layer": True, "num_experts_in": True, "groups": True, "router_merge": False,
                 "novices": False, "notes": False}
 GROUP_FIELDS = {"members": True, "coeffs": True, "perms": False}
@@ -384,7 +390,7 @@ def check_plan_schema(d, source: str = "plan") -> None:
     _fields(source, "the plan", d, PLAN_FIELDS)
     _need(source, "version", d["version"], "an integer")
     _need(source, "method", d["method"], "a string")
-    for key in ("method_config", "calibration"):
+    for key in ("method_config", "calibration", "mtp"):
         if key in d:
             _need(source, key, d[key], "an object")
     for key in ("flatten_groups", "normalise"):

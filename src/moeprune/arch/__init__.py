@@ -12,7 +12,7 @@ from moeprune.arch.base import COUNT_FIELDS, Adapter, ExpertWeights, decoder_lay
 from moeprune.arch.facts import BY_MODEL_TYPE, FAMILIES, Family
 from moeprune.errors import MoepruneError
 
-SUPPORTED_MODEL_TYPES = tuple(sorted(BY_MODEL_TYPE))
+SUPPORTED_MODEL_TYPES = tuple(sorted(mt for mt, f in BY_MODEL_TYPE.items() if f.refused is None))
 
 
 def family_of(config) -> Family | None:
@@ -29,17 +29,22 @@ def get_adapter(config) -> Adapter:
     row = family_of(config)
     if row is None:
         raise MoepruneError(_unsupported(config))
+    if row.refused is not None:
+        raise MoepruneError(f"unsupported model_type {getattr(config, 'model_type', None)!r}: {row.refused}")
     return (row.adapter or Adapter)(config, row)
 
 
 def _unsupported(config) -> str:
     """One line: which model_type, and what it lacks to be supported."""
     model_type = getattr(config, "model_type", None)
+    if getattr(config, "is_encoder_decoder", False):
+        return (f"unsupported model_type {model_type!r}: it is an encoder-decoder model; moeprune prunes the "
+                "routed experts of decoder-only (causal LM) models")
     if not compat.auto_classes(config):
         others = compat.every_model_class(config)
         owner = compat.defining_model_type(model_type)
         hint = (f"; it is part of transformers' {owner!r} model, whose checkpoints moeprune prunes"
-                if owner in BY_MODEL_TYPE else "")
+                if owner in SUPPORTED_MODEL_TYPES else "")
         return (f"unsupported model_type {model_type!r}: transformers has no causal-LM or image-text-to-text "
                 f"class for it ({'only ' + ', '.join(others) if others else 'no model class at all'}), so "
                 f"moeprune cannot load it as a generator or write it back as one{hint}")

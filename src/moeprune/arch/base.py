@@ -117,7 +117,7 @@ def is_novice_experts(experts: nn.Module) -> bool:
 
 def novice_slots(experts: nn.Module) -> tuple[int, torch.Tensor, torch.Tensor]:
     """(E_kept, kept router ids in slot order, novice router ids in novice order)."""
-    kept_count = experts.gate_up_proj.shape[0]
+    kept_count = experts.down_proj.shape[0]
     order = experts.expert_map.argsort()  # slots are a permutation of 0..E-1
     return kept_count, order[:kept_count], order[kept_count:]
 
@@ -132,8 +132,8 @@ def novice_experts_forward(self, kernel, hidden_states: torch.Tensor, top_k_inde
     """
     if not is_novice_experts(self):
         return kernel(self, hidden_states, top_k_index, top_k_weights, **kwargs)
-    T, H = hidden_states.shape
-    kept_count = self.gate_up_proj.shape[0]
+    T, H = hidden_states.shape  # H: the experts' width D
+    kept_count = self.down_proj.shape[0]
     slots = self.expert_map[top_k_index]  # [T, K]
     is_kept = slots < kept_count  # [T, K]
     out = torch.zeros(T, H, dtype=torch.float32, device=hidden_states.device)
@@ -154,6 +154,24 @@ def _novice_instance_forward(self, *args, **kwargs):
     return novice_experts_forward(self, type(self).forward, *args, **kwargs)
 
 
+# ---- router classes after the experts --------------------------------------------------------------
+# A router may score classes beyond its E experts (ZAYA's skip class: a token routed there skips the MoE).
+# Its tensors then run along E + extra rows; pruning and merging keep those trailing rows as they are.
+def router_keep(keep: torch.Tensor, num_experts: int, size: int) -> torch.Tensor:
+    """Rows to keep of a router tensor with `size` rows: the kept experts', then every row after the E
+    experts' (a skip class), in order."""
+    return torch.cat([keep, torch.arange(num_experts, size, dtype=keep.dtype, device=keep.device)])
+
+
+def router_matrix(M: torch.Tensor, size: int) -> torch.Tensor:
+    """The merge matrix [E_out, E_in] for a router tensor with `size` >= E_in rows: the rows after the
+    experts' map to themselves ([E_out + extra, E_in + extra])."""
+    extra = size - M.shape[1]
+    if extra == 0:
+        return M
+    return torch.block_diag(M, torch.eye(extra, dtype=M.dtype, device=M.device))
+
+
 def _first_int_field(config, names: tuple[str, ...], what: str) -> str:
     """The first of `names` that `config` holds as a positive int itself (not through `attribute_map`, so
     writing it writes the field that is saved)."""
@@ -166,6 +184,13 @@ def _first_int_field(config, names: tuple[str, ...], what: str) -> str:
         f"{type(config).__name__} ({config.model_type}) has no {what} field (looked for {', '.join(names)}); "
         "is this a Mixture-of-Experts model?"
     )
+
+
+def _field(config, dotted: str):
+    """A config field by its dotted name (`ffn_config.moe_num_experts`: DBRX nests its expert count)."""
+    for name in dotted.split("."):
+        config = getattr(config, name)
+    return config
 
 
 def _own_tensors(module: nn.Module) -> list[str]:
@@ -206,6 +231,9 @@ class Adapter:
     # top-k, at `router_scores_index` of the router's output.
     dense_experts: bool = False
     router_scores_index: int = 0
+    # The router hands a token it sends to its skip class (ZAYA) to the experts as expert 0 with gate 0;
+    # the observer drops such pairs, so they count for no expert.
+    skip_class: bool = False
 
     def __init__(self, config, facts=None):
         """`facts`: the family's `arch.facts.Family` row (routing rule, group rule, field overrides)."""
@@ -234,11 +262,30 @@ class Adapter:
 
     @property
     def num_experts(self) -> int:
-        return int(getattr(self.config, self.count_field))
+        return int(_field(self.config, self.count_field))
 
     @property
     def top_k(self) -> int:
-        return int(getattr(self.config, self.top_k_field))
+        return int(_field(self.config, self.top_k_field))
+
+    def write_num_experts(self, config, value: int) -> None:
+        """Set the expert count in `config` (a text config), at its field, nested ones (DBRX) included."""
+        owner_path, _, leaf = self.count_field.rpartition(".")
+        setattr(_field(config, owner_path) if owner_path else config, leaf, value)
+
+    @property
+    def expert_dim(self) -> int:
+        """D: the width the experts read and write (H, unless they run in a projected space)."""
+        return int(self.config.hidden_size)
+
+    def expert_inputs(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """[n, H] MoE-block inputs (what the router and the probe see) -> [n, D] what the experts receive."""
+        return x
+
+    def expert_outputs_to_block(self, block: nn.Module, y: torch.Tensor) -> torch.Tensor:
+        """[..., D] routed expert outputs -> [..., H] their part of the block's output: the linear map after
+        the experts (without its bias, which does not depend on the routing); the identity when D is H."""
+        return y
 
     @property
     def n_group(self) -> int:
@@ -367,6 +414,25 @@ class Adapter:
         """Every experts tensor whose first axis is the expert axis."""
         return dict(self.experts(block).named_parameters(recurse=False))
 
+    def expert_tensor_owner(self, block: nn.Module, name: str) -> tuple[nn.Module, str]:
+        """(module, attribute) holding the experts tensor `name` of `expert_parameters` (may be dotted)."""
+        owner_path, _, leaf = name.rpartition(".")
+        ex = self.experts(block)
+        return (ex.get_submodule(owner_path) if owner_path else ex), leaf
+
+    def set_expert_tensor(self, block: nn.Module, name: str, value: torch.Tensor, *,
+                          parameter: bool = True) -> None:
+        """Put `value` [E', ...], in the form `expert_parameters` gives (expert axis first), in place of the
+        experts tensor `name`: as a parameter (its grad flag kept), or with `parameter=False` as a plain
+        attribute, which may carry gradients."""
+        owner, leaf = self.expert_tensor_owner(block, name)
+        old = owner._parameters.pop(leaf, None)
+        if parameter:
+            grad = old.requires_grad if old is not None else False
+            owner._parameters[leaf] = nn.Parameter(value.contiguous(), requires_grad=grad)
+        else:
+            setattr(owner, leaf, value)
+
     @torch.no_grad()
     def expert_outputs(self, block: nn.Module, x: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
         """Raw outputs E_e(x) before gating: row s is expert `expert_ids[s]` applied to `x[s]`.
@@ -419,10 +485,10 @@ class Adapter:
 
     def set_config_num_experts(self, model: nn.Module, old: int, new: int) -> None:
         """Set the config's expert count and the copies cached on the top-level model at init."""
-        setattr(self.config, self.count_field, new)
+        self.write_num_experts(self.config, new)
         model_text_config = text_config(model.config)
         if model_text_config is not self.config:
-            setattr(model_text_config, self.count_field, new)
+            self.write_num_experts(model_text_config, new)
         for module in (model, getattr(model, "model", None)):
             if module is None:
                 continue
@@ -446,6 +512,24 @@ class Adapter:
                 setattr(router, attr, 1)
         if hasattr(router, "topk_group"):
             router.topk_group = 1
+
+    # ---- the layer walk: decoder layers run one at a time ---------------------------------------------
+    # A family whose layers hand the next one more than its hidden states (ZAYA: router states) says how:
+    # what a layer the walk passes over returns, how its output splits, and where the next layer takes it.
+    def layer_passthrough(self, hidden_states: torch.Tensor, args: tuple, kwargs: dict):
+        """What a decoder layer the walk passes over returns: its input hidden states."""
+        return hidden_states
+
+    def split_layer_output(self, out) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(hidden states [B, L, H], state handed to the next layer or None) of a decoder layer's output."""
+        return (out[0] if isinstance(out, tuple) else out), None
+
+    def with_layer_state(self, args: tuple, kwargs: dict, state: torch.Tensor) -> tuple[tuple, dict]:
+        """A decoder layer's call (`args`, `kwargs`) with the state the previous layer handed on."""
+        return args, kwargs
+
+    def check_method(self, method: str, options) -> None:
+        """Refuse, in one line and before any work, a method (with its options) this family cannot run."""
 
     # ---- descriptions -------------------------------------------------------------------------
     def shared_expert_modules(self, block: nn.Module) -> list[str]:

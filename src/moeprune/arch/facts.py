@@ -12,7 +12,9 @@ Columns:
   only when `topk_method == "group_limited_greedy"`) or "top2" (by the sum of its two best:
   DeepSeek-V3 and its descendants, whenever `n_group > 1`);
 - `adapter`: an `Adapter` subclass for the few families whose computation differs (Llama 4);
-- `count_field` / `top_k_field`: only where the derived field is wrong (an alias that does not set).
+- `count_field` / `top_k_field`: only where the derived field is wrong (an alias that does not set);
+- `refused`: for a family moeprune cannot keep valid after pruning, the one line saying why (it is then
+  not supported, and `get_adapter` raises it before any work).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from moeprune.arch.base import Adapter
-from moeprune.arch.families import HunYuanMoEV1, Llama4Text
+from moeprune.arch.families import Dbrx, DsaTopkCarry, HunYuanMoEV1, Llama4Text, NemotronH, Zaya
 
 _RENORM = "top-k weights are renormalised over the selected experts"
 _NO_RENORM = ("gates are softmax probabilities over all E experts without renormalisation, so removing any "
@@ -69,6 +71,14 @@ def _sigmoid_each(adapter) -> tuple[bool, str]:
     return True, "gates are sigmoids of each selected expert's own logit"
 
 
+def _softmax_pnorm(adapter) -> tuple[bool, str]:
+    """DBRX: softmax over all, top-k, divided by the selected p-norm (p = moe_normalize_expert_weights)."""
+    if getattr(adapter.config.ffn_config, "moe_normalize_expert_weights", None) is None:
+        return False, _NO_RENORM
+    return True, ("top-k weights are divided by their p-norm (moe_normalize_expert_weights), in which the "
+                  "softmax normaliser over all experts cancels")
+
+
 def _softmax_groups(adapter) -> tuple[bool, str]:
     """Softmax over all E, groups scored by their top-2 probabilities, top-k, renormalised iff
     `norm_topk_prob` (Mistral 4). Removing experts scales every surviving probability of a token by one
@@ -87,6 +97,7 @@ ROUTING = {
     "softmax_plus_bias": _softmax_plus_bias,  # softmax + correction bias for selection (ERNIE 4.5)
     "sparsemixer": _sparsemixer,  # Phi-MoE
     "sigmoid_each": _sigmoid_each,  # each selected expert's own sigmoid (Llama 4)
+    "softmax_pnorm": _softmax_pnorm,  # softmax, top-k, divided by the top-k's p-norm (DBRX)
     "softmax_groups": _softmax_groups,  # softmax, top-2 group scores, top-k, renorm (Mistral 4)
 }
 
@@ -94,14 +105,16 @@ ROUTING = {
 @dataclass(frozen=True)
 class Family:
     model_types: tuple[str, ...]
-    routing: str
+    routing: str | None = None
     groups: str | None = None
     adapter: type[Adapter] | None = None
     count_field: str | None = None
     top_k_field: str | None = None
+    refused: str | None = None
 
     def __post_init__(self):
-        if self.routing not in ROUTING or self.groups not in (None, "max", "top2"):
+        known = self.routing in ROUTING or (self.refused is not None and self.routing is None)
+        if not known or self.groups not in (None, "max", "top2"):
             raise ValueError(f"{self.model_types}: unknown routing {self.routing!r} or groups "
                              f"{self.groups!r}")
 
@@ -145,7 +158,7 @@ FAMILIES: tuple[Family, ...] = (
     Family(("dots1",), "sigmoid_bias", "top2"),
     Family(("deepseek_v32",), "sigmoid_bias", "top2"),
     Family(("glm4_moe_lite",), "sigmoid_bias", "top2"),
-    Family(("glm_moe_dsa",), "sigmoid_bias", "top2"),  # GLM-5: DeepSeek-V3 router, DSA attention
+    Family(("glm_moe_dsa",), "sigmoid_bias", "top2", adapter=DsaTopkCarry),  # GLM-5: DSA attention
     # hybrids: linear attention / Mamba layers (C)
     Family(("qwen3_next",), "softmax_norm_topk_prob"),
     Family(("qwen3_5_moe_text", "qwen3_5_moe"), "softmax_topk"),  # softmax, top-k, always renormalised
@@ -157,13 +170,13 @@ FAMILIES: tuple[Family, ...] = (
     Family(("axk2",), "sigmoid_bias", "top2"),  # DeepSeek-V3 router, groups optional (n_group None: none)
     Family(("flex_olmo",), "softmax_norm_topk_prob"),
     Family(("hunyuan_v1_moe",), "softmax_topk", adapter=HunYuanMoEV1),  # softmax, top-k, always renormalised
-    Family(("hy_v4",), "sigmoid_bias", "top2"),  # GLM-4.7-Flash router (n_group 1 in the releases)
+    Family(("hy_v4",), "sigmoid_bias", "top2", adapter=DsaTopkCarry),  # GLM-4.7-Flash router
     Family(("lfm2_moe",), "sigmoid_bias"),  # sigmoid, block expert_bias for selection, renorm iff flag
     Family(("step3p7",), "sigmoid_bias"),  # sigmoid, correction bias for selection, always renormalised
     Family(("qwen4_exp_text", "qwen4_exp"), "softmax_norm_topk_prob"),
     Family(("minimax_m3_vl_text", "minimax_m3_vl"), "sigmoid_bias"),  # as step3p7
     Family(("mistral4", "mistral3"), "softmax_groups", "top2"),  # mistral3: Mistral Small 4 (text mistral4)
-    Family(("mistral_large4",), "softmax_groups", "top2"),  # the text model has no causal-LM class
+    Family(("mistral_large4",), "softmax_groups", "top2", adapter=DsaTopkCarry),  # text alone: no class
     # [/text]
 
     # [vlm] vision-language / omni checkpoints
@@ -173,9 +186,26 @@ FAMILIES: tuple[Family, ...] = (
     # [/gemma]
 
     # [hybrid] hybrids: Mamba / linear attention
+    Family(("jamba",), "softmax_no_renorm"),  # softmax over all, top-k, never renormalised
+    Family(("granitemoehybrid",), "softmax_topk"),  # softmax over the top-k logits
+    Family(("kimi_linear",), "sigmoid_bias", "top2"),
+    Family(("bailing_hybrid",), "sigmoid_bias", "top2"),
+    Family(("nemotron_h",), "sigmoid_bias", "top2", adapter=NemotronH),
     # [/hybrid]
 
     # [logic1] new logic: dbrx, jetmoe, doge, zaya
+    Family(("dbrx",), "softmax_pnorm", adapter=Dbrx, count_field="ffn_config.moe_num_experts",
+           top_k_field="ffn_config.moe_top_k"),
+    Family(("zaya",), "softmax_no_renorm", adapter=Zaya),  # top-1 of softmax(E experts + skip) + bias
+    Family(("jetmoe",), refused=(
+        "its MLP experts and its mixture-of-attention experts share one count (num_local_experts), so a "
+        "checkpoint with fewer MLP experts but all attention experts does not load; moeprune prunes MLP "
+        "experts only")),
+    Family(("doge",), refused=(
+        "its routed experts are product keys (expert x*num_keys + y is scored by key x plus key y, "
+        "num_experts = num_keys**2), so dropping single experts leaves cells the router still picks; only "
+        "whole keys could go, which per-expert plans cannot express (with is_moe=false it has no routed "
+        "experts at all)")),
     # [/logic1]
 
     # [logic2] new logic: longcat_flash, deepseek_v4, inkling, muse_spark

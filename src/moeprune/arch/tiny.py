@@ -169,9 +169,32 @@ TINY_OVERRIDES: dict[str, dict] = {
     # [/gemma]
 
     # [hybrid] hybrids: Mamba / linear attention
+    # Mamba/linear and attention layers side by side, and MoE in both kinds; the mixers shrunk to a few heads
+    "jamba": dict(num_hidden_layers=4, attn_layer_period=3, attn_layer_offset=1, expert_layer_period=2,
+                  expert_layer_offset=1, mamba_d_state=8, mamba_dt_rank=8),  # M A M M; MoE on 1 (A), 3 (M)
+    "granitemoehybrid": dict(layer_types=["linear_attention", "full_attention", "linear_attention"],
+                             mamba_n_heads=8, mamba_d_head=16, mamba_d_state=16, mamba_chunk_size=16,
+                             shared_intermediate_size=64),
+    "nemotron_h": dict(layers_block_type=["linear_attention", "moe", "full_attention", "moe"],
+                       mamba_num_heads=8, mamba_head_dim=16, ssm_state_size=16, n_groups=2, chunk_size=16,
+                       moe_shared_expert_intermediate_size=64),
+    # their configs' token ids lie in a 160k vocabulary: the embeddings' padding row must exist
+    "kimi_linear": dict(layer_types=["linear_attention", "full_attention", "linear_attention"],
+                        num_key_value_heads=4, linear_num_heads=4, linear_head_dim=16,
+                        pad_token_id=0, bos_token_id=1, eos_token_id=2),
+    "bailing_hybrid": dict(layer_types=["linear_attention", "full_attention", "linear_attention"],
+                           num_key_value_heads=4, n_group=2, topk_group=1,
+                           pad_token_id=0, bos_token_id=1, eos_token_id=2),
     # [/hybrid]
 
     # [logic1] new logic: dbrx, jetmoe, doge, zaya
+    # DBRX nests attention and experts in sub-configs; its attention reads `attn_config.rope_theta`, which
+    # DbrxAttentionConfig does not declare but real DBRX checkpoints carry (as they carry clip_qkv = 8,
+    # without which its attention fails)
+    "dbrx": dict(d_model=64, n_heads=4, n_layers=3, max_seq_len=512,
+                 attn_config=dict(kv_n_heads=2, rope_theta=10000.0, clip_qkv=8.0),
+                 ffn_config=dict(ffn_hidden_size=128, moe_num_experts=8, moe_top_k=2)),
+    "zaya": dict(num_experts_per_tok=1, router_hidden_size=32),  # ZAYA routes top-1 only
     # [/logic1]
 
     # [logic2] new logic: longcat_flash, deepseek_v4, inkling, muse_spark

@@ -56,7 +56,8 @@ class LayerWeights(Protocol):
         """The fused expert tensors, expert axis first (read-only)."""
 
     def expert_outputs(self, x: torch.Tensor, experts: list[int] | None = None) -> torch.Tensor:
-        """[E', n, H] float32 raw (ungated) outputs of `experts` (default all) on tokens x [n, H]."""
+        """[E', n, D] float32 raw (ungated) outputs of `experts` (default all) on block inputs x [n, H]
+        (D = H unless the experts run in a latent space: `Adapter.expert_dim`)."""
 
     def block_output(self, x: torch.Tensor, layer_plan: LayerPlan | None = None) -> torch.Tensor:
         """[n, H] float32 the MoE block's output on x [n, H], after `layer_plan` if given (on a copy)."""

@@ -40,9 +40,11 @@ def similarity(ref: ExpertWeights, other: ExpertWeights) -> torch.Tensor:
     def f64(t: torch.Tensor) -> torch.Tensor:
         return t.detach().double().cpu()
 
-    g0, u0, d0 = f64(ref.gate), f64(ref.up), f64(ref.down)  # [I, H], [I, H], [H, I]
-    g1, u1, d1 = f64(other.gate), f64(other.up), f64(other.down)
-    S = g0 @ g1.T + u0 @ u1.T + d0.T @ d1  # [I, I]
+    u0, d0 = f64(ref.up), f64(ref.down)  # [I, H], [H, I]
+    u1, d1 = f64(other.up), f64(other.down)
+    S = u0 @ u1.T + d0.T @ d1  # [I, I]
+    if ref.gate is not None and other.gate is not None:  # non-gated experts (up -> act -> down) have none
+        S += f64(ref.gate) @ f64(other.gate).T
     for b0, b1 in ((ref.gate_bias, other.gate_bias), (ref.up_bias, other.up_bias)):
         if b0 is not None and b1 is not None:
             S += f64(b0)[:, None] * f64(b1)[None, :]
@@ -65,7 +67,7 @@ def align_members(access, members: list[int], reference: int) -> list[list[int]]
     `access` is a `methods.access.LayerWeights` (anything with `expert_weights(e)`).
     """
     ref = access.expert_weights(reference)
-    I = ref.gate.shape[0]
+    I = ref.up.shape[0]
     return [
         list(range(I)) if e == reference else match_hidden(ref, access.expert_weights(e)) for e in members
     ]

@@ -122,9 +122,10 @@ def surrogate_inputs(tokens: int, hidden: int, seed: int) -> torch.Tensor:
 
 
 def weight_samples(access: LayerWeights, e: int) -> torch.Tensor:
-    """[I, 2H(+2)] expert e's hidden units as rows: gate row, up row (and their biases)."""
+    """[I, 2H(+2)] expert e's hidden units as rows: gate row, up row (and their biases); [I, H(+1)] for
+    non-gated experts (up -> act -> down), which have no gate."""
     w = access.expert_weights(e)
-    cols = [w.gate.float(), w.up.float()]
+    cols = [t.float() for t in (w.gate, w.up) if t is not None]
     cols += [b.float()[:, None] for b in (w.gate_bias, w.up_bias) if b is not None]
     return torch.cat(cols, dim=1).detach()
 
@@ -141,7 +142,8 @@ def flat_similarity(access: LayerWeights) -> torch.Tensor:
     rows = []
     for e in range(access.num_experts):
         w = access.expert_weights(e)
-        rows.append(torch.cat([w.gate.reshape(-1), w.up.reshape(-1), w.down.reshape(-1)]).detach().float())
+        parts = [t.reshape(-1) for t in (w.gate, w.up, w.down) if t is not None]  # no gate when not gated
+        rows.append(torch.cat(parts).detach().float())
     return pairwise_vector_cka(torch.stack(rows))
 
 
@@ -154,7 +156,8 @@ def expert_similarity(access: LayerWeights, ls: LayerStats | None, representatio
     if representation == "flat":
         return flat_similarity(access)
     if representation == "surrogate":
-        H = access.expert_weights(0).gate.shape[1]
+        # block inputs (H), which expert_outputs maps into the experts' space where that differs
+        H = int(access.adapter.config.hidden_size)
         x = surrogate_inputs(surrogate_tokens, H, seed)
     else:
         if ls is None:

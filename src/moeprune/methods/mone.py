@@ -153,7 +153,7 @@ def novice_vectors(plan: Plan, stats=None) -> dict[int, torch.Tensor]:
     layers = [lp for lp in plan.layers if lp.novices]
     if not layers:
         return {}
-    H = int(plan.model.get("hidden_size")
+    H = int(plan.model.get("expert_dim") or plan.model.get("hidden_size")
             or (next(iter(stats.layers.values())).experts.mean.shape[1] if stats else 0))
     needs_stats = [lp.layer for lp in layers if lp.notes.get("novice_vectors", "out_mean") != "zero"]
     if needs_stats and stats is None:

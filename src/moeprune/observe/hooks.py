@@ -92,17 +92,27 @@ def install_observer(adapter: Adapter, block: nn.Module, record) -> Callable[[],
         inv_perm = torch.empty_like(perm)
         inv_perm[perm] = torch.arange(perm.size(0), device=perm.device)
         out = weighted[inv_perm].view(T, K, -1).sum(dim=1).to(hidden.dtype)  # [T, H]
-        record(expert_ids_g, w_g, raw, weighted)  # `weighted` is spent: the statistics reuse it
+        if adapter.skip_class:  # pairs sent to the skip class (expert 0, gate 0) are no expert's
+            routed = w_g != 0
+            record(expert_ids_g[routed], w_g[routed], raw[routed], None)
+        else:
+            record(expert_ids_g, w_g, raw, weighted)  # `weighted` is spent: the statistics reuse it
         return out
 
     def observed_forward(hidden, top_k_index, top_k_weights):
         T, K = top_k_index.shape
+        shape = hidden.shape  # [T, H], or [B, L, H] for experts that take the block's input as is (DBRX)
+        hidden = hidden.reshape(T, -1)
         x = hidden.repeat_interleave(K, dim=0) if K > 1 else hidden  # [S, H], row s = token s // K
         raw = adapter.expert_outputs(block, x, top_k_index.reshape(-1))  # [S, H]
         weighted = raw.view(T, K, -1) * top_k_weights.to(raw.dtype)[..., None]  # [T, K, H]
         out = weighted.sum(dim=1).to(hidden.dtype)  # [T, H]
-        record(top_k_index, top_k_weights, raw, weighted)  # `weighted` is spent: the statistics reuse it
-        return out
+        if adapter.skip_class:  # pairs sent to the skip class (expert 0, gate 0) are no expert's
+            routed = top_k_weights.reshape(-1) != 0  # [S]
+            record(top_k_index.reshape(-1)[routed], top_k_weights.reshape(-1)[routed], raw[routed], None)
+        else:
+            record(top_k_index, top_k_weights, raw, weighted)  # `weighted` is spent: the statistics reuse it
+        return out.view(shape)
 
     ex.forward = observed_forward if steps is None else grouped_forward
 

@@ -56,8 +56,8 @@ class Observer(contextlib.AbstractContextManager):
 
     def __enter__(self):
         for i, block in self.blocks.items():
-            H = self.adapter.config.hidden_size
-            self.experts[i] = ExpertStats(self.adapter.num_experts, H)
+            # expert outputs live in the experts' space (D; H unless they run in a latent space)
+            self.experts[i] = ExpertStats(self.adapter.num_experts, self.adapter.expert_dim)
             self.probes[i] = ProbeCollector(self.wanted_probe)
             self._undo.append(install_observer(self.adapter, block, self._recorder(i)))
             handle = self.adapter.router(block).register_forward_hook(self._probe_hook(i))
@@ -120,6 +120,7 @@ def model_description(model: nn.Module, adapter: Adapter, source: str | None = N
         "moe_layers": sorted(blocks),
         "num_layers": len(decoder_layers(model)[0]),
         "expert_intermediate_size": width,
+        "expert_dim": adapter.expert_dim,
         "vocab_size": getattr(adapter.config, "vocab_size", None),
     }
     blob = json.dumps({k: facts[k] for k in FINGERPRINT_FIELDS}, sort_keys=True).encode()

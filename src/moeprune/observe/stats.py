@@ -170,12 +170,14 @@ class LayerStats:
     probe: Probe
 
     @classmethod
-    def empty(cls, layer: int, num_experts: int, hidden: int) -> LayerStats:
-        """No calibration: zero counts and an empty probe, for methods that read only the weights."""
+    def empty(cls, layer: int, num_experts: int, hidden: int, expert_dim: int | None = None) -> LayerStats:
+        """No calibration: zero counts and an empty probe, for methods that read only the weights.
+
+        `expert_dim`: the experts' width D when it is not `hidden` (experts in a latent space)."""
         E, H = num_experts, hidden
         return cls(
             layer,
-            ExpertStats(E, H),
+            ExpertStats(E, expert_dim or H),
             Probe(torch.zeros(0, dtype=torch.long), torch.zeros(0, H), torch.zeros(0, E)),
         )
 
@@ -291,10 +293,11 @@ def _layer_from(d: Path, i: int, tensors: dict[str, torch.Tensor], model: dict) 
         shape = list(p["positions"].shape)
         raise _damaged(d, f"layer {i} probe.positions has shape {shape}, not [probe size]")
     P = p["positions"].shape[0]
-    for k, want in (("inputs", [P, H]), ("router_logits", [P, E])):
+    H_in = int(model.get("hidden_size") or H)  # probe inputs are the block's; expert means may be latent
+    for k, want in (("inputs", [P, H_in]), ("router_logits", [P, E])):
         if list(p[k].shape) != want:
             raise _damaged(d, f"layer {i} probe.{k} has shape {list(p[k].shape)}, but {want} was expected "
-                              f"({P} probe positions, {E} experts, hidden size {H})")
+                              f"({P} probe positions, {E} experts, hidden size {H_in})")
     E_model = model.get("num_experts")
     if E_model is not None and E != E_model:
         raise _damaged(d, f"layer {i} holds statistics of {E} experts, but stats.json says the model has "

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from moeprune.arch import Adapter, ExpertWeights, get_adapter
+from moeprune.arch.base import router_keep, router_matrix
 from moeprune.errors import MoepruneError
 from moeprune.methods.access import NotExact
 from moeprune.plan import ROUTER_MERGES, LayerPlan
@@ -52,12 +53,12 @@ class LayerAccess:
 
     @torch.no_grad()
     def expert_outputs(self, x: torch.Tensor, experts: list[int] | None = None) -> torch.Tensor:
-        """[E', n, H] raw (ungated) outputs of `experts` (default all) on tokens x [n, H]."""
+        """[E', n, D] raw (ungated) outputs of `experts` (default all) on block inputs x [n, H]."""
         ids = list(range(self.num_experts)) if experts is None else list(experts)
         dtype = next(self.block.parameters()).dtype
-        x = x.to(dtype)
+        x = self.adapter.expert_inputs(self.block, x.to(dtype))  # [n, D]
         n = x.shape[0]
-        rep = x.repeat(len(ids), 1)  # [E'*n, H]
+        rep = x.repeat(len(ids), 1)  # [E'*n, D]
         which = torch.tensor(ids).repeat_interleave(n)  # [E'*n]
         return self.adapter.expert_outputs(self.block, rep, which).view(len(ids), n, -1).float()
 
@@ -135,7 +136,8 @@ class MergedBlock:
                         for o, n, axis in router_tensors]
         self.num_in = adapter.num_experts
         for name, _ in self._experts:  # plain attributes from now on, so they can carry gradients
-            self.adapter.experts(self.block)._parameters.pop(name, None)
+            owner, leaf = adapter.expert_tensor_owner(self.block, name)
+            owner._parameters.pop(leaf, None)
         for name, _, _, path in self._router:
             owner = self.block.get_submodule(path)
             owner._parameters.pop(name, None)
@@ -152,13 +154,13 @@ class MergedBlock:
     def set(self, M: torch.Tensor) -> None:
         """Install merged tensors for the merge matrix M [R, E] (float32, may require grad)."""
         router_M = M if self.router_merge == "average" else (M.detach() != 0).float()
-        experts = self.adapter.experts(self.block)
         for name, W in self._experts:
             merged = torch.tensordot(M, W.float(), dims=([1], [0]))  # [R, ...]
-            setattr(experts, name, merged)
+            self.adapter.set_expert_tensor(self.block, name, merged, parameter=False)
         for name, axis, W, path in self._router:
             moved = W.float().movedim(axis, 0)
-            merged = torch.tensordot(router_M, moved, dims=([1], [0])).movedim(0, axis)
+            merged = torch.tensordot(router_matrix(router_M, moved.shape[0]), moved, dims=([1], [0]))
+            merged = merged.movedim(0, axis)  # the rows after the experts' (a skip class) unchanged
             setattr(self.block.get_submodule(path), name, merged)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -198,8 +200,10 @@ class RoutedLookup:
         self.E = adapter.num_experts
         self._xs = x.to(next(block.parameters()).dtype)
         n = self._xs.shape[0]
-        self._Y = torch.stack([adapter.expert_outputs(block, self._xs, torch.full((n,), e, dtype=torch.long))
-                               for e in range(self.E)])  # [E, n, H]
+        x_in = adapter.expert_inputs(block, self._xs)  # [n, D]
+        self._Y = torch.stack([adapter.expert_outputs_to_block(
+            block, adapter.expert_outputs(block, x_in, torch.full((n,), e, dtype=torch.long)))
+            for e in range(self.E)])  # [E, n, H]
         self._rows = torch.arange(n)[:, None]  # [n, 1]
 
     def __call__(self, subset) -> torch.Tensor:
@@ -210,7 +214,9 @@ class RoutedLookup:
         shared.update({id(m.config): m.config for m in block.modules() if hasattr(m, "config")})  # read-only
         shell = copy.deepcopy(block, shared)  # new modules, the very same weight tensors
         for owner, name, axis in adapter.router_expert_tensors(shell):
-            t = getattr(owner, name).index_select(axis, keep.to(getattr(owner, name).device))
+            full = getattr(owner, name)
+            rows = router_keep(keep, self.E, full.shape[axis])  # a skip class's row (ZAYA) stays
+            t = full.index_select(axis, rows.to(full.device))
             if name in owner._parameters:
                 owner._parameters[name] = nn.Parameter(t, requires_grad=False)
             else:
@@ -221,8 +227,9 @@ class RoutedLookup:
         Y, rows, n = self._Y, self._rows, self._xs.shape[0]
 
         def lookup(hidden, top_k_index, top_k_weights):
-            if hidden.shape[0] != n:
-                raise NotExact(f"the experts saw {hidden.shape[0]} rows, not the {n} probe tokens")
+            rows_seen = hidden.reshape(-1, hidden.shape[-1]).shape[0]  # [B, L, H] for DBRX's experts
+            if rows_seen != n:
+                raise NotExact(f"the experts saw {rows_seen} rows, not the {n} probe tokens")
             y = Y[keep[top_k_index], rows]  # [n, K, H]
             raise _Captured((y.float() * top_k_weights.float()[..., None]).sum(dim=1))
 

@@ -23,22 +23,19 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from moeprune.arch import get_adapter
+
 
 class _Reached(Exception):
     """Raised by the recorder at the wanted layer to stop the model's forward."""
 
 
 @torch.no_grad()
-def layer_call(model: nn.Module, layers: nn.ModuleList, input_ids: torch.Tensor, i: int,
-               carried: tuple = ()):
+def layer_call(model: nn.Module, layers: nn.ModuleList, input_ids: torch.Tensor, i: int):
     """(h0 [B, L, H], args, kwargs): the embeddings and the call decoder layer i gets for `input_ids` [B,
-    L].
-
-    `carried`: what layer i-1 returned for this batch besides its hidden states (DSA decoders hand their
-    top-k token indices to the next layer, which the model passes on as a keyword); the stand-ins return
-    it with their input, so the model unpacks what the real layers return and layer i gets it.
-    """
+    L]."""
     got: dict = {}
+    passthrough = get_adapter(model.config).layer_passthrough
 
     def recorder(j):
         def forward(hidden_states, *args, **kwargs):
@@ -47,8 +44,7 @@ def layer_call(model: nn.Module, layers: nn.ModuleList, input_ids: torch.Tensor,
             if j == i:
                 got["call"] = (args, kwargs)
                 raise _Reached
-            # pass-through, so the model's own code reaches layer i
-            return (hidden_states, *carried) if carried else hidden_states
+            return passthrough(hidden_states, args, kwargs)  # so the model's own code reaches layer i
 
         return forward
 
@@ -63,24 +59,19 @@ def layer_call(model: nn.Module, layers: nn.ModuleList, input_ids: torch.Tensor,
 
 
 @torch.no_grad()
-def head_logits(model: nn.Module, layers: nn.ModuleList, input_ids: torch.Tensor, last_hidden: torch.Tensor,
-                carried: tuple = ()):
+def head_logits(model: nn.Module, layers: nn.ModuleList, input_ids: torch.Tensor, last_hidden: torch.Tensor):
     """[B, L, V] the model's logits for `input_ids` [B, L] when its last decoder layer outputs `last_hidden`
-    [B, L, H] (and `carried`, what it returns besides, as in `layer_call`).
+    [B, L, H].
 
     The model's own forward runs with every decoder layer passing its input through and the last one
     returning `last_hidden`, so the final norm, lm_head and any output processing are the family's own.
     """
     last = len(layers) - 1
-
-    def stand_in(j):
-        def forward(h, *a, **k):
-            h = last_hidden if j == last else h
-            return (h, *carried) if carried else h
-
-        return forward
-
-    forwards = {j: stand_in(j) for j in range(last + 1)}
+    passthrough = get_adapter(model.config).layer_passthrough
+    forwards = {
+        j: (lambda h, *a, **k: passthrough(last_hidden, a, k)) if j == last
+        else (lambda h, *a, **k: passthrough(h, a, k)) for j in range(last + 1)
+    }
     with _forwards_replaced(layers, forwards):
         return model(input_ids=input_ids, use_cache=False).logits
 
@@ -118,11 +109,10 @@ def to_device(obj, device):
 
 
 @torch.no_grad()
-def run_layer(layer: nn.Module, hidden: torch.Tensor, args: tuple,
-              kwargs: dict) -> tuple[torch.Tensor, tuple]:
-    """([B, L, H] output of one decoder layer, what else it returned: the `carried` of `layer_call`)."""
-    out = layer(hidden, *args, **kwargs)
-    return (out[0], tuple(out[1:])) if isinstance(out, tuple) else (out, ())
+def run_layer(adapter, layer: nn.Module, hidden: torch.Tensor, args: tuple,
+              kwargs: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """([B, L, H] output of one decoder layer, the state it hands the next layer besides, or None)."""
+    return adapter.split_layer_output(layer(hidden, *args, **kwargs))
 
 
 class HiddenStates:
@@ -168,6 +158,10 @@ class HiddenStates:
         save_file({"h": hidden.detach().cpu().contiguous()}, str(path))
         self._next[b] = path
         self.spilled_bytes += size
+
+    def __contains__(self, b: int) -> bool:
+        """Whether batch b has a current tensor."""
+        return b in self._current
 
     def get(self, b: int) -> torch.Tensor:
         h = self._current[b]

@@ -47,40 +47,43 @@ class _Batches:
         N = input_ids.shape[0]
         self.starts = ranks.batch_starts(list(range(0, N, batch_size)))
         self.hidden = HiddenStates(budget, offload_dir)
-        # per batch, what the last layer run returned besides its hidden states (DSA top-k indices); small
-        # beside the hidden states, so kept in memory
-        self.carried: dict[int, tuple] = {}
+        self.state = HiddenStates(budget, offload_dir)  # what a layer hands the next besides (ZAYA)
 
     @torch.no_grad()
     def run(self, i: int, layer: nn.Module, observer: Observer | None = None, keep: bool = True,
-            sink: Callable[[torch.Tensor, torch.Tensor, tuple], None] | None = None) -> None:
+            sink: Callable[[torch.Tensor, torch.Tensor], None] | None = None) -> None:
         """Run every local batch through decoder layer i; with `keep`, store the outputs as layer i+1's
         inputs.
 
-        `sink(input_ids [B, L], outputs [B, L, H], carried)`, if given, receives each batch's outputs
-        instead (with what the layer returned besides them).
+        `sink(input_ids [B, L], outputs [B, L, H])`, if given, receives each batch's outputs instead.
         """
         L = self.input_ids.shape[1]
         device = self.source.device
         for b, s in enumerate(self.starts):
             batch = self.input_ids[s : s + self.batch_size]  # [B, L]
-            carried = self.carried.get(b, ()) if i else ()
-            h0, args, kwargs = layer_call(self.source.model, self.source.layers, batch, i, carried)
+            h0, args, kwargs = layer_call(self.source.model, self.source.layers, batch, i)
             h = h0 if i == 0 else self.hidden.get(b)  # [B, L, H]
             if observer is not None:
                 observer.begin_batch(torch.arange(s * L, (s + batch.shape[0]) * L))
-            out, carried = run_layer(layer, h.to(device), to_device(args, device), to_device(kwargs, device))
+            adapter = self.source.adapter
+            if i > 0 and b in self.state:
+                args, kwargs = adapter.with_layer_state(args, kwargs, self.state.get(b))
+            out, state = run_layer(adapter, layer, h.to(device), to_device(args, device),
+                                   to_device(kwargs, device))
             if sink is not None:
-                sink(batch, out, carried)
+                sink(batch, out)
             elif keep:
                 self.hidden.put(b, out)
-                self.carried[b] = carried
+                if state is not None:
+                    self.state.put(b, state)
 
     def advance(self) -> None:
         self.hidden.advance()
+        self.state.advance()
 
     def close(self) -> None:
         self.hidden.close()
+        self.state.close()
 
 
 @dataclasses.dataclass
@@ -92,6 +95,7 @@ class LayerwiseResult:
     parameter_change: (
         dict  # what the plan changed in `store.checkpoint.parameter_counts` terms (after - before)
     )
+    mtp: dict = dataclasses.field(default_factory=dict)  # MTP layers written and their plan (`store.mtp`)
 
 
 def walk(
@@ -108,7 +112,7 @@ def walk(
     flatten_groups: bool = False,
     write_to: Path | None = None,
     observe: bool = True,
-    on_last: Callable[[torch.Tensor, torch.Tensor, tuple], None] | None = None,
+    on_last: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
     progress=None,
 ) -> LayerwiseResult:
     """One pass over the decoder layers of `source` (a `pipeline.sources` CheckpointSource or ModelSource).
@@ -119,7 +123,7 @@ def walk(
     text's provenance for the statistics).
     `plan_layer(i, stats_i, access)` returns layer i's plan and its novice vectors (or None); it is
     applied before the layer is written (to `write_to`) or, with `sequential`, before its outputs
-    move on. `on_last(input_ids [B, L], outputs [B, L, H], carried)` receives the last decoder layer's outputs
+    move on. `on_last(input_ids [B, L], outputs [B, L, H])` receives the last decoder layer's outputs
     (before the final norm) batch by batch. `progress(description, done, total)` is called as work
     advances.
     """
@@ -141,14 +145,17 @@ def walk(
                            runtime.offload_dir)
     if plan_layer is None and sequential:
         raise MoepruneError("sequential pruning needs a plan for each layer as it goes")
-    writer = None
+    writer = mtp = None
     if write_to is not None:
-        writer = ShardWriter(write_to, num_shards=len(source.layers) + 1)
+        mtp = source.mtp_carrier()  # MTP layers the model does not hold, written after the rest
+        extra = mtp.layout.num_shards if mtp is not None else 0
+        writer = ShardWriter(write_to, num_shards=len(source.layers) + 1 + extra)
     source.prepare()
     stats_layers: dict[int, LayerStats] = {}
     plans: list[LayerPlan] = []
     novice_tensors: dict[str, torch.Tensor] = {}  # for the novice file, gathered as layers are written
     parameter_change: dict[str, int] = {}
+    mtp_record: dict = {}
     n_layers = len(source.layers)
     try:
         for i in range(n_layers):
@@ -192,6 +199,11 @@ def walk(
                 batches.advance()
         if writer is not None:
             writer.write(source.rest_tensors())  # embeddings, norm, lm_head
+            if mtp is not None:  # with the plan of the last MoE decoder layer (`store.mtp`)
+                last_plan = max(plans, key=lambda lp: lp.layer) if plans else None
+                for tensors in mtp.shards(last_plan):
+                    writer.write(tensors)
+                mtp_record = mtp.record(last_plan)
             writer.finish()
     finally:
         if batches is not None:
@@ -206,7 +218,7 @@ def walk(
     plan = None
     if plans:
         plan = Plan(method="", layers=plans, model=desc, flatten_groups=flatten_groups)
-    return LayerwiseResult(stats, plan, seconds, novice_tensors, parameter_change)
+    return LayerwiseResult(stats, plan, seconds, novice_tensors, parameter_change, mtp_record)
 
 
 def _layer_counts(adapter, layer: nn.Module, block: nn.Module) -> dict[str, int]:

@@ -9,6 +9,7 @@ checkpoint at `path` as the source.
 from __future__ import annotations
 
 import copy
+import dataclasses
 from pathlib import Path
 
 import torch
@@ -64,7 +65,7 @@ def forward(source, input_ids: torch.Tensor, *, runtime: RuntimeRequest | None =
     outputs = []
     walk(
         source, input_ids=input_ids, runtime=runtime, observe=False,
-        on_last=lambda ids, h, _carried: outputs.append(h), progress=progress,
+        on_last=lambda ids, h: outputs.append(h), progress=progress,
     )
     return torch.cat(outputs)
 
@@ -101,10 +102,9 @@ def perplexities(
     nll = torch.zeros(blocks.shape[0], dtype=torch.float64)  # [W]
     done = 0  # the walk hands the batches over in order (one process)
 
-    def score(ids: torch.Tensor, last_hidden: torch.Tensor, carried: tuple) -> None:
+    def score(ids: torch.Tensor, last_hidden: torch.Tensor) -> None:
         nonlocal done
-        logits = head_logits(source.model, source.layers, ids, last_hidden.to(source.device),
-                             carried)  # [B, L, V]
+        logits = head_logits(source.model, source.layers, ids, last_hidden.to(source.device))  # [B, L, V]
         nll[done : done + ids.shape[0]] = logits_nll(logits, ids).cpu()
         done += ids.shape[0]
 
@@ -166,7 +166,7 @@ def empty_stats(model, source: str | None = None) -> Stats:
     """Statistics with no calibration, for methods that read only the weights."""
     desc = model_description(model, get_adapter(model.config), source)
     E, H = desc["num_experts"], desc["hidden_size"]
-    layers = {i: LayerStats.empty(i, E, H) for i in desc["moe_layers"]}
+    layers = {i: LayerStats.empty(i, E, H, desc.get("expert_dim")) for i in desc["moe_layers"]}
     return Stats(model=desc, calibration={}, layers=layers)
 
 
@@ -194,14 +194,14 @@ def _finish(
     E_in, E_out = plan.num_experts_in, plan.num_experts_out
     config.architectures = [type(source.model).__name__]  # what save_pretrained records
     if novice_tensors:  # the router keeps E rows: the stock part has E_out experts, the novice file the rest
-        setattr(adapter.config, adapter.count_field, E_out)
+        adapter.write_num_experts(adapter.config, E_out)
         config.save_pretrained(str(tmp))
         write_novice_file(
             tmp, novice_tensors, count_field=adapter.count_field, num_experts=E_in, kept_count=E_out,
             layers=sorted(lp.layer for lp in plan.layers if lp.novices),
         )
     else:
-        setattr(adapter.config, adapter.count_field, E_out)
+        adapter.write_num_experts(adapter.config, E_out)
         if plan.flatten_groups:
             adapter.config.n_group = 1
             adapter.config.topk_group = 1
@@ -245,12 +245,14 @@ def prune(
     E, H = desc["num_experts"], desc["hidden_size"]
     method_config = {}
     before = parameters_before(source) if main else {}
+    if main:
+        source.mtp_carrier()  # MTP layers that do not fit the decoder's experts fail before the first pass
 
     def plan_one_layer(i, layer_stats, access):
         from moeprune.methods.mone import novice_vectors
 
         one = Stats(model={**desc, "moe_layers": [i]}, calibration=info,
-                    layers={i: layer_stats or LayerStats.empty(i, E, H)})
+                    layers={i: layer_stats or LayerStats.empty(i, E, H, desc.get("expert_dim"))})
         p = make_plan(method, PlanRequest(one, keep, flatten_groups, _OneLayerWeights(access)), **options)
         method_config.update(p.method_config)
         return p.layers[0], novice_vectors(p, one).get(i)
@@ -275,7 +277,7 @@ def prune(
     def run(write_to):
         result = walk(source, write_to=write_to, **walk_args)
         plan = Plan(method=method, layers=result.plan.layers, model=desc, method_config=dict(method_config),
-                    calibration=info, flatten_groups=flatten_groups)
+                    calibration=info, flatten_groups=flatten_groups, mtp=result.mtp)
         if sequential:
             plan.calibration = {**info, "sequential": True}
         plan.validate()
@@ -302,5 +304,6 @@ def apply(source, plan: Plan, output: OutputRequest, *, stats: Stats | None = No
     with atomic_directory(output.path, force=output.force) as tmp:
         result = walk(source, plan_layer=lambda i, _s, _a: (plan.layer(i), vectors.get(i)), write_to=tmp,
                       flatten_groups=plan.flatten_groups, progress=progress)
-        _finish(source, tmp, plan, result.novice_tensors, before=before, command=output.command)
+        written = dataclasses.replace(plan, mtp=result.mtp)  # the caller's plan is not changed
+        _finish(source, tmp, written, result.novice_tensors, before=before, command=output.command)
     return Path(output.path)

@@ -23,6 +23,8 @@ from moeprune.runtime import check_fits, choose_in_memory
 from moeprune.store.sharded import ShardedCheckpoint, free
 from moeprune.store.writer import layer_on_disk
 
+_UNSET = object()  # an MTP carrier not looked for yet (None: looked for, none found)
+
 
 def _block_names(model: nn.Module, layers: nn.ModuleList, blocks: dict[int, nn.Module]) -> dict[int, str]:
     """Layer index -> the MoE block's name inside its decoder layer (e.g. `mlp`), to find it in a copy."""
@@ -47,6 +49,7 @@ class CheckpointSource:
         self.blocks = self.adapter.moe_blocks(self.model)
         self._block_names = _block_names(self.model, self.layers, self.blocks)
         self._pristine: dict[int, nn.Module] = {}
+        self._mtp = _UNSET
 
     def prepare(self) -> None:
         """Load what every layer's call needs (embeddings, final norm, lm_head)."""
@@ -78,6 +81,13 @@ class CheckpointSource:
         """Embeddings, norm and lm_head as stored (a tied lm_head is not on disk, so it is not written)."""
         return {k: self.ck.raw_tensor(k) for k in self.ck.rest_keys()}
 
+    def mtp_carrier(self):
+        """The writer of the checkpoint's MTP layers (`store.mtp.MtpCarrier`), or None without any; made
+        (and checked against the decoder, header reads only) on the first call."""
+        if self._mtp is _UNSET:
+            self._mtp = self.ck.mtp_carrier()
+        return self._mtp
+
 
 class ModelSource:
     """A model already in memory: every layer is loaded, nothing is freed, a changed layer is a copy."""
@@ -92,6 +102,7 @@ class ModelSource:
         self.layers, self.layer_prefix = decoder_layers(model)
         self.blocks = self.adapter.moe_blocks(model)
         self._block_names = _block_names(model, self.layers, self.blocks)
+        self._mtp = _UNSET
 
     def prepare(self) -> None:
         pass
@@ -119,6 +130,23 @@ class ModelSource:
         state = {k: v for k, v in self.model.state_dict().items()
                  if not k.startswith(layer_prefix) and k not in tied}
         return on_disk_names(self.model, state)
+
+    def mtp_carrier(self):
+        """The writer of the MTP layers in the checkpoint at `path` (`store.mtp.MtpCarrier`), which the
+        loaded model dropped, or None without any (or without a checkpoint to read them from); made on
+        the first call."""
+        from moeprune.store.mtp import carrier_for
+        from moeprune.store.sharded import skeleton
+
+        if self._mtp is not _UNSET:
+            return self._mtp
+        self._mtp = None
+        if self.blocks:
+            config = copy.deepcopy(self.model.config)
+            first = next(iter(self.blocks.values()))
+            dtype = next(iter(self.adapter.expert_parameters(first).values())).dtype
+            self._mtp = carrier_for(self.path, self.model, lambda: skeleton(config, dtype))
+        return self._mtp
 
 
 def open_source(model_path: str | Path, runtime, *, model=None, device: str | None = None,

@@ -245,6 +245,13 @@ def model_card(*, source: str, plan, before: dict, after: dict, command: str | N
             + (f"; never routed on the calibration data, so zero: {never}" if never else "")
         )
     lines += [f"- {n}" for n in notes or []]
+    mtp = plan.mtp
+    if mtp.get("layers"):
+        names = ", ".join(f"`{p.rstrip('.')}`" for p in mtp["layers"])
+        how = (f"routed experts reduced with layer {mtp['plan_from_layer']}'s plan (the last MoE decoder "
+               "layer's: transformers does not run MTP layers, so their routing is not observed), every "
+               "other tensor as stored" if "plan_from_layer" in mtp else "copied as stored")
+        lines.append(f"- **MTP layers carried** (speculative decoding): {names}; {how}")
     if plan.flatten_groups:
         lines.append("- **Group-limited routing flattened:** n_group = topk_group = 1")
     if cal:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from safetensors import safe_open
+
 from moeprune.errors import MoepruneError
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
@@ -26,3 +28,22 @@ def read_config_dict(path: str | Path) -> dict:
         return json.loads((p / "config.json").read_text())
     except json.JSONDecodeError as e:
         raise MoepruneError(f"{p}/config.json is not valid JSON ({e.msg})")
+
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+
+
+def weight_map(path: Path) -> dict[str, str]:
+    """On-disk tensor name -> shard file name, from the index or the single safetensors file."""
+    index = path / INDEX_FILE
+    if index.is_file():
+        try:
+            return dict(json.loads(index.read_text())["weight_map"])
+        except (json.JSONDecodeError, KeyError) as e:
+            raise MoepruneError(f"{index} is not a valid safetensors index ({type(e).__name__}: {e})")
+    if (path / SINGLE_FILE).is_file():
+        with safe_open(str(path / SINGLE_FILE), framework="pt") as f:
+            return dict.fromkeys(f.keys(), SINGLE_FILE)
+    raise MoepruneError(f"{path} has no safetensors weights ({INDEX_FILE} or {SINGLE_FILE}); layer-by-layer "
+                        "loading reads safetensors only: convert the checkpoint, or use --in-memory")

@@ -53,7 +53,7 @@ def describe(model: nn.Module) -> dict | None:
     if not blocks:
         return None
     per_layer = {i: int(adapter.experts(b).novice_vectors.shape[0]) for i, b in blocks.items()}
-    kept = {int(adapter.experts(b).gate_up_proj.shape[0]) for b in blocks.values()}
+    kept = {int(adapter.experts(b).down_proj.shape[0]) for b in blocks.values()}
     return {
         "router_experts": adapter.num_experts,
         "experts_kept": min(kept) if len(kept) == 1 else sorted(kept),
@@ -135,7 +135,7 @@ def config_from_dict(d: dict):
     if cls is None:
         raise MoepruneError(f"unknown model_type {model_type!r} in config.json")
     try:
-        return cls.from_dict(d)
+        return cls.from_dict(compat.decode_config_floats(d))
     except Exception as e:  # noqa: BLE001  (transformers raises many kinds; one line says which)
         raise MoepruneError(f"could not build the {model_type} config ({type(e).__name__}: {e})")
 
@@ -154,7 +154,7 @@ def save_pretrained(model: nn.Module, directory: str | Path) -> None:
         model.save_pretrained(str(d))
         return
     E = adapter.num_experts
-    kept_counts = {int(adapter.experts(b).gate_up_proj.shape[0]) for b in blocks.values()}
+    kept_counts = {int(adapter.experts(b).down_proj.shape[0]) for b in blocks.values()}
     if len(kept_counts) != 1:
         raise MoepruneError(
             f"MoE layers keep different expert counts {sorted(kept_counts)}; a checkpoint holds one"

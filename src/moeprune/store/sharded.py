@@ -14,7 +14,8 @@ functions PEFT uses.
 
 from __future__ import annotations
 
-import json
+import copy
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -27,25 +28,8 @@ from moeprune import compat
 from moeprune.arch import decoder_layers, get_adapter
 from moeprune.errors import MoepruneError
 from moeprune.runtime import quiet_transformers
-
-INDEX_FILE = "model.safetensors.index.json"
-SINGLE_FILE = "model.safetensors"
-
-
-def weight_map(path: Path) -> dict[str, str]:
-    """On-disk tensor name -> shard file name, from the index or the single safetensors file."""
-    index = path / INDEX_FILE
-    if index.is_file():
-        try:
-            return dict(json.loads(index.read_text())["weight_map"])
-        except (json.JSONDecodeError, KeyError) as e:
-            raise MoepruneError(f"{index} is not a valid safetensors index ({type(e).__name__}: {e})")
-    if (path / SINGLE_FILE).is_file():
-        with safe_open(str(path / SINGLE_FILE), framework="pt") as f:
-            return dict.fromkeys(f.keys(), SINGLE_FILE)
-    raise MoepruneError(f"{path} has no safetensors weights ({INDEX_FILE} or {SINGLE_FILE}); layer-by-layer "
-                        "loading reads safetensors only: convert the checkpoint, or use --in-memory")
-
+from moeprune.store.files import weight_map
+from moeprune.store.mtp import MtpCarrier, find_mtp
 
 SAFETENSORS_DTYPES = {
     "BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
@@ -109,6 +93,15 @@ class ShardedCheckpoint:
         # on-disk key -> in-model name, e.g. model.layers.3.block_sparse_moe.experts.7.w1.weight ->
         # ...experts.gate_up_proj
         self.target = compat.in_model_names(self.model, self.weight_map, self.conversion, meta)
+        # MTP layers have no place in the model (transformers drops them): kept aside for the writer
+        self.mtp = find_mtp(self.target, meta, self.layer_prefix, len(self.layers))
+        mtp_keys = self.mtp.keys
+        self.target = {k: t for k, t in self.target.items() if k not in mtp_keys}
+        # other tensors `from_pretrained` drops by the model class's own rule have no place in the model
+        # either: not read, not carried, as in memory
+        ignored = compat.ignored_on_load(self.model)
+        self.target = {k: t for k, t in self.target.items()
+                       if t in meta or not any(re.search(p, k) for p in ignored)}
         self._check_complete(meta)
         sources = Counter(self.target.values())
         self._copied_by_loader = {
@@ -228,6 +221,13 @@ class ShardedCheckpoint:
         if self.device != "cpu":
             layer.to(self.device)
         return layer
+
+    def mtp_carrier(self) -> MtpCarrier | None:
+        """The writer of this checkpoint's MTP layers (`store.mtp`), or None without any."""
+        if not self.mtp:
+            return None
+        config, dtype = copy.deepcopy(self.model.config), next(self.model.parameters()).dtype
+        return MtpCarrier(self.path, self.weight_map, self.mtp, self.model, lambda: skeleton(config, dtype))
 
     def raw_tensor(self, key: str) -> torch.Tensor:
         """One on-disk tensor as stored (no renaming, no cast)."""

@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from moeprune.compat import on_disk_names
-from moeprune.store.sharded import INDEX_FILE
+from moeprune.store.files import INDEX_FILE
 
 
 class ShardWriter:

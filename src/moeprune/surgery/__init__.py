@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from moeprune.arch import Adapter, get_adapter
+from moeprune.arch.base import router_keep, router_matrix
 from moeprune.plan import LayerPlan, Plan
 
 __all__ = ["apply_layer_plan", "apply_plan", "merge_matrix"]
@@ -70,9 +71,12 @@ def apply_layer_plan(adapter: Adapter, block: nn.Module, lp: LayerPlan,
 
         params = permute_members(adapter, params, lp)
     for name, p in params.items():
-        _replace(adapter.experts(block), name, _combine(p, M, 0, keep))
+        adapter.set_expert_tensor(block, name, _combine(p, M, 0, keep))
     for owner, name, axis in adapter.router_expert_tensors(block):
-        _replace(owner, name, _combine(getattr(owner, name), router_M, axis, keep))
+        tensor = getattr(owner, name)
+        size = tensor.shape[axis]  # E, or E + a skip class (ZAYA), whose row stays as it is
+        rows = None if keep is None else router_keep(keep, lp.num_experts_in, size)
+        _replace(owner, name, _combine(tensor, router_matrix(router_M, size), axis, rows))
     adapter.set_block_num_experts(block, lp.num_experts_in, lp.num_experts_out)
 
 

@@ -20,6 +20,7 @@ from moeprune.errors import MoepruneError
 
 # Per-expert tensors of the fused experts module and what permuting hidden units does to them.
 GATE_UP, DOWN, GATE_UP_BIAS, DOWN_BIAS = "gate_up_proj", "down_proj", "gate_up_proj_bias", "down_proj_bias"
+UP, UP_BIAS = "up_proj", "up_proj_bias"  # non-gated experts (up -> act -> down): `up_proj [E, I, H]`
 
 
 def gate_up_index(perm: torch.Tensor, interleaved: bool) -> torch.Tensor:
@@ -55,23 +56,25 @@ def permute_expert_hidden(adapter: Adapter, tensors: dict[str, torch.Tensor], e:
     they are modified in place, so pass copies of a model's parameters. The expert computes the
     same function afterwards (up to float rounding: here, exactly, since only order changes).
     """
-    unknown = set(tensors) - {GATE_UP, DOWN, GATE_UP_BIAS, DOWN_BIAS}
+    unknown = set(tensors) - {GATE_UP, DOWN, GATE_UP_BIAS, DOWN_BIAS, UP, UP_BIAS}
     if unknown:
         raise MoepruneError(
             f"{adapter.family}: cannot permute hidden units of expert tensors {sorted(unknown)}; "
-            "alignment knows gate_up_proj, down_proj and their biases"
+            "alignment knows gate_up_proj (or up_proj), down_proj and their biases"
         )
     p = _check_perm(perm, expert_width(adapter, tensors))
-    gu = gate_up_index(p, adapter.interleaved)  # [2I]
-    t = tensors[GATE_UP]
-    axis = 1 if adapter.transposed else 0  # of the 2I axis within one expert: [2I, H] or [H, 2I]
+    fused = GATE_UP in tensors
+    gu = gate_up_index(p, adapter.interleaved) if fused else p  # [2I], or [I] for up_proj alone
+    t = tensors[GATE_UP if fused else UP]
+    axis = 1 if adapter.transposed else 0  # of the 2I (I) axis within one expert: [2I, H] or [H, 2I]
     t[e] = t[e].index_select(axis, gu.to(t.device))
     t = tensors[DOWN]
     axis = 0 if adapter.transposed else 1  # of the I axis within one expert: [H, I] or [I, H]
     t[e] = t[e].index_select(axis, p.to(t.device))
-    if GATE_UP_BIAS in tensors:
-        b = tensors[GATE_UP_BIAS]
-        b[e] = b[e][gu.to(b.device)]
+    for name in (GATE_UP_BIAS, UP_BIAS):
+        if name in tensors:
+            b = tensors[name]
+            b[e] = b[e][gu.to(b.device)]
 
 
 @torch.no_grad()

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from moeprune.arch import Adapter, get_adapter
-from moeprune.arch.base import EXPERT_COUNT_ATTRS, is_novice_experts, novice_slots
+from moeprune.arch.base import EXPERT_COUNT_ATTRS, is_novice_experts, novice_slots, router_keep
 from moeprune.errors import MoepruneError
 
 __all__ = ["apply_novice_layer", "attach_novices", "detach_novices", "has_novices", "is_novice_experts",
@@ -68,11 +68,11 @@ def attach_novices(adapter: Adapter, block: nn.Module, expert_map: torch.Tensor,
     ex = adapter.experts(block)
     if is_novice_experts(ex):
         raise MoepruneError("this MoE block already has novices")
-    kept_count = ex.gate_up_proj.shape[0]
+    kept_count = ex.down_proj.shape[0]
     E = expert_map.numel()
     if vectors.shape[0] != E - kept_count:
         raise MoepruneError(f"{vectors.shape[0]} novice vectors for {E - kept_count} novice slots")
-    device, dtype = ex.gate_up_proj.device, ex.gate_up_proj.dtype
+    device, dtype = ex.down_proj.device, ex.down_proj.dtype
     ex.register_buffer("expert_map", expert_map.to(device=device, dtype=torch.long), persistent=False)
     ex.register_buffer("novice_vectors", vectors.to(device=device, dtype=dtype), persistent=False)
     for attr in EXPERT_COUNT_ATTRS:
@@ -145,7 +145,8 @@ def detach_novices(adapter: Adapter, block: nn.Module, i: int) -> tuple[dict[str
         rows = full.detach().index_select(axis, novices.to(full.device))  # novices' rows, for the file
         tensors[f"layer.{i}.router.{dotted}"] = rows.cpu().contiguous()
         swapped.append((owner, leaf, full))
-        _set(owner, leaf, full.detach().index_select(axis, kept.to(full.device)).contiguous(), like=full)
+        keep_rows = router_keep(kept, ex.expert_map.numel(), full.shape[axis])  # a skip class's row stays
+        _set(owner, leaf, full.detach().index_select(axis, keep_rows.to(full.device)).contiguous(), like=full)
     adapter.remove_novice_runtime(block)
 
     def undo():
@@ -165,16 +166,16 @@ def reattach_novices(adapter: Adapter, block: nn.Module, expert_map: torch.Tenso
     `detach_novices` wrote them.
     """
     E = expert_map.numel()
-    kept_count = adapter.experts(block).gate_up_proj.shape[0]
+    kept_count = adapter.experts(block).down_proj.shape[0]
     order = expert_map.argsort()
     kept, novices = order[:kept_count], order[kept_count:]
     for dotted, owner, leaf, axis in _router_tensors(adapter, block):
         stock = getattr(owner, leaf)  # kept rows only
         rows = router_rows[dotted].to(device=stock.device, dtype=stock.dtype)
         shape = list(stock.shape)
-        shape[axis] = E
+        shape[axis] = E + stock.shape[axis] - kept_count  # the rows after the experts' (a skip class) too
         full = stock.new_empty(shape)
-        full.index_copy_(axis, kept.to(stock.device), stock.detach())
+        full.index_copy_(axis, router_keep(kept, E, shape[axis]).to(stock.device), stock.detach())
         full.index_copy_(axis, novices.to(stock.device), rows)
         _set(owner, leaf, full, like=stock)
     adapter.set_block_num_experts(block, kept_count, E)  # router and block counts back to E
