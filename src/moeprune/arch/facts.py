@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import moeprune.arch.families as logic2  # [logic2] the new-logic adapters
 from moeprune.arch.base import Adapter
 from moeprune.arch.families import Llama4Text
 
@@ -69,6 +70,11 @@ def _sigmoid_each(adapter) -> tuple[bool, str]:
     return True, "gates are sigmoids of each selected expert's own logit"
 
 
+def _sigmoid_with_shared(adapter) -> tuple[bool, str]:
+    return True, ("selection is each routed expert's sigmoid plus its correction bias; the gates normalise "
+                  "the selected and the shared experts' sigmoids over those alone")
+
+
 # How a family forms its gates -> (surviving routes exact?, why).
 ROUTING = {
     "softmax_topk": _softmax_topk,  # softmax over the top-k logits only (Mixtral)
@@ -78,6 +84,7 @@ ROUTING = {
     "softmax_plus_bias": _softmax_plus_bias,  # softmax + correction bias for selection (ERNIE 4.5)
     "sparsemixer": _sparsemixer,  # Phi-MoE
     "sigmoid_each": _sigmoid_each,  # each selected expert's own sigmoid (Llama 4)
+    "sigmoid_with_shared": _sigmoid_with_shared,  # gates normalised with the shared experts' (Inkling)
 }
 
 
@@ -158,6 +165,15 @@ FAMILIES: tuple[Family, ...] = (
     # [/logic1]
 
     # [logic2] new logic: longcat_flash, deepseek_v4, inkling, muse_spark
+    # softmax over E real + Z zero experts, bias for selection, never renormalised
+    Family(("longcat_flash",), "softmax_plus_bias", adapter=logic2.LongcatFlash,
+           count_field="n_routed_experts"),
+    # hash layers: tid2eid selection, per-expert sqrtsoftplus gates renormalised over the selection
+    Family(("deepseek_v4",), "sigmoid_bias", adapter=logic2.DeepseekV4),
+    Family(("inkling_text", "inkling_mm_model"), "sigmoid_with_shared", adapter=logic2.InklingText,
+           count_field="n_routed_experts"),
+    # experts in a projected space; sigmoid, bias for selection, renormalised
+    Family(("muse_spark",), "sigmoid_bias", adapter=logic2.MuseSpark),
     # [/logic2]
 )
 BY_MODEL_TYPE: dict[str, Family] = {mt: f for f in FAMILIES for mt in f.model_types}

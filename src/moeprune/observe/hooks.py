@@ -98,7 +98,7 @@ def install_observer(adapter: Adapter, block: nn.Module, record) -> Callable[[],
     def observed_forward(hidden, top_k_index, top_k_weights):
         T, K = top_k_index.shape
         x = hidden.repeat_interleave(K, dim=0) if K > 1 else hidden  # [S, H], row s = token s // K
-        raw = adapter.expert_outputs(block, x, top_k_index.reshape(-1))  # [S, H]
+        raw = adapter.kernel_outputs(block, x, top_k_index.reshape(-1))  # [S, H]
         weighted = raw.view(T, K, -1) * top_k_weights.to(raw.dtype)[..., None]  # [T, K, H]
         out = weighted.sum(dim=1).to(hidden.dtype)  # [T, H]
         record(top_k_index, top_k_weights, raw, weighted)  # `weighted` is spent: the statistics reuse it

@@ -109,7 +109,8 @@ class ShardedCheckpoint:
         # on-disk key -> in-model name, e.g. model.layers.3.block_sparse_moe.experts.7.w1.weight ->
         # ...experts.gate_up_proj
         self.target = compat.in_model_names(self.model, self.weight_map, self.conversion, meta)
-        self._check_complete(meta)
+        filled = compat.in_model_targets(self.model, self.weight_map, self.conversion, meta)
+        self._check_complete(meta, filled)
         sources = Counter(self.target.values())
         self._copied_by_loader = {
             t for t, n in sources.items() if n > 1
@@ -134,9 +135,8 @@ class ShardedCheckpoint:
                     f"{absent[0]}); the download is incomplete or the index is wrong"
                 )
 
-    def _check_complete(self, meta: dict) -> None:
+    def _check_complete(self, meta: dict, targets: set[str]) -> None:
         """Every parameter of the skeleton must come from some on-disk tensor (tied ones appear once)."""
-        targets = set(self.target.values())
         # e.g. lm_head.weight -> embed_tokens.weight
         tied = getattr(self.model, "all_tied_weights_keys", None) or {}
         missing = [

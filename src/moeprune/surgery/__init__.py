@@ -16,6 +16,8 @@ import torch
 from torch import nn
 
 from moeprune.arch import Adapter, get_adapter
+from moeprune.arch.base import with_fixed_rows
+from moeprune.errors import MoepruneError
 from moeprune.plan import LayerPlan, Plan
 
 __all__ = ["apply_layer_plan", "apply_plan", "merge_matrix"]
@@ -40,7 +42,12 @@ def _replace(module: nn.Module, name: str, value: torch.Tensor) -> None:
 
 
 def _combine(tensor: torch.Tensor, M: torch.Tensor, axis: int, keep: torch.Tensor | None) -> torch.Tensor:
-    """Apply the merge matrix along `axis`: index-select when `keep` is given, else M @ tensor."""
+    """Apply the merge matrix along `axis`: index-select when `keep` is given, else M @ tensor.
+
+    Entries past the E_in routed experts on that axis (zero-compute experts, shared experts' router
+    rows) are kept as they are, after the new ones (`with_fixed_rows`).
+    """
+    M, keep = with_fixed_rows(M, keep, tensor.shape[axis])
     if keep is not None:
         return tensor.index_select(axis, keep.to(tensor.device))
     moved = tensor.movedim(axis, 0)  # [E_in, ...]
@@ -59,11 +66,15 @@ def apply_layer_plan(adapter: Adapter, block: nn.Module, lp: LayerPlan,
     if lp.novices:
         from moeprune.surgery.novices import apply_novice_layer
 
+        if adapter.novice_refusal:
+            raise MoepruneError(f"{adapter.family}: {adapter.novice_refusal}")
+
         apply_novice_layer(adapter, block, lp, novice_vectors)
         return
     M = merge_matrix(lp)  # [E_out, E_in]
     keep = torch.tensor([g.members[0] for g in lp.groups]) if lp.is_pruning else None
     router_M = M if lp.router_merge == "average" else (M != 0).double()
+    adapter.remap_routing(block, M)  # before the tensors change: it may read the old router
     params = adapter.expert_parameters(block)
     if any(g.perms is not None for g in lp.groups):  # aligned merge: permute members' hidden units first
         from moeprune.surgery.alignment import permute_members
