@@ -276,3 +276,20 @@ def test_novices_are_refused_before_any_work(model_type, overrides, tmp_path):
     lp = LayerPlan(i, 8, [Group([e], [1.0]) for e in KEEP], novices=[2, 3, 6, 7])
     with pytest.raises(MoepruneError, match="novice"):
         apply_layer_plan(adapter, block, lp, torch.zeros(4, adapter.config.hidden_size))
+
+
+@pytest.mark.slow
+def test_methods_that_rerun_a_hash_block_alone_are_refused_in_one_line():
+    from moeprune.pipeline.access import LayerAccess
+
+    model = tiny_model("deepseek_v4", **HASH)
+    adapter = get_adapter(model.config)
+    blocks = adapter.moe_blocks(model)
+    x = torch.randn(4, adapter.config.hidden_size)
+    hashed = LayerAccess(adapter, blocks[0], 0)
+    for call in (lambda: hashed.block_output(x), lambda: hashed.routed_lookup(x),
+                 lambda: hashed.merged_block(4)):
+        with pytest.raises(MoepruneError, match="layer 0: a DeepSeek-V4 hash-routed block") as e:
+            call()
+        assert "\n" not in str(e.value)
+    assert LayerAccess(adapter, blocks[2], 2).block_output(x).shape == x.shape  # learned routing runs
