@@ -293,3 +293,22 @@ def test_methods_that_rerun_a_hash_block_alone_are_refused_in_one_line():
             call()
         assert "\n" not in str(e.value)
     assert LayerAccess(adapter, blocks[2], 2).block_output(x).shape == x.shape  # learned routing runs
+
+
+@pytest.mark.slow
+def test_longcat_routed_lookup_and_merged_block_see_the_zero_experts():
+    """NAEE's lookup and the merge fit's differentiable copy carry the zero experts like surgery does."""
+    from moeprune.pipeline.access import LayerAccess
+    from moeprune.surgery import merge_matrix
+
+    model = tiny_model("longcat_flash", zero_expert_num=2)
+    adapter = get_adapter(model.config)
+    access = LayerAccess(adapter, adapter.moe_blocks(model)[1], 1)
+    x = torch.randn(32, adapter.config.hidden_size)
+    lp = LayerPlan(1, 8, [Group([e], [1.0]) for e in KEEP])
+    pruned = access.block_output(x, lp)
+    torch.testing.assert_close(access.routed_lookup(x)(KEEP), pruned, rtol=1e-5, atol=1e-6)
+    lp = LayerPlan(1, 8, [Group(m, c) for m, c in MERGE])
+    merged = access.merged_block(4)
+    merged.set(merge_matrix(lp).float())
+    torch.testing.assert_close(merged(x), access.block_output(x, lp), rtol=1e-5, atol=1e-6)
