@@ -312,3 +312,18 @@ def test_longcat_routed_lookup_and_merged_block_see_the_zero_experts():
     merged = access.merged_block(4)
     merged.set(merge_matrix(lp).float())
     torch.testing.assert_close(merged(x), access.block_output(x, lp), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_inkling_merged_block_keeps_the_shared_router_rows():
+    from moeprune.pipeline.access import LayerAccess
+    from moeprune.surgery import merge_matrix
+
+    model = tiny_model("inkling_text")
+    adapter = get_adapter(model.config)
+    access = LayerAccess(adapter, adapter.moe_blocks(model)[1], 1)
+    x = torch.randn(32, adapter.config.hidden_size)
+    lp = LayerPlan(1, 8, [Group(m, c) for m, c in MERGE])
+    merged = access.merged_block(4)
+    merged.set(merge_matrix(lp).float())
+    torch.testing.assert_close(merged(x), access.block_output(x, lp), rtol=1e-5, atol=1e-6)
