@@ -22,6 +22,7 @@ from moeprune.arch.families import hash_table_remap
 from moeprune.arch.tiny import save_tiny_checkpoint, tiny_model
 from moeprune.errors import MoepruneError
 from moeprune.observe import observe
+from moeprune.observe.stats import Stats
 from moeprune.plan import Group, LayerPlan
 from moeprune.surgery import apply_layer_plan, apply_plan
 
@@ -78,7 +79,7 @@ def test_longcat_zero_experts_are_never_pruned_but_stay_routed(tmp_path):
 
 
 @pytest.mark.slow
-def test_longcat_observation_counts_only_real_experts():
+def test_longcat_observation_counts_only_real_experts(tmp_path):
     model = tiny_model("longcat_flash", zero_expert_num=2)
     adapter = get_adapter(model.config)
     ids = token_ids(n=2, length=32)
@@ -99,6 +100,10 @@ def test_longcat_observation_counts_only_real_experts():
         real = int((routed[i] < 8).sum())
         assert ls.experts.count.shape == (8,) and int(ls.experts.count.sum()) == real
     assert any(int((r >= 8).sum()) for r in routed.values()), "no pair went to a zero expert"
+    assert all(ls.probe.router_logits.shape[1] == 8 for ls in stats.layers.values())  # real experts' logits
+    stats.save(tmp_path / "stats")
+    loaded = Stats.load(tmp_path / "stats")
+    assert torch.equal(loaded.layers[0].experts.count, stats.layers[0].experts.count)
 
 
 @pytest.mark.slow

@@ -117,7 +117,8 @@ class LongcatFlash(Adapter):
     is [E, H, I]; a top-k id >= E is an identity expert. Pruning or merging touches the E real experts
     only: the Z zero experts are never pruned, keep their router rows (moved to E_out..E_out+Z-1) and
     stay routable; `n_routed_experts` becomes E_out and `zero_expert_num` stays Z. The observer counts
-    no statistics for pairs routed to a zero expert (they are not an expert's output).
+    no statistics for pairs routed to a zero expert (they are not an expert's output), and its probe
+    keeps the real experts' E logit columns.
     """
 
     count_field = "n_routed_experts"
@@ -131,6 +132,10 @@ class LongcatFlash(Adapter):
     @property
     def fixed_experts(self) -> int:
         return int(getattr(self.config, "zero_expert_num", 0) or 0)
+
+    def router_logits(self, router_output, router: nn.Module | None = None) -> torch.Tensor:
+        """[T, E]: the real experts' logits (the probe, like the statistics, is about prunable experts)."""
+        return super().router_logits(router_output, router)[..., : self.num_experts]
 
     @torch.no_grad()
     def expert_outputs(self, block: nn.Module, x: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
