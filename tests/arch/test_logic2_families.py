@@ -283,6 +283,11 @@ def test_novices_are_refused_before_any_work(model_type, overrides, tmp_path):
         apply_layer_plan(adapter, block, lp, torch.zeros(4, adapter.config.hidden_size))
 
 
+def test_deepseek_v4_without_hash_layers_takes_novices():
+    assert get_adapter(tf.DeepseekV4Config(mlp_layer_types=["moe"] * 43)).novice_refusal is None
+    assert "tid2eid" in get_adapter(tf.DeepseekV4Config()).novice_refusal  # 3 hash layers by default
+
+
 @pytest.mark.slow
 def test_methods_that_rerun_a_hash_block_alone_are_refused_in_one_line():
     from moeprune.pipeline.access import LayerAccess

@@ -195,8 +195,12 @@ class DeepseekV4(Adapter):
     take `input_ids`, so methods that re-run a block on probe vectors alone cannot run them.
     """
 
-    novice_refusal = ("its hash-routed layers name experts in a token table (tid2eid) that a stock "
-                      "checkpoint with novices cannot keep; use a prune or merge method")
+    @property
+    def novice_refusal(self) -> str | None:
+        if "hash_moe" not in (getattr(self.config, "mlp_layer_types", None) or ()):
+            return None
+        return ("its hash-routed layers name experts in a token table (tid2eid) that a stock checkpoint "
+                "with novices cannot keep; use a prune or merge method")
 
     def block_alone_refusal(self, block: nn.Module) -> str | None:
         if getattr(block, "is_hash", False):
