@@ -7,6 +7,7 @@ what transformers declares (`arch.base.Adapter`); `arch.facts.FAMILIES` holds th
 
 from __future__ import annotations
 
+from moeprune import compat
 from moeprune.arch.base import COUNT_FIELDS, Adapter, ExpertWeights, decoder_layers, text_config
 from moeprune.arch.facts import BY_MODEL_TYPE, FAMILIES, Family
 from moeprune.errors import MoepruneError
@@ -48,6 +49,10 @@ def _unsupported(config) -> str:
                     f"field {nested}, which moeprune does not read; it needs a row in moeprune/arch/facts.py")
         return (f"unsupported model_type {model_type!r}: its config has no routed-expert count "
                 f"({', '.join(COUNT_FIELDS)}), so it is not a Mixture-of-Experts model moeprune can prune")
+    if not compat.auto_classes(config):
+        return (f"unsupported model_type {model_type!r}: transformers has no class with a language-model "
+                "head for it (no causal-LM or image-text-to-text mapping), so no checkpoint loads as it; "
+                "prune the checkpoint that holds it (its multimodal model type)")
     return (f"unsupported model_type {model_type!r}: it has routed experts but no row in moeprune's family "
             f"table (moeprune/arch/facts.py) saying how its router forms gates; supported: "
             f"{', '.join(SUPPORTED_MODEL_TYPES)}")

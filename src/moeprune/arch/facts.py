@@ -22,7 +22,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from moeprune.arch.base import Adapter
-from moeprune.arch.families import Dbrx, Llama4Text, NemotronH, Zaya
+from moeprune.arch.families import (
+    Dbrx,
+    DeepseekV4,
+    InklingText,
+    Llama4Text,
+    LongcatFlash,
+    MuseSpark,
+    NemotronH,
+    Zaya,
+)
 
 _RENORM = "top-k weights are renormalised over the selected experts"
 _NO_RENORM = ("gates are softmax probabilities over all E experts without renormalisation, so removing any "
@@ -79,6 +88,11 @@ def _softmax_pnorm(adapter) -> tuple[bool, str]:
                   "softmax normaliser over all experts cancels")
 
 
+def _sigmoid_with_shared(adapter) -> tuple[bool, str]:
+    return True, ("selection is each routed expert's sigmoid plus its correction bias; the gates normalise "
+                  "the selected and the shared experts' sigmoids over those alone")
+
+
 # How a family forms its gates -> (surviving routes exact?, why).
 ROUTING = {
     "softmax_topk": _softmax_topk,  # softmax over the top-k logits only (Mixtral)
@@ -89,6 +103,7 @@ ROUTING = {
     "sparsemixer": _sparsemixer,  # Phi-MoE
     "sigmoid_each": _sigmoid_each,  # each selected expert's own sigmoid (Llama 4)
     "softmax_pnorm": _softmax_pnorm,  # softmax, top-k, divided by the top-k's p-norm (DBRX)
+    "sigmoid_with_shared": _sigmoid_with_shared,  # gates normalised with the shared experts' (Inkling)
 }
 
 
@@ -188,6 +203,15 @@ FAMILIES: tuple[Family, ...] = (
     # [/logic1]
 
     # [logic2] new logic: longcat_flash, deepseek_v4, inkling, muse_spark
+    # softmax over E real + Z zero experts, bias for selection, never renormalised
+    Family(("longcat_flash",), "softmax_plus_bias", adapter=LongcatFlash,
+           count_field="n_routed_experts"),
+    # hash layers: tid2eid selection, per-expert sqrtsoftplus gates renormalised over the selection
+    Family(("deepseek_v4",), "sigmoid_bias", adapter=DeepseekV4),
+    Family(("inkling_text", "inkling_mm_model"), "sigmoid_with_shared", adapter=InklingText,
+           count_field="n_routed_experts"),
+    # experts in a projected space; sigmoid, bias for selection, renormalised
+    Family(("muse_spark",), "sigmoid_bias", adapter=MuseSpark),
     # [/logic2]
 )
 BY_MODEL_TYPE: dict[str, Family] = {mt: f for f in FAMILIES for mt in f.model_types}
