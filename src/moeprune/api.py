@@ -345,6 +345,8 @@ def check_prune(model_path, method: str, calib: CalibrationRequest, budget_reque
                             "layer is dense), so there are no experts to prune")
     spec = get_method(method)
     cfg = spec.default_config(**dict(options or {}))
+    if spec.kind == "novice" and adapter.novice_refusal:
+        raise MoepruneError(f"method {method} on {adapter.family}: {adapter.novice_refusal}")
     keep = budget(
         adapter.num_experts, adapter.top_k, ratio=budget_request.ratio, experts=budget_request.experts,
         n_group=adapter.n_group, min_per_group=adapter.min_experts_per_group,

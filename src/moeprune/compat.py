@@ -74,21 +74,34 @@ def in_model_names(model, keys, conversion: list, meta_state: dict) -> dict[str,
     renamings = [c for c in conversion if isinstance(c, WeightRenaming)]
     converters = [c for c in conversion if isinstance(c, WeightConverter)]
     prefix = model.base_model_prefix
-    return {k: rename_source_key(k, renamings, converters, prefix, meta_state)[0] for k in keys}
+
+    def target(k: str) -> str:
+        renamed = rename_source_key(k, renamings, converters, prefix, meta_state)[0]
+        if renamed not in meta_state and k in meta_state:  # as the loader does: a key already in place
+            return rename_source_key(k, [], [], prefix, meta_state)[0]  # (DeepSeek-V4's `model.norm`)
+        return renamed
+
+    return {k: target(k) for k in keys}
 
 
-def one_to_many_targets(conversion: list, name: str) -> list[str]:
-    """The other model tensors an on-disk key that lands in `name` also fills, through a one-to-many
-    converter (Step 3.7's vision `in_proj_weight` split into q, k and v): the loader names only the first
-    target pattern and derives the others by replacing it, as done here."""
-    from transformers.core_model_loading import WeightConverter
+def in_model_targets(model, keys, conversion: list, meta_state: dict) -> set[str]:
+    """Every model tensor that `keys` fill. `in_model_names` gives a one-to-many converter's first target
+    only (Inkling's `shared_w13_weight` -> `gate_proj`, `up_proj`); here its other targets count too."""
+    from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
 
-    out = []
-    for c in conversion:
-        targets = c.target_patterns if isinstance(c, WeightConverter) else []
-        if len(targets) > 1 and targets[0] in name:
-            out += [name.replace(targets[0], t, 1) for t in targets[1:]]
-    return out
+    renamings = [c for c in conversion if isinstance(c, WeightRenaming)]
+    converters = [c for c in conversion if isinstance(c, WeightConverter)]
+    by_pattern = {p: c for c in converters for p in c.source_patterns}
+    names = in_model_names(model, keys, conversion, meta_state)
+    found = set(names.values())
+    for k, name in names.items():
+        pattern = rename_source_key(k, renamings, converters, model.base_model_prefix, meta_state)[1]
+        c = by_pattern.get(pattern)
+        if c is not None and len(c.target_patterns) > 1:
+            first = c.target_patterns[0]
+            head, sep, tail = name.rpartition(first)
+            found.update(head + t + tail for t in c.target_patterns[1:] if sep)
+    return found
 
 
 def load_converted(model, state: dict, conversion: list):

@@ -40,14 +40,6 @@ def _unsupported(config) -> str:
     if getattr(config, "is_encoder_decoder", False):
         return (f"unsupported model_type {model_type!r}: it is an encoder-decoder model; moeprune prunes the "
                 "routed experts of decoder-only (causal LM) models")
-    if not compat.auto_classes(config):
-        others = compat.every_model_class(config)
-        owner = compat.defining_model_type(model_type)
-        hint = (f"; it is part of transformers' {owner!r} model, whose checkpoints moeprune prunes"
-                if owner in SUPPORTED_MODEL_TYPES else "")
-        return (f"unsupported model_type {model_type!r}: transformers has no causal-LM or image-text-to-text "
-                f"class for it ({'only ' + ', '.join(others) if others else 'no model class at all'}), so "
-                f"moeprune cannot load it as a generator or write it back as one{hint}")
     text = text_config(config)
     has_count = any(isinstance(getattr(text, f, None), int) for f in COUNT_FIELDS)
     if not has_count:
@@ -57,6 +49,15 @@ def _unsupported(config) -> str:
                     f"field {nested}, which moeprune does not read; it needs a row in moeprune/arch/facts.py")
         return (f"unsupported model_type {model_type!r}: its config has no routed-expert count "
                 f"({', '.join(COUNT_FIELDS)}), so it is not a Mixture-of-Experts model moeprune can prune")
+    if not compat.auto_classes(config):
+        others = compat.every_model_class(config)
+        owner = compat.defining_model_type(model_type)
+        hint = (f"; it is part of transformers' {owner!r} model: prune the {owner!r} checkpoint that holds it"
+                if owner in SUPPORTED_MODEL_TYPES else "")
+        return (f"unsupported model_type {model_type!r}: transformers has no class with a language-model "
+                f"head for it (no causal-LM or image-text-to-text class; "
+                f"{'only ' + ', '.join(others) if others else 'no model class at all'}), so no checkpoint "
+                f"loads as it and moeprune cannot write one back{hint}")
     return (f"unsupported model_type {model_type!r}: it has routed experts but no row in moeprune's family "
             f"table (moeprune/arch/facts.py) saying how its router forms gates; supported: "
             f"{', '.join(SUPPORTED_MODEL_TYPES)}")

@@ -154,22 +154,32 @@ def _novice_instance_forward(self, *args, **kwargs):
     return novice_experts_forward(self, type(self).forward, *args, **kwargs)
 
 
-# ---- router classes after the experts --------------------------------------------------------------
-# A router may score classes beyond its E experts (ZAYA's skip class: a token routed there skips the MoE).
-# Its tensors then run along E + extra rows; pruning and merging keep those trailing rows as they are.
+# ---- rows after the experts ------------------------------------------------------------------------
+# Some families hold rows along the expert axis past the E routed experts that are never pruned: ZAYA's
+# skip class (a token routed there skips the MoE), LongCat-Flash's zero-compute (identity) experts,
+# Inkling's shared experts' router rows. Pruning and merging carry them over unchanged, after the new rows.
 def router_keep(keep: torch.Tensor, num_experts: int, size: int) -> torch.Tensor:
-    """Rows to keep of a router tensor with `size` rows: the kept experts', then every row after the E
-    experts' (a skip class), in order."""
+    """Rows to keep of a tensor with `size` rows along the expert axis: the kept experts', then every row
+    after the E experts', in order."""
     return torch.cat([keep, torch.arange(num_experts, size, dtype=keep.dtype, device=keep.device)])
 
 
-def router_matrix(M: torch.Tensor, size: int) -> torch.Tensor:
-    """The merge matrix [E_out, E_in] for a router tensor with `size` >= E_in rows: the rows after the
-    experts' map to themselves ([E_out + extra, E_in + extra])."""
-    extra = size - M.shape[1]
-    if extra == 0:
-        return M
-    return torch.block_diag(M, torch.eye(extra, dtype=M.dtype, device=M.device))
+def with_fixed_rows(M: torch.Tensor, keep: torch.Tensor | None, size: int):
+    """The merge matrix and keep index for an expert axis of `size` >= E_in entries.
+
+    M: [E_out, E_in] -> [E_out + F, E_in + F]; keep: [E_out] -> [E_out + F] (F = size - E_in fixed rows,
+    each mapped to itself).
+    """
+    E_out, E_in = M.shape
+    fixed = size - E_in
+    if fixed <= 0:
+        return M, keep
+    full = torch.zeros(E_out + fixed, size, dtype=M.dtype, device=M.device)
+    full[:E_out, :E_in] = M
+    full[E_out:, E_in:] = torch.eye(fixed, dtype=M.dtype, device=M.device)
+    if keep is not None:
+        keep = router_keep(keep, E_in, size)
+    return full, keep
 
 
 def _first_int_field(config, names: tuple[str, ...], what: str) -> str:
@@ -234,6 +244,10 @@ class Adapter:
     # The router hands a token it sends to its skip class (ZAYA) to the experts as expert 0 with gate 0;
     # the observer drops such pairs, so they count for no expert.
     skip_class: bool = False
+    # Routable experts after the E routed ones that are never pruned (LongCat-Flash's zero-compute experts)
+    fixed_experts: int = 0
+    # Why the family cannot take MoNE novices (None: it can); the prune checks say it before any work.
+    novice_refusal: str | None = None
 
     def __init__(self, config, facts=None):
         """`facts`: the family's `arch.facts.Family` row (routing rule, group rule, field overrides)."""
@@ -443,6 +457,29 @@ class Adapter:
         ex = self.experts(block)
         ones = torch.ones(x.shape[0], 1, dtype=x.dtype, device=x.device)  # [S, 1]
         return type(ex).forward(ex, x, expert_ids[:, None], ones)
+
+    def kernel_outputs(self, block: nn.Module, x: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
+        """`expert_outputs` on the experts module's own inputs (what the observer sees at the experts
+        boundary). The same function, except for families whose experts run in a projected space."""
+        return self.expert_outputs(block, x, expert_ids)
+
+    def lift_expert_outputs(self, block: nn.Module, raw: torch.Tensor) -> torch.Tensor:
+        """Raw outputs as the experts module computes them [S, H'] -> in the block's output space [S, H].
+
+        The identity, except for families whose experts run in a projected space (`expert_outputs`
+        then includes the projections, and the observer records what this returns).
+        """
+        return raw
+
+    def block_alone_refusal(self, block: nn.Module) -> str | None:
+        """Why `block(hidden_states)` alone cannot run it (None: it can). Methods that re-run a block on
+        probe vectors (merge fits, NAEE) are refused with this, in one line."""
+        return None
+
+    def remap_routing(self, block: nn.Module, M: torch.Tensor) -> None:
+        """Rewrite routing state that names experts by id outside the expert-axis tensors for the merge
+        matrix M [E_out, E_in] (DeepSeek-V4's hash table). Called by surgery before the block's tensors
+        change, so it can read the old router. Nothing to do for most families."""
 
     def install_novice_runtime(self, block: nn.Module) -> None:
         """Make the block's experts (which carry novice buffers) add their novices at run time.

@@ -22,7 +22,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from moeprune.arch.base import Adapter
-from moeprune.arch.families import Dbrx, DsaTopkCarry, HunYuanMoEV1, Llama4Text, NemotronH, Zaya
+from moeprune.arch.families import (
+    Dbrx,
+    DeepseekV4,
+    DsaTopkCarry,
+    HunYuanMoEV1,
+    InklingText,
+    Llama4Text,
+    LongcatFlash,
+    MuseSpark,
+    NemotronH,
+    Zaya,
+)
 
 _RENORM = "top-k weights are renormalised over the selected experts"
 _NO_RENORM = ("gates are softmax probabilities over all E experts without renormalisation, so removing any "
@@ -79,6 +90,11 @@ def _softmax_pnorm(adapter) -> tuple[bool, str]:
                   "softmax normaliser over all experts cancels")
 
 
+def _sigmoid_with_shared(adapter) -> tuple[bool, str]:
+    return True, ("selection is each routed expert's sigmoid plus its correction bias; the gates normalise "
+                  "the selected and the shared experts' sigmoids over those alone")
+
+
 def _softmax_groups(adapter) -> tuple[bool, str]:
     """Softmax over all E, groups scored by their top-2 probabilities, top-k, renormalised iff
     `norm_topk_prob` (Mistral 4). Removing experts scales every surviving probability of a token by one
@@ -98,6 +114,7 @@ ROUTING = {
     "sparsemixer": _sparsemixer,  # Phi-MoE
     "sigmoid_each": _sigmoid_each,  # each selected expert's own sigmoid (Llama 4)
     "softmax_pnorm": _softmax_pnorm,  # softmax, top-k, divided by the top-k's p-norm (DBRX)
+    "sigmoid_with_shared": _sigmoid_with_shared,  # gates normalised with the shared experts' (Inkling)
     "softmax_groups": _softmax_groups,  # softmax, top-2 group scores, top-k, renorm (Mistral 4)
 }
 
@@ -209,6 +226,15 @@ FAMILIES: tuple[Family, ...] = (
     # [/logic1]
 
     # [logic2] new logic: longcat_flash, deepseek_v4, inkling, muse_spark
+    # softmax over E real + Z zero experts, bias for selection, never renormalised
+    Family(("longcat_flash",), "softmax_plus_bias", adapter=LongcatFlash,
+           count_field="n_routed_experts"),
+    # hash layers: tid2eid selection, per-expert sqrtsoftplus gates renormalised over the selection
+    Family(("deepseek_v4",), "sigmoid_bias", adapter=DeepseekV4),
+    Family(("inkling_text", "inkling_mm_model"), "sigmoid_with_shared", adapter=InklingText,
+           count_field="n_routed_experts"),
+    # experts in a projected space; sigmoid, bias for selection, renormalised
+    Family(("muse_spark",), "sigmoid_bias", adapter=MuseSpark),
     # [/logic2]
 )
 BY_MODEL_TYPE: dict[str, Family] = {mt: f for f in FAMILIES for mt in f.model_types}

@@ -263,4 +263,168 @@ class Zaya(Adapter):
 
 
 # [logic2] new logic: longcat_flash, deepseek_v4, inkling, muse_spark
+_NO_NOVICES_FIXED = ("its expert axis carries never-pruned rows past the routed experts, which MoNE's novice "
+                     "format does not keep; use a prune or merge method")
+
+
+class LongcatFlash(Adapter):
+    """LongCat-Flash: Z zero-compute (identity) experts sit beside the E real ones.
+
+    The router scores all E + Z (`classifier.weight [E+Z, H]`, `e_score_correction_bias [E+Z]`), and
+    `experts.gate_up_proj` is allocated [E+Z, 2I, H] (its Z tail rows are never read) while `down_proj`
+    is [E, H, I]; a top-k id >= E is an identity expert. Pruning or merging touches the E real experts
+    only: the Z zero experts are never pruned, keep their router rows (moved to E_out..E_out+Z-1) and
+    stay routable; `n_routed_experts` becomes E_out and `zero_expert_num` stays Z. The observer counts
+    no statistics for pairs routed to a zero expert (they are not an expert's output), and its probe
+    keeps the real experts' E logit columns.
+    """
+
+    count_field = "n_routed_experts"
+    top_k_field = "moe_topk"
+    router_attr = "router"
+    router_tensors = (("classifier.weight", 0), ("classifier.bias", 0), ("e_score_correction_bias", 0))
+    transposed = False  # not dispatched through transformers' experts functions: no layout flags
+    interleaved = False
+    novice_refusal = _NO_NOVICES_FIXED
+
+    @property
+    def fixed_experts(self) -> int:
+        return int(getattr(self.config, "zero_expert_num", 0) or 0)
+
+    def router_logits(self, router_output, router: nn.Module | None = None) -> torch.Tensor:
+        """[T, E]: the real experts' logits (the probe, like the statistics, is about prunable experts)."""
+        return super().router_logits(router_output, router)[..., : self.num_experts]
+
+    @torch.no_grad()
+    def expert_outputs(self, block: nn.Module, x: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
+        """The family's kernel, pair by pair (its forward squeezes a top-1 call's K axis away): [S, H]."""
+        ex = self.experts(block)
+        out = x.clone()  # ids >= E are zero-compute experts: the identity
+        for e in expert_ids.unique().tolist():
+            if e >= ex.num_routed_experts:
+                continue
+            rows = (expert_ids == e).nonzero().squeeze(1)
+            gate, up = torch.nn.functional.linear(x[rows], ex.gate_up_proj[e]).chunk(2, dim=-1)  # [n, I] each
+            out[rows] = torch.nn.functional.linear(ex.act_fn(gate) * up, ex.down_proj[e])
+        return out
+
+    def set_block_num_experts(self, block: nn.Module, old: int, new: int) -> None:
+        super().set_block_num_experts(block, old, new)
+        Z = self.fixed_experts
+        ex, router = self.experts(block), self.router(block)
+        ex.num_routed_experts, ex.total_experts = new, new + Z
+        router.num_experts, router.n_routed_experts = new, new + Z  # the router's `n_routed_` is E + Z
+        router.classifier.out_features = new + Z
+
+
+class InklingText(Adapter):
+    """Inkling: one router matrix scores the E routed experts, then the S shared experts.
+
+    `gate.weight` is [E + S, H] with the shared experts' rows last; the correction bias is [E]. Routed
+    experts are chosen on sigmoid + bias over the first E rows; the gates normalise the selected and
+    the shared experts' sigmoids over those k + S alone. Pruning or merging slices or merges the first
+    E rows only; the S shared rows are kept bit-identical after the E_out new ones (and the shared
+    experts themselves are untouched), so `n_routed_experts` becomes E_out and `n_shared_experts` stays.
+    """
+
+    router_attr = "gate"
+    router_tensors = (("weight", 0), ("e_score_correction_bias", 0))
+    novice_refusal = _NO_NOVICES_FIXED
+
+    def set_block_num_experts(self, block: nn.Module, old: int, new: int) -> None:
+        super().set_block_num_experts(block, old, new)
+        router = self.router(block)
+        router.num_experts = new
+        router.n_total_experts = new + router.n_shared_experts
+
+
+class DeepseekV4(Adapter):
+    """DeepSeek-V4: the first `hash_moe` layers pick experts from a frozen table, `tid2eid[input_ids]`.
+
+    `gate.tid2eid [V, K]` (hash layers only) names old expert ids; pruning or merging rewrites it
+    through the old -> new expert map (done before the router changes, `remap_routing`):
+    - an expert merged into a group becomes that group's new id (a token whose two hashed experts
+      merged into one gets that expert twice, i.e. all of its routed gate, as the sum it replaces);
+    - a pruned expert becomes the surviving expert whose router row (`gate.weight`, cosine) is most
+      similar to the pruned expert's, among those not already in that token's row, so a token keeps
+      K distinct experts.
+    A token whose hashed experts all survive keeps exactly its experts and gates. The learned top-k
+    layers are DeepSeek-V3-style (per-expert score + correction bias, renormalised). Hash blocks
+    take `input_ids`, so methods that re-run a block on probe vectors alone cannot run them.
+    """
+
+    @property
+    def novice_refusal(self) -> str | None:
+        if "hash_moe" not in (getattr(self.config, "mlp_layer_types", None) or ()):
+            return None
+        return ("its hash-routed layers name experts in a token table (tid2eid) that a stock checkpoint "
+                "with novices cannot keep; use a prune or merge method")
+
+    def block_alone_refusal(self, block: nn.Module) -> str | None:
+        if getattr(block, "is_hash", False):
+            return ("a DeepSeek-V4 hash-routed block picks its experts from the token ids, which a method "
+                    "re-running it on probe vectors does not have; use a method that reads statistics only "
+                    "(frequency, routing_score, ean, reap, random)")
+        return None
+
+    @torch.no_grad()
+    def remap_routing(self, block: nn.Module, M: torch.Tensor) -> None:
+        router = self.router(block)
+        table = getattr(router, "tid2eid", None)  # [V, K]
+        if not isinstance(table, torch.Tensor):
+            return
+        table[:] = hash_table_remap(table, M, router.weight)
+
+
+def hash_table_remap(table: torch.Tensor, M: torch.Tensor, router_weight: torch.Tensor) -> torch.Tensor:
+    """table [V, K] of old expert ids -> new ids for merge matrix M [E_out, E_in] (see `DeepseekV4`).
+
+    router_weight: the old router [E_in, H]; the new experts' rows are M @ it (the kept rows when pruning).
+    """
+    E_out, E_in = M.shape
+    member = M != 0  # [E_out, E_in]
+    new_of = torch.where(member.any(0), (M.abs() * member).argmax(0), -1)  # [E_in], -1: pruned
+    W = router_weight.detach().double().cpu()  # [E_in, H]
+    W_new = M.to(W.dtype) @ W  # [E_out, H]
+    unit = torch.nn.functional.normalize
+    sim = unit(W, dim=1) @ unit(W_new, dim=1).T  # [E_in, E_out] cosine
+    old = table.long().cpu()
+    mapped = new_of[old]  # [V, K]
+    for k in range(old.shape[1]):
+        rows = (mapped[:, k] < 0).nonzero().squeeze(1)  # [n] tokens whose k-th hashed expert was pruned
+        if not rows.numel():
+            continue
+        score = sim[old[rows, k]].clone()  # [n, E_out]
+        present = mapped[rows]  # [n, K]: the token's other experts, already new ids (-1: pruned too)
+        has = present >= 0
+        token = torch.arange(rows.numel())[:, None].expand_as(present)
+        score[token[has], present[has]] = -torch.inf
+        mapped[rows, k] = score.argmax(1)
+    return mapped.to(device=table.device, dtype=table.dtype)
+
+
+class MuseSpark(Adapter):
+    """Muse Spark: the experts run in a projected space of width H' (`moe_hidden_size`).
+
+    block(x) = post_expert_proj( sum_k g_k E_k( pre_expert_norm(pre_expert_proj(x)) ) ), the router reading
+    x itself. The projections and norms are shared and `post_expert_proj` is linear, so each expert's
+    output in the block's space is F_k(x) = post_expert_proj(E_k(norm(pre_proj(x)))) and the block is
+    sum_k g_k F_k(x) exactly: `expert_outputs` computes F_k on hidden-space inputs [S, H] and the observer
+    records F_k (`lift_expert_outputs`). Pruning and merging act on the experts' own [E, ...] tensors;
+    the projections, norms and the experts' shared `post_expert_norm` are untouched.
+    """
+
+    novice_refusal = ("its experts run in a projected space, where a novice's mean output (recorded in the "
+                      "block's space) cannot be added; use a prune or merge method")
+
+    def kernel_outputs(self, block: nn.Module, x: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
+        return Adapter.expert_outputs(self, block, x, expert_ids)  # [S, H'] on projected inputs [S, H']
+
+    @torch.no_grad()
+    def expert_outputs(self, block: nn.Module, x: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
+        z = block.pre_expert_norm(block.pre_expert_proj(x))  # [S, H']
+        return block.post_expert_proj(self.kernel_outputs(block, z, expert_ids))  # [S, H]
+
+    def lift_expert_outputs(self, block: nn.Module, raw: torch.Tensor) -> torch.Tensor:
+        return block.post_expert_proj(raw.to(block.post_expert_proj.weight.dtype))  # [S, H'] -> [S, H]
 # [/logic2]

@@ -198,6 +198,36 @@ TINY_OVERRIDES: dict[str, dict] = {
     # [/logic1]
 
     # [logic2] new logic: longcat_flash, deepseek_v4, inkling, muse_spark
+    # 3 decoder layers of two attention sublayers each; MLA with one rope head dim = head_dim. No zero
+    # experts here: the battery checks every experts tensor is E long, and LongCat's gate_up_proj is E + Z
+    # (tests/arch/test_logic2_families.py builds it with zero_expert_num=2).
+    "longcat_flash": dict(
+        num_layers=3, ffn_hidden_size=128, expert_ffn_hidden_size=64, n_routed_experts=8, moe_topk=2,
+        zero_expert_num=0, num_attention_heads=4, num_key_value_heads=4, q_lora_rank=32, kv_lora_rank=32,
+        qk_nope_head_dim=16, qk_rope_head_dim=8, head_dim=8, v_head_dim=16, vocab_size=1024,
+        max_position_embeddings=512,
+    ),
+    # hash-routed blocks need the token ids, which the battery's block-alone calls do not pass: learned
+    # routing here; the hash layers are tested in tests/arch/test_logic2_families.py
+    "deepseek_v4": dict(mlp_layer_types=["moe", "moe", "moe"]),
+    # the towers project onto the text width (64); Inkling's vision patch MLP is sized from its patch
+    # (2 x 4 x 4 here, not 2 x 40 x 40); Muse Spark's audio pyramid needs one entry per stage
+    "inkling_text": dict(swa_num_attention_heads=4, swa_num_key_value_heads=2, swa_head_dim=16,
+                         n_shared_experts=2),
+    "inkling_mm_model": dict(
+        text_config=dict(swa_num_attention_heads=4, swa_num_key_value_heads=2, swa_head_dim=16,
+                         n_shared_experts=2),
+        vision_config=dict(text_hidden_size=64, patch_size=4, temporal_patch_size=2, num_hidden_layers=2),
+        audio_config=dict(text_hidden_size=64, n_mel_bins=16),
+    ),
+    # the experts' projected width equals the text width here, since the battery reads an expert's down
+    # projection as [hidden, I]; tests/arch/test_logic2_families.py builds moe_hidden_size=32
+    "muse_spark": dict(
+        text_config=dict(moe_hidden_size=64, eos_token_id=1, bos_token_id=0),
+        out_hidden_size=128, projector_hidden_size=64,
+        audio_config=dict(num_hidden_layers=1, patch_sizes=[4], hidden_sizes=[32], depths=[1],
+                          out_hidden_size=64),
+    ),
     # [/logic2]
 }
 

@@ -104,7 +104,7 @@ def install_observer(adapter: Adapter, block: nn.Module, record) -> Callable[[],
         shape = hidden.shape  # [T, H], or [B, L, H] for experts that take the block's input as is (DBRX)
         hidden = hidden.reshape(T, -1)
         x = hidden.repeat_interleave(K, dim=0) if K > 1 else hidden  # [S, H], row s = token s // K
-        raw = adapter.expert_outputs(block, x, top_k_index.reshape(-1))  # [S, H]
+        raw = adapter.kernel_outputs(block, x, top_k_index.reshape(-1))  # [S, H]
         weighted = raw.view(T, K, -1) * top_k_weights.to(raw.dtype)[..., None]  # [T, K, H]
         out = weighted.sum(dim=1).to(hidden.dtype)  # [T, H]
         if adapter.skip_class:  # pairs sent to the skip class (expert 0, gate 0) are no expert's

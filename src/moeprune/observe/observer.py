@@ -72,9 +72,17 @@ class Observer(contextlib.AbstractContextManager):
 
     def _recorder(self, layer: int):
         stats = self.experts[layer]
+        block, E = self.blocks[layer], self.adapter.num_experts
 
         def record(top_k_index, top_k_weights, raw, scratch=None):
-            stats.update(top_k_index.reshape(-1), top_k_weights.reshape(-1), raw, scratch)
+            ids, gates = top_k_index.reshape(-1), top_k_weights.reshape(-1)  # [S]
+            lifted = self.adapter.lift_expert_outputs(block, raw)  # [S, H]
+            if lifted is not raw:
+                raw, scratch = lifted, None
+            routed = ids < E  # pairs sent to never-pruned experts past E (zero-compute) are no expert's
+            if not bool(routed.all()):
+                ids, gates, raw, scratch = ids[routed], gates[routed], raw[routed], None
+            stats.update(ids, gates, raw, scratch)
 
         return record
 

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from moeprune.arch import Adapter, ExpertWeights, get_adapter
-from moeprune.arch.base import router_keep, router_matrix
+from moeprune.arch.base import router_keep, with_fixed_rows
 from moeprune.errors import MoepruneError
 from moeprune.methods.access import NotExact
 from moeprune.plan import ROUTER_MERGES, LayerPlan
@@ -62,11 +62,17 @@ class LayerAccess:
         which = torch.tensor(ids).repeat_interleave(n)  # [E'*n]
         return self.adapter.expert_outputs(self.block, rep, which).view(len(ids), n, -1).float()
 
+    def _check_runs_alone(self) -> None:
+        why = self.adapter.block_alone_refusal(self.block)
+        if why:
+            raise MoepruneError(f"layer {self.layer}: {why}")
+
     @torch.no_grad()
     def block_output(self, x: torch.Tensor, layer_plan=None) -> torch.Tensor:
         """[n, H] the MoE block's output on x [n, H], after `layer_plan` if given (on a copy)."""
         from moeprune.surgery import apply_layer_plan
 
+        self._check_runs_alone()
         block = self.block
         if layer_plan is not None:
             block = copy.deepcopy(self.block)
@@ -80,6 +86,7 @@ class LayerAccess:
                      aligned: LayerPlan | None = None) -> MergedBlock:
         """A differentiable copy of the block whose tensors `set(M)` replaces by `M @ W` (see
         `MergedBlock`)."""
+        self._check_runs_alone()
         return MergedBlock(self.adapter, self.block, num_out, router_merge, aligned)
 
     def routed_lookup(self, x: torch.Tensor) -> Callable[[list[int]], torch.Tensor]:
@@ -89,6 +96,7 @@ class LayerAccess:
         Every expert's output on x is computed once; a subset is scored by the block's own routing
         on a shell that shares the weights, with the experts replaced by a lookup (see `RoutedLookup`).
         """
+        self._check_runs_alone()
         return RoutedLookup(self.adapter, self.block, x)
 
 
@@ -155,12 +163,13 @@ class MergedBlock:
         """Install merged tensors for the merge matrix M [R, E] (float32, may require grad)."""
         router_M = M if self.router_merge == "average" else (M.detach() != 0).float()
         for name, W in self._experts:
-            merged = torch.tensordot(M, W.float(), dims=([1], [0]))  # [R, ...]
+            M_full, _ = with_fixed_rows(M, None, W.shape[0])  # fixed rows past E carried over
+            merged = torch.tensordot(M_full, W.float(), dims=([1], [0]))  # [R, ...]
             self.adapter.set_expert_tensor(self.block, name, merged, parameter=False)
         for name, axis, W, path in self._router:
             moved = W.float().movedim(axis, 0)
-            merged = torch.tensordot(router_matrix(router_M, moved.shape[0]), moved, dims=([1], [0]))
-            merged = merged.movedim(0, axis)  # the rows after the experts' (a skip class) unchanged
+            router_full, _ = with_fixed_rows(router_M, None, moved.shape[0])  # a skip class's row unchanged
+            merged = torch.tensordot(router_full, moved, dims=([1], [0])).movedim(0, axis)
             setattr(self.block.get_submodule(path), name, merged)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -201,9 +210,10 @@ class RoutedLookup:
         self._xs = x.to(next(block.parameters()).dtype)
         n = self._xs.shape[0]
         x_in = adapter.expert_inputs(block, self._xs)  # [n, D]
+        # the routed experts, then the never-pruned routable ones after them (zero-compute experts)
         self._Y = torch.stack([adapter.expert_outputs_to_block(
             block, adapter.expert_outputs(block, x_in, torch.full((n,), e, dtype=torch.long)))
-            for e in range(self.E)])  # [E, n, H]
+            for e in range(self.E + adapter.fixed_experts)])  # [E + F, n, H]
         self._rows = torch.arange(n)[:, None]  # [n, 1]
 
     def __call__(self, subset) -> torch.Tensor:
@@ -215,7 +225,7 @@ class RoutedLookup:
         shell = copy.deepcopy(block, shared)  # new modules, the very same weight tensors
         for owner, name, axis in adapter.router_expert_tensors(shell):
             full = getattr(owner, name)
-            rows = router_keep(keep, self.E, full.shape[axis])  # a skip class's row (ZAYA) stays
+            rows = router_keep(keep, self.E, full.shape[axis])  # rows past E (a skip class) stay
             t = full.index_select(axis, rows.to(full.device))
             if name in owner._parameters:
                 owner._parameters[name] = nn.Parameter(t, requires_grad=False)
@@ -230,7 +240,8 @@ class RoutedLookup:
             rows_seen = hidden.reshape(-1, hidden.shape[-1]).shape[0]  # [B, L, H] for DBRX's experts
             if rows_seen != n:
                 raise NotExact(f"the experts saw {rows_seen} rows, not the {n} probe tokens")
-            y = Y[keep[top_k_index], rows]  # [n, K, H]
+            fixed = torch.arange(self.E, self.E + adapter.fixed_experts)  # after the kept ones, renumbered
+            y = Y[torch.cat([keep, fixed])[top_k_index], rows]  # [n, K, H]
             raise _Captured((y.float() * top_k_weights.float()[..., None]).sum(dim=1))
 
         adapter.experts(shell).forward = lookup  # on the shell only: the model's block is untouched

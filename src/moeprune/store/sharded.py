@@ -102,7 +102,8 @@ class ShardedCheckpoint:
         ignored = compat.ignored_on_load(self.model)
         self.target = {k: t for k, t in self.target.items()
                        if t in meta or not any(re.search(p, k) for p in ignored)}
-        self._check_complete(meta)
+        filled = compat.in_model_targets(self.model, list(self.target), self.conversion, meta)
+        self._check_complete(meta, filled)
         sources = Counter(self.target.values())
         self._copied_by_loader = {
             t for t, n in sources.items() if n > 1
@@ -127,10 +128,8 @@ class ShardedCheckpoint:
                     f"{absent[0]}); the download is incomplete or the index is wrong"
                 )
 
-    def _check_complete(self, meta: dict) -> None:
+    def _check_complete(self, meta: dict, targets: set[str]) -> None:
         """Every parameter of the skeleton must come from some on-disk tensor (tied ones appear once)."""
-        targets = set(self.target.values())
-        targets |= {t for n in targets for t in compat.one_to_many_targets(self.conversion, n) if t in meta}
         # e.g. lm_head.weight -> embed_tokens.weight
         tied = getattr(self.model, "all_tied_weights_keys", None) or {}
         missing = [

@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 from moeprune.arch import Adapter, get_adapter
-from moeprune.arch.base import router_keep, router_matrix
+from moeprune.arch.base import with_fixed_rows
+from moeprune.errors import MoepruneError
 from moeprune.plan import LayerPlan, Plan
 
 __all__ = ["apply_layer_plan", "apply_plan", "merge_matrix"]
@@ -41,7 +42,12 @@ def _replace(module: nn.Module, name: str, value: torch.Tensor) -> None:
 
 
 def _combine(tensor: torch.Tensor, M: torch.Tensor, axis: int, keep: torch.Tensor | None) -> torch.Tensor:
-    """Apply the merge matrix along `axis`: index-select when `keep` is given, else M @ tensor."""
+    """Apply the merge matrix along `axis`: index-select when `keep` is given, else M @ tensor.
+
+    Entries past the E_in routed experts on that axis (zero-compute experts, shared experts' router
+    rows) are kept as they are, after the new ones (`with_fixed_rows`).
+    """
+    M, keep = with_fixed_rows(M, keep, tensor.shape[axis])
     if keep is not None:
         return tensor.index_select(axis, keep.to(tensor.device))
     moved = tensor.movedim(axis, 0)  # [E_in, ...]
@@ -60,11 +66,15 @@ def apply_layer_plan(adapter: Adapter, block: nn.Module, lp: LayerPlan,
     if lp.novices:
         from moeprune.surgery.novices import apply_novice_layer
 
+        if adapter.novice_refusal:
+            raise MoepruneError(f"{adapter.family}: {adapter.novice_refusal}")
+
         apply_novice_layer(adapter, block, lp, novice_vectors)
         return
     M = merge_matrix(lp)  # [E_out, E_in]
     keep = torch.tensor([g.members[0] for g in lp.groups]) if lp.is_pruning else None
     router_M = M if lp.router_merge == "average" else (M != 0).double()
+    adapter.remap_routing(block, M)  # before the tensors change: it may read the old router
     params = adapter.expert_parameters(block)
     if any(g.perms is not None for g in lp.groups):  # aligned merge: permute members' hidden units first
         from moeprune.surgery.alignment import permute_members
@@ -73,10 +83,8 @@ def apply_layer_plan(adapter: Adapter, block: nn.Module, lp: LayerPlan,
     for name, p in params.items():
         adapter.set_expert_tensor(block, name, _combine(p, M, 0, keep))
     for owner, name, axis in adapter.router_expert_tensors(block):
-        tensor = getattr(owner, name)
-        size = tensor.shape[axis]  # E, or E + a skip class (ZAYA), whose row stays as it is
-        rows = None if keep is None else router_keep(keep, lp.num_experts_in, size)
-        _replace(owner, name, _combine(tensor, router_matrix(router_M, size), axis, rows))
+        # E rows, or E + fixed rows (a skip class, zero-compute experts), which `_combine` carries over
+        _replace(owner, name, _combine(getattr(owner, name), router_M, axis, keep))
     adapter.set_block_num_experts(block, lp.num_experts_in, lp.num_experts_out)
 
 
