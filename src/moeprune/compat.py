@@ -77,6 +77,20 @@ def in_model_names(model, keys, conversion: list, meta_state: dict) -> dict[str,
     return {k: rename_source_key(k, renamings, converters, prefix, meta_state)[0] for k in keys}
 
 
+def one_to_many_targets(conversion: list, name: str) -> list[str]:
+    """The other model tensors an on-disk key that lands in `name` also fills, through a one-to-many
+    converter (Step 3.7's vision `in_proj_weight` split into q, k and v): the loader names only the first
+    target pattern and derives the others by replacing it, as done here."""
+    from transformers.core_model_loading import WeightConverter
+
+    out = []
+    for c in conversion:
+        targets = c.target_patterns if isinstance(c, WeightConverter) else []
+        if len(targets) > 1 and targets[0] in name:
+            out += [name.replace(targets[0], t, 1) for t in targets[1:]]
+    return out
+
+
 def load_converted(model, state: dict, conversion: list):
     """Load on-disk `state` into `model` through `conversion`; the loader's info (unexpected,
     mismatched keys, conversion errors)."""
@@ -255,6 +269,15 @@ def auto_classes(config) -> list[tuple[str, type]]:
         except (KeyError, ValueError):
             continue
     return found
+
+
+def defining_model_type(model_type: str) -> str | None:
+    """The model type whose transformers module defines `model_type`, where that differs (a text config
+    defined only as part of a vision-language model, e.g. "step3p5" in "step3p7"), else None."""
+    from transformers.models.auto.configuration_auto import SPECIAL_MODEL_TYPE_TO_MODULE_NAME
+
+    owner = SPECIAL_MODEL_TYPE_TO_MODULE_NAME.get(model_type)
+    return owner if owner and owner != model_type else None
 
 
 def model_class(config) -> tuple[str, type]:

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from moeprune.arch.base import text_generator
 from moeprune.errors import MoepruneError
 
 
@@ -93,7 +94,8 @@ def _check_model_fits(model, tokens: torch.Tensor, seq_len: int) -> None:
 @torch.no_grad()
 def window_nll(model, batch: torch.Tensor) -> torch.Tensor:
     """[B] summed NLL (float64) of tokens 1..L-1 of each window in `batch` [B, L]."""
-    return logits_nll(model(input_ids=batch, use_cache=False).logits, batch)  # logits [B, L, V]
+    logits = text_generator(model)(input_ids=batch, use_cache=False).logits  # [B, L, V]
+    return logits_nll(logits, batch)
 
 
 def text_windows(tokenizer, text_or_path: str | Path | Sequence[str], seq_len: int,

@@ -23,6 +23,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from moeprune.arch.base import text_generator
+
 
 class _Reached(Exception):
     """Raised by the recorder at the wanted layer to stop the model's forward."""
@@ -47,7 +49,7 @@ def layer_call(model: nn.Module, layers: nn.ModuleList, input_ids: torch.Tensor,
 
     with _forwards_replaced(layers, {j: recorder(j) for j in range(i + 1)}):
         try:
-            model(input_ids=input_ids, use_cache=False)
+            text_generator(model)(input_ids=input_ids, use_cache=False)
         except _Reached:
             pass
     if "call" not in got:
@@ -68,7 +70,7 @@ def head_logits(model: nn.Module, layers: nn.ModuleList, input_ids: torch.Tensor
         j: (lambda h, *a, **k: last_hidden) if j == last else (lambda h, *a, **k: h) for j in range(last + 1)
     }
     with _forwards_replaced(layers, forwards):
-        return model(input_ids=input_ids, use_cache=False).logits
+        return text_generator(model)(input_ids=input_ids, use_cache=False).logits
 
 
 @contextmanager

@@ -137,6 +137,7 @@ class ShardedCheckpoint:
     def _check_complete(self, meta: dict) -> None:
         """Every parameter of the skeleton must come from some on-disk tensor (tied ones appear once)."""
         targets = set(self.target.values())
+        targets |= {t for n in targets for t in compat.one_to_many_targets(self.conversion, n) if t in meta}
         # e.g. lm_head.weight -> embed_tokens.weight
         tied = getattr(self.model, "all_tied_weights_keys", None) or {}
         missing = [
