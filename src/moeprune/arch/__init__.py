@@ -11,7 +11,7 @@ from moeprune.arch.base import COUNT_FIELDS, Adapter, ExpertWeights, decoder_lay
 from moeprune.arch.facts import BY_MODEL_TYPE, FAMILIES, Family
 from moeprune.errors import MoepruneError
 
-SUPPORTED_MODEL_TYPES = tuple(sorted(BY_MODEL_TYPE))
+SUPPORTED_MODEL_TYPES = tuple(sorted(mt for mt, f in BY_MODEL_TYPE.items() if f.refused is None))
 
 
 def family_of(config) -> Family | None:
@@ -28,6 +28,8 @@ def get_adapter(config) -> Adapter:
     row = family_of(config)
     if row is None:
         raise MoepruneError(_unsupported(config))
+    if row.refused is not None:
+        raise MoepruneError(f"unsupported model_type {getattr(config, 'model_type', None)!r}: {row.refused}")
     return (row.adapter or Adapter)(config, row)
 
 

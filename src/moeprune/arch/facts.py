@@ -12,7 +12,9 @@ Columns:
   only when `topk_method == "group_limited_greedy"`) or "top2" (by the sum of its two best:
   DeepSeek-V3 and its descendants, whenever `n_group > 1`);
 - `adapter`: an `Adapter` subclass for the few families whose computation differs (Llama 4);
-- `count_field` / `top_k_field`: only where the derived field is wrong (an alias that does not set).
+- `count_field` / `top_k_field`: only where the derived field is wrong (an alias that does not set);
+- `refused`: for a family moeprune cannot keep valid after pruning, the one line saying why (it is then
+  not supported, and `get_adapter` raises it before any work).
 """
 
 from __future__ import annotations
@@ -84,14 +86,16 @@ ROUTING = {
 @dataclass(frozen=True)
 class Family:
     model_types: tuple[str, ...]
-    routing: str
+    routing: str | None = None
     groups: str | None = None
     adapter: type[Adapter] | None = None
     count_field: str | None = None
     top_k_field: str | None = None
+    refused: str | None = None
 
     def __post_init__(self):
-        if self.routing not in ROUTING or self.groups not in (None, "max", "top2"):
+        known = self.routing in ROUTING or (self.refused is not None and self.routing is None)
+        if not known or self.groups not in (None, "max", "top2"):
             raise ValueError(f"{self.model_types}: unknown routing {self.routing!r} or groups "
                              f"{self.groups!r}")
 
@@ -153,6 +157,12 @@ FAMILIES: tuple[Family, ...] = (
     # Qwen3-Omni: the thinker's text decoder is pruned; the talker's MoE (qwen3_omni_moe_talker_text) and
     # code predictor, the vision and audio towers and code2wav are written untouched
     Family(("qwen3_omni_moe_text", "qwen3_omni_moe_thinker", "qwen3_omni_moe"), "softmax_norm_topk_prob"),
+    # ERNIE-4.5-VL: every decoder MoE layer holds text experts and vision experts (run on image and video
+    # tokens) under one count
+    Family(("ernie4_5_vl_moe_text", "ernie4_5_vl_moe"), refused=(
+        "its text and vision experts share one count (moe_num_experts, also the width of the layer's router "
+        "logits), so a checkpoint with fewer text experts but every vision expert does not load, and text "
+        "calibration cannot choose which vision experts to drop; moeprune prunes text experts only")),
     # [/vlm]
 
     # [gemma] gemma4 and OCR/speech wrappers

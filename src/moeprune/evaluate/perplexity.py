@@ -80,6 +80,7 @@ def windows(tokens: torch.Tensor, seq_len: int, max_tokens: int | None = None) -
 
 def _check_model_fits(model, tokens: torch.Tensor, seq_len: int) -> None:
     """Fail with the numbers before running if the ids or the window do not fit the model."""
+    model = text_generator(model)  # a wrapper with no forward of its own (Qwen3-Omni) has no embeddings
     emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     vocab = getattr(emb, "num_embeddings", None)
     if vocab is not None and tokens.numel() and int(tokens.max()) >= vocab:
