@@ -89,3 +89,11 @@ def test_ernie_vl_is_refused_in_one_line_before_any_work(tmp_path):
     with pytest.raises(MoepruneError, match="moeprune prunes text experts only"):
         api.prune(src, "frequency", tmp_path / "out", experts=4, calib=str(calib), progress=False)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("config_class", [
+    tf.Glm4vMoeTextConfig, tf.Qwen3VLMoeTextConfig, tf.Glm5NextTextConfig])
+def test_a_bare_text_config_with_no_lm_class_is_refused_in_one_line(config_class):
+    with pytest.raises(MoepruneError, match="no causal-LM or image-text-to-text class") as e:
+        get_adapter(config_class())
+    assert "\n" not in str(e.value) and "ship as" in str(e.value)

@@ -7,6 +7,7 @@ what transformers declares (`arch.base.Adapter`); `arch.facts.FAMILIES` holds th
 
 from __future__ import annotations
 
+from moeprune import compat
 from moeprune.arch.base import COUNT_FIELDS, Adapter, ExpertWeights, decoder_layers, text_config
 from moeprune.arch.facts import BY_MODEL_TYPE, FAMILIES, Family
 from moeprune.errors import MoepruneError
@@ -30,6 +31,13 @@ def get_adapter(config) -> Adapter:
         raise MoepruneError(_unsupported(config))
     if row.refused is not None:
         raise MoepruneError(f"unsupported model_type {getattr(config, 'model_type', None)!r}: {row.refused}")
+    if not compat.auto_classes(config):  # e.g. a bare glm4v_moe_text config: a base model with no LM head
+        model_type = getattr(config, "model_type", None)
+        owner = compat.defining_model_type(model_type)
+        raise MoepruneError(
+            f"unsupported model_type {model_type!r}: transformers has no causal-LM or image-text-to-text "
+            "class for it, so moeprune cannot load it as a generator or write it back as one"
+            f"{f'; its checkpoints ship as {owner!r}, which moeprune prunes' if owner else ''}")
     return (row.adapter or Adapter)(config, row)
 
 
