@@ -20,6 +20,7 @@ from helpers import manual_plan, saved_tensors, token_ids
 
 from moeprune import api, compat
 from moeprune.arch import SUPPORTED_MODEL_TYPES, get_adapter
+from moeprune.arch.base import text_generator
 from moeprune.arch.facts import BY_MODEL_TYPE
 from moeprune.arch.tiny import TINY_OVERRIDES, save_tiny_checkpoint, tiny_model
 from moeprune.plan import Group, LayerPlan
@@ -63,7 +64,7 @@ def _inputs(model):
 
 def _logits(model, **kw):
     with torch.no_grad():
-        return model(**kw, use_cache=False).logits
+        return text_generator(model)(**kw, use_cache=False).logits
 
 
 @pytest.mark.parametrize("model_type", EVERY)

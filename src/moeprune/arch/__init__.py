@@ -31,6 +31,8 @@ def get_adapter(config) -> Adapter:
         raise MoepruneError(_unsupported(config))
     if row.refused is not None:
         raise MoepruneError(f"unsupported model_type {getattr(config, 'model_type', None)!r}: {row.refused}")
+    if not compat.auto_classes(config):  # e.g. a bare glm4v_moe_text config: a base model with no LM head
+        raise MoepruneError(_no_language_model_head(config))
     return (row.adapter or Adapter)(config, row)
 
 
@@ -50,17 +52,24 @@ def _unsupported(config) -> str:
         return (f"unsupported model_type {model_type!r}: its config has no routed-expert count "
                 f"({', '.join(COUNT_FIELDS)}), so it is not a Mixture-of-Experts model moeprune can prune")
     if not compat.auto_classes(config):
-        others = compat.every_model_class(config)
-        owner = compat.defining_model_type(model_type)
-        hint = (f"; it is part of transformers' {owner!r} model: prune the {owner!r} checkpoint that holds it"
-                if owner in SUPPORTED_MODEL_TYPES else "")
-        return (f"unsupported model_type {model_type!r}: transformers has no class with a language-model "
-                f"head for it (no causal-LM or image-text-to-text class; "
-                f"{'only ' + ', '.join(others) if others else 'no model class at all'}), so no checkpoint "
-                f"loads as it and moeprune cannot write one back{hint}")
+        return _no_language_model_head(config)
     return (f"unsupported model_type {model_type!r}: it has routed experts but no row in moeprune's family "
             f"table (moeprune/arch/facts.py) saying how its router forms gates; supported: "
             f"{', '.join(SUPPORTED_MODEL_TYPES)}")
+
+
+def _no_language_model_head(config) -> str:
+    """One line for a model type transformers builds with no language-model head (a text config that only
+    ships inside a vision-language checkpoint, a token classifier)."""
+    model_type = getattr(config, "model_type", None)
+    others = compat.every_model_class(config)
+    owner = compat.defining_model_type(model_type)
+    hint = (f"; its checkpoints ship as {owner!r}, which moeprune prunes: prune that checkpoint"
+            if owner in SUPPORTED_MODEL_TYPES else "")
+    return (f"unsupported model_type {model_type!r}: transformers has no class with a language-model "
+            f"head for it (no causal-LM or image-text-to-text class; "
+            f"{'only ' + ', '.join(others) if others else 'no model class at all'}), so no checkpoint "
+            f"loads as it and moeprune cannot write one back{hint}")
 
 
 def _nested_count_field(d: dict, prefix: str = "") -> str | None:

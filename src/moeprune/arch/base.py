@@ -103,6 +103,19 @@ def decoder_layers(model: nn.Module) -> tuple[nn.ModuleList, str]:
     return layers, root_prefix + name + "."
 
 
+def text_generator(model: nn.Module) -> nn.Module:
+    """The module whose forward maps `input_ids` to text logits: `model` itself, or, where the model's class
+    implements no forward (Qwen3-Omni's, which only generates), its child holding the language model's
+    decoder layers (the thinker), which shares every tensor with `model`."""
+    if type(model).forward is not nn.Module.forward:
+        return model
+    _, prefix = decoder_layers(model)
+    for name, child in model.named_children():
+        if prefix.startswith(name + ".") and type(child).forward is not nn.Module.forward:
+            return child
+    return model
+
+
 # ---- novices at run time ----------------------------------------------------------------------
 # A block with novices (MoNE; made by `moeprune.surgery.novices`) keeps its router at E rows while its
 # experts tensors hold only the E_kept kept experts; two non-persistent buffers on the experts module

@@ -180,7 +180,7 @@ FAMILIES: tuple[Family, ...] = (
     Family(("qwen3_next",), "softmax_norm_topk_prob"),
     Family(("qwen3_5_moe_text", "qwen3_5_moe"), "softmax_topk"),  # softmax, top-k, always renormalised
     # vision-language and omni checkpoints (D)
-    Family(("qwen3_vl_moe",), "softmax_topk"),  # softmax, top-k, always renormalised
+    Family(("qwen3_vl_moe_text", "qwen3_vl_moe"), "softmax_topk"),  # softmax, top-k, always renormalised
 
     # [text] plain text decoders and their wrappers
     Family(("axk1",), "sigmoid_bias", "top2"),  # DeepSeek-V3 router; post-MoE norm on the block output
@@ -197,6 +197,19 @@ FAMILIES: tuple[Family, ...] = (
     # [/text]
 
     # [vlm] vision-language / omni checkpoints
+    Family(("glm4v_moe_text", "glm4v_moe"), "sigmoid_bias", "top2"),  # GLM-4.5V: glm4_moe's router
+    # GLM-5-Next: DeepSeek-V3 router; linear (KDA) and indexed attention, hyper-connection streams
+    Family(("glm5_next_text", "glm5_next"), "sigmoid_bias", "top2"),
+    Family(("kimi_k25",), "sigmoid_bias", "top2"),  # Kimi-K2.5: a deepseek_v3 text config, vision tower
+    # Qwen3-Omni: the thinker's text decoder is pruned; the talker's MoE (qwen3_omni_moe_talker_text) and
+    # code predictor, the vision and audio towers and code2wav are written untouched
+    Family(("qwen3_omni_moe_text", "qwen3_omni_moe_thinker", "qwen3_omni_moe"), "softmax_norm_topk_prob"),
+    # ERNIE-4.5-VL: every decoder MoE layer holds text experts and vision experts (run on image and video
+    # tokens) under one count
+    Family(("ernie4_5_vl_moe_text", "ernie4_5_vl_moe"), refused=(
+        "its text and vision experts share one count (moe_num_experts, also the width of the layer's router "
+        "logits), so a checkpoint with fewer text experts but every vision expert does not load, and text "
+        "calibration cannot choose which vision experts to drop; moeprune prunes text experts only")),
     # [/vlm]
 
     # [gemma] gemma4 and OCR/speech wrappers

@@ -6,6 +6,8 @@ runs a 4x128-token forward in about 10 ms on a CPU. Configs: docs/test_models.md
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 import transformers as tf
 
@@ -126,6 +128,10 @@ _QWEN4_EXP = dict(
     indexer_n_heads=2, indexer_kv_heads=1, indexer_head_dim=16, indexer_budget=32, indexer_compress_ratio=4,
 )
 # [/text]
+# [vlm] a Whisper-style audio encoder (Qwen3-Omni's), shrunk
+_TINY_AUDIO = dict(encoder_layers=1, encoder_attention_heads=2, encoder_ffn_dim=64, d_model=32, output_dim=64,
+                   downsample_hidden_size=16, num_mel_bins=16)
+# [/vlm]
 
 # model_type -> fields set after the shrinking (a nested dict for a sub-config)
 TINY_OVERRIDES: dict[str, dict] = {
@@ -163,6 +169,36 @@ TINY_OVERRIDES: dict[str, dict] = {
     # [/text]
 
     # [vlm] vision-language / omni checkpoints
+    # GLM-5-Next: MLA without RoPE (qk_rope_head_dim 0) and one KV head per query head, both validated;
+    # one indexed-attention layer among the linear (KDA) ones; the default pad id lies past the vocabulary
+    "glm5_next": dict(text_config=dict(
+        pad_token_id=0, num_key_value_heads=4, qk_rope_head_dim=0, index_topk=32, index_head_dim=16,
+        index_n_heads=4, linear_head_dim=16, linear_num_heads=4,
+        layer_types=["linear_attention", "indexed_attention", "linear_attention"])),
+    # MLA: one key/value head per query head; head_dim is the rotary slice (qk_rope_head_dim)
+    "kimi_k25": dict(text_config=dict(num_key_value_heads=4, head_dim=8)),
+    # multimodal RoPE: the (t, h, w) sections split the rotary half-width (16 * 0.5 / 2 = 4)
+    "glm4v_moe": dict(text_config=dict(rope_parameters=dict(
+        rope_type="default", rope_theta=10000.0, partial_rotary_factor=0.5, mrope_section=[2, 1, 1]))),
+    # Qwen3-Omni: the thinker holds the text, vision and audio configs; the talker its own MoE text model
+    # and a code predictor (its modeling reads `shared_expert_intermediate_size` and `spatial_merge_size`,
+    # fields its config classes lack; shipped configs carry them); code2wav is the vocoder
+    "qwen3_omni_moe": dict(
+        thinker_config=dict(audio_config=_TINY_AUDIO),
+        talker_config=dict(text_config=dict(shared_expert_intermediate_size=64), thinker_hidden_size=64,
+                           spatial_merge_size=2, accept_hidden_layer=1, code_predictor_config=dict(
+                               vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                               num_attention_heads=2, num_key_value_heads=2, head_dim=16, num_code_groups=4,
+                               layer_types=["full_attention"])),
+        code2wav_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                             num_key_value_heads=2, codebook_size=64, num_quantizers=4, decoder_dim=32,
+                             upsample_rates=[2, 2], upsampling_ratios=[2]),
+    ),
+    "qwen3_omni_moe_thinker": dict(audio_config=_TINY_AUDIO),
+    # ERNIE-4.5-VL (refused, built for the refusal's tests): text and vision expert widths, one list; the
+    # (h, w, t) RoPE sections split the 8 rotary frequencies of a 16-wide head
+    "ernie4_5_vl_moe": dict(text_config=dict(moe_intermediate_size=[64, 32], rope_parameters=dict(
+        rope_type="default", rope_theta=500000.0, mrope_section=[3, 3, 2]))),
     # [/vlm]
 
     # [gemma] gemma4 and OCR/speech wrappers
@@ -262,11 +298,16 @@ def _shrunk_kwargs(cls, sizes: dict, num_experts: int, top_k: int, overrides: di
 def shrunk_config(model_type: str, num_experts: int = 8, top_k: int = 2, **overrides):
     """The config class of `model_type` at its defaults, shrunk to a tiny model (`SHRUNK_TEXT`), then
     `TINY_OVERRIDES[model_type]` and `overrides`."""
-    from moeprune.compat import config_class
+    from moeprune import compat
 
-    cls = config_class(model_type)
+    cls = compat.config_class(model_type)
     if cls is None:
         raise KeyError(f"transformers has no config class for model_type {model_type!r}")
+    owner = compat.defining_model_type(model_type)
+    if owner is not None and not compat.auto_classes(cls()):
+        # a text model_type with no generator class of its own (Glm4vMoeTextModel has no LM head) ships
+        # only inside the vision-language model that defines it, so that is its tiny model
+        return shrunk_config(owner, num_experts, top_k, **overrides)
     wanted = {**TINY_OVERRIDES.get(model_type, {}), **overrides}
     config = cls(**_shrunk_kwargs(cls, SHRUNK_TEXT, num_experts, top_k, wanted))
     if not getattr(config, "architectures", None):
@@ -291,6 +332,21 @@ TINY_FAMILIES = (
 )
 
 
+@contextmanager
+def _uninitialized_as_nan():
+    """Fill every newly allocated tensor with NaN (torch's deterministic mode), so uninitialized ones show."""
+    import torch.utils.deterministic as deterministic
+
+    before = torch.are_deterministic_algorithms_enabled(), deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True)
+    deterministic.fill_uninitialized_memory = True
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before[0])
+        deterministic.fill_uninitialized_memory = before[1]
+
+
 def tiny_model(family: str, seed: int = 0, **kwargs) -> torch.nn.Module:
     """A tiny random causal LM of `family` in eval mode, with non-trivial router biases.
 
@@ -300,8 +356,14 @@ def tiny_model(family: str, seed: int = 0, **kwargs) -> torch.nn.Module:
 
     config = tiny_config(family, **kwargs)
     torch.manual_seed(seed)
-    model = model_class(config)[1]._from_config(config, dtype=torch.float32).eval()
+    with _uninitialized_as_nan():
+        model = model_class(config)[1]._from_config(config, dtype=torch.float32).eval()
     with torch.no_grad():
+        for tensor in model.parameters():
+            # a tensor transformers' init never reaches (Qwen3-Omni's talker experts) would hold whatever
+            # memory it got, so two builds would differ; it gets seeded random values instead
+            if tensor.is_floating_point() and tensor.isnan().all():
+                tensor.normal_(0.0, 0.02)
         for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
             if name.endswith("e_score_correction_bias"):
                 tensor.copy_(torch.rand_like(tensor) * 0.1)

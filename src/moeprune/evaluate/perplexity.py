@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from moeprune.arch.base import text_generator
 from moeprune.errors import MoepruneError
 
 
@@ -79,6 +80,7 @@ def windows(tokens: torch.Tensor, seq_len: int, max_tokens: int | None = None) -
 
 def _check_model_fits(model, tokens: torch.Tensor, seq_len: int) -> None:
     """Fail with the numbers before running if the ids or the window do not fit the model."""
+    model = text_generator(model)  # a wrapper with no forward of its own (Qwen3-Omni) has no embeddings
     emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     vocab = getattr(emb, "num_embeddings", None)
     if vocab is not None and tokens.numel() and int(tokens.max()) >= vocab:
@@ -93,7 +95,8 @@ def _check_model_fits(model, tokens: torch.Tensor, seq_len: int) -> None:
 @torch.no_grad()
 def window_nll(model, batch: torch.Tensor) -> torch.Tensor:
     """[B] summed NLL (float64) of tokens 1..L-1 of each window in `batch` [B, L]."""
-    return logits_nll(model(input_ids=batch, use_cache=False).logits, batch)  # logits [B, L, V]
+    logits = text_generator(model)(input_ids=batch, use_cache=False).logits  # [B, L, V]
+    return logits_nll(logits, batch)
 
 
 def text_windows(tokenizer, text_or_path: str | Path | Sequence[str], seq_len: int,

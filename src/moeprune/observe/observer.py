@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from moeprune.arch import Adapter, get_adapter
+from moeprune.arch.base import text_generator
 from moeprune.observe.hooks import install_observer
 from moeprune.observe.reduce import reduce_layer_stats
 from moeprune.observe.stats import ExpertStats, LayerStats, ProbeCollector, Stats
@@ -200,12 +201,13 @@ def observe(
     wanted = probe_positions(N * L, probe_size, seed)
     started = time.perf_counter()
     done = 0
+    generator = text_generator(model)
     with Observer(adapter, blocks, wanted) as obs:
         for start in ranks.batch_starts(list(range(0, N, batch_size))):
             batch = input_ids[start : start + batch_size]  # [B, L]
             positions = torch.arange(start * L, (start + batch.shape[0]) * L)  # [B*L] global token indices
             obs.begin_batch(positions)
-            model(input_ids=batch.to(device), use_cache=False)
+            generator(input_ids=batch.to(device), use_cache=False)
             done += batch.shape[0]
             if progress is not None:
                 progress(done)

@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from moeprune.arch import get_adapter
+from moeprune.arch.base import text_generator
 
 
 class _Reached(Exception):
@@ -50,7 +51,7 @@ def layer_call(model: nn.Module, layers: nn.ModuleList, input_ids: torch.Tensor,
 
     with _forwards_replaced(layers, {j: recorder(j) for j in range(i + 1)}):
         try:
-            model(input_ids=input_ids, use_cache=False)
+            text_generator(model)(input_ids=input_ids, use_cache=False)
         except _Reached:
             pass
     if "call" not in got:
@@ -73,7 +74,7 @@ def head_logits(model: nn.Module, layers: nn.ModuleList, input_ids: torch.Tensor
         else (lambda h, *a, **k: passthrough(h, a, k)) for j in range(last + 1)
     }
     with _forwards_replaced(layers, forwards):
-        return model(input_ids=input_ids, use_cache=False).logits
+        return text_generator(model)(input_ids=input_ids, use_cache=False).logits
 
 
 @contextmanager
