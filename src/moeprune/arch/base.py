@@ -206,6 +206,9 @@ class Adapter:
     # top-k, at `router_scores_index` of the router's output.
     dense_experts: bool = False
     router_scores_index: int = 0
+    # A module of the block that the experts' input passes through while the router reads the block
+    # input itself (Gemma 4: `pre_feedforward_layernorm_2`); None: the experts read the block input.
+    expert_input_attr: str | None = None
 
     def __init__(self, config, facts=None):
         """`facts`: the family's `arch.facts.Family` row (routing rule, group rule, field overrides)."""
@@ -366,6 +369,21 @@ class Adapter:
     def expert_parameters(self, block: nn.Module) -> dict[str, nn.Parameter]:
         """Every experts tensor whose first axis is the expert axis."""
         return dict(self.experts(block).named_parameters(recurse=False))
+
+    def expert_input(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """[..., H] what the experts receive when the MoE block (its router) receives x [..., H].
+
+        The probe holds block inputs, which the router and `moe_forward` need; whatever runs the experts
+        on them goes through this first, so the experts see what they see in the model.
+        """
+        if self.expert_input_attr is None:
+            return x
+        return block.get_submodule(self.expert_input_attr)(x)
+
+    def moe_forward(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """[B, L, H] the MoE block's output on its input x [B, L, H]: router, experts, shared experts."""
+        out = block(x)
+        return out[0] if isinstance(out, tuple) else out
 
     @torch.no_grad()
     def expert_outputs(self, block: nn.Module, x: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:

@@ -114,6 +114,13 @@ SHRUNK_VISION = dict(
 SUB_CONFIGS = {"text_config": SHRUNK_TEXT, "thinker_config": SHRUNK_TEXT, "talker_config": SHRUNK_TEXT,
                "vision_config": SHRUNK_VISION, "audio_config": SHRUNK_VISION}
 
+# [gemma] shared tiny configs
+_GEMMA4_TEXT = dict(
+    enable_moe_block=True, num_experts=8, top_k_experts=2, moe_intermediate_size=64, global_head_dim=32,
+    hidden_size_per_layer_input=16, vocab_size_per_layer_input=1024,
+)
+# [/gemma]
+
 # model_type -> fields set after the shrinking (a nested dict for a sub-config)
 TINY_OVERRIDES: dict[str, dict] = {
     # text decoders with standard fused experts (A)
@@ -132,6 +139,14 @@ TINY_OVERRIDES: dict[str, dict] = {
     # [/vlm]
 
     # [gemma] gemma4 and OCR/speech wrappers
+    # Gemma 4's defaults are dense (enable_moe_block=False, no expert count); the MoE checkpoints
+    # (26B-A4B) enable it in every layer. Full-attention layers default to head_dim 512; the per-layer
+    # embeddings (PLE) table defaults to 262144 rows.
+    "gemma4_text": _GEMMA4_TEXT,
+    # Gemma4Config has no vision tower by default: a tiny one, so the checkpoint is a real image-text one
+    "gemma4": dict(text_config=_GEMMA4_TEXT, vision_config=dict(
+        model_type="gemma4_vision", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=2, head_dim=16, position_embedding_size=64)),
     # [/gemma]
 
     # [hybrid] hybrids: Mamba / linear attention
@@ -165,6 +180,8 @@ def _shrunk_kwargs(cls, sizes: dict, num_experts: int, top_k: int, overrides: di
             sub_cls = type(getattr(default, sub))
             sub_over = overrides.get(sub, {})
             kw[sub] = sub_cls(**_shrunk_kwargs(sub_cls, sub_sizes, num_experts, top_k, sub_over)).to_dict()
+        elif sub in overrides:  # a tower the defaults leave out (None), given whole by the overrides
+            kw[sub] = overrides[sub]
     kw.update({k: v for k, v in overrides.items() if k not in SUB_CONFIGS})
     return kw
 

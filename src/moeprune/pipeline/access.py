@@ -55,7 +55,7 @@ class LayerAccess:
         """[E', n, H] raw (ungated) outputs of `experts` (default all) on tokens x [n, H]."""
         ids = list(range(self.num_experts)) if experts is None else list(experts)
         dtype = next(self.block.parameters()).dtype
-        x = x.to(dtype)
+        x = self.adapter.expert_input(self.block, x.to(dtype)).to(dtype)  # what the experts receive
         n = x.shape[0]
         rep = x.repeat(len(ids), 1)  # [E'*n, H]
         which = torch.tensor(ids).repeat_interleave(n)  # [E'*n]
@@ -71,8 +71,7 @@ class LayerAccess:
             block = copy.deepcopy(self.block)
             apply_layer_plan(self.adapter, block, layer_plan)
         dtype = next(block.parameters()).dtype
-        out = block(x.to(dtype)[None])  # blocks take [B, L, H]
-        out = out[0] if isinstance(out, tuple) else out
+        out = self.adapter.moe_forward(block, x.to(dtype)[None])  # blocks take [B, L, H]
         return out.reshape(x.shape[0], -1).float()
 
     def merged_block(self, num_out: int, router_merge: str = "average",
@@ -163,8 +162,7 @@ class MergedBlock:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """[n, H] block output on x [n, H] with the installed tensors."""
-        out = self.block(x.float()[None])
-        out = out[0] if isinstance(out, tuple) else out
+        out = self.adapter.moe_forward(self.block, x.float()[None])
         return out.reshape(x.shape[0], -1)
 
 
@@ -196,9 +194,12 @@ class RoutedLookup:
     def __init__(self, adapter: Adapter, block: nn.Module, x: torch.Tensor):
         self.adapter, self.block = adapter, block
         self.E = adapter.num_experts
-        self._xs = x.to(next(block.parameters()).dtype)
+        dtype = next(block.parameters()).dtype
+        self._xs = x.to(dtype)
         n = self._xs.shape[0]
-        self._Y = torch.stack([adapter.expert_outputs(block, self._xs, torch.full((n,), e, dtype=torch.long))
+        with torch.no_grad():
+            xe = adapter.expert_input(block, self._xs).to(dtype)  # [n, H] what the experts receive
+        self._Y = torch.stack([adapter.expert_outputs(block, xe, torch.full((n,), e, dtype=torch.long))
                                for e in range(self.E)])  # [E, n, H]
         self._rows = torch.arange(n)[:, None]  # [n, 1]
 
@@ -228,7 +229,7 @@ class RoutedLookup:
 
         adapter.experts(shell).forward = lookup  # on the shell only: the model's block is untouched
         try:
-            shell(self._xs[None])
+            adapter.moe_forward(shell, self._xs[None])
         except _Captured as c:
             return c.value
         raise NotExact("the block returned without calling its experts")

@@ -1,0 +1,105 @@
+"""Gemma 4: its experts read `pre_feedforward_layernorm_2(x)` while its router reads x, and every method
+that runs the experts on calibration tokens must see what the experts really receive."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import token_ids
+
+from moeprune import api
+from moeprune.arch import get_adapter
+from moeprune.arch.tiny import tiny_model
+from moeprune.observe.observer import observe
+from moeprune.pipeline.access import ModelWeights
+
+N, L = 4, 32  # calibration sequences, tokens each: one batch, every token probed
+
+
+def _gemma4():
+    """Tiny Gemma 4 whose expert-input norm has non-unit weights, so it is not the router's own norm."""
+    model = tiny_model("gemma4_text")
+    adapter = get_adapter(model.config)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for block in adapter.moe_blocks(model).values():
+            norm = block.pre_feedforward_layernorm_2
+            norm.weight.copy_(torch.rand(norm.weight.shape, generator=g) * 3 + 0.1)
+    return model, adapter
+
+
+def _observe_and_capture(model, adapter):
+    """(stats, per layer the experts' real (input [T, H], top_k_index [T, K], output [T, H]))."""
+    seen = {}
+    handles = []
+    for i, block in adapter.moe_blocks(model).items():
+        def grab(module, args, out, i=i):
+            seen[i] = (args[0].detach().clone(), args[1].clone(), out.detach().clone())
+        handles.append(adapter.experts(block).register_forward_hook(grab))
+    try:
+        stats = observe(model, token_ids(N, L), batch_size=N, probe_size=N * L)
+    finally:
+        for h in handles:
+            h.remove()
+    return stats, seen
+
+
+@pytest.fixture(scope="module")
+def observed():
+    model, adapter = _gemma4()
+    stats, seen = _observe_and_capture(model, adapter)
+    return model, adapter, stats, seen
+
+
+def test_the_experts_input_from_the_probe_is_what_the_experts_receive(observed):
+    model, adapter, stats, seen = observed
+    blocks = adapter.moe_blocks(model)
+    assert sorted(blocks) == [0, 1, 2] and adapter.num_experts == 8 and adapter.top_k == 2
+    for i, block in blocks.items():
+        x = stats.layers[i].probe.inputs  # [T, H] the MoE input: what the router reads
+        received = seen[i][0]  # [T, H] what the experts module received
+        with torch.no_grad():
+            assert torch.equal(adapter.expert_input(block, x), received)
+        # and the norm matters: the router's input is not what the experts receive
+        assert (x - received).abs().max() > 0.1
+
+
+def test_observed_expert_statistics_are_of_the_experts_real_input(observed):
+    model, adapter, stats, seen = observed
+    for i, block in adapter.moe_blocks(model).items():
+        received, ids, _ = seen[i]
+        ex = stats.layers[i].experts
+        for e in range(8):
+            rows = (ids == e).any(dim=-1).nonzero().squeeze(1)
+            assert int(ex.count[e]) == rows.numel()
+            if not rows.numel():
+                continue
+            one = torch.full((rows.numel(),), e)
+            raw = adapter.expert_outputs(block, received[rows], one)  # [n, H]
+            assert torch.allclose(ex.mean[e].float(), raw.mean(dim=0), atol=1e-5)
+
+
+def test_weight_space_methods_run_the_experts_on_what_they_receive(observed):
+    """HC-SMoE's and DEK's representation (every expert on every probe token) and NAEE's block output."""
+    model, adapter, stats, seen = observed
+    weights = ModelWeights(model)
+    for i, block in adapter.moe_blocks(model).items():
+        received, _, routed_sum = seen[i]
+        x = stats.layers[i].probe.inputs
+        access = weights.layer(i)
+        every = access.expert_outputs(x)  # [E, T, H]
+        for e in (0, 5):
+            direct = adapter.expert_outputs(block, received, torch.full((received.shape[0],), e))
+            assert torch.allclose(every[e], direct, atol=1e-6)
+            wrong = adapter.expert_outputs(block, x, torch.full((x.shape[0],), e))  # the router's input
+            assert not torch.allclose(every[e], wrong, atol=1e-3)
+        assert torch.allclose(access.block_output(x), routed_sum, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["hc_smoe", "naee"])
+def test_a_plan_from_gemma4_statistics_prunes_and_runs(observed, method):
+    model, adapter, stats, _ = observed
+    plan = api.make_plan_for(stats, method, experts=4, weights=ModelWeights(model))
+    assert [lp.layer for lp in plan.layers] == [0, 1, 2]
+    if method == "naee":  # the lookup path reproduces the block: Gemma 4's MoE lines, not the layer
+        assert all(lp.notes["evaluation"] == "fast" for lp in plan.layers), plan.layers[0].notes
