@@ -103,3 +103,53 @@ def test_a_plan_from_gemma4_statistics_prunes_and_runs(observed, method):
     assert [lp.layer for lp in plan.layers] == [0, 1, 2]
     if method == "naee":  # the lookup path reproduces the block: Gemma 4's MoE lines, not the layer
         assert all(lp.notes["evaluation"] == "fast" for lp in plan.layers), plan.layers[0].notes
+
+
+def test_gemma4_layer_by_layer_statistics_equal_the_whole_model(checkpoint):
+    """The per-layer inputs (PLE) and masks reach each layer in the walk as in the model."""
+    from moeprune.pipeline import observe_layerwise
+    from moeprune.store.checkpoint import load_model
+
+    path = checkpoint("gemma4_text")
+    ids = token_ids(4, 24)
+    whole = observe(load_model(path), ids, batch_size=2, probe_size=40, seed=0)
+    layerwise = observe_layerwise(path, ids, batch_size=2, probe_size=40, seed=0)
+    for i in whole.layers:
+        a, b = whole.layers[i], layerwise.layers[i]
+        assert torch.equal(a.experts.mean, b.experts.mean) and torch.equal(a.probe.inputs, b.probe.inputs)
+
+
+# ---- Inkling 2 ----------------------------------------------------------------------------------
+
+def test_inkling2_calibration_is_refused_in_one_line_and_weight_methods_prune(checkpoint, calib_file,
+                                                                              tmp_path):
+    """Its layers read earlier layers' inputs (block_states), which a one-layer-at-a-time walk gets wrong."""
+    import moeprune
+    from moeprune.errors import MoepruneError
+
+    path = checkpoint("inkling2_text")
+    with pytest.raises(MoepruneError, match="cannot be calibrated: its decoder layers read") as e:
+        moeprune.prune(path, "reap", tmp_path / "reap", experts=4, calib=str(calib_file), samples=2,
+                       seq_len=16, progress=False)
+    assert "\n" not in str(e.value)
+    out = moeprune.prune(path, "dek", tmp_path / "dek", experts=4, progress=False,
+                         options={"representation": "weight"})
+    reloaded = load_model_of(out)
+    assert get_adapter(reloaded.config).num_experts == 4
+    with torch.no_grad():
+        assert torch.isfinite(reloaded(input_ids=token_ids(1, 16)).logits).all()
+
+
+def test_inkling2_softmax_scoring_is_not_claimed_exact():
+    model = tiny_model("inkling2_text")
+    adapter = get_adapter(model.config)
+    assert adapter.survivors_exact()[0]
+    model.config.scoring_func = "softmax"
+    exact, why = get_adapter(model.config).survivors_exact()
+    assert not exact and "softmax" in why
+
+
+def load_model_of(path):
+    from moeprune.store.checkpoint import load_model
+
+    return load_model(path)

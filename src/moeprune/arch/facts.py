@@ -20,7 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from moeprune.arch.base import Adapter
-from moeprune.arch.families import Gemma4Text, Llama4Text
+from moeprune.arch.families import Gemma4Text, Inkling2Text, Llama4Text
 
 _RENORM = "top-k weights are renormalised over the selected experts"
 _NO_RENORM = ("gates are softmax probabilities over all E experts without renormalisation, so removing any "
@@ -152,6 +152,9 @@ FAMILIES: tuple[Family, ...] = (
     # Gemma 4: softmax over all experts, top-k renormalised, then times the expert's own
     # per_expert_scale (a router tensor along E, sliced with it); the decoder layer is the MoE block.
     Family(("gemma4_text", "gemma4"), "softmax_topk", adapter=Gemma4Text, top_k_field="top_k_experts"),
+    # Inkling 2: score (sigmoid by default) + correction bias for selection, selected scores
+    # renormalised, times route_scale; a softmax scoring_func is not exact (the adapter says so)
+    Family(("inkling2_text", "inkling2"), "sigmoid_bias", adapter=Inkling2Text),
     # [/gemma]
 
     # [hybrid] hybrids: Mamba / linear attention

@@ -116,6 +116,27 @@ class Gemma4Text(Adapter):
         _, top_k_weights, top_k_index = self.router(block)(flat)  # [T, K], [T, K]
         out = self.experts(block)(self.expert_input(block, flat), top_k_index, top_k_weights)  # [T, H]
         return out.reshape(x.shape)
+
+
+class Inkling2Text(Adapter):
+    """Inkling 2: DeepSeek-V3-style routing (selection on score + correction bias, gates the selected
+    scores renormalised, times `route_scale`) whose score is `scoring_func`: sigmoid by default,
+    softmax possible. Pruning slices the experts, the router rows and the correction bias.
+
+    Its decoder layers also read `block_states`, the inputs of the earlier attention-residual block
+    boundaries, which the model's loop carries between layers; calibration, which runs one layer at a
+    time, would give them the wrong ones, so only weight-only methods can plan it.
+    """
+
+    layer_state_carried = ("its decoder layers read the inputs of earlier layers (block attention "
+                           "residuals, `block_states`), which the model's own loop carries between layers")
+
+    def survivors_exact(self) -> tuple[bool, str]:
+        if getattr(self.config, "scoring_func", "sigmoid") == "sigmoid":
+            return super().survivors_exact()
+        return False, ("scoring_func is softmax and selection adds a correction bias: with fewer "
+                       "experts the probabilities grow but the bias does not, so the choice among "
+                       "survivors can change")
 # [/gemma]
 
 

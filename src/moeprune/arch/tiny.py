@@ -119,6 +119,8 @@ _GEMMA4_TEXT = dict(
     enable_moe_block=True, num_experts=8, top_k_experts=2, moe_intermediate_size=64, global_head_dim=32,
     hidden_size_per_layer_input=16, vocab_size_per_layer_input=1024,
 )
+_INKLING2_TEXT = dict(n_layers_per_attn_res_block=1, swa_num_attention_heads=4, swa_num_key_value_heads=2,
+                      swa_head_dim=16)
 # [/gemma]
 
 # model_type -> fields set after the shrinking (a nested dict for a sub-config)
@@ -147,6 +149,10 @@ TINY_OVERRIDES: dict[str, dict] = {
     "gemma4": dict(text_config=_GEMMA4_TEXT, vision_config=dict(
         model_type="gemma4_vision", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
         num_attention_heads=2, num_key_value_heads=2, head_dim=16, position_embedding_size=64)),
+    # an attention-residual block boundary at every layer, so later layers read earlier layers' inputs
+    # (sliding-window layers have their own head counts, 48 x 128 by default)
+    "inkling2_text": _INKLING2_TEXT,
+    "inkling2": dict(text_config=_INKLING2_TEXT, vision_config=dict(text_hidden_size=64)),
     # [/gemma]
 
     # [hybrid] hybrids: Mamba / linear attention
