@@ -153,3 +153,28 @@ def load_model_of(path):
     from moeprune.store.checkpoint import load_model
 
     return load_model(path)
+
+
+# ---- dots.3 note -------------------------------------------------------------------------------
+
+def test_dots3_note_prunes_the_language_model_only(checkpoint, tmp_path):
+    """Its vision tower has routed experts too (4 here); they keep their count and every bit."""
+    from helpers import manual_plan, saved_tensors
+
+    path = checkpoint("dots3_note")
+    model = load_model_of(path)
+    assert any(".experts." in n and "vision" in n for n, _ in model.named_parameters())
+    out = api.apply_checkpoint(path, manual_plan(model, keep=[0, 1, 4, 5]), tmp_path / "out", layerwise=True,
+                               progress=False)
+    before, after = saved_tensors(path), saved_tensors(out)
+    vision = [k for k in before if "vision" in k]
+    assert any(".experts." in k for k in vision)
+    for k in vision:
+        assert after[k].shape == before[k].shape and torch.equal(after[k], before[k]), k
+    reloaded = load_model_of(out)
+    assert reloaded.config.vision_config.num_local_experts == model.config.vision_config.num_local_experts
+    assert get_adapter(reloaded.config).num_experts == 4
+    adapter = get_adapter(reloaded.config)
+    blocks = adapter.moe_blocks(reloaded)
+    assert sorted(blocks) == [1, 2]  # layer 0 is dense
+    assert all(adapter.experts(b).gate_up_proj.shape[0] == 4 for b in blocks.values())

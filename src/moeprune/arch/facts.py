@@ -155,6 +155,9 @@ FAMILIES: tuple[Family, ...] = (
     # Inkling 2: score (sigmoid by default) + correction bias for selection, selected scores
     # renormalised, times route_scale; a softmax scoring_func is not exact (the adapter says so)
     Family(("inkling2_text", "inkling2"), "sigmoid_bias", adapter=Inkling2Text),
+    # dots.3 note: DeepSeek-V3 router (sigmoid + correction bias, groups scored by their top-2); its
+    # vision tower's experts are not the language model's and are left as they are
+    Family(("dots3_note_text", "dots3_note"), "sigmoid_bias", "top2"),
     # [/gemma]
 
     # [hybrid] hybrids: Mamba / linear attention

@@ -121,6 +121,10 @@ _GEMMA4_TEXT = dict(
 )
 _INKLING2_TEXT = dict(n_layers_per_attn_res_block=1, swa_num_attention_heads=4, swa_num_key_value_heads=2,
                       swa_head_dim=16)
+_DOTS3_TEXT = dict(num_key_value_heads=4, head_dim=24, index_head_dim=16, index_n_heads=2, index_topk=8,
+                   shared_experts_intermediate_size=64, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                   swa_num_attention_heads=4, swa_num_key_value_heads=4, swa_q_lora_rank=32,
+                   swa_kv_lora_rank=32, swa_head_dim=24, swa_qk_nope_head_dim=16, swa_v_head_dim=16)
 # [/gemma]
 
 # model_type -> fields set after the shrinking (a nested dict for a sub-config)
@@ -153,6 +157,16 @@ TINY_OVERRIDES: dict[str, dict] = {
     # (sliding-window layers have their own head counts, 48 x 128 by default)
     "inkling2_text": _INKLING2_TEXT,
     "inkling2": dict(text_config=_INKLING2_TEXT, vision_config=dict(text_hidden_size=64)),
+    # MLA with one key/value head per query head (the validator insists), sliding-window head_dim =
+    # qk_nope + qk_rope, a small DSA indexer; the vision tower has its own (untouched) experts
+    "dots3_note_text": _DOTS3_TEXT,
+    "dots3_note": dict(
+        text_config=_DOTS3_TEXT,
+        # one vision layer, sparse, with 4 experts (the default pyramid names layers 25..41)
+        vision_config=dict(adapter_in_dim=32, adapter_out_dim=64, moe_intermediate_size=32,
+                           num_local_experts=4, num_experts_per_tok=2, pyramid_num_routed=[4]),
+        audio_config=dict(adapter_input_size=32, adapter_out_dim=64, downsample_hidden_size=16),
+    ),
     # [/gemma]
 
     # [hybrid] hybrids: Mamba / linear attention
