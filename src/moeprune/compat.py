@@ -77,6 +77,25 @@ def in_model_names(model, keys, conversion: list, meta_state: dict) -> dict[str,
     return {k: rename_source_key(k, renamings, converters, prefix, meta_state)[0] for k in keys}
 
 
+def split_targets(names, conversion: list) -> set[str]:
+    """The other model tensors that one-to-many converters also fill from the on-disk keys landing in `names`.
+
+    `in_model_names` gives one name per on-disk key; a converter that splits one key into several tensors
+    (a fused `qkv_proj` chunked into `q_proj`, `k_proj`, `v_proj`) fills the siblings too.
+    """
+    from transformers.core_model_loading import WeightConverter
+
+    extra = set()
+    for c in conversion:
+        if not isinstance(c, WeightConverter) or len(c.source_patterns) != 1 or len(c.target_patterns) < 2:
+            continue
+        first, *others = c.target_patterns
+        for name in names:
+            if name.endswith(first):
+                extra.update(name[: -len(first)] + other for other in others)
+    return extra
+
+
 def load_converted(model, state: dict, conversion: list):
     """Load on-disk `state` into `model` through `conversion`; the loader's info (unexpected,
     mismatched keys, conversion errors)."""

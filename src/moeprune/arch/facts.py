@@ -158,6 +158,11 @@ FAMILIES: tuple[Family, ...] = (
     # dots.3 note: DeepSeek-V3 router (sigmoid + correction bias, groups scored by their top-2); its
     # vision tower's experts are not the language model's and are left as they are
     Family(("dots3_note_text", "dots3_note"), "sigmoid_bias", "top2"),
+    # DeepSeek-OCR 2 and Unlimited-OCR: DeepSeek-V2 decoders (softmax over all, top-k, never
+    # renormalised; groups scored by their best expert under group_limited_greedy). Their text
+    # model_types have no model class in transformers, so only the OCR checkpoints are rows.
+    Family(("deepseek_ocr2",), "softmax_no_renorm", "max"),
+    Family(("unlimited_ocr",), "softmax_no_renorm", "max"),
     # [/gemma]
 
     # [hybrid] hybrids: Mamba / linear attention

@@ -115,6 +115,10 @@ SUB_CONFIGS = {"text_config": SHRUNK_TEXT, "thinker_config": SHRUNK_TEXT, "talke
                "vision_config": SHRUNK_VISION, "audio_config": SHRUNK_VISION}
 
 # [gemma] shared tiny configs
+# DeepSeek-OCR 2 and Unlimited-OCR nest their vision tower's configs one level further down
+SUB_CONFIGS.update(sam_config=SHRUNK_VISION, encoder_config=SHRUNK_VISION)
+# the SAM neck's channels; the last is the vision encoder's width (32 once shrunk)
+_SAM = dict(output_channels=16, downsample_channels=[16, 32])
 _GEMMA4_TEXT = dict(
     enable_moe_block=True, num_experts=8, top_k_experts=2, moe_intermediate_size=64, global_head_dim=32,
     hidden_size_per_layer_input=16, vocab_size_per_layer_input=1024,
@@ -167,6 +171,14 @@ TINY_OVERRIDES: dict[str, dict] = {
                            num_local_experts=4, num_experts_per_tok=2, pyramid_num_routed=[4]),
         audio_config=dict(adapter_input_size=32, adapter_out_dim=64, downsample_hidden_size=16),
     ),
+    # DeepSeek-OCR 2: a DeepSeek-V2 MoE decoder (its layer kinds are not derived: listed here) behind a
+    # SAM + Qwen2-style vision encoder
+    "deepseek_ocr2": dict(
+        text_config=dict(mlp_layer_types=["dense", "sparse", "sparse"], num_experts_per_tok=2,
+                         n_shared_experts=1),
+        vision_config=dict(encoder_config=dict(vocab_size=64), sam_config=_SAM),
+    ),
+    "unlimited_ocr": dict(vision_config=dict(encoder_config=dict(vocab_size=64), sam_config=_SAM)),
     # [/gemma]
 
     # [hybrid] hybrids: Mamba / linear attention

@@ -137,6 +137,7 @@ class ShardedCheckpoint:
     def _check_complete(self, meta: dict) -> None:
         """Every parameter of the skeleton must come from some on-disk tensor (tied ones appear once)."""
         targets = set(self.target.values())
+        targets |= compat.split_targets(targets, self.conversion)  # a fused qkv_proj fills q, k and v
         # e.g. lm_head.weight -> embed_tokens.weight
         tied = getattr(self.model, "all_tied_weights_keys", None) or {}
         missing = [
