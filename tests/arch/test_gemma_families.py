@@ -96,10 +96,12 @@ def test_weight_space_methods_run_the_experts_on_what_they_receive(observed):
         assert torch.allclose(access.block_output(x), routed_sum, atol=1e-5)
 
 
-@pytest.mark.parametrize("method", ["hc_smoe", "naee"])
-def test_a_plan_from_gemma4_statistics_prunes_and_runs(observed, method):
+@pytest.mark.parametrize("method,options", [("hc_smoe", {}), pytest.param("naee", {}, marks=pytest.mark.slow),
+                                            ("dek", {"coefficients": "learned", "learn_steps": 3})])
+def test_a_plan_from_gemma4_statistics_prunes_and_runs(observed, method, options):
+    """Block evaluations (NAEE's lookup, DEK's learned merge on a differentiable copy) run Gemma 4's MoE."""
     model, adapter, stats, _ = observed
-    plan = api.make_plan_for(stats, method, experts=4, weights=ModelWeights(model))
+    plan = api.make_plan_for(stats, method, experts=4, weights=ModelWeights(model), options=options)
     assert [lp.layer for lp in plan.layers] == [0, 1, 2]
     if method == "naee":  # the lookup path reproduces the block: Gemma 4's MoE lines, not the layer
         assert all(lp.notes["evaluation"] == "fast" for lp in plan.layers), plan.layers[0].notes
@@ -157,6 +159,7 @@ def load_model_of(path):
 
 # ---- dots.3 note -------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_dots3_note_prunes_the_language_model_only(checkpoint, tmp_path):
     """Its vision tower has routed experts too (4 here); they keep their count and every bit."""
     from helpers import manual_plan, saved_tensors
