@@ -181,3 +181,30 @@ def test_dots3_note_prunes_the_language_model_only(checkpoint, tmp_path):
     blocks = adapter.moe_blocks(reloaded)
     assert sorted(blocks) == [1, 2]  # layer 0 is dense
     assert all(adapter.experts(b).gate_up_proj.shape[0] == 4 for b in blocks.values())
+
+
+def test_gemma4_per_expert_scale_is_sliced_with_the_experts():
+    """A token whose top-k all survive gets the same routed sum, with non-unit per-expert scales."""
+    import copy
+
+    from moeprune.plan import Group, LayerPlan
+    from moeprune.surgery import apply_layer_plan
+
+    model, adapter = _gemma4()
+    keep = [1, 2, 5, 6]
+    x = torch.randn(1, 256, 64, generator=torch.Generator().manual_seed(2))
+    for i, block in adapter.moe_blocks(model).items():
+        router = adapter.router(block)
+        with torch.no_grad():
+            router.per_expert_scale.copy_(torch.arange(1, 9, dtype=torch.float32))
+            before = adapter.moe_forward(block, x)[0]  # [T, H]
+            ids = router(x[0])[2]  # [T, K]
+        pruned = copy.deepcopy(block)
+        apply_layer_plan(adapter, pruned, LayerPlan(i, 8, [Group([e], [1.0]) for e in keep]))
+        assert torch.equal(adapter.router(pruned).per_expert_scale, torch.tensor([2.0, 3.0, 6.0, 7.0]))
+        with torch.no_grad():
+            after = adapter.moe_forward(pruned, x)[0]
+        survived = torch.isin(ids, torch.tensor(keep)).all(dim=-1)
+        assert survived.sum() >= 4
+        torch.testing.assert_close(after[survived], before[survived], rtol=0, atol=1e-5)
+        assert not torch.allclose(after[~survived], before[~survived], atol=1e-3)
