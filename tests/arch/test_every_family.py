@@ -148,10 +148,9 @@ def _experts_routes(adapter, block, x):
     handle = adapter.experts(block).register_forward_pre_hook(grab, with_kwargs=True)
     try:
         with torch.no_grad():
-            out = block(x)
+            out = adapter.moe_forward(block, x)  # the block itself, or its MoE lines (Gemma 4's layer)
     finally:
         handle.remove()
-    out = out[0] if isinstance(out, tuple) else out
     return out.reshape(-1, x.shape[-1]), seen["ids"].reshape(-1, adapter.top_k)
 
 

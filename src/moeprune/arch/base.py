@@ -261,6 +261,13 @@ class Adapter:
     fixed_experts: int = 0
     # Why the family cannot take MoNE novices (None: it can); the prune checks say it before any work.
     novice_refusal: str | None = None
+    # A module of the block that the experts' input passes through while the router reads the block
+    # input itself (Gemma 4: `pre_feedforward_layernorm_2`); None: the experts read the block input.
+    expert_input_attr: str | None = None
+    # Why a decoder layer's call depends on earlier layers' outputs through more than its hidden states
+    # (state the model's own loop carries between layers); then calibration, which runs the layers one
+    # at a time, is refused. None: a layer's other arguments do not depend on earlier layers.
+    layer_state_carried: str | None = None
 
     def __init__(self, config, facts=None):
         """`facts`: the family's `arch.facts.Family` row (routing rule, group rule, field overrides)."""
@@ -306,8 +313,15 @@ class Adapter:
         return int(self.config.hidden_size)
 
     def expert_inputs(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """[n, H] MoE-block inputs (what the router and the probe see) -> [n, D] what the experts receive."""
-        return x
+        """[n, H] MoE-block inputs (what the router and the probe see) -> [n, D] what the experts receive.
+
+        The probe holds block inputs, which the router and `moe_forward` need; whatever runs the experts on
+        them goes through this first, so the experts see what they see in the model (Gemma 4's
+        `expert_input_attr` norm, Nemotron-H's latent projection).
+        """
+        if self.expert_input_attr is None:
+            return x
+        return block.get_submodule(self.expert_input_attr)(x)
 
     def expert_outputs_to_block(self, block: nn.Module, y: torch.Tensor) -> torch.Tensor:
         """[..., D] routed expert outputs -> [..., H] their part of the block's output: the linear map after
@@ -459,6 +473,11 @@ class Adapter:
             owner._parameters[leaf] = nn.Parameter(value.contiguous(), requires_grad=grad)
         else:
             setattr(owner, leaf, value)
+
+    def moe_forward(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """[B, L, H] the MoE block's output on its input x [B, L, H]: router, experts, shared experts."""
+        out = block(x)
+        return out[0] if isinstance(out, tuple) else out
 
     @torch.no_grad()
     def expert_outputs(self, block: nn.Module, x: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:

@@ -26,7 +26,9 @@ from moeprune.arch.families import (
     Dbrx,
     DeepseekV4,
     DsaTopkCarry,
+    Gemma4Text,
     HunYuanMoEV1,
+    Inkling2Text,
     InklingText,
     Llama4Text,
     LongcatFlash,
@@ -213,6 +215,20 @@ FAMILIES: tuple[Family, ...] = (
     # [/vlm]
 
     # [gemma] gemma4 and OCR/speech wrappers
+    # Gemma 4: softmax over all experts, top-k renormalised, then times the expert's own
+    # per_expert_scale (a router tensor along E, sliced with it); the decoder layer is the MoE block.
+    Family(("gemma4_text", "gemma4"), "softmax_topk", adapter=Gemma4Text, top_k_field="top_k_experts"),
+    # Inkling 2: score (sigmoid by default) + correction bias for selection, selected scores
+    # renormalised, times route_scale; a softmax scoring_func is not exact (the adapter says so)
+    Family(("inkling2_text", "inkling2"), "sigmoid_bias", adapter=Inkling2Text),
+    # dots.3 note: DeepSeek-V3 router (sigmoid + correction bias, groups scored by their top-2); its
+    # vision tower's experts are not the language model's and are left as they are
+    Family(("dots3_note_text", "dots3_note"), "sigmoid_bias", "top2"),
+    # DeepSeek-OCR 2 and Unlimited-OCR: DeepSeek-V2 decoders (softmax over all, top-k, never
+    # renormalised; groups scored by their best expert under group_limited_greedy). Their text
+    # model_types have no model class in transformers, so only the OCR checkpoints are rows.
+    Family(("deepseek_ocr2",), "softmax_no_renorm", "max"),
+    Family(("unlimited_ocr",), "softmax_no_renorm", "max"),
     # [/gemma]
 
     # [hybrid] hybrids: Mamba / linear attention

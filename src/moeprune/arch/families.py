@@ -129,6 +129,50 @@ class DsaTopkCarry(Adapter):
 
 
 # [gemma] gemma4 and OCR/speech wrappers
+class Gemma4Text(Adapter):
+    """Gemma 4 (26B-A4B): the decoder layer is the MoE block, and it runs a dense MLP beside it.
+
+    The router reads the residual stream x (it normalises it itself); the experts read
+    `pre_feedforward_layernorm_2(x)`, and their sum passes `post_feedforward_layernorm_2` before it is
+    added to the dense MLP's output. Gates are the softmax over all experts, top-k renormalised,
+    times the selected expert's `per_expert_scale`. Pruning slices the experts, the router's
+    projection rows and `per_expert_scale`; merging averages them like any router tensor. The dense
+    MLP and every norm are untouched. The probe holds x; `expert_input` gives the experts' view of it.
+    """
+
+    expert_input_attr = "pre_feedforward_layernorm_2"
+
+    def moe_forward(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """[B, L, H] the experts' routed sum (before `post_feedforward_layernorm_2`) for the residual x.
+
+        The decoder layer itself needs attention inputs, so its MoE lines are followed here: the same
+        modules, called in the same order, on the same tensors.
+        """
+        flat = x.reshape(-1, x.shape[-1])  # [T, H]
+        _, top_k_weights, top_k_index = self.router(block)(flat)  # [T, K], [T, K]
+        out = self.experts(block)(self.expert_inputs(block, flat), top_k_index, top_k_weights)  # [T, H]
+        return out.reshape(x.shape)
+
+
+class Inkling2Text(Adapter):
+    """Inkling 2: DeepSeek-V3-style routing (selection on score + correction bias, gates the selected
+    scores renormalised, times `route_scale`) whose score is `scoring_func`: sigmoid by default,
+    softmax possible. Pruning slices the experts, the router rows and the correction bias.
+
+    Its decoder layers also read `block_states`, the inputs of the earlier attention-residual block
+    boundaries, which the model's loop carries between layers; calibration, which runs one layer at a
+    time, would give them the wrong ones, so only weight-only methods can plan it.
+    """
+
+    layer_state_carried = ("its decoder layers read the inputs of earlier layers (block attention "
+                           "residuals, `block_states`), which the model's own loop carries between layers")
+
+    def survivors_exact(self) -> tuple[bool, str]:
+        if getattr(self.config, "scoring_func", "sigmoid") == "sigmoid":
+            return super().survivors_exact()
+        return False, ("scoring_func is softmax and selection adds a correction bias: with fewer "
+                       "experts the probabilities grow but the bias does not, so the choice among "
+                       "survivors can change")
 # [/gemma]
 
 

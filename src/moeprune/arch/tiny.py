@@ -132,6 +132,22 @@ _QWEN4_EXP = dict(
 _TINY_AUDIO = dict(encoder_layers=1, encoder_attention_heads=2, encoder_ffn_dim=64, d_model=32, output_dim=64,
                    downsample_hidden_size=16, num_mel_bins=16)
 # [/vlm]
+# [gemma] shared tiny configs
+# DeepSeek-OCR 2 and Unlimited-OCR nest their vision tower's configs one level further down
+SUB_CONFIGS.update(sam_config=SHRUNK_VISION, encoder_config=SHRUNK_VISION)
+# the SAM neck's channels; the last is the vision encoder's width (32 once shrunk)
+_SAM = dict(output_channels=16, downsample_channels=[16, 32])
+_GEMMA4_TEXT = dict(
+    enable_moe_block=True, num_experts=8, top_k_experts=2, moe_intermediate_size=64, global_head_dim=32,
+    hidden_size_per_layer_input=16, vocab_size_per_layer_input=1024,
+)
+_INKLING2_TEXT = dict(n_layers_per_attn_res_block=1, swa_num_attention_heads=4, swa_num_key_value_heads=2,
+                      swa_head_dim=16)
+_DOTS3_TEXT = dict(num_key_value_heads=4, head_dim=24, index_head_dim=16, index_n_heads=2, index_topk=8,
+                   shared_experts_intermediate_size=64, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                   swa_num_attention_heads=4, swa_num_key_value_heads=4, swa_q_lora_rank=32,
+                   swa_kv_lora_rank=32, swa_head_dim=24, swa_qk_nope_head_dim=16, swa_v_head_dim=16)
+# [/gemma]
 
 # model_type -> fields set after the shrinking (a nested dict for a sub-config)
 TINY_OVERRIDES: dict[str, dict] = {
@@ -202,6 +218,36 @@ TINY_OVERRIDES: dict[str, dict] = {
     # [/vlm]
 
     # [gemma] gemma4 and OCR/speech wrappers
+    # Gemma 4's defaults are dense (enable_moe_block=False, no expert count); the MoE checkpoints
+    # (26B-A4B) enable it in every layer. Full-attention layers default to head_dim 512; the per-layer
+    # embeddings (PLE) table defaults to 262144 rows.
+    "gemma4_text": _GEMMA4_TEXT,
+    # Gemma4Config has no vision tower by default: a tiny one, so the checkpoint is a real image-text one
+    "gemma4": dict(text_config=_GEMMA4_TEXT, vision_config=dict(
+        model_type="gemma4_vision", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=2, head_dim=16, position_embedding_size=64)),
+    # an attention-residual block boundary at every layer, so later layers read earlier layers' inputs
+    # (sliding-window layers have their own head counts, 48 x 128 by default)
+    "inkling2_text": _INKLING2_TEXT,
+    "inkling2": dict(text_config=_INKLING2_TEXT, vision_config=dict(text_hidden_size=64)),
+    # MLA with one key/value head per query head (the validator insists), sliding-window head_dim =
+    # qk_nope + qk_rope, a small DSA indexer; the vision tower has its own (untouched) experts
+    "dots3_note_text": _DOTS3_TEXT,
+    "dots3_note": dict(
+        text_config=_DOTS3_TEXT,
+        # one vision layer, sparse, with 4 experts (the default pyramid names layers 25..41)
+        vision_config=dict(adapter_in_dim=32, adapter_out_dim=64, moe_intermediate_size=32,
+                           num_local_experts=4, num_experts_per_tok=2, pyramid_num_routed=[4]),
+        audio_config=dict(adapter_input_size=32, adapter_out_dim=64, downsample_hidden_size=16),
+    ),
+    # DeepSeek-OCR 2: a DeepSeek-V2 MoE decoder (its layer kinds are not derived: listed here) behind a
+    # SAM + Qwen2-style vision encoder
+    "deepseek_ocr2": dict(
+        text_config=dict(mlp_layer_types=["dense", "sparse", "sparse"], num_experts_per_tok=2,
+                         n_shared_experts=1),
+        vision_config=dict(encoder_config=dict(vocab_size=64), sam_config=_SAM),
+    ),
+    "unlimited_ocr": dict(vision_config=dict(encoder_config=dict(vocab_size=64), sam_config=_SAM)),
     # [/gemma]
 
     # [hybrid] hybrids: Mamba / linear attention
@@ -291,6 +337,8 @@ def _shrunk_kwargs(cls, sizes: dict, num_experts: int, top_k: int, overrides: di
             sub_cls = config_class(sub_over.pop("model_type")) if "model_type" in sub_over else type(
                 getattr(default, sub))
             kw[sub] = sub_cls(**_shrunk_kwargs(sub_cls, sub_sizes, num_experts, top_k, sub_over)).to_dict()
+        elif sub in overrides:  # a tower the defaults leave out (None), given whole by the overrides
+            kw[sub] = overrides[sub]
     kw.update({k: v for k, v in overrides.items() if k not in SUB_CONFIGS})
     return kw
 

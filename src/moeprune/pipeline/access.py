@@ -56,7 +56,7 @@ class LayerAccess:
         """[E', n, D] raw (ungated) outputs of `experts` (default all) on block inputs x [n, H]."""
         ids = list(range(self.num_experts)) if experts is None else list(experts)
         dtype = next(self.block.parameters()).dtype
-        x = self.adapter.expert_inputs(self.block, x.to(dtype))  # [n, D]
+        x = self.adapter.expert_inputs(self.block, x.to(dtype)).to(dtype)  # [n, D] what the experts receive
         n = x.shape[0]
         rep = x.repeat(len(ids), 1)  # [E'*n, D]
         which = torch.tensor(ids).repeat_interleave(n)  # [E'*n]
@@ -78,8 +78,7 @@ class LayerAccess:
             block = copy.deepcopy(self.block)
             apply_layer_plan(self.adapter, block, layer_plan)
         dtype = next(block.parameters()).dtype
-        out = block(x.to(dtype)[None])  # blocks take [B, L, H]
-        out = out[0] if isinstance(out, tuple) else out
+        out = self.adapter.moe_forward(block, x.to(dtype)[None])  # blocks take [B, L, H]
         return out.reshape(x.shape[0], -1).float()
 
     def merged_block(self, num_out: int, router_merge: str = "average",
@@ -174,8 +173,7 @@ class MergedBlock:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """[n, H] block output on x [n, H] with the installed tensors."""
-        out = self.block(x.float()[None])
-        out = out[0] if isinstance(out, tuple) else out
+        out = self.adapter.moe_forward(self.block, x.float()[None])
         return out.reshape(x.shape[0], -1)
 
 
@@ -207,9 +205,11 @@ class RoutedLookup:
     def __init__(self, adapter: Adapter, block: nn.Module, x: torch.Tensor):
         self.adapter, self.block = adapter, block
         self.E = adapter.num_experts
-        self._xs = x.to(next(block.parameters()).dtype)
+        dtype = next(block.parameters()).dtype
+        self._xs = x.to(dtype)
         n = self._xs.shape[0]
-        x_in = adapter.expert_inputs(block, self._xs)  # [n, D]
+        with torch.no_grad():
+            x_in = adapter.expert_inputs(block, self._xs).to(dtype)  # [n, D] what the experts receive
         # the routed experts, then the never-pruned routable ones after them (zero-compute experts)
         self._Y = torch.stack([adapter.expert_outputs_to_block(
             block, adapter.expert_outputs(block, x_in, torch.full((n,), e, dtype=torch.long)))
@@ -246,7 +246,7 @@ class RoutedLookup:
 
         adapter.experts(shell).forward = lookup  # on the shell only: the model's block is untouched
         try:
-            shell(self._xs[None])
+            adapter.moe_forward(shell, self._xs[None])
         except _Captured as c:
             return c.value
         raise NotExact("the block returned without calling its experts")
