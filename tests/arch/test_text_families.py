@@ -186,8 +186,8 @@ def test_mistral3_holding_mistral4_reads_the_text_models_experts():
 # ---- refused model types --------------------------------------------------------------------------
 @pytest.mark.parametrize("model_type,says", [
     ("openai_privacy_filter", "only OpenAIPrivacyFilterForTokenClassification"),
-    ("step3p5", "part of transformers' 'step3p7' model"),
-    ("mistral_large4_text", "part of transformers' 'mistral_large4' model"),
+    ("step3p5", "checkpoints ship as 'step3p7'"),
+    ("mistral_large4_text", "checkpoints ship as 'mistral_large4'"),
 ])
 def test_types_without_a_generator_class_are_refused_in_one_line(model_type, says, tmp_path):
     config = config_class(model_type)()
