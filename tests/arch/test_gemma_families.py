@@ -123,23 +123,53 @@ def test_gemma4_layer_by_layer_statistics_equal_the_whole_model(checkpoint):
 
 # ---- Inkling 2 ----------------------------------------------------------------------------------
 
-def test_inkling2_calibration_is_refused_in_one_line_and_weight_methods_prune(checkpoint, calib_file,
-                                                                              tmp_path):
-    """Its layers read earlier layers' inputs (block_states), which a one-layer-at-a-time walk gets wrong."""
-    import moeprune
-    from moeprune.errors import MoepruneError
+@pytest.mark.parametrize("per_block", [1, 2])  # 2: layer 1 is no block boundary, its input is not carried
+def test_inkling2_layer_by_layer_statistics_equal_the_whole_model(checkpoint, per_block):
+    """Its layers read earlier boundary layers' inputs (block_states): the walk carries them as the model's
+    loop does."""
+    from moeprune.pipeline import observe_layerwise
+    from moeprune.store.checkpoint import load_model
 
-    path = checkpoint("inkling2_text")
-    with pytest.raises(MoepruneError, match="cannot be calibrated: its decoder layers read") as e:
-        moeprune.prune(path, "reap", tmp_path / "reap", experts=4, calib=str(calib_file), samples=2,
-                       seq_len=16, progress=False)
-    assert "\n" not in str(e.value)
-    out = moeprune.prune(path, "dek", tmp_path / "dek", experts=4, progress=False,
-                         options={"representation": "weight"})
-    reloaded = load_model_of(out)
-    assert get_adapter(reloaded.config).num_experts == 4
+    path = checkpoint("inkling2_text", n_layers_per_attn_res_block=per_block)
+    model = load_model(path)
+    assert [layer.is_block_boundary for layer in model.model.layers] == [True, per_block == 1, True]
+    ids = token_ids(4, 24)
+    whole = observe(model, ids, batch_size=2, probe_size=40, seed=0)
+    layerwise = observe_layerwise(path, ids, batch_size=2, probe_size=40, seed=0)
+    assert sorted(layerwise.layers) == [0, 1, 2]
+    for i in whole.layers:
+        a, b = whole.layers[i], layerwise.layers[i]
+        assert torch.equal(a.experts.count, b.experts.count), i
+        torch.testing.assert_close(a.experts.mean, b.experts.mean, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(a.probe.inputs, b.probe.inputs, rtol=1e-5, atol=1e-6)
+
+
+def test_inkling2_perplexity_through_the_layer_walk_equals_the_model(checkpoint, calib_file):
+    """The model's head reads the final block_states too: the walk hands the last layer's to it."""
+    from moeprune.evaluate.perplexity import perplexity
+    from moeprune.pipeline.run import perplexities
+    from moeprune.pipeline.sources import CheckpointSource
+    from moeprune.store.checkpoint import load_tokenizer
+
+    path = checkpoint("inkling2_text", n_layers_per_attn_res_block=2)
+    model, tok = load_model_of(path), load_tokenizer(path)
+    whole = perplexity(model, tok, calib_file, seq_len=32, max_tokens=128, batch_size=2)
+    (walked,), _ = perplexities(CheckpointSource(path), tok, [calib_file], seq_len=32, max_tokens=128)
+    assert walked["windows"] == whole["windows"] == 4
+    assert walked["nll"] == pytest.approx(whole["nll"], rel=1e-6)
+
+
+def test_inkling2_prunes_with_a_calibrated_method(checkpoint, calib_file, tmp_path):
+    """REAP, layer by layer and in memory, writes the same model, which reloads and runs."""
+    path = checkpoint("inkling2_text", n_layers_per_attn_res_block=2)
+    outs = [api.prune(path, "reap", tmp_path / str(layerwise), experts=4, calib=str(calib_file), samples=4,
+                      seq_len=16, progress=False, layerwise=layerwise) for layerwise in (True, False)]
+    walked, whole = (load_model_of(out) for out in outs)
+    assert get_adapter(walked.config).num_experts == 4
+    for (name, a), (_, b) in zip(walked.state_dict().items(), whole.state_dict().items(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
     with torch.no_grad():
-        assert torch.isfinite(reloaded(input_ids=token_ids(1, 16)).logits).all()
+        assert torch.isfinite(walked(input_ids=token_ids(1, 16)).logits).all()
 
 
 def test_inkling2_softmax_scoring_is_not_claimed_exact():

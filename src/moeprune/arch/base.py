@@ -11,6 +11,7 @@ Shape letters: E experts, K top-k, H hidden, I expert width, T tokens, S routed 
 
 from __future__ import annotations
 
+import contextlib
 import types
 from dataclasses import dataclass
 
@@ -596,6 +597,18 @@ class Adapter:
     def with_layer_state(self, args: tuple, kwargs: dict, state: torch.Tensor) -> tuple[tuple, dict]:
         """A decoder layer's call (`args`, `kwargs`) with the state the previous layer handed on."""
         return args, kwargs
+
+    def carried_state(self, layer: nn.Module, hidden_states: torch.Tensor, args: tuple, kwargs: dict,
+                      state: torch.Tensor | None) -> torch.Tensor | None:
+        """The state handed to the next layer, given this layer's call (input `hidden_states`, `args`,
+        `kwargs`) and the state its output carried (`split_layer_output`): for a family whose model's loop,
+        not the layer, builds that state (Inkling 2's `block_states`)."""
+        return state
+
+    def head_state(self, model: nn.Module, layers: nn.ModuleList, state: torch.Tensor | None):
+        """A context in which the model's forward after its decoder layers reads `state`, the state the last
+        layer handed on, where that code reads any (Inkling 2's final `block_states`)."""
+        return contextlib.nullcontext()
 
     def check_method(self, method: str, options) -> None:
         """Refuse, in one line and before any work, a method (with its options) this family cannot run."""

@@ -5,6 +5,7 @@ Every other family is a row of `arch.facts.FAMILIES` over the derived `Adapter`.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import types
 
@@ -159,13 +160,37 @@ class Inkling2Text(Adapter):
     scores renormalised, times `route_scale`) whose score is `scoring_func`: sigmoid by default,
     softmax possible. Pruning slices the experts, the router rows and the correction bias.
 
-    Its decoder layers also read `block_states`, the inputs of the earlier attention-residual block
-    boundaries, which the model's loop carries between layers; calibration, which runs one layer at a
-    time, would give them the wrong ones, so only weight-only methods can plan it.
+    Its decoder layers also read `block_states` [B, L, n, H], the inputs of the earlier attention-residual
+    block boundaries (layers with `is_block_boundary`), which the model's loop, not the layer, grows and
+    hands on, and which its final `final_input` reads before the norm. The layer walk does the same: it
+    appends a boundary layer's input to the state it hands the next layer, and the head reads the last.
     """
 
-    layer_state_carried = ("its decoder layers read the inputs of earlier layers (block attention "
-                           "residuals, `block_states`), which the model's own loop carries between layers")
+    def with_layer_state(self, args: tuple, kwargs: dict, state: torch.Tensor) -> tuple[tuple, dict]:
+        if args:
+            return (state, *args[1:]), kwargs
+        return args, {**kwargs, "block_states": state}
+
+    def carried_state(self, layer: nn.Module, hidden_states: torch.Tensor, args: tuple, kwargs: dict,
+                      state: torch.Tensor | None) -> torch.Tensor:
+        block_states = args[0] if args else kwargs["block_states"]  # [B, L, n, H]
+        if layer.is_block_boundary:  # as the model's loop: the layer's input joins the boundaries' inputs
+            return torch.cat([block_states.to(hidden_states.device), hidden_states.unsqueeze(-2)], dim=-2)
+        return block_states
+
+    def head_state(self, model: nn.Module, layers: nn.ModuleList, state: torch.Tensor | None):
+        text_model = next(m for m in model.modules() if getattr(m, "layers", None) is layers)
+        if state is None:
+            raise RuntimeError("Inkling 2's head reads the block states the last layer hands on; none given")
+
+        def final_states(module, args, kwargs):
+            # `final_input(block_states, hidden_states)`: the block states the walk carried, not the ones the
+            # model's loop built from layers that passed their input through
+            if args:
+                return (state.to(args[0].device), *args[1:]), kwargs
+            return args, {**kwargs, "block_states": state}
+
+        return _pre_hooked(text_model.final_input, final_states)
 
     def survivors_exact(self) -> tuple[bool, str]:
         if getattr(self.config, "scoring_func", "sigmoid") == "sigmoid":
@@ -173,6 +198,16 @@ class Inkling2Text(Adapter):
         return False, ("scoring_func is softmax and selection adds a correction bias: with fewer "
                        "experts the probabilities grow but the bias does not, so the choice among "
                        "survivors can change")
+
+
+@contextlib.contextmanager
+def _pre_hooked(module: nn.Module, hook):
+    """`module` with the forward pre-hook `hook(module, args, kwargs) -> (args, kwargs)` while inside."""
+    handle = module.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
 # [/gemma]
 
 

@@ -60,20 +60,23 @@ def layer_call(model: nn.Module, layers: nn.ModuleList, input_ids: torch.Tensor,
 
 
 @torch.no_grad()
-def head_logits(model: nn.Module, layers: nn.ModuleList, input_ids: torch.Tensor, last_hidden: torch.Tensor):
+def head_logits(model: nn.Module, layers: nn.ModuleList, input_ids: torch.Tensor, last_hidden: torch.Tensor,
+                state: torch.Tensor | None = None):
     """[B, L, V] the model's logits for `input_ids` [B, L] when its last decoder layer outputs `last_hidden`
-    [B, L, H].
+    [B, L, H] and hands on `state` (what `run_layer` returned with it; read where the model's code after
+    the layers reads one: the adapter's `head_state`).
 
     The model's own forward runs with every decoder layer passing its input through and the last one
     returning `last_hidden`, so the final norm, lm_head and any output processing are the family's own.
     """
     last = len(layers) - 1
-    passthrough = get_adapter(model.config).layer_passthrough
+    adapter = get_adapter(model.config)
+    passthrough = adapter.layer_passthrough
     forwards = {
         j: (lambda h, *a, **k: passthrough(last_hidden, a, k)) if j == last
         else (lambda h, *a, **k: passthrough(h, a, k)) for j in range(last + 1)
     }
-    with _forwards_replaced(layers, forwards):
+    with _forwards_replaced(layers, forwards), adapter.head_state(model, layers, state):
         return text_generator(model)(input_ids=input_ids, use_cache=False).logits
 
 
@@ -113,7 +116,8 @@ def to_device(obj, device):
 def run_layer(adapter, layer: nn.Module, hidden: torch.Tensor, args: tuple,
               kwargs: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
     """([B, L, H] output of one decoder layer, the state it hands the next layer besides, or None)."""
-    return adapter.split_layer_output(layer(hidden, *args, **kwargs))
+    out, state = adapter.split_layer_output(layer(hidden, *args, **kwargs))
+    return out, adapter.carried_state(layer, hidden, args, kwargs, state)
 
 
 class HiddenStates:

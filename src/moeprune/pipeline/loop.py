@@ -51,11 +51,12 @@ class _Batches:
 
     @torch.no_grad()
     def run(self, i: int, layer: nn.Module, observer: Observer | None = None, keep: bool = True,
-            sink: Callable[[torch.Tensor, torch.Tensor], None] | None = None) -> None:
+            sink: Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], None] | None = None) -> None:
         """Run every local batch through decoder layer i; with `keep`, store the outputs as layer i+1's
         inputs.
 
-        `sink(input_ids [B, L], outputs [B, L, H])`, if given, receives each batch's outputs instead.
+        `sink(input_ids [B, L], outputs [B, L, H], state)`, if given, receives each batch's outputs (and
+        the state the layer hands on besides, or None) instead.
         """
         L = self.input_ids.shape[1]
         device = self.source.device
@@ -71,7 +72,7 @@ class _Batches:
             out, state = run_layer(adapter, layer, h.to(device), to_device(args, device),
                                    to_device(kwargs, device))
             if sink is not None:
-                sink(batch, out)
+                sink(batch, out, state)
             elif keep:
                 self.hidden.put(b, out)
                 if state is not None:
@@ -112,7 +113,7 @@ def walk(
     flatten_groups: bool = False,
     write_to: Path | None = None,
     observe: bool = True,
-    on_last: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
+    on_last: Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], None] | None = None,
     progress=None,
 ) -> LayerwiseResult:
     """One pass over the decoder layers of `source` (a `pipeline.sources` CheckpointSource or ModelSource).
@@ -123,9 +124,9 @@ def walk(
     text's provenance for the statistics).
     `plan_layer(i, stats_i, access)` returns layer i's plan and its novice vectors (or None); it is
     applied before the layer is written (to `write_to`) or, with `sequential`, before its outputs
-    move on. `on_last(input_ids [B, L], outputs [B, L, H])` receives the last decoder layer's outputs
-    (before the final norm) batch by batch. `progress(description, done, total)` is called as work
-    advances.
+    move on. `on_last(input_ids [B, L], outputs [B, L, H], state)` receives the last decoder layer's
+    outputs (before the final norm) and the state it hands on (`head_logits` takes it) batch by batch.
+    `progress(description, done, total)` is called as work advances.
     """
     if on_last is not None and input_ids is None:
         raise ValueError("on_last needs input_ids")

@@ -65,7 +65,7 @@ def forward(source, input_ids: torch.Tensor, *, runtime: RuntimeRequest | None =
     outputs = []
     walk(
         source, input_ids=input_ids, runtime=runtime, observe=False,
-        on_last=lambda ids, h: outputs.append(h), progress=progress,
+        on_last=lambda ids, h, _state: outputs.append(h), progress=progress,
     )
     return torch.cat(outputs)
 
@@ -94,7 +94,7 @@ def perplexities(
     (`parameter_counts` after minus before; empty without a plan).
     """
     from moeprune.evaluate.perplexity import _check_model_fits, logits_nll, perplexity_result, text_windows
-    from moeprune.pipeline.activations import head_logits
+    from moeprune.pipeline.activations import head_logits, to_device
 
     windows = [text_windows(tokenizer, t, seq_len, max_tokens) for t in texts]  # ([W_t, L], facts) per text
     blocks = torch.cat([w for w, _ in windows])  # [W, L]
@@ -102,9 +102,10 @@ def perplexities(
     nll = torch.zeros(blocks.shape[0], dtype=torch.float64)  # [W]
     done = 0  # the walk hands the batches over in order (one process)
 
-    def score(ids: torch.Tensor, last_hidden: torch.Tensor) -> None:
+    def score(ids: torch.Tensor, last_hidden: torch.Tensor, state: torch.Tensor | None) -> None:
         nonlocal done
-        logits = head_logits(source.model, source.layers, ids, last_hidden.to(source.device))  # [B, L, V]
+        logits = head_logits(source.model, source.layers, ids, last_hidden.to(source.device),
+                             to_device(state, source.device))  # [B, L, V]
         nll[done : done + ids.shape[0]] = logits_nll(logits, ids).cpu()
         done += ids.shape[0]
 
