@@ -265,10 +265,6 @@ class Adapter:
     # A module of the block that the experts' input passes through while the router reads the block
     # input itself (Gemma 4: `pre_feedforward_layernorm_2`); None: the experts read the block input.
     expert_input_attr: str | None = None
-    # Why a decoder layer's call depends on earlier layers' outputs through more than its hidden states
-    # (state the model's own loop carries between layers); then calibration, which runs the layers one
-    # at a time, is refused. None: a layer's other arguments do not depend on earlier layers.
-    layer_state_carried: str | None = None
 
     def __init__(self, config, facts=None):
         """`facts`: the family's `arch.facts.Family` row (routing rule, group rule, field overrides)."""

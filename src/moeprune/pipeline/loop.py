@@ -140,10 +140,6 @@ def walk(
     batches = None
     wanted = None
     if input_ids is not None:
-        if adapter.layer_state_carried:
-            raise MoepruneError(
-                f"{adapter.family} cannot be calibrated: {adapter.layer_state_carried}, and calibration runs "
-                "the decoder layers one at a time; use a method that reads only the weights (dek, random)")
         N, L = input_ids.shape
         wanted = probe_positions(N * L, calib.probe_size, calib.seed)
         batches = _Batches(source, input_ids, runtime.batch_size, ranks, runtime.hidden_budget,
