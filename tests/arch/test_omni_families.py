@@ -127,3 +127,32 @@ def test_a_nemo_export_is_pruned_in_its_own_layout(tmp_path):
     pruned = _reload(out)
     layer = pruned.model.language_model.layers[1].mixer
     assert layer.experts.up_proj.shape[0] == len(KEEP) and layer.gate.weight.shape[0] == len(KEEP)
+
+
+# tensors the shipped checkpoints hold that the model classes drop on load
+# (`_keys_to_ignore_on_load_unexpected`, which transformers matches against the renamed key), and an MTP
+# layer, which is carried (store/mtp.py)
+SHIPPED_EXTRAS = {
+    "nemotron_h_omni": {"sound_encoder.encoder.feature_extractor.featurizer.window": torch.ones(16)},
+    "nemo_speechlm": {"perception.preprocessor.featurizer.window": torch.ones(16),
+                      "llm.model.layers.2.mixer._extra_state": torch.zeros(3, dtype=torch.uint8),
+                      "ctc_timestamp.decoder.residual_scale": torch.tensor(0.1)},
+}
+MTP = {"nemotron_h_omni": "language_model.mtp.layers.0.norm.weight",
+       "nemo_speechlm": "llm.mtp.layers.0.norm.weight"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model_type", sorted(SHIPPED_EXTRAS))
+def test_tensors_the_model_class_drops_are_dropped_and_the_mtp_layer_carried(model_type, tmp_path):
+    src = tmp_path / "src"
+    original = save_tiny_checkpoint(model_type, src)
+    file = next(src.glob("*.safetensors"))
+    extras = {**SHIPPED_EXTRAS[model_type], MTP[model_type]: torch.ones(64)}
+    save_file({**load_file(file), **extras}, file, metadata={"format": "pt"})
+    out = api.apply_checkpoint(src, manual_plan(original, keep=KEEP), tmp_path / "out", layerwise=True,
+                               progress=False)
+    written = saved_tensors(out)
+    assert not set(SHIPPED_EXTRAS[model_type]) & set(written)
+    assert torch.equal(written[MTP[model_type]], torch.ones(64))
+    assert type(_reload(out)) is type(original)
