@@ -236,7 +236,7 @@ FAMILIES: tuple[Family, ...] = (
     Family(("granitemoehybrid",), "softmax_topk"),  # softmax over the top-k logits
     Family(("kimi_linear",), "sigmoid_bias", "top2"),
     Family(("bailing_hybrid",), "sigmoid_bias", "top2"),
-    Family(("nemotron_h",), "sigmoid_bias", "top2", adapter=NemotronH),
+    Family(("nemotron_h", "nemotron_h_omni", "nemo_speechlm"), "sigmoid_bias", "top2", adapter=NemotronH),
     # [/hybrid]
 
     # [logic1] new logic: dbrx, jetmoe, doge, zaya

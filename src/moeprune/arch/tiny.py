@@ -148,6 +148,11 @@ _DOTS3_TEXT = dict(num_key_value_heads=4, head_dim=24, index_head_dim=16, index_
                    swa_num_attention_heads=4, swa_num_key_value_heads=4, swa_q_lora_rank=32,
                    swa_kv_lora_rank=32, swa_head_dim=24, swa_qk_nope_head_dim=16, swa_v_head_dim=16)
 # [/gemma]
+# [omni] Nemotron-H's mixers shrunk to a few heads; Mamba, MoE, attention and MoE layers
+_NEMOTRON_H = dict(layers_block_type=["linear_attention", "moe", "full_attention", "moe"],
+                   mamba_num_heads=8, mamba_head_dim=16, ssm_state_size=16, n_groups=2, chunk_size=16,
+                   moe_shared_expert_intermediate_size=64)
+# [/omni]
 
 # model_type -> fields set after the shrinking (a nested dict for a sub-config)
 TINY_OVERRIDES: dict[str, dict] = {
@@ -257,9 +262,36 @@ TINY_OVERRIDES: dict[str, dict] = {
     "granitemoehybrid": dict(layer_types=["linear_attention", "full_attention", "linear_attention"],
                              mamba_n_heads=8, mamba_d_head=16, mamba_d_state=16, mamba_chunk_size=16,
                              shared_intermediate_size=64),
-    "nemotron_h": dict(layers_block_type=["linear_attention", "moe", "full_attention", "moe"],
-                       mamba_num_heads=8, mamba_head_dim=16, ssm_state_size=16, n_groups=2, chunk_size=16,
-                       moe_shared_expert_intermediate_size=64),
+    "nemotron_h": _NEMOTRON_H,
+    # [omni] Nemotron-H text decoders inside multimodal wrappers (the text config gets nemotron_h's sizes)
+    # Nemotron-3-Nano-Omni: a RADIO vision tower (its video patch packing validated equal to the wrapper's;
+    # position table sized from max_img_size) and a Parakeet audio encoder, each with a projector onto the
+    # text width; shipped audio configs carry the projector's fields, which ParakeetEncoderConfig lacks
+    "nemotron_h_omni": dict(
+        text_config=_NEMOTRON_H, vision_hidden_size=32, projector_hidden_size=64,
+        vision_config=dict(video_temporal_patch_size=2, image_size=64, max_img_size=128),
+        audio_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                          num_key_value_heads=2, subsampling_conv_channels=16, num_mel_bins=16,
+                          projection_hidden_size=64, projection_bias=False),
+    ),
+    # Nemotron-3.5-Transcribe: a speech recognition encoder, a diarization model (its own encoder and a
+    # speaker head reading it) and a word-timestamp encoder reading the speech states (so as wide)
+    "nemo_speechlm": dict(
+        text_config=_NEMOTRON_H,
+        audio_config=dict(
+            asr_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                            num_mel_bins=16),
+            diarization_config=dict(
+                audio_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                  num_attention_heads=2, num_mel_bins=16),
+                head_config=dict(hidden_size=16, audio_hidden_size=32),
+                chunk_length=64, chunk_left_context=8, chunk_right_context=8, fifo_length=8,
+                speaker_cache_update_period=16, streaming_config=dict(speaker_cache_length=16)),
+        ),
+        word_timestamp_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                   num_attention_heads=2, vocab_size=64, blank_token_id=63),
+    ),
+    # [/omni]
     # their configs' token ids lie in a 160k vocabulary: the embeddings' padding row must exist
     "kimi_linear": dict(layer_types=["linear_attention", "full_attention", "linear_attention"],
                         num_key_value_heads=4, linear_num_heads=4, linear_head_dim=16,

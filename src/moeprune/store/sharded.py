@@ -98,10 +98,12 @@ class ShardedCheckpoint:
         mtp_keys = self.mtp.keys
         self.target = {k: t for k, t in self.target.items() if k not in mtp_keys}
         # other tensors `from_pretrained` drops by the model class's own rule have no place in the model
-        # either: not read, not carried, as in memory
+        # either: not read, not carried, as in memory. transformers matches the rule against the renamed
+        # key (Nemotron-3-Nano-Omni's `sound_encoder.encoder.feature_extractor.*` is dropped as
+        # `audio_tower.feature_extractor.*`), so both names are tried
         ignored = compat.ignored_on_load(self.model)
         self.target = {k: t for k, t in self.target.items()
-                       if t in meta or not any(re.search(p, k) for p in ignored)}
+                       if t in meta or not any(re.search(p, k) or re.search(p, t) for p in ignored)}
         filled = compat.in_model_targets(self.model, list(self.target), self.conversion, meta)
         self._check_complete(meta, filled)
         sources = Counter(self.target.values())
