@@ -42,8 +42,10 @@ def _unsupported(config) -> str:
     if getattr(config, "is_encoder_decoder", False):
         return (f"unsupported model_type {model_type!r}: it is an encoder-decoder model; moeprune prunes the "
                 "routed experts of decoder-only (causal LM) models")
+    if not compat.auto_classes(config):  # a tower or a text config that only ships inside its wrapper
+        return _no_language_model_head(config)
     text = text_config(config)
-    has_count = any(isinstance(getattr(text, f, None), int) for f in COUNT_FIELDS)
+    has_count = any(isinstance(_field(text, f), int) for f in COUNT_FIELDS)
     if not has_count:
         nested = _nested_count_field(config.to_dict() if hasattr(config, "to_dict") else {})
         if nested:
@@ -51,8 +53,6 @@ def _unsupported(config) -> str:
                     f"field {nested}, which moeprune does not read; it needs a row in moeprune/arch/facts.py")
         return (f"unsupported model_type {model_type!r}: its config has no routed-expert count "
                 f"({', '.join(COUNT_FIELDS)}), so it is not a Mixture-of-Experts model moeprune can prune")
-    if not compat.auto_classes(config):
-        return _no_language_model_head(config)
     return (f"unsupported model_type {model_type!r}: it has routed experts but no row in moeprune's family "
             f"table (moeprune/arch/facts.py) saying how its router forms gates; supported: "
             f"{', '.join(SUPPORTED_MODEL_TYPES)}")
@@ -70,6 +70,15 @@ def _no_language_model_head(config) -> str:
             f"head for it (no causal-LM or image-text-to-text class; "
             f"{'only ' + ', '.join(others) if others else 'no model class at all'}), so no checkpoint "
             f"loads as it and moeprune cannot write one back{hint}")
+
+
+def _field(config, name: str):
+    """config.name, or None where it is absent or, as in a per-layer config (dots.3's vision encoder), a
+    global read of it is refused."""
+    try:
+        return getattr(config, name, None)
+    except Exception:  # transformers' AmbiguousGlobalPerLayerAttributeError derives no common base
+        return None
 
 
 def _nested_count_field(d: dict, prefix: str = "") -> str | None:
