@@ -184,7 +184,7 @@ FAMILIES: tuple[Family, ...] = (
     # vision-language and omni checkpoints (D)
     Family(("qwen3_vl_moe_text", "qwen3_vl_moe"), "softmax_topk"),  # softmax, top-k, always renormalised
 
-    # [text] plain text decoders and their wrappers
+    # plain text decoders and their wrappers
     Family(("axk1",), "sigmoid_bias", "top2"),  # DeepSeek-V3 router; post-MoE norm on the block output
     Family(("axk2",), "sigmoid_bias", "top2"),  # DeepSeek-V3 router, groups optional (n_group None: none)
     Family(("flex_olmo",), "softmax_norm_topk_prob"),
@@ -196,9 +196,8 @@ FAMILIES: tuple[Family, ...] = (
     Family(("minimax_m3_vl_text", "minimax_m3_vl"), "sigmoid_bias"),  # as step3p7
     Family(("mistral4", "mistral3"), "softmax_groups", "top2"),  # mistral3: Mistral Small 4 (text mistral4)
     Family(("mistral_large4",), "softmax_groups", "top2", adapter=DsaTopkCarry),  # text alone: no class
-    # [/text]
 
-    # [vlm] vision-language / omni checkpoints
+    # vision-language / omni checkpoints
     Family(("glm4v_moe_text", "glm4v_moe"), "sigmoid_bias", "top2"),  # GLM-4.5V: glm4_moe's router
     # GLM-5-Next: DeepSeek-V3 router; linear (KDA) and indexed attention, hyper-connection streams
     Family(("glm5_next_text", "glm5_next"), "sigmoid_bias", "top2"),
@@ -212,9 +211,8 @@ FAMILIES: tuple[Family, ...] = (
         "its text and vision experts share one count (moe_num_experts, also the width of the layer's router "
         "logits), so a checkpoint with fewer text experts but every vision expert does not load, and text "
         "calibration cannot choose which vision experts to drop; moeprune prunes text experts only")),
-    # [/vlm]
 
-    # [gemma] gemma4 and OCR/speech wrappers
+    # gemma4 and OCR/speech wrappers
     # Gemma 4: softmax over all experts, top-k renormalised, then times the expert's own
     # per_expert_scale (a router tensor along E, sliced with it); the decoder layer is the MoE block.
     Family(("gemma4_text", "gemma4"), "softmax_topk", adapter=Gemma4Text, top_k_field="top_k_experts"),
@@ -229,17 +227,15 @@ FAMILIES: tuple[Family, ...] = (
     # model_types have no model class in transformers, so only the OCR checkpoints are rows.
     Family(("deepseek_ocr2",), "softmax_no_renorm", "max"),
     Family(("unlimited_ocr",), "softmax_no_renorm", "max"),
-    # [/gemma]
 
-    # [hybrid] hybrids: Mamba / linear attention
+    # hybrids: Mamba / linear attention
     Family(("jamba",), "softmax_no_renorm"),  # softmax over all, top-k, never renormalised
     Family(("granitemoehybrid",), "softmax_topk"),  # softmax over the top-k logits
     Family(("kimi_linear",), "sigmoid_bias", "top2"),
     Family(("bailing_hybrid",), "sigmoid_bias", "top2"),
     Family(("nemotron_h", "nemotron_h_omni", "nemo_speechlm"), "sigmoid_bias", "top2", adapter=NemotronH),
-    # [/hybrid]
 
-    # [logic1] new logic: dbrx, jetmoe, doge, zaya
+    # new logic: dbrx, jetmoe, doge, zaya
     Family(("dbrx",), "softmax_pnorm", adapter=Dbrx, count_field="ffn_config.moe_num_experts",
            top_k_field="ffn_config.moe_top_k"),
     Family(("zaya",), "softmax_no_renorm", adapter=Zaya),  # top-1 of softmax(E experts + skip) + bias
@@ -252,9 +248,8 @@ FAMILIES: tuple[Family, ...] = (
         "num_experts = num_keys**2), so dropping single experts leaves cells the router still picks; only "
         "whole keys could go, which per-expert plans cannot express (with is_moe=false it has no routed "
         "experts at all)")),
-    # [/logic1]
 
-    # [logic2] new logic: longcat_flash, deepseek_v4, inkling, muse_spark
+    # new logic: longcat_flash, deepseek_v4, inkling, muse_spark
     # softmax over E real + Z zero experts, bias for selection, never renormalised
     Family(("longcat_flash",), "softmax_plus_bias", adapter=LongcatFlash,
            count_field="n_routed_experts"),
@@ -264,6 +259,5 @@ FAMILIES: tuple[Family, ...] = (
            count_field="n_routed_experts"),
     # experts in a projected space; sigmoid, bias for selection, renormalised
     Family(("muse_spark",), "sigmoid_bias", adapter=MuseSpark),
-    # [/logic2]
 )
 BY_MODEL_TYPE: dict[str, Family] = {mt: f for f in FAMILIES for mt in f.model_types}

@@ -87,7 +87,7 @@ def _llama4_novice_forward(self, routed_in: torch.Tensor) -> torch.Tensor:
     return out.view(-1, H)
 
 
-# [text] plain text decoders and their wrappers
+# plain text decoders and their wrappers
 class HunYuanMoEV1(Adapter):
     """Hunyuan-A13B: `moe_topk` may be a per-layer list (each router reads its layer's entry).
 
@@ -122,14 +122,9 @@ class DsaTopkCarry(Adapter):
 
     def with_layer_state(self, args: tuple, kwargs: dict, state: torch.Tensor) -> tuple[tuple, dict]:
         return args, {**kwargs, "prev_topk_indices": state}
-# [/text]
 
 
-# [vlm] vision-language / omni checkpoints
-# [/vlm]
-
-
-# [gemma] gemma4 and OCR/speech wrappers
+# gemma4 and OCR/speech wrappers
 class Gemma4Text(Adapter):
     """Gemma 4 (26B-A4B): the decoder layer is the MoE block, and it runs a dense MLP beside it.
 
@@ -208,10 +203,9 @@ def _pre_hooked(module: nn.Module, hook):
         yield
     finally:
         handle.remove()
-# [/gemma]
 
 
-# [hybrid] hybrids: Mamba / linear attention
+# hybrids: Mamba / linear attention
 class NemotronH(Adapter):
     """Nemotron-H: non-gated relu² experts (`up_proj` -> act -> `down_proj`), optionally in a latent space.
 
@@ -239,10 +233,7 @@ class NemotronH(Adapter):
         return y @ fc2.weight.T.to(y.dtype) if isinstance(fc2, nn.Linear) else y
 
 
-# [/hybrid]
-
-
-# [logic1] new logic: dbrx, jetmoe, doge, zaya
+# new logic: dbrx, jetmoe, doge, zaya
 class Dbrx(Adapter):
     """DBRX keeps its experts flat: `experts.mlp.w1`, `v1`, `w2` are [E*I, H] (gate, up, and down
     transposed), and its expert count and top-k sit in the nested `ffn_config`.
@@ -296,8 +287,6 @@ class Dbrx(Adapter):
         self.router(block).layer.out_features = new  # its Linear [E, H], as transformers builds it for E'
 
 
-
-
 class Zaya(Adapter):
     """ZAYA's router scores E experts plus one skip class after them (a token routed there skips the MoE);
     it picks top-1 on softmax probabilities plus `balancing_biases` and masks a skip pick to expert 0 with
@@ -338,10 +327,9 @@ class Zaya(Adapter):
         """[T, E]: the experts' logits, without the skip class's."""
         logits = super().router_logits(router_output, router)  # [T, E+1]
         return logits[..., :-1]
-# [/logic1]
 
 
-# [logic2] new logic: longcat_flash, deepseek_v4, inkling, muse_spark
+# new logic: longcat_flash, deepseek_v4, inkling, muse_spark
 _NO_NOVICES_FIXED = ("its expert axis carries never-pruned rows past the routed experts, which MoNE's novice "
                      "format does not keep; use a prune or merge method")
 
@@ -506,4 +494,3 @@ class MuseSpark(Adapter):
 
     def lift_expert_outputs(self, block: nn.Module, raw: torch.Tensor) -> torch.Tensor:
         return block.post_expert_proj(raw.to(block.post_expert_proj.weight.dtype))  # [S, H'] -> [S, H]
-# [/logic2]

@@ -116,7 +116,7 @@ SHRUNK_VISION = dict(
 SUB_CONFIGS = {"text_config": SHRUNK_TEXT, "thinker_config": SHRUNK_TEXT, "talker_config": SHRUNK_TEXT,
                "vision_config": SHRUNK_VISION, "audio_config": SHRUNK_VISION}
 
-# [text] sizes the shrinking does not reach
+# sizes the shrinking does not reach
 _MINIMAX_M3 = dict(dense_intermediate_size=128, shared_intermediate_size=64)
 # linear-attention and attention layers, a per-layer n-gram embedding (PLE, needs an eos id) on the last
 # (one-based ids), a small hashed n-gram vocabulary
@@ -127,12 +127,10 @@ _QWEN4_EXP = dict(
     # every attention layer has a QSA token indexer (budget 32 tokens, in blocks of 4)
     indexer_n_heads=2, indexer_kv_heads=1, indexer_head_dim=16, indexer_budget=32, indexer_compress_ratio=4,
 )
-# [/text]
-# [vlm] a Whisper-style audio encoder (Qwen3-Omni's), shrunk
+# a Whisper-style audio encoder (Qwen3-Omni's), shrunk
 _TINY_AUDIO = dict(encoder_layers=1, encoder_attention_heads=2, encoder_ffn_dim=64, d_model=32, output_dim=64,
                    downsample_hidden_size=16, num_mel_bins=16)
-# [/vlm]
-# [gemma] shared tiny configs
+# shared tiny configs
 # DeepSeek-OCR 2 and Unlimited-OCR nest their vision tower's configs one level further down
 SUB_CONFIGS.update(sam_config=SHRUNK_VISION, encoder_config=SHRUNK_VISION)
 # the SAM neck's channels; the last is the vision encoder's width (32 once shrunk)
@@ -147,12 +145,10 @@ _DOTS3_TEXT = dict(num_key_value_heads=4, head_dim=24, index_head_dim=16, index_
                    shared_experts_intermediate_size=64, pad_token_id=0, bos_token_id=1, eos_token_id=2,
                    swa_num_attention_heads=4, swa_num_key_value_heads=4, swa_q_lora_rank=32,
                    swa_kv_lora_rank=32, swa_head_dim=24, swa_qk_nope_head_dim=16, swa_v_head_dim=16)
-# [/gemma]
-# [omni] Nemotron-H's mixers shrunk to a few heads; Mamba, MoE, attention and MoE layers
+# Nemotron-H's mixers shrunk to a few heads; Mamba, MoE, attention and MoE layers
 _NEMOTRON_H = dict(layers_block_type=["linear_attention", "moe", "full_attention", "moe"],
                    mamba_num_heads=8, mamba_head_dim=16, ssm_state_size=16, n_groups=2, chunk_size=16,
                    moe_shared_expert_intermediate_size=64)
-# [/omni]
 
 # model_type -> fields set after the shrinking (a nested dict for a sub-config)
 TINY_OVERRIDES: dict[str, dict] = {
@@ -165,7 +161,7 @@ TINY_OVERRIDES: dict[str, dict] = {
     # hybrids: linear attention / Mamba layers (C)
     # vision-language and omni checkpoints (D)
 
-    # [text] plain text decoders and their wrappers
+    # plain text decoders and their wrappers
     # MLA: one key/value head per query head; head_dim is the rotary slice (qk_rope_head_dim), which a
     # shrunk head_dim kwarg would overwrite after the config's own __post_init__ set it
     "axk1": dict(num_key_value_heads=4, head_dim=8),
@@ -187,9 +183,8 @@ TINY_OVERRIDES: dict[str, dict] = {
     "minimax_m3_vl": dict(text_config=_MINIMAX_M3, projector_hidden_size=64),
     "qwen4_exp_text": _QWEN4_EXP,
     "qwen4_exp": dict(text_config=_QWEN4_EXP),
-    # [/text]
 
-    # [vlm] vision-language / omni checkpoints
+    # vision-language / omni checkpoints
     # GLM-5-Next: MLA without RoPE (qk_rope_head_dim 0) and one KV head per query head, both validated;
     # one indexed-attention layer among the linear (KDA) ones; the default pad id lies past the vocabulary
     "glm5_next": dict(text_config=dict(
@@ -220,9 +215,8 @@ TINY_OVERRIDES: dict[str, dict] = {
     # (h, w, t) RoPE sections split the 8 rotary frequencies of a 16-wide head
     "ernie4_5_vl_moe": dict(text_config=dict(moe_intermediate_size=[64, 32], rope_parameters=dict(
         rope_type="default", rope_theta=500000.0, mrope_section=[3, 3, 2]))),
-    # [/vlm]
 
-    # [gemma] gemma4 and OCR/speech wrappers
+    # gemma4 and OCR/speech wrappers
     # Gemma 4's defaults are dense (enable_moe_block=False, no expert count); the MoE checkpoints
     # (26B-A4B) enable it in every layer. Full-attention layers default to head_dim 512; the per-layer
     # embeddings (PLE) table defaults to 262144 rows.
@@ -253,9 +247,8 @@ TINY_OVERRIDES: dict[str, dict] = {
         vision_config=dict(encoder_config=dict(vocab_size=64), sam_config=_SAM),
     ),
     "unlimited_ocr": dict(vision_config=dict(encoder_config=dict(vocab_size=64), sam_config=_SAM)),
-    # [/gemma]
 
-    # [hybrid] hybrids: Mamba / linear attention
+    # hybrids: Mamba / linear attention
     # Mamba/linear and attention layers side by side, and MoE in both kinds; the mixers shrunk to a few heads
     "jamba": dict(num_hidden_layers=4, attn_layer_period=3, attn_layer_offset=1, expert_layer_period=2,
                   expert_layer_offset=1, mamba_d_state=8, mamba_dt_rank=8),  # M A M M; MoE on 1 (A), 3 (M)
@@ -263,7 +256,7 @@ TINY_OVERRIDES: dict[str, dict] = {
                              mamba_n_heads=8, mamba_d_head=16, mamba_d_state=16, mamba_chunk_size=16,
                              shared_intermediate_size=64),
     "nemotron_h": _NEMOTRON_H,
-    # [omni] Nemotron-H text decoders inside multimodal wrappers (the text config gets nemotron_h's sizes)
+    # Nemotron-H text decoders inside multimodal wrappers (the text config gets nemotron_h's sizes)
     # Nemotron-3-Nano-Omni: a RADIO vision tower (its video patch packing validated equal to the wrapper's;
     # position table sized from max_img_size) and a Parakeet audio encoder, each with a projector onto the
     # text width; shipped audio configs carry the projector's fields, which ParakeetEncoderConfig lacks
@@ -291,7 +284,6 @@ TINY_OVERRIDES: dict[str, dict] = {
         word_timestamp_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                    num_attention_heads=2, vocab_size=64, blank_token_id=63),
     ),
-    # [/omni]
     # their configs' token ids lie in a 160k vocabulary: the embeddings' padding row must exist
     "kimi_linear": dict(layer_types=["linear_attention", "full_attention", "linear_attention"],
                         num_key_value_heads=4, linear_num_heads=4, linear_head_dim=16,
@@ -299,9 +291,8 @@ TINY_OVERRIDES: dict[str, dict] = {
     "bailing_hybrid": dict(layer_types=["linear_attention", "full_attention", "linear_attention"],
                            num_key_value_heads=4, n_group=2, topk_group=1,
                            pad_token_id=0, bos_token_id=1, eos_token_id=2),
-    # [/hybrid]
 
-    # [logic1] new logic: dbrx, jetmoe, doge, zaya
+    # new logic: dbrx, jetmoe, doge, zaya
     # DBRX nests attention and experts in sub-configs; its attention reads `attn_config.rope_theta`, which
     # DbrxAttentionConfig does not declare but real DBRX checkpoints carry (as they carry clip_qkv = 8,
     # without which its attention fails)
@@ -309,9 +300,8 @@ TINY_OVERRIDES: dict[str, dict] = {
                  attn_config=dict(kv_n_heads=2, rope_theta=10000.0, clip_qkv=8.0),
                  ffn_config=dict(ffn_hidden_size=128, moe_num_experts=8, moe_top_k=2)),
     "zaya": dict(num_experts_per_tok=1, router_hidden_size=32),  # ZAYA routes top-1 only
-    # [/logic1]
 
-    # [logic2] new logic: longcat_flash, deepseek_v4, inkling, muse_spark
+    # new logic: longcat_flash, deepseek_v4, inkling, muse_spark
     # 3 decoder layers of two attention sublayers each; MLA with one rope head dim = head_dim. No zero
     # experts here: the battery checks every experts tensor is E long, and LongCat's gate_up_proj is E + Z
     # (tests/arch/test_logic2_families.py builds it with zero_expert_num=2).
@@ -342,7 +332,6 @@ TINY_OVERRIDES: dict[str, dict] = {
         audio_config=dict(num_hidden_layers=1, patch_sizes=[4], hidden_sizes=[32], depths=[1],
                           out_hidden_size=64),
     ),
-    # [/logic2]
 }
 
 
