@@ -1,13 +1,13 @@
-"""Vision-language and omni checkpoints (GLM-4.5V, GLM-5-Next, Kimi-K2.5, Qwen3-VL, Qwen3-Omni, ERNIE-4.5-VL):
-the language model's layers are found (never the vision blocks), Qwen3-Omni's thinker is pruned and its
-talker written untouched, and ERNIE-4.5-VL is refused in one line before any work."""
+"""Vision-language and omni checkpoints (GLM-4.5V, GLM-5-Next, Kimi-K2.5, Qwen3-VL, Qwen3-Omni): the language
+model's layers are found (never the vision blocks), and Qwen3-Omni's thinker is pruned and its talker written
+untouched. ERNIE-4.5-VL has its own file (test_ernie_families.py)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 import transformers as tf
-from helpers import calibration_text, manual_plan, saved_tensors, token_ids
+from helpers import manual_plan, saved_tensors, token_ids
 
 from moeprune import api, compat
 from moeprune.arch import get_adapter
@@ -74,21 +74,6 @@ def test_qwen3_omni_prunes_the_thinker_and_writes_the_talker_untouched(tmp_path)
     assert any(".experts." in k for k in talker)
     for key in talker:
         assert torch.equal(after[key], before[key]), key
-
-
-def test_ernie_vl_is_refused_in_one_line_before_any_work(tmp_path):
-    model = tiny_model("ernie4_5_vl_moe")  # the tiny model builds: the refusal is a choice, not a failure
-    for config in (model.config, model.config.text_config):
-        with pytest.raises(MoepruneError, match="share one count") as e:
-            get_adapter(config)
-        assert "\n" not in str(e.value)
-    src = tmp_path / "ernie"
-    model.save_pretrained(src)
-    calib = tmp_path / "calib.txt"
-    calib.write_text(calibration_text())
-    with pytest.raises(MoepruneError, match="moeprune prunes text experts only"):
-        api.prune(src, "frequency", tmp_path / "out", experts=4, calib=str(calib), progress=False)
-    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("config_class", [

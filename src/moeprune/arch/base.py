@@ -510,6 +510,11 @@ class Adapter:
         matrix M [E_out, E_in] (DeepSeek-V4's hash table). Called by surgery before the block's tensors
         change, so it can read the old router. Nothing to do for most families."""
 
+    def after_layer_plan(self, block: nn.Module, lp) -> None:
+        """Bring what else in the decoder layer shares the block's expert count to `lp.num_experts_out`,
+        after surgery applied the layer plan `lp` to the block (ERNIE-4.5-VL's vision experts); what it
+        decides goes in `lp.notes`. Nothing for most families."""
+
     def install_novice_runtime(self, block: nn.Module) -> None:
         """Make the block's experts (which carry novice buffers) add their novices at run time.
 

@@ -26,6 +26,7 @@ from moeprune.arch.families import (
     Dbrx,
     DeepseekV4,
     DsaTopkCarry,
+    Ernie45VL,
     Gemma4Text,
     HunYuanMoEV1,
     Inkling2Text,
@@ -206,11 +207,10 @@ FAMILIES: tuple[Family, ...] = (
     # code predictor, the vision and audio towers and code2wav are written untouched
     Family(("qwen3_omni_moe_text", "qwen3_omni_moe_thinker", "qwen3_omni_moe"), "softmax_norm_topk_prob"),
     # ERNIE-4.5-VL: every decoder MoE layer holds text experts and vision experts (run on image and video
-    # tokens) under one count
-    Family(("ernie4_5_vl_moe_text", "ernie4_5_vl_moe"), refused=(
-        "its text and vision experts share one count (moe_num_experts, also the width of the layer's router "
-        "logits), so a checkpoint with fewer text experts but every vision expert does not load, and text "
-        "calibration cannot choose which vision experts to drop; moeprune prunes text experts only")),
+    # tokens) under one count: the text MoE is planned, the vision MoE keeps the same number of experts by
+    # the lowest correction bias (the adapter); the text router is softmax + correction bias for selection
+    Family(("ernie4_5_vl_moe_text", "ernie4_5_vl_moe"), "softmax_plus_bias", adapter=Ernie45VL,
+           count_field="moe_num_experts", top_k_field="moe_k"),
 
     # gemma4 and OCR/speech wrappers
     # Gemma 4: softmax over all experts, top-k renormalised, then times the expert's own

@@ -12,7 +12,7 @@ import types
 import torch
 from torch import nn
 
-from moeprune.arch.base import Adapter, ExpertWeights, decoder_layers, novice_slots
+from moeprune.arch.base import EXPERT_COUNT_ATTRS, Adapter, ExpertWeights, decoder_layers, novice_slots
 from moeprune.errors import MoepruneError
 
 
@@ -494,3 +494,76 @@ class MuseSpark(Adapter):
 
     def lift_expert_outputs(self, block: nn.Module, raw: torch.Tensor) -> torch.Tensor:
         return block.post_expert_proj(raw.to(block.post_expert_proj.weight.dtype))  # [S, H'] -> [S, H]
+
+
+# ---- ERNIE-4.5-VL ---------------------------------------------------------------------------------
+class _Link:
+    """A reference from a text MoE to the block that holds it, not registered as a submodule.
+
+    A deep copy of the whole decoder layer (the layer walk's working copy, the meta skeleton's pristine
+    copy) links the copies; a deep copy of the text MoE alone (candidate evaluations) links nothing, so
+    surgery on such a copy never reaches the model's vision experts.
+    """
+
+    def __init__(self, module: nn.Module | None):
+        self.module = module
+
+    def __deepcopy__(self, memo):
+        return _Link(memo.get(id(self.module)))
+
+
+class Ernie45VL(Adapter):
+    """ERNIE-4.5-VL: each decoder MoE layer holds a text MoE (run on text tokens) and a vision MoE (run on
+    image and video tokens) under one expert count, `moe_num_experts`, which is also the width of the
+    layer's router logits, so both must hold the same E'.
+
+    The text MoE is the block moeprune observes and plans (text calibration only reaches it). After its
+    plan, the vision MoE of the same layer is pruned to the same E' by a weight-only rule: it keeps the E'
+    vision experts with the lowest `e_score_correction_bias` in its router's `moe_statics` (ties by expert
+    index). Under auxiliary-loss-free balancing that bias rises for under-used experts, so a low bias marks
+    a much-used expert. The vision router's rows, bias and experts are sliced with that keep set; the
+    vision MoE is pruned, never merged, even when the text plan merges. Image quality is not measured.
+    """
+
+    def moe_blocks(self, model: nn.Module) -> dict[int, nn.Module]:
+        blocks = super().moe_blocks(model)
+        layers, _ = decoder_layers(model)
+        for i, block in blocks.items():
+            for module in layers[i].modules():
+                if getattr(module, "text_moe", None) is block and isinstance(
+                        getattr(module, "vision_moe", None), nn.Module):
+                    block._moeprune_moe_block = _Link(module)
+        return blocks
+
+    @staticmethod
+    def vision_keep(vision: nn.Module, num_out: int) -> torch.Tensor:
+        """[E'] the vision experts kept: the lowest correction biases, ties by index, in index order."""
+        bias = vision.gate.moe_statics.e_score_correction_bias.detach().float().reshape(-1).cpu()  # [E]
+        order = torch.argsort(bias, stable=True)  # equal biases stay in index order
+        return order[:num_out].sort().values
+
+    @torch.no_grad()
+    def after_layer_plan(self, block: nn.Module, lp) -> None:
+        """Prune the vision MoE beside `block` (the text MoE) to the plan's E'; its kept experts go in the
+        plan's notes. A copy of the text MoE alone has no vision MoE beside it: nothing to do."""
+        num_in, num_out = lp.num_experts_in, lp.num_experts_out
+        link = getattr(block, "_moeprune_moe_block", None)
+        holder = link.module if link is not None else None
+        if holder is None or getattr(holder, "text_moe", None) is not block or num_out == num_in:
+            return
+        vision = holder.vision_moe
+        keep = self.vision_keep(vision, num_out)
+        lp.notes["vision_experts_kept"] = keep.tolist()  # weight-only: the lowest correction biases
+        for module in vision.modules():
+            for store in (module._parameters, module._buffers):
+                for name, t in list(store.items()):
+                    if t is None or num_in not in t.shape:
+                        continue
+                    axis = list(t.shape).index(num_in)  # gate.weight [E, H], bias [1, E], experts [E, ...]
+                    sliced = t.index_select(axis, keep.to(t.device)).contiguous()
+                    store[name] = nn.Parameter(sliced, requires_grad=t.requires_grad) \
+                        if isinstance(t, nn.Parameter) else sliced
+        for module in holder.modules():  # the holder's, the vision router's and experts' cached counts
+            for attr in EXPERT_COUNT_ATTRS:
+                if getattr(module, attr, None) == num_in and not isinstance(getattr(module, attr), bool):
+                    setattr(module, attr, num_out)

@@ -211,7 +211,7 @@ TINY_OVERRIDES: dict[str, dict] = {
                              upsample_rates=[2, 2], upsampling_ratios=[2]),
     ),
     "qwen3_omni_moe_thinker": dict(audio_config=_TINY_AUDIO),
-    # ERNIE-4.5-VL (refused, built for the refusal's tests): text and vision expert widths, one list; the
+    # ERNIE-4.5-VL: text and vision expert widths, one list; the
     # (h, w, t) RoPE sections split the 8 rotary frequencies of a 16-wide head
     "ernie4_5_vl_moe": dict(text_config=dict(moe_intermediate_size=[64, 32], rope_parameters=dict(
         rope_type="default", rope_theta=500000.0, mrope_section=[3, 3, 2]))),

@@ -86,6 +86,7 @@ def apply_layer_plan(adapter: Adapter, block: nn.Module, lp: LayerPlan,
         # E rows, or E + fixed rows (a skip class, zero-compute experts), which `_combine` carries over
         _replace(owner, name, _combine(getattr(owner, name), router_M, axis, keep))
     adapter.set_block_num_experts(block, lp.num_experts_in, lp.num_experts_out)
+    adapter.after_layer_plan(block, lp)
 
 
 @torch.no_grad()
