@@ -216,6 +216,7 @@ class RoutedLookup:
             for e in range(self.E + adapter.fixed_experts)])  # [E + F, n, H]
         self._rows = torch.arange(n)[:, None]  # [n, 1]
 
+    @torch.no_grad()  # a search over subsets: the routers' weights need no graph (Gemma 4's router has one)
     def __call__(self, subset) -> torch.Tensor:
         """[n, H] the routed sum of the block pruned to `subset`."""
         block, adapter = self.block, self.adapter
