@@ -52,9 +52,10 @@ def test_every_moe_type_gets_an_adapter_or_one_line():
         except MoepruneError as e:
             assert "\n" not in str(e) and model_type.split("_text")[0] in str(e), (model_type, e)
             refused[model_type] = str(e)
-    # a supported type's default config may be dense (Gemma 4 without its MoE block); otherwise the type
-    # is refused with its reason, and none of the refused is claimed supported
-    assert not (set(refused) & set(SUPPORTED_MODEL_TYPES) - {"gemma4", "gemma4_text", "deepseek_v2",
-            "deepseek_ocr2", "glm4v_moe_text", "glm5_next_text", "qwen3_vl_moe_text", "qwen3_omni_moe_text"})
+    # a supported type is refused on its default config only where that config is dense (Gemma 4 without its
+    # MoE block, DeepSeek-V2 with no top-k) or is a text config that ships inside its wrapper
+    for model_type in set(refused) & set(SUPPORTED_MODEL_TYPES):
+        why = refused[model_type]
+        assert "language-model head" in why or "field" in why, (model_type, why)
     assert {"jetmoe", "doge", "switch_transformers", "openai_privacy_filter"} <= set(refused)
     assert len(answered) >= 60

@@ -34,7 +34,7 @@ def _ids(n=5, length=24, seed=0):
 # short-conv and Gated DeltaNet hybrids, hyper-connection streams, sliding layers, DSA layers that hand their
 # top-k token indices to the next layer
 @pytest.mark.parametrize("family", ["lfm2_moe", "qwen4_exp_text", "qwen4_exp", "hy_v4", "step3p7",
-                                    "minimax_m3_vl", "mistral_large4", "glm_moe_dsa"])
+                                    "minimax_m3_vl", "mistral_large4", "glm_moe_dsa", "glm5_next"])
 def test_layerwise_stats_and_forward_equal_the_whole_model(family, checkpoint):
     path = checkpoint(family)
     model = load_model(path)

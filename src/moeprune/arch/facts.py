@@ -201,7 +201,7 @@ FAMILIES: tuple[Family, ...] = (
     # vision-language / omni checkpoints
     Family(("glm4v_moe_text", "glm4v_moe"), "sigmoid_bias", "top2"),  # GLM-4.5V: glm4_moe's router
     # GLM-5-Next: DeepSeek-V3 router; linear (KDA) and indexed attention, hyper-connection streams
-    Family(("glm5_next_text", "glm5_next"), "sigmoid_bias", "top2"),
+    Family(("glm5_next_text", "glm5_next"), "sigmoid_bias", "top2", adapter=DsaTopkCarry),
     Family(("kimi_k25",), "sigmoid_bias", "top2"),  # Kimi-K2.5: a deepseek_v3 text config, vision tower
     # Qwen3-Omni: the thinker's text decoder is pruned; the talker's MoE (qwen3_omni_moe_talker_text) and
     # code predictor, the vision and audio towers and code2wav are written untouched
