@@ -217,3 +217,17 @@ def test_the_readme_lists_every_supported_model_type():
     table = readme.split("| model_type |", 1)[1].split("\n\n", 1)[0]
     assert all(f"`{mt}`" in table for mt in SUPPORTED_MODEL_TYPES), [
         mt for mt in SUPPORTED_MODEL_TYPES if f"`{mt}`" not in table]
+
+
+@pytest.mark.parametrize("model_type", EVERY)
+def test_a_calibrated_prune_runs_layer_by_layer_and_reloads(model_type, saved, calib_file, tmp_path):
+    """What a new user runs: calibration through the layer walk (the state a layer hands the next
+    included), a plan from real statistics, a checkpoint that reloads with its own Auto class."""
+    out = api.prune(saved(model_type), "reap", tmp_path / "out", ratio=0.5, calib=str(calib_file), samples=4,
+                    seq_len=32, batch_size=2, probe_size=32, progress=False, layerwise=True)
+    config = tf.AutoConfig.from_pretrained(out)
+    auto_name, cls = compat.model_class(config)
+    reloaded = getattr(tf, auto_name).from_pretrained(out).eval()
+    assert type(reloaded) is type(_model(model_type))
+    assert get_adapter(reloaded.config).num_experts == E // 2
+    assert torch.isfinite(_logits(reloaded, **_inputs(reloaded))).all()
