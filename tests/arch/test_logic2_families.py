@@ -306,6 +306,23 @@ def test_methods_that_rerun_a_hash_block_alone_are_refused_in_one_line():
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("method,options,says", [
+    ("naee", None, "naee: a DeepSeek-V4 hash-routed block"),
+    ("dek", {"coefficients": "learned"}, "dek coefficients=learned: a DeepSeek-V4 hash-routed block")])
+def test_methods_that_rerun_a_hash_block_are_refused_before_calibration(method, options, says, tmp_path):
+    save_tiny_checkpoint("deepseek_v4", tmp_path / "m", **HASH)
+    calib = tmp_path / "calib.txt"
+    calib.write_text("some text " * 200)
+    # the up-front check's line (method first), not the walk's per-layer one ("layer 0: ...")
+    with pytest.raises(MoepruneError, match=f"^{says}") as e:
+        api.prune(tmp_path / "m", method, tmp_path / "out", experts=4, calib=str(calib), progress=False,
+                  options=options)
+    assert "\n" not in str(e.value) and not (tmp_path / "out").exists()
+    # without hash layers the same method is not refused up front
+    get_adapter(tf.DeepseekV4Config(mlp_layer_types=["moe"] * 43)).check_method(method, None)
+
+
+@pytest.mark.slow
 def test_longcat_routed_lookup_and_merged_block_see_the_zero_experts():
     """NAEE's lookup and the merge fit's differentiable copy carry the zero experts like surgery does."""
     from moeprune.pipeline.access import LayerAccess

@@ -405,6 +405,11 @@ class InklingText(Adapter):
         router.n_total_experts = new + router.n_shared_experts
 
 
+_HASH_BLOCK = ("a DeepSeek-V4 hash-routed block picks its experts from the token ids, which a method "
+               "re-running it on probe vectors does not have; use a method that reads statistics only "
+               "(frequency, routing_score, ean, reap, random)")
+
+
 class DeepseekV4(Adapter):
     """DeepSeek-V4: the first `hash_moe` layers pick experts from a frozen table, `tid2eid[input_ids]`.
 
@@ -427,11 +432,18 @@ class DeepseekV4(Adapter):
         return ("its hash-routed layers name experts in a token table (tid2eid) that a stock checkpoint "
                 "with novices cannot keep; use a prune or merge method")
 
+    def check_method(self, method: str, options) -> None:
+        """Before any work: the methods that re-run a block on probe vectors (NAEE's subset search, learned
+        merge coefficients) cannot run a hash-routed block, which takes the token ids."""
+        if "hash_moe" not in (getattr(self.config, "mlp_layer_types", None) or ()):
+            return
+        if method == "naee" or getattr(options, "coefficients", None) == "learned":
+            what = "naee" if method == "naee" else f"{method} coefficients=learned"
+            raise MoepruneError(f"{what}: {_HASH_BLOCK}")
+
     def block_alone_refusal(self, block: nn.Module) -> str | None:
         if getattr(block, "is_hash", False):
-            return ("a DeepSeek-V4 hash-routed block picks its experts from the token ids, which a method "
-                    "re-running it on probe vectors does not have; use a method that reads statistics only "
-                    "(frequency, routing_score, ean, reap, random)")
+            return _HASH_BLOCK
         return None
 
     @torch.no_grad()
