@@ -23,6 +23,7 @@ from moeprune.evaluate import parse_task_texts
 from moeprune.evaluate import render_table as render_report
 from moeprune.evaluation import evaluate_models
 from moeprune.methods import METHODS, get_method, make_plan_for
+from moeprune.methods.compensation import CompensationConfig
 from moeprune.observe import Stats, check_same_model, model_description
 from moeprune.outputs import (
     atomic_directory,
@@ -313,6 +314,7 @@ def prune(
     offload_dir: str | Path | None = None,
     hidden_memory: float = 2.0,
     notify=None,
+    compensate: str = "none",
 ) -> Path:
     """The whole flow: check inputs, observe, plan, apply, save (the keyword form of `prune_request`).
 
@@ -320,7 +322,9 @@ def prune(
     bounded by about one layer, unless `layerwise=False` (the whole model in memory: same walk, same
     result). `sequential` applies each layer's plan before its outputs feed the next layer. Hidden
     states of the calibration batches beyond `hidden_memory` GiB go to files under `offload_dir`.
-    `notify(message)` hears which way was chosen, once the inputs passed their checks.
+    `notify(message)` hears which way was chosen, once the inputs passed their checks. `compensate`
+    (none, down, novices, down+novices) fits each compressed layer to the original's output
+    (`moeprune.methods.compensation`), sequentially.
     """
     return prune_request(
         model_path, method,
@@ -329,11 +333,37 @@ def prune(
         BudgetRequest(ratio, experts, flatten_groups),
         OutputRequest(out, force=force, command=command, stats_path=stats_out),
         _runtime(device, batch_size, layerwise, sequential, offload_dir, hidden_memory, progress),
-        options=options, notify=notify)
+        options=options, notify=notify, compensation=compensation_config(compensate))
+
+
+def compensation_config(fit: str = "none", **options) -> CompensationConfig:
+    """The compensation settings for `--compensate FIT` (checked: one line when the choice is unknown)."""
+    from moeprune.methods.compensation import FITS
+
+    if fit not in FITS:
+        raise MoepruneError(f"--compensate {fit!r} is not a known fit; give one of {', '.join(FITS)}")
+    return CompensationConfig(fit=fit, **options)
+
+
+def check_compensation(compensation: CompensationConfig | None, method: str, spec, cfg,
+                       calib: CalibrationRequest) -> None:
+    """Refuse, before any work, a compensation this prune cannot run."""
+    if compensation is None or not compensation.active:
+        return
+    fit = f"--compensate {compensation.fit}"
+    if calib.text is None:
+        raise MoepruneError(f"{fit} fits each layer on calibration tokens: pass --calib PATH")
+    if not spec.layer_local(cfg):
+        raise MoepruneError(f"{fit} fits each layer as it goes, but {method} with these options ranks all "
+                            "layers together; use a per-layer setting or --compensate none")
+    if compensation.fits_novices and spec.kind != "novice":
+        raise MoepruneError(f"{fit} fits novice vectors, which {method} does not make; use --compensate down "
+                            "or a novice method (mone)")
 
 
 def check_prune(model_path, method: str, calib: CalibrationRequest, budget_request: BudgetRequest,
-                output: OutputRequest, runtime: RuntimeRequest, options: dict | None = None, notify=None):
+                output: OutputRequest, runtime: RuntimeRequest, options: dict | None = None, notify=None,
+                compensation: CompensationConfig | None = None):
     """Every cheap check of a prune, before anything expensive; returns (config, adapter, keep)."""
     from moeprune.store.novices import refuse_novice_input
 
@@ -356,6 +386,7 @@ def check_prune(model_path, method: str, calib: CalibrationRequest, budget_reque
     spec.check_use(cfg, n_group=adapter.n_group, flatten_groups=budget_request.flatten_groups,
                    has_calibration=calib.text is not None)
     adapter.check_method(method, cfg)
+    check_compensation(compensation, method, spec, cfg, calib)
     _check_calibration(calib, config)
     inputs = {"model": model_path, "--calib": calib.text, "--tokenizer": calib.tokenizer}
     check_separate(inputs, {"--out": output.path, "--save-stats": output.stats_path,
@@ -373,12 +404,12 @@ def check_prune(model_path, method: str, calib: CalibrationRequest, budget_reque
 
 def prune_request(model_path, method: str, calib: CalibrationRequest, budget_request: BudgetRequest,
                   output: OutputRequest, runtime: RuntimeRequest, *, options: dict | None = None,
-                  notify=None) -> Path:
+                  notify=None, compensation: CompensationConfig | None = None) -> Path:
     """Check everything, tokenise, then one walk (two for methods that rank all layers) that writes
     `output`."""
     options = dict(options or {})
     config, spec, cfg, keep = check_prune(model_path, method, calib, budget_request, output, runtime, options,
-                                          notify)
+                                          notify, compensation)
     cal = _tokenise(calib, model_path, config, notify) if calib.text is not None else None
     device = check_device(runtime.device)
     ranks = Ranks.from_env(device)  # under torchrun the calibration batches are shared; rank 0 writes
@@ -393,7 +424,9 @@ def prune_request(model_path, method: str, calib: CalibrationRequest, budget_req
         model_path, runtime, device=ranks.device(device),
         needs_whole_model=f"{method}'s cross-layer weight reads" if all_weights else None,
     )
+    fitting = compensation is not None and compensation.active
     why = "--sequential works layer by layer" if runtime.sequential else why
+    why = f"--compensate {compensation.fit} runs sequentially" if fitting else why
     if ranks.is_main:
         _tell(notify, source, why)
     weights = None
@@ -406,7 +439,7 @@ def prune_request(model_path, method: str, calib: CalibrationRequest, budget_req
             source, method, keep, output, input_ids=None if cal is None else cal.input_ids,
             calibration=None if cal is None else cal.provenance, calib=calib, runtime=runtime,
             flatten_groups=budget_request.flatten_groups, options=options, ranks=ranks, progress=cb,
-            weights=weights)
+            weights=weights, compensate=compensation)
     if output.stats_path is not None and stats is not None and ranks.is_main:
         write_stats(stats, output.stats_path, force=output.force)
     return path

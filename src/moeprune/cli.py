@@ -356,6 +356,16 @@ def prune(
     ] = False,
     offload_dir: OffloadDir = None,
     hidden_memory: HiddenMemory = 2.0,
+    compensate: Annotated[
+        str,
+        typer.Option(
+            "--compensate",
+            help="after each layer's surgery, fit it to the original layer's output on the calibration "
+            "tokens in closed form (ridge), sequentially: none, down (the kept experts' down projections; "
+            "a stock checkpoint), novices (MoNE's novice vectors), down+novices. A fit that does not lower "
+            "the error on held-out calibration tokens is not applied; the plan's notes say which were",
+        ),
+    ] = "none",
 ):
     """Observe, plan, apply and save in one command.
 
@@ -372,7 +382,7 @@ def prune(
         batch_size=batch_size, seed=seed, probe_size=probe_size, device=device, flatten_groups=flatten_groups,
         force=force, tokenizer=tokenizer, calib_field=calib_field, calib_template=calib_template,
         layerwise=layerwise, sequential=sequential, offload_dir=offload_dir, hidden_memory=hidden_memory,
-        command=_command_line(), stats_out=stats_out, options=options, notify=err.print,
+        command=_command_line(), stats_out=stats_out, options=options, notify=err.print, compensate=compensate,
     )
     if Ranks.from_env(device).is_main:  # under torchrun only rank 0 writes
         _print_done(Plan.load(Path(path) / "moeprune_plan.json"), path)

@@ -75,6 +75,9 @@ class Plan:
     # MTP layers carried to the output and the plan they took (`moeprune.store.mtp`); written by the
     # pipeline, descriptive only (empty: none in the checkpoint)
     mtp: dict = field(default_factory=dict)
+    # the compensation fitted after each layer's surgery (`moeprune.methods.compensation` options; each
+    # layer's notes["compensation"] says what was fitted and accepted); empty: none
+    compensation: dict = field(default_factory=dict)
     version: int = PLAN_VERSION
 
     @property
@@ -99,8 +102,9 @@ class Plan:
                 if g.get("perms") is None:
                     g.pop("perms", None)
         d["num_experts_out"] = self.num_experts_out
-        if not d["mtp"]:  # plans of models without MTP layers keep their JSON
-            d.pop("mtp")
+        for key in ("mtp", "compensation"):  # plans without them keep their JSON
+            if not d[key]:
+                d.pop(key)
         return d
 
     def save(self, path: str | Path) -> None:
@@ -125,7 +129,7 @@ class Plan:
         return cls(
             method=d["method"], layers=layers, model=d["model"], method_config=d.get("method_config", {}),
             calibration=d.get("calibration", {}), flatten_groups=d.get("flatten_groups", False),
-            normalise=d.get("normalise", True), mtp=d.get("mtp", {}),
+            normalise=d.get("normalise", True), mtp=d.get("mtp", {}), compensation=d.get("compensation", {}),
         )
 
     @classmethod
@@ -286,7 +290,7 @@ class Plan:
 
 PLAN_FIELDS = {"version": True, "method": True, "layers": True, "model": True, "method_config": False,
                "calibration": False, "flatten_groups": False, "normalise": False, "num_experts_out": False,
-               "mtp": False}
+               "mtp": False, "compensation": False}
 LAYER_FIELDS = {"layer": True, "num_experts_in": True, "groups": True, "router_merge": False,
                 "novices": False, "notes": False}
 GROUP_FIELDS = {"members": True, "coeffs": True, "perms": False}
@@ -390,7 +394,7 @@ def check_plan_schema(d, source: str = "plan") -> None:
     _fields(source, "the plan", d, PLAN_FIELDS)
     _need(source, "version", d["version"], "an integer")
     _need(source, "method", d["method"], "a string")
-    for key in ("method_config", "calibration", "mtp"):
+    for key in ("method_config", "calibration", "mtp", "compensation"):
         if key in d:
             _need(source, key, d[key], "an object")
     for key in ("flatten_groups", "normalise"):

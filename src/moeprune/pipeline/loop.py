@@ -18,6 +18,7 @@ pruned model (the whole-model path cannot do this).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import time
 from collections.abc import Callable
@@ -28,6 +29,7 @@ from torch import nn
 
 from moeprune.distributed import Ranks
 from moeprune.errors import MoepruneError
+from moeprune.methods.compensation import CompensationConfig
 from moeprune.observe import LayerStats, Stats, model_description, reduce_layer_stats
 from moeprune.observe.observer import Observer, calibration_facts, probe_positions
 from moeprune.pipeline.access import LayerAccess
@@ -115,6 +117,7 @@ def walk(
     observe: bool = True,
     on_last: Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], None] | None = None,
     progress=None,
+    compensate: CompensationConfig | None = None,
 ) -> LayerwiseResult:
     """One pass over the decoder layers of `source` (a `pipeline.sources` CheckpointSource or ModelSource).
 
@@ -126,7 +129,9 @@ def walk(
     applied before the layer is written (to `write_to`) or, with `sequential`, before its outputs
     move on. `on_last(input_ids [B, L], outputs [B, L, H], state)` receives the last decoder layer's
     outputs (before the final norm) and the state it hands on (`head_logits` takes it) batch by batch.
-    `progress(description, done, total)` is called as work advances.
+    `progress(description, done, total)` is called as work advances. With an active `compensate`, each
+    changed layer is fitted to the original layer's output on its calibration inputs right after
+    surgery (`pipeline.compensate`; with `sequential`, those inputs come out of the compressed layers).
     """
     if on_last is not None and input_ids is None:
         raise ValueError("on_last needs input_ids")
@@ -185,11 +190,16 @@ def walk(
 
                 lp, vectors = plan_layer(i, layer_stats, LayerAccess(adapter, block, i))
                 counted = _layer_counts(adapter, layer, block)
+                fitting = compensate is not None and compensate.active and batches is not None
+                original = copy.deepcopy(block) if fitting else None  # what compensation fits against
                 apply_layer_plan(adapter, block, lp, vectors)
                 for key, after in _layer_counts(adapter, layer, block).items():
                     parameter_change[key] = parameter_change.get(key, 0) + after - counted[key]
                 if flatten_groups:
                     adapter.flatten_block_groups(block)
+                if fitting:
+                    lp.notes["compensation"] = _compensate(compensate, batches, i, layer, block, original, lp)
+                    del original
                 plans.append(lp)
                 if pruned_outputs_move_on and batches is not None and (on_last is not None or not last):
                     batches.run(i, layer, keep=not last, sink=on_last if last else None)
@@ -220,6 +230,36 @@ def walk(
     if plans:
         plan = Plan(method="", layers=plans, model=desc, flatten_groups=flatten_groups)
     return LayerwiseResult(stats, plan, seconds, novice_tensors, parameter_change, mtp_record)
+
+
+def _compensate(cfg: CompensationConfig, batches: _Batches, i: int, layer: nn.Module, block: nn.Module,
+                original: nn.Module, lp: LayerPlan) -> dict:
+    """Fit compressed layer i to `original` on this rank's calibration batches; returns the plan notes."""
+    from moeprune.pipeline.compensate import LayerCompensation, held_out_rule
+
+    fit = LayerCompensation(cfg, batches.source.adapter, block, original, lp, held_out_rule(cfg.holdout))
+    N = batches.input_ids.shape[0]
+    starts = iter(batches.starts)
+    busy = False
+
+    def gather(_module, args, kwargs):
+        nonlocal busy
+        if busy:  # the fit's own call of the block
+            return
+        x = args[0] if args else kwargs["hidden_states"]  # [B, L, H] block input
+        s = next(starts)
+        busy = True
+        try:
+            fit.add_batch(x, torch.arange(s, min(s + batches.batch_size, N)))
+        finally:
+            busy = False
+
+    handle = block.register_forward_pre_hook(gather, with_kwargs=True)
+    try:
+        batches.run(i, layer, keep=False, sink=lambda *_: None)
+    finally:
+        handle.remove()
+    return fit.finish()
 
 
 def _layer_counts(adapter, layer: nn.Module, block: nn.Module) -> dict[str, int]:

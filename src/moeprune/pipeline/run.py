@@ -17,6 +17,7 @@ import torch
 from moeprune.arch import get_adapter
 from moeprune.errors import MoepruneError
 from moeprune.methods import PlanRequest, get_method, make_plan
+from moeprune.methods.compensation import CompensationConfig
 from moeprune.observe import LayerStats, Stats, model_description
 from moeprune.outputs import atomic_directory
 from moeprune.pipeline.loop import walk
@@ -215,21 +216,28 @@ def prune(
     source, method: str, keep: int, output: OutputRequest, *, input_ids: torch.Tensor | None = None,
     calibration: dict | None = None, calib: CalibrationRequest | None = None,
     runtime: RuntimeRequest | None = None, flatten_groups: bool = False, options: dict | None = None,
-    ranks=None, progress=None, weights=None,
+    ranks=None, progress=None, weights=None, compensate: CompensationConfig | None = None,
 ) -> tuple[Path, Stats | None, Plan]:
     """Observe, plan, apply and save one layer at a time; returns (out, stats, plan).
 
     Layer-local methods are planned inside the one pass; the others observe every layer first
     (two walks), then plan on all of them (with `weights`, every layer's weight access, for those
-    that read weights across layers). Only the main rank writes.
+    that read weights across layers). Only the main rank writes. An active `compensate` fits each
+    compressed layer to the original's output (`moeprune.methods.compensation`), sequentially: each
+    layer is fitted on the inputs that come out of the compressed layers before it.
     """
     calib = calib or CalibrationRequest()
     runtime = runtime or RuntimeRequest()
-    sequential, out = runtime.sequential, output.path
+    fitting = compensate is not None and compensate.active
+    sequential, out = runtime.sequential or fitting, output.path
     spec = get_method(method)
     options = dict(options or {})
     cfg = spec.default_config(**options)
     local = spec.layer_local(cfg)
+    if fitting and (not local or input_ids is None):
+        why = "calibration text (--calib)" if input_ids is None else "a method that plans layer by layer"
+        raise MoepruneError(f"--compensate {compensate.fit} fits each layer as it goes, which needs {why}; "
+                            "use --compensate none")
     if sequential and not local:
         raise MoepruneError(
             f"--sequential plans each layer as it goes, but {method} with these options ranks all "
@@ -273,7 +281,7 @@ def prune(
         vectors = novice_vectors(whole, stats)
         walk_args.update(input_ids=None, plan_layer=lambda i, _s, _a: (whole.layer(i), vectors.get(i)))
     else:
-        walk_args.update(plan_layer=plan_one_layer, sequential=sequential)
+        walk_args.update(plan_layer=plan_one_layer, sequential=sequential, compensate=compensate)
 
     def run(write_to):
         result = walk(source, write_to=write_to, **walk_args)
@@ -281,6 +289,8 @@ def prune(
                     calibration=info, flatten_groups=flatten_groups, mtp=result.mtp)
         if sequential:
             plan.calibration = {**info, "sequential": True}
+        if fitting:
+            plan.compensation = dataclasses.asdict(compensate)
         plan.validate()
         return result, plan
 

@@ -1,0 +1,201 @@
+"""Gather one compressed layer's compensation fit on the calibration batches, then write it.
+
+Called by the walk right after a layer plan is applied (`moeprune.methods.compensation` holds the
+arithmetic and the readings). Each calibration batch runs through the decoder layer with the
+compressed block; a hook on the block sees its input, runs the *original* block (a copy taken before
+surgery) on the same input, and records, at the experts boundary of both, what the experts received,
+the routing and the experts module's output. The fit target is the original experts output minus the
+compressed one, so everything outside the experts (attention, shared experts, projections after the
+experts) is the same on both sides and needs no family code.
+
+Nothing is held per token beyond one batch, except the held-out share of the sequences.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from moeprune import compat
+from moeprune.arch import Adapter
+from moeprune.arch.base import is_novice_experts
+from moeprune.errors import MoepruneError
+from moeprune.methods.compensation import CompensationConfig, RidgeFit, RoutedPairs
+from moeprune.plan import LayerPlan
+
+LINEARITY_TOLERANCE = 1e-3  # relative: the experts' raw output must be down_proj(hidden units) + bias
+
+
+@contextlib.contextmanager
+def experts_calls(adapter: Adapter, block: nn.Module) -> Iterator[list]:
+    """Record every call of the block's experts: (inputs [T, D], top_k_index [T, K], weights [T, K],
+    output [T, D]); the experts run as before."""
+    ex = adapter.experts(block)
+    previous = ex.__dict__.get("forward")
+    calls: list = []
+
+    def recorded(hidden, top_k_index, top_k_weights):
+        out = previous(hidden, top_k_index, top_k_weights) if previous is not None else \
+            type(ex).forward(ex, hidden, top_k_index, top_k_weights)
+        T = top_k_index.shape[0]
+        calls.append((hidden.reshape(T, -1), top_k_index, top_k_weights, out.reshape(T, -1)))
+        return out
+
+    ex.forward = recorded
+    try:
+        yield calls
+    finally:
+        if previous is None:
+            del ex.forward
+        else:
+            ex.forward = previous
+
+
+def expert_hidden(adapter: Adapter, block: nn.Module, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """[S, I] hidden units a = act(gate x) * up x of expert ids[s] on x[s] [S, D], what its down
+    projection reads (the experts' own gating function where transformers gives them one)."""
+    ex = adapter.experts(block)
+    out = None
+    for e in ids.unique().tolist():
+        rows = (ids == e).nonzero().squeeze(1)
+        xe = x[rows]
+        if adapter.gated and hasattr(ex, "_apply_gate") and isinstance(getattr(ex, "gate_up_proj", None),
+                                                                       torch.Tensor):
+            W = ex.gate_up_proj[e]  # [2I, H], or [H, 2I] when transposed
+            h = xe @ (W if adapter.transposed else W.T)  # [S_e, 2I]
+            bias = getattr(ex, "gate_up_proj_bias", None)
+            if isinstance(bias, torch.Tensor):
+                h = h + bias[e]
+            a = compat.apply_gate(ex, h)
+        else:
+            w = adapter.expert_weights(block, e)
+            up = xe @ w.up.T + (w.up_bias if w.up_bias is not None else 0)
+            if w.gate is None:
+                a = ex.act_fn(up)
+            else:
+                a = ex.act_fn(xe @ w.gate.T + (w.gate_bias if w.gate_bias is not None else 0)) * up
+        if out is None:
+            out = a.new_empty(x.shape[0], a.shape[1])
+        out[rows] = a
+    return out
+
+
+def _down(adapter: Adapter, block: nn.Module, e: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    w = adapter.expert_weights(block, e)
+    return w.down, w.down_bias  # [D, I], [D]
+
+
+def check_linear_down(adapter: Adapter, block: nn.Module, x: torch.Tensor, ids: torch.Tensor,
+                      router_ids: torch.Tensor) -> None:
+    """Refuse, in one line, experts whose raw output is not down_proj(`expert_hidden`) + bias on these pairs
+    (a norm after the experts, a projected space): refitting the down projection would not be exact.
+
+    `ids` [S] are rows of the experts tensors, `router_ids` [S] what the router calls them (they differ
+    in a layer with novices)."""
+    a = expert_hidden(adapter, block, x, ids)  # [S, I]
+    raw = adapter.expert_outputs(block, x, router_ids).float()  # [S, D]
+    rows = []
+    for s in range(ids.numel()):
+        down, bias = _down(adapter, block, int(ids[s]))  # [D, I], [D]
+        rows.append(a[s] @ down.T + (0 if bias is None else bias))
+    mine = torch.stack(rows).float()  # [S, D]
+    err = float((mine - raw).norm() / raw.norm().clamp(min=1e-12))
+    if not err <= LINEARITY_TOLERANCE:
+        raise MoepruneError(f"{adapter.family}: its experts' output is not a linear down projection of their "
+                            f"hidden units (relative mismatch {err:.2g}), so compensation cannot refit it; "
+                            "use --compensate none")
+
+
+class LayerCompensation:
+    """One layer's fit: the hook that gathers batches, then `finish()` solves and writes."""
+
+    def __init__(self, cfg: CompensationConfig, adapter: Adapter, block: nn.Module, original: nn.Module,
+                 lp: LayerPlan, held_out_sequences):
+        if adapter.dense_experts:
+            raise MoepruneError(f"{adapter.family}: its experts run densely on gate-scaled inputs; compensation "
+                                "supports experts that take (tokens, top-k ids, gates); use --compensate none")
+        self.cfg, self.adapter, self.block, self.original, self.lp = cfg, adapter, block, original, lp
+        self.held_out_sequences = held_out_sequences  # callable: sequence ids [B] -> bool [B]
+        ex = adapter.experts(block)
+        self.novices = is_novice_experts(ex)
+        self.R = lp.num_experts_out
+        self.N = len(lp.novices)
+        width = ex.down_proj.shape[2] if not adapter.transposed else ex.down_proj.shape[1]
+        self.fit = RidgeFit(cfg, self.R, width, self.N, adapter.expert_dim)
+        self.checked = False
+        self.reference = 0.0  # Σ ||original experts output||² over the held-out tokens
+
+    @torch.no_grad()
+    def add_batch(self, x_block: torch.Tensor, sequences: torch.Tensor) -> None:
+        """Compare both blocks on one batch's block input x_block [B, L, H] (sequence ids [B])."""
+        adapter = self.adapter
+        with experts_calls(adapter, self.original) as ref:
+            adapter.moe_forward(self.original, x_block)
+        with experts_calls(adapter, self.block) as mine:
+            adapter.moe_forward(self.block, x_block)
+        if len(ref) != 1 or len(mine) != 1:
+            raise MoepruneError(f"{adapter.family}: its MoE block called its experts {len(mine)} times on one "
+                                "batch; compensation needs one call; use --compensate none")
+        (_, _, _, y_ref), (x, idx, w, y) = ref[0], mine[0]
+        T, K = idx.shape
+        slot = idx.reshape(-1)  # [T*K] router ids of the compressed block
+        gate = w.reshape(-1).float()
+        token = torch.arange(T).repeat_interleave(K)
+        if self.novices:  # router ids -> slots: < R the kept experts, then the novices
+            slot = self.adapter.experts(self.block).expert_map[slot]
+        kept = (slot < self.R) & (gate != 0)
+        novice = (slot >= self.R) & (slot < self.R + self.N) if self.novices else torch.zeros_like(kept)
+        x = x.float()
+        dtype = next(self.block.parameters()).dtype
+        if not self.checked and kept.any():
+            sample = kept.nonzero().squeeze(1)[:64]
+            check_linear_down(adapter, self.block, x[token[sample]].to(dtype), slot[sample],
+                              idx.reshape(-1)[sample])
+            self.checked = True
+        ids = slot[kept]
+        a = expert_hidden(adapter, self.block, x[token[kept]].to(dtype), ids).float()  # [S, I]
+        target = (y_ref.float() - y.float())  # [T, D]
+        held = self.held_out_sequences(sequences).repeat_interleave(T // sequences.numel())  # [T]
+        pairs = RoutedPairs(token[kept], ids, a * gate[kept][:, None], token[novice],
+                            slot[novice] - self.R, gate[novice], target)
+        for part in (False, True):
+            rows = held if part else ~held
+            if rows.any():
+                self.fit.add(_subset(pairs, rows), held_out=part)
+                if part:
+                    self.reference += float((y_ref.float()[rows] ** 2).sum())
+
+    @torch.no_grad()
+    def finish(self) -> dict:
+        """Solve, write what was accepted into the compressed block (surgery), and return the notes."""
+        from moeprune.surgery.compensation import add_to_down, add_to_novices
+
+        dW, dn, notes = self.fit.solve()
+        if self.reference > 0:
+            notes["held_out_relative_before"] = notes["held_out_error_before"] / self.reference
+            notes["held_out_relative_after"] = notes["held_out_error_after"] / self.reference
+        if dW is not None:
+            add_to_down(self.adapter, self.block, dW)
+        if dn is not None:
+            add_to_novices(self.adapter, self.block, dn)
+        return {k: (float(f"{v:.6g}") if isinstance(v, float) else v) for k, v in notes.items()}
+
+
+def _subset(p: RoutedPairs, rows: torch.Tensor) -> RoutedPairs:
+    """The pairs of the tokens in `rows` [T] (bool), tokens renumbered."""
+    new = torch.full((rows.numel(),), -1, dtype=torch.long)
+    new[rows] = torch.arange(int(rows.sum()))
+    k, n = rows[p.tokens], rows[p.novice_tokens]
+    return RoutedPairs(new[p.tokens[k]], p.slots[k], p.hidden[k], new[p.novice_tokens[n]], p.novice_slots[n],
+                       p.novice_gates[n], p.target[rows])
+
+
+def held_out_rule(holdout: float):
+    """Sequence ids [B] -> bool [B]: every round(1/holdout)-th calibration sequence is held out."""
+    every = max(2, round(1 / holdout))
+    return lambda seq: (seq % every) == every - 1
+
