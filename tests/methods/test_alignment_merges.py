@@ -17,6 +17,7 @@ from moeprune import api
 from moeprune.api import empty_stats, make_plan_for
 from moeprune.arch import get_adapter
 from moeprune.arch.tiny import tiny_model
+from moeprune.cli import _parse_options
 from moeprune.errors import MoepruneError
 from moeprune.methods.alignment import reference_member
 from moeprune.methods.registry import get_method
@@ -61,6 +62,14 @@ def test_bad_align_values_are_refused_in_one_line(method, bad):
     with pytest.raises(MoepruneError, match=f"{method} option align=.* is not true or false") as err:
         get_method(method).default_config(align=bad)
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("method", MERGES)
+def test_the_command_line_reads_align_as_a_flag(method):
+    assert _parse_options(method, ["align=true"]) == {"align": True}
+    assert _parse_options(method, ["align=off"]) == {"align": False}
+    with pytest.raises(MoepruneError, match="align is true or false"):
+        _parse_options(method, ["align=weight"])
 
 
 def test_defaults_are_the_papers_readings():
