@@ -21,6 +21,7 @@ from moeprune.cli import _parse_options
 from moeprune.errors import MoepruneError
 from moeprune.methods.alignment import reference_member
 from moeprune.methods.registry import get_method
+from moeprune.methods.uncurl import most_used
 from moeprune.observe import observe
 from moeprune.pipeline.access import ModelWeights
 from moeprune.plan import Plan
@@ -78,6 +79,22 @@ def test_defaults_are_the_papers_readings():
     assert get_method("hc_smoe").default_config().align is False
     assert get_method("uncurl").default_config().align is True
     assert get_method("msmoe").default_config().align is True
+
+
+def test_every_merge_picks_its_reference_by_one_rule():
+    # UNCURL and M-SMoE align to the most-used member; DEK and HC-SMoE use the same rule
+    counts = torch.tensor([3.0, 7.0, 7.0, 0.0, 1.0, 7.0])
+    for members in ([0, 1, 2], [2, 5, 1], [3, 4], [3], [0, 4, 3]):
+        assert reference_member(members, counts) == most_used(members, counts)
+    assert reference_member([5, 2, 1], counts) == 1  # ties: the lowest id
+
+
+@pytest.mark.parametrize("method", ["dek", "hc_smoe"])
+def test_align_is_refused_where_experts_cannot_be_permuted(method):
+    adapter = get_adapter(tf.DbrxConfig())  # flat w1/v1/w2 experts; a config only, no weights built
+    adapter.check_method(method, get_method(method).default_config())
+    with pytest.raises(MoepruneError, match="align=false"):
+        adapter.check_method(method, get_method(method).default_config(align=True))
 
 
 # ---- aligned plans -------------------------------------------------------------------------------
