@@ -47,6 +47,10 @@ VARIANTS = [
     ("hc_smoe", "hc_smoe", {}),
     ("msmoe", "msmoe", {}),
     ("uncurl", "uncurl", {}),
+    ("dek-data-aligned", "dek", {"representation": "data", "align": True}),
+    ("dek-weight-aligned", "dek", {"representation": "weight", "align": True}),
+    ("dek-data-learned-aligned", "dek", {"representation": "data", "coefficients": "learned", "align": True}),
+    ("hc_smoe-aligned", "hc_smoe", {"align": True}),
 ]
 TASK_SPECIFIC = ["frequency", "reap", "naee", "msmoe", "uncurl"]
 

@@ -28,9 +28,9 @@ MAX_COEFF = 1e3  # beyond this even a deliberately unnormalised merge is an edit
 class Group:
     members: list[int]  # input expert ids merged into this output expert
     coeffs: list[float]  # merge coefficients, one per member (sum to 1 for a weighted average)
-    # Optional permutation alignment (UNCURL, M-SMoE): per member, a permutation of its I hidden units
-    # applied before the weighted sum (new unit j = old unit perm[j]; see moeprune.methods.alignment). None:
-    # no alignment.
+    # Optional permutation alignment (UNCURL, M-SMoE; DEK, HC-SMoE with align=true): per member, a
+    # permutation of its I hidden units applied before the weighted sum (new unit j = old unit perm[j]; see
+    # moeprune.methods.alignment). None: no alignment.
     perms: list[list[int]] | None = None
 
 

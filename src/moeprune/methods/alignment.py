@@ -15,6 +15,10 @@ S[a, b] is how much reference unit `a` looks like the member's unit `b`, through
 family has gate/up biases (GPT-OSS) they count as one more input column, so S also gets
 `b_gate,ref b_gateᵀ + b_up,ref b_upᵀ`; down biases are per output, not per unit, and play no part.
 
+Used by UNCURL and M-SMoE (on by default, as in their papers) and offered to DEK and HC-SMoE as
+`align=true` (their papers merge unaligned, the default there); every method names the option `align`
+and aligns each merged group to one of its members, `reference_member` (`group_permutations`).
+
 Convention: a permutation `perm` of a member means *new unit j = old unit perm[j]*. Plans store one
 per member (`plan.Group.perms`, identity for the reference) and surgery applies them before the
 weighted sum (`moeprune.surgery.alignment`), so the alignment is part of the plan. Such plans hold
@@ -71,3 +75,22 @@ def align_members(access, members: list[int], reference: int) -> list[list[int]]
     return [
         list(range(I)) if e == reference else match_hidden(ref, access.expert_weights(e)) for e in members
     ]
+
+
+def reference_member(members: list[int], counts) -> int:
+    """The member a group is aligned to: the most routed (`counts` [E]; ties: the lowest id).
+
+    Under frequency coefficients that is the group's highest-coefficient member; with no routing
+    counts (uncalibrated plans) it is the lowest id.
+    """
+    return min(members, key=lambda e: (-float(counts[e]), e))
+
+
+def group_permutations(
+    access, groups: list[list[int]], counts
+) -> tuple[list[list[list[int]] | None], list[int]]:
+    """Per group, one permutation per member aligning it to `reference_member` (None for singletons),
+    and each group's reference (as `Group.perms`; `access` as in `align_members`)."""
+    refs = [reference_member(g, counts) for g in groups]
+    perms = [align_members(access, g, ref) if len(g) > 1 else None for g, ref in zip(groups, refs)]
+    return perms, refs

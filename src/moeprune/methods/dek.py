@@ -34,9 +34,20 @@ Readings taken where docs/methods.md ("DEK") marks a point open, each an option:
 - `router_merge`: a group's router row is sum_i alpha_i w_i (`average`, default) or sum_i w_i
   (`sum`); router biases and `e_score_correction_bias` merge the same way (surgery). Top-k is
   unchanged.
+- `align` (default `false`, the paper's: it averages the experts' weights as they are). With `true`
+  every member of a merged group has its hidden units permuted to match the group's reference
+  before the weighted sum, as UNCURL and M-SMoE do (`moeprune.methods.alignment`: a Hungarian
+  assignment on gate/up/down weight similarity; the permutations go into `Group.perms` and surgery
+  applies them). The reference is the group's most-routed member (ties, and plans without
+  calibration: the lowest id), i.e. its highest-coefficient member under `frequency`; `learned`
+  coefficients are fitted on the aligned merge. Experts trained from different initialisations
+  order their hidden units arbitrarily, so their unaligned average is a different function; the
+  option is moeprune's, and both readings are benchmarked. Grouping is unaffected (every
+  representation but `flat` is invariant to hidden-unit order).
 
-Plan notes per layer: the representation, the mean CKA inside merged groups, and for `learned`
-the probe reconstruction error of uniform and learned coefficients and the seconds spent.
+Plan notes per layer: the representation, the mean CKA inside merged groups, for `learned`
+the probe reconstruction error of uniform and learned coefficients and the seconds spent, and with
+`align=true` each group's reference (`references`) and `aligned: true`.
 """
 
 from __future__ import annotations
@@ -48,6 +59,7 @@ import torch
 from moeprune.errors import MoepruneError
 from moeprune.methods import options
 from moeprune.methods.access import LayerWeights
+from moeprune.methods.alignment import group_permutations
 from moeprune.methods.cka import pairwise_cka, pairwise_vector_cka
 from moeprune.methods.groups import within_routing_groups
 from moeprune.methods.merging import (
@@ -80,6 +92,7 @@ class DekConfig:
     seed: int = 0  # seed of the surrogate input Z
     learn_steps: int = 50  # Adam steps for coefficients=learned
     learn_lr: float = 0.1  # Adam learning rate on the softmax logits for coefficients=learned
+    align: bool = False  # permutation-align members to the group's most-routed member (the paper: false)
 
     def __post_init__(self):
         options.one_of("dek", "representation", self.representation, REPRESENTATIONS)
@@ -90,6 +103,7 @@ class DekConfig:
         options.seed("dek", "seed", self.seed)
         options.integer("dek", "learn_steps", self.learn_steps, 0)
         options.number("dek", "learn_lr", self.learn_lr, strict=True)
+        options.flag("dek", "align", self.align)
 
     def calibration_reason(self) -> str | None:
         """Why this configuration needs calibration text, or None (read by `api.prune`)."""
@@ -172,8 +186,11 @@ def expert_similarity(access: LayerWeights, ls: LayerStats | None, representatio
 
 def merge_coefficients(method: str, coefficients: str, access: LayerWeights, ls: LayerStats,
                        groups: list[list[int]], *, router_merge: str, learn_steps: int, learn_lr: float,
-                       notes: dict) -> list[list[float]]:
-    """Coefficients for `groups` of one layer by the named rule; facts go into `notes`."""
+                       notes: dict, perms: list | None = None) -> list[list[float]]:
+    """Coefficients for `groups` of one layer by the named rule; facts go into `notes`.
+
+    `perms` (per group, as `Group.perms`) makes `learned` fit the aligned merge.
+    """
     if coefficients == "uniform":
         return uniform_coefficients(groups)
     if coefficients == "frequency":
@@ -186,7 +203,7 @@ def merge_coefficients(method: str, coefficients: str, access: LayerWeights, ls:
         return coeffs
     x = probe_inputs(ls, method, "coefficients=learned")
     coeffs, info = learn_coefficients(access, x, groups, router_merge=router_merge, steps=learn_steps,
-                                      lr=learn_lr)
+                                      lr=learn_lr, perms=perms)
     notes["learned"] = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in info.items()}
     return coeffs
 
@@ -211,7 +228,8 @@ def plan_merging(
 ) -> Plan:
     """A merging plan: per layer, cluster on `distance_fn(access, layer_stats)` [E, E], then merge.
 
-    `cfg` carries `linkage`, `router_merge`, `learn_steps` and `learn_lr`. `notes_fn(distance,
+    `cfg` carries `linkage`, `router_merge`, `learn_steps`, `learn_lr` and `align` (permutation-align
+    each merged group to its reference, `methods.alignment.group_permutations`). `notes_fn(distance,
     groups)` may add per-layer notes.
     """
     if request.weights is None:
@@ -223,9 +241,14 @@ def plan_merging(
         D = distance_fn(access, ls)  # [E, E]
         groups = within_routing_groups(E, request.keep, request.n_group, distance_clustering(D, cfg.linkage))
         notes = dict(notes_fn(D, groups) if notes_fn else {})
+        perms = None
+        if cfg.align:  # off: no perms and no notes, so the plan is the unaligned one bit for bit
+            perms, refs = group_permutations(access, groups, ls.experts.count)
+            notes.update(references=refs, aligned=True)
         coeffs = merge_coefficients(method, coefficients, access, ls, groups, router_merge=cfg.router_merge,
-                                    learn_steps=cfg.learn_steps, learn_lr=cfg.learn_lr, notes=notes)
-        layers.append(layer_plan(i, E, groups, coeffs, cfg.router_merge, notes))
+                                    learn_steps=cfg.learn_steps, learn_lr=cfg.learn_lr, notes=notes,
+                                    perms=perms)
+        layers.append(layer_plan(i, E, groups, coeffs, cfg.router_merge, notes, perms))
     return request.plan(method, layers)
 
 
@@ -237,7 +260,7 @@ def _mean_within(sim: torch.Tensor, groups: list[list[int]]) -> float | None:
 @register("dek", config=DekConfig, kind="merge", needs_calibration=False, needs_weights=True,
           paper="DEK, Diversifying the Expert Knowledge (Zhang et al., arXiv 2407.09590)",
           summary="merge groups of experts with similar linear CKA (representation=data needs --calib; "
-                  "weight, flat, surrogate need none)")
+                  "weight, flat, surrogate need none); align=true permutation-aligns them first")
 def dek_plan(request: PlanRequest, cfg: DekConfig) -> Plan:
     check_calibration(request, "dek", cfg.coefficients,
                       "representation=data" if cfg.representation == "data" else None)

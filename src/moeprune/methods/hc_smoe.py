@@ -19,6 +19,13 @@ Readings taken:
   routing counts of the calibration pass (uniform inside a group that was never routed);
   `uniform` and `learned` (as DEK) are ablations.
 - The router rows merge with the same coefficients (`router_merge=average`), biases alike.
+- `align` (default `false`, the paper's "freq" merge averages the weights as they are). With `true`
+  each merged cluster's members are permutation-aligned to its most-routed member (ties: the lowest
+  id), which is its highest-coefficient member under `frequency`, before the weighted sum, as in
+  UNCURL and M-SMoE (`moeprune.methods.alignment`; `Group.perms`, applied by surgery); `learned`
+  coefficients are then fitted on the aligned merge. The option is moeprune's: the reference code
+  offers other merges (ZipIt-style feature matching, "fix-dom"), which are not implemented here.
+  Clustering is unaffected (mean outputs do not depend on hidden-unit order).
 """
 
 from __future__ import annotations
@@ -46,6 +53,7 @@ class HcSmoeConfig:
     router_merge: str = "average"  # merged router row: average (coefficient-weighted) | sum
     learn_steps: int = 50  # Adam steps for coefficients=learned
     learn_lr: float = 0.1  # Adam learning rate on the softmax logits for coefficients=learned
+    align: bool = False  # permutation-align members to the cluster's most-routed member (the paper: false)
 
     def __post_init__(self):
         options.one_of("hc_smoe", "metric", self.metric, METRICS)
@@ -54,6 +62,7 @@ class HcSmoeConfig:
         options.one_of("hc_smoe", "router_merge", self.router_merge, ROUTER_MERGES)
         options.integer("hc_smoe", "learn_steps", self.learn_steps, 0)
         options.number("hc_smoe", "learn_lr", self.learn_lr, strict=True)
+        options.flag("hc_smoe", "align", self.align)
 
 
 def mean_outputs(access: LayerWeights, ls: LayerStats) -> torch.Tensor:
@@ -72,7 +81,8 @@ def output_distance(means: torch.Tensor, metric: str = "euclidean") -> torch.Ten
 
 @register("hc_smoe", config=HcSmoeConfig, kind="merge", needs_calibration=True, needs_weights=True,
           paper="HC-SMoE, hierarchical clustering of expert outputs (Chen et al., arXiv 2410.08589)",
-          summary="merge clusters of experts with similar mean outputs (average linkage), frequency-weighted")
+          summary="merge clusters of experts with similar mean outputs (average linkage), frequency-weighted "
+                  "(align=true: permutation-aligned)")
 def hc_smoe_plan(request: PlanRequest, cfg: HcSmoeConfig) -> Plan:
     check_calibration(request, "hc_smoe", cfg.coefficients, "(mean expert outputs)")
 
