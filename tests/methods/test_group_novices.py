@@ -23,6 +23,7 @@ from moeprune.cli import main
 from moeprune.errors import MoepruneError
 from moeprune.methods import make_plan_for
 from moeprune.methods.mone import novice_vectors
+from moeprune.methods.registry import PlanRequest, make_plan
 from moeprune.observe import observe
 from moeprune.plan import Group, LayerPlan, Plan, budget
 from moeprune.store.checkpoint import export_stock, parameter_counts, save_checkpoint, stock_group_problem
@@ -120,6 +121,9 @@ def test_mone_plans_on_grouped_routing_without_flattening():
     with pytest.raises(MoepruneError, match="flatten-groups") as e:
         make_plan_for(stats, "mone", experts=KEEP, options={"within_groups": True})
     assert "\n" not in str(e.value)
+    with pytest.raises(MoepruneError, match="multiple of 2") as e:  # asked without the budget's check
+        make_plan("mone", PlanRequest(stats, KEEP), within_groups=True)
+    assert "\n" not in str(e.value)
     with pytest.raises(MoepruneError, match="scope=layer"):
         make_plan_for(stats, "mone", experts=4, options={"within_groups": True, "scope": "global"})
     # --flatten-groups still works, and then the ranking ignores the groups
@@ -194,6 +198,8 @@ def test_novice_checkpoint_on_grouped_routing_reloads_exactly(family, tmp_path):
         assert torch.equal(loaded(ids).logits, pruned(ids).logits)
     adapter = get_adapter(loaded.config)
     assert adapter.n_group == 2 and adapter.num_experts == 8
+    info = moeprune.inspect(out)
+    assert info["novices"]["experts_kept"] == KEEP and info["parameters"] == parameter_counts(pruned)
     for block in adapter.moe_blocks(loaded).values():
         assert adapter.router(block).weight.shape[0] == 8
     # the per-layer ranking left the groups uneven: the stock copy cannot keep them; one line says so
@@ -246,7 +252,7 @@ def test_stock_group_problem_names_what_a_stock_router_cannot_do():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family", ["deepseek_v3", "glm_moe_dsa"])
+@pytest.mark.parametrize("family", ["deepseek_v3", "glm_moe_dsa", "kimi_k25"])
 def test_layer_by_layer_equals_in_memory_and_the_cli_exports(family, calib_file, tmp_path, capsys):
     src = tmp_path / "src"
     save_tiny_checkpoint(family, src, **GROUPED[family])
@@ -265,4 +271,22 @@ def test_layer_by_layer_equals_in_memory_and_the_cli_exports(family, calib_file,
     message = capsys.readouterr().err.strip()
     assert "--flatten-groups" in message and len(message.splitlines()) == 1
     assert main(["export-stock", str(layerwise), "--out", str(tmp_path / "stock"), "--flatten-groups"]) == 0
-    assert tf.AutoModelForCausalLM.from_pretrained(tmp_path / "stock").config.n_group == 1
+    assert get_adapter(tf.AutoConfig.from_pretrained(tmp_path / "stock")).config.n_group == 1
+
+
+def test_sweep_budgets_leave_mone_free_on_grouped_routing(checkpoint, calib_file, tmp_path, monkeypatch):
+    import moeprune.outputs
+    from moeprune.sweep import sweep
+
+    class Checked(Exception):
+        """Raised where the sweep's checks end, before any work."""
+
+    def stop(*args, **kwargs):
+        raise Checked
+
+    monkeypatch.setattr(moeprune.outputs, "check_output_dir", stop)
+    src = checkpoint("deepseek_v3")
+    with pytest.raises(Checked):  # 0.625 keeps 3 of 8: fine for novices alone
+        sweep(src, ["mone"], [0.625], str(calib_file), tmp_path / "s", texts=[calib_file])
+    with pytest.raises(MoepruneError, match="flatten-groups"):  # not once a pruning method shares it
+        sweep(src, ["mone", "frequency"], [0.625], str(calib_file), tmp_path / "s", texts=[calib_file])
