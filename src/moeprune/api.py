@@ -380,7 +380,7 @@ def check_prune(model_path, method: str, calib: CalibrationRequest, budget_reque
     keep = budget(
         adapter.num_experts, adapter.top_k, ratio=budget_request.ratio, experts=budget_request.experts,
         n_group=adapter.n_group, min_per_group=adapter.min_experts_per_group,
-        flatten_groups=budget_request.flatten_groups,
+        flatten_groups=budget_request.flatten_groups, groups_unchanged=spec.groups_unchanged(cfg),
     )
     check_device(runtime.device)
     spec.check_use(cfg, n_group=adapter.n_group, flatten_groups=budget_request.flatten_groups,

@@ -393,6 +393,10 @@ def export_stock(
     model: Annotated[str, typer.Argument(help="MoNE checkpoint directory (with novices)")],
     out_dir: Annotated[str, typer.Option("--out", help="output model directory")],
     force: Force = False,
+    flatten_groups: Annotated[bool, typer.Option(
+        "--flatten-groups", metavar="",
+        help="route without expert groups where the kept experts do not fit the routing groups",
+    )] = False,
 ):
     """Write the novice-free copy of a MoNE checkpoint (novices' router rows removed), for stock
     transformers."""
@@ -400,7 +404,7 @@ def export_stock(
     from moeprune.api import loader_name
 
     _quiet_libraries()
-    path = export(model, out_dir, force=force, command=_command_line())
+    path = export(model, out_dir, force=force, command=_command_line(), flatten_groups=flatten_groups)
     out.print(
         f"[bold green]stock checkpoint written to {path}[/] (loads with {loader_name(path)}.from_pretrained)"
     )

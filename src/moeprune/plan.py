@@ -264,7 +264,9 @@ class Plan:
         where, r = f"layer {lp.layer}", lp.num_experts_out
         hint = "or pass --flatten-groups to route without groups"
         if lp.novices:
-            raise MoepruneError(f"{where}: novices with group-limited routing are not supported; {hint}")
+            # the router keeps all E rows (check_novice_plan), so its groups and every token's choice are
+            # the original's whatever experts are kept
+            return
         if r % n_group:
             raise MoepruneError(f"{where}: {r} experts is not divisible by n_group={n_group}; "
                                 f"keep a multiple of {n_group} experts {hint}")
@@ -439,8 +441,13 @@ def check_plan_schema(d, source: str = "plan") -> None:
 
 
 def budget(num_experts: int, top_k: int, ratio: float | None = None, experts: int | None = None,
-           n_group: int = 1, min_per_group: int = 2, flatten_groups: bool = False) -> int:
-    """The number of experts to keep per layer, checked before any expensive work."""
+           n_group: int = 1, min_per_group: int = 2, flatten_groups: bool = False,
+           groups_unchanged: bool = False) -> int:
+    """The number of experts to keep per layer, checked before any expensive work.
+
+    `groups_unchanged`: the method keeps every router row (novices), so group-limited routing is
+    the original's and sets no condition on the count.
+    """
     E = num_experts
     if (ratio is None) == (experts is None):
         raise MoepruneError(
@@ -462,7 +469,7 @@ def budget(num_experts: int, top_k: int, ratio: float | None = None, experts: in
     if r < top_k:
         raise MoepruneError(f"keeping {r} of {E} experts is fewer than top-k={top_k}; keep at least {top_k} "
                             f"(--experts {top_k} or --ratio <= {(E - top_k) / E:.3f})")
-    if n_group > 1 and not flatten_groups:
+    if n_group > 1 and not flatten_groups and not groups_unchanged:
         ok = [n for n in range(n_group * min_per_group, E + 1, n_group)]
         if r % n_group or r // n_group < min_per_group:
             raise MoepruneError(

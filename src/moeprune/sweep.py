@@ -171,7 +171,8 @@ def sweep(
     keeps = {}
     for ratio in sorted(set(ratios)):
         keeps[ratio] = budget(a.num_experts, a.top_k, ratio=ratio, n_group=a.n_group,
-                              min_per_group=a.min_experts_per_group, flatten_groups=flatten_groups)
+                              min_per_group=a.min_experts_per_group, flatten_groups=flatten_groups,
+                              groups_unchanged=all(specs[m].groups_unchanged(configs[m]) for m in methods))
     duplicates = [r for r in keeps if list(keeps.values()).count(keeps[r]) > 1 and r != min(
         q for q in keeps if keeps[q] == keeps[r])]
     for r in duplicates:  # same expert count as a smaller ratio: the same model, evaluated once

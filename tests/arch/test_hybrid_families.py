@@ -182,8 +182,7 @@ def test_nemotron_h_merged_or_novice_checkpoints_run(method, options, latent, ca
     src = tmp_path / "src"
     save_tiny_checkpoint("nemotron_h", src, moe_latent_size=latent)
     out = api.prune(src, method, tmp_path / "out", experts=4, calib=str(calib_file), samples=4, seq_len=32,
-                    probe_size=64, progress=False, options=options,
-                    flatten_groups=method == "mone")  # novices need ungrouped routing
+                    probe_size=64, progress=False, options=options)  # novices keep the routing groups
     plan = Plan.load(out / "moeprune_plan.json")
     assert plan.num_experts_out == 4
     if method != "mone":

@@ -25,7 +25,8 @@ from moeprune.store.novices import NOVICE_FILE
 from moeprune.surgery import apply_plan
 from moeprune.surgery.novices import apply_novice_layer
 
-# DeepSeek-V3's tiny config routes with 2 groups; novices need ungrouped routing (Plan.validate refuses)
+# DeepSeek-V3's tiny config routes with 2 groups; these tests run it ungrouped (groups:
+# tests/methods/test_group_novices.py)
 OVERRIDES = {"deepseek_v3": {"n_group": 1, "topk_group": 1}}
 
 
@@ -146,11 +147,13 @@ def test_global_scope_ranks_across_layers():
         make_plan_for(stats, "mone", experts=3, options={"scope": "global"})
 
 
-def test_novices_with_group_limited_routing_are_refused(tmp_path):
+def test_novices_with_group_limited_routing_plan_with_or_without_flattening(tmp_path):
+    # changed on purpose: they used to be refused without --flatten-groups; the router keeps all E rows,
+    # so group-limited routing is unchanged (tests/methods/test_group_novices.py)
     model = tiny_model("deepseek_v3")  # n_group=2
     stats = observe(model, _ids(batch=2), batch_size=2, probe_size=8)
-    with pytest.raises(MoepruneError, match="flatten-groups"):
-        make_plan_for(stats, "mone", experts=6)
+    grouped = make_plan_for(stats, "mone", experts=5)  # an odd count: no pruning method could keep it
+    assert not grouped.flatten_groups and len(grouped.layers[0].novices) == 3
     flat = make_plan_for(stats, "mone", experts=6, flatten_groups=True)
     assert flat.flatten_groups and flat.layers[0].novices
 

@@ -32,6 +32,15 @@ and the vectors are recomputed from the stats the plan came from (`novice_vector
 which keeps plans small and editable (a vector per novice is 7168 floats on DeepSeek-V3, hundreds
 of megabytes of JSON for a whole model). The written checkpoint stores the vectors themselves.
 
+Group-limited routers (DeepSeek-V3/V3.2, GLM-4.5/5, Kimi-K2.5 with n_group > 1). The router keeps all
+E rows, so its routing groups, the groups a token may use and the experts it picks are the original's:
+novices need no `--flatten-groups`, and any count may be kept. The paper ranks the experts of a layer
+together, and that stays the default (`within_groups=false`). `within_groups=true` keeps
+`keep / n_group` experts in every routing group instead (the count must then fit the groups, as for
+pruning): the novice model is the same kind of model, but its plain-pruned stock export
+(`moeprune export-stock`) can then keep group-limited routing, which a per-layer ranking that leaves the
+groups uneven cannot (that export is refused, or flattened on request).
+
 Scope. `scope="layer"` (the default, the paper's) prunes the lowest phi in each layer.
 `scope="global"` ranks every expert of every MoE layer together and prunes the globally lowest
 `(E - r) * L`. Plans and checkpoints hold one expert count for all layers (`Plan.validate`, and the
@@ -69,11 +78,18 @@ class MoneConfig:
     scope: str = (
         "layer"  # layer: prune the lowest phi in each layer; global: rank all layers together (see docs)
     )
+    # true: keep the same number of experts in every routing group of a group-limited router, so the
+    # stock export keeps group-limited routing; false (the paper): rank the whole layer
+    within_groups: bool = False
 
     def __post_init__(self):
         options.flag("mone", "novice", self.novice)
         options.one_of("mone", "ranking", self.ranking, RANKINGS)
         options.one_of("mone", "scope", self.scope, SCOPES)
+        options.flag("mone", "within_groups", self.within_groups)
+        if self.within_groups and self.scope == "global":
+            raise MoepruneError("mone option within_groups=true ranks inside each layer's routing groups, "
+                                "which scope=global does not; give scope=layer or within_groups=false")
 
     @property
     def layer_local(self) -> bool:
@@ -126,7 +142,12 @@ def mone_plan(request: PlanRequest, cfg: MoneConfig) -> Plan:
     if cfg.scope == "global":
         kept_by_layer = _global_keep(phi, request.keep)
     else:
-        kept_by_layer = {i: top_experts(s, request.keep) for i, s in phi.items()}
+        n_group = request.n_group if cfg.within_groups else 1
+        if request.keep % n_group:
+            raise MoepruneError(f"mone option within_groups=true keeps the same number of experts in each of "
+                                f"the {n_group} routing groups, which {request.keep} is not a multiple of; "
+                                f"keep a multiple of {n_group} or give within_groups=false")
+        kept_by_layer = {i: top_experts(s, request.keep, n_group) for i, s in phi.items()}
     layers = []
     for i, ls in sorted(stats.layers.items()):
         E = ls.experts.num_experts

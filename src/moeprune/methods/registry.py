@@ -57,14 +57,14 @@ class MethodSpec:
         otherwise)."""
         return bool(getattr(cfg, "layer_local", True))
 
+    def groups_unchanged(self, cfg) -> bool:
+        """Whether the plan keeps every router row whatever the count (novices), so that group-limited
+        routing needs nothing of the kept experts (`plan.budget`). A config may still ask for choices
+        that respect the routing groups (MoNE's `within_groups`), and then the count must fit them."""
+        return self.kind == "novice" and not getattr(cfg, "within_groups", False)
+
     def check_use(self, cfg, *, n_group: int, flatten_groups: bool, has_calibration: bool) -> None:
         """Refuse, before any work, a use of this method that cannot run: one line saying what to change."""
-        if self.kind == "novice" and n_group > 1 and not flatten_groups:
-            raise MoepruneError(
-                f"method {self.name} keeps every router row and routes to novices, which moeprune "
-                f"does not support with group-limited routing (n_group={n_group}); pass "
-                "--flatten-groups to route without groups"
-            )
         # a method whose need depends on its options says why through `calibration_reason()` (e.g. dek)
         reason = cfg.calibration_reason() if hasattr(cfg, "calibration_reason") else None
         if (self.needs_calibration or reason) and not has_calibration:
@@ -147,6 +147,8 @@ def make_plan_for(stats: Stats, method: str, *, ratio: float | None = None, expe
     """Plan `method` on `stats` at the given budget."""
     check_ratio(ratio)
     m = stats.model
+    spec = get_method(method)
     keep = budget(m["num_experts"], m["top_k"], ratio=ratio, experts=experts, n_group=m.get("n_group", 1),
-                  min_per_group=m.get("min_experts_per_group", 2), flatten_groups=flatten_groups)
+                  min_per_group=m.get("min_experts_per_group", 2), flatten_groups=flatten_groups,
+                  groups_unchanged=spec.groups_unchanged(spec.default_config(**(options or {}))))
     return make_plan(method, PlanRequest(stats, keep, flatten_groups, weights), **(options or {}))

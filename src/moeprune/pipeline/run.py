@@ -189,7 +189,7 @@ def _finish(
     The written config is a copy: the source's model (the caller's, in memory) keeps its own.
     """
     from moeprune.store.checkpoint import checkpoint_parameters
-    from moeprune.store.novices import write_novice_file
+    from moeprune.store.novices import count_path, write_novice_file
 
     config = copy.deepcopy(source.model.config)
     adapter = get_adapter(config)
@@ -199,7 +199,7 @@ def _finish(
         adapter.write_num_experts(adapter.config, E_out)
         config.save_pretrained(str(tmp))
         write_novice_file(
-            tmp, novice_tensors, count_field=adapter.count_field, num_experts=E_in, kept_count=E_out,
+            tmp, novice_tensors, count_field=count_path(config), num_experts=E_in, kept_count=E_out,
             layers=sorted(lp.layer for lp in plan.layers if lp.novices),
         )
     else:

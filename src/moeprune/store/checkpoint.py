@@ -382,14 +382,95 @@ def checkpoint_parameters(path: str | Path) -> dict:
     return counts
 
 
+def _kept_router_ids(path: Path, section: dict) -> dict[int, list[int]]:
+    """{layer: the kept experts' router ids in the order the stock part stores them} of a novice
+    checkpoint, from its routing maps."""
+    from safetensors import safe_open
+
+    from moeprune.store.novices import NOVICE_FILE
+
+    kept_count = int(section["num_experts_kept"])
+    out = {}
+    with safe_open(str(path / section.get("file", NOVICE_FILE)), framework="pt") as f:
+        for i in section["novice_layers"]:
+            expert_map = f.get_tensor(f"layer.{i}.expert_map").long()  # [E] router id -> slot
+            out[int(i)] = expert_map.argsort()[:kept_count].tolist()
+    return out
+
+
+def stock_group_problem(kept: dict[int, list[int]], num_experts: int, n_group: int, topk_group: int,
+                        top_k: int, min_per_group: int) -> str | None:
+    """Why a stock router with the same group-limited routing (n_group contiguous groups, topk_group of
+    them, top-k) cannot route over these kept experts (`kept`: router ids in stored order), or None.
+
+    A stock router splits its E_kept rows into n_group contiguous groups of E_kept / n_group, so every
+    routing group must keep the same number (at least the `min_per_group` its score reads), stored in
+    group order, and the `topk_group` selected groups must still hold top-k experts.
+    """
+    per_in = num_experts // n_group
+    for i, ids in sorted(kept.items()):
+        counts = [sum(1 for e in ids if e // per_in == g) for g in range(n_group)]
+        if len(set(counts)) > 1 or counts[0] < min_per_group:
+            return (f"layer {i} keeps {', '.join(map(str, counts))} experts in its {n_group} routing groups, "
+                    f"but a stock group-limited router needs the same number in each (at least "
+                    f"{min_per_group})")
+        per_out = counts[0]
+        if topk_group * per_out < top_k:
+            return (f"layer {i} keeps {per_out} experts per routing group, so the {topk_group} groups a "
+                    f"token may use hold fewer than its top-{top_k}")
+        if any(e // per_in != j // per_out for j, e in enumerate(ids)):
+            return f"layer {i} stores its kept experts out of routing-group order"
+    return None
+
+
+def _stock_groups(src: Path, section: dict, stock: dict, flatten_groups: bool) -> tuple[str | None, bool]:
+    """Decide the group-limited routing of a novice checkpoint's stock copy, editing `stock` (its config
+    dict) when flattening: (the model card's note, None without group-limited routing; flattened?)."""
+    from moeprune.store.novices import config_from_dict, config_path_parent, sub_config_path
+
+    adapter = get_adapter(config_from_dict(stock))
+    n_group = adapter.n_group
+    if n_group <= 1:
+        return None, False
+    topk_group = int(getattr(adapter.config, "topk_group", 1) or 1)
+    problem = stock_group_problem(_kept_router_ids(src, section), int(section["num_experts"]), n_group,
+                                  topk_group, adapter.top_k, adapter.min_experts_per_group)
+    if problem is None:
+        per_out = int(section["num_experts_kept"]) // n_group
+        return (f"**Group-limited routing kept:** n_group = {n_group}, topk_group = {topk_group}; every "
+                f"routing group keeps {per_out} experts"), False
+    if not flatten_groups:
+        raise MoepruneError(
+            f"{src}: {problem}, so its stock copy cannot keep group-limited routing (n_group={n_group}); "
+            "pass --flatten-groups to export it routing without groups (its routing then differs), or "
+            "prune again with --option within_groups=true"
+        )
+    prefix = sub_config_path(adapter.full_config, adapter.config)
+    names = type(adapter.config).attribute_map
+    for field in ("n_group", "topk_group"):
+        owner, _ = config_path_parent(stock, f"{prefix}{field}")
+        stored = names.get(field, field)  # the key config.json uses (Kimi-Linear: num_expert_group)
+        for key in [k for k in dict.fromkeys((field, stored)) if k in owner] or [stored]:
+            owner[key] = 1
+    if get_adapter(config_from_dict(stock)).n_group != 1:  # the written config must say what the card says
+        raise MoepruneError(f"{src}: could not turn group-limited routing off in the stock config")
+    return (f"Routing groups flattened because {problem} (the novice model routes with n_group = {n_group}, "
+            f"topk_group = {topk_group})"), True
+
+
 def export_stock(
-    path: str | Path, out: str | Path, *, force: bool = False, command: str | None = None
+    path: str | Path, out: str | Path, *, force: bool = False, command: str | None = None,
+    flatten_groups: bool = False,
 ) -> Path:
     """Write the novice-free variant of a novice checkpoint: plain pruning of the same experts.
 
     The novices' router rows go, so their tokens route to the next-best kept experts. Nothing is
     loaded: the stock part of the checkpoint is copied, config.json gets back an integer expert
     count, and the plan and model card say what was exported.
+
+    Group-limited routing (n_group > 1) is kept when every routing group kept the same number of
+    experts, enough for the group score and top-k (MoNE with `within_groups=true` does); otherwise the
+    export is refused, or with `flatten_groups` written with n_group = topk_group = 1.
     """
     from moeprune.plan import Plan
     from moeprune.store.novices import CONFIG_KEY, NOVICE_FILE, stock_config_dict
@@ -400,9 +481,10 @@ def export_stock(
     raw = read_config_dict(src)
     if CONFIG_KEY not in raw:
         raise MoepruneError(f"{src} has no novices: it is already a stock checkpoint")
-    check_output_dir(out, force, inputs=(src,))
     section = raw[CONFIG_KEY]
     stock = stock_config_dict(raw)
+    groups_note, flattened = _stock_groups(src, section, stock, flatten_groups)
+    check_output_dir(out, force, inputs=(src,))
     before = checkpoint_parameters(src)
     before["bytes"] = weights_bytes(src)
     skip = {section.get("file", NOVICE_FILE), "config.json", "README.md", "moeprune_plan.json"}
@@ -421,6 +503,7 @@ def export_stock(
                     lp.notes["novices_exported_as_pruned"] = list(lp.novices)
                     lp.notes.pop("novice_vectors", None)
                     lp.novices = []
+            plan.flatten_groups = plan.flatten_groups or flattened
             plan.save(tmp / "moeprune_plan.json")
             card = model_card(
                 source=str(src),
@@ -434,7 +517,7 @@ def export_stock(
                         f"**Exported without novices** from the MoNE checkpoint `{src}`: the novices' "
                         "router rows are removed, so this is plain pruning of the same experts."
                     )
-                ],
+                ] + ([groups_note] if groups_note else []),
             )
             (tmp / "README.md").write_text(card)
     return Path(out)

@@ -103,7 +103,49 @@ def novice_config(path: str | Path):
     """The config of a novice checkpoint as its loaded model holds it: the expert count is the router's E."""
     raw = read_config_dict(path)
     section = raw[CONFIG_KEY]
-    return config_from_dict({**stock_config_dict(raw), section["count_field"]: int(section["num_experts"])})
+    d = stock_config_dict(raw)
+    set_path(d, section["count_field"], int(section["num_experts"]))
+    return config_from_dict(d)
+
+
+def sub_config_path(config, target) -> str | None:
+    """The dotted attribute path from `config` to its sub-config `target` ("" for itself, "text_config."
+    for a vision-language model's text config), None when `target` is not inside it."""
+    if config is target:
+        return ""
+    for key, value in vars(config).items():
+        if isinstance(value, tf.PretrainedConfig):
+            found = sub_config_path(value, target)
+            if found is not None:
+                return f"{key}.{found}"
+    return None
+
+
+def count_path(config) -> str:
+    """Where config.json holds the routed-expert count: the adapter's field inside the text config
+    (`text_config.n_routed_experts` for Kimi-K2.5, `n_routed_experts` for DeepSeek-V3)."""
+    adapter = get_adapter(config)
+    prefix = sub_config_path(config, adapter.config)
+    if prefix is None:
+        raise MoepruneError(f"the {adapter.family} text config is not part of the model's config")
+    return prefix + adapter.count_field
+
+
+def config_path_parent(d: dict, path: str) -> tuple[dict, str]:
+    """(the dict holding the last key of the dotted `path` in the config dict `d`, that key)."""
+    *parents, leaf = path.split(".")
+    for key in parents:
+        if not isinstance(d.get(key), dict):
+            raise MoepruneError(f"config.json has no {'.'.join(parents)} section, where the novice "
+                                f"checkpoint says {leaf} is; the checkpoint is damaged")
+        d = d[key]
+    return d, leaf
+
+
+def set_path(d: dict, path: str, value) -> None:
+    """Set the dotted `path` of the nested config dict `d` (a flat key without dots)."""
+    owner, leaf = config_path_parent(d, path)
+    owner[leaf] = value
 
 
 def refuse_novice_input(path: str | Path | None = None, model: nn.Module | None = None,
@@ -125,7 +167,7 @@ def stock_config_dict(d: dict) -> dict:
     d["model_type"] = section["model_type"]
     if section.get("architectures") is not None:
         d["architectures"] = section["architectures"]
-    d[section["count_field"]] = int(section["num_experts_kept"])
+    set_path(d, section["count_field"], int(section["num_experts_kept"]))
     return d
 
 
@@ -166,18 +208,19 @@ def save_pretrained(model: nn.Module, directory: str | Path) -> None:
         )
     tensors: dict[str, torch.Tensor] = {}
     restore = []
-    count_field = adapter.count_field
+    # the count lives in the text config, which a vision-language model's config nests
+    count_field = count_path(model.config)
     try:
         for i, block in sorted(blocks.items()):
             layer_tensors, undo = detach_novices(adapter, block, i)
             tensors.update(layer_tensors)
             restore.append(undo)
-        setattr(model.config, count_field, kept_count)
+        adapter.write_num_experts(adapter.config, kept_count)
         model.save_pretrained(str(d))
     finally:
         for undo in restore:
             undo()
-        setattr(model.config, count_field, E)
+        adapter.write_num_experts(adapter.config, E)
     write_novice_file(d, tensors, count_field=count_field, num_experts=E, kept_count=kept_count,
                       layers=sorted(blocks))
 
