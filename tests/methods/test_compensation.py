@@ -146,7 +146,8 @@ def test_prune_compensate_down_writes_a_stock_checkpoint(checkpoint, calib_file,
     a, b = saved_tensors(plain), saved_tensors(fitted)
     assert a.keys() == b.keys()
     changed = {k for k in a if not torch.equal(a[k], b[k])}
-    assert changed and all("down_proj" in k for k in changed), sorted(changed)
+    # Mixtral's on-disk name of the down projection is w2
+    assert changed and all("down_proj" in k or ".w2." in k for k in changed), sorted(changed)
     model = load_model(fitted)  # stock transformers
     ids = torch.randint(3, 400, (2, 16))
     assert torch.isfinite(model(ids).logits).all()
