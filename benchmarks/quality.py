@@ -47,6 +47,9 @@ VARIANTS = [
     ("hc_smoe", "hc_smoe", {}),
     ("msmoe", "msmoe", {}),
     ("uncurl", "uncurl", {}),
+    ("ream", "ream", {}),
+    ("ream-code", "ream",
+     {"saliency": "reap_squared", "output_similarity": "mean", "logit_similarity": "distance"}),
 ]
 TASK_SPECIFIC = ["frequency", "reap", "naee", "msmoe", "uncurl"]
 
