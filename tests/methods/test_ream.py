@@ -12,7 +12,7 @@ from helpers import COUNT_FIELD, token_ids
 from helpers import observed as _observed
 
 from moeprune import api
-from moeprune.arch import get_adapter
+from moeprune.arch import ExpertWeights, get_adapter
 from moeprune.arch.tiny import tiny_model
 from moeprune.errors import MoepruneError
 from moeprune.methods import get_method
@@ -27,6 +27,7 @@ from moeprune.methods.ream import (
     saliency,
     similarity,
     weight_features,
+    weight_rows,
 )
 from moeprune.pipeline.access import ModelWeights
 from moeprune.plan import Plan
@@ -322,3 +323,37 @@ def test_prune_writes_a_checkpoint_that_reloads(checkpoint, calib_file, tmp_path
         assert first.layers[0].groups == plan.layers[0].groups  # layer 0 sees the same inputs
         later = [lp.notes["saliency"] for lp in plan.layers[1:]]
         assert [lp.notes["saliency"] for lp in first.layers[1:]] != later
+
+
+class _LowRankExperts:
+    """A stand-in for `LayerWeights`: 6 experts whose weight rows lie near a 4-dimensional subspace."""
+
+    num_experts = 6
+
+    def __init__(self, I=16, H=8):
+        g = torch.Generator().manual_seed(0)
+        scale = torch.tensor([8.0, 4, 2, 1], dtype=torch.float64)[:, None]
+        basis = torch.randn(4, 3 * H, generator=g, dtype=torch.float64) * scale
+        self.rows = [torch.randn(I, 4, generator=g, dtype=torch.float64) @ basis
+                     + 1e-3 * torch.randn(I, 3 * H, generator=g, dtype=torch.float64) for _ in range(6)]
+        self.H = H
+
+    def expert_weights(self, e):
+        r, H = self.rows[e], self.H
+        return ExpertWeights(gate=r[:, :H], up=r[:, H:2 * H], down=r[:, 2 * H:].T)
+
+
+def test_weight_pca_is_deterministic_and_finds_the_leading_axes():
+    access = _LowRankExperts()
+    a = weight_features(access, [0, 1], 4)
+    assert all(torch.equal(a[e], weight_features(access, [0, 1], 4)[e]) for e in (0, 1))
+    rows = {e: weight_rows(access, e) for e in range(6)}
+    X = torch.cat(list(rows.values()))
+    mean = X.mean(0)
+    lam, V = torch.linalg.eigh((X - mean).T @ (X - mean))
+    P = V[:, -4:] * lam[-4:].sqrt()  # the 4 leading axes, scaled by the singular values
+    exact = {e: (rows[e] - mean) @ P for e in (0, 1)}
+    exact = {e: v / v.norm(dim=1, keepdim=True) for e, v in exact.items()}
+    # axes are defined up to sign, distances between the projected rows are not
+    torch.testing.assert_close(torch.cdist(a[0], a[1]), torch.cdist(exact[0], exact[1]), rtol=1e-6, atol=1e-6)
+    assert weight_features(access, [0], 0)[0].shape == (16, 24)  # no PCA: the unit rows themselves

@@ -41,7 +41,7 @@ them into one of the kept experts. Per MoE layer, with r the experts to keep:
    [gate row | up row | down column (| gate/up biases)] (`weights`); `none` skips it. As in the code,
    the weight rows are reduced by PCA to `weight_pca` dimensions (default 64; 0 keeps them whole),
    the projection fit on the units of all the layer's experts and scaled by the singular values, then
-   normalised again; here the PCA is exact (eigendecomposition of the covariance), not randomised.
+   normalised again; randomised as the code's (two power iterations), from a local seeded generator.
    The hidden activations are computed from the expert weights and the config's `hidden_act`, and
    checked against the family's own experts kernel on the probe (down·h + b must give its outputs);
    where they do not (experts that read a projected input or use another activation) the alignment
@@ -64,7 +64,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 
@@ -207,25 +206,41 @@ def weight_rows(access: LayerWeights, e: int) -> torch.Tensor:
     return _unit_rows(torch.cat(cols, dim=1).detach().cpu())
 
 
-def weight_features(access: LayerWeights, experts: list[int], width: int) -> dict[int, torch.Tensor]:
+def weight_features(access: LayerWeights, experts: list[int], width: int,
+                    power_iterations: int = 2, seed: int = 0) -> dict[int, torch.Tensor]:
     """Per expert of `experts`, [I, r] its unit-normalised weight rows projected on the r = `width`
     leading principal axes of all the layer's units, scaled by the singular values, normalised again;
-    the unreduced rows when width is 0 or not below F."""
+    the unreduced rows when width is 0 or not below F.
+
+    The PCA is randomised as the code's (`torch.pca_lowrank`: r random directions, two power
+    iterations), with a local seeded generator, and streams one expert's rows at a time: the
+    [E·I, F] matrix of all units (Qwen3-30B-A3B: 98304 × 6144) is never held, nor its [F, F] covariance
+    formed (an exact PCA would cost E·I·F² per layer).
+    """
     F = weight_rows(access, experts[0]).shape[1]
     if width == 0 or width >= F:
         return {e: weight_rows(access, e) for e in experts}
-    total, gram, count = torch.zeros(F, dtype=torch.float64), torch.zeros(F, F, dtype=torch.float64), 0
-    for e in range(access.num_experts):  # one expert's rows at a time: the covariance is [F, F]
-        X = weight_rows(access, e)
-        total += X.sum(0)
-        gram += X.T @ X
-        count += X.shape[0]
-    mean = total / count
-    cov = gram - count * torch.outer(mean, mean)
-    # numpy's eigh: torch.linalg.eigh was 5x slower on CPU here
-    lam, V = (torch.from_numpy(a) for a in np.linalg.eigh(cov.numpy()))  # ascending
-    top = torch.argsort(-lam, stable=True)[:width]
-    P = V[:, top] * lam[top].clamp(min=0).sqrt()[None, :]  # [F, r]
+    E = access.num_experts
+    mean = sum(weight_rows(access, e).sum(0) for e in range(E)) / sum(
+        weight_rows(access, e).shape[0] for e in range(E))  # [F]
+
+    def times(M: torch.Tensor) -> torch.Tensor:  # [E·I, q] centred rows @ M [F, q]
+        return torch.cat([(weight_rows(access, e) - mean) @ M for e in range(E)])
+
+    def transposed_times(Q: torch.Tensor) -> torch.Tensor:  # [F, q] centred rowsᵀ @ Q [E·I, q]
+        out, start = torch.zeros(F, Q.shape[1], dtype=torch.float64), 0
+        for e in range(E):
+            X = weight_rows(access, e) - mean
+            out += X.T @ Q[start:start + X.shape[0]]
+            start += X.shape[0]
+        return out
+
+    omega = torch.randn(F, width, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+    Q = torch.linalg.qr(times(omega)).Q  # [E·I, r] a basis of the leading left singular space
+    for _ in range(power_iterations):
+        Q = torch.linalg.qr(times(torch.linalg.qr(transposed_times(Q)).Q)).Q
+    _, sv, Vh = torch.linalg.svd(transposed_times(Q).T, full_matrices=False)  # B = Qᵀ X [r, F]
+    P = Vh.T * sv[None, :]  # [F, r] principal axes scaled by the singular values, as the code
     return {e: _unit_rows((weight_rows(access, e) - mean) @ P) for e in experts}
 
 
