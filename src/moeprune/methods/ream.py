@@ -165,6 +165,13 @@ def similarity(ls: LayerStats, outputs: torch.Tensor, cfg: ReamConfig) -> torch.
 
 # ---- pseudo-pruning groups -------------------------------------------------------------------------
 
+def check_group_size(m: int, k: int, C: int) -> None:
+    """k centroids with groups of at most C members must hold all m experts (C = 0: no limit)."""
+    if C and k * C < m:
+        raise MoepruneError(f"ream group_size={C} lets {k} centroids hold at most {k * C} of {m} experts; "
+                            f"pass group_size >= {-(-m // k)} (or group_size=0, or keep more experts)")
+
+
 def pseudo_groups(ids: list[int], k: int, s: torch.Tensor, S: torch.Tensor, C: int) -> list[list[int]]:
     """Groups of expert ids: the k most salient of `ids` are centroids (first in each group, in saliency
     order), each taking its most similar unassigned non-centroids up to C members (C = 0: every
@@ -178,10 +185,7 @@ def pseudo_groups(ids: list[int], k: int, s: torch.Tensor, S: torch.Tensor, C: i
             best = min(centroids, key=lambda c: (-float(S[c, e]), c))
             groups[best].append(e)
         return [groups[c] for c in centroids]
-    if k * C < len(ids):
-        raise MoepruneError(f"ream group_size={C} lets {k} centroids hold at most {k * C} of {len(ids)} "
-                            f"experts; pass group_size >= {-(-len(ids) // k)} (or group_size=0, or keep "
-                            "more experts)")
+    check_group_size(len(ids), k, C)
     unassigned = set(free)
     for c in centroids:
         if not unassigned:
@@ -303,13 +307,8 @@ def check_stats(request: PlanRequest, cfg: ReamConfig) -> None:
         probe_inputs(ls, "ream", "(expert similarity)")
         if cfg.saliency == "reap" and float(ls.experts.count.sum()) <= 0:
             raise MoepruneError("ream saliency=reap needs routing statistics: pass --calib PATH")
-        if cfg.group_size:
-            for ids, k in routing_groups(ls.experts.num_experts, request.keep, request.n_group):
-                if k * cfg.group_size < len(ids):
-                    raise MoepruneError(
-                        f"ream group_size={cfg.group_size} lets {k} centroids hold at most "
-                        f"{k * cfg.group_size} of {len(ids)} experts; pass group_size >= {-(-len(ids) // k)} "
-                        "(or group_size=0, or keep more experts)")
+        for ids, k in routing_groups(ls.experts.num_experts, request.keep, request.n_group):
+            check_group_size(len(ids), k, cfg.group_size)
 
 
 @torch.no_grad()
