@@ -355,5 +355,5 @@ def test_weight_pca_is_deterministic_and_finds_the_leading_axes():
     exact = {e: (rows[e] - mean) @ P for e in (0, 1)}
     exact = {e: v / v.norm(dim=1, keepdim=True) for e, v in exact.items()}
     # axes are defined up to sign, distances between the projected rows are not
-    torch.testing.assert_close(torch.cdist(a[0], a[1]), torch.cdist(exact[0], exact[1]), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(torch.cdist(a[0], a[1]), torch.cdist(exact[0], exact[1]), rtol=1e-4, atol=1e-4)
     assert weight_features(access, [0], 0)[0].shape == (16, 24)  # no PCA: the unit rows themselves

@@ -42,6 +42,8 @@ them into one of the kept experts. Per MoE layer, with r the experts to keep:
    the weight rows are reduced by PCA to `weight_pca` dimensions (default 64; 0 keeps them whole),
    the projection fit on the units of all the layer's experts and scaled by the singular values, then
    normalised again; randomised as the code's (two power iterations), from a local seeded generator.
+   With very wide experts (Mixtral-8x7B, I = 14336) the assignment takes minutes per member, as for
+   UNCURL; `align=none` skips it.
    The hidden activations are computed from the expert weights and the config's `hidden_act`, and
    checked against the family's own experts kernel on the probe (down·h + b must give its outputs);
    where they do not (experts that read a projected input or use another activation) the alignment
@@ -202,50 +204,37 @@ def _unit_rows(t: torch.Tensor) -> torch.Tensor:
     return t / t.norm(dim=1, keepdim=True).clamp(min=1e-12)
 
 
-def weight_rows(access: LayerWeights, e: int) -> torch.Tensor:
-    """[I, F] float64 expert e's hidden units as rows: gate row | up row | down column (| gate/up bias)."""
+def weight_rows(access: LayerWeights, e: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """[I, F] expert e's hidden units as unit rows: gate row | up row | down column (| gate/up bias)."""
     w = access.expert_weights(e)
-    cols = [t.double() for t in (w.gate, w.up) if t is not None] + [w.down.double().T]
-    cols += [b.double()[:, None] for b in (w.gate_bias, w.up_bias) if b is not None]
+    cols = [t.to(dtype) for t in (w.gate, w.up) if t is not None] + [w.down.to(dtype).T]
+    cols += [b.to(dtype)[:, None] for b in (w.gate_bias, w.up_bias) if b is not None]
     return _unit_rows(torch.cat(cols, dim=1).detach().cpu())
 
 
 def weight_features(access: LayerWeights, experts: list[int], width: int,
                     power_iterations: int = 2, seed: int = 0) -> dict[int, torch.Tensor]:
-    """Per expert of `experts`, [I, r] its unit-normalised weight rows projected on the r = `width`
-    leading principal axes of all the layer's units, scaled by the singular values, normalised again;
-    the unreduced rows when width is 0 or not below F.
+    """Per expert of `experts`, [I, r] float64 its unit weight rows projected on the r = `width` leading
+    principal axes of all the layer's units, scaled by the singular values, normalised again; the
+    unreduced rows when width is 0 or not below F.
 
     The PCA is randomised as the code's (`torch.pca_lowrank`: r random directions, two power
-    iterations), with a local seeded generator, and streams one expert's rows at a time: the
-    [E·I, F] matrix of all units (Qwen3-30B-A3B: 98304 × 6144) is never held, nor its [F, F] covariance
-    formed (an exact PCA would cost E·I·F² per layer).
+    iterations), from a local seeded generator, in float32 on the [E·I, F] matrix of all the layer's
+    units (Qwen3-30B-A3B: 98304 × 6144, 2.4 GB, as the code holds it); an exact PCA would cost E·I·F².
     """
     F = weight_rows(access, experts[0]).shape[1]
     if width == 0 or width >= F:
         return {e: weight_rows(access, e) for e in experts}
-    E = access.num_experts
-    mean = sum(weight_rows(access, e).sum(0) for e in range(E)) / sum(
-        weight_rows(access, e).shape[0] for e in range(E))  # [F]
-
-    def times(M: torch.Tensor) -> torch.Tensor:  # [E·I, q] centred rows @ M [F, q]
-        return torch.cat([(weight_rows(access, e) - mean) @ M for e in range(E)])
-
-    def transposed_times(Q: torch.Tensor) -> torch.Tensor:  # [F, q] centred rowsᵀ @ Q [E·I, q]
-        out, start = torch.zeros(F, Q.shape[1], dtype=torch.float64), 0
-        for e in range(E):
-            X = weight_rows(access, e) - mean
-            out += X.T @ Q[start:start + X.shape[0]]
-            start += X.shape[0]
-        return out
-
-    omega = torch.randn(F, width, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
-    Q = torch.linalg.qr(times(omega)).Q  # [E·I, r] a basis of the leading left singular space
+    X = torch.cat([weight_rows(access, e, torch.float32) for e in range(access.num_experts)])  # [E·I, F]
+    X -= X.mean(0)
+    omega = torch.randn(F, width, generator=torch.Generator().manual_seed(seed))  # [F, r]
+    Q = torch.linalg.qr(X @ omega).Q  # [E·I, r] a basis of the leading left singular space
     for _ in range(power_iterations):
-        Q = torch.linalg.qr(times(torch.linalg.qr(transposed_times(Q)).Q)).Q
-    _, sv, Vh = torch.linalg.svd(transposed_times(Q).T, full_matrices=False)  # B = Qᵀ X [r, F]
+        Q = torch.linalg.qr(X @ torch.linalg.qr(X.T @ Q).Q).Q
+    _, sv, Vh = torch.linalg.svd(Q.T @ X, full_matrices=False)  # [r, F]
     P = Vh.T * sv[None, :]  # [F, r] principal axes scaled by the singular values, as the code
-    return {e: _unit_rows((weight_rows(access, e) - mean) @ P) for e in experts}
+    I = X.shape[0] // access.num_experts
+    return {e: _unit_rows((X[e * I:(e + 1) * I] @ P).double()) for e in experts}
 
 
 def hidden_activations(access: LayerWeights, x: torch.Tensor, experts: list[int],
