@@ -51,6 +51,9 @@ VARIANTS = [
     ("dek-weight-aligned", "dek", {"representation": "weight", "align": True}),
     ("dek-data-learned-aligned", "dek", {"representation": "data", "coefficients": "learned", "align": True}),
     ("hc_smoe-aligned", "hc_smoe", {"align": True}),
+    ("ream", "ream", {}),
+    ("ream-code", "ream",
+     {"saliency": "reap_squared", "output_similarity": "mean", "logit_similarity": "distance"}),
 ]
 TASK_SPECIFIC = ["frequency", "reap", "naee", "msmoe", "uncurl"]
 

@@ -193,6 +193,13 @@ def grouped_linear(x, weight, offsets, *, bias=None, is_transposed: bool = False
     return _moe._grouped_linear(x, weight, offsets, bias=bias, is_transposed=is_transposed)
 
 
+def activation(name):
+    """transformers' activation function called `name` (a config's `hidden_act`), or None if unknown."""
+    from transformers.activations import ACT2FN
+
+    return ACT2FN[name] if isinstance(name, str) and name in ACT2FN else None
+
+
 def apply_gate(experts, h):
     """The experts module's gating of h [S, 2I] -> [S, I] (the private `_apply_gate` the wrapper adds)."""
     return experts._apply_gate(h)

@@ -13,6 +13,7 @@ from moeprune.methods import (
     mone,  # noqa: F401  (registers MoNE, pruning with novices)
     msmoe,  # noqa: F401  (registers M-SMoE, merging into dominant experts)
     naee,  # noqa: F401  (registers NAEE, best-reconstructing expert subset)
+    ream,  # noqa: F401  (registers REAM, REAP-salient centroids absorbing similar experts)
     scores,  # noqa: F401  (registers the score-based pruning methods)
     uncurl,  # noqa: F401  (registers UNCURL, task-specific aligned merging)
 )
