@@ -356,7 +356,7 @@ def check_compensation(compensation: CompensationConfig | None, method: str, spe
     if not spec.layer_local(cfg):
         raise MoepruneError(f"{fit} fits each layer as it goes, but {method} with these options ranks all "
                             "layers together; use a per-layer setting or --compensate none")
-    if compensation.fits_novices and spec.kind != "novice":
+    if compensation.fits_novices and not spec.makes_novices(cfg):
         raise MoepruneError(f"{fit} fits novice vectors, which {method} does not make; use --compensate down "
                             "or a novice method (mone)")
 
