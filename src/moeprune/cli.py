@@ -362,10 +362,20 @@ def prune(
             "--compensate",
             help="after each layer's surgery, fit it to the original layer's output on the calibration "
             "tokens in closed form (ridge), sequentially: none, down (the kept experts' down projections; "
-            "a stock checkpoint), novices (MoNE's novice vectors), down+novices. A fit that does not lower "
-            "the error on held-out calibration tokens is not applied; the plan's notes say which were",
+            "a stock checkpoint), novices (MoNE's novice vectors), down+novices, lowrank (MoNE's novices "
+            "become b + U Vᵀx of rank --compensate-rank, reduced-rank ridge), down+lowrank. A fit that "
+            "does not lower the error on held-out calibration tokens is not applied; the plan's notes say "
+            "which were",
         ),
     ] = "none",
+    compensate_rank: Annotated[
+        int,
+        typer.Option(
+            "--compensate-rank",
+            help="rank r of the low-rank novices of --compensate lowrank / down+lowrank (each novice holds "
+            "H + 2·H·r parameters)",
+        ),
+    ] = 8,
 ):
     """Observe, plan, apply and save in one command.
 
@@ -382,7 +392,8 @@ def prune(
         batch_size=batch_size, seed=seed, probe_size=probe_size, device=device, flatten_groups=flatten_groups,
         force=force, tokenizer=tokenizer, calib_field=calib_field, calib_template=calib_template,
         layerwise=layerwise, sequential=sequential, offload_dir=offload_dir, hidden_memory=hidden_memory,
-        command=_command_line(), stats_out=stats_out, options=options, notify=err.print, compensate=compensate,
+        command=_command_line(), stats_out=stats_out, options=options, notify=err.print,
+        compensate=compensate, compensate_rank=compensate_rank,
     )
     if Ranks.from_env(device).is_main:  # under torchrun only rank 0 writes
         _print_done(Plan.load(Path(path) / "moeprune_plan.json"), path)
