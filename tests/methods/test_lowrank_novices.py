@@ -1,4 +1,4 @@
-"""Low-rank novices (`--compensate lowrank`): the reduced-rank ridge fit, the runtime, the store, the counts."""
+"""Low-rank novices (`--compensate lowrank`): the reduced-rank ridge fit, the runtime, the store, counts."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 from moeprune.api import compensation_config
 from moeprune.api import prune as prune_model
 from moeprune.arch import get_adapter
-from moeprune.arch.base import has_low_rank_novices, novice_parameter_count
+from moeprune.arch.base import decoder_layers, has_low_rank_novices, novice_parameter_count
 from moeprune.arch.tiny import tiny_model
 from moeprune.errors import MoepruneError
 from moeprune.methods.compensation import CompensationConfig, LowRankDelta, RidgeFit, RoutedPairs
@@ -172,11 +172,6 @@ def test_making_novices_low_rank_twice_is_refused():
         make_low_rank_novices(adapter, block, torch.zeros(n, H), torch.zeros(n, H, 2), torch.zeros(n, H, 2))
 
 
-def _layer_outputs(model, ids):
-    out = model(ids, output_hidden_states=True)
-    return [h.detach() for h in out.hidden_states], out.logits.detach()
-
-
 @pytest.mark.slow
 def test_prune_mone_compensate_lowrank_reloads_layer_by_layer(checkpoint, calib_file, tmp_path, monkeypatch):
     """`prune --compensate lowrank`: the written checkpoint, loaded with moeprune.from_pretrained, gives the
@@ -214,7 +209,7 @@ def test_prune_mone_compensate_lowrank_reloads_layer_by_layer(checkpoint, calib_
             assert ex.novice_u.shape == (len(plan.layer(i).novices), adapter.expert_dim, r)
 
     in_memory = moeprune.from_pretrained(src)
-    layers = adapter.decoder_layers(in_memory) if hasattr(adapter, "decoder_layers") else in_memory.model.layers
+    layers, _ = decoder_layers(in_memory)
     for i, layer in snapshots.items():
         layers[i] = layer
     ids = torch.randint(3, 400, (2, 16))
@@ -241,3 +236,65 @@ def test_prune_mone_compensate_lowrank_reloads_layer_by_layer(checkpoint, calib_
     stock = tf.AutoModelForCausalLM.from_pretrained(stock_dir)
     assert torch.isfinite(stock(ids).logits).all()
     assert checkpoint_parameters(stock_dir)["novices"] == 0
+
+
+def test_llama4_refuses_low_rank_novices_in_one_line():
+    """Llama 4's dense novice forward runs on score-scaled inputs, where b + U Vᵀx is not defined."""
+    model, adapter, block, constant, lp = _mone_block("llama4_text")
+    with pytest.raises(MoepruneError, match="low-rank") as e:
+        model(torch.randint(3, 100, (1, 8)))
+    assert "\n" not in str(e.value)
+
+
+def test_the_novice_file_is_format_2_only_with_low_rank_novices(tmp_path):
+    """Constant novices keep format 1 (older moeprune reads them); low-rank ones write format 2, which older
+    moeprune refuses instead of loading constant novices in their place."""
+    import json
+
+    import moeprune
+    from moeprune.store.checkpoint import save_checkpoint
+
+    for low_rank in (False, True):
+        torch.manual_seed(0)
+        model = tiny_model("mixtral")
+        adapter = get_adapter(model.config)
+        E, H = adapter.num_experts, adapter.expert_dim
+        layers = []
+        for i, block in adapter.moe_blocks(model).items():
+            lp = LayerPlan(layer=i, num_experts_in=E, groups=[Group([e], [1.0]) for e in (1, 3)],
+                           novices=[e for e in range(E) if e not in (1, 3)])
+            apply_layer_plan(adapter, block, lp, torch.randn(E - 2, H))
+            if low_rank:
+                make_low_rank_novices(adapter, block, torch.zeros(E - 2, H), torch.randn(E - 2, H, 2),
+                                      torch.randn(E - 2, H, 2))
+            layers.append(lp)
+        plan = Plan(method="mone", layers=layers, model={"top_k": 2, "num_experts": E})
+        out = save_checkpoint(model, tmp_path / str(low_rank), source="tiny-mixtral", plan=plan,
+                              before=parameter_counts(model))
+        section = json.loads((out / "config.json").read_text())["moeprune_novice"]
+        assert section["format"] == (2 if low_rank else 1)
+        ids = torch.randint(3, 100, (2, 8))
+        with torch.no_grad():
+            assert torch.equal(moeprune.from_pretrained(out)(ids).logits, model(ids).logits)
+
+
+@pytest.mark.slow
+def test_cli_compensate_lowrank_and_its_rank(checkpoint, calib_file, tmp_path, capsys):
+    import moeprune
+    from moeprune.cli import main
+
+    src = checkpoint("mixtral")
+    common = ["--method", "mone", "--calib", str(calib_file), "--samples", "16", "--seq-len", "32",
+              "--ratio", "0.5"]
+    assert main(["prune", str(src), "--out", str(tmp_path / "never"), *common, "--compensate", "down",
+                 "--compensate-rank", "4"]) != 0
+    err = capsys.readouterr().err
+    assert "--compensate-rank 4 sets the rank of low-rank novices" in " ".join(err.split())
+    assert not (tmp_path / "never").exists()
+    assert main(["prune", str(src), "--out", str(tmp_path / "o"), *common, "--compensate", "lowrank",
+                 "--compensate-rank", "2"]) == 0
+    model = moeprune.from_pretrained(tmp_path / "o")
+    adapter = get_adapter(model.config)
+    ranks = {adapter.experts(b).novice_u.shape[2] for b in adapter.moe_blocks(model).values()
+             if has_low_rank_novices(adapter.experts(b))}
+    assert ranks == {2}

@@ -14,7 +14,6 @@ Nothing is held per token beyond one batch, except the held-out share of the seq
 from __future__ import annotations
 
 import contextlib
-import copy
 from collections.abc import Iterator
 
 import torch
