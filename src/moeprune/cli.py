@@ -180,7 +180,8 @@ def inspect(model: Annotated[str, typer.Argument(help="model directory")],
         ("shared experts", ", ".join(info["shared_experts"]) or "none"),
         ("parameters", f"{p['total']:,} ({info['dtype']})"),
         ("  in routed experts", f"{p['routed_experts']:,} ({100 * p['routed_experts'] / p['total']:.1f}%)"),
-        *([("  in novice vectors", f"{p['novices']:,}")] if p.get("novices") else []),
+        *([("  in novices" if (info.get("novices") or {}).get("novice_rank") else "  in novice vectors",
+            f"{p['novices']:,}")] if p.get("novices") else []),
         ("  everything else", f"{p['other']:,}"),
         *([("bytes on disk (weights)", f"{info['bytes_on_disk']:,}")] if info.get("bytes_on_disk") else []),
         *(
@@ -190,7 +191,9 @@ def inspect(model: Annotated[str, typer.Argument(help="model directory")],
                     (
                         f"{info['novices']['experts_kept']} experts + "
                         f"{max(info['novices']['novices_per_layer'].values())} novices per MoE layer behind "
-                        f"{info['novices']['router_experts']} router rows; load with moeprune.from_pretrained"
+                        f"{info['novices']['router_experts']} router rows"
+                        + _low_rank_words(info["novices"])
+                        + "; load with moeprune.from_pretrained"
                     ),
                 )
             ]
@@ -205,6 +208,14 @@ def inspect(model: Annotated[str, typer.Argument(help="model directory")],
     for k, v in rows:
         t.add_row(k, v)
     out.print(t)
+
+
+def _low_rank_words(novices: dict) -> str:
+    """', low-rank (...) in layers [...]' for `inspect` when the novices are low-rank, else ''."""
+    ranks = novices.get("novice_rank")
+    if not ranks:
+        return ""
+    return f", low-rank (b + U Vᵀx, rank {sorted(set(ranks.values()))}) in layers {sorted(ranks)}"
 
 
 @app.command()

@@ -298,3 +298,7 @@ def test_cli_compensate_lowrank_and_its_rank(checkpoint, calib_file, tmp_path, c
     ranks = {adapter.experts(b).novice_u.shape[2] for b in adapter.moe_blocks(model).values()
              if has_low_rank_novices(adapter.experts(b))}
     assert ranks == {2}
+    capsys.readouterr()
+    assert main(["inspect", str(tmp_path / "o")]) == 0
+    shown = " ".join(capsys.readouterr().out.split())
+    assert "low-rank" in shown and "in novices" in shown  # the table wraps long cells

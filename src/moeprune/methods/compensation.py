@@ -332,10 +332,11 @@ class RidgeFit:
             if dn is not None and p.novice_tokens.numel():
                 g = p.novice_gates.double()[:, None]  # [S', 1]
                 if isinstance(dn, LowRankDelta):
-                    x = p.novice_inputs.double()  # [S', D]
-                    n = p.novice_slots
-                    proj = torch.einsum("sd,sdr->sr", x, dn.down[n])  # [S', r] Vᵀx
-                    per_pair = dn.bias[n] + torch.einsum("sdr,sr->sd", dn.up[n], proj)  # [S', D]
+                    per_pair = dn.bias[p.novice_slots].clone()  # [S', D]
+                    for n in p.novice_slots.unique().tolist():  # a novice at a time: no [S', D, r] copy
+                        rows = (p.novice_slots == n).nonzero().squeeze(1)
+                        x = p.novice_inputs[rows].double()  # [S_n, D]
+                        per_pair[rows] += (x @ dn.down[n]) @ dn.up[n].T  # U (Vᵀx)
                 else:
                     per_pair = dn[p.novice_slots]
                 change.index_add_(0, p.novice_tokens, per_pair * g)
