@@ -84,6 +84,40 @@ def test_a_lower_rank_keeps_the_top_directions():
     assert torch.linalg.matrix_rank(got) == 1
 
 
+def test_the_rank_step_weighs_by_the_input_covariance():
+    """Correlated, uneven inputs: the rank-r map is the reduced-rank regression optimum
+    [W Σ^½]_r Σ^-½ (Σ the input second moment), which beats truncating W's own SVD."""
+    gen = torch.Generator().manual_seed(4)
+    D, r, T = 6, 2, 3000
+    W = torch.randn(D, D, generator=gen, dtype=torch.float64)
+    mix = torch.randn(D, D, generator=gen, dtype=torch.float64) * torch.logspace(1, -1, D, dtype=torch.float64)
+    x = torch.randn(T, D, generator=gen, dtype=torch.float64) @ mix  # [T, D], zero-mean-ish, anisotropic
+    x = x - x.mean(0)  # exactly centred: the free bias is then exactly zero
+    y = x @ W.T
+    empty = torch.zeros(0, dtype=torch.long)
+    pairs = RoutedPairs(empty, empty, torch.zeros(0, 1), torch.arange(T), torch.zeros(T, dtype=torch.long),
+                        torch.ones(T), y.float(), x.float())
+    fit = RidgeFit(CompensationConfig(fit="lowrank", rank=r, alphas=(1e-12,)), 1, 1, 1, D)
+    fit.add(pairs, held_out=False)
+    fit.add(pairs, held_out=True)
+    _, dn, _ = fit.solve()
+    got = (dn.up @ dn.down.transpose(1, 2))[0]
+    xf = x.float().double()  # what the fit saw
+    S = xf.T @ xf
+    evals, evecs = torch.linalg.eigh(S)
+    half, minus_half = (evecs * evals.sqrt()) @ evecs.T, (evecs / evals.sqrt()) @ evecs.T
+    u, sv, vt = torch.linalg.svd(W @ half)
+    best = (u[:, :r] * sv[:r]) @ vt[:r] @ minus_half
+    torch.testing.assert_close(got, best, atol=1e-3, rtol=1e-3)
+    u, sv, vt = torch.linalg.svd(W)
+    plain = (u[:, :r] * sv[:r]) @ vt[:r]
+
+    def err(M):
+        return float(((y - xf @ M.T) ** 2).sum())
+
+    assert err(got) < 0.99 * err(plain)
+
+
 def test_a_low_rank_fit_to_noise_is_not_applied():
     gen = torch.Generator().manual_seed(1)
     N, D = 4, 8
