@@ -90,7 +90,8 @@ def test_the_rank_step_weighs_by_the_input_covariance():
     gen = torch.Generator().manual_seed(4)
     D, r, T = 6, 2, 3000
     W = torch.randn(D, D, generator=gen, dtype=torch.float64)
-    mix = torch.randn(D, D, generator=gen, dtype=torch.float64) * torch.logspace(1, -1, D, dtype=torch.float64)
+    f64 = torch.float64
+    mix = torch.randn(D, D, generator=gen, dtype=f64) * torch.logspace(1, -1, D, dtype=f64)
     x = torch.randn(T, D, generator=gen, dtype=torch.float64) @ mix  # [T, D], zero-mean-ish, anisotropic
     x = x - x.mean(0)  # exactly centred: the free bias is then exactly zero
     y = x @ W.T
