@@ -57,6 +57,26 @@ VARIANTS = [
 ]
 TASK_SPECIFIC = ["frequency", "reap", "naee", "msmoe", "uncurl"]
 
+# (label, method, options, compensate, sequential): the whole `moeprune prune` path on the testbed checkpoint,
+# written, reloaded and scored. Compensation fits each layer on the outputs of the compressed layers before it,
+# so it walks the model once per row (sequentially); `-seq` rows are that walk without a fit, to tell the two
+# effects apart.
+PRUNED = [
+    ("reap-seq", "reap", {}, "none", True),
+    ("reap+down", "reap", {}, "down", True),
+    ("ean+down", "ean", {}, "down", True),
+    ("frequency+down", "frequency", {}, "down", True),
+    ("naee+down", "naee", {}, "down", True),
+    ("mone+novices", "mone", {}, "novices", True),
+    ("mone+down+novices", "mone", {}, "down+novices", True),
+    ("ream-seq", "ream", {}, "none", True),
+    ("ream+down", "ream", {}, "down", True),
+    ("hc_smoe+down", "hc_smoe", {}, "down", True),
+    ("msmoe+down", "msmoe", {}, "down", True),
+]
+STOCK = "stock"  # output formats: a stock checkpoint, or moeprune's with novices
+NOVICE = "moeprune (novices)"
+
 
 def evaluate(model, tok, texts: dict, suite, max_tokens: int) -> dict:
     from moeprune.evaluate import perplexity, run_tasks
@@ -67,6 +87,13 @@ def evaluate(model, tok, texts: dict, suite, max_tokens: int) -> dict:
     return {"ppl": ppl, "tasks": {name: m.get("acc") for name, m in tasks.items()}}
 
 
+def weights_digest(model_dir: Path) -> str:
+    h = hashlib.sha256()
+    for f in sorted(Path(model_dir).glob("*.safetensors")):
+        h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
 def row_key(*parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -75,7 +102,7 @@ def run_model(name: str, args, done: dict, sink) -> None:
     from moeprune.api import make_plan_for
     from moeprune.data import calibration_blocks
     from moeprune.evaluate import load_tasks, write_tasks
-    from moeprune.methods.access import ModelWeights
+    from moeprune.pipeline.access import ModelWeights
     from moeprune.observe import observe
     from moeprune.plan import budget
     from moeprune.store.checkpoint import load_model, load_tokenizer, parameter_counts
@@ -91,7 +118,10 @@ def run_model(name: str, args, done: dict, sink) -> None:
         model.config.to_dict().get("num_local_experts") or model.config.num_experts,
         model.config.num_experts_per_tok,
     )
-    eval_settings = {"max_tokens": args.max_tokens, "task_items": args.task_items, "testbed": base_dir.name}
+    # the weights' digest too: a testbed retrained on another machine can differ in the last digits, which
+    # moves every perplexity (rows of another training are not comparable)
+    eval_settings = {"max_tokens": args.max_tokens, "task_items": args.task_items, "testbed": base_dir.name,
+                     "weights": weights_digest(base_dir)}
     with tempfile.TemporaryDirectory(prefix="moeprune-quality-") as task_dir:
         names = write_tasks(texts, task_dir, n_items=args.task_items, seed=0)
         suite = load_tasks(names, task_dir)
@@ -111,6 +141,17 @@ def run_model(name: str, args, done: dict, sink) -> None:
                   "calibration": "-", "parameters": parameter_counts(model), **r,
                   "seconds": time.perf_counter() - t0})
         weights = ModelWeights(model)
+        observe_seconds: dict[str, float] = {}
+
+        def timed_observe(calib_name):
+            """(stats, seconds) of the observe pass on this calibration split (the unit plan costs are in)."""
+            cal = calibration_blocks(tok, str(corpus.path(calib_name, "train")), samples=args.samples,
+                                     seq_len=args.seq_len, seed=0)
+            t0 = time.perf_counter()
+            st = observe(model, cal.input_ids, batch_size=8, probe_size=512, seed=0,
+                         calibration=cal.provenance, source=str(base_dir))
+            return st, time.perf_counter() - t0
+
         for calib_name, variants in (
             ("mixed", [v for v in VARIANTS if v[0] in args.variants]),
             (
@@ -134,12 +175,7 @@ def run_model(name: str, args, done: dict, sink) -> None:
                     if key in done:
                         continue
                     if stats is None:
-                        cal = calibration_blocks(
-                            tok, str(corpus.path(calib_name, "train")), samples=args.samples,
-                            seq_len=args.seq_len, seed=0,
-                        )
-                        stats = observe(model, cal.input_ids, batch_size=8, probe_size=512, seed=0,
-                                        calibration=cal.provenance, source=str(base_dir))
+                        stats, observe_seconds[calib_name] = timed_observe(calib_name)
                     t0 = time.perf_counter()
                     plan = make_plan_for(stats, method, experts=keep, weights=weights, options=options)
                     t_plan = time.perf_counter() - t0
@@ -147,9 +183,51 @@ def run_model(name: str, args, done: dict, sink) -> None:
                     r = evaluate(pruned, tok, texts, suite, args.max_tokens)
                     emit({"key": key, "variant": label, "method": method, "options": options, "ratio": ratio,
                           "experts": keep, "calibration": calib_name, "parameters": parameter_counts(pruned),
-                          "plan_seconds": t_plan, **r, "seconds": time.perf_counter() - t0})
+                          "plan_seconds": t_plan, "observe_seconds": observe_seconds[calib_name],
+                          "format": NOVICE if any(lp.novices for lp in plan.layers) else STOCK, **r,
+                          "seconds": time.perf_counter() - t0})
                     del pruned
                     gc.collect()
+        run_pruned(name, base_dir, corpus, tok, texts, suite, args, done, emit, eval_settings, E, K,
+                   lambda: observe_seconds.get("mixed") or observe_seconds.setdefault("mixed", timed_observe("mixed")[1]))
+
+
+def run_pruned(name, base_dir, corpus, tok, texts, suite, args, done, emit, eval_settings, E, K,
+               observe_time) -> None:
+    """The `PRUNED` rows: `moeprune prune` on the testbed checkpoint (calibrated on the mixed split, the
+    same tokens as the observe-once rows), the output reloaded as a user would and scored."""
+    import moeprune
+    from moeprune.api import prune as prune_checkpoint
+    from moeprune.plan import Plan, budget
+    from moeprune.store.checkpoint import load_model, parameter_counts
+
+    for label, method, options, compensate, sequential in [v for v in PRUNED if v[0] in args.variants]:
+        for ratio in args.ratios:
+            keep = budget(E, K, ratio=ratio)
+            key = row_key(name, "mixed", label, keep, eval_settings, args.samples, args.seq_len)
+            if key in done:
+                continue
+            observe_seconds = observe_time()
+            with tempfile.TemporaryDirectory(prefix="moeprune-quality-") as d:
+                t0 = time.perf_counter()
+                out = prune_checkpoint(
+                    base_dir, method, Path(d) / "out", experts=keep, calib=str(corpus.path("mixed", "train")),
+                    samples=args.samples, seq_len=args.seq_len, batch_size=8, seed=0, probe_size=512,
+                    progress=False, options=options, sequential=sequential, compensate=compensate)
+                t_prune = time.perf_counter() - t0
+                plan = Plan.load(out / "moeprune_plan.json")
+                novice = any(lp.novices for lp in plan.layers)
+                pruned = moeprune.from_pretrained(out) if novice else load_model(out)
+                r = evaluate(pruned, tok, texts, suite, args.max_tokens)
+                params = parameter_counts(pruned)
+            fits = {lp.layer: lp.notes.get("compensation") for lp in plan.layers if "compensation" in lp.notes}
+            emit({"key": key, "variant": label, "method": method, "options": options, "ratio": ratio,
+                  "experts": keep, "calibration": "mixed", "parameters": params, "compensate": compensate,
+                  "sequential": sequential, "format": NOVICE if novice else STOCK, "fits": fits,
+                  "prune_seconds": t_prune, "observe_seconds": observe_seconds, **r,
+                  "seconds": time.perf_counter() - t0})
+            del pruned
+            gc.collect()
 
 
 def mean_acc(row) -> float:
@@ -254,7 +332,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="mixtral-8e,qwen-fine")
     ap.add_argument("--ratios", default="0.125,0.25,0.375,0.5")
-    ap.add_argument("--variants", default=",".join(v[0] for v in VARIANTS))
+    ap.add_argument("--variants", default=",".join(v[0] for v in VARIANTS + PRUNED))
     ap.add_argument("--no-task-specific", dest="task_specific", action="store_false")
     ap.add_argument("--samples", type=int, default=64)
     ap.add_argument("--seq-len", type=int, default=256)
