@@ -73,6 +73,8 @@ PRUNED = [
     ("ream+down", "ream", {}, "down", True),
     ("hc_smoe+down", "hc_smoe", {}, "down", True),
     ("msmoe+down", "msmoe", {}, "down", True),
+    ("mone+lowrank", "mone", {}, "lowrank", True),  # low-rank novices b + U Vᵀx, rank 8 (the default)
+    ("mone+down+lowrank", "mone", {}, "down+lowrank", True),
 ]
 STOCK = "stock"  # output formats: a stock checkpoint, or moeprune's with novices
 NOVICE = "moeprune (novices)"
