@@ -75,6 +75,8 @@ PRUNED = [
     ("msmoe+down", "msmoe", {}, "down", True),
     ("auto+down", "auto", {}, "down", True),
     ("auto-novices+down+lowrank", "auto", {"format": "novices"}, "down+lowrank", True),
+    ("mone+lowrank", "mone", {}, "lowrank", True),  # low-rank novices b + U Vᵀx, rank 8 (the default)
+    ("mone+down+lowrank", "mone", {}, "down+lowrank", True),
 ]
 STOCK = "stock"  # output formats: a stock checkpoint, or moeprune's with novices
 NOVICE = "moeprune (novices)"

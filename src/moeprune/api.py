@@ -315,6 +315,7 @@ def prune(
     hidden_memory: float = 2.0,
     notify=None,
     compensate: str = "none",
+    compensate_rank: int = 8,
 ) -> Path:
     """The whole flow: check inputs, observe, plan, apply, save (the keyword form of `prune_request`).
 
@@ -323,8 +324,9 @@ def prune(
     result). `sequential` applies each layer's plan before its outputs feed the next layer. Hidden
     states of the calibration batches beyond `hidden_memory` GiB go to files under `offload_dir`.
     `notify(message)` hears which way was chosen, once the inputs passed their checks. `compensate`
-    (none, down, novices, down+novices) fits each compressed layer to the original's output
-    (`moeprune.methods.compensation`), sequentially.
+    (none, down, novices, down+novices, lowrank, down+lowrank) fits each compressed layer to the
+    original's output (`moeprune.methods.compensation`), sequentially; `compensate_rank` is the rank
+    of the low-rank novices (lowrank, down+lowrank only).
     """
     return prune_request(
         model_path, method,
@@ -333,7 +335,8 @@ def prune(
         BudgetRequest(ratio, experts, flatten_groups),
         OutputRequest(out, force=force, command=command, stats_path=stats_out),
         _runtime(device, batch_size, layerwise, sequential, offload_dir, hidden_memory, progress),
-        options=options, notify=notify, compensation=compensation_config(compensate))
+        options=options, notify=notify, compensation=compensation_config(
+            compensate, **({"rank": compensate_rank} if compensate_rank != CompensationConfig.rank else {})))
 
 
 def compensation_config(fit: str = "none", **options) -> CompensationConfig:
@@ -342,7 +345,11 @@ def compensation_config(fit: str = "none", **options) -> CompensationConfig:
 
     if fit not in FITS:
         raise MoepruneError(f"--compensate {fit!r} is not a known fit; give one of {', '.join(FITS)}")
-    return CompensationConfig(fit=fit, **options)
+    cfg = CompensationConfig(fit=fit, **options)
+    if "rank" in options and not cfg.low_rank:
+        raise MoepruneError(f"--compensate-rank {options['rank']!r} sets the rank of low-rank novices, which "
+                            f"--compensate {fit} does not fit; use --compensate lowrank or down+lowrank")
+    return cfg
 
 
 def check_compensation(compensation: CompensationConfig | None, method: str, spec, cfg,
