@@ -160,7 +160,7 @@ def run_model(name: str, args, done: dict, sink) -> None:
         run_pruned(name, base_dir, corpus, tok, texts, suite, args, done, emit, eval_settings, E, K,
                    lambda: observe_seconds.get("mixed") or observe_seconds.setdefault("mixed", timed_observe("mixed")[1]))
         for calib_name, variants in (
-            ("mixed", [v for v in VARIANTS if v[0] in args.variants]),
+            ("mixed", in_order(VARIANTS, args.variant_order)),
             (
                 "code",
                 [
@@ -206,7 +206,7 @@ def run_pruned(name, base_dir, corpus, tok, texts, suite, args, done, emit, eval
     from moeprune.plan import Plan, budget
     from moeprune.store.checkpoint import load_model, parameter_counts
 
-    for label, method, options, compensate, sequential in [v for v in PRUNED if v[0] in args.variants]:
+    for label, method, options, compensate, sequential in in_order(PRUNED, args.variant_order):
         for ratio in args.ratios:
             keep = budget(E, K, ratio=ratio)
             key = row_key(name, "mixed", label, keep, eval_settings, args.samples, args.seq_len)
@@ -233,6 +233,11 @@ def run_pruned(name, base_dir, corpus, tok, texts, suite, args, done, emit, eval
                   "seconds": time.perf_counter() - t0})
             del pruned
             gc.collect()
+
+
+def in_order(variants: list, names: list[str]) -> list:
+    """The variants named in `names`, in that order (the order rows are run in)."""
+    return [v for name in names for v in variants if v[0] == name]
 
 
 def mean_acc(row) -> float:
@@ -346,7 +351,8 @@ def main():
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args()
     args.ratios = [float(x) for x in args.ratios.split(",")]
-    args.variants = set(args.variants.split(","))
+    args.variant_order = args.variants.split(",")
+    args.variants = set(args.variant_order)
     if args.threads:
         torch.set_num_threads(args.threads)
     import transformers
