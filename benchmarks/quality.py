@@ -58,7 +58,8 @@ VARIANTS = [
 TASK_SPECIFIC = ["frequency", "reap", "naee", "msmoe", "uncurl"]
 
 # (label, method, options, compensate, sequential): the whole `moeprune prune` path on the testbed checkpoint,
-# written, reloaded and scored. Compensation fits each layer on the outputs of the compressed layers before it,
+# written, reloaded and scored. Compensation fits each layer on the outputs of the compressed layers before
+# it,
 # so it walks the model once per row (sequentially); `-seq` rows are that walk without a fit, to tell the two
 # effects apart.
 PRUNED = [
@@ -106,8 +107,8 @@ def run_model(name: str, args, done: dict, sink) -> None:
     from moeprune.api import make_plan_for
     from moeprune.data import calibration_blocks
     from moeprune.evaluate import load_tasks, write_tasks
-    from moeprune.pipeline.access import ModelWeights
     from moeprune.observe import observe
+    from moeprune.pipeline.access import ModelWeights
     from moeprune.plan import budget
     from moeprune.store.checkpoint import load_model, load_tokenizer, parameter_counts
     from moeprune.surgery import apply_plan
@@ -158,7 +159,8 @@ def run_model(name: str, args, done: dict, sink) -> None:
 
         # the whole-prune rows first: they answer the compensation question; the observe-once rows follow
         run_pruned(name, base_dir, corpus, tok, texts, suite, args, done, emit, eval_settings, E, K,
-                   lambda: observe_seconds.get("mixed") or observe_seconds.setdefault("mixed", timed_observe("mixed")[1]))
+                   lambda: observe_seconds.get("mixed")
+                   or observe_seconds.setdefault("mixed", timed_observe("mixed")[1]))
         for calib_name, variants in (
             ("mixed", in_order(VARIANTS, args.variant_order)),
             (
@@ -225,7 +227,8 @@ def run_pruned(name, base_dir, corpus, tok, texts, suite, args, done, emit, eval
                 pruned = moeprune.from_pretrained(out) if novice else load_model(out)
                 r = evaluate(pruned, tok, texts, suite, args.max_tokens)
                 params = parameter_counts(pruned)
-            fits = {lp.layer: lp.notes.get("compensation") for lp in plan.layers if "compensation" in lp.notes}
+            fits = {lp.layer: lp.notes["compensation"] for lp in plan.layers
+                    if "compensation" in lp.notes}
             emit({"key": key, "variant": label, "method": method, "options": options, "ratio": ratio,
                   "experts": keep, "calibration": "mixed", "parameters": params, "compensate": compensate,
                   "sequential": sequential, "format": NOVICE if novice else STOCK, "fits": fits,

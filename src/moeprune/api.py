@@ -264,6 +264,9 @@ def apply_checkpoint(model_path: str | Path, plan: Plan, out: str | Path, *, for
                          fix="give --stats observed on this model")
     novice_vectors(plan, stats)  # fails before loading the model when the stats are missing or do not match
     plan.validate(facts)
+    if plan.compensation and notify is not None:  # the fit needs calibration tokens, which apply has not
+        notify(f"note: this plan was compensated (--compensate {plan.compensation.get('fit')}) during "
+               "`moeprune prune`; apply writes the plan without that fit (re-run prune to fit it again)")
     if model is None:
         check_weight_files(model_path)
     source, why = open_source(model_path, _runtime(device, 8, layerwise), model=model)

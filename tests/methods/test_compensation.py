@@ -1,4 +1,4 @@
-"""Closed-form compensation: the ridge fit (pure), the layer fit written by surgery, and `prune --compensate`."""
+"""Closed-form compensation: the ridge fit (pure), the layer fit written by surgery, `prune --compensate`."""
 
 from __future__ import annotations
 
@@ -137,8 +137,8 @@ def test_the_layer_fit_written_by_surgery_has_the_error_it_reports(family):
 def test_prune_compensate_down_writes_a_stock_checkpoint(checkpoint, calib_file, tmp_path):
     src = checkpoint("mixtral")
     plain = prune_model(src, "reap", tmp_path / "plain", ratio=0.5, calib=str(calib_file), **PRUNE)
-    fitted = prune_model(src, "reap", tmp_path / "fitted", ratio=0.5, calib=str(calib_file), compensate="down",
-                         **PRUNE)
+    fitted = prune_model(src, "reap", tmp_path / "fitted", ratio=0.5, calib=str(calib_file),
+                         compensate="down", **PRUNE)
     plan = Plan.load(fitted / "moeprune_plan.json")
     assert plan.compensation["fit"] == "down" and plan.calibration["sequential"] is True
     applied = [lp.layer for lp in plan.layers if lp.notes["compensation"]["applied"]]
@@ -158,8 +158,8 @@ def test_prune_mone_with_fitted_novices_reloads(checkpoint, calib_file, tmp_path
     import moeprune
 
     src = checkpoint("mixtral")
-    out = prune_model(src, "mone", tmp_path / "o", ratio=0.5, calib=str(calib_file), compensate="down+novices",
-                      **PRUNE)
+    out = prune_model(src, "mone", tmp_path / "o", ratio=0.5, calib=str(calib_file),
+                      compensate="down+novices", **PRUNE)
     plan = Plan.load(out / "moeprune_plan.json")
     assert all("compensation" in lp.notes for lp in plan.layers)
     model = moeprune.from_pretrained(out)

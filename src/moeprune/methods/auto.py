@@ -57,7 +57,8 @@ class AutoConfig:
                                 f"{DEFAULT_CANDIDATES}")
         unknown = [m for m in names if m not in METHODS or m == "auto"]
         if unknown:
-            raise MoepruneError(f"auto option candidates names {unknown[0]!r}, which is not a method auto can "
+            raise MoepruneError(f"auto option candidates names {unknown[0]!r}, which is not a method auto "
+                                "can "
                                 f"try; give methods from {', '.join(sorted(set(METHODS) - {'auto'}))}")
         if self.format == "novices":
             merging = [m for m in names if METHODS[m].kind == "merge"]
@@ -144,6 +145,7 @@ def auto_plan(request: PlanRequest, cfg: AutoConfig) -> Plan:
         if cfg.format == "novices":
             notes["novice_vectors"] = "out_mean"
         layers.append(LayerPlan(layer=i, num_experts_in=chosen.num_experts_in,
-                                groups=[Group(list(g.members), list(g.coeffs), g.perms) for g in chosen.groups],
+                                groups=[Group(list(g.members), list(g.coeffs), g.perms)
+                                        for g in chosen.groups],
                                 router_merge=chosen.router_merge, novices=list(chosen.novices), notes=notes))
     return request.plan("auto", layers)

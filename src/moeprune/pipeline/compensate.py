@@ -115,8 +115,9 @@ class LayerCompensation:
     def __init__(self, cfg: CompensationConfig, adapter: Adapter, block: nn.Module, original: nn.Module,
                  lp: LayerPlan, held_out_sequences):
         if adapter.dense_experts:
-            raise MoepruneError(f"{adapter.family}: its experts run densely on gate-scaled inputs; compensation "
-                                "supports experts that take (tokens, top-k ids, gates); use --compensate none")
+            raise MoepruneError(f"{adapter.family}: its experts run densely on gate-scaled inputs; "
+                                "compensation supports experts that take (tokens, top-k ids, gates); "
+                                "use --compensate none")
         self.cfg, self.adapter, self.block, self.original, self.lp = cfg, adapter, block, original, lp
         self.held_out_sequences = held_out_sequences  # callable: sequence ids [B] -> bool [B]
         ex = adapter.experts(block)
@@ -137,37 +138,41 @@ class LayerCompensation:
         with experts_calls(adapter, self.block) as mine:
             adapter.moe_forward(self.block, x_block)
         if len(ref) != 1 or len(mine) != 1:
-            raise MoepruneError(f"{adapter.family}: its MoE block called its experts {len(mine)} times on one "
+            raise MoepruneError(f"{adapter.family}: its MoE block called its experts {len(mine)} times on "
+                                "one "
                                 "batch; compensation needs one call; use --compensate none")
         (_, _, _, y_ref), (x, idx, w, y) = ref[0], mine[0]
         T, K = idx.shape
-        slot = idx.reshape(-1)  # [T*K] router ids of the compressed block
-        gate = w.reshape(-1).float()
+        device = x.device  # the experts' inputs stay there; what the fit accumulates moves to the CPU
+        routed = idx.reshape(-1)  # [T*K] router ids of the compressed block
+        # router ids -> rows of the experts tensors: < R the kept experts, then the novices
+        slot = (self.adapter.experts(self.block).expert_map[routed] if self.novices else routed).cpu()
+        gate = w.reshape(-1).float().cpu()
         token = torch.arange(T).repeat_interleave(K)
-        if self.novices:  # router ids -> slots: < R the kept experts, then the novices
-            slot = self.adapter.experts(self.block).expert_map[slot]
         kept = (slot < self.R) & (gate != 0)
         novice = (slot >= self.R) & (slot < self.R + self.N) if self.novices else torch.zeros_like(kept)
-        x = x.float()
         dtype = next(self.block.parameters()).dtype
         if not self.checked and kept.any():
             sample = kept.nonzero().squeeze(1)[:64]
-            check_linear_down(adapter, self.block, x[token[sample]].to(dtype), slot[sample],
-                              idx.reshape(-1)[sample])
+            check_linear_down(adapter, self.block, x[token[sample].to(device)].to(dtype),
+                              slot[sample].to(device),
+                              routed[sample.to(routed.device)])
             self.checked = True
         ids = slot[kept]
-        a = expert_hidden(adapter, self.block, x[token[kept]].to(dtype), ids).float()  # [S, I]
-        target = (y_ref.float() - y.float())  # [T, D]
+        a = expert_hidden(adapter, self.block, x[token[kept].to(device)].to(dtype), ids.to(device))
+        a = a.float().cpu()  # [S, I]
+        y_ref = y_ref.float().cpu()
+        target = y_ref - y.float().cpu()  # [T, D]
+        x_novice = x[token[novice].to(device)].float().cpu() if self.cfg.low_rank else None
         held = self.held_out_sequences(sequences).repeat_interleave(T // sequences.numel())  # [T]
         pairs = RoutedPairs(token[kept], ids, a * gate[kept][:, None], token[novice],
-                            slot[novice] - self.R, gate[novice], target,
-                            x[token[novice]] if self.cfg.low_rank else None)
+                            slot[novice] - self.R, gate[novice], target, x_novice)
         for part in (False, True):
             rows = held if part else ~held
             if rows.any():
                 self.fit.add(_subset(pairs, rows), held_out=part)
                 if part:
-                    self.reference += float((y_ref.float()[rows] ** 2).sum())
+                    self.reference += float((y_ref[rows] ** 2).sum())
 
     @torch.no_grad()
     def finish(self) -> dict:
