@@ -42,7 +42,8 @@ def test_each_layer_takes_the_candidate_with_the_lowest_held_out_error(family):
         x = ls.probe.inputs[_probe_half(ls, 1)]
         Z = access.block_output(x).double()
         got = access.block_output(x, dataclasses.replace(lp, notes={})).double()
-        assert float(((Z - got) ** 2).sum() / (Z**2).sum()) == pytest.approx(errors[lp.notes["chosen"]], rel=1e-4)
+        error = float(((Z - got) ** 2).sum() / (Z**2).sum())
+        assert error == pytest.approx(errors[lp.notes["chosen"]], rel=1e-4)
 
 
 def test_novice_format_makes_every_layer_a_mone_layer():
