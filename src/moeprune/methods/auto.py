@@ -29,7 +29,6 @@ Readings and defaults:
 from __future__ import annotations
 
 import dataclasses
-import time
 from dataclasses import dataclass
 
 import torch
@@ -122,10 +121,9 @@ def auto_plan(request: PlanRequest, cfg: AutoConfig) -> Plan:
         scale = float((Z**2).sum()) or 1.0
         stats_i = _planning_stats(request.stats, i)
         one = dataclasses.replace(request, stats=stats_i)
-        errors, plans, seconds = {}, {}, {}
+        errors, plans = {}, {}
         names = cfg.names + (["mone"] if cfg.format == "novices" and "mone" not in cfg.names else [])
         for name in names:
-            t0 = time.perf_counter()
             lp = make_plan(name, one).layers[0]
             vectors = None
             lp = dataclasses.replace(lp, novices=[], notes={k: v for k, v in lp.notes.items()
@@ -135,12 +133,10 @@ def auto_plan(request: PlanRequest, cfg: AutoConfig) -> Plan:
             got = access.block_output(x, lp, vectors).double()
             errors[name] = float(((Z - got) ** 2).sum()) / scale
             plans[name] = lp
-            seconds[name] = time.perf_counter() - t0
         best = min(names, key=lambda n: (errors[n], names.index(n)))
         chosen = plans[best]
         notes = {"chosen": best, "errors": {n: float(f"{e:.6g}") for n, e in errors.items()},
                  "held_out_tokens": int(x.shape[0]), "format": cfg.format,
-                 "plan_seconds": {n: round(s, 3) for n, s in seconds.items()},
                  "chosen_notes": {k: v for k, v in chosen.notes.items() if k != "novice_vectors"}}
         if cfg.format == "novices":
             notes["novice_vectors"] = "out_mean"
