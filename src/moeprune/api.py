@@ -23,6 +23,8 @@ from moeprune.evaluate import parse_task_texts
 from moeprune.evaluate import render_table as render_report
 from moeprune.evaluation import evaluate_models
 from moeprune.methods import METHODS, get_method, make_plan_for
+from moeprune.methods.budget import BudgetChoice, check_budget
+from moeprune.methods.budget import floor as budget_floor
 from moeprune.methods.compensation import CompensationConfig
 from moeprune.observe import Stats, check_same_model, model_description
 from moeprune.outputs import (
@@ -315,6 +317,8 @@ def prune(
     hidden_memory: float = 2.0,
     notify=None,
     compensate: str = "none",
+    budget: str = "uniform",
+    budget_floor: int | None = None,
 ) -> Path:
     """The whole flow: check inputs, observe, plan, apply, save (the keyword form of `prune_request`).
 
@@ -324,7 +328,9 @@ def prune(
     states of the calibration batches beyond `hidden_memory` GiB go to files under `offload_dir`.
     `notify(message)` hears which way was chosen, once the inputs passed their checks. `compensate`
     (none, down, novices, down+novices) fits each compressed layer to the original's output
-    (`moeprune.methods.compensation`), sequentially.
+    (`moeprune.methods.compensation`), sequentially. `budget="global"` keeps the same total but
+    spreads the counts over the layers by measured damage, each keeping at least `budget_floor`
+    (`moeprune.methods.budget`; written in moeprune's own format, `moeprune.store.budget`).
     """
     return prune_request(
         model_path, method,
@@ -333,7 +339,8 @@ def prune(
         BudgetRequest(ratio, experts, flatten_groups),
         OutputRequest(out, force=force, command=command, stats_path=stats_out),
         _runtime(device, batch_size, layerwise, sequential, offload_dir, hidden_memory, progress),
-        options=options, notify=notify, compensation=compensation_config(compensate))
+        options=options, notify=notify, compensation=compensation_config(compensate),
+        spread=BudgetChoice(budget, budget_floor))
 
 
 def compensation_config(fit: str = "none", **options) -> CompensationConfig:
@@ -363,7 +370,7 @@ def check_compensation(compensation: CompensationConfig | None, method: str, spe
 
 def check_prune(model_path, method: str, calib: CalibrationRequest, budget_request: BudgetRequest,
                 output: OutputRequest, runtime: RuntimeRequest, options: dict | None = None, notify=None,
-                compensation: CompensationConfig | None = None):
+                compensation: CompensationConfig | None = None, spread: BudgetChoice | None = None):
     """Every cheap check of a prune, before anything expensive; returns (config, adapter, keep)."""
     from moeprune.store.novices import refuse_novice_input
 
@@ -387,6 +394,13 @@ def check_prune(model_path, method: str, calib: CalibrationRequest, budget_reque
                    has_calibration=calib.text is not None)
     adapter.check_method(method, cfg)
     check_compensation(compensation, method, spec, cfg, calib)
+    if spread is not None and spread.is_global:
+        check_budget(spread, spec, cfg, has_calibration=calib.text is not None, probe_size=calib.probe_size,
+                     sequential=runtime.sequential,
+                     compensate=compensation is not None and compensation.active)
+        budget_floor(spread, keep=keep, num_experts=adapter.num_experts, top_k=adapter.top_k,
+                     n_group=1 if budget_request.flatten_groups else adapter.n_group,
+                     min_per_group=adapter.min_experts_per_group)
     _check_calibration(calib, config)
     inputs = {"model": model_path, "--calib": calib.text, "--tokenizer": calib.tokenizer}
     check_separate(inputs, {"--out": output.path, "--save-stats": output.stats_path,
@@ -404,12 +418,13 @@ def check_prune(model_path, method: str, calib: CalibrationRequest, budget_reque
 
 def prune_request(model_path, method: str, calib: CalibrationRequest, budget_request: BudgetRequest,
                   output: OutputRequest, runtime: RuntimeRequest, *, options: dict | None = None,
-                  notify=None, compensation: CompensationConfig | None = None) -> Path:
+                  notify=None, compensation: CompensationConfig | None = None,
+                  spread: BudgetChoice | None = None) -> Path:
     """Check everything, tokenise, then one walk (two for methods that rank all layers) that writes
     `output`."""
     options = dict(options or {})
     config, spec, cfg, keep = check_prune(model_path, method, calib, budget_request, output, runtime, options,
-                                          notify, compensation)
+                                          notify, compensation, spread)
     cal = _tokenise(calib, model_path, config, notify) if calib.text is not None else None
     device = check_device(runtime.device)
     ranks = Ranks.from_env(device)  # under torchrun the calibration batches are shared; rank 0 writes
@@ -434,12 +449,16 @@ def prune_request(model_path, method: str, calib: CalibrationRequest, budget_req
         from moeprune.pipeline.access import ModelWeights
 
         weights = ModelWeights(source.model)
+    elif spread is not None and spread.is_global:  # block outputs of one layer at a time suffice
+        from moeprune.pipeline.access import ModelWeights, ShardedWeights
+
+        weights = ModelWeights(source.model) if source.in_memory else ShardedWeights(source)
     with layer_progress("pruning", runtime.progress and ranks.is_main) as cb:
         path, stats, _ = pipeline.prune(
             source, method, keep, output, input_ids=None if cal is None else cal.input_ids,
             calibration=None if cal is None else cal.provenance, calib=calib, runtime=runtime,
             flatten_groups=budget_request.flatten_groups, options=options, ranks=ranks, progress=cb,
-            weights=weights, compensate=compensation)
+            weights=weights, compensate=compensation, budget=spread)
     if output.stats_path is not None and stats is not None and ranks.is_main:
         write_stats(stats, output.stats_path, force=output.force)
     return path

@@ -366,6 +366,20 @@ def prune(
             "the error on held-out calibration tokens is not applied; the plan's notes say which were",
         ),
     ] = "none",
+    budget: Annotated[
+        str,
+        typer.Option(
+            "--budget",
+            help="uniform: every MoE layer keeps the same count; global: the same total, spread over the "
+            "layers by each layer's measured output error on the probe (needs --calib; written in "
+            "moeprune's own format: load it with moeprune.from_pretrained, stock transformers refuses it)",
+        ),
+    ] = "uniform",
+    budget_floor: Annotated[
+        int | None,
+        typer.Option("--budget-floor", help="with --budget global, the fewest experts any layer keeps "
+                     "(default: max(top-k, a quarter of the experts))"),
+    ] = None,
 ):
     """Observe, plan, apply and save in one command.
 
@@ -382,7 +396,8 @@ def prune(
         batch_size=batch_size, seed=seed, probe_size=probe_size, device=device, flatten_groups=flatten_groups,
         force=force, tokenizer=tokenizer, calib_field=calib_field, calib_template=calib_template,
         layerwise=layerwise, sequential=sequential, offload_dir=offload_dir, hidden_memory=hidden_memory,
-        command=_command_line(), stats_out=stats_out, options=options, notify=err.print, compensate=compensate,
+        command=_command_line(), stats_out=stats_out, options=options, notify=err.print,
+        compensate=compensate, budget=budget, budget_floor=budget_floor,
     )
     if Ranks.from_env(device).is_main:  # under torchrun only rank 0 writes
         _print_done(Plan.load(Path(path) / "moeprune_plan.json"), path)
@@ -763,6 +778,9 @@ def _print_done(p, path) -> None:
     if any(lp.novices for lp in p.layers):
         out.print(f"\n[bold green]MoNE checkpoint written to {path}[/] (load with moeprune.from_pretrained; "
                   "`moeprune export-stock` makes a stock copy)")
+    elif p.budget == "global":
+        out.print(f"\n[bold green]checkpoint with per-layer expert counts written to {path}[/] (load with "
+                  "moeprune.from_pretrained; stock transformers cannot describe it)")
     else:
         out.print(
             f"\n[bold green]checkpoint written to {path}[/] (loads with {loader_name(path)}.from_pretrained)"

@@ -17,6 +17,7 @@ import torch
 from moeprune.arch import get_adapter
 from moeprune.errors import MoepruneError
 from moeprune.methods import PlanRequest, get_method, make_plan
+from moeprune.methods.budget import BudgetChoice, check_budget, global_budget_plan
 from moeprune.methods.compensation import CompensationConfig
 from moeprune.observe import LayerStats, Stats, model_description
 from moeprune.outputs import atomic_directory
@@ -208,6 +209,10 @@ def _finish(
             adapter.config.n_group = 1
             adapter.config.topk_group = 1
         config.save_pretrained(str(tmp))
+    if plan.budget == "global":  # counts differ per layer: moeprune's own format, refused by stock loaders
+        from moeprune.store.budget import write_budget_section
+
+        write_budget_section(tmp, plan, count_field=count_path(config))
     describe_output(tmp, source=str(source.path), plan=plan, before=before, after=checkpoint_parameters(tmp),
                     command=command)
 
@@ -217,6 +222,7 @@ def prune(
     calibration: dict | None = None, calib: CalibrationRequest | None = None,
     runtime: RuntimeRequest | None = None, flatten_groups: bool = False, options: dict | None = None,
     ranks=None, progress=None, weights=None, compensate: CompensationConfig | None = None,
+    budget: BudgetChoice | None = None,
 ) -> tuple[Path, Stats | None, Plan]:
     """Observe, plan, apply and save one layer at a time; returns (out, stats, plan).
 
@@ -233,7 +239,13 @@ def prune(
     spec = get_method(method)
     options = dict(options or {})
     cfg = spec.default_config(**options)
-    local = spec.layer_local(cfg)
+    budget = budget or BudgetChoice()
+    local = spec.layer_local(cfg) and not budget.is_global
+    if budget.is_global:
+        check_budget(budget, spec, cfg, has_calibration=input_ids is not None, probe_size=calib.probe_size,
+                     sequential=runtime.sequential, compensate=fitting)
+        if weights is None:
+            raise MoepruneError("--budget global reads every layer's block outputs: give the weights")
     if fitting and (not local or input_ids is None):
         why = "calibration text (--calib)" if input_ids is None else "a method that plans layer by layer"
         raise MoepruneError(f"--compensate {compensate.fit} fits each layer as it goes, which needs {why}; "
@@ -274,7 +286,9 @@ def prune(
             stats = walk(source, **walk_args).stats
         else:
             stats = empty_stats(source.model, str(source.path))
-        whole = make_plan(method, PlanRequest(stats, keep, flatten_groups, weights), **options)
+        request = PlanRequest(stats, keep, flatten_groups, weights)
+        whole = (global_budget_plan(method, request, budget, options) if budget.is_global
+                 else make_plan(method, request, **options))
         method_config.update(whole.method_config)
         from moeprune.methods.mone import novice_vectors
 
@@ -286,7 +300,7 @@ def prune(
     def run(write_to):
         result = walk(source, write_to=write_to, **walk_args)
         plan = Plan(method=method, layers=result.plan.layers, model=desc, method_config=dict(method_config),
-                    calibration=info, flatten_groups=flatten_groups, mtp=result.mtp)
+                    calibration=info, flatten_groups=flatten_groups, mtp=result.mtp, budget=budget.mode)
         if sequential:
             plan.calibration = {**info, "sequential": True}
         if fitting:
