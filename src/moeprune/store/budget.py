@@ -50,6 +50,27 @@ def _refusal(model_type: str) -> str:
             "    Upgrading transformers, as suggested below, will not help.\n\n`")
 
 
+def _dtype(config, dtype, path: Path) -> torch.dtype:
+    """What `from_pretrained(dtype="auto")` picks: the config's dtype, else the first float tensor's on disk
+    (as `store.sharded` does; not imported from there, which reads checkpoints through this module)."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype != "auto":
+        return getattr(torch, dtype)
+    found = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(found, str):
+        found = getattr(torch, found, None)
+    if isinstance(found, torch.dtype):
+        return found
+    names = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64}
+    for f in sorted(path.glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as handle:
+            for k in handle.keys():
+                if handle.get_slice(k).get_dtype() in names:
+                    return names[handle.get_slice(k).get_dtype()]
+    return torch.float32
+
+
 def is_budget_checkpoint(path: str | Path) -> bool:
     p = Path(path)
     return (p / "config.json").is_file() and CONFIG_KEY in read_config_dict(p)
@@ -99,12 +120,15 @@ def budget_config(path: str | Path):
 
 def budget_skeleton(path: str | Path, dtype: str | torch.dtype = "auto") -> nn.Module:
     """The family's model on the meta device with each MoE layer sliced to its recorded count."""
+    from accelerate import init_empty_weights
+
     from moeprune.plan import Group, LayerPlan
-    from moeprune.store.sharded import skeleton
     from moeprune.surgery import apply_layer_plan
 
     config, counts = budget_config(path)
-    model = skeleton(config, dtype, Path(path))
+    with init_empty_weights():  # parameters on the meta device, buffers (RoPE frequencies) real
+        model = compat.model_class(config)[1]._from_config(config, dtype=_dtype(config, dtype, Path(path)))
+    model.eval()
     adapter = get_adapter(model.config)
     blocks = adapter.moe_blocks(model)
     if set(counts) != set(blocks):
@@ -125,7 +149,6 @@ def load_budget_model(path: str | Path, *, device: str = "cpu",
                       dtype: str | torch.dtype = "auto") -> nn.Module:
     """Load a budget checkpoint in eval mode: the skeleton with per-layer counts, then every shard."""
     from moeprune.runtime import quiet_transformers
-    from moeprune.store.checkpoint import refuse_nonfinite
 
     p = Path(path)
     model = budget_skeleton(p, dtype)
@@ -151,12 +174,4 @@ def load_budget_model(path: str | Path, *, device: str = "cpu",
     if missing:
         raise MoepruneError(f"{p} has no weights for {len(missing)} tensors (e.g. {missing[0]}); the "
                             "checkpoint is incomplete")
-    refuse_nonfinite(model.named_parameters(), p)
     return model.to(device).eval()
-
-
-def budget_parameters(path: str | Path) -> dict:
-    """`parameter_counts` of a budget checkpoint from its config alone (the per-layer meta skeleton)."""
-    from moeprune.store.checkpoint import parameter_counts
-
-    return parameter_counts(budget_skeleton(path))

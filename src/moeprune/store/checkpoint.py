@@ -79,7 +79,9 @@ def load_model(path: str | Path, *, device: str = "cpu", dtype: str | torch.dtyp
     from moeprune.store.budget import is_budget_checkpoint, load_budget_model
 
     if is_budget_checkpoint(path):
-        return load_budget_model(path, device=device, dtype=dtype)
+        model = load_budget_model(path, device=device, dtype=dtype)
+        refuse_nonfinite(model.named_parameters(), path)
+        return model
     config = load_config(path)
     get_adapter(config)  # unsupported families fail before any weight is read
     try:
@@ -383,12 +385,12 @@ def from_pretrained(path: str | Path, *, device: str = "cpu", dtype: str | torch
 def checkpoint_parameters(path: str | Path) -> dict:
     """Parameter counts of a checkpoint directory from its config alone (a meta-device model), novices
     included."""
-    from moeprune.store.budget import budget_parameters, is_budget_checkpoint
+    from moeprune.store.budget import budget_skeleton, is_budget_checkpoint
     from moeprune.store.novices import CONFIG_KEY, config_from_dict, novice_file_counts, stock_config_dict
 
     p = Path(path)
     if is_budget_checkpoint(p):
-        return {**budget_parameters(p), "novices": 0}
+        return {**parameter_counts(budget_skeleton(p)), "novices": 0}
     raw = read_config_dict(p)
     section = raw.get(CONFIG_KEY)
     config = config_from_dict(stock_config_dict(raw) if section else raw)
