@@ -86,12 +86,18 @@ def inspect(model_path: str | Path) -> dict:
     MoNE checkpoints load through `moeprune.from_pretrained`; `novices` then describes them (else None),
     and the parameter counts include the novice vectors.
     """
+    from moeprune.store.budget import budget_skeleton, is_budget_checkpoint
     from moeprune.store.checkpoint import from_pretrained, weights_bytes
     from moeprune.store.novices import describe, is_novice_checkpoint
     from moeprune.store.sharded import skeleton
 
+    per_layer = None
     if is_novice_checkpoint(model_path):
         model = from_pretrained(model_path)
+    elif is_budget_checkpoint(model_path):  # each MoE layer with its own count, still on the meta device
+        model = budget_skeleton(model_path)
+        per_layer = {i: int(next(iter(get_adapter(model.config).expert_parameters(b).values())).shape[0])
+                     for i, b in get_adapter(model.config).moe_blocks(model).items()}
     else:
         config = load_config(model_path)
         get_adapter(config)  # an unsupported model is told what it lacks before a skeleton is built
@@ -115,6 +121,7 @@ def inspect(model_path: str | Path) -> dict:
         "moe_layers": sorted(blocks),
         "dense_layers": [i for i in range(len(layers)) if i not in blocks],
         "num_experts": adapter.num_experts,
+        **({"experts_per_layer": per_layer} if per_layer else {}),  # --budget global: the largest above
         "top_k": adapter.top_k,
         "n_group": adapter.n_group,
         "shared_experts": adapter.shared_expert_modules(first),
@@ -255,8 +262,9 @@ def apply_checkpoint(model_path: str | Path, plan: Plan, out: str | Path, *, for
     refuse_novice_input(model_path, model)
     device = check_device(device)
     inputs = {"model": model_path, **(input_paths or {})}
+    least = min(lp.num_experts_out for lp in plan.layers)  # a lower bound, also with per-layer counts
     check_output_dir(out, force, inputs, expected_bytes=_expected_output_bytes(
-        model_path, plan.num_experts_out, plan.num_experts_in) if model is None else None, notify=notify)
+        model_path, least, plan.num_experts_in) if model is None else None, notify=notify)
     facts = model_description(model, get_adapter(model.config), str(model_path)) if model is not None \
         else model_facts(model_path)
     check_same_model(plan.model, facts, what="the plan", model=str(model_path),

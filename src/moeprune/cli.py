@@ -755,7 +755,8 @@ def sweep(
 
 
 def _print_plan(p) -> None:
-    t = Table(title=f"{p.method}: {p.num_experts_in} → {p.num_experts_out} experts per layer")
+    counts = "per-layer counts" if p.budget == "global" else f"{p.num_experts_out} experts per layer"
+    t = Table(title=f"{p.method}: {p.num_experts_in} → {counts}")
     novices = any(lp.novices for lp in p.layers)
     t.add_column("layer", justify="right")
     t.add_column("kept / merged")

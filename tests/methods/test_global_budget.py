@@ -13,6 +13,7 @@ import transformers
 from helpers import manual_plan, observed, saved_shapes
 
 import moeprune
+from moeprune.api import inspect
 from moeprune.api import prune as prune_model
 from moeprune.arch import get_adapter
 from moeprune.arch.tiny import tiny_model
@@ -171,6 +172,8 @@ def test_global_prune_writes_a_checkpoint_moeprune_reloads_exactly(checkpoint, c
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, reference(ids).logits)
     assert checkpoint_parameters(out) == {**parameter_counts(reference), "novices": 0}
+    facts = inspect(out)
+    assert facts["experts_per_layer"] == counts and facts["parameters"] == checkpoint_parameters(out)
     # the whole-model source plans and writes the same
     again = prune_model(src, "reap", tmp_path / "m", experts=4, calib=str(calib_file), budget="global",
                         layerwise=False, **PRUNE)
