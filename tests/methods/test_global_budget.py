@@ -10,10 +10,10 @@ import json
 import pytest
 import torch
 import transformers
-from helpers import manual_plan, observed, saved_shapes
+from helpers import manual_plan, observed, saved_shapes, saved_tensors
 
 import moeprune
-from moeprune.api import inspect
+from moeprune.api import apply_checkpoint, inspect
 from moeprune.api import prune as prune_model
 from moeprune.arch import get_adapter
 from moeprune.arch.tiny import tiny_model
@@ -91,7 +91,7 @@ def test_a_layer_that_loses_nothing_keeps_only_the_floor():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["reap", "frequency"])
+@pytest.mark.parametrize("method", ["reap", "frequency", "hc_smoe"])
 def test_summed_damage_is_at_most_uniform_and_the_curves_are_the_real_damage(method):
     model = tiny_model("mixtral")
     stats, plan = _global(model, method)
@@ -100,12 +100,14 @@ def test_summed_damage_is_at_most_uniform_and_the_curves_are_the_real_damage(met
     counts = [lp.num_experts_out for lp in plan.layers]
     assert min(counts) >= 2 and sum(counts) == 4 * len(counts)
     # the uniform damage the notes record is the uniform plan's measured block-output error
-    flat = make_plan_for(stats, method, experts=4)
     weights = ModelWeights(model)
+    flat = make_plan_for(stats, method, experts=4, weights=weights)
     measured = 0.0
     for lp in flat.layers:
-        scorer = SubsetScorer(weights.layer(lp.layer), stats.layers[lp.layer].probe.inputs)
-        measured += (scorer.block_error(lp.kept) / scorer.z_norm) ** 2
+        access, x = weights.layer(lp.layer), stats.layers[lp.layer].probe.inputs
+        scorer = SubsetScorer(access, x)
+        error = float((scorer.Z - access.block_output(x, lp)).double().norm())  # a merge's too
+        measured += (error / scorer.z_norm) ** 2
     assert measured == pytest.approx(uniform, rel=1e-4)
 
 
@@ -174,6 +176,10 @@ def test_global_prune_writes_a_checkpoint_moeprune_reloads_exactly(checkpoint, c
     assert checkpoint_parameters(out) == {**parameter_counts(reference), "novices": 0}
     facts = inspect(out)
     assert facts["experts_per_layer"] == counts and facts["parameters"] == checkpoint_parameters(out)
+    # `moeprune apply` of the plan writes the same per-layer checkpoint
+    applied = apply_checkpoint(src, plan, tmp_path / "a", progress=False)
+    assert saved_tensors(applied).keys() == saved_tensors(out).keys()
+    assert all(torch.equal(saved_tensors(applied)[k], v) for k, v in saved_tensors(out).items())
     # the whole-model source plans and writes the same
     again = prune_model(src, "reap", tmp_path / "m", experts=4, calib=str(calib_file), budget="global",
                         layerwise=False, **PRUNE)
