@@ -192,12 +192,31 @@ def test_global_prune_writes_a_checkpoint_moeprune_reloads_exactly(checkpoint, c
     assert "moeprune.from_pretrained" in (out / "README.md").read_text()
 
 
+@pytest.mark.slow
+def test_global_budget_with_compensation_fits_each_layer_on_a_second_walk(checkpoint, calib_file, tmp_path):
+    src = checkpoint("mixtral")
+    plain = prune_model(src, "reap", tmp_path / "p", experts=4, calib=str(calib_file), budget="global",
+                        **PRUNE)
+    fitted = prune_model(src, "reap", tmp_path / "f", experts=4, calib=str(calib_file), budget="global",
+                         compensate="down", **PRUNE)
+    a, b = Plan.load(plain / "moeprune_plan.json"), Plan.load(fitted / "moeprune_plan.json")
+    assert [lp.kept for lp in a.layers] == [lp.kept for lp in b.layers]  # the allocation is the first walk's
+    assert b.compensation["fit"] == "down" and b.calibration.get("sequential") is True
+    assert all("compensation" in lp.notes for lp in b.layers)
+    accepted = [lp.layer for lp in b.layers if lp.notes["compensation"].get("applied")]
+    ta, tb = saved_tensors(plain), saved_tensors(fitted)
+    changed = {int(k.split(".")[2]) for k in ta if not torch.equal(ta[k], tb[k])}
+    assert accepted and changed == set(accepted)
+    ids = torch.randint(0, 1000, (1, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.isfinite(moeprune.from_pretrained(fitted)(ids).logits).all()
+
+
 @pytest.mark.parametrize("kwargs,what", [
     (dict(budget="sideways"), "--budget 'sideways' is not one of"),
     (dict(budget_floor=2), "--budget-floor sets the fewest"),
     (dict(budget="global", budget_floor=6), "above the uniform count 4"),
     (dict(budget="global", budget_floor=1), "below 2"),
-    (dict(budget="global", compensate="down"), "--compensate fits each layer"),
     (dict(budget="global", sequential=True), "--sequential plans each layer"),
     (dict(budget="global", method="mone"), "novice checkpoint keeps one expert count"),
     (dict(budget="global", calib=None), "needs calibration text|--budget global measures"),

@@ -96,7 +96,7 @@ def floor(choice: BudgetChoice, *, keep: int, num_experts: int, top_k: int, n_gr
 
 
 def check_budget(choice: BudgetChoice, spec, cfg, *, has_calibration: bool, probe_size: int,
-                 sequential: bool = False, compensate: bool = False) -> None:
+                 sequential: bool = False) -> None:
     """Refuse, before any work, a global budget this prune cannot run (one line each)."""
     if not choice.is_global:
         return
@@ -106,9 +106,6 @@ def check_budget(choice: BudgetChoice, spec, cfg, *, has_calibration: bool, prob
     if not spec.layer_local(cfg):
         raise MoepruneError(f"--budget global plans each layer at every count, but {spec.name} with these "
                             "options ranks all layers together; use a per-layer setting or --budget uniform")
-    if compensate:
-        raise MoepruneError("--compensate fits each layer as it is pruned, in one walk, but --budget global "
-                            "plans all layers first (two walks); use one of them")
     if sequential:
         raise MoepruneError("--sequential plans each layer as it goes, but --budget global plans all layers "
                             "together; drop one of them")

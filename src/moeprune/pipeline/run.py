@@ -230,7 +230,10 @@ def prune(
     (two walks), then plan on all of them (with `weights`, every layer's weight access, for those
     that read weights across layers). Only the main rank writes. An active `compensate` fits each
     compressed layer to the original's output (`moeprune.methods.compensation`), sequentially: each
-    layer is fitted on the inputs that come out of the compressed layers before it.
+    layer is fitted on the inputs that come out of the compressed layers before it. A global
+    `budget` (`moeprune.methods.budget`) spreads the counts over the layers by measured damage,
+    which needs every layer's statistics and `weights` first: two walks (the second a sequential
+    calibration walk when compensating, so each fit still sees the compressed layers before it).
     """
     calib = calib or CalibrationRequest()
     runtime = runtime or RuntimeRequest()
@@ -243,14 +246,14 @@ def prune(
     local = spec.layer_local(cfg) and not budget.is_global
     if budget.is_global:
         check_budget(budget, spec, cfg, has_calibration=input_ids is not None, probe_size=calib.probe_size,
-                     sequential=runtime.sequential, compensate=fitting)
+                     sequential=runtime.sequential)
         if weights is None:
             raise MoepruneError("--budget global reads every layer's block outputs: give the weights")
-    if fitting and (not local or input_ids is None):
+    if fitting and (not (local or budget.is_global) or input_ids is None):
         why = "calibration text (--calib)" if input_ids is None else "a method that plans layer by layer"
         raise MoepruneError(f"--compensate {compensate.fit} fits each layer as it goes, which needs {why}; "
                             "use --compensate none")
-    if sequential and not local:
+    if sequential and not local and not budget.is_global:  # a global budget refused --sequential above
         raise MoepruneError(
             f"--sequential plans each layer as it goes, but {method} with these options ranks all "
             "layers together; drop --sequential or use a per-layer setting"
@@ -294,6 +297,8 @@ def prune(
 
         vectors = novice_vectors(whole, stats)
         walk_args.update(input_ids=None, plan_layer=lambda i, _s, _a: (whole.layer(i), vectors.get(i)))
+        if fitting:  # a global budget's plan, compensated on a second, sequential calibration walk
+            walk_args.update(input_ids=input_ids, sequential=True, compensate=compensate)
     else:
         walk_args.update(plan_layer=plan_one_layer, sequential=sequential, compensate=compensate)
 
