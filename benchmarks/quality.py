@@ -73,6 +73,10 @@ PRUNED = [
     ("ream+down", "ream", {}, "down", True),
     ("hc_smoe+down", "hc_smoe", {}, "down", True),
     ("msmoe+down", "msmoe", {}, "down", True),
+    ("auto+down", "auto", {}, "down", True),
+    ("auto-novices+down+lowrank", "auto", {"format": "novices"}, "down+lowrank", True),
+    ("mone+lowrank", "mone", {}, "lowrank", True),  # low-rank novices b + U Vᵀx, rank 8 (the default)
+    ("mone+down+lowrank", "mone", {}, "down+lowrank", True),
     # an optional sixth field is the budget (`--budget global`: per-layer counts by measured damage, the same
     # total); its rows are written in moeprune's per-layer format and reloaded with moeprune.from_pretrained
     ("reap-global", "reap", {}, "none", False, "global"),
@@ -158,8 +162,11 @@ def run_model(name: str, args, done: dict, sink) -> None:
                          calibration=cal.provenance, source=str(base_dir))
             return st, time.perf_counter() - t0
 
+        # the whole-prune rows first: they answer the compensation question; the observe-once rows follow
+        run_pruned(name, base_dir, corpus, tok, texts, suite, args, done, emit, eval_settings, E, K,
+                   lambda: observe_seconds.get("mixed") or observe_seconds.setdefault("mixed", timed_observe("mixed")[1]))
         for calib_name, variants in (
-            ("mixed", [v for v in VARIANTS if v[0] in args.variants]),
+            ("mixed", in_order(VARIANTS, args.variant_order)),
             (
                 "code",
                 [
@@ -194,8 +201,6 @@ def run_model(name: str, args, done: dict, sink) -> None:
                           "seconds": time.perf_counter() - t0})
                     del pruned
                     gc.collect()
-        run_pruned(name, base_dir, corpus, tok, texts, suite, args, done, emit, eval_settings, E, K,
-                   lambda: observe_seconds.get("mixed") or observe_seconds.setdefault("mixed", timed_observe("mixed")[1]))
 
 
 def run_pruned(name, base_dir, corpus, tok, texts, suite, args, done, emit, eval_settings, E, K,
@@ -207,8 +212,7 @@ def run_pruned(name, base_dir, corpus, tok, texts, suite, args, done, emit, eval
     from moeprune.plan import Plan, budget
     from moeprune.store.checkpoint import load_model, parameter_counts
 
-    for label, method, options, compensate, sequential, *spread in [v for v in PRUNED
-                                                                    if v[0] in args.variants]:
+    for label, method, options, compensate, sequential, *spread in in_order(PRUNED, args.variant_order):
         spread = spread[0] if spread else "uniform"
         for ratio in args.ratios:
             keep = budget(E, K, ratio=ratio)
@@ -240,6 +244,11 @@ def run_pruned(name, base_dir, corpus, tok, texts, suite, args, done, emit, eval
                   "seconds": time.perf_counter() - t0})
             del pruned
             gc.collect()
+
+
+def in_order(variants: list, names: list[str]) -> list:
+    """The variants named in `names`, in that order (the order rows are run in)."""
+    return [v for name in names for v in variants if v[0] == name]
 
 
 def mean_acc(row) -> float:
@@ -353,7 +362,8 @@ def main():
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args()
     args.ratios = [float(x) for x in args.ratios.split(",")]
-    args.variants = set(args.variants.split(","))
+    args.variant_order = args.variants.split(",")
+    args.variants = set(args.variant_order)
     if args.threads:
         torch.set_num_threads(args.threads)
     import transformers

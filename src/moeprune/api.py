@@ -325,6 +325,7 @@ def prune(
     hidden_memory: float = 2.0,
     notify=None,
     compensate: str = "none",
+    compensate_rank: int = 8,
     budget: str = "uniform",
     budget_floor: int | None = None,
 ) -> Path:
@@ -335,8 +336,9 @@ def prune(
     result). `sequential` applies each layer's plan before its outputs feed the next layer. Hidden
     states of the calibration batches beyond `hidden_memory` GiB go to files under `offload_dir`.
     `notify(message)` hears which way was chosen, once the inputs passed their checks. `compensate`
-    (none, down, novices, down+novices) fits each compressed layer to the original's output
-    (`moeprune.methods.compensation`), sequentially. `budget="global"` keeps the same total but
+    (none, down, novices, down+novices, lowrank, down+lowrank) fits each compressed layer to the
+    original's output (`moeprune.methods.compensation`), sequentially; `compensate_rank` is the rank
+    of the low-rank novices (lowrank, down+lowrank only). `budget="global"` keeps the same total but
     spreads the counts over the layers by measured damage, each keeping at least `budget_floor`
     (`moeprune.methods.budget`; written in moeprune's own format, `moeprune.store.budget`).
     """
@@ -347,7 +349,8 @@ def prune(
         BudgetRequest(ratio, experts, flatten_groups),
         OutputRequest(out, force=force, command=command, stats_path=stats_out),
         _runtime(device, batch_size, layerwise, sequential, offload_dir, hidden_memory, progress),
-        options=options, notify=notify, compensation=compensation_config(compensate),
+        options=options, notify=notify, compensation=compensation_config(
+            compensate, **({"rank": compensate_rank} if compensate_rank != CompensationConfig.rank else {})),
         spread=BudgetChoice(budget, budget_floor))
 
 
@@ -357,7 +360,11 @@ def compensation_config(fit: str = "none", **options) -> CompensationConfig:
 
     if fit not in FITS:
         raise MoepruneError(f"--compensate {fit!r} is not a known fit; give one of {', '.join(FITS)}")
-    return CompensationConfig(fit=fit, **options)
+    cfg = CompensationConfig(fit=fit, **options)
+    if "rank" in options and not cfg.low_rank:
+        raise MoepruneError(f"--compensate-rank {options['rank']!r} sets the rank of low-rank novices, which "
+                            f"--compensate {fit} does not fit; use --compensate lowrank or down+lowrank")
+    return cfg
 
 
 def check_compensation(compensation: CompensationConfig | None, method: str, spec, cfg,
@@ -371,7 +378,7 @@ def check_compensation(compensation: CompensationConfig | None, method: str, spe
     if not spec.layer_local(cfg):
         raise MoepruneError(f"{fit} fits each layer as it goes, but {method} with these options ranks all "
                             "layers together; use a per-layer setting or --compensate none")
-    if compensation.fits_novices and spec.kind != "novice":
+    if compensation.fits_novices and not spec.makes_novices(cfg):
         raise MoepruneError(f"{fit} fits novice vectors, which {method} does not make; use --compensate down "
                             "or a novice method (mone)")
 

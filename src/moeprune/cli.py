@@ -180,7 +180,8 @@ def inspect(model: Annotated[str, typer.Argument(help="model directory")],
         ("shared experts", ", ".join(info["shared_experts"]) or "none"),
         ("parameters", f"{p['total']:,} ({info['dtype']})"),
         ("  in routed experts", f"{p['routed_experts']:,} ({100 * p['routed_experts'] / p['total']:.1f}%)"),
-        *([("  in novice vectors", f"{p['novices']:,}")] if p.get("novices") else []),
+        *([("  in novices" if (info.get("novices") or {}).get("novice_rank") else "  in novice vectors",
+            f"{p['novices']:,}")] if p.get("novices") else []),
         ("  everything else", f"{p['other']:,}"),
         *([("bytes on disk (weights)", f"{info['bytes_on_disk']:,}")] if info.get("bytes_on_disk") else []),
         *(
@@ -190,7 +191,9 @@ def inspect(model: Annotated[str, typer.Argument(help="model directory")],
                     (
                         f"{info['novices']['experts_kept']} experts + "
                         f"{max(info['novices']['novices_per_layer'].values())} novices per MoE layer behind "
-                        f"{info['novices']['router_experts']} router rows; load with moeprune.from_pretrained"
+                        f"{info['novices']['router_experts']} router rows"
+                        + _low_rank_words(info["novices"])
+                        + "; load with moeprune.from_pretrained"
                     ),
                 )
             ]
@@ -205,6 +208,14 @@ def inspect(model: Annotated[str, typer.Argument(help="model directory")],
     for k, v in rows:
         t.add_row(k, v)
     out.print(t)
+
+
+def _low_rank_words(novices: dict) -> str:
+    """', low-rank (...) in layers [...]' for `inspect` when the novices are low-rank, else ''."""
+    ranks = novices.get("novice_rank")
+    if not ranks:
+        return ""
+    return f", low-rank (b + U Vᵀx, rank {sorted(set(ranks.values()))}) in layers {sorted(ranks)}"
 
 
 @app.command()
@@ -362,10 +373,20 @@ def prune(
             "--compensate",
             help="after each layer's surgery, fit it to the original layer's output on the calibration "
             "tokens in closed form (ridge), sequentially: none, down (the kept experts' down projections; "
-            "a stock checkpoint), novices (MoNE's novice vectors), down+novices. A fit that does not lower "
-            "the error on held-out calibration tokens is not applied; the plan's notes say which were",
+            "a stock checkpoint), novices (MoNE's novice vectors), down+novices, lowrank (MoNE's novices "
+            "become b + U Vᵀx of rank --compensate-rank, reduced-rank ridge), down+lowrank. A fit that "
+            "does not lower the error on held-out calibration tokens is not applied; the plan's notes say "
+            "which were",
         ),
     ] = "none",
+    compensate_rank: Annotated[
+        int,
+        typer.Option(
+            "--compensate-rank",
+            help="rank r of the low-rank novices of --compensate lowrank / down+lowrank (each novice holds "
+            "H + 2·H·r parameters)",
+        ),
+    ] = 8,
     budget: Annotated[
         str,
         typer.Option(
@@ -397,7 +418,7 @@ def prune(
         force=force, tokenizer=tokenizer, calib_field=calib_field, calib_template=calib_template,
         layerwise=layerwise, sequential=sequential, offload_dir=offload_dir, hidden_memory=hidden_memory,
         command=_command_line(), stats_out=stats_out, options=options, notify=err.print,
-        compensate=compensate, budget=budget, budget_floor=budget_floor,
+        compensate=compensate, compensate_rank=compensate_rank, budget=budget, budget_floor=budget_floor,
     )
     if Ranks.from_env(device).is_main:  # under torchrun only rank 0 writes
         _print_done(Plan.load(Path(path) / "moeprune_plan.json"), path)

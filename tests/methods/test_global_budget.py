@@ -219,6 +219,8 @@ def test_global_budget_with_compensation_fits_each_layer_on_a_second_walk(checkp
     (dict(budget="global", budget_floor=1), "below 2"),
     (dict(budget="global", sequential=True), "--sequential plans each layer"),
     (dict(budget="global", method="mone"), "novice checkpoint keeps one expert count"),
+    (dict(budget="global", method="auto", options={"format": "novices", "candidates": "reap"}),
+     "novice checkpoint keeps one"),
     (dict(budget="global", calib=None), "needs calibration text|--budget global measures"),
 ])
 def test_bad_budget_options_are_refused_in_one_line_before_any_work(checkpoint, calib_file, tmp_path,

@@ -121,12 +121,27 @@ def text_generator(model: nn.Module) -> nn.Module:
 # A block with novices (MoNE; made by `moeprune.surgery.novices`) keeps its router at E rows while its
 # experts tensors hold only the E_kept kept experts; two non-persistent buffers on the experts module
 # carry the rest: `expert_map [E]` (router id -> slot; slot E_kept + n is novice n) and
-# `novice_vectors [n, H]`. Shape letters here also: P kept pairs, Q novice pairs.
+# `novice_vectors [n, H]`. Low-rank novices (fitted by compensation, `moeprune.methods.compensation`)
+# add two more, `novice_u` and `novice_v` [n, H, r]: novice i's output is `b_i + U_i (V_iᵀ x)`. Without
+# them everything runs as before. Shape letters here also: P kept pairs, Q novice pairs.
 NOVICE_IMPLEMENTATION = "moeprune_novice"  # the tag of the experts implementations moeprune registers
 
 
 def is_novice_experts(experts: nn.Module) -> bool:
     return "expert_map" in experts._buffers and "novice_vectors" in experts._buffers
+
+
+def has_low_rank_novices(experts: nn.Module) -> bool:
+    return "novice_u" in experts._buffers and "novice_v" in experts._buffers
+
+
+NOVICE_BUFFERS = ("novice_vectors", "novice_u", "novice_v")  # what a novice holds besides its router row
+
+
+def novice_parameter_count(experts: nn.Module) -> int:
+    """Elements of the novices' tensors (vectors, and low-rank factors: n·(H + 2·H·r)); 0 without novices."""
+    buffers = experts._buffers
+    return sum(int(buffers[k].numel()) for k in NOVICE_BUFFERS if buffers.get(k) is not None)
 
 
 def novice_slots(experts: nn.Module) -> tuple[int, torch.Tensor, torch.Tensor]:
@@ -141,8 +156,9 @@ def novice_experts_forward(self, kernel, hidden_states: torch.Tensor, top_k_inde
     """Experts forward with novices: [T, H], [T, K] router ids, [T, K] gates -> [T, H].
 
     `kernel` is the family's own experts forward (the implementation the model had before), which
-    runs the kept pairs, one pair per row with remapped ids; a novice pair adds `g * novice`.
-    Experts modules without novices (the config is shared by every layer) run `kernel` as is.
+    runs the kept pairs, one pair per row with remapped ids; a novice pair adds `g * novice`, where a
+    low-rank novice is `b + U (Vᵀ x)`. Experts modules without novices (the config is shared by every
+    layer) run `kernel` as is.
     """
     if not is_novice_experts(self):
         return kernel(self, hidden_states, top_k_index, top_k_weights, **kwargs)
@@ -157,9 +173,22 @@ def novice_experts_forward(self, kernel, hidden_states: torch.Tensor, top_k_inde
         out.index_add_(0, tok, y.float())  # [P, H] summed into the tokens
     tok_n, k_n = (~is_kept).nonzero(as_tuple=True)  # [Q]
     if tok_n.numel():
-        v = self.novice_vectors[slots[tok_n, k_n] - kept_count].float()  # [Q, H]
+        which = slots[tok_n, k_n] - kept_count  # [Q]
+        v = self.novice_vectors[which].float()  # [Q, H]
+        if has_low_rank_novices(self):
+            v = v + _low_rank_outputs(self, hidden_states[tok_n], which)
         out.index_add_(0, tok_n, top_k_weights[tok_n, k_n, None].float() * v)
     return out.to(hidden_states.dtype)
+
+
+def _low_rank_outputs(experts: nn.Module, x: torch.Tensor, which: torch.Tensor) -> torch.Tensor:
+    """[Q, H] `U_i (V_iᵀ x_q)` of novice i = which[q] on x [Q, H], a novice at a time (no [Q, H, r] copy)."""
+    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    for i in which.unique().tolist():
+        rows = (which == i).nonzero().squeeze(1)
+        proj = x[rows].float() @ experts.novice_v[i].float()  # [Q_i, r]
+        out[rows] = proj @ experts.novice_u[i].float().T  # [Q_i, H]
+    return out
 
 
 def _novice_instance_forward(self, *args, **kwargs):

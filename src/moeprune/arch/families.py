@@ -12,7 +12,14 @@ import types
 import torch
 from torch import nn
 
-from moeprune.arch.base import EXPERT_COUNT_ATTRS, Adapter, ExpertWeights, decoder_layers, novice_slots
+from moeprune.arch.base import (
+    EXPERT_COUNT_ATTRS,
+    Adapter,
+    ExpertWeights,
+    decoder_layers,
+    has_low_rank_novices,
+    novice_slots,
+)
 from moeprune.errors import MoepruneError
 
 
@@ -72,6 +79,9 @@ def _llama4_novice_forward(self, routed_in: torch.Tensor) -> torch.Tensor:
     experts run densely as usual; a novice's rows hold its vector for the tokens whose top-k holds it
     (score > 0; the router sets the others to sigmoid(-inf) = 0) and zero elsewhere.
     """
+    if has_low_rank_novices(self):
+        raise MoepruneError("Llama 4 runs its experts densely on score-scaled inputs, where a low-rank "
+                            "novice (b + U Vᵀx) is not defined; use constant novices")
     scores = self.__dict__.pop("_moeprune_scores", None)  # [T, E]
     if scores is None:
         raise RuntimeError("Llama 4 novice experts need the router's scores: run the whole MoE block")

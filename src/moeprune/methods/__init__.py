@@ -8,6 +8,7 @@ synthetic statistics. `moeprune methods` lists this registry.
 from __future__ import annotations
 
 from moeprune.methods import (
+    auto,  # noqa: F401  (registers auto, the per-layer choice among candidate methods)
     dek,  # noqa: F401  (registers DEK, CKA grouping and weight-space merging)
     hc_smoe,  # noqa: F401  (registers HC-SMoE, clustering by mean expert outputs)
     mone,  # noqa: F401  (registers MoNE, pruning with novices)

@@ -59,8 +59,10 @@ class LayerWeights(Protocol):
         """[E', n, D] float32 raw (ungated) outputs of `experts` (default all) on block inputs x [n, H]
         (D = H unless the experts run in a latent space: `Adapter.expert_dim`)."""
 
-    def block_output(self, x: torch.Tensor, layer_plan: LayerPlan | None = None) -> torch.Tensor:
-        """[n, H] float32 the MoE block's output on x [n, H], after `layer_plan` if given (on a copy)."""
+    def block_output(self, x: torch.Tensor, layer_plan: LayerPlan | None = None,
+                     novice_vectors: torch.Tensor | None = None) -> torch.Tensor:
+        """[n, H] float32 the MoE block's output on x [n, H], after `layer_plan` if given (on a copy; a plan
+        with novices needs their vectors [N, D])."""
 
     def merged_block(self, num_out: int, router_merge: str = "average",
                      aligned: LayerPlan | None = None) -> MergedCandidate:

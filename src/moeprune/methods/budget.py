@@ -100,7 +100,7 @@ def check_budget(choice: BudgetChoice, spec, cfg, *, has_calibration: bool, prob
     """Refuse, before any work, a global budget this prune cannot run (one line each)."""
     if not choice.is_global:
         return
-    if spec.kind == "novice":
+    if spec.kind == "novice" or getattr(cfg, "format", None) == "novices":  # auto's novice format too
         raise MoepruneError(f"--budget global with {spec.name}: a novice checkpoint keeps one expert count "
                             "in every layer; use --budget uniform or a pruning method")
     if not spec.layer_local(cfg):
@@ -136,6 +136,9 @@ def damage_curve(method: str, request: PlanRequest, layer: int, counts: list[int
     out = []
     for r in counts:
         lp = spec.fn(PlanRequest(one, r, request.flatten_groups, request.weights), cfg).layers[0]
+        if lp.novices:
+            raise MoepruneError(f"--budget global with {method}: its layer {layer} has novices, and a novice "
+                                "checkpoint keeps one expert count in every layer; use --budget uniform")
         if lp.is_pruning:
             err = scorer(lp.kept)
         else:  # a merge: the block's own forward on a copy with the plan applied

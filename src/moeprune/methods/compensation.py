@@ -18,10 +18,32 @@ What can be fitted (`CompensationConfig.fit`):
 - ``novices``: MoNE's novice vectors, fitted jointly (features: the novice's gate `g_tn`) instead of
   each being its expert's mean output, which is optimal only for that expert alone.
 - ``down+novices``: both, jointly.
+- ``lowrank``: low-rank novices. Novice n becomes `b_n + U_n V_nᵀ x` (x [D]: what the experts module
+  received, U_n, V_n [D, r], r = `rank`) instead of the constant b_n; its change on token t is
+  `g_tn (Δb_n + W_n x_t)` with `W_n = U_n V_nᵀ` of rank r. The fit is reduced-rank ridge regression
+  (Mukherjee & Zhu 2011, "Reduced rank ridge regression and its kernel extensions"), read as:
+  (1) a ridge fit of the full-rank affine map `[Δb_n, W_n]` on the features `g_tn [1, x_t]` [D+1]
+  (every novice's block jointly with the rest when the width allows, see below);
+  (2) per novice, the bias eliminated (its rows of the normal matrix give the g²-weighted centred
+  input moment `Σ_n = S - m mᵀ/s`, s = Σ g², m = Σ g² x, S = Σ g² x xᵀ), the fitted linear map's
+  outputs' second moment on the ridge-augmented data `M_n = Ŵ_n (Σ_n + λI) Ŵ_nᵀ` [D, D], and its
+  top-r eigenvectors P_r [D, r]: `W_n,r = P_r P_rᵀ Ŵ_n`, i.e. `U_n = P_r`, `V_n = Ŵ_nᵀ P_r` (Mukherjee
+  & Zhu's step: project the ridge fit onto the top-r principal directions of its fitted values;
+  without the ridge, Izenman's reduced-rank regression);
+  (3) the unconstrained parameters (the biases, and the down deltas with ``down+lowrank``) solved
+  again with the truncated maps held fixed, which the rank step made stale. With one novice and its
+  own block this is the exact reduced-rank ridge solution with a free intercept; with several novices
+  solved jointly, step (2) uses each novice's own block (the cross terms only enter (1) and (3)).
+  Stock transformers cannot represent `b + U Vᵀ x` (a SwiGLU expert's output is not affine in x), so
+  the checkpoint is moeprune's novice format; `export-stock` drops every novice, low-rank or not.
+  A novice holds D + 2·D·r parameters instead of D.
+- ``down+lowrank``: the down projections and the low-rank novices, jointly as in (1) and (3).
 
 The solve is joint over every kept expert when the feature width R·I (+ novices) is at most
 `joint_limit`; beyond it each expert's block is solved on its own (the cross terms between experts
-that share a token are dropped), which keeps the memory per layer at R·I² rather than (R·I)².
+that share a token are dropped), which keeps the memory per layer at R·I² rather than (R·I)². Low-rank
+novices count D+1 features each; beyond the limit each novice's block [D+1, D+1] is solved on its own
+(memory N·(D+1)² doubles per layer, streamed over the batches).
 
 Regularisation: λ = α · mean(diag G) (G the normal matrix), α from the grid `alphas`. A share of the
 calibration sequences (`holdout`) is held out: every α is scored on it, the best is kept, and a fit
@@ -30,28 +52,31 @@ Everything here is pure tensor arithmetic; `moeprune.pipeline.compensate` gather
 `moeprune.surgery` writes the fitted tensors.
 
 Shape letters: T tokens, S routed (token, slot) pairs, R kept experts, I expert width, D the experts'
-output width, N novices, P = R·I + N fitted features.
+output width (and input width), N novices, B features per novice (1, or D+1 for low-rank ones),
+P = R·I + N·B fitted features, r the low-rank novices' rank.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
 from moeprune.errors import MoepruneError
 from moeprune.methods import options
 
-FITS = ("none", "down", "novices", "down+novices")
+FITS = ("none", "down", "novices", "down+novices", "lowrank", "down+lowrank")
 DEFAULT_ALPHAS = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)
 
 
 @dataclass(frozen=True)
 class CompensationConfig:
-    fit: str = "none"  # none | down | novices | down+novices (see the module docstring)
+    fit: str = "none"  # none | down | novices | down+novices | lowrank | down+lowrank (module docstring)
     holdout: float = 0.125  # share of calibration sequences held out to choose α and accept the fit
     alphas: tuple[float, ...] = DEFAULT_ALPHAS  # ridge strengths, relative to mean(diag G)
     joint_limit: int = 8192  # solve all kept experts jointly up to this many features, else per expert
+    rank: int = 8  # r of the low-rank novices (fit lowrank, down+lowrank); capped at D
 
     def __post_init__(self):
         options.one_of("compensation", "fit", self.fit, FITS)
@@ -64,6 +89,7 @@ class CompensationConfig:
         for a in self.alphas:
             options.number("compensation", "alphas", a, minimum=0.0, strict=True)
         options.integer("compensation", "joint_limit", self.joint_limit, 1)
+        options.integer("compensation", "rank", self.rank, 1)
 
     @property
     def active(self) -> bool:
@@ -71,11 +97,15 @@ class CompensationConfig:
 
     @property
     def fits_down(self) -> bool:
-        return self.fit in ("down", "down+novices")
+        return self.fit in ("down", "down+novices", "down+lowrank")
 
     @property
     def fits_novices(self) -> bool:
-        return self.fit in ("novices", "down+novices")
+        return self.fit in ("novices", "down+novices", "lowrank", "down+lowrank")
+
+    @property
+    def low_rank(self) -> bool:
+        return self.fit in ("lowrank", "down+lowrank")
 
 
 @dataclass
@@ -83,7 +113,8 @@ class RoutedPairs:
     """One batch of routed (token, slot) pairs of the compressed experts module, and its target.
 
     `hidden [S, I]` is `g · a(x)` of each kept pair (gate times the expert's hidden units); novice
-    pairs carry only their gate. `target [T, D]` is the original output minus the compressed one.
+    pairs carry their gate, and for low-rank fits the experts' input x of their token. `target [T, D]`
+    is the original output minus the compressed one.
     """
 
     tokens: torch.Tensor  # [S] token of each kept pair
@@ -93,6 +124,15 @@ class RoutedPairs:
     novice_slots: torch.Tensor  # [S'] novice (0..N-1)
     novice_gates: torch.Tensor  # [S'] g
     target: torch.Tensor  # [T, D]
+    novice_inputs: torch.Tensor | None = None  # [S', D] x of each novice pair (low-rank fits only)
+
+
+class LowRankDelta(NamedTuple):
+    """A low-rank novice fit: novice n's output becomes `b_n + bias[n] + up[n] @ (down[n].T @ x)`."""
+
+    bias: torch.Tensor  # [N, D] added to the novice vectors
+    up: torch.Tensor  # [N, D, r] U
+    down: torch.Tensor  # [N, D, r] V
 
 
 class RidgeFit:
@@ -106,21 +146,37 @@ class RidgeFit:
         self.cfg = cfg
         self.R, self.I, self.N, self.D = num_kept, width, num_novices, dim
         self.fit_down, self.fit_novices = cfg.fits_down, cfg.fits_novices and num_novices > 0
-        kept_width = self.R * self.I if self.fit_down else 0
-        self.P = kept_width + (self.N if self.fit_novices else 0)
+        self.low_rank = self.fit_novices and cfg.low_rank
+        self.rank = min(cfg.rank, dim)
+        self.B = dim + 1 if self.low_rank else 1  # features per novice: g [1, x], or g
+        self.kept_width = self.R * self.I if self.fit_down else 0
+        self.P = self.kept_width + (self.N * self.B if self.fit_novices else 0)
         self.joint = self.P <= cfg.joint_limit
         f64 = torch.float64
         if self.joint:
             self.G = torch.zeros(self.P, self.P, dtype=f64)  # Σ z zᵀ
             self.C = torch.zeros(self.P, self.D, dtype=f64)  # Σ z rᵀ
-        else:  # one block per kept expert, and one for the novices
+        else:  # one block per kept expert, and one for the novices (one per low-rank novice)
             self.G_e = torch.zeros(self.R if self.fit_down else 0, self.I, self.I, dtype=f64)
             self.C_e = torch.zeros(self.R if self.fit_down else 0, self.I, self.D, dtype=f64)
-            self.G_n = torch.zeros(self.N if self.fit_novices else 0, self.N if self.fit_novices else 0,
-                                   dtype=f64)
-            self.C_n = torch.zeros(self.G_n.shape[0], self.D, dtype=f64)
+            n = self.N if self.fit_novices else 0
+            if self.low_rank:
+                self.G_n = torch.zeros(n, self.B, self.B, dtype=f64)
+                self.C_n = torch.zeros(n, self.B, self.D, dtype=f64)
+            else:
+                self.G_n = torch.zeros(n, n, dtype=f64)
+                self.C_n = torch.zeros(n, self.D, dtype=f64)
         self.held_out: list[RoutedPairs] = []
         self.tokens = 0
+
+    def _novice_features(self, p: RoutedPairs) -> torch.Tensor:
+        """[S', B] each novice pair's features: g, or g [1, x] for low-rank novices."""
+        g = p.novice_gates.float()[:, None]  # [S', 1]
+        if not self.low_rank:
+            return g
+        if p.novice_inputs is None:
+            raise ValueError("low-rank novice fits need the novice pairs' inputs (RoutedPairs.novice_inputs)")
+        return g * torch.cat([torch.ones_like(g), p.novice_inputs.float()], dim=1)
 
     def features(self, p: RoutedPairs) -> torch.Tensor:
         """[T, P] z of every token of a batch (joint mode)."""
@@ -130,8 +186,9 @@ class RidgeFit:
             cols = p.slots[:, None] * self.I + torch.arange(self.I)  # [S, I]
             Z.index_put_((p.tokens[:, None].expand_as(cols), cols), p.hidden.float(), accumulate=True)
         if self.fit_novices and p.novice_tokens.numel():
-            base = self.R * self.I if self.fit_down else 0
-            Z.index_put_((p.novice_tokens, base + p.novice_slots), p.novice_gates.float(), accumulate=True)
+            cols = self.kept_width + p.novice_slots[:, None] * self.B + torch.arange(self.B)  # [S', B]
+            Z.index_put_((p.novice_tokens[:, None].expand_as(cols), cols), self._novice_features(p),
+                         accumulate=True)
         return Z
 
     def add(self, p: RoutedPairs, held_out: bool) -> None:
@@ -153,7 +210,13 @@ class RidgeFit:
                 A = p.hidden[rows].float()  # [S_s, I]
                 self.G_e[s] += (A.T @ A).double()
                 self.C_e[s] += (A.T @ r[p.tokens[rows]]).double()
-        if self.fit_novices:
+        if self.fit_novices and self.low_rank:
+            F = self._novice_features(p)  # [S', D+1]
+            for n in p.novice_slots.unique().tolist():
+                rows = p.novice_slots == n
+                self.G_n[n] += (F[rows].T @ F[rows]).double()
+                self.C_n[n] += (F[rows].T @ r[p.novice_tokens[rows]]).double()
+        elif self.fit_novices:
             Zn = torch.zeros(r.shape[0], self.N)
             Zn.index_put_((p.novice_tokens, p.novice_slots), p.novice_gates.float(), accumulate=True)
             self.G_n += (Zn.T @ Zn).double()
@@ -169,22 +232,96 @@ class RidgeFit:
         A = G + alpha * scale * torch.eye(G.shape[0], dtype=G.dtype)
         return torch.linalg.solve(A, C)
 
-    def _solution(self, alpha: float) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """(ΔW [R, D, I] or None, novice vectors' deltas [N, D] or None) for one α."""
+    def _reduce_rank(self, G: torch.Tensor, theta: torch.Tensor,
+                     lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Step (2) of the low-rank reading for one novice: its block G [D+1, D+1] (features g [1, x]), its
+        ridge fit theta [D+1, D] and the ridge's λ -> (V [D, r], U [D, r]) with W_r = U Vᵀ (zero for a
+        novice never routed)."""
+        s, m, S = G[0, 0], G[1:, 0], G[1:, 1:]
+        D, r = self.D, self.rank
+        if not s > 0:
+            z = torch.zeros(D, r, dtype=G.dtype)
+            return z, z.clone()
+        centred = S - torch.outer(m, m) / s  # [D, D] g²-weighted centred input moment
+        W_t = theta[1:]  # [D_in, D_out] Ŵᵀ
+        M = W_t.T @ (centred + lam * torch.eye(D, dtype=G.dtype)) @ W_t  # [D_out, D_out]
+        _, vecs = torch.linalg.eigh((M + M.T) / 2)  # ascending eigenvalues
+        U = vecs[:, -r:].flip(1)  # [D, r] top-r directions of the fitted values
+        return W_t @ U, U  # V [D_in, r], U [D_out, r]
+
+    def _refit_free(self, G: torch.Tensor, C: torch.Tensor, theta: torch.Tensor, fixed: torch.Tensor,
+                    alpha: float, with_down: bool) -> torch.Tensor:
+        """Step (3): theta [p, D] with its `fixed` rows (bool [p]) kept and the others solved again on the
+        normal equations G [p, p], C [p, D] given them: by ridge when down projections are among them,
+        else (the biases alone) by least squares."""
+        free = ~fixed
+        if not free.any():
+            return theta
+        out = theta.clone()
+        Gf = G[free][:, free]
+        Cf = C[free] - G[free][:, fixed] @ theta[fixed]
+        out[free] = self._ridge(Gf, Cf, alpha) if with_down else self._bias_solve(Gf, Cf)
+        return out
+
+    @staticmethod
+    def _bias_solve(G: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
+        """The biases given the maps: plain least squares (the intercept of reduced-rank regression is
+        free), on the novices that were routed (the others stay zero)."""
+        out = torch.zeros_like(C)
+        seen = G.diagonal() > 0
+        if seen.any():
+            out[seen] = torch.linalg.lstsq(G[seen][:, seen], C[seen]).solution
+        return out
+
+    def _low_rank_blocks(self, G: torch.Tensor, C: torch.Tensor, theta: torch.Tensor, base: int, count: int,
+                         alpha: float, with_down: bool = False) -> tuple[torch.Tensor, LowRankDelta]:
+        """Steps (2) and (3) on the ridge solution theta [P, D] of G, C, whose `count` novice blocks start
+        at row `base`.
+
+        Returns theta with the novice maps' rows replaced by their rank-r truncation and the free rows
+        solved again, and the low-rank factors."""
+        lam = float(alpha * G.diagonal().mean())  # the ridge's λ (`_ridge`)
+        U = torch.zeros(count, self.D, self.rank, dtype=G.dtype)
+        V = torch.zeros_like(U)
+        theta = theta.clone()
+        fixed = torch.zeros(G.shape[0], dtype=torch.bool)
+        for n in range(count):
+            lo = base + n * self.B
+            blk = slice(lo, lo + self.B)
+            V[n], U[n] = self._reduce_rank(G[blk, blk], theta[blk], lam)
+            theta[lo + 1 : lo + self.B] = V[n] @ U[n].T  # [D_in, D_out] (U Vᵀ)ᵀ
+            fixed[lo + 1 : lo + self.B] = True
+        theta = self._refit_free(G, C, theta, fixed, alpha, with_down)
+        bias = theta[base : base + count * self.B].view(count, self.B, self.D)[:, 0]
+        return theta, LowRankDelta(bias, U, V)
+
+    def _solution(self, alpha: float):
+        """(ΔW [R, D, I] or None, novices' deltas or None) for one α; the novices' delta is a tensor
+        [N, D] for constant novices, a `LowRankDelta` for low-rank ones."""
         if self.joint:
             theta = self._ridge(self.G, self.C, alpha)  # [P, D]
-            kept = theta[: self.R * self.I] if self.fit_down else None
-            nov = theta[self.R * self.I :] if self.fit_down else theta
+            dn = None
+            if self.low_rank:
+                theta, dn = self._low_rank_blocks(self.G, self.C, theta, self.kept_width, self.N, alpha,
+                                                  self.fit_down)
+            elif self.fit_novices:
+                dn = theta[self.kept_width :]
+            kept = theta[: self.kept_width] if self.fit_down else None
             dW = kept.view(self.R, self.I, self.D).transpose(1, 2) if kept is not None else None
-            return dW, (nov if self.fit_novices else None)
+            return dW, dn
         dW = None
         if self.fit_down:
             dW = torch.stack([self._ridge(self.G_e[s], self.C_e[s], alpha) for s in range(self.R)])
             dW = dW.transpose(1, 2)  # [R, D, I]
+        if self.low_rank:
+            parts = [self._low_rank_blocks(G, C, self._ridge(G, C, alpha), 0, 1, alpha)[1]
+                     for G, C in zip(self.G_n, self.C_n)]
+            dn = LowRankDelta(*(torch.cat([getattr(p, f) for p in parts]) for f in LowRankDelta._fields))
+            return dW, dn
         dn = self._ridge(self.G_n, self.C_n, alpha) if self.fit_novices else None
         return dW, dn
 
-    def held_out_error(self, dW: torch.Tensor | None, dn: torch.Tensor | None) -> float:
+    def held_out_error(self, dW: torch.Tensor | None, dn) -> float:
         """Σ ||r - Δy||² over the held-out tokens with these deltas (both None: no fit)."""
         total = 0.0
         for p in self.held_out:
@@ -193,13 +330,23 @@ class RidgeFit:
                 per_pair = torch.einsum("sdi,si->sd", dW[p.slots], p.hidden.double())  # [S, D]
                 change.index_add_(0, p.tokens, per_pair)
             if dn is not None and p.novice_tokens.numel():
-                change.index_add_(0, p.novice_tokens, dn[p.novice_slots] * p.novice_gates.double()[:, None])
+                g = p.novice_gates.double()[:, None]  # [S', 1]
+                if isinstance(dn, LowRankDelta):
+                    per_pair = dn.bias[p.novice_slots].clone()  # [S', D]
+                    for n in p.novice_slots.unique().tolist():  # a novice at a time: no [S', D, r] copy
+                        rows = (p.novice_slots == n).nonzero().squeeze(1)
+                        x = p.novice_inputs[rows].double()  # [S_n, D]
+                        per_pair[rows] += (x @ dn.down[n]) @ dn.up[n].T  # U (Vᵀx)
+                else:
+                    per_pair = dn[p.novice_slots]
+                change.index_add_(0, p.novice_tokens, per_pair * g)
             total += float(((p.target.double() - change) ** 2).sum())
         return total
 
-    def solve(self) -> tuple[torch.Tensor | None, torch.Tensor | None, dict]:
-        """(ΔW [R, D, I], Δnovices [N, D], notes): the best α on the held-out tokens, or no fit at all
-        (both None) when none beats leaving the layer as it is."""
+    def solve(self):
+        """(ΔW [R, D, I], Δnovices, notes): the best α on the held-out tokens, or no fit at all (both None)
+        when none beats leaving the layer as it is. Δnovices is [N, D] for constant novices and a
+        `LowRankDelta` for low-rank ones."""
         before = self.held_out_error(None, None)
         best = None
         errors = {}
@@ -216,6 +363,8 @@ class RidgeFit:
                  "features": self.P, "fit_tokens": self.tokens, "held_out_tokens": held_out_tokens,
                  "alpha": alpha, "held_out_error_before": before, "held_out_error_after": err,
                  "applied": applied}
+        if self.low_rank:
+            notes["novice_rank"] = self.rank
         if not applied:
             notes["why_not"] = ("no held-out calibration tokens" if not held_out_tokens else
                                 "the fit did not lower the held-out error")

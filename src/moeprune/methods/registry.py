@@ -63,6 +63,10 @@ class MethodSpec:
         that respect the routing groups (MoNE's `within_groups`), and then the count must fit them."""
         return self.kind == "novice" and not getattr(cfg, "within_groups", False)
 
+    def makes_novices(self, cfg) -> bool:
+        """Whether this method with these options writes novices (MoNE's format)."""
+        return self.kind == "novice" or getattr(cfg, "format", None) == "novices"
+
     def check_use(self, cfg, *, n_group: int, flatten_groups: bool, has_calibration: bool) -> None:
         """Refuse, before any work, a use of this method that cannot run: one line saying what to change."""
         # a method whose need depends on its options says why through `calibration_reason()` (e.g. dek)

@@ -68,15 +68,16 @@ class LayerAccess:
             raise MoepruneError(f"layer {self.layer}: {why}")
 
     @torch.no_grad()
-    def block_output(self, x: torch.Tensor, layer_plan=None) -> torch.Tensor:
-        """[n, H] the MoE block's output on x [n, H], after `layer_plan` if given (on a copy)."""
+    def block_output(self, x: torch.Tensor, layer_plan=None, novice_vectors=None) -> torch.Tensor:
+        """[n, H] the MoE block's output on x [n, H], after `layer_plan` if given (on a copy; a plan with
+        novices needs their vectors [N, D])."""
         from moeprune.surgery import apply_layer_plan
 
         self._check_runs_alone()
         block = self.block
         if layer_plan is not None:
             block = copy.deepcopy(self.block)
-            apply_layer_plan(self.adapter, block, layer_plan)
+            apply_layer_plan(self.adapter, block, layer_plan, novice_vectors)
         dtype = next(block.parameters()).dtype
         out = self.adapter.moe_forward(block, x.to(dtype)[None])  # blocks take [B, L, H]
         return out.reshape(x.shape[0], -1).float()

@@ -14,7 +14,6 @@ Nothing is held per token beyond one batch, except the held-out share of the seq
 from __future__ import annotations
 
 import contextlib
-import copy
 from collections.abc import Iterator
 
 import torch
@@ -24,7 +23,7 @@ from moeprune import compat
 from moeprune.arch import Adapter
 from moeprune.arch.base import is_novice_experts
 from moeprune.errors import MoepruneError
-from moeprune.methods.compensation import CompensationConfig, RidgeFit, RoutedPairs
+from moeprune.methods.compensation import CompensationConfig, LowRankDelta, RidgeFit, RoutedPairs
 from moeprune.plan import LayerPlan
 
 LINEARITY_TOLERANCE = 1e-3  # relative: the experts' raw output must be down_proj(hidden units) + bias
@@ -161,7 +160,8 @@ class LayerCompensation:
         target = (y_ref.float() - y.float())  # [T, D]
         held = self.held_out_sequences(sequences).repeat_interleave(T // sequences.numel())  # [T]
         pairs = RoutedPairs(token[kept], ids, a * gate[kept][:, None], token[novice],
-                            slot[novice] - self.R, gate[novice], target)
+                            slot[novice] - self.R, gate[novice], target,
+                            x[token[novice]] if self.cfg.low_rank else None)
         for part in (False, True):
             rows = held if part else ~held
             if rows.any():
@@ -172,7 +172,7 @@ class LayerCompensation:
     @torch.no_grad()
     def finish(self) -> dict:
         """Solve, write what was accepted into the compressed block (surgery), and return the notes."""
-        from moeprune.surgery.compensation import add_to_down, add_to_novices
+        from moeprune.surgery.compensation import add_to_down, add_to_novices, make_low_rank_novices
 
         dW, dn, notes = self.fit.solve()
         if self.reference > 0:
@@ -180,7 +180,9 @@ class LayerCompensation:
             notes["held_out_relative_after"] = notes["held_out_error_after"] / self.reference
         if dW is not None:
             add_to_down(self.adapter, self.block, dW)
-        if dn is not None:
+        if isinstance(dn, LowRankDelta):
+            make_low_rank_novices(self.adapter, self.block, dn.bias, dn.up, dn.down)
+        elif dn is not None:
             add_to_novices(self.adapter, self.block, dn)
         return {k: (float(f"{v:.6g}") if isinstance(v, float) else v) for k, v in notes.items()}
 
@@ -190,8 +192,9 @@ def _subset(p: RoutedPairs, rows: torch.Tensor) -> RoutedPairs:
     new = torch.full((rows.numel(),), -1, dtype=torch.long)
     new[rows] = torch.arange(int(rows.sum()))
     k, n = rows[p.tokens], rows[p.novice_tokens]
+    inputs = None if p.novice_inputs is None else p.novice_inputs[n]
     return RoutedPairs(new[p.tokens[k]], p.slots[k], p.hidden[k], new[p.novice_tokens[n]], p.novice_slots[n],
-                       p.novice_gates[n], p.target[rows])
+                       p.novice_gates[n], p.target[rows], inputs)
 
 
 def held_out_rule(holdout: float):

@@ -193,13 +193,13 @@ def walk(
                 fitting = compensate is not None and compensate.active and batches is not None
                 original = copy.deepcopy(block) if fitting else None  # what compensation fits against
                 apply_layer_plan(adapter, block, lp, vectors)
-                for key, after in _layer_counts(adapter, layer, block).items():
-                    parameter_change[key] = parameter_change.get(key, 0) + after - counted[key]
                 if flatten_groups:
                     adapter.flatten_block_groups(block)
                 if fitting:
                     lp.notes["compensation"] = _compensate(compensate, batches, i, layer, block, original, lp)
                     del original
+                for key, after in _layer_counts(adapter, layer, block).items():  # low-rank novices included
+                    parameter_change[key] = parameter_change.get(key, 0) + after - counted[key]
                 plans.append(lp)
                 if pruned_outputs_move_on and batches is not None and (on_last is not None or not last):
                     batches.run(i, layer, keep=not last, sink=on_last if last else None)
@@ -263,11 +263,12 @@ def _compensate(cfg: CompensationConfig, batches: _Batches, i: int, layer: nn.Mo
 
 
 def _layer_counts(adapter, layer: nn.Module, block: nn.Module) -> dict[str, int]:
-    """`store.checkpoint.parameter_counts` of one decoder layer (novice vectors are buffers, counted too)."""
+    """`store.checkpoint.parameter_counts` of one decoder layer (novices are buffers, counted too)."""
+    from moeprune.arch.base import novice_parameter_count
+
     total = sum(p.numel() for p in layer.parameters())
     routed = sum(p.numel() for p in adapter.expert_parameters(block).values())
-    vectors = adapter.experts(block)._buffers.get("novice_vectors")
-    novices = vectors.numel() if vectors is not None else 0
+    novices = novice_parameter_count(adapter.experts(block))
     return {"total": total + novices, "routed_experts": routed, "novices": novices, "other": total - routed}
 
 

@@ -19,6 +19,7 @@ from torch import nn
 
 from moeprune import compat
 from moeprune.arch import Adapter, get_adapter
+from moeprune.arch.base import novice_parameter_count
 from moeprune.errors import MoepruneError
 from moeprune.outputs import atomic_directory, check_output_dir
 from moeprune.store.files import read_config_dict, weights_bytes
@@ -198,7 +199,8 @@ def fnmatch_any(name: str, patterns: tuple[str, ...]) -> bool:
 
 
 def parameter_counts(model: nn.Module, adapter: Adapter | None = None) -> dict:
-    """Parameters in routed experts, novices (MoNE vectors, stored as buffers) and the rest.
+    """Parameters in routed experts, novices (MoNE vectors and low-rank novices' factors, stored as
+    buffers: n·(H + 2·H·r) a layer) and the rest.
 
     Shared tensors are counted once; `total` includes the novices.
     """
@@ -213,8 +215,7 @@ def parameter_counts(model: nn.Module, adapter: Adapter | None = None) -> dict:
     routed = novices = 0
     for block in adapter.moe_blocks(model).values():
         routed += sum(p.numel() for p in adapter.expert_parameters(block).values())
-        vectors = adapter.experts(block)._buffers.get("novice_vectors")
-        novices += vectors.numel() if vectors is not None else 0
+        novices += novice_parameter_count(adapter.experts(block))
     return {"total": total + novices, "routed_experts": routed, "novices": novices, "other": total - routed}
 
 
@@ -256,6 +257,14 @@ def model_card(*, source: str, plan, before: dict, after: dict, command: str | N
             )
             + (f"; never routed on the calibration data, so zero: {never}" if never else "")
         )
+        low_rank = _low_rank_layers(plan)
+        if low_rank:
+            ranks = sorted(set(low_rank.values()))
+            lines.append(
+                f"- **Low-rank novices** (compensation `{plan.compensation.get('fit')}`) in layers "
+                f"{sorted(low_rank)}: a novice outputs b + U Vᵀx (x the experts' input; U, V: hidden size H "
+                f"× r, r = {ranks[0] if len(ranks) == 1 else ranks}), so each holds H + 2·H·r parameters"
+            )
     lines += [f"- {n}" for n in notes or []]
     mtp = plan.mtp
     if mtp.get("layers"):
@@ -281,7 +290,8 @@ def model_card(*, source: str, plan, before: dict, after: dict, command: str | N
     ]
     rows = [("total", "total"), ("routed_experts", "routed experts")]
     if before.get("novices") or after.get("novices"):
-        rows.append(("novices", "novice vectors"))
+        rows.append(("novices", "novices (vectors, low-rank factors)" if _low_rank_layers(plan) else
+                     "novice vectors"))
     rows += [("other", "everything else"), ("bytes", "bytes on disk (weights)")]
     for key, label in rows:
         b, a = before.get(key), after.get(key)
@@ -325,6 +335,16 @@ def model_card(*, source: str, plan, before: dict, after: dict, command: str | N
             "",
         ]
     return "\n".join(lines)
+
+
+def _low_rank_layers(plan) -> dict[int, int]:
+    """{layer: rank} of the layers whose novices compensation made low-rank (its notes say so)."""
+    out = {}
+    for lp in plan.layers:
+        notes = lp.notes.get("compensation") or {}
+        if lp.novices and notes.get("applied") and "novice_rank" in notes:
+            out[lp.layer] = int(notes["novice_rank"])
+    return out
 
 
 def save_checkpoint(model: nn.Module, out: str | Path, *, source: str, plan, before: dict,

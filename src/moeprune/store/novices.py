@@ -2,7 +2,9 @@
 
 On disk a novice checkpoint is the stock checkpoint of plain pruning (router rows and experts of the
 kept experts, written by `save_pretrained` in the original key layout) plus `moeprune_novices.safetensors`
-(per layer: the routing map, the novice vectors and the novices' router rows). `config.json` holds
+(per layer: the routing map, the novice vectors and the novices' router rows, and for low-rank novices
+their factors `novice_u`, `novice_v` [n, H, r]; such a file is format 2, which older moeprune refuses
+rather than load constant novices in their place). `config.json` holds
 a `moeprune_novice` section with the real `model_type` and `architectures`, and advertises a
 `model_type` that transformers does not know and that reads "load it with moeprune.from_pretrained".
 `AutoConfig` (so `AutoModelForCausalLM`, and engines that read configs through it) then refuses the
@@ -30,6 +32,7 @@ from torch import nn
 
 from moeprune import compat
 from moeprune.arch import get_adapter
+from moeprune.arch.base import has_low_rank_novices, novice_parameter_count
 from moeprune.errors import MoepruneError
 from moeprune.store.files import read_config_dict
 from moeprune.surgery.novices import (
@@ -43,7 +46,9 @@ from moeprune.surgery.novices import (
 
 NOVICE_FILE = "moeprune_novices.safetensors"
 CONFIG_KEY = "moeprune_novice"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1  # constant novices
+LOW_RANK_FORMAT = 2  # with low-rank novices' factors
+FORMATS = (FORMAT_VERSION, LOW_RANK_FORMAT)
 
 
 def describe(model: nn.Module) -> dict | None:
@@ -58,8 +63,10 @@ def describe(model: nn.Module) -> dict | None:
         "router_experts": adapter.num_experts,
         "experts_kept": min(kept) if len(kept) == 1 else sorted(kept),
         "novices_per_layer": per_layer,
-        "novice_parameters": sum(int(adapter.experts(b).novice_vectors.numel()) for b in blocks.values()),
-    }
+        "novice_parameters": sum(novice_parameter_count(adapter.experts(b)) for b in blocks.values()),
+    } | ({"novice_rank": {i: int(adapter.experts(b).novice_u.shape[2]) for i, b in blocks.items()
+                          if has_low_rank_novices(adapter.experts(b))}}
+         if any(has_low_rank_novices(adapter.experts(b)) for b in blocks.values()) else {})
 
 
 def _refusal(model_type: str) -> str:
@@ -161,9 +168,9 @@ def stock_config_dict(d: dict) -> dict:
     """config.json of a novice checkpoint -> the stock config of its plain-pruned part (E_kept experts)."""
     d = dict(d)
     section = d.pop(CONFIG_KEY)
-    if section.get("format") != FORMAT_VERSION:
+    if section.get("format") not in FORMATS:
         raise MoepruneError(f"novice checkpoint format {section.get('format')!r} is not supported "
-                            f"(expected {FORMAT_VERSION}); upgrade moeprune")
+                            f"(expected one of {', '.join(map(str, FORMATS))}); upgrade moeprune")
     d["model_type"] = section["model_type"]
     if section.get("architectures") is not None:
         d["architectures"] = section["architectures"]
@@ -232,12 +239,11 @@ def write_novice_file(
     """Write the novice file next to a stock checkpoint of the kept experts and turn its config.json into a
     novice one."""
     d = Path(directory)
-    save_file(
-        tensors, str(d / NOVICE_FILE), metadata={"format": "moeprune-novices", "version": str(FORMAT_VERSION)}
-    )
+    version = LOW_RANK_FORMAT if any(k.endswith(".novice_u") for k in tensors) else FORMAT_VERSION
+    save_file(tensors, str(d / NOVICE_FILE), metadata={"format": "moeprune-novices", "version": str(version)})
     cfg = json.loads((d / "config.json").read_text())
     cfg[CONFIG_KEY] = {
-        "format": FORMAT_VERSION,
+        "format": version,
         "file": NOVICE_FILE,
         "model_type": cfg["model_type"],
         "architectures": cfg.get("architectures"),
@@ -245,7 +251,8 @@ def write_novice_file(
         "num_experts": num_experts,
         "num_experts_kept": kept_count,
         "novice_layers": layers,
-        "note": "router keeps all num_experts rows; tokens routed to a novice get gate * novice vector",
+        "note": "router keeps all num_experts rows; tokens routed to a novice get gate * novice vector"
+        + (" (low-rank: gate * (vector + novice_u @ novice_v^T x))" if version == LOW_RANK_FORMAT else ""),
     }
     cfg["model_type"] = _refusal(cfg["model_type"])
     cfg["architectures"] = ["MoepruneNoviceCheckpoint"]
@@ -269,8 +276,14 @@ def _install_from_file(model: nn.Module, path: Path, section: dict) -> None:
                 if key not in keys:
                     raise MoepruneError(f"{path}: {NOVICE_FILE} lacks {key}; the checkpoint is incomplete")
                 rows[dotted] = f.get_tensor(key)
+            factors = [f"layer.{i}.novice_u", f"layer.{i}.novice_v"]
+            present = [k in keys for k in factors]
+            if any(present) and not all(present):
+                raise MoepruneError(f"{path}: {NOVICE_FILE} holds only one of {' and '.join(factors)}; the "
+                                    "checkpoint is incomplete")
+            low_rank = tuple(f.get_tensor(k) for k in factors) if all(present) else None
             reattach_novices(adapter, block, f.get_tensor(f"layer.{i}.expert_map").long(),
-                             f.get_tensor(f"layer.{i}.novice_vectors"), rows)
+                             f.get_tensor(f"layer.{i}.novice_vectors"), rows, low_rank)
     adapter.set_config_num_experts(model, kept_count, E)
 
 
@@ -306,7 +319,8 @@ def load_novice_model(
 
 
 def novice_file_counts(path: Path, section: dict) -> tuple[int, int]:
-    """(novice vector elements, novice router elements) stored in a checkpoint's novice file."""
+    """(novice elements: vectors and low-rank factors, novice router elements) stored in a checkpoint's
+    novice file."""
     vectors = router = 0
     with safe_open(str(path / section.get("file", NOVICE_FILE)), framework="pt") as f:
         names = list(f.keys())
@@ -314,7 +328,7 @@ def novice_file_counts(path: Path, section: dict) -> tuple[int, int]:
             n = 1
             for s in f.get_slice(k).get_shape():
                 n *= s
-            if k.endswith(".novice_vectors"):
+            if k.endswith((".novice_vectors", ".novice_u", ".novice_v")):
                 vectors += n
             elif ".router." in k:
                 router += n

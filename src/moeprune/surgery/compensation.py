@@ -1,6 +1,6 @@
 """Write a fitted compensation into a compressed block: deltas on the kept experts' down projections
-and on the novice vectors (`moeprune.methods.compensation` fits them, `moeprune.pipeline.compensate`
-gathers the data)."""
+and on the novice vectors, and low-rank novices' factors (`moeprune.methods.compensation` fits them,
+`moeprune.pipeline.compensate` gathers the data)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ import torch
 from torch import nn
 
 from moeprune.arch import Adapter
+from moeprune.arch.base import has_low_rank_novices
+from moeprune.errors import MoepruneError
 
 
 @torch.no_grad()
@@ -25,3 +27,17 @@ def add_to_novices(adapter: Adapter, block: nn.Module, delta: torch.Tensor) -> N
     ex = adapter.experts(block)
     v = ex.novice_vectors
     ex.register_buffer("novice_vectors", (v.double() + delta.to(v.device)).to(v.dtype), persistent=False)
+
+
+@torch.no_grad()
+def make_low_rank_novices(adapter: Adapter, block: nn.Module, bias: torch.Tensor, up: torch.Tensor,
+                          down: torch.Tensor) -> None:
+    """novice_vectors += bias [N, D], and the novices become low-rank: novice i outputs
+    `b_i + up[i] @ (down[i]ᵀ x)` (up, down [N, D, r]; buffers `novice_u`, `novice_v`)."""
+    ex = adapter.experts(block)
+    if has_low_rank_novices(ex):
+        raise MoepruneError("this MoE block's novices are already low-rank; fit them once")
+    add_to_novices(adapter, block, bias)
+    v = ex.novice_vectors
+    ex.register_buffer("novice_u", up.to(device=v.device, dtype=v.dtype).contiguous(), persistent=False)
+    ex.register_buffer("novice_v", down.to(device=v.device, dtype=v.dtype).contiguous(), persistent=False)

@@ -6,7 +6,8 @@ non-persistent buffers on the experts module carry the rest:
 
 - `expert_map [E]` (int64): router id -> slot; slots `< E_kept` are rows of the shrunken experts
   tensors, slot `E_kept + n` is novice `n`;
-- `novice_vectors [n, H]`: one constant vector per novice.
+- `novice_vectors [n, H]`: one constant vector per novice;
+- optionally `novice_u`, `novice_v [n, H, r]`: low-rank novices (`b + U Vᵀ x`, fitted by compensation).
 
 What runs them is the adapter's (`Adapter.install_novice_runtime`): for the experts classes that
 transformers dispatches through `ALL_EXPERTS_FUNCTIONS`, a registered experts implementation that
@@ -58,12 +59,13 @@ def refuse_novice_model(model: nn.Module, action: str = "prune") -> None:
 
 
 def attach_novices(adapter: Adapter, block: nn.Module, expert_map: torch.Tensor,
-                   vectors: torch.Tensor) -> None:
+                   vectors: torch.Tensor, low_rank: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
     """Give a block whose experts tensors already hold only the kept experts its routing map and novices.
 
     The router and every cached count outside the experts module stay at E; the experts' cached
     counts become E_kept, which is what their kernels index with. The adapter's novice runtime
     is installed (see `Adapter.install_novice_runtime` for what it changes on the config).
+    `low_rank` (U, V [n, H, r]) makes the novices low-rank.
     """
     ex = adapter.experts(block)
     if is_novice_experts(ex):
@@ -75,6 +77,13 @@ def attach_novices(adapter: Adapter, block: nn.Module, expert_map: torch.Tensor,
     device, dtype = ex.down_proj.device, ex.down_proj.dtype
     ex.register_buffer("expert_map", expert_map.to(device=device, dtype=torch.long), persistent=False)
     ex.register_buffer("novice_vectors", vectors.to(device=device, dtype=dtype), persistent=False)
+    if low_rank is not None:
+        up, down = low_rank
+        if up.shape != down.shape or up.shape[:2] != vectors.shape:
+            raise MoepruneError(f"low-rank novice factors {tuple(up.shape)}, {tuple(down.shape)} do not "
+                                f"match {tuple(vectors.shape)} novice vectors")
+        ex.register_buffer("novice_u", up.to(device=device, dtype=dtype), persistent=False)
+        ex.register_buffer("novice_v", down.to(device=device, dtype=dtype), persistent=False)
     for attr in EXPERT_COUNT_ATTRS:
         value = getattr(ex, attr, None)
         if isinstance(value, int) and not isinstance(value, bool):
@@ -139,6 +148,9 @@ def detach_novices(adapter: Adapter, block: nn.Module, i: int) -> tuple[dict[str
     _, kept, novices = novice_slots(ex)
     tensors = {f"layer.{i}.expert_map": ex.expert_map.detach().cpu().contiguous(),
                f"layer.{i}.novice_vectors": ex.novice_vectors.detach().cpu().contiguous()}
+    for name in ("novice_u", "novice_v"):  # low-rank novices
+        if ex._buffers.get(name) is not None:
+            tensors[f"layer.{i}.{name}"] = ex._buffers[name].detach().cpu().contiguous()
     swapped = []
     for dotted, owner, leaf, axis in _router_tensors(adapter, block):
         full = getattr(owner, leaf)
@@ -159,11 +171,12 @@ def detach_novices(adapter: Adapter, block: nn.Module, i: int) -> tuple[dict[str
 
 @torch.no_grad()
 def reattach_novices(adapter: Adapter, block: nn.Module, expert_map: torch.Tensor, vectors: torch.Tensor,
-                     router_rows: dict[str, torch.Tensor]) -> None:
+                     router_rows: dict[str, torch.Tensor],
+                     low_rank: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
     """Put a loaded plain-pruned block back to its novice form: full router, E counts, novices attached.
 
     `router_rows` maps each `novice_router_names` entry to the novices' rows of that tensor, as
-    `detach_novices` wrote them.
+    `detach_novices` wrote them; `low_rank` (U, V [n, H, r]) the low-rank novices' factors.
     """
     E = expert_map.numel()
     kept_count = adapter.experts(block).down_proj.shape[0]
@@ -179,4 +192,4 @@ def reattach_novices(adapter: Adapter, block: nn.Module, expert_map: torch.Tenso
         full.index_copy_(axis, novices.to(stock.device), rows)
         _set(owner, leaf, full, like=stock)
     adapter.set_block_num_experts(block, kept_count, E)  # router and block counts back to E
-    attach_novices(adapter, block, expert_map, vectors)  # experts' counts to E_kept
+    attach_novices(adapter, block, expert_map, vectors, low_rank)  # experts' counts to E_kept
