@@ -230,7 +230,7 @@ def run_pruned(name, base_dir, corpus, tok, texts, suite, args, done, emit, eval
                 t_prune = time.perf_counter() - t0
                 plan = Plan.load(out / "moeprune_plan.json")
                 novice = any(lp.novices for lp in plan.layers)
-                per_layer = plan.budget == "global"
+                per_layer = plan.per_layer_counts
                 pruned = moeprune.from_pretrained(out) if novice or per_layer else load_model(out)
                 r = evaluate(pruned, tok, texts, suite, args.max_tokens)
                 params = parameter_counts(pruned)

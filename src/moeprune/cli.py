@@ -776,7 +776,7 @@ def sweep(
 
 
 def _print_plan(p) -> None:
-    counts = "per-layer counts" if p.budget == "global" else f"{p.num_experts_out} experts per layer"
+    counts = "per-layer counts" if p.per_layer_counts else f"{p.num_experts_out} experts per layer"
     t = Table(title=f"{p.method}: {p.num_experts_in} → {counts}")
     novices = any(lp.novices for lp in p.layers)
     t.add_column("layer", justify="right")
@@ -800,7 +800,7 @@ def _print_done(p, path) -> None:
     if any(lp.novices for lp in p.layers):
         out.print(f"\n[bold green]MoNE checkpoint written to {path}[/] (load with moeprune.from_pretrained; "
                   "`moeprune export-stock` makes a stock copy)")
-    elif p.budget == "global":
+    elif p.per_layer_counts:
         out.print(f"\n[bold green]checkpoint with per-layer expert counts written to {path}[/] (load with "
                   "moeprune.from_pretrained; stock transformers cannot describe it)")
     else:

@@ -96,6 +96,11 @@ class Plan:
             return self.num_experts_in
         return max(lp.num_experts_out for lp in self.layers)
 
+    @property
+    def per_layer_counts(self) -> bool:
+        """Whether the layers keep different counts (a global budget's checkpoint is then moeprune's own)."""
+        return len({lp.num_experts_out for lp in self.layers}) > 1
+
     def layer(self, i: int) -> LayerPlan:
         for lp in self.layers:
             if lp.layer == i:

@@ -212,6 +212,31 @@ def test_global_budget_with_compensation_fits_each_layer_on_a_second_walk(checkp
         assert torch.isfinite(moeprune.from_pretrained(fitted)(ids).logits).all()
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["qwen2_moe", "gpt_oss", "glm4_moe", "llama4_text"])
+def test_per_layer_checkpoints_reload_exactly_across_families(family, checkpoint, calib_file, tmp_path):
+    """Shared experts, router biases, group-limited routing and score-scaled inputs all survive the
+    per-layer skeleton."""
+    src = checkpoint(family)
+    out = prune_model(src, "reap", tmp_path / "o", experts=4, calib=str(calib_file), budget="global", **PRUNE)
+    plan = Plan.load(out / "moeprune_plan.json")
+    assert plan.per_layer_counts
+    reference = apply_plan(copy.deepcopy(load_model(src)), plan)
+    ids = torch.randint(0, 1000, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(moeprune.from_pretrained(out)(ids).logits, reference(ids).logits)
+
+
+@pytest.mark.slow
+def test_equal_counts_stay_a_stock_checkpoint(checkpoint, calib_file, tmp_path):
+    """DeepSeek-V3's tiny routing groups leave no room (the floor is the uniform count): stock output."""
+    out = prune_model(checkpoint("deepseek_v3"), "reap", tmp_path / "o", experts=4, calib=str(calib_file),
+                      budget="global", **PRUNE)
+    plan = Plan.load(out / "moeprune_plan.json")
+    assert plan.budget == "global" and not plan.per_layer_counts
+    transformers.AutoModelForCausalLM.from_pretrained(str(out))
+
+
 @pytest.mark.parametrize("kwargs,what", [
     (dict(budget="sideways"), "--budget 'sideways' is not one of"),
     (dict(budget_floor=2), "--budget-floor sets the fewest"),

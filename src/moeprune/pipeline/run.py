@@ -209,7 +209,7 @@ def _finish(
             adapter.config.n_group = 1
             adapter.config.topk_group = 1
         config.save_pretrained(str(tmp))
-    if plan.budget == "global":  # counts differ per layer: moeprune's own format, refused by stock loaders
+    if plan.per_layer_counts:  # moeprune's own format, refused by stock loaders (equal counts stay stock)
         from moeprune.store.budget import write_budget_section
 
         write_budget_section(tmp, plan, count_field=count_path(config))

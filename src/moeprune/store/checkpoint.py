@@ -241,7 +241,7 @@ def model_card(*, source: str, plan, before: dict, after: dict, command: str | N
         f"- **Options:** `{json.dumps(plan.method_config)}`",
         f"- **Experts per MoE layer:** {plan.num_experts_in} → {plan.num_experts_out}"
         + (" at most, by measured damage (`--budget global`: counts per layer below)"
-           if plan.budget == "global" else "")
+           if plan.per_layer_counts else "")
         + f" (top-k {plan.model.get('top_k')} unchanged)",
     ]
     if n_novices:
@@ -320,7 +320,7 @@ def model_card(*, source: str, plan, before: dict, after: dict, command: str | N
             ),
             "",
         ]
-    elif plan.budget == "global":
+    elif plan.per_layer_counts:
         counts = ", ".join(f"{lp.layer}: {lp.num_experts_out}" for lp in plan.layers)
         lines += [
             (f"Each MoE layer keeps its own number of experts (`--budget global`; layer: kept = {counts}), "
