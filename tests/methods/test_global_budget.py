@@ -256,3 +256,19 @@ def test_bad_budget_options_are_refused_in_one_line_before_any_work(checkpoint, 
         prune_model(checkpoint("mixtral"), method, tmp_path / "o", experts=4, **args)
     assert "\n" not in str(e.value)
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("flags,what", [
+    (["--budget", "global", "--budget-floor", "5"], "--budget-floor 5 is above the uniform count 4"),
+    (["--budget", "everywhere"], "--budget 'everywhere' is not one of uniform, global"),
+])
+def test_cli_budget_flags_are_refused_in_one_line(checkpoint, calib_file, tmp_path, capsys, flags, what):
+    from moeprune.cli import main
+
+    argv = ["prune", str(checkpoint("mixtral")), "--method", "reap", "--out", str(tmp_path / "o"), "--calib",
+            str(calib_file), "--experts", "4", "--samples", "8", "--seq-len", "32", *flags]
+    capsys.readouterr()
+    assert main(argv) != 0
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and what in lines[0], lines
+    assert not (tmp_path / "o").exists()
