@@ -411,7 +411,8 @@ def check_prune(model_path, method: str, calib: CalibrationRequest, budget_reque
     check_compensation(compensation, method, spec, cfg, calib)
     if spread is not None and spread.is_global:
         check_budget(spread, spec, cfg, has_calibration=calib.text is not None, probe_size=calib.probe_size,
-                     sequential=runtime.sequential)
+                     sequential=runtime.sequential,
+                     grouped_flattened=budget_request.flatten_groups and adapter.n_group > 1)
         budget_floor(spread, keep=keep, num_experts=adapter.num_experts, top_k=adapter.top_k,
                      n_group=1 if budget_request.flatten_groups else adapter.n_group,
                      min_per_group=adapter.min_experts_per_group)

@@ -247,13 +247,14 @@ def test_equal_counts_stay_a_stock_checkpoint(checkpoint, calib_file, tmp_path):
     (dict(budget="global", method="auto", options={"format": "novices", "candidates": "reap"}),
      "novice checkpoint keeps one"),
     (dict(budget="global", calib=None), "needs calibration text|--budget global measures"),
+    (dict(budget="global", flatten_groups=True, family="deepseek_v3"), "which --flatten-groups removes"),
 ])
 def test_bad_budget_options_are_refused_in_one_line_before_any_work(checkpoint, calib_file, tmp_path,
                                                                     kwargs, what):
-    args = {**PRUNE, "calib": str(calib_file), "method": "reap", **kwargs}
-    method = args.pop("method")
+    args = {**PRUNE, "calib": str(calib_file), "method": "reap", "family": "mixtral", **kwargs}
+    method, family = args.pop("method"), args.pop("family")
     with pytest.raises(MoepruneError, match=what) as e:
-        prune_model(checkpoint("mixtral"), method, tmp_path / "o", experts=4, **args)
+        prune_model(checkpoint(family), method, tmp_path / "o", experts=4, **args)
     assert "\n" not in str(e.value)
     assert not (tmp_path / "o").exists()
 

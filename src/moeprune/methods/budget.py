@@ -96,10 +96,17 @@ def floor(choice: BudgetChoice, *, keep: int, num_experts: int, top_k: int, n_gr
 
 
 def check_budget(choice: BudgetChoice, spec, cfg, *, has_calibration: bool, probe_size: int,
-                 sequential: bool = False) -> None:
-    """Refuse, before any work, a global budget this prune cannot run (one line each)."""
+                 sequential: bool = False, grouped_flattened: bool = False) -> None:
+    """Refuse, before any work, a global budget this prune cannot run (one line each).
+
+    `grouped_flattened`: the model routes with groups (n_group > 1) and the output is to be flattened.
+    """
     if not choice.is_global:
         return
+    if grouped_flattened:
+        raise MoepruneError("--budget global measures damage with the block's own group-limited routing, "
+                            "which --flatten-groups removes (and uneven groups break it); drop "
+                            "--flatten-groups (the counts then move in whole routing groups)")
     if spec.kind == "novice" or getattr(cfg, "format", None) == "novices":  # auto's novice format too
         raise MoepruneError(f"--budget global with {spec.name}: a novice checkpoint keeps one expert count "
                             "in every layer; use --budget uniform or a pruning method")
