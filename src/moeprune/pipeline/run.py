@@ -246,7 +246,8 @@ def prune(
     local = spec.layer_local(cfg) and not budget.is_global
     if budget.is_global:
         check_budget(budget, spec, cfg, has_calibration=input_ids is not None, probe_size=calib.probe_size,
-                     sequential=runtime.sequential, grouped_flattened=flatten_groups and source.adapter.n_group > 1)
+                     sequential=runtime.sequential,
+                     grouped_flattened=flatten_groups and source.adapter.n_group > 1)
         if weights is None:
             raise MoepruneError("--budget global reads every layer's block outputs: give the weights")
     if fitting and (not (local or budget.is_global) or input_ids is None):
