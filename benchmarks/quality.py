@@ -78,9 +78,15 @@ PRUNED = [
     ("auto-novices+down+lowrank", "auto", {"format": "novices"}, "down+lowrank", True),
     ("mone+lowrank", "mone", {}, "lowrank", True),  # low-rank novices b + U Vᵀx, rank 8 (the default)
     ("mone+down+lowrank", "mone", {}, "down+lowrank", True),
+    # an optional sixth field is the budget (`--budget global`: per-layer counts by measured damage, the same
+    # total); its rows are written in moeprune's per-layer format and reloaded with moeprune.from_pretrained
+    ("reap-global", "reap", {}, "none", False, "global"),
+    ("ean-global", "ean", {}, "none", False, "global"),
+    ("frequency-global", "frequency", {}, "none", False, "global"),
 ]
 STOCK = "stock"  # output formats: a stock checkpoint, or moeprune's with novices
 NOVICE = "moeprune (novices)"
+PER_LAYER = "moeprune (per-layer counts)"
 
 
 def evaluate(model, tok, texts: dict, suite, max_tokens: int) -> dict:
@@ -208,7 +214,8 @@ def run_pruned(name, base_dir, corpus, tok, texts, suite, args, done, emit, eval
     from moeprune.plan import Plan, budget
     from moeprune.store.checkpoint import load_model, parameter_counts
 
-    for label, method, options, compensate, sequential in in_order(PRUNED, args.variant_order):
+    for label, method, options, compensate, sequential, *spread in in_order(PRUNED, args.variant_order):
+        spread = spread[0] if spread else "uniform"
         for ratio in args.ratios:
             keep = budget(E, K, ratio=ratio)
             key = row_key(name, "mixed", label, keep, eval_settings, args.samples, args.seq_len)
@@ -220,18 +227,22 @@ def run_pruned(name, base_dir, corpus, tok, texts, suite, args, done, emit, eval
                 out = prune_checkpoint(
                     base_dir, method, Path(d) / "out", experts=keep, calib=str(corpus.path("mixed", "train")),
                     samples=args.samples, seq_len=args.seq_len, batch_size=8, seed=0, probe_size=512,
-                    progress=False, options=options, sequential=sequential, compensate=compensate)
+                    progress=False, options=options, sequential=sequential, compensate=compensate,
+                    budget=spread)
                 t_prune = time.perf_counter() - t0
                 plan = Plan.load(out / "moeprune_plan.json")
                 novice = any(lp.novices for lp in plan.layers)
-                pruned = moeprune.from_pretrained(out) if novice else load_model(out)
+                per_layer = plan.per_layer_counts
+                pruned = moeprune.from_pretrained(out) if novice or per_layer else load_model(out)
                 r = evaluate(pruned, tok, texts, suite, args.max_tokens)
                 params = parameter_counts(pruned)
             fits = {lp.layer: lp.notes["compensation"] for lp in plan.layers
                     if "compensation" in lp.notes}
             emit({"key": key, "variant": label, "method": method, "options": options, "ratio": ratio,
                   "experts": keep, "calibration": "mixed", "parameters": params, "compensate": compensate,
-                  "sequential": sequential, "format": NOVICE if novice else STOCK, "fits": fits,
+                  "sequential": sequential, "format": NOVICE if novice else PER_LAYER if per_layer else STOCK,
+                  "fits": fits, "budget": spread,
+                  "experts_per_layer": {lp.layer: lp.num_experts_out for lp in plan.layers},
                   "prune_seconds": t_prune, "observe_seconds": observe_seconds, **r,
                   "seconds": time.perf_counter() - t0})
             del pruned

@@ -23,6 +23,8 @@ from moeprune.evaluate import parse_task_texts
 from moeprune.evaluate import render_table as render_report
 from moeprune.evaluation import evaluate_models
 from moeprune.methods import METHODS, get_method, make_plan_for
+from moeprune.methods.budget import BudgetChoice, check_budget
+from moeprune.methods.budget import floor as budget_floor
 from moeprune.methods.compensation import CompensationConfig
 from moeprune.observe import Stats, check_same_model, model_description
 from moeprune.outputs import (
@@ -84,12 +86,18 @@ def inspect(model_path: str | Path) -> dict:
     MoNE checkpoints load through `moeprune.from_pretrained`; `novices` then describes them (else None),
     and the parameter counts include the novice vectors.
     """
+    from moeprune.store.budget import budget_skeleton, is_budget_checkpoint
     from moeprune.store.checkpoint import from_pretrained, weights_bytes
     from moeprune.store.novices import describe, is_novice_checkpoint
     from moeprune.store.sharded import skeleton
 
+    per_layer = None
     if is_novice_checkpoint(model_path):
         model = from_pretrained(model_path)
+    elif is_budget_checkpoint(model_path):  # each MoE layer with its own count, still on the meta device
+        model = budget_skeleton(model_path)
+        per_layer = {i: int(next(iter(get_adapter(model.config).expert_parameters(b).values())).shape[0])
+                     for i, b in get_adapter(model.config).moe_blocks(model).items()}
     else:
         config = load_config(model_path)
         get_adapter(config)  # an unsupported model is told what it lacks before a skeleton is built
@@ -113,6 +121,7 @@ def inspect(model_path: str | Path) -> dict:
         "moe_layers": sorted(blocks),
         "dense_layers": [i for i in range(len(layers)) if i not in blocks],
         "num_experts": adapter.num_experts,
+        **({"experts_per_layer": per_layer} if per_layer else {}),  # --budget global: the largest above
         "top_k": adapter.top_k,
         "n_group": adapter.n_group,
         "shared_experts": adapter.shared_expert_modules(first),
@@ -253,8 +262,9 @@ def apply_checkpoint(model_path: str | Path, plan: Plan, out: str | Path, *, for
     refuse_novice_input(model_path, model)
     device = check_device(device)
     inputs = {"model": model_path, **(input_paths or {})}
+    least = min(lp.num_experts_out for lp in plan.layers)  # a lower bound, also with per-layer counts
     check_output_dir(out, force, inputs, expected_bytes=_expected_output_bytes(
-        model_path, plan.num_experts_out, plan.num_experts_in) if model is None else None, notify=notify)
+        model_path, least, plan.num_experts_in) if model is None else None, notify=notify)
     facts = model_description(model, get_adapter(model.config), str(model_path)) if model is not None \
         else model_facts(model_path)
     check_same_model(plan.model, facts, what="the plan", model=str(model_path),
@@ -319,6 +329,8 @@ def prune(
     notify=None,
     compensate: str = "none",
     compensate_rank: int = 8,
+    budget: str = "uniform",
+    budget_floor: int | None = None,
 ) -> Path:
     """The whole flow: check inputs, observe, plan, apply, save (the keyword form of `prune_request`).
 
@@ -329,7 +341,9 @@ def prune(
     `notify(message)` hears which way was chosen, once the inputs passed their checks. `compensate`
     (none, down, novices, down+novices, lowrank, down+lowrank) fits each compressed layer to the
     original's output (`moeprune.methods.compensation`), sequentially; `compensate_rank` is the rank
-    of the low-rank novices (lowrank, down+lowrank only).
+    of the low-rank novices (lowrank, down+lowrank only). `budget="global"` keeps the same total but
+    spreads the counts over the layers by measured damage, each keeping at least `budget_floor`
+    (`moeprune.methods.budget`; written in moeprune's own format, `moeprune.store.budget`).
     """
     return prune_request(
         model_path, method,
@@ -339,7 +353,8 @@ def prune(
         OutputRequest(out, force=force, command=command, stats_path=stats_out),
         _runtime(device, batch_size, layerwise, sequential, offload_dir, hidden_memory, progress),
         options=options, notify=notify, compensation=compensation_config(
-            compensate, **({"rank": compensate_rank} if compensate_rank != CompensationConfig.rank else {})))
+            compensate, **({"rank": compensate_rank} if compensate_rank != CompensationConfig.rank else {})),
+        spread=BudgetChoice(budget, budget_floor))
 
 
 def compensation_config(fit: str = "none", **options) -> CompensationConfig:
@@ -373,7 +388,7 @@ def check_compensation(compensation: CompensationConfig | None, method: str, spe
 
 def check_prune(model_path, method: str, calib: CalibrationRequest, budget_request: BudgetRequest,
                 output: OutputRequest, runtime: RuntimeRequest, options: dict | None = None, notify=None,
-                compensation: CompensationConfig | None = None):
+                compensation: CompensationConfig | None = None, spread: BudgetChoice | None = None):
     """Every cheap check of a prune, before anything expensive; returns (config, adapter, keep)."""
     from moeprune.store.novices import refuse_novice_input
 
@@ -397,6 +412,13 @@ def check_prune(model_path, method: str, calib: CalibrationRequest, budget_reque
                    has_calibration=calib.text is not None)
     adapter.check_method(method, cfg)
     check_compensation(compensation, method, spec, cfg, calib)
+    if spread is not None and spread.is_global:
+        check_budget(spread, spec, cfg, has_calibration=calib.text is not None, probe_size=calib.probe_size,
+                     sequential=runtime.sequential,
+                     grouped_flattened=budget_request.flatten_groups and adapter.n_group > 1)
+        budget_floor(spread, keep=keep, num_experts=adapter.num_experts, top_k=adapter.top_k,
+                     n_group=1 if budget_request.flatten_groups else adapter.n_group,
+                     min_per_group=adapter.min_experts_per_group)
     _check_calibration(calib, config)
     inputs = {"model": model_path, "--calib": calib.text, "--tokenizer": calib.tokenizer}
     check_separate(inputs, {"--out": output.path, "--save-stats": output.stats_path,
@@ -414,12 +436,13 @@ def check_prune(model_path, method: str, calib: CalibrationRequest, budget_reque
 
 def prune_request(model_path, method: str, calib: CalibrationRequest, budget_request: BudgetRequest,
                   output: OutputRequest, runtime: RuntimeRequest, *, options: dict | None = None,
-                  notify=None, compensation: CompensationConfig | None = None) -> Path:
+                  notify=None, compensation: CompensationConfig | None = None,
+                  spread: BudgetChoice | None = None) -> Path:
     """Check everything, tokenise, then one walk (two for methods that rank all layers) that writes
     `output`."""
     options = dict(options or {})
     config, spec, cfg, keep = check_prune(model_path, method, calib, budget_request, output, runtime, options,
-                                          notify, compensation)
+                                          notify, compensation, spread)
     cal = _tokenise(calib, model_path, config, notify) if calib.text is not None else None
     device = check_device(runtime.device)
     ranks = Ranks.from_env(device)  # under torchrun the calibration batches are shared; rank 0 writes
@@ -444,12 +467,16 @@ def prune_request(model_path, method: str, calib: CalibrationRequest, budget_req
         from moeprune.pipeline.access import ModelWeights
 
         weights = ModelWeights(source.model)
+    elif spread is not None and spread.is_global:  # block outputs of one layer at a time suffice
+        from moeprune.pipeline.access import ModelWeights, ShardedWeights
+
+        weights = ModelWeights(source.model) if source.in_memory else ShardedWeights(source)
     with layer_progress("pruning", runtime.progress and ranks.is_main) as cb:
         path, stats, _ = pipeline.prune(
             source, method, keep, output, input_ids=None if cal is None else cal.input_ids,
             calibration=None if cal is None else cal.provenance, calib=calib, runtime=runtime,
             flatten_groups=budget_request.flatten_groups, options=options, ranks=ranks, progress=cb,
-            weights=weights, compensate=compensation)
+            weights=weights, compensate=compensation, budget=spread)
     if output.stats_path is not None and stats is not None and ranks.is_main:
         write_stats(stats, output.stats_path, force=output.force)
     return path

@@ -387,6 +387,20 @@ def prune(
             "H + 2·H·r parameters)",
         ),
     ] = 8,
+    budget: Annotated[
+        str,
+        typer.Option(
+            "--budget",
+            help="uniform: every MoE layer keeps the same count; global: the same total, spread over the "
+            "layers by each layer's measured output error on the probe (needs --calib; written in "
+            "moeprune's own format: load it with moeprune.from_pretrained, stock transformers refuses it)",
+        ),
+    ] = "uniform",
+    budget_floor: Annotated[
+        int | None,
+        typer.Option("--budget-floor", help="with --budget global, the fewest experts any layer keeps "
+                     "(default: max(top-k, a quarter of the experts))"),
+    ] = None,
 ):
     """Observe, plan, apply and save in one command.
 
@@ -404,7 +418,7 @@ def prune(
         force=force, tokenizer=tokenizer, calib_field=calib_field, calib_template=calib_template,
         layerwise=layerwise, sequential=sequential, offload_dir=offload_dir, hidden_memory=hidden_memory,
         command=_command_line(), stats_out=stats_out, options=options, notify=err.print,
-        compensate=compensate, compensate_rank=compensate_rank,
+        compensate=compensate, compensate_rank=compensate_rank, budget=budget, budget_floor=budget_floor,
     )
     if Ranks.from_env(device).is_main:  # under torchrun only rank 0 writes
         _print_done(Plan.load(Path(path) / "moeprune_plan.json"), path)
@@ -762,7 +776,8 @@ def sweep(
 
 
 def _print_plan(p) -> None:
-    t = Table(title=f"{p.method}: {p.num_experts_in} → {p.num_experts_out} experts per layer")
+    counts = "per-layer counts" if p.per_layer_counts else f"{p.num_experts_out} experts per layer"
+    t = Table(title=f"{p.method}: {p.num_experts_in} → {counts}")
     novices = any(lp.novices for lp in p.layers)
     t.add_column("layer", justify="right")
     t.add_column("kept / merged")
@@ -785,6 +800,9 @@ def _print_done(p, path) -> None:
     if any(lp.novices for lp in p.layers):
         out.print(f"\n[bold green]MoNE checkpoint written to {path}[/] (load with moeprune.from_pretrained; "
                   "`moeprune export-stock` makes a stock copy)")
+    elif p.per_layer_counts:
+        out.print(f"\n[bold green]checkpoint with per-layer expert counts written to {path}[/] (load with "
+                  "moeprune.from_pretrained; stock transformers cannot describe it)")
     else:
         out.print(
             f"\n[bold green]checkpoint written to {path}[/] (loads with {loader_name(path)}.from_pretrained)"

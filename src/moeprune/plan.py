@@ -6,7 +6,8 @@ replaced by a constant vector (MoNE). Loading checks the JSON against the plan's
 fields, naming the offending field path), so a hand-edited plan fails with one line, not a
 traceback. `validate()` is the single place that checks a plan against a model's facts: disjoint
 in-range ids, coefficients that form a weighted average, enough experts for top-k, one expert count
-for all layers, every MoE layer covered once, permutation widths, and group-limited routing.
+for all layers (unless the plan's `budget` is "global"), every MoE layer covered once, permutation
+widths, and group-limited routing.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from moeprune.errors import MoepruneError
 
 PLAN_VERSION = 1
 ROUTER_MERGES = ("average", "sum")
+BUDGETS = ("uniform", "global")  # one expert count for every layer, or a count per layer
 SUM_TOLERANCE = 1e-4  # a normalised group sums to 1 within this (JSON round trips, float32 fits)
 MAX_COEFF = 1e3  # beyond this even a deliberately unnormalised merge is an editing slip, not a weighting
 
@@ -78,6 +80,9 @@ class Plan:
     # the compensation fitted after each layer's surgery (`moeprune.methods.compensation` options; each
     # layer's notes["compensation"] says what was fitted and accepted); empty: none
     compensation: dict = field(default_factory=dict)
+    # "uniform": every MoE layer keeps the same count (a stock config holds one); "global": counts differ per
+    # layer (`moeprune.methods.budget`), written in moeprune's own format (`moeprune.store.budget`)
+    budget: str = "uniform"
     version: int = PLAN_VERSION
 
     @property
@@ -86,7 +91,15 @@ class Plan:
 
     @property
     def num_experts_out(self) -> int:
-        return self.layers[0].num_experts_out if self.layers else self.num_experts_in
+        """The count every layer keeps; with a global budget the largest (the count a config records)."""
+        if not self.layers:
+            return self.num_experts_in
+        return max(lp.num_experts_out for lp in self.layers)
+
+    @property
+    def per_layer_counts(self) -> bool:
+        """Whether the layers keep different counts (a global budget's checkpoint is then moeprune's own)."""
+        return len({lp.num_experts_out for lp in self.layers}) > 1
 
     def layer(self, i: int) -> LayerPlan:
         for lp in self.layers:
@@ -105,6 +118,8 @@ class Plan:
         for key in ("mtp", "compensation"):  # plans without them keep their JSON
             if not d[key]:
                 d.pop(key)
+        if d["budget"] == "uniform":  # plans made before `budget` existed keep their JSON
+            d.pop("budget")
         return d
 
     def save(self, path: str | Path) -> None:
@@ -130,6 +145,7 @@ class Plan:
             method=d["method"], layers=layers, model=d["model"], method_config=d.get("method_config", {}),
             calibration=d.get("calibration", {}), flatten_groups=d.get("flatten_groups", False),
             normalise=d.get("normalise", True), mtp=d.get("mtp", {}), compensation=d.get("compensation", {}),
+            budget=d.get("budget", "uniform"),
         )
 
     @classmethod
@@ -175,11 +191,14 @@ class Plan:
             if missing:
                 raise MoepruneError(f"plan has no entry for MoE layer(s) {missing}: it was made for another "
                                     "model shape; re-plan on this model's statistics")
+        if self.budget not in BUDGETS:
+            raise MoepruneError(f"plan budget {self.budget!r} is not one of {', '.join(BUDGETS)}")
         counts = {lp.num_experts_out for lp in self.layers}
-        if len(counts) != 1:
+        if len(counts) != 1 and self.budget != "global":
             raise MoepruneError(
                 f"plan keeps different expert counts per layer {sorted(counts)}; a stock config "
-                "holds one count, so every MoE layer must keep the same number"
+                "holds one count, so every MoE layer must keep the same number (a plan made with "
+                "--budget global says \"budget\": \"global\")"
             )
         for lp in self.layers:
             where = f"layer {lp.layer}"
@@ -292,7 +311,7 @@ class Plan:
 
 PLAN_FIELDS = {"version": True, "method": True, "layers": True, "model": True, "method_config": False,
                "calibration": False, "flatten_groups": False, "normalise": False, "num_experts_out": False,
-               "mtp": False, "compensation": False}
+               "mtp": False, "compensation": False, "budget": False}
 LAYER_FIELDS = {"layer": True, "num_experts_in": True, "groups": True, "router_merge": False,
                 "novices": False, "notes": False}
 GROUP_FIELDS = {"members": True, "coeffs": True, "perms": False}
@@ -402,6 +421,8 @@ def check_plan_schema(d, source: str = "plan") -> None:
     for key in ("flatten_groups", "normalise"):
         if key in d:
             _need(source, key, d[key], "true or false")
+    if "budget" in d:
+        _need(source, "budget", d["budget"], "a string")
     if "num_experts_out" in d:
         _need(source, "num_experts_out", d["num_experts_out"], "an integer")
     model = d["model"]

@@ -17,6 +17,7 @@ import torch
 from moeprune.arch import get_adapter
 from moeprune.errors import MoepruneError
 from moeprune.methods import PlanRequest, get_method, make_plan
+from moeprune.methods.budget import BudgetChoice, check_budget, global_budget_plan
 from moeprune.methods.compensation import CompensationConfig
 from moeprune.observe import LayerStats, Stats, model_description
 from moeprune.outputs import atomic_directory
@@ -208,6 +209,10 @@ def _finish(
             adapter.config.n_group = 1
             adapter.config.topk_group = 1
         config.save_pretrained(str(tmp))
+    if plan.per_layer_counts:  # moeprune's own format, refused by stock loaders (equal counts stay stock)
+        from moeprune.store.budget import write_budget_section
+
+        write_budget_section(tmp, plan, count_field=count_path(config))
     describe_output(tmp, source=str(source.path), plan=plan, before=before, after=checkpoint_parameters(tmp),
                     command=command)
 
@@ -217,6 +222,7 @@ def prune(
     calibration: dict | None = None, calib: CalibrationRequest | None = None,
     runtime: RuntimeRequest | None = None, flatten_groups: bool = False, options: dict | None = None,
     ranks=None, progress=None, weights=None, compensate: CompensationConfig | None = None,
+    budget: BudgetChoice | None = None,
 ) -> tuple[Path, Stats | None, Plan]:
     """Observe, plan, apply and save one layer at a time; returns (out, stats, plan).
 
@@ -224,7 +230,10 @@ def prune(
     (two walks), then plan on all of them (with `weights`, every layer's weight access, for those
     that read weights across layers). Only the main rank writes. An active `compensate` fits each
     compressed layer to the original's output (`moeprune.methods.compensation`), sequentially: each
-    layer is fitted on the inputs that come out of the compressed layers before it.
+    layer is fitted on the inputs that come out of the compressed layers before it. A global
+    `budget` (`moeprune.methods.budget`) spreads the counts over the layers by measured damage,
+    which needs every layer's statistics and `weights` first: two walks (the second a sequential
+    calibration walk when compensating, so each fit still sees the compressed layers before it).
     """
     calib = calib or CalibrationRequest()
     runtime = runtime or RuntimeRequest()
@@ -233,12 +242,19 @@ def prune(
     spec = get_method(method)
     options = dict(options or {})
     cfg = spec.default_config(**options)
-    local = spec.layer_local(cfg)
-    if fitting and (not local or input_ids is None):
+    budget = budget or BudgetChoice()
+    local = spec.layer_local(cfg) and not budget.is_global
+    if budget.is_global:
+        check_budget(budget, spec, cfg, has_calibration=input_ids is not None, probe_size=calib.probe_size,
+                     sequential=runtime.sequential,
+                     grouped_flattened=flatten_groups and source.adapter.n_group > 1)
+        if weights is None:
+            raise MoepruneError("--budget global reads every layer's block outputs: give the weights")
+    if fitting and (not (local or budget.is_global) or input_ids is None):
         why = "calibration text (--calib)" if input_ids is None else "a method that plans layer by layer"
         raise MoepruneError(f"--compensate {compensate.fit} fits each layer as it goes, which needs {why}; "
                             "use --compensate none")
-    if sequential and not local:
+    if sequential and not local and not budget.is_global:  # a global budget refused --sequential above
         raise MoepruneError(
             f"--sequential plans each layer as it goes, but {method} with these options ranks all "
             "layers together; drop --sequential or use a per-layer setting"
@@ -274,19 +290,23 @@ def prune(
             stats = walk(source, **walk_args).stats
         else:
             stats = empty_stats(source.model, str(source.path))
-        whole = make_plan(method, PlanRequest(stats, keep, flatten_groups, weights), **options)
+        request = PlanRequest(stats, keep, flatten_groups, weights)
+        whole = (global_budget_plan(method, request, budget, options) if budget.is_global
+                 else make_plan(method, request, **options))
         method_config.update(whole.method_config)
         from moeprune.methods.mone import novice_vectors
 
         vectors = novice_vectors(whole, stats)
         walk_args.update(input_ids=None, plan_layer=lambda i, _s, _a: (whole.layer(i), vectors.get(i)))
+        if fitting:  # a global budget's plan, compensated on a second, sequential calibration walk
+            walk_args.update(input_ids=input_ids, sequential=True, compensate=compensate)
     else:
         walk_args.update(plan_layer=plan_one_layer, sequential=sequential, compensate=compensate)
 
     def run(write_to):
         result = walk(source, write_to=write_to, **walk_args)
         plan = Plan(method=method, layers=result.plan.layers, model=desc, method_config=dict(method_config),
-                    calibration=info, flatten_groups=flatten_groups, mtp=result.mtp)
+                    calibration=info, flatten_groups=flatten_groups, mtp=result.mtp, budget=budget.mode)
         if sequential:
             plan.calibration = {**info, "sequential": True}
         if fitting:

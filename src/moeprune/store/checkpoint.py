@@ -58,6 +58,10 @@ def load_config(path: str | Path):
 
     if is_novice_checkpoint(p):  # its config.json refuses stock loading on purpose
         return novice_config(p)
+    from moeprune.store.budget import budget_config, is_budget_checkpoint
+
+    if is_budget_checkpoint(p):  # likewise; the config's count is the largest layer's
+        return budget_config(p)[0]
     try:
         return tf.AutoConfig.from_pretrained(str(p))
     except Exception as e:
@@ -73,6 +77,12 @@ def load_model(path: str | Path, *, device: str = "cpu", dtype: str | torch.dtyp
 
     if is_novice_checkpoint(path):
         return load_novice_model(path, device=device, dtype=dtype)
+    from moeprune.store.budget import is_budget_checkpoint, load_budget_model
+
+    if is_budget_checkpoint(path):
+        model = load_budget_model(path, device=device, dtype=dtype)
+        refuse_nonfinite(model.named_parameters(), path)
+        return model
     config = load_config(path)
     get_adapter(config)  # unsupported families fail before any weight is read
     try:
@@ -230,7 +240,9 @@ def model_card(*, source: str, plan, before: dict, after: dict, command: str | N
         f"- **Method:** `{plan.method}`" + (f" ({spec.paper})" if spec else ""),
         f"- **Options:** `{json.dumps(plan.method_config)}`",
         f"- **Experts per MoE layer:** {plan.num_experts_in} → {plan.num_experts_out}"
-        f" (top-k {plan.model.get('top_k')} unchanged)",
+        + (" at most, by measured damage (`--budget global`: counts per layer below)"
+           if plan.per_layer_counts else "")
+        + f" (top-k {plan.model.get('top_k')} unchanged)",
     ]
     if n_novices:
         kinds = {lp.notes.get("novice_vectors", "out_mean") for lp in plan.layers if lp.novices}
@@ -306,6 +318,15 @@ def model_card(*, source: str, plan, before: dict, after: dict, command: str | N
                 "refuses to load): load it with `moeprune.from_pretrained(path)`. "
                 "`moeprune export-stock PATH --out DIR` writes a stock copy without novices (plain pruning)."
             ),
+            "",
+        ]
+    elif plan.per_layer_counts:
+        counts = ", ".join(f"{lp.layer}: {lp.num_experts_out}" for lp in plan.layers)
+        lines += [
+            (f"Each MoE layer keeps its own number of experts (`--budget global`; layer: kept = {counts}), "
+             "which a stock config cannot describe, so stock transformers refuses to load it: load it with "
+             "`moeprune.from_pretrained(path)`. There is no stock export (padding a layer with experts its "
+             "router never selects is not exact for a bias-free softmax router)."),
             "",
         ]
     else:
@@ -384,9 +405,12 @@ def from_pretrained(path: str | Path, *, device: str = "cpu", dtype: str | torch
 def checkpoint_parameters(path: str | Path) -> dict:
     """Parameter counts of a checkpoint directory from its config alone (a meta-device model), novices
     included."""
+    from moeprune.store.budget import budget_skeleton, is_budget_checkpoint
     from moeprune.store.novices import CONFIG_KEY, config_from_dict, novice_file_counts, stock_config_dict
 
     p = Path(path)
+    if is_budget_checkpoint(p):
+        return {**parameter_counts(budget_skeleton(p)), "novices": 0}
     raw = read_config_dict(p)
     section = raw.get(CONFIG_KEY)
     config = config_from_dict(stock_config_dict(raw) if section else raw)
@@ -499,6 +523,11 @@ def export_stock(
     if not src.is_dir():
         raise MoepruneError(f"model directory {src} does not exist")
     raw = read_config_dict(src)
+    from moeprune.store.budget import CONFIG_KEY as BUDGET_KEY
+    from moeprune.store.budget import NO_STOCK
+
+    if BUDGET_KEY in raw:
+        raise MoepruneError(f"{src} cannot be exported to a stock checkpoint: {NO_STOCK}")
     if CONFIG_KEY not in raw:
         raise MoepruneError(f"{src} has no novices: it is already a stock checkpoint")
     section = raw[CONFIG_KEY]
