@@ -329,10 +329,10 @@ def summary(rows: list[dict]) -> str:
         out += [f"**{model}** — perplexity relative to the original (geometric mean over prose and code; "
                 f"lower is better), then mean task accuracy in % (original: "
                 f"{100 * mean_acc(base):.1f}).", "",
-                "| variant | " + " | ".join(f"{round(r * 100, 1)}% ({mrows[0]['num_experts']}→"
-                                            f"{next(x['experts'] for x in mrows if x['ratio'] == r)})"
-                                            for r in ratios) + " |",
-                "|---|" + "---:|" * len(ratios)]
+                "| variant | output | time ÷ observe | " + " | ".join(
+                    f"{round(r * 100, 1)}% ({mrows[0]['num_experts']}→"
+                    f"{next(x['experts'] for x in mrows if x['ratio'] == r)})" for r in ratios) + " |",
+                "|---|---|---:|" + "---:|" * len(ratios)]
         variants = list(dict.fromkeys(r["variant"] for r in mrows))
         variants.sort(
             key=lambda v: geo_ppl(
@@ -347,8 +347,59 @@ def summary(rows: list[dict]) -> str:
             for ratio in ratios:
                 r = next((x for x in mrows if x["variant"] == v and x["ratio"] == ratio), None)
                 cells.append(f"{geo_ppl(r, base):.3f}× ({100 * mean_acc(r):.1f})" if r else "—")
-            out.append(f"| {v} | " + " | ".join(cells) + " |")
+            vrows = [x for x in mrows if x["variant"] == v]
+            out.append(f"| {v} | {output_format(vrows[0])} | {cost(vrows)} | " + " | ".join(cells) + " |")
         out.append("")
+    return "\n".join(out)
+
+
+def output_format(row) -> str:
+    """The output format; rows written before it was recorded: mone (with or without vectors) is novices."""
+    return row.get("format") or (NOVICE if row["method"] == "mone" else STOCK)
+
+
+def cost(vrows) -> str:
+    """Planning cost relative to the observe pass of the same run (mean over ratios): for observe-once rows
+    the plan alone; for whole-prune rows the whole prune (observe + plan + surgery + fit + write)."""
+    timed = [x for x in vrows if x.get("observe_seconds") and ("plan_seconds" in x or "prune_seconds" in x)]
+    ratios = [x.get("plan_seconds", x.get("prune_seconds")) / x["observe_seconds"] for x in timed]
+    if not ratios:
+        return "—"
+    kind = "plan" if "plan_seconds" in vrows[0] else "prune"
+    return f"{kind} {sum(ratios) / len(ratios):.3f}×"
+
+
+MERGES = ("dek", "hc_smoe", "msmoe", "uncurl", "ream")
+
+
+def best_of(sel: list[dict], base) -> str:
+    if not sel:
+        return "—"
+    r = min(sel, key=lambda x: geo_ppl(x, base))
+    return f"{geo_ppl(r, base):.3f}× ({r['variant']})"
+
+
+def one_of(rows: list[dict], variant: str, base) -> str:
+    r = next((x for x in rows if x["variant"] == variant), None)
+    return f"{geo_ppl(r, base):.3f}×" if r else "—"
+
+
+def best_recipes(rows: list[dict]) -> str:
+    """Per model and ratio: the best stock output, the best of any format, against REAP, MoNE and the best
+    merge (geometric-mean perplexity ratio, the variant in brackets)."""
+    out = ["| model | removed | best stock output | best any format | REAP | MoNE | best merge |",
+           "|---|---:|---|---|---:|---:|---|"]
+    for model in dict.fromkeys(r["model"] for r in rows):
+        base = next((r for r in rows if r["model"] == model and r["variant"] == "original"), None)
+        mrows = [r for r in rows if r["model"] == model and r["calibration"] == "mixed"]
+        if base is None:
+            continue
+        for ratio in sorted({r["ratio"] for r in mrows}):
+            at = [r for r in mrows if r["ratio"] == ratio]
+            stock = best_of([r for r in at if output_format(r) == STOCK], base)
+            merges = best_of([r for r in at if r["method"] in MERGES], base)
+            out.append(f"| {model} | {round(ratio * 100, 1)}% | {stock} | {best_of(at, base)} | "
+                       f"{one_of(at, 'reap', base)} | {one_of(at, 'mone', base)} | {merges} |")
     return "\n".join(out)
 
 
@@ -363,6 +414,7 @@ def main():
     ap.add_argument("--max-tokens", type=int, default=16384, help="test tokens per domain for perplexity")
     ap.add_argument("--task-items", type=int, default=100)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--report-only", action="store_true", help="rewrite the reports from the rows only")
     args = ap.parse_args()
     args.ratios = [float(x) for x in args.ratios.split(",")]
     args.variant_order = args.variants.split(",")
@@ -384,14 +436,15 @@ def main():
             f.write(json.dumps(row) + "\n")
         write_reports(rows, args)
 
-    for name in args.models.split(","):
+    for name in [] if args.report_only else args.models.split(","):
         run_model(name, args, done, sink)
     write_reports(rows, args)
 
 
 def write_reports(rows, args):
     settings = settings_text(args.samples, args.seq_len, args.max_tokens, args.task_items)
-    (RESULTS / "quality.md").write_text(render(rows, settings) + "\n## Summary\n\n" + summary(rows))
+    (RESULTS / "quality.md").write_text(render(rows, settings) + "\n## Best recipe per model and ratio\n\n"
+                                        + best_recipes(rows) + "\n\n## Summary\n\n" + summary(rows))
     (RESULTS / "quality.json").write_text(json.dumps(rows, indent=1))
 
 
