@@ -89,9 +89,11 @@ def test_options_are_checked_in_one_line():
         compensation_config("all")
 
 
-@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "deepseek_v3"])
-def test_the_layer_fit_written_by_surgery_has_the_error_it_reports(family):
-    """After `finish`, the block's real held-out error is the one the notes record, and lower than before."""
+@pytest.mark.parametrize("family,fit", [("mixtral", "down"), ("qwen2_moe", "down"), ("deepseek_v3", "down"),
+                                        ("deepseek_v3", "down+novices"), ("glm4_moe", "down")])
+def test_the_layer_fit_written_by_surgery_has_the_error_it_reports(family, fit):
+    """After `finish`, the block's real held-out error is the one the notes record, and lower than before
+    (DeepSeek-V3's group-limited router included, with novices behind its full router)."""
     torch.manual_seed(0)
     model = tiny_model(family)
     adapter = get_adapter(model.config)
@@ -101,10 +103,12 @@ def test_the_layer_fit_written_by_surgery_has_the_error_it_reports(family):
     if adapter.n_group > 1:  # keep a multiple of the groups, each group's first experts
         per = E // adapter.n_group
         kept = [g * per + j for g in range(adapter.n_group) for j in range(per // 2)]
-    lp = LayerPlan(layer=i, num_experts_in=E, groups=[Group([e], [1.0]) for e in kept])
+    novices = [e for e in range(E) if e not in kept] if "novices" in fit or "lowrank" in fit else []
+    lp = LayerPlan(layer=i, num_experts_in=E, groups=[Group([e], [1.0]) for e in kept], novices=novices)
     original = copy.deepcopy(block)
-    apply_layer_plan(adapter, block, lp)
-    fit = LayerCompensation(CompensationConfig(fit="down"), adapter, block, original, lp, held_out_rule(0.25))
+    vectors = torch.zeros(len(novices), adapter.expert_dim) if novices else None
+    apply_layer_plan(adapter, block, lp, vectors)
+    fit = LayerCompensation(CompensationConfig(fit=fit), adapter, block, original, lp, held_out_rule(0.25))
     H = model.config.hidden_size
     xs = [torch.randn(4, 16, H) for _ in range(4)]
     for b, x in enumerate(xs):
@@ -127,6 +131,8 @@ def test_the_layer_fit_written_by_surgery_has_the_error_it_reports(family):
     assert held_out_error(before) == pytest.approx(notes["held_out_error_before"], rel=1e-3)
     assert held_out_error(block) == pytest.approx(notes["held_out_error_after"], rel=1e-3)
     assert notes["held_out_error_after"] < notes["held_out_error_before"]
+    if novices:  # the novices moved off zero
+        assert adapter.experts(block).novice_vectors.abs().sum() > 0
     # only the down projections changed
     for name, p in adapter.expert_parameters(block).items():
         same = torch.equal(p, adapter.expert_parameters(before)[name])
