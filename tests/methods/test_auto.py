@@ -60,9 +60,10 @@ def test_novice_format_makes_every_layer_a_mone_layer():
 
 
 def test_options_are_refused_in_one_line():
-    for options, message in [({"candidates": "reap,nonsense"}, "not a method auto"),
+    for options, message in [({"candidates": "reap,nonsense"}, "not a list of known methods"),
                              ({"candidates": " , "}, "is empty"),
-                             ({"candidates": "reap,msmoe", "format": "novices"}, "cannot make novices"),
+                             ({"candidates": "reap,msmoe", "format": "novices"},
+                              "not usable with format=novices"),
                              ({"format": "mixed"}, "not a known choice")]:
         with pytest.raises(MoepruneError, match=message) as e:
             AutoConfig(**options)

@@ -50,21 +50,24 @@ class AutoConfig:
 
     def __post_init__(self):
         options.one_of("auto", "format", self.format, FORMATS)
+        if not isinstance(self.candidates, str):
+            raise MoepruneError(f"auto option candidates={self.candidates!r} is not text; give methods "
+                                f"separated by commas, e.g. {DEFAULT_CANDIDATES}")
         names = self.names
+        tried = sorted(set(METHODS) - {"auto"})
         if not names:
-            raise MoepruneError("auto option candidates='' is empty; give methods separated by commas, e.g. "
-                                f"{DEFAULT_CANDIDATES}")
-        unknown = [m for m in names if m not in METHODS or m == "auto"]
+            raise MoepruneError(f"auto option candidates={self.candidates!r} is empty; give methods "
+                                f"separated by commas, e.g. {DEFAULT_CANDIDATES}")
+        unknown = [m for m in names if m not in tried]
         if unknown:
-            raise MoepruneError(f"auto option candidates names {unknown[0]!r}, which is not a method auto "
-                                "can "
-                                f"try; give methods from {', '.join(sorted(set(METHODS) - {'auto'}))}")
+            raise MoepruneError(f"auto option candidates={self.candidates!r} is not a list of known methods "
+                                f"({unknown[0]!r} is not one); give methods from {', '.join(tried)}")
         if self.format == "novices":
             merging = [m for m in names if METHODS[m].kind == "merge"]
             if merging:
-                raise MoepruneError(f"auto option candidates has merging method {merging[0]!r}, which cannot "
-                                    "make novices (a novice layer is a pruned layer); drop it or use "
-                                    "format=stock")
+                raise MoepruneError(f"auto option candidates={self.candidates!r} is not usable with "
+                                    f"format=novices ({merging[0]} merges, and a novice layer is a pruned "
+                                    "layer); give pruning methods, or format=stock")
 
     @property
     def names(self) -> list[str]:
