@@ -56,7 +56,8 @@ def measure(name: str, samples: int, seq_len: int) -> list[dict]:
 def render(rows: list[dict]) -> str:
     out = ["# Compensation cost", "",
            "Seconds of each run ÷ the observe pass of the same model, measured one after the other "
-           "in one process (`benchmarks/compensation_cost.py`; 50% of experts removed, calibration 64 × 256 tokens). "
+           "in one process (`benchmarks/compensation_cost.py`; 50% of experts removed, calibration "
+           "64 × 256 tokens). "
            "`fit` = (run − `reap --sequential`) ÷ observe: what the fit itself adds.", "",
            "| model | run | ÷ observe | fit ÷ observe |", "|---|---|---:|---:|"]
     for model in dict.fromkeys(r["model"] for r in rows):
