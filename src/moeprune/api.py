@@ -371,10 +371,12 @@ def compensation_config(fit: str = "none", **options) -> CompensationConfig:
 
 
 def check_compensation(compensation: CompensationConfig | None, method: str, spec, cfg,
-                       calib: CalibrationRequest) -> None:
-    """Refuse, before any work, a compensation this prune cannot run."""
+                       calib: CalibrationRequest, config=None, keep: int | None = None) -> None:
+    """Refuse, before any work, a compensation this prune cannot run (or hold in memory)."""
     if compensation is None or not compensation.active:
         return
+    if config is not None and keep is not None:
+        _check_compensation_memory(compensation, config, keep, spec.makes_novices(cfg))
     fit = f"--compensate {compensation.fit}"
     if calib.text is None:
         raise MoepruneError(f"{fit} fits each layer on calibration tokens: pass --calib PATH")
@@ -384,6 +386,32 @@ def check_compensation(compensation: CompensationConfig | None, method: str, spe
     if compensation.fits_novices and not spec.makes_novices(cfg):
         raise MoepruneError(f"{fit} fits novice vectors, which {method} does not make; use --compensate down "
                             "or a novice method (mone)")
+
+
+def _check_compensation_memory(compensation: CompensationConfig, config, keep: int, novices: bool) -> None:
+    """One layer's normal equations must fit in free memory (they are float64, `R·I·(I + D)` per layer
+    when solved per expert): refused in one line, before calibration, when they do not."""
+    from moeprune.runtime import available_memory
+    from moeprune.store.sharded import skeleton
+
+    free = available_memory()
+    if free is None:
+        return
+    model = skeleton(config)
+    adapter = get_adapter(model.config)
+    block = next(iter(adapter.moe_blocks(model).values()), None)
+    if block is None:
+        return
+    down = adapter.experts(block).down_proj  # [E, D, I], or [E, I, D] when transposed
+    width = down.shape[1] if adapter.transposed else down.shape[2]
+    E = adapter.num_experts
+    need = compensation.accumulator_bytes(keep, width, adapter.expert_dim, E - keep if novices else 0)
+    if need > 0.8 * free:
+        D = adapter.expert_dim
+        raise MoepruneError(f"--compensate {compensation.fit} holds about {need / 1024**3:.1f} GiB of normal "
+                            f"equations per layer ({keep} experts × width {width} × (width + {D}) float64), "
+                            f"more than the {free / 1024**3:.1f} GiB free; use --compensate none or a machine "
+                            "with more memory")
 
 
 def check_prune(model_path, method: str, calib: CalibrationRequest, budget_request: BudgetRequest,
@@ -411,7 +439,7 @@ def check_prune(model_path, method: str, calib: CalibrationRequest, budget_reque
     spec.check_use(cfg, n_group=adapter.n_group, flatten_groups=budget_request.flatten_groups,
                    has_calibration=calib.text is not None)
     adapter.check_method(method, cfg)
-    check_compensation(compensation, method, spec, cfg, calib)
+    check_compensation(compensation, method, spec, cfg, calib, config, keep)
     if spread is not None and spread.is_global:
         check_budget(spread, spec, cfg, has_calibration=calib.text is not None, probe_size=calib.probe_size,
                      sequential=runtime.sequential,

@@ -187,3 +187,19 @@ def test_compensation_is_refused_before_any_work(checkpoint, calib_file, tmp_pat
             prune_model(src, method, tmp_path / "never", ratio=0.5, **kwargs, **PRUNE)
         assert "\n" not in str(e.value)
         assert not (tmp_path / "never").exists()
+
+
+def test_compensation_that_does_not_fit_in_memory_is_refused_before_calibration(checkpoint, calib_file,
+                                                                                tmp_path, monkeypatch):
+    import moeprune.runtime
+
+    cfg = CompensationConfig(fit="down")
+    # joint: P = R·I features, P² + P·D float64; per expert beyond joint_limit: R·I·(I + D)
+    assert cfg.accumulator_bytes(4, 16, 8, 0) == 8 * (64 * 64 + 64 * 8)
+    small = CompensationConfig(fit="down", joint_limit=10)
+    assert small.accumulator_bytes(4, 16, 8, 0) == 8 * 4 * (16 * 16 + 16 * 8)
+    monkeypatch.setattr(moeprune.runtime, "available_memory", lambda: 1024)
+    with pytest.raises(MoepruneError, match="GiB of normal equations per layer") as e:
+        prune_model(checkpoint("mixtral"), "reap", tmp_path / "never", ratio=0.5, calib=str(calib_file),
+                    compensate="down", **PRUNE)
+    assert "\n" not in str(e.value) and not (tmp_path / "never").exists()

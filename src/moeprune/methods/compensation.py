@@ -91,6 +91,17 @@ class CompensationConfig:
         options.integer("compensation", "joint_limit", self.joint_limit, 1)
         options.integer("compensation", "rank", self.rank, 1)
 
+    def accumulator_bytes(self, num_kept: int, width: int, dim: int, num_novices: int) -> int:
+        """Bytes of one layer's normal equations (float64), as `RidgeFit` will hold them."""
+        kept_width = num_kept * width if self.fits_down else 0
+        per_novice = (dim + 1) if self.low_rank else 1
+        novices = num_novices * per_novice if self.fits_novices else 0
+        P = kept_width + novices
+        if P <= self.joint_limit:
+            return 8 * (P * P + P * dim)
+        blocks = (num_kept * (width * width + width * dim) if self.fits_down else 0)
+        return 8 * (blocks + num_novices * (per_novice * per_novice + per_novice * dim))
+
     @property
     def active(self) -> bool:
         return self.fit != "none"
