@@ -410,8 +410,8 @@ def _check_compensation_memory(compensation: CompensationConfig, config, keep: i
         D = adapter.expert_dim
         raise MoepruneError(f"--compensate {compensation.fit} holds about {need / 1024**3:.1f} GiB of normal "
                             f"equations per layer ({keep} experts × width {width} × (width + {D}) float64), "
-                            f"more than the {free / 1024**3:.1f} GiB free; use --compensate none or a machine "
-                            "with more memory")
+                            f"more than the {free / 1024**3:.1f} GiB free; use --compensate none or a "
+                            "machine with more memory")
 
 
 def check_prune(model_path, method: str, calib: CalibrationRequest, budget_request: BudgetRequest,
