@@ -334,14 +334,8 @@ def summary(rows: list[dict]) -> str:
                     f"{next(x['experts'] for x in mrows if x['ratio'] == r)})" for r in ratios) + " |",
                 "|---|---|---:|" + "---:|" * len(ratios)]
         variants = list(dict.fromkeys(r["variant"] for r in mrows))
-        variants.sort(
-            key=lambda v: geo_ppl(
-                next(r for r in mrows if r["variant"] == v and r["ratio"] == ratios[-1])
-                if any(r["variant"] == v and r["ratio"] == ratios[-1] for r in mrows)
-                else {"ppl": base["ppl"]},
-                base,
-            )
-        )
+        largest = {r["variant"]: geo_ppl(r, base) for r in mrows if r["ratio"] == ratios[-1]}
+        variants.sort(key=lambda v: largest.get(v, math.inf))  # variants not yet run there go last
         for v in variants:
             cells = []
             for ratio in ratios:
@@ -403,6 +397,25 @@ def best_recipes(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+def readme_section(rows: list[dict], settings: str) -> str:
+    """The README's quality section: the best recipe per model first, then every variant's summary."""
+    return "\n".join([
+        "### Quality on the testbed", "",
+        "`python benchmarks/quality.py` runs every method and variant on both testbed models at 12.5 / 25 / "
+        "37.5 / 50 % of experts removed and scores the held-out *test* split. `ppl ×` is the geometric mean "
+        "over prose and code of perplexity / original; the number in brackets is the mean accuracy (%) of "
+        "the four local tasks. Rows marked `+down`, `+novices`, `+lowrank` and `-seq` are the whole "
+        "`moeprune prune` path (`--compensate ...`, sequential), written, reloaded as a user would and "
+        "scored; the others are planned once from one observe pass and applied in memory. "
+        "`output` says what loads the result: `stock` is any transformers/vLLM, `moeprune (novices)` is "
+        "`moeprune.from_pretrained`. Full tables: `benchmarks/results/quality.md`.", "",
+        settings, "",
+        "**Best recipe per model and ratio** (what to run; `+down` = `--compensate down`):", "",
+        best_recipes(rows), "",
+        summary(rows),
+    ])
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="mixtral-8e,qwen-fine")
@@ -415,6 +428,7 @@ def main():
     ap.add_argument("--task-items", type=int, default=100)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--report-only", action="store_true", help="rewrite the reports from the rows only")
+    ap.add_argument("--readme", action="store_true", help="print the README's quality section and stop")
     args = ap.parse_args()
     args.ratios = [float(x) for x in args.ratios.split(",")]
     args.variant_order = args.variants.split(",")
@@ -436,6 +450,10 @@ def main():
             f.write(json.dumps(row) + "\n")
         write_reports(rows, args)
 
+    if args.readme:
+        settings = settings_text(args.samples, args.seq_len, args.max_tokens, args.task_items)
+        print(readme_section(rows, settings))
+        return
     for name in [] if args.report_only else args.models.split(","):
         run_model(name, args, done, sink)
     write_reports(rows, args)
