@@ -203,3 +203,21 @@ def test_compensation_that_does_not_fit_in_memory_is_refused_before_calibration(
         prune_model(checkpoint("mixtral"), "reap", tmp_path / "never", ratio=0.5, calib=str(calib_file),
                     compensate="down", **PRUNE)
     assert "\n" not in str(e.value) and not (tmp_path / "never").exists()
+
+
+def test_the_model_card_says_what_was_chosen_and_fitted():
+    from moeprune.store.checkpoint import _choice_and_fit_lines
+
+    lp = LayerPlan(layer=0, num_experts_in=4, groups=[Group([0], [1.0]), Group([1], [1.0])],
+                   notes={"chosen": "reap", "errors": {"reap": 0.25, "ean": 0.5},
+                          "compensation": {"applied": True, "held_out_relative_before": 0.2,
+                                           "held_out_relative_after": 0.05}})
+    lp1 = LayerPlan(layer=1, num_experts_in=4, groups=[Group([0], [1.0]), Group([2], [1.0])],
+                    notes={"chosen": "ean", "errors": {"reap": 0.5, "ean": 0.125},
+                           "compensation": {"applied": False, "held_out_relative_before": 0.1,
+                                            "held_out_relative_after": 0.2}})
+    plan = Plan(method="auto", layers=[lp, lp1], model={"num_experts": 4, "top_k": 1},
+                compensation={"fit": "down"})
+    text = "\n".join(_choice_and_fit_lines(plan))
+    assert "0: reap (0.25), 1: ean (0.125)" in text
+    assert "applied in layers [0]" in text and "1: 0.1 → 0.2 (not applied)" in text

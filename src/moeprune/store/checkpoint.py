@@ -219,6 +219,28 @@ def parameter_counts(model: nn.Module, adapter: Adapter | None = None) -> dict:
     return {"total": total + novices, "routed_experts": routed, "novices": novices, "other": total - routed}
 
 
+def _choice_and_fit_lines(plan) -> list[str]:
+    """Model-card bullets for `auto`'s choice per layer and each layer's compensation fit."""
+    lines = []
+    chosen = {lp.layer: lp.notes["chosen"] for lp in plan.layers if "chosen" in lp.notes}
+    if chosen:
+        per_layer = ", ".join(
+            f"{i}: {m} ({plan.layer(i).notes['errors'][m]:.3g})" for i, m in sorted(chosen.items()))
+        lines.append("- **Method chosen per layer** (`auto`; relative block-output error on held-out probe "
+                     f"tokens): {per_layer}")
+    fits = {lp.layer: lp.notes["compensation"] for lp in plan.layers if "compensation" in lp.notes}
+    if fits:
+        applied = sorted(i for i, f in fits.items() if f.get("applied"))
+        detail = ", ".join(
+            f"{i}: {f.get('held_out_relative_before', float('nan')):.3g} → "
+            f"{f.get('held_out_relative_after', float('nan')):.3g}"
+            + ("" if f.get("applied") else " (not applied)") for i, f in sorted(fits.items()))
+        lines.append(f"- **Compensation** `{plan.compensation.get('fit')}` (closed-form ridge fit to the "
+                     f"original layer's output), applied in layers {applied}; held-out relative error "
+                     f"before → after: {detail}")
+    return lines
+
+
 def model_card(*, source: str, plan, before: dict, after: dict, command: str | None = None,
                notes: list[str] | None = None, loads_with: str = "AutoModelForCausalLM") -> str:
     """README.md for a pruned checkpoint: what was removed, how, on what data, and sizes.
@@ -266,6 +288,7 @@ def model_card(*, source: str, plan, before: dict, after: dict, command: str | N
                 f"× r, r = {ranks[0] if len(ranks) == 1 else ranks}), so each holds H + 2·H·r parameters"
             )
     lines += [f"- {n}" for n in notes or []]
+    lines += _choice_and_fit_lines(plan)
     mtp = plan.mtp
     if mtp.get("layers"):
         names = ", ".join(f"`{p.rstrip('.')}`" for p in mtp["layers"])
