@@ -202,6 +202,24 @@ class RidgeFit:
                          accumulate=True)
         return Z
 
+    def _add_gram(self, Z: torch.Tensor, p: RoutedPairs, r: torch.Tensor) -> None:
+        """G += Zᵀ Z and C += Zᵀ r, one column block (a kept expert's I, a novice's B) at a time over the
+        tokens routed to it only: Z is zero elsewhere, so this costs T·K·block·(P + D), not T·P·(P + D)."""
+        blocks = []
+        if self.fit_down:
+            blocks += [(s * self.I, self.I, p.tokens[p.slots == s]) for s in range(self.R)]
+        if self.fit_novices:
+            blocks += [(self.kept_width + n * self.B, self.B, p.novice_tokens[p.novice_slots == n])
+                       for n in range(self.N)]
+        for start, width, tokens in blocks:
+            if tokens.numel() == 0:
+                continue
+            seen = tokens.unique()
+            rows = Z[seen]  # [n_b, P] the tokens with a nonzero in this block
+            block = rows[:, start : start + width]  # [n_b, width]
+            self.G[start : start + width] += (block.T @ rows).double()
+            self.C[start : start + width] += (block.T @ r[seen]).double()
+
     def add(self, p: RoutedPairs, held_out: bool) -> None:
         if held_out:
             self.held_out.append(p)
@@ -210,8 +228,7 @@ class RidgeFit:
         r = p.target.float()  # [T, D]
         if self.joint:
             Z = self.features(p)  # [T, P]
-            self.G += (Z.T @ Z).double()
-            self.C += (Z.T @ r).double()
+            self._add_gram(Z, p, r)
             return
         if self.fit_down:
             for s in range(self.R):
@@ -242,6 +259,21 @@ class RidgeFit:
             return torch.zeros_like(C)
         A = G + alpha * scale * torch.eye(G.shape[0], dtype=G.dtype)
         return torch.linalg.solve(A, C)
+
+    def _joint_ridge(self, alpha: float) -> torch.Tensor:
+        """`_ridge(G, C, α)` of the joint system through one eigendecomposition of G shared by every α
+        of the grid (G = Q Λ Qᵀ: θ = Q (Λ + λ)⁻¹ Qᵀ C), instead of a solve per α."""
+        if getattr(self, "_eig", None) is None:
+            scale = self.G.diagonal().mean()
+            if not scale > 0:
+                self._eig = (None, None, None, scale)
+            else:
+                lam, Q = torch.linalg.eigh(self.G)  # G is symmetric positive semi-definite
+                self._eig = (lam.clamp(min=0), Q, Q.T @ self.C, scale)
+        lam, Q, QtC, scale = self._eig
+        if lam is None:
+            return torch.zeros_like(self.C)
+        return Q @ (QtC / (lam + alpha * scale)[:, None])
 
     def _reduce_rank(self, G: torch.Tensor, theta: torch.Tensor,
                      lam: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -310,7 +342,7 @@ class RidgeFit:
         """(ΔW [R, D, I] or None, novices' deltas or None) for one α; the novices' delta is a tensor
         [N, D] for constant novices, a `LowRankDelta` for low-rank ones."""
         if self.joint:
-            theta = self._ridge(self.G, self.C, alpha)  # [P, D]
+            theta = self._joint_ridge(alpha)  # [P, D]
             dn = None
             if self.low_rank:
                 theta, dn = self._low_rank_blocks(self.G, self.C, theta, self.kept_width, self.N, alpha,
