@@ -31,7 +31,7 @@ from torch import nn
 from moeprune import compat
 from moeprune.arch import get_adapter
 from moeprune.errors import MoepruneError
-from moeprune.store.files import read_config_dict, weight_map
+from moeprune.store.files import checkpoint_dtype, read_config_dict, weight_map
 
 CONFIG_KEY = "moeprune_budget"
 FORMAT_VERSION = 1
@@ -48,27 +48,6 @@ def _refusal(model_type: str) -> str:
             "(--budget global), which a stock config cannot describe: load it with "
             "moeprune.from_pretrained(path).\n"
             "    Upgrading transformers, as suggested below, will not help.\n\n`")
-
-
-def _dtype(config, dtype, path: Path) -> torch.dtype:
-    """What `from_pretrained(dtype="auto")` picks: the config's dtype, else the first float tensor's on disk
-    (as `store.sharded` does; not imported from there, which reads checkpoints through this module)."""
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype != "auto":
-        return getattr(torch, dtype)
-    found = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
-    if isinstance(found, str):
-        found = getattr(torch, found, None)
-    if isinstance(found, torch.dtype):
-        return found
-    names = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64}
-    for f in sorted(path.glob("*.safetensors")):
-        with safe_open(str(f), framework="pt") as handle:
-            for k in handle.keys():
-                if handle.get_slice(k).get_dtype() in names:
-                    return names[handle.get_slice(k).get_dtype()]
-    return torch.float32
 
 
 def is_budget_checkpoint(path: str | Path) -> bool:
@@ -127,7 +106,8 @@ def budget_skeleton(path: str | Path, dtype: str | torch.dtype = "auto") -> nn.M
 
     config, counts = budget_config(path)
     with init_empty_weights():  # parameters on the meta device, buffers (RoPE frequencies) real
-        model = compat.model_class(config)[1]._from_config(config, dtype=_dtype(config, dtype, Path(path)))
+        model = compat.model_class(config)[1]._from_config(
+            config, dtype=checkpoint_dtype(config, dtype, Path(path)))
     model.eval()
     adapter = get_adapter(model.config)
     blocks = adapter.moe_blocks(model)

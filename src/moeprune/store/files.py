@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
 from safetensors import safe_open
 
 from moeprune.errors import MoepruneError
@@ -47,3 +48,31 @@ def weight_map(path: Path) -> dict[str, str]:
             return dict.fromkeys(f.keys(), SINGLE_FILE)
     raise MoepruneError(f"{path} has no safetensors weights ({INDEX_FILE} or {SINGLE_FILE}); layer-by-layer "
                         "loading reads safetensors only: convert the checkpoint, or use --in-memory")
+
+
+SAFETENSORS_DTYPES = {
+    "BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
+}
+
+
+def checkpoint_dtype(config, dtype, path: Path | None = None) -> torch.dtype:
+    """What `from_pretrained(dtype="auto")` picks: the config's dtype, else the first float tensor's on
+    disk."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype != "auto":
+        return getattr(torch, dtype)
+    found = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(found, str):
+        found = getattr(torch, found, None)
+    if isinstance(found, torch.dtype):
+        return found
+    if path is not None:
+        files = sorted(path.glob("*.safetensors"))
+        if files:
+            with safe_open(str(files[0]), framework="pt") as f:
+                for k in f.keys():
+                    on_disk = SAFETENSORS_DTYPES.get(f.get_slice(k).get_dtype())
+                    if on_disk is not None:
+                        return on_disk
+    return torch.float32

@@ -28,41 +28,15 @@ from moeprune import compat
 from moeprune.arch import decoder_layers, get_adapter
 from moeprune.errors import MoepruneError
 from moeprune.runtime import quiet_transformers
-from moeprune.store.files import weight_map
+from moeprune.store.files import checkpoint_dtype, weight_map
 from moeprune.store.mtp import MtpCarrier, find_mtp
-
-SAFETENSORS_DTYPES = {
-    "BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
-}
-
-
-def _dtype(config, dtype, path: Path | None = None) -> torch.dtype:
-    """What `from_pretrained(dtype="auto")` picks: the config's dtype, else the first float tensor's on
-    disk."""
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype != "auto":
-        return getattr(torch, dtype)
-    found = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
-    if isinstance(found, str):
-        found = getattr(torch, found, None)
-    if isinstance(found, torch.dtype):
-        return found
-    if path is not None:
-        files = sorted(path.glob("*.safetensors"))
-        if files:
-            with safe_open(str(files[0]), framework="pt") as f:
-                for k in f.keys():
-                    on_disk = SAFETENSORS_DTYPES.get(f.get_slice(k).get_dtype())
-                    if on_disk is not None:
-                        return on_disk
-    return torch.float32
 
 
 def skeleton(config, dtype: str | torch.dtype = "auto", path: Path | None = None) -> nn.Module:
     """The family's model with parameters on the meta device (no memory) and real buffers (RoPE inv_freq)."""
     with init_empty_weights():
-        return compat.model_class(config)[1]._from_config(config, dtype=_dtype(config, dtype, path)).eval()
+        cls = compat.model_class(config)[1]
+        return cls._from_config(config, dtype=checkpoint_dtype(config, dtype, path)).eval()
 
 
 class ShardedCheckpoint:
