@@ -39,6 +39,8 @@ VARIANTS = [
     ("reap", "reap", {}),
     ("mone", "mone", {}),
     ("mone-no-novice", "mone", {"novice": False}),
+    # MoNE's kept set as a stock checkpoint: router rows sliced, the survivors renormalised (the issue's lead)
+    ("mone-stock", "mone", {}),
     ("naee", "naee", {}),
     ("dek-data", "dek", {"representation": "data"}),
     ("dek-data-learned", "dek", {"representation": "data", "coefficients": "learned"}),
@@ -55,6 +57,7 @@ VARIANTS = [
     ("ream-code", "ream",
      {"saliency": "reap_squared", "output_similarity": "mean", "logit_similarity": "distance"}),
 ]
+STOCK_OF = {"mone-stock"}  # variants whose plan is written without its novices (plain pruning)
 TASK_SPECIFIC = ["frequency", "reap", "naee", "msmoe", "uncurl"]
 
 # (label, method, options, compensate, sequential): the whole `moeprune prune` path on the testbed checkpoint,
@@ -193,6 +196,8 @@ def run_model(name: str, args, done: dict, sink) -> None:
                         stats, observe_seconds[calib_name] = timed_observe(calib_name)
                     t0 = time.perf_counter()
                     plan = make_plan_for(stats, method, experts=keep, weights=weights, options=options)
+                    if label in STOCK_OF:
+                        plan = as_stock(plan)
                     t_plan = time.perf_counter() - t0
                     pruned = apply_plan(copy.deepcopy(model), plan, stats=stats)
                     r = evaluate(pruned, tok, texts, suite, args.max_tokens)
@@ -247,6 +252,13 @@ def run_pruned(name, base_dir, corpus, tok, texts, suite, args, done, emit, eval
                   "seconds": time.perf_counter() - t0})
             del pruned
             gc.collect()
+
+
+def as_stock(plan):
+    """The plan with every novice dropped: what `export-stock` writes from a novice checkpoint."""
+    import dataclasses
+
+    return dataclasses.replace(plan, layers=[dataclasses.replace(lp, novices=[]) for lp in plan.layers])
 
 
 def in_order(variants: list, names: list[str]) -> list:

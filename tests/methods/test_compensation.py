@@ -79,9 +79,30 @@ def test_novice_fit_solves_the_joint_least_squares():
     torch.testing.assert_close(dn.float(), c, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("joint_limit", [8192, 1])
+def test_the_early_alpha_search_keeps_the_full_grids_choice_and_solves_fewer(joint_limit):
+    """A noisy fit whose held-out error falls, then rises along the grid: the early search stops after the
+    rise and picks the α the full grid picks."""
+    alphas = (1e-6, 1e-4, 1e-2, 1e-1, 1.0, 10.0, 100.0)
+    results = {}
+    for search in ("early", "full"):
+        gen = torch.Generator().manual_seed(3)
+        R, I, D = 4, 12, 6
+        dW = 0.3 * torch.randn(R, D, I, generator=gen)
+        fit = RidgeFit(CompensationConfig(fit="down", alphas=alphas, alpha_search=search,
+                                          joint_limit=joint_limit), R, I, 0, D)
+        for b in range(5):
+            fit.add(_pairs(48, R, I, D, 2, dW, 2.0, gen), held_out=b == 4)
+        _, _, results[search] = fit.solve()
+    early, full = results["early"], results["full"]
+    assert full["alphas_tried"] == len(alphas)
+    assert early["alphas_tried"] < len(alphas)
+    assert early["alpha"] == full["alpha"] and early["held_out_error_after"] == full["held_out_error_after"]
+
+
 def test_options_are_checked_in_one_line():
     for bad in ({"fit": "up"}, {"holdout": 0.0}, {"holdout": 0.7}, {"alphas": ()}, {"alphas": (-1.0,)},
-                {"joint_limit": 0}):
+                {"joint_limit": 0}, {"alpha_search": "fast"}):
         with pytest.raises(MoepruneError) as e:
             CompensationConfig(**bad)
         assert "\n" not in str(e.value)

@@ -130,13 +130,17 @@ class LayerCompensation:
         self.reference = 0.0  # Σ ||original experts output||² over the held-out tokens
 
     @torch.no_grad()
-    def add_batch(self, x_block: torch.Tensor, sequences: torch.Tensor) -> None:
-        """Compare both blocks on one batch's block input x_block [B, L, H] (sequence ids [B])."""
+    def add_batch(self, x_block: torch.Tensor, sequences: torch.Tensor, mine: list | None = None) -> None:
+        """Compare both blocks on one batch's block input x_block [B, L, H] (sequence ids [B]).
+
+        `mine` is what `experts_calls` recorded while the layer ran the compressed block on x_block; without
+        it the compressed block runs here again."""
         adapter = self.adapter
         with experts_calls(adapter, self.original) as ref:
             adapter.moe_forward(self.original, x_block)
-        with experts_calls(adapter, self.block) as mine:
-            adapter.moe_forward(self.block, x_block)
+        if mine is None:
+            with experts_calls(adapter, self.block) as mine:
+                adapter.moe_forward(self.block, x_block)
         if len(ref) != 1 or len(mine) != 1:
             raise MoepruneError(f"{adapter.family}: its MoE block called its experts {len(mine)} times on "
                                 "one "

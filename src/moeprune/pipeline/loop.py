@@ -18,6 +18,7 @@ pruned model (the whole-model path cannot do this).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import time
@@ -235,30 +236,40 @@ def walk(
 def _compensate(cfg: CompensationConfig, batches: _Batches, i: int, layer: nn.Module, block: nn.Module,
                 original: nn.Module, lp: LayerPlan) -> dict:
     """Fit compressed layer i to `original` on this rank's calibration batches; returns the plan notes."""
-    from moeprune.pipeline.compensate import LayerCompensation, held_out_rule
+    from moeprune.pipeline.compensate import LayerCompensation, experts_calls, held_out_rule
 
     fit = LayerCompensation(cfg, batches.source.adapter, block, original, lp, held_out_rule(cfg.holdout))
     N = batches.input_ids.shape[0]
     starts = iter(batches.starts)
-    busy = False
 
-    def gather(_module, args, kwargs):
-        nonlocal busy
-        if busy:  # the fit's own call of the block
-            return
-        x = args[0] if args else kwargs["hidden_states"]  # [B, L, H] block input
-        s = next(starts)
-        busy = True
+    # the layer's own run of the compressed block is the one the fit reads, so it is not run again; a block
+    # that is the decoder layer itself (Gemma 4) gets its MoE part run on the block input, as for the original
+    own_run = block is not layer
+    with experts_calls(batches.source.adapter, block) if own_run else contextlib.nullcontext() as mine:
+        busy = False
+
+        def gather(_module, args, kwargs, *_output):
+            nonlocal busy
+            if busy:  # the fit's own call of the block
+                return
+            x = args[0] if args else kwargs["hidden_states"]  # [B, L, H] block input
+            s = next(starts)
+            calls = None
+            if own_run:
+                calls = list(mine)
+                mine.clear()
+            busy = True
+            try:
+                fit.add_batch(x, torch.arange(s, min(s + batches.batch_size, N)), calls)
+            finally:
+                busy = False
+
+        handle = block.register_forward_hook(gather, with_kwargs=True) if own_run else \
+            block.register_forward_pre_hook(gather, with_kwargs=True)
         try:
-            fit.add_batch(x, torch.arange(s, min(s + batches.batch_size, N)))
+            batches.run(i, layer, keep=False, sink=lambda *_: None)
         finally:
-            busy = False
-
-    handle = block.register_forward_pre_hook(gather, with_kwargs=True)
-    try:
-        batches.run(i, layer, keep=False, sink=lambda *_: None)
-    finally:
-        handle.remove()
+            handle.remove()
     return fit.finish()
 
 
