@@ -68,6 +68,9 @@ TASK_SPECIFIC = ["frequency", "reap", "naee", "msmoe", "uncurl"]
 PRUNED = [
     ("reap-seq", "reap", {}, "none", True),
     ("reap+down", "reap", {}, "down", True),
+    # the kept router rows refitted (routers renormalised over the top-k only: mixtral-8e, not qwen-fine)
+    ("reap+router", "reap", {}, "router", True),
+    ("reap+router+down", "reap", {}, "router+down", True),
     ("ean+down", "ean", {}, "down", True),
     ("frequency+down", "frequency", {}, "down", True),
     ("naee+down", "naee", {}, "down", True),
@@ -216,6 +219,7 @@ def run_pruned(name, base_dir, corpus, tok, texts, suite, args, done, emit, eval
     same tokens as the observe-once rows), the output reloaded as a user would and scored."""
     import moeprune
     from moeprune.api import prune as prune_checkpoint
+    from moeprune.errors import MoepruneError
     from moeprune.plan import Plan, budget
     from moeprune.store.checkpoint import load_model, parameter_counts
 
@@ -229,11 +233,15 @@ def run_pruned(name, base_dir, corpus, tok, texts, suite, args, done, emit, eval
             observe_seconds = observe_time()
             with tempfile.TemporaryDirectory(prefix="moeprune-quality-") as d:
                 t0 = time.perf_counter()
-                out = prune_checkpoint(
-                    base_dir, method, Path(d) / "out", experts=keep, calib=str(corpus.path("mixed", "train")),
-                    samples=args.samples, seq_len=args.seq_len, batch_size=8, seed=0, probe_size=512,
-                    progress=False, options=options, sequential=sequential, compensate=compensate,
-                    budget=spread)
+                try:
+                    out = prune_checkpoint(
+                        base_dir, method, Path(d) / "out", experts=keep,
+                        calib=str(corpus.path("mixed", "train")), samples=args.samples, seq_len=args.seq_len,
+                        batch_size=8, seed=0, probe_size=512, progress=False, options=options,
+                        sequential=sequential, compensate=compensate, budget=spread)
+                except MoepruneError as e:  # a fit this family's routing does not allow: said, not scored
+                    print(f"[{name}] {label} refused: {e}", flush=True)
+                    break
                 t_prune = time.perf_counter() - t0
                 plan = Plan.load(out / "moeprune_plan.json")
                 novice = any(lp.novices for lp in plan.layers)

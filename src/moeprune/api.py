@@ -375,9 +375,11 @@ def check_compensation(compensation: CompensationConfig | None, method: str, spe
     """Refuse, before any work, a compensation this prune cannot run (or hold in memory)."""
     if compensation is None or not compensation.active:
         return
+    fit = f"--compensate {compensation.fit}"
+    if compensation.fits_router and config is not None:
+        _check_router_refit(config, fit, spec.makes_novices(cfg))
     if config is not None and keep is not None:
         _check_compensation_memory(compensation, config, keep, spec.makes_novices(cfg))
-    fit = f"--compensate {compensation.fit}"
     if calib.text is None:
         raise MoepruneError(f"{fit} fits each layer on calibration tokens: pass --calib PATH")
     if not spec.layer_local(cfg):
@@ -386,6 +388,23 @@ def check_compensation(compensation: CompensationConfig | None, method: str, spe
     if compensation.fits_novices and not spec.makes_novices(cfg):
         raise MoepruneError(f"{fit} fits novice vectors, which {method} does not make; use --compensate down "
                             "or a novice method (mone)")
+
+
+def _check_router_refit(config, fit: str, novices: bool) -> None:
+    """The router refit linearises softmax gates renormalised over the selected experts, in stock outputs:
+    refuse other routing rules (and novice outputs) in one line, before calibration."""
+    from moeprune.arch.facts import BY_MODEL_TYPE
+
+    adapter = get_adapter(config)
+    family = BY_MODEL_TYPE.get(adapter.family)
+    softmax = family is not None and family.routing in ("softmax_topk", "softmax_norm_topk_prob")
+    if not softmax or adapter.group_limited or not family.rule(adapter)[0]:
+        raise MoepruneError(f"{fit} refits routers whose gates are softmax probabilities renormalised over "
+                            f"the selected experts (Mixtral, Qwen3-MoE, MiniMax); {adapter.family}'s are "
+                            "not; use --compensate down")
+    if novices:
+        raise MoepruneError(f"{fit} refits the router of a stock output, and this method makes novices; use "
+                            "--compensate down+novices or a stock method")
 
 
 def _check_compensation_memory(compensation: CompensationConfig, config, keep: int, novices: bool) -> None:
@@ -405,7 +424,8 @@ def _check_compensation_memory(compensation: CompensationConfig, config, keep: i
     down = adapter.experts(block).down_proj  # [E, D, I], or [E, I, D] when transposed
     width = down.shape[1] if adapter.transposed else down.shape[2]
     E = adapter.num_experts
-    need = compensation.accumulator_bytes(keep, width, adapter.expert_dim, E - keep if novices else 0)
+    need = compensation.accumulator_bytes(keep, width, adapter.expert_dim, E - keep if novices else 0,
+                                          router_width=model.config.get_text_config().hidden_size)
     if need > 0.8 * free:
         D = adapter.expert_dim
         raise MoepruneError(f"--compensate {compensation.fit} holds about {need / 1024**3:.1f} GiB of normal "

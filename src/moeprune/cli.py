@@ -374,7 +374,9 @@ def prune(
             help="after each layer's surgery, fit it to the original layer's output on the calibration "
             "tokens in closed form (ridge), sequentially: none, down (the kept experts' down projections; "
             "a stock checkpoint), novices (MoNE's novice vectors), down+novices, lowrank (MoNE's novices "
-            "become b + U Vᵀx of rank --compensate-rank, reduced-rank ridge), down+lowrank. A fit that "
+            "become b + U Vᵀx of rank --compensate-rank, reduced-rank ridge), down+lowrank, router (the kept "
+            "router rows, one linearised ridge step; softmax routers renormalised over the top-k), "
+            "router+down. A fit that "
             "does not lower the error on held-out calibration tokens is not applied; the plan's notes say "
             "which were",
         ),

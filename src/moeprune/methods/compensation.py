@@ -38,6 +38,10 @@ What can be fitted (`CompensationConfig.fit`):
   the checkpoint is moeprune's novice format; `export-stock` drops every novice, low-rank or not.
   A novice holds D + 2·D·r parameters instead of D.
 - ``down+lowrank``: the down projections and the low-rank novices, jointly as in (1) and (3).
+- ``router``: the kept router rows (and bias), by one linearised ridge step scored on the held-out
+  tokens with the real routing (`moeprune.methods.router_refit`); a stock checkpoint.
+- ``router+down``: the router refit, then the down projections fitted on the routing it gives (two
+  passes over the calibration batches).
 
 The solve is joint over every kept expert when the feature width R·I (+ novices) is at most
 `joint_limit`; beyond it each expert's block is solved on its own (the cross terms between experts
@@ -62,6 +66,7 @@ P = R·I + N·B fitted features, r the low-rank novices' rank.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -70,13 +75,13 @@ import torch
 from moeprune.errors import MoepruneError
 from moeprune.methods import options
 
-FITS = ("none", "down", "novices", "down+novices", "lowrank", "down+lowrank")
+FITS = ("none", "down", "novices", "down+novices", "lowrank", "down+lowrank", "router", "router+down")
 DEFAULT_ALPHAS = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)
 
 
 @dataclass(frozen=True)
 class CompensationConfig:
-    fit: str = "none"  # none | down | novices | down+novices | lowrank | down+lowrank (module docstring)
+    fit: str = "none"  # none | down | novices | down+novices | lowrank | down+lowrank | router | router+down
     holdout: float = 0.125  # share of calibration sequences held out to choose α and accept the fit
     alphas: tuple[float, ...] = DEFAULT_ALPHAS  # ridge strengths, relative to mean(diag G)
     joint_limit: int = 8192  # solve all kept experts jointly up to this many features, else per expert
@@ -97,8 +102,17 @@ class CompensationConfig:
         options.integer("compensation", "rank", self.rank, 1)
         options.one_of("compensation", "alpha_search", self.alpha_search, ("early", "full"))
 
-    def accumulator_bytes(self, num_kept: int, width: int, dim: int, num_novices: int) -> int:
-        """Bytes of one layer's normal equations (float64), as `RidgeFit` will hold them."""
+    def accumulator_bytes(self, num_kept: int, width: int, dim: int, num_novices: int,
+                          router_width: int = 0) -> int:
+        """Bytes of one layer's normal equations (float64), as `RidgeFit` (and, for a router refit with
+        router_width inputs, `RouterRidge`) will hold them; the larger of the two, as they run in turn."""
+        if self.fits_router:
+            from moeprune.methods.router_refit import RouterRidge
+
+            rest = self.without_router
+            router = RouterRidge.accumulator_bytes(num_kept, router_width + 1)
+            after = rest.accumulator_bytes(num_kept, width, dim, num_novices) if rest.active else 0
+            return max(router, after)
         kept_width = num_kept * width if self.fits_down else 0
         per_novice = (dim + 1) if self.low_rank else 1
         novices = num_novices * per_novice if self.fits_novices else 0
@@ -114,11 +128,21 @@ class CompensationConfig:
 
     @property
     def fits_down(self) -> bool:
-        return self.fit in ("down", "down+novices", "down+lowrank")
+        return self.fit in ("down", "down+novices", "down+lowrank", "router+down")
 
     @property
     def fits_novices(self) -> bool:
         return self.fit in ("novices", "down+novices", "lowrank", "down+lowrank")
+
+    @property
+    def fits_router(self) -> bool:
+        """The kept router rows are refitted first (`moeprune.methods.router_refit`)."""
+        return self.fit in ("router", "router+down")
+
+    @property
+    def without_router(self) -> CompensationConfig:
+        """The fit of the kept experts (or novices) that follows a router refit."""
+        return dataclasses.replace(self, fit=self.fit.removeprefix("router").removeprefix("+") or "none")
 
     @property
     def low_rank(self) -> bool:

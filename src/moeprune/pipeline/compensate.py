@@ -24,6 +24,7 @@ from moeprune.arch import Adapter
 from moeprune.arch.base import is_novice_experts
 from moeprune.errors import MoepruneError
 from moeprune.methods.compensation import CompensationConfig, LowRankDelta, RidgeFit, RoutedPairs
+from moeprune.methods.router_refit import GATE_TOLERANCE
 from moeprune.plan import LayerPlan
 
 LINEARITY_TOLERANCE = 1e-3  # relative: the experts' raw output must be down_proj(hidden units) + bias
@@ -211,3 +212,130 @@ def held_out_rule(holdout: float):
     every = max(2, round(1 / holdout))
     return lambda seq: (seq % every) == every - 1
 
+
+
+class LayerRouterRefit:
+    """One layer's router refit (`moeprune.methods.router_refit`): the hook gathers batches, `finish()`
+    scores each ridge strength by running the block with the new router on the held-out sequences, and
+    writes the best (surgery) when it lowers the held-out error."""
+
+    def __init__(self, cfg: CompensationConfig, adapter: Adapter, block: nn.Module, original: nn.Module,
+                 lp: LayerPlan, held_out_sequences):
+        from moeprune.methods.router_refit import RouterRidge
+
+        if adapter.dense_experts or is_novice_experts(adapter.experts(block)):
+            raise MoepruneError(f"{adapter.family}: --compensate {cfg.fit} refits the router of a stock "
+                                "output (experts that take (tokens, top-k ids, gates), no novices); use "
+                                "--compensate down")
+        router = adapter.router(block)
+        W = getattr(router, "weight", None)
+        if not isinstance(W, torch.Tensor) or W.dim() != 2 or W.shape[0] != lp.num_experts_out:
+            raise MoepruneError(f"{adapter.family}: its router has no weight [experts, hidden] to refit; use "
+                                "--compensate down")
+        self.cfg, self.adapter, self.block, self.original = cfg, adapter, block, original
+        self.held_out_sequences = held_out_sequences
+        self.router = router
+        self.has_bias = isinstance(getattr(router, "bias", None), torch.Tensor)
+        self.ridge = RouterRidge(W.shape[0], W.shape[1] + self.has_bias)
+        self.held: list[tuple[torch.Tensor, torch.Tensor]] = []  # (block input [b, L, H], y_ref [b·L, D])
+        self.checked = False
+
+    def _inputs(self, x_block: torch.Tensor) -> torch.Tensor:
+        """[T, H(+1)] what the router's linear map reads (a constant 1 for its bias)."""
+        x = x_block.reshape(-1, self.router.weight.shape[1]).float()
+        return torch.cat([x, torch.ones_like(x[:, :1])], 1) if self.has_bias else x
+
+    def _check_gates(self, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> None:
+        """Refuse, in one line, gates that are not softmax(l[S]) of the router's own linear logits l."""
+        Wb = self.router.weight.float()
+        if self.has_bias:
+            Wb = torch.cat([Wb, self.router.bias.float()[:, None]], 1)
+        logits = x @ Wb.T  # [T, R]
+        mine = torch.softmax(logits.gather(1, idx), dim=-1)  # [T, K]
+        err = float((mine - w.float()).norm() / w.float().norm().clamp(min=1e-12))
+        if not err <= GATE_TOLERANCE:
+            raise MoepruneError(f"{self.adapter.family}: its gates are not softmax probabilities of the "
+                                "router's logits renormalised over the selected experts (relative mismatch "
+                                f"{err:.2g}), which the router refit assumes; use --compensate down")
+
+    @torch.no_grad()
+    def add_batch(self, x_block: torch.Tensor, sequences: torch.Tensor, mine: list | None = None) -> None:
+        from moeprune.methods.router_refit import router_features
+
+        adapter = self.adapter
+        with experts_calls(adapter, self.original) as ref:
+            adapter.moe_forward(self.original, x_block)
+        if mine is None:
+            with experts_calls(adapter, self.block) as mine:
+                adapter.moe_forward(self.block, x_block)
+        (_, _, _, y_ref), (x_e, idx, w, y) = ref[0], mine[0]
+        T, K = idx.shape
+        x = self._inputs(x_block)
+        if not self.checked:
+            self._check_gates(x, idx, w)
+            self.checked = True
+        held = self.held_out_sequences(sequences)  # [B]
+        if held.any():
+            self.held.append((x_block[held.to(x_block.device)], y_ref.view(*x_block.shape[:2], -1)[
+                held.to(y_ref.device)].reshape(-1, y_ref.shape[-1]).float().cpu()))
+        fit = ~held.repeat_interleave(T // sequences.numel())  # [T]
+        if not fit.any():
+            return
+        rows = fit.nonzero().squeeze(1).to(idx.device)
+        sel = idx[rows]  # [T', K]
+        outputs = adapter.expert_outputs(self.block, x_e[rows].repeat_interleave(K, 0), sel.reshape(-1))
+        outputs = outputs.float().view(rows.numel(), K, -1)  # [T', K, D]
+        v = router_features(w[rows].float(), outputs).cpu()
+        self.ridge.add(x[rows].cpu(), sel.cpu(), v, (y_ref[rows] - y[rows]).float().cpu())
+
+    def _router_tensors(self) -> list[torch.Tensor]:
+        return [self.router.weight] + ([self.router.bias] if self.has_bias else [])
+
+    def held_out_error(self) -> float:
+        """Σ ||y_ref − y||² on the held-out sequences, with the block as it is now (real routing)."""
+        total = 0.0
+        for x_block, y_ref in self.held:
+            with experts_calls(self.adapter, self.block) as calls:
+                self.adapter.moe_forward(self.block, x_block)
+            total += float(((y_ref.double() - calls[0][3].double().cpu()) ** 2).sum())
+        return total
+
+    @torch.no_grad()
+    def finish(self) -> dict:
+        from moeprune.surgery.compensation import add_to_router
+
+        weights = [t.detach().clone() for t in self._router_tensors()]  # restored between tries
+
+        def tried_with(theta: torch.Tensor | None) -> None:
+            for t, saved in zip(self._router_tensors(), weights):
+                t.copy_(saved)
+            if theta is not None:
+                add_to_router(self.adapter, self.block, theta)
+
+        before = self.held_out_error()
+        reference = sum(float((y ** 2).sum()) for _, y in self.held)
+        best, previous, tried = (before, None, None), None, 0
+        for alpha in sorted(self.cfg.alphas):
+            theta = self.ridge.solve(alpha)
+            tried_with(theta)
+            err = self.held_out_error()
+            tried += 1
+            if err < best[0]:
+                best = (err, alpha, theta)
+            if self.cfg.alpha_search == "early" and previous is not None and err > previous:
+                break
+            previous = err
+        err, alpha, theta = best
+        applied = theta is not None
+        tried_with(theta)
+        notes = {"fit": "router", "features": self.ridge.P, "fit_tokens": self.ridge.tokens,
+                 "held_out_tokens": sum(y.shape[0] for _, y in self.held), "alpha": alpha,
+                 "alphas_tried": tried,
+                 "held_out_error_before": before, "held_out_error_after": err, "applied": applied}
+        if reference > 0:
+            notes["held_out_relative_before"] = before / reference
+            notes["held_out_relative_after"] = err / reference
+        if not applied:
+            notes["why_not"] = ("no held-out calibration tokens" if not self.held else
+                                "no ridge strength lowered the held-out error")
+        return {k: (float(f"{v:.6g}") if isinstance(v, float) else v) for k, v in notes.items()}

@@ -235,13 +235,36 @@ def walk(
 
 def _compensate(cfg: CompensationConfig, batches: _Batches, i: int, layer: nn.Module, block: nn.Module,
                 original: nn.Module, lp: LayerPlan) -> dict:
-    """Fit compressed layer i to `original` on this rank's calibration batches; returns the plan notes."""
-    from moeprune.pipeline.compensate import LayerCompensation, experts_calls, held_out_rule
+    """Fit compressed layer i to `original` on this rank's calibration batches; returns the plan notes.
 
-    fit = LayerCompensation(cfg, batches.source.adapter, block, original, lp, held_out_rule(cfg.holdout))
+    A router refit runs first, in its own pass; the experts' fit then sees the routing it gives."""
+    from moeprune.pipeline.compensate import LayerCompensation, LayerRouterRefit, held_out_rule
+
+    adapter, rule = batches.source.adapter, held_out_rule(cfg.holdout)
+    def fitted(kind, c: CompensationConfig) -> dict:
+        return _fit_pass(kind(c, adapter, block, original, lp, rule), batches, i, layer, block)
+
+    if cfg.fits_router:
+        router = fitted(LayerRouterRefit, cfg)
+        rest = cfg.without_router
+        if not rest.active:
+            return router
+        notes = fitted(LayerCompensation, rest)
+        notes = {**notes, "fit": cfg.fit, "router": router,
+                 "applied": bool(notes.get("applied") or router.get("applied"))}
+        if "held_out_relative_before" in router:  # before any fit, as for one fit
+            notes["held_out_relative_before"] = router["held_out_relative_before"]
+        return notes
+    return fitted(LayerCompensation, cfg)
+
+
+def _fit_pass(fit, batches: _Batches, i: int, layer: nn.Module, block: nn.Module) -> dict:
+    """Run layer i over the calibration batches, handing each batch's block input to `fit.add_batch`, then
+    `fit.finish()`."""
+    from moeprune.pipeline.compensate import experts_calls
+
     N = batches.input_ids.shape[0]
     starts = iter(batches.starts)
-
     # the layer's own run of the compressed block is the one the fit reads, so it is not run again; a block
     # that is the decoder layer itself (Gemma 4) gets its MoE part run on the block input, as for the original
     own_run = block is not layer

@@ -41,3 +41,15 @@ def make_low_rank_novices(adapter: Adapter, block: nn.Module, bias: torch.Tensor
     v = ex.novice_vectors
     ex.register_buffer("novice_u", up.to(device=v.device, dtype=v.dtype).contiguous(), persistent=False)
     ex.register_buffer("novice_v", down.to(device=v.device, dtype=v.dtype).contiguous(), persistent=False)
+
+
+@torch.no_grad()
+def add_to_router(adapter: Adapter, block: nn.Module, delta: torch.Tensor) -> None:
+    """Router weight rows += delta [R, H] (and its bias += delta[:, H] when delta is [R, H+1])."""
+    router = adapter.router(block)
+    W = router.weight
+    H = W.shape[1]
+    W.copy_((W.double() + delta[:, :H].to(W.device)).to(W.dtype))
+    if delta.shape[1] > H:
+        b = router.bias
+        b.copy_((b.double() + delta[:, H].to(b.device)).to(b.dtype))
