@@ -327,7 +327,7 @@ def prune(
     offload_dir: str | Path | None = None,
     hidden_memory: float = 2.0,
     notify=None,
-    compensate: str = "none",
+    compensate: str = "auto",
     compensate_rank: int = 8,
     budget: str = "uniform",
     budget_floor: int | None = None,
@@ -339,8 +339,10 @@ def prune(
     result). `sequential` applies each layer's plan before its outputs feed the next layer. Hidden
     states of the calibration batches beyond `hidden_memory` GiB go to files under `offload_dir`.
     `notify(message)` hears which way was chosen, once the inputs passed their checks. `compensate`
-    (none, down, novices, down+novices, lowrank, down+lowrank) fits each compressed layer to the
-    original's output (`moeprune.methods.compensation`), sequentially; `compensate_rank` is the rank
+    (none, down, novices, down+novices, lowrank, down+lowrank, router, router+down) fits each compressed
+    layer to the original's output (`moeprune.methods.compensation`), sequentially; the default, auto,
+    is `down` wherever it can run (calibration text, a layer-by-layer method, experts it can refit, memory
+    for its normal equations) and none elsewhere; `compensate_rank` is the rank
     of the low-rank novices (lowrank, down+lowrank only). `budget="global"` keeps the same total but
     spreads the counts over the layers by measured damage, each keeping at least `budget_floor`
     (`moeprune.methods.budget`; written in moeprune's own format, `moeprune.store.budget`).
@@ -357,13 +359,17 @@ def prune(
         spread=BudgetChoice(budget, budget_floor))
 
 
-def compensation_config(fit: str = "none", **options) -> CompensationConfig:
-    """The compensation settings for `--compensate FIT` (checked: one line when the choice is unknown)."""
+def compensation_config(fit: str = "auto", **options) -> CompensationConfig:
+    """The compensation settings for `--compensate FIT` (checked: one line when the choice is unknown).
+
+    `auto` is `down` where it can run and nothing elsewhere (`check_compensation` decides, before any
+    work)."""
     from moeprune.methods.compensation import FITS
 
-    if fit not in FITS:
-        raise MoepruneError(f"--compensate {fit!r} is not a known fit; give one of {', '.join(FITS)}")
-    cfg = CompensationConfig(fit=fit, **options)
+    if fit not in (*FITS, "auto"):
+        raise MoepruneError(f"--compensate {fit!r} is not a known fit; give one of auto, {', '.join(FITS)}")
+    cfg = CompensationConfig(fit="down", required=False, **options) if fit == "auto" else \
+        CompensationConfig(fit=fit, **options)
     if "rank" in options and not cfg.low_rank:
         raise MoepruneError(f"--compensate-rank {options['rank']!r} sets the rank of low-rank novices, which "
                             f"--compensate {fit} does not fit; use --compensate lowrank or down+lowrank")
@@ -371,23 +377,52 @@ def compensation_config(fit: str = "none", **options) -> CompensationConfig:
 
 
 def check_compensation(compensation: CompensationConfig | None, method: str, spec, cfg,
-                       calib: CalibrationRequest, config=None, keep: int | None = None) -> None:
-    """Refuse, before any work, a compensation this prune cannot run (or hold in memory)."""
+                       calib: CalibrationRequest, config=None,
+                       keep: int | None = None) -> tuple[CompensationConfig | None, str | None]:
+    """Refuse, before any work, a compensation this prune cannot run (or hold in memory); returns the
+    compensation to run and, for the default (`auto`, not `required`), the line that says what it chose:
+    where it cannot run, the default becomes none instead of refusing."""
     if compensation is None or not compensation.active:
-        return
+        return compensation, None
+    try:
+        _refuse_compensation(compensation, method, spec, cfg, calib, config, keep)
+    except MoepruneError as e:
+        if compensation.required:
+            raise
+        # without calibration text there is nothing to fit and nothing worth saying
+        note = None if calib.text is None else f"compensation: off ({str(e).split('; use')[0]})"
+        return CompensationConfig(), note
+    if compensation.required:
+        return compensation, None
+    return compensation, ("compensation: down (the default: each layer's kept down projections refitted to "
+                          "the original layer's output on the calibration tokens; --compensate none turns it "
+                          "off)")
+
+
+def _refuse_compensation(compensation: CompensationConfig, method: str, spec, cfg, calib: CalibrationRequest,
+                         config, keep: int | None) -> None:
+    import os
+
     fit = f"--compensate {compensation.fit}"
+    if calib.text is None:
+        raise MoepruneError(f"{fit} fits each layer on calibration tokens: pass --calib PATH")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # each rank would fit its own share of the batches
+        raise MoepruneError(f"{fit} does not combine its normal equations across torchrun processes yet; run "
+                            "it in one process, or use --compensate none")
     if compensation.fits_router and config is not None:
         _check_router_refit(config, fit, spec.makes_novices(cfg))
     if config is not None and keep is not None:
         _check_compensation_memory(compensation, config, keep, spec.makes_novices(cfg))
-    if calib.text is None:
-        raise MoepruneError(f"{fit} fits each layer on calibration tokens: pass --calib PATH")
     if not spec.layer_local(cfg):
         raise MoepruneError(f"{fit} fits each layer as it goes, but {method} with these options ranks all "
                             "layers together; use a per-layer setting or --compensate none")
     if compensation.fits_novices and not spec.makes_novices(cfg):
         raise MoepruneError(f"{fit} fits novice vectors, which {method} does not make; use --compensate down "
                             "or a novice method (mone)")
+    adapter = get_adapter(config) if config is not None else None
+    if adapter is not None and adapter.dense_experts:
+        raise MoepruneError(f"{fit}: {adapter.family}'s experts run densely on gate-scaled inputs, which "
+                            "compensation does not refit; use --compensate none")
 
 
 def _check_router_refit(config, fit: str, novices: bool) -> None:
@@ -421,7 +456,10 @@ def _check_compensation_memory(compensation: CompensationConfig, config, keep: i
     block = next(iter(adapter.moe_blocks(model).values()), None)
     if block is None:
         return
-    down = adapter.experts(block).down_proj  # [E, D, I], or [E, I, D] when transposed
+    down = getattr(adapter.experts(block), "down_proj", None)  # [E, D, I], or [E, I, D] when transposed
+    if down is None or not hasattr(down, "shape") or len(down.shape) != 3:
+        raise MoepruneError(f"--compensate {compensation.fit}: {adapter.family}'s experts hold no down_proj "
+                            "tensor [E, D, I] to refit; use --compensate none")
     width = down.shape[1] if adapter.transposed else down.shape[2]
     E = adapter.num_experts
     need = compensation.accumulator_bytes(keep, width, adapter.expert_dim, E - keep if novices else 0,
@@ -437,7 +475,8 @@ def _check_compensation_memory(compensation: CompensationConfig, config, keep: i
 def check_prune(model_path, method: str, calib: CalibrationRequest, budget_request: BudgetRequest,
                 output: OutputRequest, runtime: RuntimeRequest, options: dict | None = None, notify=None,
                 compensation: CompensationConfig | None = None, spread: BudgetChoice | None = None):
-    """Every cheap check of a prune, before anything expensive; returns (config, adapter, keep)."""
+    """Every cheap check of a prune, before anything expensive; returns (config, method spec, method config,
+    experts kept, the compensation to run, the line saying what the default compensation chose or None)."""
     from moeprune.store.novices import refuse_novice_input
 
     refuse_novice_input(model_path)
@@ -459,7 +498,7 @@ def check_prune(model_path, method: str, calib: CalibrationRequest, budget_reque
     spec.check_use(cfg, n_group=adapter.n_group, flatten_groups=budget_request.flatten_groups,
                    has_calibration=calib.text is not None)
     adapter.check_method(method, cfg)
-    check_compensation(compensation, method, spec, cfg, calib, config, keep)
+    compensation, compensation_note = check_compensation(compensation, method, spec, cfg, calib, config, keep)
     if spread is not None and spread.is_global:
         check_budget(spread, spec, cfg, has_calibration=calib.text is not None, probe_size=calib.probe_size,
                      sequential=runtime.sequential,
@@ -479,7 +518,7 @@ def check_prune(model_path, method: str, calib: CalibrationRequest, budget_reque
     if output.stats_path is not None:
         check_output_dir(output.stats_path, output.force, inputs, what="--save-stats", notify=notify)
     check_weight_files(model_path)
-    return config, spec, cfg, keep
+    return config, spec, cfg, keep, compensation, compensation_note
 
 
 def prune_request(model_path, method: str, calib: CalibrationRequest, budget_request: BudgetRequest,
@@ -489,8 +528,8 @@ def prune_request(model_path, method: str, calib: CalibrationRequest, budget_req
     """Check everything, tokenise, then one walk (two for methods that rank all layers) that writes
     `output`."""
     options = dict(options or {})
-    config, spec, cfg, keep = check_prune(model_path, method, calib, budget_request, output, runtime, options,
-                                          notify, compensation, spread)
+    config, spec, cfg, keep, compensation, compensation_note = check_prune(
+        model_path, method, calib, budget_request, output, runtime, options, notify, compensation, spread)
     cal = _tokenise(calib, model_path, config, notify) if calib.text is not None else None
     device = check_device(runtime.device)
     ranks = Ranks.from_env(device)  # under torchrun the calibration batches are shared; rank 0 writes
@@ -507,9 +546,12 @@ def prune_request(model_path, method: str, calib: CalibrationRequest, budget_req
     )
     fitting = compensation is not None and compensation.active
     why = "--sequential works layer by layer" if runtime.sequential else why
-    why = f"--compensate {compensation.fit} runs sequentially" if fitting else why
+    if fitting and compensation.required:
+        why = f"--compensate {compensation.fit} runs sequentially"
     if ranks.is_main:
         _tell(notify, source, why)
+        if compensation_note is not None and notify is not None:
+            notify(compensation_note)
     weights = None
     if all_weights:
         from moeprune.pipeline.access import ModelWeights

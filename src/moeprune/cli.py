@@ -372,7 +372,8 @@ def prune(
         typer.Option(
             "--compensate",
             help="after each layer's surgery, fit it to the original layer's output on the calibration "
-            "tokens in closed form (ridge), sequentially: none, down (the kept experts' down projections; "
+            "tokens in closed form (ridge), sequentially: auto (the default: down wherever it can run, none "
+            "elsewhere, and it says which), none, down (the kept experts' down projections; "
             "a stock checkpoint), novices (MoNE's novice vectors), down+novices, lowrank (MoNE's novices "
             "become b + U Vᵀx of rank --compensate-rank, reduced-rank ridge), down+lowrank, router (the kept "
             "router rows, one linearised ridge step; softmax routers renormalised over the top-k), "
@@ -380,7 +381,7 @@ def prune(
             "does not lower the error on held-out calibration tokens is not applied; the plan's notes say "
             "which were",
         ),
-    ] = "none",
+    ] = "auto",
     compensate_rank: Annotated[
         int,
         typer.Option(

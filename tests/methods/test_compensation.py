@@ -164,7 +164,8 @@ def test_the_layer_fit_written_by_surgery_has_the_error_it_reports(family, fit):
 @pytest.mark.slow
 def test_prune_compensate_down_writes_a_stock_checkpoint(checkpoint, calib_file, tmp_path):
     src = checkpoint("mixtral")
-    plain = prune_model(src, "reap", tmp_path / "plain", ratio=0.5, calib=str(calib_file), **PRUNE)
+    plain = prune_model(src, "reap", tmp_path / "plain", ratio=0.5, calib=str(calib_file), compensate="none",
+                        **PRUNE)
     fitted = prune_model(src, "reap", tmp_path / "fitted", ratio=0.5, calib=str(calib_file),
                          compensate="down", **PRUNE)
     plan = Plan.load(fitted / "moeprune_plan.json")
@@ -243,3 +244,40 @@ def test_the_model_card_says_what_was_chosen_and_fitted():
     text = "\n".join(_choice_and_fit_lines(plan))
     assert "0: reap (0.25), 1: ean (0.125)" in text
     assert "applied in layers [0]" in text and "1: 0.1 → 0.2 (not applied)" in text
+
+
+def test_the_default_compensation_is_down_where_it_can_run_and_says_so(checkpoint, calib_file, tmp_path):
+    heard: list[str] = []
+    out = prune_model(checkpoint("mixtral"), "reap", tmp_path / "on", ratio=0.5, calib=str(calib_file),
+                      notify=heard.append, **PRUNE)
+    plan = Plan.load(out / "moeprune_plan.json")
+    assert plan.compensation["fit"] == "down" and plan.compensation["required"] is False
+    assert any(lp.notes["compensation"]["applied"] for lp in plan.layers)
+    assert any(line.startswith("compensation: down (the default") for line in heard), heard
+    # DBRX's experts hold no down_proj tensor: the default turns itself off, says why, and the prune succeeds
+    heard.clear()
+    out = prune_model(checkpoint("dbrx"), "reap", tmp_path / "off", ratio=0.5, calib=str(calib_file),
+                      notify=heard.append, **PRUNE)
+    assert not Plan.load(out / "moeprune_plan.json").compensation
+    assert any(line.startswith("compensation: off (") and "down_proj" in line for line in heard), heard
+    # asked for explicitly, the same is refused in one line before any work
+    with pytest.raises(MoepruneError, match="no down_proj") as e:
+        prune_model(checkpoint("dbrx"), "reap", tmp_path / "never", ratio=0.5, calib=str(calib_file),
+                    compensate="down", **PRUNE)
+    assert "\n" not in str(e.value) and not (tmp_path / "never").exists()
+
+
+def test_compensation_under_torchrun_is_refused_and_the_default_is_off(checkpoint, calib_file, tmp_path,
+                                                                       monkeypatch):
+    from moeprune.api import check_compensation
+    from moeprune.methods import get_method
+    from moeprune.settings import CalibrationRequest
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    spec = get_method("reap")
+    calib = CalibrationRequest(str(calib_file))
+    with pytest.raises(MoepruneError, match="torchrun") as e:
+        check_compensation(compensation_config("down"), "reap", spec, spec.default_config(), calib)
+    assert "\n" not in str(e.value)
+    cfg, note = check_compensation(compensation_config("auto"), "reap", spec, spec.default_config(), calib)
+    assert not cfg.active and "torchrun" in note

@@ -23,7 +23,8 @@ from moeprune.plan import Plan
 from moeprune.store.checkpoint import load_model
 from moeprune.surgery import apply_layer_plan
 
-PRUNE = dict(ratio=0.25, samples=6, seq_len=32, batch_size=4, probe_size=64, progress=False)
+PRUNE = dict(ratio=0.25, samples=6, seq_len=32, batch_size=4, probe_size=64, progress=False,
+             compensate="none")
 
 
 def _ids(n=5, length=24, seed=0):

@@ -87,6 +87,9 @@ class CompensationConfig:
     joint_limit: int = 8192  # solve all kept experts jointly up to this many features, else per expert
     rank: int = 8  # r of the low-rank novices (fit lowrank, down+lowrank); capped at D
     alpha_search: str = "early"  # early: stop at the first α whose held-out error rises; full: every α
+    # False when chosen by default (`--compensate auto`): a prune it cannot run goes on without it, and a
+    # layer it cannot fit says why in its notes, instead of refusing
+    required: bool = True
 
     def __post_init__(self):
         options.one_of("compensation", "fit", self.fit, FITS)

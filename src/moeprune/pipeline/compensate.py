@@ -125,6 +125,9 @@ class LayerCompensation:
         self.novices = is_novice_experts(ex)
         self.R = lp.num_experts_out
         self.N = len(lp.novices)
+        if not isinstance(getattr(ex, "down_proj", None), torch.Tensor):
+            raise MoepruneError(f"{adapter.family}: its experts hold no down_proj tensor [E, D, I] to refit; "
+                                "use --compensate none")
         width = ex.down_proj.shape[2] if not adapter.transposed else ex.down_proj.shape[1]
         self.fit = RidgeFit(cfg, self.R, width, self.N, adapter.expert_dim)
         self.checked = False

@@ -242,7 +242,14 @@ def _compensate(cfg: CompensationConfig, batches: _Batches, i: int, layer: nn.Mo
 
     adapter, rule = batches.source.adapter, held_out_rule(cfg.holdout)
     def fitted(kind, c: CompensationConfig) -> dict:
-        return _fit_pass(kind(c, adapter, block, original, lp, rule), batches, i, layer, block)
+        try:
+            return _fit_pass(kind(c, adapter, block, original, lp, rule), batches, i, layer, block)
+        except MoepruneError as e:
+            if c.required:
+                raise
+            # the default fit (`--compensate auto`) found these experts not refittable: the layer stays as
+            # surgery left it (the fit writes nothing before `finish`), and its notes say why
+            return {"fit": c.fit, "applied": False, "why_not": str(e).split("; use")[0]}
 
     if cfg.fits_router:
         router = fitted(LayerRouterRefit, cfg)
@@ -271,7 +278,7 @@ def _fit_pass(fit, batches: _Batches, i: int, layer: nn.Module, block: nn.Module
     with experts_calls(batches.source.adapter, block) if own_run else contextlib.nullcontext() as mine:
         busy = False
 
-        def gather(_module, args, kwargs, *_output):
+        def gather(_module, args, kwargs, _output):
             nonlocal busy
             if busy:  # the fit's own call of the block
                 return
@@ -287,8 +294,9 @@ def _fit_pass(fit, batches: _Batches, i: int, layer: nn.Module, block: nn.Module
             finally:
                 busy = False
 
-        handle = block.register_forward_hook(gather, with_kwargs=True) if own_run else \
-            block.register_forward_pre_hook(gather, with_kwargs=True)
+        # after the block ran (a pre-hook would also see the call that only captures a layer's arguments,
+        # which stops before the layer runs)
+        handle = block.register_forward_hook(gather, with_kwargs=True)
         try:
             batches.run(i, layer, keep=False, sink=lambda *_: None)
         finally:
