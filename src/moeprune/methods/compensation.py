@@ -236,8 +236,10 @@ class RidgeFit:
         return Z
 
     def _add_gram(self, Z: torch.Tensor, p: RoutedPairs, r: torch.Tensor) -> None:
-        """G += Zᵀ Z and C += Zᵀ r, one column block (a kept expert's I, a novice's B) at a time over the
-        tokens routed to it only: Z is zero elsewhere, so this costs T·K·block·(P + D), not T·P·(P + D)."""
+        """G += Zᵀ Z and C += Zᵀ r, one row block (a kept expert's I, a novice's B) at a time over the
+        tokens routed to it only: Z is zero elsewhere, so this costs T·K·block·(P + D), not T·P·(P + D).
+        Only the blocks on and right of the diagonal are accumulated (half the flops); `_symmetrise` fills
+        the rest before solving."""
         blocks = []
         if self.fit_down:
             blocks += [(s * self.I, self.I, p.tokens[p.slots == s]) for s in range(self.R)]
@@ -248,10 +250,17 @@ class RidgeFit:
             if tokens.numel() == 0:
                 continue
             seen = tokens.unique()
-            rows = Z[seen]  # [n_b, P] the tokens with a nonzero in this block
-            block = rows[:, start : start + width]  # [n_b, width]
-            self.G[start : start + width] += (block.T @ rows).double()
+            rows = Z[seen, start:]  # [n_b, P - start] the tokens with a nonzero in this block
+            block = rows[:, :width]  # [n_b, width]
+            self.G[start : start + width, start:] += (block.T @ rows).double()
             self.C[start : start + width] += (block.T @ r[seen]).double()
+
+    def _symmetrise(self) -> None:
+        """G's blocks left of the diagonal from those right of it (`_add_gram` accumulates the upper half)."""
+        if self.joint and not getattr(self, "_symmetric", False):
+            upper = torch.triu(self.G)
+            self.G = upper + torch.triu(upper, diagonal=1).T
+            self._symmetric = True
 
     def add(self, p: RoutedPairs, held_out: bool) -> None:
         if held_out:
@@ -423,6 +432,7 @@ class RidgeFit:
         """(ΔW [R, D, I], Δnovices, notes): the best α on the held-out tokens, or no fit at all (both None)
         when none beats leaving the layer as it is. Δnovices is [N, D] for constant novices and a
         `LowRankDelta` for low-rank ones."""
+        self._symmetrise()
         before = self.held_out_error(None, None)
         best = None
         previous = None
