@@ -426,17 +426,18 @@ def _refuse_compensation(compensation: CompensationConfig, method: str, spec, cf
 
 
 def _check_router_refit(config, fit: str, novices: bool) -> None:
-    """The router refit linearises softmax gates renormalised over the selected experts, in stock outputs:
-    refuse other routing rules (and novice outputs) in one line, before calibration."""
+    """The router refit reads softmax gates (renormalised over the selected experts or not) in stock
+    outputs: refuse other routing rules (and novice outputs) in one line, before calibration."""
     from moeprune.arch.facts import BY_MODEL_TYPE
 
     adapter = get_adapter(config)
     family = BY_MODEL_TYPE.get(adapter.family)
-    softmax = family is not None and family.routing in ("softmax_topk", "softmax_norm_topk_prob")
-    if not softmax or adapter.group_limited or not family.rule(adapter)[0]:
-        raise MoepruneError(f"{fit} refits routers whose gates are softmax probabilities renormalised over "
-                            f"the selected experts (Mixtral, Qwen3-MoE, MiniMax); {adapter.family}'s are "
-                            "not; use --compensate down")
+    softmax = family is not None and family.routing in ("softmax_topk", "softmax_norm_topk_prob",
+                                                         "softmax_no_renorm")
+    if not softmax or adapter.group_limited:
+        raise MoepruneError(f"{fit} refits routers whose gates are softmax probabilities without group "
+                            f"limits (Mixtral, Qwen2/3-MoE, MiniMax, Jamba); {adapter.family}'s are not; use "
+                            "--compensate down")
     if novices:
         raise MoepruneError(f"{fit} refits the router of a stock output, and this method makes novices; use "
                             "--compensate down+novices or a stock method")

@@ -376,7 +376,7 @@ def prune(
             "elsewhere, and it says which), none, down (the kept experts' down projections; "
             "a stock checkpoint), novices (MoNE's novice vectors), down+novices, lowrank (MoNE's novices "
             "become b + U Vᵀx of rank --compensate-rank, reduced-rank ridge), down+lowrank, router (the kept "
-            "router rows, one linearised ridge step; softmax routers renormalised over the top-k), "
+            "router rows, one linearised ridge step; softmax routers without group limits), "
             "router+down. A fit that "
             "does not lower the error on held-out calibration tokens is not applied; the plan's notes say "
             "which were",

@@ -87,6 +87,7 @@ class CompensationConfig:
     joint_limit: int = 8192  # solve all kept experts jointly up to this many features, else per expert
     rank: int = 8  # r of the low-rank novices (fit lowrank, down+lowrank); capped at D
     alpha_search: str = "early"  # early: stop at the first α whose held-out error rises; full: every α
+    router_features: int = 1024  # router refit: kept rows × input directions at most (`router_refit`)
     # False when chosen by default (`--compensate auto`): a prune it cannot run goes on without it, and a
     # layer it cannot fit says why in its notes, instead of refusing
     required: bool = True
@@ -104,16 +105,18 @@ class CompensationConfig:
         options.integer("compensation", "joint_limit", self.joint_limit, 1)
         options.integer("compensation", "rank", self.rank, 1)
         options.one_of("compensation", "alpha_search", self.alpha_search, ("early", "full"))
+        options.integer("compensation", "router_features", self.router_features, 1)
 
     def accumulator_bytes(self, num_kept: int, width: int, dim: int, num_novices: int,
                           router_width: int = 0) -> int:
         """Bytes of one layer's normal equations (float64), as `RidgeFit` (and, for a router refit with
         router_width inputs, `RouterRidge`) will hold them; the larger of the two, as they run in turn."""
         if self.fits_router:
-            from moeprune.methods.router_refit import RouterRidge
+            from moeprune.methods.router_refit import RouterRidge, kept_directions
 
             rest = self.without_router
-            router = RouterRidge.accumulator_bytes(num_kept, router_width + 1)
+            q = kept_directions(num_kept, router_width, self.router_features)
+            router = RouterRidge.accumulator_bytes(num_kept, q + 1)
             after = rest.accumulator_bytes(num_kept, width, dim, num_novices) if rest.active else 0
             return max(router, after)
         kept_width = num_kept * width if self.fits_down else 0

@@ -224,7 +224,7 @@ class LayerRouterRefit:
 
     def __init__(self, cfg: CompensationConfig, adapter: Adapter, block: nn.Module, original: nn.Module,
                  lp: LayerPlan, held_out_sequences):
-        from moeprune.methods.router_refit import RouterRidge
+        from moeprune.methods.router_refit import RouterRidge, kept_directions
 
         if adapter.dense_experts or is_novice_experts(adapter.experts(block)):
             raise MoepruneError(f"{adapter.family}: --compensate {cfg.fit} refits the router of a stock "
@@ -239,31 +239,40 @@ class LayerRouterRefit:
         self.held_out_sequences = held_out_sequences
         self.router = router
         self.has_bias = isinstance(getattr(router, "bias", None), torch.Tensor)
-        self.ridge = RouterRidge(W.shape[0], W.shape[1] + self.has_bias)
+        self.q = kept_directions(W.shape[0], W.shape[1], cfg.router_features)
+        self.ridge = RouterRidge(W.shape[0], self.q + self.has_bias)
+        self.directions: torch.Tensor | None = None  # V [H, q], from the first fitted batch
+        self.rule: str | None = None  # renormalised | softmax, from the first batch's gates
         self.held: list[tuple[torch.Tensor, torch.Tensor]] = []  # (block input [b, L, H], y_ref [b·L, D])
-        self.checked = False
 
-    def _inputs(self, x_block: torch.Tensor) -> torch.Tensor:
-        """[T, H(+1)] what the router's linear map reads (a constant 1 for its bias)."""
-        x = x_block.reshape(-1, self.router.weight.shape[1]).float()
-        return torch.cat([x, torch.ones_like(x[:, :1])], 1) if self.has_bias else x
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        """[T, R] the router's logits over the kept experts for its inputs x [T, H]."""
+        logits = x @ self.router.weight.float().T
+        return logits + self.router.bias.float() if self.has_bias else logits
 
-    def _check_gates(self, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> None:
-        """Refuse, in one line, gates that are not softmax(l[S]) of the router's own linear logits l."""
-        Wb = self.router.weight.float()
-        if self.has_bias:
-            Wb = torch.cat([Wb, self.router.bias.float()[:, None]], 1)
-        logits = x @ Wb.T  # [T, R]
-        mine = torch.softmax(logits.gather(1, idx), dim=-1)  # [T, K]
-        err = float((mine - w.float()).norm() / w.float().norm().clamp(min=1e-12))
-        if not err <= GATE_TOLERANCE:
+    def _gate_rule(self, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> str:
+        """Which softmax rule the recorded gates follow; refused, in one line, when neither."""
+        logits = self._logits(x)
+        candidates = {"renormalised": torch.softmax(logits.gather(1, idx), dim=-1),
+                      "softmax": torch.softmax(logits, dim=-1).gather(1, idx)}
+        scale = w.float().norm().clamp(min=1e-12)
+        errors = {rule: float((g - w.float()).norm() / scale) for rule, g in candidates.items()}
+        rule = min(errors, key=errors.get)
+        if not errors[rule] <= GATE_TOLERANCE:
             raise MoepruneError(f"{self.adapter.family}: its gates are not softmax probabilities of the "
-                                "router's logits renormalised over the selected experts (relative mismatch "
-                                f"{err:.2g}), which the router refit assumes; use --compensate down")
+                                "router's logits, renormalised over the selected experts or not (relative "
+                                f"mismatch {errors[rule]:.2g}), which the router refit reads; use "
+                                "--compensate down")
+        return rule
+
+    def _projected(self, x: torch.Tensor) -> torch.Tensor:
+        """[T, q(+1)] x̃ = [Vᵀx, 1] of router inputs x [T, H]."""
+        z = x @ self.directions.float()
+        return torch.cat([z, torch.ones_like(z[:, :1])], 1) if self.has_bias else z
 
     @torch.no_grad()
     def add_batch(self, x_block: torch.Tensor, sequences: torch.Tensor, mine: list | None = None) -> None:
-        from moeprune.methods.router_refit import router_features
+        from moeprune.methods.router_refit import principal_directions, router_features
 
         adapter = self.adapter
         with experts_calls(adapter, self.original) as ref:
@@ -273,23 +282,36 @@ class LayerRouterRefit:
                 adapter.moe_forward(self.block, x_block)
         (_, _, _, y_ref), (x_e, idx, w, y) = ref[0], mine[0]
         T, K = idx.shape
-        x = self._inputs(x_block)
-        if not self.checked:
-            self._check_gates(x, idx, w)
-            self.checked = True
+        x = x_block.reshape(T, -1).float()  # [T, H] what the router reads
+        if self.rule is None:
+            self.rule = self._gate_rule(x, idx, w)
         held = self.held_out_sequences(sequences)  # [B]
         if held.any():
             self.held.append((x_block[held.to(x_block.device)], y_ref.view(*x_block.shape[:2], -1)[
                 held.to(y_ref.device)].reshape(-1, y_ref.shape[-1]).float().cpu()))
-        fit = ~held.repeat_interleave(T // sequences.numel())  # [T]
-        if not fit.any():
+        fit = (~held.repeat_interleave(T // sequences.numel())).nonzero().squeeze(1).to(idx.device)  # [T']
+        if fit.numel() == 0:
             return
-        rows = fit.nonzero().squeeze(1).to(idx.device)
-        sel = idx[rows]  # [T', K]
-        outputs = adapter.expert_outputs(self.block, x_e[rows].repeat_interleave(K, 0), sel.reshape(-1))
-        outputs = outputs.float().view(rows.numel(), K, -1)  # [T', K, D]
-        v = router_features(w[rows].float(), outputs).cpu()
-        self.ridge.add(x[rows].cpu(), sel.cpu(), v, (y_ref[rows] - y[rows]).float().cpu())
+        if self.directions is None:
+            self.directions = principal_directions(x[fit].cpu(), self.q)
+        D = y.shape[-1]
+        moved = K if self.rule == "renormalised" else self.ridge.R  # rows each token moves
+        chunk = max(1, 2 ** 22 // (moved * D))  # tokens per step: u [chunk, moved, D] stays small
+        for rows in fit.split(chunk):
+            sel = idx[rows]  # [t, K]
+            outputs = adapter.expert_outputs(self.block, x_e[rows].repeat_interleave(K, 0), sel.reshape(-1))
+            outputs = outputs.float().view(rows.numel(), K, D)  # [t, K, D]
+            probabilities = torch.softmax(self._logits(x[rows]), dim=-1) if self.rule == "softmax" else None
+            ids, u = router_features(self.rule, w[rows].float().cpu(), sel.cpu(), outputs.cpu(),
+                                     None if probabilities is None else probabilities.cpu())
+            self.ridge.add(self._projected(x[rows]).cpu(), ids, u, (y_ref[rows] - y[rows]).float().cpu())
+
+    def _full(self, theta: torch.Tensor) -> torch.Tensor:
+        """[R, H(+1)] the router change θ [R, q(+1)] in the router's own input space (ΔW = θ Vᵀ)."""
+        if self.directions is None:  # nothing was fitted
+            return torch.zeros(self.ridge.R, self.router.weight.shape[1] + self.has_bias, dtype=torch.float64)
+        full = theta[:, : self.q] @ self.directions.T  # [R, H]
+        return torch.cat([full, theta[:, self.q :]], 1) if self.has_bias else full
 
     def _router_tensors(self) -> list[torch.Tensor]:
         return [self.router.weight] + ([self.router.bias] if self.has_bias else [])
@@ -319,7 +341,7 @@ class LayerRouterRefit:
         reference = sum(float((y ** 2).sum()) for _, y in self.held)
         best, previous, tried = (before, None, None), None, 0
         for alpha in sorted(self.cfg.alphas):
-            theta = self.ridge.solve(alpha)
+            theta = self._full(self.ridge.solve(alpha))
             tried_with(theta)
             err = self.held_out_error()
             tried += 1
@@ -331,7 +353,8 @@ class LayerRouterRefit:
         err, alpha, theta = best
         applied = theta is not None
         tried_with(theta)
-        notes = {"fit": "router", "features": self.ridge.P, "fit_tokens": self.ridge.tokens,
+        notes = {"fit": "router", "gates": self.rule, "input_directions": self.q, "features": self.ridge.P,
+                 "fit_tokens": self.ridge.tokens,
                  "held_out_tokens": sum(y.shape[0] for _, y in self.held), "alpha": alpha,
                  "alphas_tried": tried,
                  "held_out_error_before": before, "held_out_error_after": err, "applied": applied}
