@@ -55,6 +55,22 @@ def experts_calls(adapter: Adapter, block: nn.Module) -> Iterator[list]:
             ex.forward = previous
 
 
+def both_calls(adapter: Adapter, original: nn.Module, block: nn.Module, x_block: torch.Tensor,
+               mine: list | None) -> tuple[tuple, tuple]:
+    """The experts call (`experts_calls`) of the original block and of the compressed one on x_block
+    [B, L, H]. `mine` is what was recorded while the layer ran the compressed block on x_block; without it
+    the compressed block runs here again."""
+    with experts_calls(adapter, original) as ref:
+        adapter.moe_forward(original, x_block)
+    if mine is None:
+        with experts_calls(adapter, block) as mine:
+            adapter.moe_forward(block, x_block)
+    if len(ref) != 1 or len(mine) != 1:
+        raise MoepruneError(f"{adapter.family}: its MoE block called its experts {len(mine)} times on one "
+                            "batch; compensation needs one call; use --compensate none")
+    return ref[0], mine[0]
+
+
 def expert_hidden(adapter: Adapter, block: nn.Module, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """[S, I] hidden units a = act(gate x) * up x of expert ids[s] on x[s] [S, D], what its down
     projection reads (the experts' own gating function where transformers gives them one)."""
@@ -140,16 +156,7 @@ class LayerCompensation:
         `mine` is what `experts_calls` recorded while the layer ran the compressed block on x_block; without
         it the compressed block runs here again."""
         adapter = self.adapter
-        with experts_calls(adapter, self.original) as ref:
-            adapter.moe_forward(self.original, x_block)
-        if mine is None:
-            with experts_calls(adapter, self.block) as mine:
-                adapter.moe_forward(self.block, x_block)
-        if len(ref) != 1 or len(mine) != 1:
-            raise MoepruneError(f"{adapter.family}: its MoE block called its experts {len(mine)} times on "
-                                "one "
-                                "batch; compensation needs one call; use --compensate none")
-        (_, _, _, y_ref), (x, idx, w, y) = ref[0], mine[0]
+        (_, _, _, y_ref), (x, idx, w, y) = both_calls(adapter, self.original, self.block, x_block, mine)
         T, K = idx.shape
         device = x.device  # the experts' inputs stay there; what the fit accumulates moves to the CPU
         routed = idx.reshape(-1)  # [T*K] router ids of the compressed block
@@ -275,12 +282,7 @@ class LayerRouterRefit:
         from moeprune.methods.router_refit import principal_directions, router_features
 
         adapter = self.adapter
-        with experts_calls(adapter, self.original) as ref:
-            adapter.moe_forward(self.original, x_block)
-        if mine is None:
-            with experts_calls(adapter, self.block) as mine:
-                adapter.moe_forward(self.block, x_block)
-        (_, _, _, y_ref), (x_e, idx, w, y) = ref[0], mine[0]
+        (_, _, _, y_ref), (x_e, idx, w, y) = both_calls(adapter, self.original, self.block, x_block, mine)
         T, K = idx.shape
         x = x_block.reshape(T, -1).float()  # [T, H] what the router reads
         if self.rule is None:
