@@ -256,7 +256,9 @@ def test_demo_compare_puts_every_method_in_one_table(tmp_path, corpus, monkeypat
     with pytest.warns(UserWarning):  # the 4-step model is below the bar; strict=False takes it
         report = run_demo(methods=["frequency", "random"], ratio=0.25, cache_dir=str(tmp_path), samples=4,
                           max_tokens=256, task_items=8, strict=False, say=lines.append)
-    assert [m["name"] for m in report["models"]] == ["original", "frequency -25%", "random -25%"]
+    # the default compensation ran (the demo calibrates), and the names say so
+    assert report["demo"]["compensation"] == {"frequency": "down", "random": "down"}
+    assert [m["name"] for m in report["models"]] == ["original", "frequency -25% +fit", "random -25% +fit"]
     assert report["demo"]["experts"] == {"original": 4, "frequency": 3, "random": 3}
     table = render_demo(report)
     assert isinstance(table, Table) and len(table.columns) == 5  # labels, chance, original, two methods

@@ -139,12 +139,14 @@ def run_demo(*, methods: Sequence[str] = (DEFAULT_METHOD,), ratio: float = 0.25,
 
     report = dict(entries[0]["common"])
     report["models"] = []
+    plans = {m: Plan.load(p / "moeprune_plan.json") for m, p in pruned.items()}
     for i, (e, path) in enumerate(zip(entries, paths, strict=True)):
         m = dict(e["model"])
-        m["name"] = "original" if i == 0 else f"{methods[i - 1]} -{ratio:.0%}"
+        # "+fit": the layers were refitted to the original's outputs (`prune`'s default compensation)
+        m["name"] = "original" if i == 0 else (f"{methods[i - 1]} -{ratio:.0%}"
+                                               + (" +fit" if plans[methods[i - 1]].compensation else ""))
         m["bytes_on_disk"] = weights_bytes(path)
         report["models"].append(m)
-    plans = {m: Plan.load(p / "moeprune_plan.json") for m, p in pruned.items()}
     first_plan = next(iter(plans.values()))
     report["demo"] = {
         "testbed": testbed, "base": str(base), "ratio": ratio, "methods": methods,
@@ -152,6 +154,7 @@ def run_demo(*, methods: Sequence[str] = (DEFAULT_METHOD,), ratio: float = 0.25,
         "experts": {"original": first_plan.num_experts_in,
                     **{m: p.num_experts_out for m, p in plans.items()}},
         "novices": {m: max((len(lp.novices) for lp in p.layers), default=0) for m, p in plans.items()},
+        "compensation": {m: p.compensation.get("fit", "none") for m, p in plans.items()},
         "testbed_validation": {d: {"perplexity": v["perplexity"], "bigram_perplexity": v["bigram_perplexity"]}
                                for d, v in base_report["evaluation"]["domains"].items()},
         "seconds": round(time.perf_counter() - started, 1),
@@ -239,6 +242,9 @@ def render_demo(report: dict):
         t.caption = (f"perplexity: lower is better, × the original's. Tasks: {n} items each, standard "
                      f"error about ±{worst:.0f} pt; this small model is near chance on them, so perplexity "
                      "is the signal")
+        if any(" +fit" in m["name"] for m in report["models"]):
+            t.caption += ("; +fit: each pruned layer refitted to the original's output (`moeprune prune`'s "
+                          "default compensation)")
         t.caption_justify = "left"
     return t
 
