@@ -14,6 +14,7 @@ from helpers import SEED, calibration_text, token_ids
 from moeprune.arch.tiny import save_tiny_checkpoint, tiny_model
 from moeprune.distributed import Ranks
 from moeprune.observe import LayerStats, Stats, merge_layer_stats, observe, reduce_layer_stats
+from moeprune.plan import Plan
 
 N, L, BATCH = 10, 32, 2  # 5 batches: no world size above 1 splits them evenly
 PROBE = 40
@@ -144,7 +145,7 @@ def test_torchrun_layerwise_prune_equals_one_process(tmp_path):
     env = _single_process_env()
     args = ["prune", str(model_dir), "--method", "reap", "--ratio", "0.25", "--calib", str(calib),
             "--samples", str(N), "--seq-len", str(L), "--batch-size", str(BATCH), "--probe-size", str(PROBE),
-            "--compensate", "none"]  # compensation does not combine ranks yet (refused under torchrun)
+            "--compensate", "none"]  # bit for bit without a fit (with one: the next test)
     (tmp_path / "one").mkdir()
     (tmp_path / "two").mkdir()
     single = subprocess.run([sys.executable, "-m", "moeprune", *args, "--in-memory", "--out",
@@ -170,3 +171,43 @@ def test_torchrun_layerwise_prune_equals_one_process(tmp_path):
 
     a, b = weights(tmp_path / "one" / "m"), weights(tmp_path / "two" / "m")
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_torchrun_compensated_prune_matches_one_process(tmp_path):
+    """2 processes with --compensate down: the normal equations are added over the processes, so both
+    write what one process fits on all the batches (up to the order of float64 sums)."""
+    model_dir, calib = tmp_path / "model", tmp_path / "calib.txt"
+    save_tiny_checkpoint("qwen3_moe", model_dir, seed=SEED)
+    calib.write_text(calibration_text(), encoding="utf-8")
+    env = _single_process_env()
+    args = ["prune", str(model_dir), "--method", "reap", "--ratio", "0.5", "--calib", str(calib),
+            "--samples", str(4 * N), "--seq-len", str(L), "--batch-size", str(BATCH),
+            "--probe-size", str(PROBE), "--compensate", "down"]
+    single = subprocess.run([sys.executable, "-m", "moeprune", *args, "--out", str(tmp_path / "one")],
+                            env=env, capture_output=True, text=True, timeout=300)
+    assert single.returncode == 0, single.stderr
+    multi = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+                            "2", "-m", "moeprune", *args, "--out", str(tmp_path / "two")],
+                           env=env, capture_output=True, text=True, timeout=300)
+    assert multi.returncode == 0, multi.stderr
+    one = Plan.load(tmp_path / "one" / "moeprune_plan.json")
+    two = Plan.load(tmp_path / "two" / "moeprune_plan.json")
+    assert [lp.kept for lp in one.layers] == [lp.kept for lp in two.layers]
+    fits = [(lp.notes["compensation"], lq.notes["compensation"]) for lp, lq in zip(one.layers, two.layers)]
+    assert any(a["applied"] for a, _ in fits)
+    for a, b in fits:
+        assert (a["applied"], a["alpha"], a["fit_tokens"], a["held_out_tokens"]) == \
+            (b["applied"], b["alpha"], b["fit_tokens"], b["held_out_tokens"])
+    from safetensors.torch import load_file
+
+    def weights(d):
+        out = {}
+        for f in sorted(d.glob("*.safetensors")):
+            out.update(load_file(f))
+        return out
+
+    a, b = weights(tmp_path / "one"), weights(tmp_path / "two")
+    assert set(a) == set(b)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)

@@ -406,9 +406,10 @@ def _refuse_compensation(compensation: CompensationConfig, method: str, spec, cf
     fit = f"--compensate {compensation.fit}"
     if calib.text is None:
         raise MoepruneError(f"{fit} fits each layer on calibration tokens: pass --calib PATH")
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # each rank would fit its own share of the batches
-        raise MoepruneError(f"{fit} does not combine its normal equations across torchrun processes yet; run "
-                            "it in one process, or use --compensate none")
+    if compensation.fits_router and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # its input directions come from the first batch, which each process has its own of
+        raise MoepruneError(f"{fit} refits the router in one process only; run it without torchrun, or use "
+                            "--compensate down")
     if compensation.fits_router and config is not None:
         _check_router_refit(config, fit, spec.makes_novices(cfg))
     if config is not None and keep is not None:

@@ -62,6 +62,18 @@ class Ranks:
             return value
         return max(self.all_gather(float(value)))
 
+    def sum_over_ranks(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Collective: the sum of every rank's `tensor` (same shape on each), added in rank order so that
+        every rank gets the same bits."""
+        if self.world == 1:
+            return tensor
+        parts = [torch.empty_like(tensor) for _ in range(self.world)]
+        dist.all_gather(parts, tensor.contiguous())
+        total = parts[0].clone()
+        for p in parts[1:]:
+            total += p
+        return total
+
     def barrier(self) -> None:
         if self.world > 1:
             dist.barrier()

@@ -215,6 +215,9 @@ class RidgeFit:
                 self.C_n = torch.zeros(n, self.D, dtype=f64)
         self.held_out: list[RoutedPairs] = []
         self.tokens = 0
+        # sums a tensor over the calibration processes (torchrun) so that every process solves the same
+        # system; the identity in one process
+        self.combine = lambda t: t
 
     def _novice_features(self, p: RoutedPairs) -> torch.Tensor:
         """[S', B] each novice pair's features: g, or g [1, x] for low-rank novices."""
@@ -264,6 +267,16 @@ class RidgeFit:
             upper = torch.triu(self.G)
             self.G = upper + torch.triu(upper, diagonal=1).T
             self._symmetric = True
+
+    def _combine(self) -> None:
+        """Every process's normal equations, token counts added (`combine`), once, before solving."""
+        if getattr(self, "_combined", False):
+            return
+        names = ("G", "C") if self.joint else ("G_e", "C_e", "G_n", "C_n")
+        for name in names:
+            setattr(self, name, self.combine(getattr(self, name)))
+        self.tokens = int(self.combine(torch.tensor(float(self.tokens), dtype=torch.float64)))
+        self._combined = True
 
     def add(self, p: RoutedPairs, held_out: bool) -> None:
         if held_out:
@@ -429,12 +442,13 @@ class RidgeFit:
                     per_pair = dn[p.novice_slots]
                 change.index_add_(0, p.novice_tokens, per_pair * g)
             total += float(((p.target.double() - change) ** 2).sum())
-        return total
+        return float(self.combine(torch.tensor(total, dtype=torch.float64)))
 
     def solve(self):
         """(ΔW [R, D, I], Δnovices, notes): the best α on the held-out tokens, or no fit at all (both None)
         when none beats leaving the layer as it is. Δnovices is [N, D] for constant novices and a
         `LowRankDelta` for low-rank ones."""
+        self._combine()
         self._symmetrise()
         before = self.held_out_error(None, None)
         best = None
@@ -451,7 +465,8 @@ class RidgeFit:
                 break
             previous = err
         err, alpha, dW, dn = best
-        held_out_tokens = sum(p.target.shape[0] for p in self.held_out)
+        held_out_tokens = int(self.combine(torch.tensor(float(sum(p.target.shape[0] for p in self.held_out)),
+                                                        dtype=torch.float64)))
         applied = held_out_tokens > 0 and err < before
         notes = {"fit": self.cfg.fit, "solve": "joint" if self.joint else "per expert",
                  "features": self.P, "fit_tokens": self.tokens, "held_out_tokens": held_out_tokens,

@@ -130,7 +130,9 @@ class LayerCompensation:
     """One layer's fit: the hook that gathers batches, then `finish()` solves and writes."""
 
     def __init__(self, cfg: CompensationConfig, adapter: Adapter, block: nn.Module, original: nn.Module,
-                 lp: LayerPlan, held_out_sequences):
+                 lp: LayerPlan, held_out_sequences, combine=None):
+        """`combine(tensor)` sums a tensor over the calibration processes (torchrun; `Ranks.sum_over_ranks`),
+        so that every process fits on all the batches and writes the same tensors."""
         if adapter.dense_experts:
             raise MoepruneError(f"{adapter.family}: its experts run densely on gate-scaled inputs; "
                                 "compensation supports experts that take (tokens, top-k ids, gates); "
@@ -146,6 +148,9 @@ class LayerCompensation:
                                 "use --compensate none")
         width = ex.down_proj.shape[2] if not adapter.transposed else ex.down_proj.shape[1]
         self.fit = RidgeFit(cfg, self.R, width, self.N, adapter.expert_dim)
+        if combine is not None:
+            self.fit.combine = combine
+        self.combine = combine or (lambda t: t)
         self.checked = False
         self.reference = 0.0  # Σ ||original experts output||² over the held-out tokens
 
@@ -195,6 +200,7 @@ class LayerCompensation:
         from moeprune.surgery.compensation import add_to_down, add_to_novices, make_low_rank_novices
 
         dW, dn, notes = self.fit.solve()
+        self.reference = float(self.combine(torch.tensor(self.reference, dtype=torch.float64)))
         if self.reference > 0:
             notes["held_out_relative_before"] = notes["held_out_error_before"] / self.reference
             notes["held_out_relative_after"] = notes["held_out_error_after"] / self.reference

@@ -49,6 +49,7 @@ class _Batches:
         self.batch_size = batch_size
         N = input_ids.shape[0]
         self.starts = ranks.batch_starts(list(range(0, N, batch_size)))
+        self.ranks = ranks
         self.hidden = HiddenStates(budget, offload_dir)
         self.state = HiddenStates(budget, offload_dir)  # what a layer hands the next besides (ZAYA)
 
@@ -242,8 +243,9 @@ def _compensate(cfg: CompensationConfig, batches: _Batches, i: int, layer: nn.Mo
 
     adapter, rule = batches.source.adapter, held_out_rule(cfg.holdout)
     def fitted(kind, c: CompensationConfig) -> dict:
+        extra = {"combine": batches.ranks.sum_over_ranks} if kind is LayerCompensation else {}
         try:
-            return _fit_pass(kind(c, adapter, block, original, lp, rule), batches, i, layer, block)
+            return _fit_pass(kind(c, adapter, block, original, lp, rule, **extra), batches, i, layer, block)
         except MoepruneError as e:
             if c.required:
                 raise
