@@ -464,14 +464,28 @@ def _check_compensation_memory(compensation: CompensationConfig, config, keep: i
                             "tensor [E, D, I] to refit; use --compensate none")
     width = down.shape[1] if adapter.transposed else down.shape[2]
     E = adapter.num_experts
-    need = compensation.accumulator_bytes(keep, width, adapter.expert_dim, E - keep if novices else 0,
-                                          router_width=model.config.get_text_config().hidden_size)
+    equations = compensation.accumulator_bytes(keep, width, adapter.expert_dim, E - keep if novices else 0,
+                                               router_width=model.config.get_text_config().hidden_size)
+    # the fit also holds a copy of the block as it was before surgery, in the checkpoint's dtype
+    copy = sum(p.numel() for p in block.parameters()) * _dtype_bytes(model.config.get_text_config())
+    need = equations + copy
     if need > 0.8 * free:
         D = adapter.expert_dim
-        raise MoepruneError(f"--compensate {compensation.fit} holds about {need / 1024**3:.1f} GiB of normal "
-                            f"equations per layer ({keep} experts × width {width} × (width + {D}) float64), "
-                            f"more than the {free / 1024**3:.1f} GiB free; use --compensate none or a "
-                            "machine with more memory")
+        raise MoepruneError(f"--compensate {compensation.fit} holds about {need / 1024**3:.1f} GiB per layer "
+                            f"({equations / 1024**3:.1f} GiB of float64 normal equations for {keep} experts "
+                            f"× width {width} × (width + {D}), and a {copy / 1024**3:.1f} GiB copy of the "
+                            f"original block), more than the {free / 1024**3:.1f} GiB free; use --compensate "
+                            "none or a machine with more memory")
+
+
+def _dtype_bytes(config) -> int:
+    """Bytes per weight of the config's dtype (4 when it names none)."""
+    import torch
+
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    return torch.empty(0, dtype=dtype).element_size() if isinstance(dtype, torch.dtype) else 4
 
 
 def check_prune(model_path, method: str, calib: CalibrationRequest, budget_request: BudgetRequest,

@@ -222,7 +222,7 @@ def test_compensation_that_does_not_fit_in_memory_is_refused_before_calibration(
     small = CompensationConfig(fit="down", joint_limit=10)
     assert small.accumulator_bytes(4, 16, 8, 0) == 8 * 4 * (16 * 16 + 16 * 8)
     monkeypatch.setattr(moeprune.runtime, "available_memory", lambda: 1024)
-    with pytest.raises(MoepruneError, match="GiB of normal equations per layer") as e:
+    with pytest.raises(MoepruneError, match="GiB per layer .*normal equations.*copy of the original") as e:
         prune_model(checkpoint("mixtral"), "reap", tmp_path / "never", ratio=0.5, calib=str(calib_file),
                     compensate="down", **PRUNE)
     assert "\n" not in str(e.value) and not (tmp_path / "never").exists()
