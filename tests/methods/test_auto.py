@@ -59,9 +59,15 @@ def test_novice_format_makes_every_layer_a_mone_layer():
     assert Plan.from_dict(plan.to_dict()).to_dict() == plan.to_dict()
 
 
+def test_the_default_candidates_follow_the_format():
+    assert AutoConfig().names == ["frequency", "ean", "reap", "naee", "ream", "msmoe"]
+    assert AutoConfig(format="novices").names == ["frequency", "ean", "reap", "naee"]  # no merges
+    assert AutoConfig(candidates="reap,ean", format="novices").names == ["reap", "ean"]
+
+
 def test_options_are_refused_in_one_line():
     for options, message in [({"candidates": "reap,nonsense"}, "not a list of known methods"),
-                             ({"candidates": " , "}, "is empty"),
+                             ({"candidates": " , "}, "names no method"),
                              ({"candidates": "reap,msmoe", "format": "novices"},
                               "not usable with format=novices"),
                              ({"format": "mixed"}, "not a known choice")]:

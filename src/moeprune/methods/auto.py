@@ -41,11 +41,14 @@ from moeprune.plan import Group, LayerPlan, Plan
 
 FORMATS = ("stock", "novices")
 DEFAULT_CANDIDATES = "frequency,ean,reap,naee,ream,msmoe"
+NOVICE_CANDIDATES = "frequency,ean,reap,naee"  # format=novices: pruning methods only (and mone, always)
 
 
 @dataclass(frozen=True)
 class AutoConfig:
-    candidates: str = DEFAULT_CANDIDATES  # comma-separated methods tried in every layer
+    # comma-separated methods tried in every layer; empty: DEFAULT_CANDIDATES, or NOVICE_CANDIDATES with
+    # format=novices (a novice layer is a pruned layer, so merges cannot be its candidates)
+    candidates: str = ""
     format: str = "stock"  # stock: prune/merge candidates; novices: kept sets as MoNE layers, plus mone
 
     def __post_init__(self):
@@ -56,7 +59,7 @@ class AutoConfig:
         names = self.names
         tried = sorted(set(METHODS) - {"auto"})
         if not names:
-            raise MoepruneError(f"auto option candidates={self.candidates!r} is empty; give methods "
+            raise MoepruneError(f"auto option candidates={self.candidates!r} names no method; give methods "
                                 f"separated by commas, e.g. {DEFAULT_CANDIDATES}")
         unknown = [m for m in names if m not in tried]
         if unknown:
@@ -71,7 +74,9 @@ class AutoConfig:
 
     @property
     def names(self) -> list[str]:
-        return [m.strip() for m in self.candidates.split(",") if m.strip()]
+        given = self.candidates if self.candidates.strip() else (
+            NOVICE_CANDIDATES if self.format == "novices" else DEFAULT_CANDIDATES)
+        return [m.strip() for m in given.split(",") if m.strip()]
 
     @property
     def layer_local(self) -> bool:
