@@ -403,7 +403,8 @@ def one_of(rows: list[dict], variant: str, base) -> str:
 def best_recipes(rows: list[dict]) -> str:
     """Per model and ratio: the best stock output, the best of any format, against REAP, MoNE and the best
     merge (geometric-mean perplexity ratio, the variant in brackets)."""
-    out = ["| model | removed | best stock output | best any format | REAP | MoNE | best merge |",
+    out = ["| model | removed | best stock output | best any format | REAP, no fit | MoNE, no fit "
+           "| best merge |",
            "|---|---:|---|---|---:|---:|---|"]
     for model in dict.fromkeys(r["model"] for r in rows):
         base = next((r for r in rows if r["model"] == model and r["variant"] == "original"), None)
@@ -426,8 +427,9 @@ def readme_section(rows: list[dict], settings: str) -> str:
         "`python benchmarks/quality.py` runs every method and variant on both testbed models at 12.5 / 25 / "
         "37.5 / 50 % of experts removed and scores the held-out *test* split. `ppl ×` is the geometric mean "
         "over prose and code of perplexity / original; the number in brackets is the mean accuracy (%) of "
-        "the four local tasks. Rows marked `+down`, `+novices`, `+lowrank` and `-seq` are the whole "
-        "`moeprune prune` path (`--compensate ...`, sequential), written, reloaded as a user would and "
+        "the four local tasks. Rows marked `+down`, `+router`, `+novices`, `+lowrank`, `-global` and `-seq` "
+        "are the whole `moeprune prune` path (`--compensate ...`, sequential; `-global`: `--budget global`), "
+        "written, reloaded as a user would and "
         "scored; the others are planned once from one observe pass and applied in memory. "
         "`output` says what loads the result: `stock` is any transformers/vLLM, `moeprune (novices)` is "
         "`moeprune.from_pretrained`. `time ÷ observe` is the planning time relative to the observe pass "
@@ -435,7 +437,8 @@ def readme_section(rows: list[dict], settings: str) -> str:
         "`benchmarks/results/compensation_cost.md` (below). Full tables: `benchmarks/results/quality.md`.",
         "",
         settings, "",
-        "**Best recipe per model and ratio** (what to run; `+down` = `--compensate down`):", "",
+        "**Best recipe per model and ratio** (what to run; `+down` = `--compensate down`, which `prune` now "
+        "does by default; `REAP` and `MoNE` are the published methods without a fit):", "",
         best_recipes(rows), "",
         summary(rows),
     ])
