@@ -410,8 +410,9 @@ def _refuse_compensation(compensation: CompensationConfig, method: str, spec, cf
         # its input directions come from the first batch, which each process has its own of
         raise MoepruneError(f"{fit} refits the router in one process only; run it without torchrun, or use "
                             "--compensate down")
-    if compensation.fits_router and config is not None:
-        _check_router_refit(config, fit, spec.makes_novices(cfg))
+    adapter = get_adapter(config) if config is not None else None
+    if compensation.fits_router and adapter is not None:
+        _check_router_refit(adapter, fit, spec.makes_novices(cfg))
     if config is not None and keep is not None:
         _check_compensation_memory(compensation, config, keep, spec.makes_novices(cfg))
     if not spec.layer_local(cfg):
@@ -420,18 +421,16 @@ def _refuse_compensation(compensation: CompensationConfig, method: str, spec, cf
     if compensation.fits_novices and not spec.makes_novices(cfg):
         raise MoepruneError(f"{fit} fits novice vectors, which {method} does not make; use --compensate down "
                             "or a novice method (mone)")
-    adapter = get_adapter(config) if config is not None else None
     if adapter is not None and adapter.dense_experts:
         raise MoepruneError(f"{fit}: {adapter.family}'s experts run densely on gate-scaled inputs, which "
                             "compensation does not refit; use --compensate none")
 
 
-def _check_router_refit(config, fit: str, novices: bool) -> None:
+def _check_router_refit(adapter, fit: str, novices: bool) -> None:
     """The router refit reads softmax gates (renormalised over the selected experts or not) in stock
     outputs: refuse other routing rules (and novice outputs) in one line, before calibration."""
     from moeprune.arch.facts import BY_MODEL_TYPE
 
-    adapter = get_adapter(config)
     family = BY_MODEL_TYPE.get(adapter.family)
     softmax = family is not None and family.routing in ("softmax_topk", "softmax_norm_topk_prob",
                                                          "softmax_no_renorm")
